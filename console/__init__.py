@@ -1,0 +1,1 @@
+"""quantdeck's console: the `quantdeck` CLI and the Textual app. Importing it never imports torch."""

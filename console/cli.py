@@ -1,0 +1,76 @@
+"""The `quantdeck` command line: one click group; each subcommand lives in console/commands/<name>.py.
+
+Errors are caught here, in one place: a QuantdeckError becomes one stderr line
+`quantdeck: error: … (hint: …)` and its exit code; anything else is a bug and keeps its traceback.
+QUANTDECK_DEBUG=1 shows tracebacks for ours too. stdout is for data only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import click
+
+from engine import __version__
+from engine.errors import QuantdeckError, exit_code_for
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx):  # keep --help alphabetical
+        return sorted(super().list_commands(ctx))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantdeck")
+def cli() -> None:
+    """quantdeck: quantize DeepSeek MoE checkpoints to NVFP4 / FP8-block, and babysit the runs."""
+
+
+def _load_commands() -> None:
+    import console.commands as pkg
+
+    for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"console.commands.{mod.name}")
+        for cmd in getattr(module, "COMMANDS", ()):
+            cli.add_command(cmd)
+
+
+_load_commands()
+
+
+def report_error(err: QuantdeckError) -> None:
+    click.echo(f"quantdeck: error: {err.one_line()}", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="quantdeck", standalone_mode=False)
+        return 0
+    except QuantdeckError as err:
+        if os.environ.get("QUANTDECK_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        report_error(err)
+        code = exit_code_for(err)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Abort:
+        click.echo("quantdeck: interrupted", err=True)
+        code = 130
+    except KeyboardInterrupt:
+        click.echo("quantdeck: interrupted", err=True)
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

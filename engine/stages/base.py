@@ -1,0 +1,46 @@
+"""The stage contract.
+
+A stage is a thin adapter: it reads its resolved parameters from the plan (`ctx.params`, built from the
+recipe by engine.plan) and calls a library function that takes an EventSink (the same function the
+matching CLI command calls). It must be resumable by construction: on a rerun it keeps every unit that
+is already done (a shard in the manifest with a matching sha256, an amax layer file, an S3 object whose
+size and checksum match) and redoes the rest. It reports only through `ctx.sink`; it never relies on
+stdout. It raises QuantdeckError subclasses for anything an operator can fix.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from engine.events import EventSink, NullSink
+from engine.registry import Registry
+
+
+@dataclass
+class StageContext:
+    run_dir: Path  # <workdir>/runs/<run-id>
+    stage_dir: Path  # <run_dir>/stages/<stage>
+    params: dict[str, Any]  # this stage's resolved inputs/outputs/options from plan.json
+    sink: EventSink = field(default_factory=NullSink)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    host: str = "local"
+    mode: str = "run"  # run | validate-only
+
+
+class Stage(Registry, abc.ABC):
+    registry_kind: ClassVar[str] = "stage"
+    registered_name: ClassVar[str]
+    distributed: ClassVar[bool] = False  # True: started under torchrun on every node (calibrate)
+
+    @abc.abstractmethod
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Do (or finish) the stage's work; return a small JSON-able summary for status.json."""
+
+    def check_saved(self, ctx: StageContext) -> list[str]:
+        """validate-only: problems found in what this stage saved, running nothing heavy ([] = fine)."""
+        return []
