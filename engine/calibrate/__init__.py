@@ -1,0 +1,1 @@
+"""Layer-streaming, data-parallel calibration: samples, amax snapshot, coverage."""
