@@ -1,0 +1,8 @@
+"""Sharded safetensors checkpoints: read one tensor at a time, write streaming and resumable shards."""
+
+from engine.checkpoint.reader import CheckpointReader, TensorMeta
+from engine.checkpoint.safetensors_format import TensorSpec
+from engine.checkpoint.writer import CheckpointWriter, ShardFile, ShardPlan, plan_shards, write_checkpoint
+
+__all__ = ["CheckpointReader", "TensorMeta", "TensorSpec", "CheckpointWriter", "ShardFile", "ShardPlan",
+           "plan_shards", "write_checkpoint"]

@@ -1,0 +1,312 @@
+"""A streaming, resumable, sharded safetensors writer.
+
+Every output tensor (name, dtype, shape) is known before any data exists, so shards are planned up front
+(`plan_shards`): each shard's header is written first and tensors are written at their offsets as they
+come. Memory is the tensors in hand, never a shard. A shard is written as `<shard>.partial`, fsynced, its
+sha256 taken (while writing where data arrives in file order, by reading back what came out of order),
+renamed into place and recorded in manifest.json. The whole checkpoint is built in `<dst>.partial/` and
+renamed to `<dst>` only when complete (`CheckpointWriter.finalize`).
+
+Resume: `CheckpointWriter.prepare()` keeps the shards whose manifest checksum matches the file and
+returns the rest to redo. The plan, headers and data are deterministic, so a resumed run produces the
+same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from engine.checkpoint import manifest as mf
+from engine.checkpoint.reader import INDEX_NAME
+from engine.checkpoint.safetensors_format import NAMES, TensorSpec, build_layout
+from engine.errors import CheckpointError, DiskFullError
+from engine.events import EventSink, NullSink
+from engine.fsutil import atomic_write_json, fsync_dir
+
+DEFAULT_METADATA = {"format": "pt"}
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output shard: its file name and every tensor it will hold."""
+
+    name: str
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def plan_shards(units: Iterable[list[TensorSpec]], shard_size: int) -> list[ShardPlan]:
+    """Fill shards greedily in the given order; a unit (e.g. one fused group) is never split."""
+    groups: list[list[TensorSpec]] = []
+    cur: list[TensorSpec] = []
+    cur_bytes = 0
+    for unit in units:
+        size = sum(t.nbytes for t in unit)
+        if cur and cur_bytes + size > shard_size:
+            groups.append(cur)
+            cur, cur_bytes = [], 0
+        cur.extend(unit)
+        cur_bytes += size
+    if cur or not groups:
+        groups.append(cur)
+    n = len(groups)
+    return [ShardPlan(shard_name(i + 1, n), tuple(g)) for i, g in enumerate(groups)]
+
+
+def _disk_full(e: OSError, path: Path) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left on device writing {path}", at=str(path),
+                             hint="free space on that filesystem (or pick another --dst), then run the same "
+                                  "command again: finished shards are kept")
+    return e
+
+
+class ShardFile:
+    """One shard being written: header first, then tensors at their offsets, in any order."""
+
+    def __init__(self, directory: str | os.PathLike, plan: ShardPlan,
+                 metadata: dict[str, str] | None = DEFAULT_METADATA):
+        self.dir = Path(directory)
+        self.plan = plan
+        self.layout = build_layout(list(plan.tensors), metadata)
+        self.specs = {t.name: t for t in plan.tensors}
+        self.pending = set(self.specs)
+        self.final = self.dir / plan.name
+        self.path = self.dir / (plan.name + ".partial")
+        self._hash = hashlib.sha256()
+        self._frontier = 0
+        self._later: dict[int, int] = {}  # start -> end of data written past the frontier
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise _disk_full(e, self.path) from e
+        try:
+            self._reserve(self.layout.total_size)
+            self._pwrite(memoryview(self.layout.header), 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reserve(self, size: int) -> None:
+        try:
+            os.posix_fallocate(self.fd, 0, size) if size else None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full(e, self.path) from e
+            os.ftruncate(self.fd, size)  # filesystems without fallocate
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        start, done, n = offset, 0, len(view)
+        try:
+            while done < n:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as e:
+            raise _disk_full(e, self.path) from e
+        self._advance(start, start + n, view)
+
+    def _advance(self, start: int, end: int, view: memoryview) -> None:
+        if start != self._frontier:
+            self._later[start] = end
+            return
+        self._hash.update(view)
+        self._frontier = end
+        while self._frontier in self._later:  # catch up on data that came early, reading it back
+            a = self._frontier
+            b = self._later.pop(a)
+            while a < b:
+                chunk = os.pread(self.fd, min(_CHUNK, b - a), a)
+                if not chunk:  # pragma: no cover - the file is preallocated
+                    raise CheckpointError(f"{self.path} shrank while being written", at=str(self.path))
+                self._hash.update(chunk)
+                a += len(chunk)
+            self._frontier = b
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise CheckpointError(f"{name} is not planned for {self.plan.name}", at=f"{self.final}:{name}",
+                                  hint="this is a bug in the conversion plan")
+        if name not in self.pending:
+            raise CheckpointError(f"{name} written twice to {self.plan.name}", at=f"{self.final}:{name}")
+        got = (NAMES.get(tensor.dtype), tuple(tensor.shape))
+        if got != (spec.dtype, spec.shape):
+            raise CheckpointError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {got[0]}{list(got[1])}",
+                                  at=f"{self.final}:{name}", hint="this is a bug in the conversion plan")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        start, _ = self.layout.offsets[name]
+        if raw.numel():
+            self._pwrite(memoryview(raw.numpy()).cast("B"), start)
+        self.pending.discard(name)
+
+    def close(self) -> tuple[str, int]:
+        """fsync, rename into place, record in the manifest; returns (sha256, size)."""
+        if self.pending:
+            missing = sorted(self.pending)
+            raise CheckpointError(f"{self.plan.name} closed with {len(missing)} tensor(s) unwritten "
+                                  f"(first: {missing[0]})", at=str(self.final))
+        if self._frontier != self.layout.total_size:  # pragma: no cover - all tensors were written
+            raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise _disk_full(e, self.path) from e
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.path, self.final)
+        fsync_dir(self.dir)
+        digest = self._hash.hexdigest()
+        mf.record_shard(self.dir, self.plan.name, digest, self.layout.total_size,
+                        [t.name for t in self.plan.tensors])
+        return digest, self.layout.total_size
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointWriter:
+    """The output checkpoint as a whole: `prepare()` → write the shards it returns → `finalize()`."""
+
+    def __init__(self, dst: str | os.PathLike, shards: list[ShardPlan], *, source_fingerprint: str,
+                 args: dict[str, Any], metadata: dict[str, str] | None = DEFAULT_METADATA,
+                 sink: EventSink = NullSink()):
+        self.dst = Path(dst)
+        self.partial_dir = self.dst.with_name(self.dst.name + ".partial")
+        self.shards = list(shards)
+        self.by_name = {s.name: s for s in self.shards}
+        self.source_fingerprint = source_fingerprint
+        self.args = dict(args)
+        self.metadata = metadata
+        self.sink = sink
+        self.already_complete = False
+        self.kept: list[str] = []
+
+    @property
+    def planned(self) -> list[str]:
+        return [s.name for s in self.shards]
+
+    def prepare(self) -> list[ShardPlan]:
+        """Create or resume `<dst>.partial/`; returns the shards still to write (all, some, or none)."""
+        if self.dst.exists():
+            m = mf.load_manifest(self.dst)
+            if m and m.get("complete") and mf.same_job(m, self.source_fingerprint, self.args, self.planned):
+                self.already_complete = True
+                self.sink.emit("log", level="info", msg=f"{self.dst} is already complete; nothing to do")
+                return []
+            raise CheckpointError(f"destination {self.dst} already exists", at=str(self.dst),
+                                  hint="remove it or choose another --dst")
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        with mf.locked(self.partial_dir):
+            old = mf.load_manifest(self.partial_dir)
+            if old is not None and not mf.same_job(old, self.source_fingerprint, self.args, self.planned):
+                self.sink.emit("log", level="warning",
+                               msg=f"{self.partial_dir} holds a different conversion; starting over")
+                self._clear()
+                old = None
+            manifest = old or mf.new_manifest(self.source_fingerprint, self.args, self.planned)
+            for p in self.partial_dir.glob("*.partial"):
+                p.unlink()
+            todo: list[ShardPlan] = []
+            self.kept = []
+            for plan in self.shards:
+                rec = manifest["shards"].get(plan.name)
+                path = self.partial_dir / plan.name
+                if rec and path.exists() and path.stat().st_size == rec.get("size") \
+                        and sha256_of(path) == rec.get("sha256"):
+                    self.kept.append(plan.name)
+                    continue
+                if rec:
+                    del manifest["shards"][plan.name]
+                    manifest["weight_map"] = {k: v for k, v in manifest["weight_map"].items() if v != plan.name}
+                path.unlink(missing_ok=True)
+                todo.append(plan)
+            mf.save_manifest(self.partial_dir, manifest)
+        if self.kept:
+            self.sink.emit("log", level="info",
+                           msg=f"resuming: kept {len(self.kept)} finished shard(s), {len(todo)} to write")
+        return todo
+
+    def _clear(self) -> None:
+        for p in self.partial_dir.iterdir():
+            if p.name == mf.LOCK_NAME:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    def open_shard(self, plan: ShardPlan | str) -> ShardFile:
+        plan = self.by_name[plan] if isinstance(plan, str) else plan
+        return ShardFile(self.partial_dir, plan, self.metadata)
+
+    def index(self) -> dict[str, Any]:
+        weight_map = {t.name: s.name for s in self.shards for t in s.tensors}
+        total = sum(s.nbytes for s in self.shards)
+        return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+    def finalize(self) -> Path:
+        """Check every shard is recorded, write the index, mark complete, rename `.partial` → dst."""
+        if self.already_complete:
+            return self.dst
+        m = mf.load_manifest(self.partial_dir)
+        missing = [s for s in self.planned if not m or s not in m["shards"]]
+        if missing:
+            raise CheckpointError(f"{len(missing)} shard(s) not written (first: {missing[0]})",
+                                  at=str(self.partial_dir / missing[0]), hint="run the same command again")
+        atomic_write_json(self.partial_dir / INDEX_NAME, self.index())
+        m["complete"] = True
+        mf.save_manifest(self.partial_dir, m)
+        (self.partial_dir / mf.LOCK_NAME).unlink(missing_ok=True)
+        try:
+            os.rename(self.partial_dir, self.dst)
+        except OSError as e:
+            raise CheckpointError(f"cannot rename {self.partial_dir} to {self.dst}: {e.strerror}",
+                                  at=str(self.dst), hint="remove whatever is at the destination") from e
+        fsync_dir(self.dst.parent)
+        return self.dst
+
+
+def write_checkpoint(dst: str | os.PathLike, tensors: dict[str, torch.Tensor], shard_size: int = 5 * 10**9,
+                     source_fingerprint: str = "", args: dict[str, Any] | None = None) -> Path:
+    """Small helper: write a whole dict of tensors as a sharded checkpoint (tests, fixtures, tiny models)."""
+    units = [[TensorSpec.of(k, v.dtype, v.shape)] for k, v in sorted(tensors.items())]
+    writer = CheckpointWriter(dst, plan_shards(units, shard_size), source_fingerprint=source_fingerprint,
+                              args=args or {})
+    for plan in writer.prepare():
+        sf = writer.open_shard(plan)
+        for spec in plan.tensors:
+            sf.write(spec.name, tensors[spec.name])
+        sf.close()
+    return writer.finalize()
+
+
+def index_json(weight_map: dict[str, str], total_size: int) -> str:
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                      indent=2)
