@@ -110,7 +110,11 @@ class ShardFile:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _disk_full(e, self.path) from e
-            os.ftruncate(self.fd, size)  # filesystems without fallocate
+            try:
+                os.ftruncate(self.fd, size)  # filesystems without fallocate
+            except OSError as e2:
+                if e2.errno != errno.EINVAL:  # EINVAL: not a regular file (a device); writes will tell
+                    raise _disk_full(e2, self.path) from e2
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         start, done, n = offset, 0, len(view)

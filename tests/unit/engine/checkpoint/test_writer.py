@@ -1,0 +1,138 @@
+"""Streaming sharded writer: safetensors-identical bytes, atomic .partial handling, resume, disk full."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.checkpoint import CheckpointReader, CheckpointWriter, ShardFile, TensorSpec, plan_shards, write_checkpoint
+from engine.checkpoint.manifest import load_manifest
+from engine.errors import CheckpointError, DiskFullError
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "l.0.w": torch.randint(0, 255, (16, 8), dtype=torch.uint8, generator=g),
+        "l.0.w_scale": torch.rand(16, 1, generator=g).to(torch.float8_e4m3fn),
+        "l.0.w_scale_2": torch.tensor(0.25),
+        "l.1.w": torch.randn(3, 5, generator=g).bfloat16(),
+        "l.1.s": torch.ones(2, 2).to(torch.float8_e8m0fnu),
+        "l.1.idx": torch.arange(7, dtype=torch.int64),
+        "l.1.empty": torch.zeros(0, 4),
+        "l.2.f": torch.randn(9, 3, generator=g).to(torch.float8_e4m3fn),
+    }
+
+
+def _raw(t):
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t
+
+
+def test_header_and_bytes_identical_to_safetensors_save_file(tmp_path):
+    t = _tensors()
+    out = write_checkpoint(tmp_path / "out", t)
+    save_file(t, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ours = (out / "model-00001-of-00001.safetensors").read_bytes()
+    assert ours == (tmp_path / "ref.safetensors").read_bytes()
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        for k in t:
+            assert torch.equal(_raw(f.get_tensor(k)), _raw(t[k]))
+
+
+def test_out_of_order_writes_sharding_index_and_manifest(tmp_path):
+    t = _tensors(1)
+    units = [[TensorSpec.of(k, v.dtype, v.shape)] for k, v in sorted(t.items())]
+    plans = plan_shards(units, shard_size=100)
+    assert len(plans) > 2 and all(p.name.endswith(f"-of-{len(plans):05d}.safetensors") for p in plans)
+    w = CheckpointWriter(tmp_path / "out", plans, source_fingerprint="fp", args={"to": "x"})
+    for plan in w.prepare():
+        sf = w.open_shard(plan)
+        for spec in reversed(plan.tensors):  # reverse of file order: hash must still be the file's
+            sf.write(spec.name, t[spec.name])
+        sf.close()
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
+    out = w.finalize()
+    assert not (tmp_path / "out.partial").exists()
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(idx["weight_map"]) == set(t)
+    man = load_manifest(out)
+    assert man["complete"] and man["source_fingerprint"] == "fp" and man["weight_map"] == idx["weight_map"]
+    for shard, rec in man["shards"].items():
+        import hashlib
+
+        assert hashlib.sha256((out / shard).read_bytes()).hexdigest() == rec["sha256"]
+    r = CheckpointReader(out)
+    for k, v in t.items():
+        assert torch.equal(_raw(r.get(k)), _raw(v))
+
+
+def test_write_rejects_unplanned_wrong_shape_and_incomplete(tmp_path):
+    plan = plan_shards([[TensorSpec.of("a", torch.float32, (2,))]], 10**9)[0]
+    sf = ShardFile(tmp_path, plan)
+    with pytest.raises(CheckpointError, match="not planned"):
+        sf.write("b", torch.zeros(2))
+    with pytest.raises(CheckpointError, match="planned F32"):
+        sf.write("a", torch.zeros(3))
+    with pytest.raises(CheckpointError, match="unwritten"):
+        sf.close()
+    sf.abort()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def _run(dst, t, stop_after=None, args=None):
+    units = [[TensorSpec.of(k, v.dtype, v.shape)] for k, v in sorted(t.items())]
+    w = CheckpointWriter(dst, plan_shards(units, 120), source_fingerprint="fp", args=args or {"a": 1})
+    todo = w.prepare()
+    for i, plan in enumerate(todo):
+        sf = w.open_shard(plan)
+        specs = list(plan.tensors)
+        for spec in specs:
+            if stop_after is not None and i == stop_after and spec is specs[-1]:
+                return w, todo  # "killed" mid-shard: a .partial remains
+            sf.write(spec.name, t[spec.name])
+        sf.close()
+    w.finalize()
+    return w, todo
+
+
+def test_resume_keeps_finished_shards_redoes_rest_byte_identical(tmp_path):
+    t = _tensors(2)
+    _run(tmp_path / "ref", t)
+    w, todo = _run(tmp_path / "out", t, stop_after=2)  # shards 0, 1 finished; 2 killed mid-write
+    assert len(todo) == 3 and list((tmp_path / "out.partial").glob("*.partial"))
+    # corrupt finished shard 0: it must be redone, not trusted; shard 1 is kept
+    first = tmp_path / "out.partial" / todo[0].name
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0xFF
+    first.write_bytes(bytes(data))
+    w2, todo2 = _run(tmp_path / "out", t)
+    assert [p.name for p in todo2] == [todo[0].name, todo[2].name] and w2.kept == [todo[1].name]
+    ref = sorted(os.listdir(tmp_path / "ref"))
+    assert ref == sorted(os.listdir(tmp_path / "out"))
+    for f in ref:
+        assert (tmp_path / "ref" / f).read_bytes() == (tmp_path / "out" / f).read_bytes(), f
+
+
+def test_rerun_of_complete_output_is_a_no_op_and_different_args_restart(tmp_path):
+    t = _tensors(3)
+    _run(tmp_path / "out", t)
+    w, todo = _run(tmp_path / "out", t)
+    assert w.already_complete and todo == []
+    with pytest.raises(CheckpointError, match="already exists"):
+        _run(tmp_path / "out", t, args={"a": 2})
+    _run(tmp_path / "o2", t, stop_after=1)
+    w, todo = _run(tmp_path / "o2", t, args={"a": 2})  # a different job in the .partial: start over
+    assert len(todo) == len(w.shards)
+
+
+def test_disk_full_names_the_file(tmp_path):
+    plan = plan_shards([[TensorSpec.of("a", torch.float32, (4,))]], 10**9)[0]
+    os.symlink("/dev/full", tmp_path / (plan.name + ".partial"))
+    with pytest.raises(DiskFullError) as ei:
+        ShardFile(tmp_path, plan)
+    assert ei.value.at.endswith(plan.name + ".partial") and "no space left" in ei.value.msg
