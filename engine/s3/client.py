@@ -3,6 +3,7 @@ and the translation of boto errors into TransferError messages that never carry 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -83,13 +84,14 @@ def make_session(endpoint_url: str | None = None, *, profile: str | None = None,
     except Exception:  # a broken profile surfaces on the first call, translated there
         secrets = []
     extra: dict[str, Any] = {}
-    if endpoint_url:  # many S3-compatible stores reject the newer default request checksums
+    custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if custom:  # many S3-compatible stores reject the newer default request checksums
         extra = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
     cfg = Config(retries={"max_attempts": max(1, attempts), "mode": "standard"}, max_pool_connections=max(pool, 10),
                  connect_timeout=connect_timeout, read_timeout=read_timeout, **extra)
-    region = bsession.region_name or ("us-east-1" if endpoint_url else None)
+    region = bsession.region_name or ("us-east-1" if custom else None)
     client = bsession.client("s3", endpoint_url=endpoint_url or None, config=cfg, region_name=region)
-    sess = S3Session(client=client, endpoint_url=endpoint_url, secrets=tuple(secrets))
+    sess = S3Session(client=client, endpoint_url=endpoint_url or client.meta.endpoint_url, secrets=tuple(secrets))
 
     def _after_call(http_response=None, parsed=None, **_kw):
         meta = (parsed or {}).get("ResponseMetadata", {}) if isinstance(parsed, dict) else {}

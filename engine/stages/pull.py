@@ -1,0 +1,39 @@
+"""The pull stage: the recipe's `source = "s3://…"` into the run's local copy (engine.s3.pull)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.names import StageName
+from engine.stages.base import Stage, StageContext
+from engine.stages.push import transfer_kwargs
+
+
+@Stage.register(StageName.PULL)
+class PullStage(Stage):
+    """params: url (s3://bucket/prefix), dst (local dir), endpoint_url, part_size, concurrency (optional)."""
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from engine.s3 import pull
+
+        p = ctx.params
+        res = pull(p["url"], p["dst"], manifest=Path(ctx.stage_dir) / "transfer.json", sink=ctx.sink,
+                   **transfer_kwargs(p))
+        return res.summary()
+
+    def check_saved(self, ctx: StageContext) -> list[str]:
+        from engine.fsutil import read_json
+
+        dst = Path(ctx.params["dst"])
+        problems = []
+        if not dst.is_dir():
+            problems.append(f"{dst} is missing (pull not finished)")
+        man = read_json(Path(ctx.stage_dir) / "transfer.json", default={}) or {}
+        if not man.get("complete"):
+            problems.append(f"the transfer manifest of {ctx.params.get('url')} is not complete")
+        for rel, e in (man.get("objects") or {}).items():
+            f = dst / rel
+            if not f.is_file() or f.stat().st_size != e.get("size"):
+                problems.append(f"{f}: missing or wrong size")
+        return problems
