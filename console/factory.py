@@ -1,0 +1,41 @@
+"""The one factory that builds the console app; the CLI, the demo, tests and the benchmark all use it."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from console.app import QuantdeckApp
+from console.backend import Backend
+from console.fleet import FleetFeed, LocalFleet, TelemetryFleet, replay_fleet_4x8
+from console.keymap import load_keymap
+
+
+def default_fleet(workdir: str = ".", clock: Callable[[], float] = time.time,
+                  cluster: object | None = None) -> FleetFeed:
+    """The fleet feed for a run: remote telemetry when the recipe has a cluster and remote offers it, this
+    machine otherwise. QUANTDECK_FLEET=replay replays recorded nvidia-smi output (demo of a 4×8 fleet)."""
+    if os.environ.get("QUANTDECK_FLEET") == "replay":
+        return replay_fleet_4x8(interval_s=float(os.environ.get("QUANTDECK_FLEET_INTERVAL", "1.0")))
+    if cluster is not None:
+        try:
+            from remote.monitor import TelemetryMonitor  # engineer G's live poller (SSH + nvidia-smi)
+
+            return TelemetryFleet(TelemetryMonitor(cluster), interval_s=2.0)
+        except ImportError:
+            pass
+    return LocalFleet(workdir=workdir, clock=clock)
+
+
+def build_app(run: str | None = None, *, backend: Backend | None = None, fleet: FleetFeed | None = None,
+              clock: Callable[[], float] = time.time, follow_s: float = 0.5, workdir: str = ".",
+              recipe_hint: str = "", use_fleet: bool = True) -> QuantdeckApp:
+    if backend is None:
+        from console.api_backend import ApiBackend
+
+        backend = ApiBackend()
+    if fleet is None and use_fleet:
+        fleet = default_fleet(workdir=workdir, clock=clock)
+    return QuantdeckApp(backend, fleet, run, clock=clock, follow_s=follow_s, keymap=load_keymap(),
+                        recipe_hint=recipe_hint)

@@ -1,0 +1,76 @@
+"""The dashboard: fleet on top, the run's stages with calibration detail, and the log tail of a stage."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from console.models import NodeView, RunView
+from console.widgets import CalibPanel, FleetTable, LogTail, StageTable
+
+
+class DashboardScreen(Screen):
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False, icon="◆")
+        with Vertical(id="fleet-box") as box:
+            box.border_title = "fleet"
+            yield FleetTable(id="fleet")
+        with Horizontal(id="run-box"):
+            with Vertical(id="stages-box") as stages:
+                stages.border_title = "run"
+                yield StageTable(id="stages")
+            with Vertical(id="calib-box") as calib:
+                calib.border_title = "calibration"
+                yield CalibPanel(id="calib")
+        yield LogTail(id="log")
+        yield Static("", id="status-line")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(LogTail).border_title = "log"
+        self.query_one("#status-line").display = False
+
+    def on_resize(self, event) -> None:
+        narrow = self.size.width < 110 or self.size.height < 30
+        self.set_class(narrow, "narrow")
+        self.query_one(FleetTable).set_compact(self.size.width < 110)
+        if self.app.nodes:  # type: ignore[attr-defined]
+            self.show_fleet(self.app.nodes, self.app.clock())  # type: ignore[attr-defined]
+
+    def show_fleet(self, nodes: tuple[NodeView, ...], now: float) -> None:
+        self.query_one(FleetTable).show_nodes(nodes, now)
+        box = self.query_one("#fleet-box")
+        gpus = sum(len(n.gpus) for n in nodes)
+        bad = sum(1 for n in nodes if n.state in ("stale", "unreachable"))
+        box.border_title = f"fleet · {len(nodes)} nodes · {gpus} GPUs" + (f" · {bad} not answering" if bad else "")
+
+    def show_run(self, run: RunView | None) -> None:
+        box = self.query_one("#stages-box")
+        if run is None:
+            box.border_title = "run · none attached (n: new run, h: history)"
+            self.query_one(CalibPanel).show_calib(None)
+            return
+        box.border_title = f"run {run.run_id} · {run.state.lower()}" + (" · live" if run.live else "")
+        box.border_subtitle = " ".join(x for x in (run.model, run.target) if x)
+        self.query_one(StageTable).show_run(run)
+        cal = run.stage("calibrate")
+        self.query_one(CalibPanel).show_calib(run.calib, cal.state if cal else "")
+
+    def show_log(self, stage: str, lines: list[str], reset: bool) -> None:
+        self.query_one(LogTail).show_lines(stage, lines, reset)
+
+    def show_status(self, text: str, style: str = "dim") -> None:
+        line = self.query_one("#status-line", Static)
+        line.update(Text(text, style=style))
+        line.display = bool(text)
+
+    @property
+    def selected_stage(self) -> str | None:
+        return self.query_one(StageTable).selected_stage
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if isinstance(event.data_table, StageTable) and event.row_key is not None:
+            self.app.follow_stage(event.row_key.value)  # type: ignore[attr-defined]

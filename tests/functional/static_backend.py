@@ -1,0 +1,90 @@
+"""A fixed, in-memory Backend for snapshots only (deterministic rows, times and ids); Pilot tests of actions use
+the real engine through console.api_backend instead."""
+
+from __future__ import annotations
+
+from console.backend import Backend
+from console.models import AttemptView, CalibView, HistoryRow, RunDetailView, RunView, StageView
+
+T0 = 1_763_780_000.0  # 2025-11-22 02:53:20 UTC
+
+
+def snapshot_run() -> RunView:
+    st = (
+        StageView("inspect", "SUCCEEDED", "tensors", 1830, 1830, hosts=("node0",), attempt=1),
+        StageView("dequant", "SUCCEEDED", "shards", 163, 163, hosts=("node0", "node1", "node2", "node3"), ranks=32,
+                  attempt=2),
+        StageView("calibrate", "RUNNING", "layers", 17, 61, rate=0.011, rate_unit="layers", eta_s=3987.0,
+                  hosts=("node0", "node1", "node2", "node3"), ranks=32, attempt=1, label="layer 17"),
+        StageView("export", "PENDING"),
+        StageView("inject-mtp", "PENDING"),
+        StageView("copy-extras", "PENDING"),
+        StageView("validate", "PENDING"),
+    )
+    return RunView("r-20251122-0231-a1b2", "/shared/quantdeck/runs/r-20251122-0231-a1b2", "RUNNING",
+                   model="DeepSeek-V3 671B", target="nvfp4 W4A4", stages=st,
+                   calib=CalibView(layer=17, layers=61, samples=512, tokens_per_s=18432.0, eta_s=3987.0,
+                                   experts_total=256, experts_low=9, min_tokens=8),
+                   live=True, has_amax=True, updated_at=T0)
+
+
+def snapshot_history() -> tuple[HistoryRow, ...]:
+    return (
+        HistoryRow("r-20251122-0231-a1b2", T0 - 60, "3f9c2a1d", "DeepSeek-V3", "nvfp4 W4A4", "512×2048", "RUNNING"),
+        HistoryRow("r-20251121-2210-9c8d", T0 - 16_000, "3f9c2a1d", "DeepSeek-V3", "nvfp4 W4A4", "512×2048",
+                   "FAILED", "CUDA OOM (calibrate, node2)", "batch 8 → 2"),
+        HistoryRow("r-20251121-1502-77aa", T0 - 42_000, "1e0b77c4", "DeepSeek-V3", "nvfp4 W4A4", "128×512",
+                   "FAILED", "NCCL timeout (calibrate)", "NCCL_TIMEOUT=3600, node3 NIC"),
+        HistoryRow("r-20251120-0930-5e4f", T0 - 130_000, "1e0b77c4", "DeepSeek-V3", "nvfp4", "-", "SUCCEEDED"),
+        HistoryRow("r-20251119-1811-0d1e", T0 - 200_000, "a4d5e6f7", "DeepSeek-V4", "fp8-block", "-", "SUCCEEDED"),
+        HistoryRow("r-20251119-0744-c3b2", T0 - 240_000, "a4d5e6f7", "DeepSeek-V4", "nvfp4 W4A4", "128×512",
+                   "FAILED", "disk full (export, /shared)", "moved outputs to /scratch"),
+    )
+
+
+class StaticBackend(Backend):
+    def __init__(self, run: RunView | None = None, rows: tuple[HistoryRow, ...] | None = None,
+                 log: list[str] | None = None):
+        self.run = run or snapshot_run()
+        self.rows = rows if rows is not None else snapshot_history()
+        self.log = log if log is not None else [
+            "02:52:58 calibrate rank 0: layer 16 amax all-reduced (MAX) over 32 ranks",
+            "02:53:02 calibrate rank 0: layer 16 saved amax/layer_016.safetensors",
+            "02:53:03 calibrate rank 0: layer 17 built on cuda:0 (experts 256, dequant fp8→bf16)",
+            "02:53:11 calibrate rank 0: layer 17 512 samples, 18.4k tok/s",
+            "02:53:18 calibrate rank 0: coverage: 9/256 experts saw <8 tokens (sibling max used)",
+        ]
+        self.notes: dict[str, str] = {}
+
+    def history(self):
+        return self.rows
+
+    def attach_target(self):
+        return self.run.run_id
+
+    def read_run(self, run_id):
+        return self.run
+
+    def read_log(self, run_id, stage, offset):
+        if stage != "calibrate":
+            return [], offset
+        return self.log[offset:], len(self.log)
+
+    def detail(self, run_id):
+        row = next(r for r in self.rows if r.run_id == run_id)
+        atts = (AttemptView("inspect", 1, "node0", 4121, T0 - 15_900, T0 - 15_850, "SUCCEEDED"),
+                AttemptView("calibrate", 1, "node2", 5230, T0 - 15_800, T0 - 12_000, "FAILED", "CUDA OOM",
+                            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.00 GiB on cuda:3"))
+        return RunDetailView(row, f"/shared/quantdeck/runs/{run_id}", atts,
+                             ("amax/layer_000.safetensors … layer_033.safetensors",))
+
+    def set_note(self, run_id, text):
+        self.notes[run_id] = text
+
+    def start(self, recipe_path):
+        return self.run.run_id
+
+    def resume(self, run_id):
+        return run_id
+
+    export_only = validate_only = cancel = resume
