@@ -284,6 +284,9 @@ class SSHConnection:
                         raise RemoteError(f"{self.host.name}: connection lost while running a command",
                                           at=self.host.name)
                     time.sleep(0.01)
+            if not chan.status_event.is_set():  # closed without an exit status: the connection went away
+                chan.close()
+                raise paramiko.SSHException("channel closed before the command's exit status arrived")
             rc = chan.recv_exit_status()
             chan.close()
         except (paramiko.SSHException, OSError, EOFError) as e:
