@@ -86,13 +86,16 @@ def s3() -> None:
 @click.argument("url")
 @click.argument("dst", type=click.Path(file_okay=False))
 @_options
-def pull_cmd(url, dst, endpoint_url, part_size, concurrency, part_concurrency, profile, manifest, retries, quiet):
+@click.option("--reserve", type=_SizeType(), default=None,
+              help="Disk space to leave free after the pull (checked before transferring) [0].")
+def pull_cmd(url, dst, reserve, endpoint_url, part_size, concurrency, part_concurrency, profile, manifest, retries,
+             quiet):
     """Download every object under URL (s3://bucket/prefix) into DST (built in DST.partial, then renamed)."""
     from engine.s3 import pull
 
     res = pull(url, dst, sink=_StderrProgress(quiet), **_kwargs(
         endpoint_url=endpoint_url, part_size=part_size, concurrency=concurrency, part_concurrency=part_concurrency,
-        profile=profile, manifest=manifest, retries=retries))
+        profile=profile, manifest=manifest, retries=retries, reserve_bytes=reserve))
     click.echo(json.dumps(res.summary()))
     sys.stdout.flush()
 

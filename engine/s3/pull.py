@@ -54,8 +54,11 @@ def remote_size(url: str, endpoint_url: str | None = None) -> int:
 def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, part_size: int = DEFAULT_PART_SIZE,
          concurrency: int = DEFAULT_CONCURRENCY, part_concurrency: int = DEFAULT_PART_CONCURRENCY,
          retries: int = DEFAULT_RETRIES, manifest: str | os.PathLike | None = None, profile: str | None = None,
-         sink: EventSink = NullSink()) -> TransferResult:
-    """Download `url` (a prefix) into `dst`; resumable; returns what was moved. Raises TransferError."""
+         reserve_bytes: int = 0, sink: EventSink = NullSink()) -> TransferResult:
+    """Download `url` (a prefix) into `dst`; resumable; returns what was moved. Raises TransferError.
+
+    Before any byte moves, the filesystem of `dst` must hold what is left to download plus `reserve_bytes`
+    (room the later stages need, e.g. the converted output)."""
     t0 = time.monotonic()
     u = parse_url(url)
     dst = Path(dst).absolute()
@@ -85,8 +88,9 @@ def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, p
         todo.append(j)
         need += j.size - (st[0] if st and st[0] == j.size else 0)
     free = free_bytes(work)
-    if need + DISK_MARGIN > free:
-        raise TransferError(f"not enough disk for the pull: {_gib(need)} to download, {_gib(free)} free",
+    if need + reserve_bytes + DISK_MARGIN > free:
+        keep = f" + {_gib(reserve_bytes)} to keep free" if reserve_bytes else ""
+        raise TransferError(f"not enough disk for the pull: {_gib(need)} to download{keep}, {_gib(free)} free",
                             at=str(work), hint="free space there or pull to another filesystem; nothing was transferred",
                             title="disk too small")
     sink.emit("log", level="info", msg=f"pull {u} → {dst}: {len(jobs)} objects, {_gib(result.bytes)}; "

@@ -9,29 +9,43 @@ from engine.names import StageName
 from engine.stages.base import Stage, StageContext
 
 
-def transfer_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    """The optional transfer knobs of a pull/push stage's params; absent or None → engine.s3's defaults."""
+def stage_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(inputs, outputs, options) of a plan's stage params; flat params (url/dst/src at top level) count as all."""
+    flat = {k: v for k, v in params.items() if k not in ("inputs", "outputs", "options")}
+    return ({**flat, **(params.get("inputs") or {})}, {**flat, **(params.get("outputs") or {})},
+            {**flat, **(params.get("options") or {})})
+
+
+def transfer_kwargs(options: dict[str, Any], pull: bool = False) -> dict[str, Any]:
+    """The optional transfer knobs of a pull/push stage; absent or None → engine.s3's defaults."""
     out: dict[str, Any] = {}
-    for name in ("endpoint_url", "part_size", "concurrency", "part_concurrency", "retries", "profile"):
-        if params.get(name) is not None:
-            out[name] = params[name]
+    names = ["endpoint_url", "part_size", "concurrency", "part_concurrency", "retries", "profile"]
+    if pull:
+        names.append("reserve_bytes")
+    for name in names:
+        if options.get(name) is not None:
+            out[name] = options[name]
+    if out.get("part_size") is None and options.get("part_size_mb"):
+        out["part_size"] = int(options["part_size_mb"]) << 20
     return out
 
 
 @Stage.register(StageName.PUSH)
 class PushStage(Stage):
-    """params: src (local dir), url (s3://bucket/prefix), endpoint_url, part_size, concurrency (optional)."""
+    """params: inputs.dir (or src), outputs.url (or url); options endpoint_url, part_size (or part_size_mb),
+    concurrency — all optional."""
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from engine.s3 import push
 
-        p = ctx.params
-        res = push(p["src"], p["url"], manifest=Path(ctx.stage_dir) / "transfer.json", sink=ctx.sink,
-                   **transfer_kwargs(p))
+        ins, outs, opts = stage_params(ctx.params)
+        res = push(ins.get("src") or ins["dir"], outs["url"], manifest=Path(ctx.stage_dir) / "transfer.json",
+                   sink=ctx.sink, **transfer_kwargs(opts))
         return res.summary()
 
     def check_saved(self, ctx: StageContext) -> list[str]:
         from engine.fsutil import read_json
 
         man = read_json(Path(ctx.stage_dir) / "transfer.json", default={}) or {}
-        return [] if man.get("complete") else [f"push to {ctx.params.get('url')} is not complete"]
+        url = stage_params(ctx.params)[1].get("url")
+        return [] if man.get("complete") else [f"push to {url} is not complete"]
