@@ -1,0 +1,84 @@
+"""torch.distributed for calibration: one process or any number of torchrun ranks (NCCL on GPUs, gloo on CPUs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = ""  # "" = not distributed
+    owns_group: bool = False  # we initialized the process group and destroy it at the end
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op: str = "max") -> torch.Tensor:
+        """In-place all-reduce of `t` (on this rank's device) with MAX or SUM; returns it."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t
+
+    def all_gather_object(self, obj):
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_group = False
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group when there are ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+    if world > 1:
+        import torch.distributed as dist
+
+        ctx.backend = "nccl" if dev.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            kw = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(ctx.backend, **kw)
+            ctx.owns_group = True
+    return ctx

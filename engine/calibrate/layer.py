@@ -1,0 +1,101 @@
+"""Build one transformers decoder layer on a device from checkpoint tensors, dequantizing on the fly.
+
+FP8 block weights (`weight` float8_e4m3fn + `weight_scale_inv`) are dequantized exactly with
+engine.formats; everything lands in the compute dtype except the tensors transformers keeps in fp32
+(`_keep_in_fp32_modules[_strict]`, e.g. the router's `e_score_correction_bias`), as `from_pretrained`
+would leave them. Nothing of the layer is randomly initialized.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from engine.calibrate.family import LayerFamily
+from engine.errors import CheckpointError
+
+FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+
+
+class TensorSource:
+    """Checkpoint tensors by name, dequantized to the compute dtype (B's CheckpointReader underneath)."""
+
+    def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype):
+        from engine.checkpoint.reader import CheckpointReader
+
+        self.reader = CheckpointReader(model_dir)
+        self.names = set(self.reader.names())
+        self.dtype = dtype
+
+    @property
+    def config(self) -> dict:
+        return self.reader.config
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.reader.get(name)
+        if t.dtype in FP8_DTYPES:
+            t = self._dequant_fp8(name, t)
+        elif t.dtype == torch.uint8 and name.endswith(".weight") and (name[:-len("weight")] + "scale") in self.names:
+            from engine.formats.mxfp4.helpers import dequant_mxfp4
+
+            t = dequant_mxfp4(t, self.reader.get(name[:-len("weight")] + "scale"))
+        return t
+
+    def _dequant_fp8(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
+
+        base = name[: -len("weight")] if name.endswith("weight") else name + "."
+        for sname in (base + "weight_scale_inv", base + "scale"):
+            if sname in self.names:
+                s = self.reader.get(sname)
+                return dequant_fp8_block(t, s, infer_block(tuple(t.shape), tuple(s.shape)))
+        raise CheckpointError(f"FP8 tensor {name} has no scale ({base}weight_scale_inv)", at=name,
+                              hint="the checkpoint is incomplete; re-download or re-convert it")
+
+    def close(self) -> None:
+        close = getattr(self.reader, "close", None)
+        if close:
+            close()
+
+
+def compute_dtype(config: dict) -> torch.dtype:
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    if name not in ("bfloat16", "float16", "float32"):
+        return torch.bfloat16  # FP8 / FP4 checkpoints compute in bf16
+    return getattr(torch, name)
+
+
+def _keep_fp32(family: type[LayerFamily]) -> list[str]:
+    mc = family.model_class()
+    out: list[str] = []
+    for attr in ("_keep_in_fp32_modules_strict", "_keep_in_fp32_modules"):
+        out += list(getattr(mc, attr, None) or [])
+    return out
+
+
+def build_layer(family: type[LayerFamily], hf_config, i: int, src: TensorSource, device: torch.device,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """Layer `i` of the model, on `device`, its tensors from the checkpoint."""
+    from transformers.initialization import no_init_weights
+
+    cls = family.layer_class()
+    with torch.device(device), no_init_weights():
+        layer = cls(hf_config, i)
+    keep = _keep_fp32(family)
+    persistent = dict(layer.state_dict(keep_vars=True))
+    loaded: dict[str, Any] = {}
+    for pname, cur in persistent.items():
+        t = family.load_param(i, pname, src.get, src.names)
+        if tuple(t.shape) != tuple(cur.shape):
+            raise CheckpointError(f"{family.layer_prefix(i)}{pname}: checkpoint shape {tuple(t.shape)} "
+                                  f"!= model shape {tuple(cur.shape)}", at=family.layer_prefix(i) + pname,
+                                  hint="does config.json match the weights?")
+        want = torch.float32 if any(k in pname for k in keep) else (dtype if cur.is_floating_point() else cur.dtype)
+        loaded[pname] = t.to(device=device, dtype=want)
+    layer.load_state_dict(loaded, strict=True, assign=True)
+    return layer.eval()

@@ -1,0 +1,263 @@
+"""Layer-streaming, data-parallel calibration: `calibrate()`.
+
+Per decoder layer: build transformers' own layer from the checkpoint on the device, wrap it in a
+skeleton whose module names are the whole model's (`model.layers.<i>....`), let modelopt's
+`mtq.quantize` insert and calibrate its quantizers with a forward loop over this rank's cached layer
+inputs, all-reduce the amax (MAX) over ranks, save the layer's outputs (the next layer's inputs) and
+then the amax file (the commit mark), free the layer. Memory: one layer plus this rank's activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.calibrate import snapshot as snap
+from engine.calibrate.batches import plan_batches
+from engine.calibrate.coverage import CoverageHooks
+from engine.calibrate.dist import DistContext, init_distributed
+from engine.calibrate.family import LayerFamily
+from engine.calibrate.layer import TensorSource, build_layer, compute_dtype
+from engine.calibrate.qconfig import resolve_quant_cfg
+from engine.calibrate.samples import Samples, load_samples, read_samples_file
+from engine.errors import CheckpointError
+from engine.events import EventSink, NullSink, Progress
+from engine.fsutil import atomic_write_json
+
+RESUME_KEYS = ("samples_sha256", "num_samples", "seq_len", "batch_size", "world_size", "quant_cfg",
+               "all_experts", "model_fingerprint")
+
+
+class _Skeleton(torch.nn.Module):
+    """Just enough of the whole model that named_modules() gives `model.layers.<i>.<...>`."""
+
+    def __init__(self, config, i: int, layer: torch.nn.Module):
+        super().__init__()
+        self.config = config
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(i)] + [layer])
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "nvidia-modelopt", "quantdeck"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def layer_amax(root: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`<quantizer module name>.amax` for every enabled TensorQuantizer that has an amax."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    out = {}
+    for name, mod in root.named_modules():
+        if isinstance(mod, TensorQuantizer) and mod.is_enabled:
+            a = getattr(mod, "amax", None)
+            if a is not None:
+                out[f"{name}.amax"] = a.detach().float()
+    return out
+
+
+def _reduce_amax(ctx: DistContext, amax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MAX over ranks; a quantizer missing on some rank counts as 0 there (amax is never negative)."""
+    if not ctx.active:
+        return {k: v.cpu() for k, v in amax.items()}
+    shapes = {k: tuple(v.shape) for k, v in amax.items()}
+    merged: dict[str, tuple] = {}
+    for s in ctx.all_gather_object(shapes):
+        merged.update(s)
+    keys = sorted(merged)
+    flat = torch.cat([(amax[k].reshape(-1) if k in amax else torch.zeros(max(1, int(torch.tensor(merged[k]).prod()))))
+                      .to(ctx.device, torch.float32) for k in keys]) if keys else torch.zeros(0, device=ctx.device)
+    ctx.all_reduce(flat, "max")
+    flat = flat.cpu()
+    out, pos = {}, 0
+    for k in keys:
+        n = max(1, int(torch.tensor(merged[k]).prod())) if merged[k] else 1
+        out[k] = flat[pos:pos + n].reshape(merged[k])
+        pos += n
+    return out
+
+
+def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tensor], kwargs: list[dict],
+                     all_experts: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
+    import modelopt.torch.quantization as mtq
+
+    root = _Skeleton(hf_config, i, layer)
+    outs: list[torch.Tensor] = []
+    cov: dict[str, list[int]] = {}
+
+    def loop(model):
+        outs.clear()
+        hooks = CoverageHooks(model.model.layers[i], all_experts=all_experts)
+        try:
+            for h, kw in zip(hidden, kwargs):
+                o = model.model.layers[i](h, **kw)
+                outs.append(o[0] if isinstance(o, tuple) else o)
+        finally:
+            hooks.remove()
+        cov.update({f"{family.layer_prefix(i)}{k}": v.tolist() for k, v in hooks.counts.items()})
+
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        mtq.quantize(root, qcfg, loop)
+        if not outs:  # a config that needs no forward pass (weight-only): still compute the outputs
+            mtq.disable_quantizer(root, "*")
+            loop(root)
+    return layer_amax(root), outs, cov
+
+
+def _check_resume(out: Path, manifest: dict[str, Any]) -> None:
+    old = snap.read_manifest(out)
+    if not old or not snap.done_layers(out):
+        return
+    diff = [k for k in RESUME_KEYS if old.get(k) != manifest.get(k)]
+    if diff:
+        raise CheckpointError(f"{out} holds a calibration made with other settings ({', '.join(diff)} differ)",
+                              at=str(out), hint="resume with the same settings, or calibrate into a fresh --out")
+
+
+def calibrate(model_dir: str | os.PathLike, samples: str | os.PathLike | Samples, out_dir: str | os.PathLike,
+              num_samples: int | None = None, seq_len: int = 512, batch_size: int = 1,
+              quant_cfg: str = "NVFP4_DEFAULT_CFG", all_experts: bool = False, device: str = "auto",
+              sink: EventSink = NullSink(), layers: int | None = None) -> dict[str, Any]:
+    """Calibrate `model_dir` on `samples` into the amax snapshot `out_dir`; resumes after the last saved layer.
+
+    Runs as one process or under torchrun (every rank calls it). `layers` stops after that many layers
+    (tests, kill-and-resume drills). Returns a summary (rank 0's view)."""
+    if not isinstance(samples, Samples):
+        read_samples_file(samples, num_samples)  # fail on a bad file before touching the model
+    ctx = init_distributed(device)
+    try:
+        return _run(ctx, Path(model_dir), samples, Path(out_dir), num_samples, seq_len, batch_size, quant_cfg,
+                    all_experts, sink, layers)
+    finally:
+        ctx.close()
+
+
+def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_cfg, all_experts, sink, stop_after):
+    t_start = time.monotonic()
+    qcfg = resolve_quant_cfg(quant_cfg)
+    src = TensorSource(model_dir, dtype=torch.bfloat16)
+    config = src.config
+    dtype = compute_dtype(config)
+    src.dtype = dtype
+    family = LayerFamily.for_config(config)
+    hf_config = family.hf_config(config)
+    hf_config._attn_implementation = "sdpa"
+    hf_config._experts_implementation = "eager"
+    if not isinstance(samples, Samples):
+        samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
+    n_layers = family.num_layers(hf_config)
+    pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+    batches = plan_batches(samples.input_ids, batch_size, ctx.world_size, ctx.rank, pad_id)
+    local_tokens = sum(b.tokens for b in batches)
+    manifest = {
+        "format": snap.SNAPSHOT_FORMAT, "model": str(model_dir), "model_fingerprint": src.reader.fingerprint(),
+        "family": family.registered_name, "model_type": config.get("model_type"), "num_layers": n_layers,
+        "samples": samples.path, "samples_sha256": samples.sha256, "samples_kind": samples.kind,
+        "num_samples": len(samples.input_ids), "seq_len": seq_len, "batch_size": batch_size,
+        "tokens": samples.tokens, "truncated": samples.truncated, "world_size": ctx.world_size,
+        "quant_cfg": quant_cfg if isinstance(quant_cfg, str) else "custom", "quant_cfg_resolved": json.loads(json.dumps(qcfg, default=str)),
+        "all_experts": bool(all_experts), "dtype": str(dtype).replace("torch.", ""), "versions": _versions(),
+        "status": "running",
+    }
+    _check_resume(out, manifest)
+    start = snap.resume_point(out)
+    ctx.barrier()
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / snap.MANIFEST, manifest)
+    sink.emit("log", level="info", msg=f"calibrating {n_layers} layers from layer {start}; rank {ctx.rank}/"
+              f"{ctx.world_size}: {len(batches)} batches, {local_tokens} tokens on {ctx.device}")
+    dev = ctx.device
+    rotary = family.make_rotary(hf_config, dev)
+    if start >= n_layers:
+        hidden = []
+    elif start == 0:
+        emb = src.get(family.embed_name()).to(dev, dtype)
+        hidden = [family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb))
+                  for b in batches]
+        del emb
+    else:
+        hidden = [h.to(dev) for h in snap.read_acts(out, ctx.rank, start - 1, len(batches))]
+    with torch.no_grad():
+        kwargs = [family.layer_kwargs(hf_config, rotary, b, _embeds_like(h)) for b, h in zip(batches, hidden)]
+    prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0)
+    prog.done = start
+    end = n_layers if stop_after is None else min(n_layers, start + stop_after)
+    for i in range(start, end):
+        t0 = time.monotonic()
+        layer = build_layer(family, hf_config, i, src, dev, dtype)
+        amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts)
+        del layer
+        amax = _reduce_amax(ctx, amax)
+        cov = _reduce_coverage(ctx, cov)
+        snap.write_acts(out, ctx.rank, i, outs)
+        ctx.barrier()
+        if ctx.rank == 0:
+            snap.write_layer(out, i, amax, cov)
+        ctx.barrier()
+        snap.prune_acts(out, ctx.rank, keep=i)
+        hidden = outs
+        dt = time.monotonic() - t0
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        sink.emit("metric", name="calibrate.layer", value=i, tags={
+            "layer": i, "layers": n_layers, "samples": sum(b.input_ids.shape[0] for b in batches),
+            "tokens": local_tokens, "tokens_per_s": local_tokens / max(dt, 1e-9), "seconds": dt, "rank": ctx.rank})
+        prog.advance(1, label=f"layer {i + 1}/{n_layers}", force=True)
+    finished = snap.resume_point(out) >= n_layers
+    if finished:
+        snap.prune_acts(out, ctx.rank, keep=n_layers)  # the last layer's outputs feed nothing
+    summary = _finish(ctx, out, manifest, n_layers, finished)
+    summary.update({"layers_done": snap.resume_point(out), "started_at_layer": start,
+                    "seconds": time.monotonic() - t_start, "rank": ctx.rank})
+    src.close()
+    return summary
+
+
+def _embeds_like(h: torch.Tensor) -> torch.Tensor:
+    """A [b, s, hidden] view the mask and rotary helpers read shape, dtype and device from."""
+    return h if h.dim() == 3 else h[..., 0, :]
+
+
+def _reduce_coverage(ctx: DistContext, cov: dict[str, list[int]]) -> dict[str, list[int]]:
+    if not ctx.active or not cov:
+        return cov
+    keys = sorted(cov)
+    flat = torch.tensor([c for k in keys for c in cov[k]], dtype=torch.float64 if ctx.backend == "gloo"
+                        else torch.float32, device=ctx.device)
+    ctx.all_reduce(flat, "sum")
+    vals = [int(round(v)) for v in flat.cpu().tolist()]
+    out, pos = {}, 0
+    for k in keys:
+        out[k] = vals[pos:pos + len(cov[k])]
+        pos += len(cov[k])
+    return out
+
+
+def _finish(ctx, out: Path, manifest: dict, n_layers: int, finished: bool) -> dict[str, Any]:
+    summary: dict[str, Any] = {"out": str(out), "finished": finished, "layers": n_layers}
+    if ctx.rank != 0 or not finished:
+        return summary
+    from engine.calibrate.report import build_coverage
+
+    coverage = build_coverage(out, n_layers)
+    atomic_write_json(out / snap.COVERAGE, coverage)
+    manifest = dict(manifest, status="complete", quantizers=len(snap.load_amax(out)))
+    atomic_write_json(out / snap.MANIFEST, manifest)
+    summary.update({"quantizers": manifest["quantizers"], "experts_without_tokens": coverage["experts_without_tokens"]})
+    return summary
