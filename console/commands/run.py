@@ -1,0 +1,303 @@
+"""Run commands: init, run, status, logs, cancel, resume, export-only, validate-only, history, note, preflight.
+
+They talk to the engine only through engine.api (imported inside each command, so `quantdeck --help`
+stays free of torch). stdout is for data (the run id line, --json, the history table, log text);
+progress and chatter go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+
+def _engine():
+    from engine.api import open_engine
+
+    return open_engine()
+
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+
+def _fmt_dur(a: float | None, b: float | None) -> str:
+    if not a:
+        return "-"
+    s = int((b or time.time()) - a)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _Printer:
+    """Turns followed events into stderr lines (progress at most once a second per stage)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def __call__(self, ev) -> None:
+        d = ev.data
+        tag = f"[{ev.stage}{'' if not ev.rank else f' r{ev.rank}'}]"
+        if ev.kind == "state":
+            extra = f": {d.get('error_class')}: {d.get('error')}" if d.get("error_class") else ""
+            hint = f" (hint: {d.get('hint')})" if d.get("hint") else ""
+            click.echo(f"{tag} {d.get('state')}{extra}{hint}", err=True)
+        elif ev.kind == "log" and d.get("level") in ("info", "warning", "error"):
+            click.echo(f"{tag} {d.get('level')}: {d.get('msg')}", err=True)
+        elif ev.kind == "progress":
+            now = time.monotonic()
+            key = f"{ev.stage}/{ev.rank}"
+            if d.get("done") != d.get("total") and now - self.last.get(key, 0) < 1.0:
+                return
+            self.last[key] = now
+            eta = d.get("eta_s")
+            click.echo(f"{tag} {d.get('done')}/{d.get('total')} {d.get('unit', '')}"
+                       + (f", ETA {eta:.0f}s" if eta else "") + (f"  {d['label']}" if d.get("label") else ""),
+                       err=True)
+
+
+def _follow(eng, run_id: str) -> int:
+    """Follow a run until its driver ends. Ctrl-C stops following, never the run."""
+    try:
+        view = eng.follow(run_id, _Printer())
+    except KeyboardInterrupt:
+        click.echo(f"stopped following; run {run_id} goes on (quantdeck status {run_id}, "
+                   f"quantdeck cancel {run_id})", err=True)
+        return 0
+    click.echo(f"run {run_id}: {view.result}", err=True)
+    for s in view.stages:
+        if s.error_class:
+            click.echo(f"  {s.name}: {s.state}: {s.error_class}: {s.error} (hint: {s.hint})", err=True)
+    return 0 if view.result == "SUCCEEDED" else 1
+
+
+@click.command("init")
+@click.option("--family", type=click.Choice(["deepseek-v3", "deepseek-v4", "generic"]), default=None,
+              help="Model family (default: auto-detected from the checkpoint).")
+@click.option("--source", default="/path/to/checkpoint", help="Checkpoint dir or s3://bucket/prefix.")
+@click.option("--workdir", default="./quantdeck-work", help="Where run dirs live.")
+@click.option("--samples", default=None, help="Calibration samples file (turns calibration on).")
+@click.option("--format", "fmt", type=click.Choice(["nvfp4", "fp8-block", "bf16"]), default="nvfp4")
+def init_cmd(family, source, workdir, samples, fmt):
+    """Print a commented recipe: quantdeck init > recipe.toml"""
+    from engine.api import init_recipe
+
+    click.echo(init_recipe(family, source=source, workdir=workdir, samples=samples, target_format=fmt,
+                           calibrate=bool(samples) and fmt == "nvfp4"), nl=False)
+
+
+@click.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--detach", is_flag=True, help="Start the run and return at once.")
+@click.option("--no-preflight", is_flag=True, help="Skip the automatic preflight.")
+@click.option("--launcher-factory", default=None, hidden=True,
+              help="module:function building the launcher (default: local; remote ones for [cluster]).")
+def run_cmd(recipe, detach, no_preflight, launcher_factory):
+    """Plan and start a run from RECIPE; prints `run <id>` first, then follows it (Ctrl-C stops following only)."""
+    eng = _engine()
+    factory = launcher_factory or _factory_for(recipe)
+    run_id = eng.start(recipe, preflight=False if no_preflight else None, launcher_factory=factory)
+    click.echo(f"run {run_id}")
+    sys.stdout.flush()
+    if detach:
+        return
+    sys.exit(_follow(eng, run_id))
+
+
+def _factory_for(recipe_path: str) -> str | None:
+    """The launcher factory for a recipe: remote's when it has a [cluster], else the local one."""
+    recipe = _engine().load_recipe(recipe_path)
+    if recipe.cluster.is_local:
+        return None
+    try:
+        import remote.launchers as rl  # noqa: F401
+    except ImportError:
+        return None
+    return "remote.launchers:launcher_for" if hasattr(rl, "launcher_for") else None
+
+
+@click.command("status")
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (a list without RUN).")
+def status_cmd(run, as_json):
+    """Every stage's state, host, pid and attempt of RUN (all runs without RUN)."""
+    eng = _engine()
+    if run is None:
+        views = eng.runs()
+        if as_json:
+            click.echo(json.dumps([v.to_json() for v in views], indent=2, default=str))
+            return
+        for v in views:
+            cur = next((s for s in v.stages if s.state in ("RUNNING", "STARTING")), None)
+            click.echo(f"{v.id}  {v.result:<9}  {v.meta.get('model', '-')}  {v.meta.get('target', '-')}"
+                       + (f"  [{cur.name}]" if cur else ""))
+        return
+    v = eng.status(run)
+    if as_json:
+        click.echo(json.dumps(v.to_json(), indent=2, default=str))
+        return
+    click.echo(f"run {v.id}: {v.result}  ({v.meta.get('model')}, {v.meta.get('target')}) {v.run_dir}")
+    click.echo(f"{'STAGE':<12} {'STATE':<13} {'ATT':>3}  {'HOST':<12} {'PID':>7}  {'TIME':>7}  PROGRESS / ERROR")
+    for s in v.stages:
+        prog = ""
+        if s.progress and s.state in ("RUNNING", "STARTING"):
+            p = s.progress
+            prog = f"{p.get('done')}/{p.get('total')} {p.get('unit', '')}"
+        if s.error_class:
+            prog = f"{s.error_class}: {s.error}"
+        click.echo(f"{s.name:<12} {s.state:<13} {s.attempt:>3}  {str(s.host or '-'):<12} {str(s.pid or '-'):>7}  "
+                   f"{_fmt_dur(s.started_at, s.ended_at) if s.started_at else '-':>7}  {prog}")
+
+
+@click.command("logs")
+@click.argument("run")
+@click.argument("stage", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as the log grows.")
+def logs_cmd(run, stage, follow):
+    """Print a stage's log.txt (default: the current or last started stage)."""
+    eng = _engine()
+    if stage is None:
+        v = eng.status(run)
+        started = [s for s in v.stages if s.attempt > 0]
+        live = [s for s in started if s.state in ("RUNNING", "STARTING")]
+        stage = (live or started or v.stages)[-1 if not live else 0].name
+    text, off = eng.log(run, stage)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if not follow:
+        return
+    try:
+        while True:
+            time.sleep(0.5)
+            text, off = eng.log(run, stage, off)
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            elif eng.status(run).result != "RUNNING":
+                return
+    except KeyboardInterrupt:
+        return
+
+
+@click.command("cancel")
+@click.argument("run")
+def cancel_cmd(run):
+    """Stop RUN's driver and live workers (their process groups) and record CANCELLED."""
+    stages = _engine().cancel(run)
+    click.echo(f"cancelled {run}: " + (", ".join(stages) if stages else "no live stage"), err=True)
+
+
+def _restart(kind: str, run: str, detach: bool) -> None:
+    eng = _engine()
+    fn = {"resume": eng.resume, "export-only": eng.export_only}[kind]
+    run_id = fn(run, launcher_factory=_factory_for(str(eng.find(run).recipe_path)))
+    click.echo(f"run {run_id}")
+    sys.stdout.flush()
+    if not detach:
+        sys.exit(_follow(eng, run_id))
+
+
+@click.command("resume")
+@click.argument("run")
+@click.option("--detach", is_flag=True)
+def resume_cmd(run, detach):
+    """Continue RUN from its first stage not done, from that stage's first unit not done."""
+    _restart("resume", run, detach)
+
+
+@click.command("export-only")
+@click.argument("run")
+@click.option("--detach", is_flag=True)
+def export_only_cmd(run, detach):
+    """Re-run export → inject-mtp → copy-extras → validate from RUN's saved amax snapshot."""
+    _restart("export-only", run, detach)
+
+
+@click.command("validate-only")
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True)
+def validate_only_cmd(run, as_json):
+    """Check what RUN saved (amax snapshot, partial and finished outputs); runs nothing heavy, changes nothing."""
+    from engine.api import raise_if_problems
+
+    problems = _engine().validate_only(run)
+    if as_json:
+        click.echo(json.dumps({"run": run, "ok": not problems, "problems": problems}, indent=2))
+    else:
+        for p in problems:
+            click.echo(p)
+        if not problems:
+            click.echo(f"run {run}: saved state is consistent", err=True)
+    raise_if_problems(problems, f"run {run}")
+
+
+@click.command("history")
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--rescan", type=click.Path(file_okay=False), default=None,
+              help="Rebuild the store from the run dirs under DIR first.")
+def history_cmd(run, as_json, rescan):
+    """The run-history table (run, date, commit, model, target, calib, result, root cause, fix); with RUN,
+    its attempts."""
+    eng = _engine()
+    if rescan:
+        ids = eng.rescan(rescan)
+        click.echo(f"rescanned {len(ids)} run(s) under {rescan}", err=True)
+    if run:
+        atts = eng.attempts(run)
+        if as_json:
+            click.echo(json.dumps([a.to_json() for a in atts], indent=2))
+            return
+        click.echo(f"{'STAGE':<12} {'ATT':>3} {'STATE':<13} {'HOST':<12} {'PID':>7} {'START':<16} {'DUR':>7}  ERROR")
+        for a in atts:
+            err = f"{a.error_class}: {a.error_text}" if a.error_class else ""
+            click.echo(f"{a.stage:<12} {a.attempt:>3} {str(a.state):<13} {str(a.host or '-'):<12} "
+                       f"{str(a.pid or '-'):>7} {_fmt_time(a.started_at):<16} "
+                       f"{_fmt_dur(a.started_at, a.ended_at):>7}  {err}")
+        return
+    recs = eng.history()
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in recs], indent=2))
+        return
+    click.echo("| Run | Date | Commit | Model | Target | Calib | Result | Root Cause | Fix |")
+    click.echo("|-----|------|--------|-------|--------|-------|--------|------------|-----|")
+    for r in recs:
+        cells = [r.id, _fmt_time(r.created), r.git_commit or "-", r.model or "-", r.target or "-",
+                 str(r.calib_size) if r.calib_size else "-", r.result or "-", r.root_cause or "—",
+                 r.fix_note or "—"]
+        click.echo("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+
+
+@click.command("note")
+@click.argument("run")
+@click.argument("text")
+def note_cmd(run, text):
+    """Record the fix for RUN (the history's Fix column)."""
+    _engine().note(run, text)
+    click.echo(f"noted on {run}", err=True)
+
+
+@click.command("preflight")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+def preflight_cmd(recipe):
+    """Cheap checks of RECIPE before any GPU is held: one line per failure with its fix."""
+    from engine.api import PreflightError
+
+    notes: list[str] = []
+    fails = _engine().preflight(recipe, notes=notes)
+    for n in notes:
+        click.echo(f"  {n}", err=True)
+    for f in fails:
+        click.echo(f)
+    if fails:
+        raise PreflightError(f"{len(fails)} preflight check(s) failed", at=recipe, failures=fails,
+                             hint="fix the lines above, then run preflight again")
+    click.echo(f"preflight ok: {recipe}", err=True)
+
+
+COMMANDS = (init_cmd, run_cmd, status_cmd, logs_cmd, cancel_cmd, resume_cmd, export_only_cmd, validate_only_cmd,
+            history_cmd, note_cmd, preflight_cmd)

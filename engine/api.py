@@ -1,0 +1,435 @@
+"""The engine's facade: the ONLY engine module the console and CLI import. Light: no torch at import.
+
+`open_engine()` gives the local implementation of `Engine`. Runs are named by id, unique id prefix or run
+dir path. Every method raises only QuantdeckError subclasses (listed per method) for what an operator
+can fix; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.errors import PreflightError, RunError, ValidationFailedError
+from engine.events import Event, read_events
+from engine.names import StageState
+from engine.rundir import RunDir, find_run, list_run_dirs, read_status, this_host
+from engine.store import AttemptRecord, RunRecord
+
+DEFAULT_WORKDIR_ENV = "QUANTDECK_WORKDIR"  # where runs are looked up besides the store (default ./quantdeck-work)
+
+
+@dataclass(frozen=True)
+class StageView:
+    name: str
+    state: str
+    attempt: int
+    host: str | None
+    pid: int | None
+    started_at: float | None
+    ended_at: float | None
+    error_class: str | None
+    error: str | None
+    hint: str | None
+    result: dict[str, Any] | None
+    progress: dict[str, Any] | None  # the latest progress event's fields (unit, done, total, rate, eta_s, …)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunView:
+    id: str
+    run_dir: str
+    result: str  # RUNNING | SUCCEEDED | FAILED | CANCELLED | PENDING
+    driver_alive: bool
+    meta: dict[str, Any]
+    stages: list[StageView]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Engine(abc.ABC):
+    """What the console and CLI may ask of the engine."""
+
+    @abc.abstractmethod
+    def start(self, recipe_path: str, *, preflight: bool | None = None, launcher_factory: str | None = None,
+              env: dict[str, str] | None = None) -> str:
+        """Create a run from a recipe and start its driver detached; returns the run id at once.
+        Raises RecipeError, PreflightError, StageLockedError (a live run owns the output)."""
+
+    @abc.abstractmethod
+    def resume(self, run: str, *, launcher_factory: str | None = None) -> str:
+        """Restart from the first stage not done. Raises RunError (unknown run, nothing to do),
+        StageLockedError (its driver is live)."""
+
+    @abc.abstractmethod
+    def export_only(self, run: str, *, launcher_factory: str | None = None) -> str:
+        """Re-run export → inject-mtp → copy-extras → validate from the saved amax snapshot.
+        Raises RunError (no export stage / calibration not done), StageLockedError."""
+
+    @abc.abstractmethod
+    def validate_only(self, run: str) -> list[str]:
+        """Check what the run saved (amax snapshot, partial and finished outputs), running nothing heavy
+        and changing nothing; returns one line per problem ([] = fine). Raises RunError."""
+
+    @abc.abstractmethod
+    def cancel(self, run: str) -> list[str]:
+        """Stop the run's driver and live workers (their process groups), recording CANCELLED; returns the
+        stages cancelled. Raises RunError."""
+
+    @abc.abstractmethod
+    def status(self, run: str) -> RunView:
+        """Every stage's state, host, pid, attempt, times, error and latest progress. Raises RunError."""
+
+    @abc.abstractmethod
+    def runs(self) -> list[RunView]:
+        """Every run known to the store or under the default work dir, oldest first."""
+
+    @abc.abstractmethod
+    def plan(self, run: str) -> dict[str, Any]:
+        """The run's plan.json. Raises RunError."""
+
+    @abc.abstractmethod
+    def events(self, run: str, stage: str, offset: int = 0, rank: int = 0) -> tuple[list[Event], int]:
+        """Events of one stage (one rank) from byte `offset`; returns (events, next offset). Raises RunError."""
+
+    @abc.abstractmethod
+    def log(self, run: str, stage: str, offset: int = 0) -> tuple[str, int]:
+        """The stage's log.txt from byte `offset`; returns (text, next offset). Raises RunError."""
+
+    @abc.abstractmethod
+    def history(self) -> list[RunRecord]:
+        """The run-history table (store rows), oldest first."""
+
+    @abc.abstractmethod
+    def attempts(self, run: str) -> list[AttemptRecord]:
+        """Every stage attempt of one run, in time order. Raises RunError."""
+
+    @abc.abstractmethod
+    def note(self, run: str, text: str) -> None:
+        """Record the operator's fix note (store and run dir). Raises RunError."""
+
+    @abc.abstractmethod
+    def rescan(self, root: str) -> list[str]:
+        """Rebuild the store from the run dirs under `root`; returns the run ids found."""
+
+    @abc.abstractmethod
+    def preflight(self, recipe_path: str) -> list[str]:
+        """Cheap checks before any GPU is held; one line per failure with its fix ([] = ready).
+        Raises RecipeError."""
+
+
+class LocalEngine(Engine):
+    """Runs drive from this machine (workers local, or remote through a launcher factory)."""
+
+    def __init__(self, workdir: str | None = None):
+        self.workdir = workdir or os.environ.get(DEFAULT_WORKDIR_ENV) or "./quantdeck-work"
+
+    # --- lookup ----------------------------------------------------------------------------------------
+
+    def find(self, run: str) -> RunDir:
+        p = Path(run)
+        if (p / "plan.json").exists():
+            return RunDir(p.resolve())
+        from engine.store import Store
+
+        with Store() as store:
+            recs = store.runs()
+        hits = [r for r in recs if r.id == run] or [r for r in recs if r.id.startswith(run)]
+        hits = [r for r in hits if r.run_dir and (Path(r.run_dir) / "plan.json").exists()]
+        if len(hits) == 1:
+            return RunDir(Path(hits[0].run_dir))
+        if len(hits) > 1:
+            raise RunError(f"run id {run!r} is ambiguous ({len(hits)} runs match)", at=run,
+                           hint="give more of the id: " + ", ".join(r.id for r in hits[:5]))
+        return find_run(self.workdir, run)
+
+    # --- starting --------------------------------------------------------------------------------------
+
+    def start(self, recipe_path, *, preflight=None, launcher_factory=None, env=None):
+        from engine.recipe import load_recipe
+        from engine.runner import create_run, spawn_driver, sync_store
+
+        recipe = load_recipe(recipe_path)
+        if preflight if preflight is not None else recipe.run.preflight:
+            fails = self.preflight(recipe_path)
+            if fails:
+                raise PreflightError(f"preflight failed ({len(fails)} problem{'s' if len(fails) > 1 else ''}): "
+                                     + "; ".join(fails), at=str(recipe_path), failures=fails,
+                                     hint="fix those, or `quantdeck preflight RECIPE` to re-check")
+        run = create_run(recipe_path)
+        sync_store(run)
+        spawn_driver(run, "run", launcher_factory, env)
+        return run.id
+
+    def _restart(self, run: str, mode: str, launcher_factory: str | None) -> str:
+        from engine.plan import Plan, stages_to_run
+        from engine.rundir import driver_lock
+        from engine.runner import spawn_driver
+
+        rd = self.find(run)
+        driver_lock(rd).acquire().release()  # StageLockedError if a driver is live
+        plan = Plan.from_json(rd.read_plan())
+        states = {n: read_status(rd, n)["state"] for n in plan.names()}
+        if not stages_to_run(plan, states, mode):
+            raise RunError(f"run {rd.id} has nothing left to do (every stage is done)", at=rd.id,
+                           hint=f"`quantdeck validate-only {rd.id}` checks what it saved")
+        spawn_driver(rd, mode, launcher_factory)
+        return rd.id
+
+    def resume(self, run, *, launcher_factory=None):
+        return self._restart(run, "resume", launcher_factory)
+
+    def export_only(self, run, *, launcher_factory=None):
+        return self._restart(run, "export-only", launcher_factory)
+
+    # --- checking and stopping -------------------------------------------------------------------------
+
+    def validate_only(self, run):
+        from engine.plan import Plan
+        from engine.stages.base import StageContext
+        from engine.worker import load_stage_class
+
+        rd = self.find(run)
+        plan = Plan.from_json(rd.read_plan())
+        problems: list[str] = []
+        for sp in plan.stages:
+            st = read_status(rd, sp.name)
+            try:
+                cls = load_stage_class(sp.name)
+            except Exception as e:  # noqa: BLE001 - a stage whose module is missing is a problem to report
+                problems.append(f"{sp.name}: cannot load the stage: {e}")
+                continue
+            ctx = StageContext(run_dir=rd.path, stage_dir=rd.stage_dir(sp.name), params=sp.params,
+                               host=this_host(), mode="validate-only")
+            if st["state"] == StageState.PENDING.value and not _has_outputs(sp.params):
+                continue
+            for p in cls().check_saved(ctx):
+                problems.append(f"{sp.name}: {p}")
+        return problems
+
+    def cancel(self, run):
+        from engine.fsutil import read_json
+        from engine.rundir import pid_alive, set_status
+        from engine.runner import CANCEL_MARKER, sync_store
+
+        rd = self.find(run)
+        (rd.path / CANCEL_MARKER).write_text(f"{time.time()}\n")
+        cancelled = []
+        victims: list[tuple[str, int]] = []
+        for name in rd.stage_names():
+            st = read_status(rd, name)
+            if StageState(st["state"]).is_terminal() or st["state"] == StageState.PENDING.value:
+                continue
+            set_status(rd, name, StageState.CANCELLED, attempt=st["attempt"], error_class="interrupted",
+                       error="cancelled by operator", hint=f"`quantdeck resume {rd.id}` continues")
+            cancelled.append(name)
+            if st.get("pid"):
+                victims.append((st.get("host") or "local", int(st.get("pgid") or st["pid"])))
+        drv = read_json(rd.driver_path) or {}
+        if drv.get("pid") and drv.get("host") in (None, this_host()) and pid_alive(drv["pid"]):
+            victims.append(("local", int(drv.get("pgid") or drv["pid"])))
+        for host, pgid in victims:
+            _killpg(pgid, signal.SIGTERM)
+        deadline = time.time() + 5
+        while time.time() < deadline and any(pid_alive(p) for _, p in victims):
+            time.sleep(0.1)
+        for _, pgid in victims:
+            if pid_alive(pgid):
+                _killpg(pgid, signal.SIGKILL)
+        sync_store(rd)
+        return cancelled
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    def status(self, run):
+        return _view(self.find(run))
+
+    def runs(self):
+        from engine.store import Store
+
+        seen: dict[str, RunDir] = {}
+        with Store() as store:
+            for r in store.runs():
+                if r.run_dir and (Path(r.run_dir) / "plan.json").exists():
+                    seen[r.id] = RunDir(Path(r.run_dir))
+        for rd in list_run_dirs(self.workdir):
+            seen.setdefault(rd.id, rd)
+        return [_view(rd) for _, rd in sorted(seen.items())]
+
+    def plan(self, run):
+        return self.find(run).read_plan()
+
+    def events(self, run, stage, offset=0, rank=0):
+        rd = self.find(run)
+        return read_events(rd.events_path(stage, rank), offset)
+
+    def log(self, run, stage, offset=0):
+        rd = self.find(run)
+        try:
+            with open(rd.log_path(stage), "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return "", offset
+        return data.decode("utf-8", errors="replace"), offset + len(data)
+
+    def history(self):
+        from engine.store import Store, sync_run
+
+        with Store() as store:
+            for r in store.runs():  # refresh rows of runs that were live at their last sync
+                if r.result in ("RUNNING", "PENDING") and r.run_dir and (Path(r.run_dir) / "plan.json").exists():
+                    _reconcile_local(RunDir(Path(r.run_dir)))
+                    sync_run(store, r.run_dir)
+            return store.runs()
+
+    def attempts(self, run):
+        from engine.store import Store, sync_run
+
+        rd = self.find(run)
+        with Store() as store:
+            sync_run(store, rd.path)
+            return store.attempts(rd.id)
+
+    def note(self, run, text):
+        from engine.runner import update_meta
+        from engine.store import Store, sync_run
+
+        rd = self.find(run)
+        update_meta(rd, note=text)
+        with Store() as store:
+            sync_run(store, rd.path)
+            store.set_note(rd.id, text)
+
+    def rescan(self, root):
+        from engine.store import Store, rescan
+
+        with Store() as store:
+            return rescan(store, root)
+
+    def preflight(self, recipe_path, notes=None, extra_checks=()):
+        """Also fills `notes` (GPU memory, versions) when given a list; `extra_checks` are callables
+        `check(facts) -> list[str]` (remote per-node checks)."""
+        from engine.preflight import run_preflight
+
+        return run_preflight(recipe_path, extra_checks=extra_checks, notes=notes)
+
+    def load_recipe(self, recipe_path: str):
+        """The validated recipe. Raises RecipeError naming file and key."""
+        from engine.recipe import load_recipe
+
+        return load_recipe(recipe_path)
+
+    def follow(self, run: str, on_event: Callable[[Event], None], *, poll_s: float = 0.3,
+               stop: Callable[[], bool] | None = None) -> RunView:
+        """Hand every new event of every stage (all ranks) to `on_event` until the run's driver is gone
+        and nothing runs; returns the final view. Stopping the follower never stops the run."""
+        rd = self.find(run)
+        offsets: dict[Path, int] = {}
+        while True:
+            for name in rd.stage_names():
+                for path in rd.events_paths(name):
+                    evs, offsets[path] = read_events(path, offsets.get(path, 0))
+                    for ev in evs:
+                        on_event(ev)
+            view = _view(rd)
+            if stop is not None and stop():
+                return view
+            if not view.driver_alive and view.result != "RUNNING":
+                for name in rd.stage_names():  # the last lines
+                    for path in rd.events_paths(name):
+                        evs, offsets[path] = read_events(path, offsets.get(path, 0))
+                        for ev in evs:
+                            on_event(ev)
+                return view
+            time.sleep(poll_s)
+
+
+def open_engine(workdir: str | None = None) -> LocalEngine:
+    return LocalEngine(workdir)
+
+
+def init_recipe(family: str | None = None, **kw: Any) -> str:
+    """The commented recipe `quantdeck init` prints. Raises ValueError for an unknown family."""
+    from engine.recipe import init_recipe_text
+
+    return init_recipe_text(family, **kw)
+
+
+def raise_if_problems(problems: list[str], what: str) -> None:
+    if problems:
+        raise ValidationFailedError(f"{what}: {len(problems)} problem(s): " + "; ".join(problems), at=what,
+                                    hint="resume the run to redo what is broken")
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _has_outputs(params: dict[str, Any]) -> bool:
+    outs = params.get("outputs", {})
+    return any(isinstance(v, str) and (Path(v).exists() or Path(v + ".partial").exists()) for v in outs.values())
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reconcile_local(rd: RunDir) -> None:
+    """Mark a stage FAILED_WORKER when its worker ran on this host and is gone (and no driver lives)."""
+    from engine.rundir import reconcile_stage
+    from engine.runner import driver_alive
+
+    if driver_alive(rd):
+        return
+    for name in rd.stage_names():
+        st = read_status(rd, name)
+        if st.get("host") in ("local", this_host()):
+            reconcile_stage(rd, name)
+
+
+def _latest_progress(path: Path, tail: int = 65536) -> dict[str, Any] | None:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    start = max(0, size - tail)
+    evs, _ = read_events(path, start)
+    if start:
+        evs = evs[1:]  # the first line may be cut
+    last = None
+    for ev in evs:
+        if ev.kind == "progress":
+            last = ev.data
+    return last
+
+
+def _view(rd: RunDir) -> RunView:
+    from engine.runner import driver_alive
+    from engine.store import run_result
+
+    alive = driver_alive(rd)
+    if not alive:
+        _reconcile_local(rd)
+    stages = []
+    for name in rd.stage_names():
+        st = read_status(rd, name)
+        stages.append(StageView(name=name, state=st["state"], attempt=int(st["attempt"]), host=st.get("host"),
+                                pid=st.get("pid"), started_at=st.get("started_at"), ended_at=st.get("ended_at"),
+                                error_class=st.get("error_class"), error=st.get("error"), hint=st.get("hint"),
+                                result=st.get("result"), progress=_latest_progress(rd.events_path(name)),
+                                attempts=list(st.get("attempts", []))))
+    result = run_result([s.state for s in stages])
+    if alive and result == "PENDING":
+        result = "RUNNING"  # the driver is between two stages
+    return RunView(id=rd.id, run_dir=str(rd.path), result=result, driver_alive=alive, meta=rd.read_meta(),
+                   stages=stages)

@@ -1,0 +1,241 @@
+"""The runner: creates a run from a recipe, and drives its plan stage by stage through a Launcher.
+
+The driver (`python -m engine.runner --run-dir D --mode M`) is itself started detached, so closing the
+terminal or pressing Ctrl-C in a follower never stops a run. It holds the run's driver lock (one driver
+per run) and the output lock (two live runs never write one output), starts each stage's worker through
+the launcher, waits on status.json and the worker's liveness, classifies a vanished worker, and keeps the
+store in step after every state change. Launchers other than the local one come from a factory named on
+the command line (`--launcher-factory remote.launchers:launcher_for`), chosen by the CLI/console:
+the engine never imports remote/.
+
+A launcher factory is `factory(recipe: engine.recipe.Recipe, run_dir: pathlib.Path) -> Launcher`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.errors import QuantdeckError, RunError
+from engine.fsutil import atomic_write_json, read_json
+from engine.launcher import Launcher, WorkerSpec
+from engine.names import StageState
+from engine.plan import Plan, build_plan, resolve_paths, stages_to_run
+from engine.recipe import Recipe, loads_recipe, recipe_hash
+from engine.rundir import (RunDir, begin_attempt, create_run_dir, driver_lock, output_lock, pid_alive,
+                           read_status, reconcile_stage, set_status, this_host)
+
+LOCAL_FACTORY = "engine.local_launcher:local_launcher_for"
+CANCEL_MARKER = "cancel-requested"
+
+
+def git_commit_of(path: Path) -> str | None:
+    """Short commit of the git repo holding `path` (None when it is not in a repo)."""
+    try:
+        res = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def target_label(recipe: Recipe) -> str:
+    fmt = recipe.target.format.value
+    if fmt == "nvfp4":
+        fmt += " W4A4" if recipe.target.calibrate else " weight-only"
+    return fmt
+
+
+def load_frozen_recipe(run: RunDir) -> Recipe:
+    return loads_recipe(run.recipe_path.read_text(), name=f"{run.id}/recipe.toml")
+
+
+def create_run(recipe_path: str | os.PathLike, *, run_id: str | None = None) -> RunDir:
+    """Make the run dir for a recipe: frozen recipe.toml, plan.json, run.json, PENDING statuses.
+
+    Raises RecipeError (bad recipe) and StageLockedError (a live run is writing the same output)."""
+    path = Path(recipe_path).resolve()
+    from engine.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    text = path.read_text()
+    paths = resolve_paths(recipe, path.parent)
+    lk = output_lock(paths["workdir"], paths["output"])
+    lk.acquire().release()  # refuse early, before anything is written, if a live run owns the output
+    run = create_run_dir(paths["workdir"], run_id)
+    h = recipe_hash(text)
+    plan = build_plan(recipe, run_id=run.id, run_dir=run.path, base=path.parent, recipe_hash=h)
+    run.recipe_path.write_text(text)
+    atomic_write_json(run.plan_path, plan.to_json())
+    atomic_write_json(run.meta_path, {
+        "id": run.id, "created": plan.created, "recipe_path": str(path), "recipe_hash": h,
+        "git_commit": git_commit_of(path.parent), "model": recipe.label,
+        "family": recipe.model.family.value if recipe.model.family else None,
+        "target": target_label(recipe), "layouts": ",".join(x.value for x in recipe.target.layouts),
+        "calib_size": recipe.calibration.num_samples if recipe.target.calibrate else None,
+        "workdir": plan.workdir, "output": plan.output, "source": plan.source, "note": None})
+    for s in plan.stages:
+        atomic_write_json(run.status_path(s.name), read_status(run, s.name))
+    return run
+
+
+def update_meta(run: RunDir, **fields: Any) -> None:
+    from engine.rundir import run_lock
+
+    with run_lock(run):
+        meta = run.read_meta()
+        meta.update(fields)
+        atomic_write_json(run.meta_path, meta)
+
+
+def sync_store(run: RunDir) -> None:
+    """Bring the store in step with the run dir (never fatal to the run)."""
+    from engine.store import Store, sync_run
+
+    try:
+        with Store() as store:
+            sync_run(store, run.path)
+    except Exception as e:  # noqa: BLE001 - the run dir is the truth; the store can be rescanned
+        print(f"quantdeck runner: store not updated: {e}", file=sys.stderr, flush=True)
+
+
+def load_factory(spec: str | None) -> Callable[[Recipe, Path], Launcher]:
+    mod, _, fn = (spec or LOCAL_FACTORY).partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn or "launcher_for")
+    except (ImportError, AttributeError) as e:
+        raise RunError(f"cannot load launcher factory {spec!r}: {e}", at=spec or "") from e
+
+
+def log_tail(path: Path, nbytes: int = 16384) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - nbytes))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_stage(run: RunDir, stage: str, attempt: int, launcher: Launcher, host: str, pid: int,
+               poll_s: float = 0.2) -> dict[str, Any]:
+    """Wait until the stage's status is terminal; a worker that vanished becomes FAILED_WORKER with the
+    root cause of its log tail / exit code. Returns the final status."""
+    from engine.rootcause import classify
+
+    while True:
+        st = read_status(run, stage)
+        if StageState(st["state"]).is_terminal() or int(st["attempt"]) != attempt:
+            return st
+        if not launcher.is_alive(host, pid):
+            time.sleep(poll_s)  # a final status written just before exit
+            st = read_status(run, stage)
+            if StageState(st["state"]).is_terminal():
+                return st
+            code = getattr(launcher, "exit_code", lambda p: None)(pid)
+            cause = classify(log_tail(run.log_path(stage)) if code not in (None,) and code >= 0 else "",
+                             exit_code=code)
+            return reconcile_stage(run, stage, lambda h, p, s: False, error_class=cause.cls, error=cause.summary,
+                                   hint=cause.hint, exit_code=code,
+                                   signal=-code if code is not None and code < 0 else None)
+        time.sleep(poll_s)
+
+
+def cancel_requested(run: RunDir) -> bool:
+    return (run.path / CANCEL_MARKER).exists()
+
+
+def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, poll_s: float = 0.2) -> str:
+    """Run the plan's stages for `mode` in order; returns the run's result (SUCCEEDED, FAILED, CANCELLED).
+
+    Raises StageLockedError when another driver owns the run or another live run owns its output."""
+    plan = Plan.from_json(run.read_plan())
+    recipe = load_frozen_recipe(run)
+    launcher = launcher or load_factory(None)(recipe, run.path)
+    with driver_lock(run), output_lock(plan.workdir, plan.output):
+        atomic_write_json(run.driver_path, {"pid": os.getpid(), "pgid": os.getpgid(0), "host": this_host(),
+                                            "mode": mode, "started_at": time.time(), "launcher": launcher.name})
+        (run.path / CANCEL_MARKER).unlink(missing_ok=True)
+        for name in plan.names():  # leftovers of a dead driver: never a stage "running" with nobody behind it
+            reconcile_stage(run, name)
+        states = {n: read_status(run, n)["state"] for n in plan.names()}
+        todo = stages_to_run(plan, states, mode)
+        result = "SUCCEEDED"
+        for name in todo:
+            if cancel_requested(run):
+                result = "CANCELLED"
+                break
+            sp = plan.stage(name)
+            attempt = begin_attempt(run, name, launcher=launcher.name)
+            spec = WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)),
+                              args=("--mode", mode) if mode != "run" else (),
+                              nnodes=max(1, len(sp.nodes)) if sp.distributed else 1)
+            try:
+                handle = launcher.start(spec)
+            except QuantdeckError as e:
+                set_status(run, name, StageState.FAILED, attempt=attempt, error_class="launch",
+                           error=e.one_line(), hint=e.hint)
+                sync_store(run)
+                result = "FAILED"
+                break
+            set_status(run, name, StageState.STARTING, attempt=attempt, host=handle.host, pid=handle.pid)
+            sync_store(run)
+            st = wait_stage(run, name, attempt, launcher, handle.host, handle.pid, poll_s)
+            sync_store(run)
+            state = StageState(st["state"])
+            if not state.is_done():
+                result = "CANCELLED" if state == StageState.CANCELLED else "FAILED"
+                break
+        sync_store(run)
+        launcher.close()
+        return result
+
+
+def spawn_driver(run: RunDir, mode: str = "run", launcher_factory: str | None = None,
+                 env: dict[str, str] | None = None) -> int:
+    """Start the driver detached (own session, stdin /dev/null, output to <run>/driver.log); its pid."""
+    from engine.local_launcher import REPO_ROOT, child_env
+
+    cmd = [sys.executable, "-m", "engine.runner", "--run-dir", str(run.path), "--mode", mode]
+    if launcher_factory:
+        cmd += ["--launcher-factory", launcher_factory]
+    with open(run.path / "driver.log", "ab") as out, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(cmd, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                close_fds=True, env=child_env(env), cwd=str(REPO_ROOT))
+    atomic_write_json(run.driver_path, {"pid": proc.pid, "pgid": proc.pid, "host": this_host(), "mode": mode,
+                                        "started_at": time.time(), "launcher": launcher_factory or "local"})
+    return proc.pid
+
+
+def driver_alive(run: RunDir) -> bool:
+    d = read_json(run.driver_path) or {}
+    return d.get("host") in (None, this_host()) and pid_alive(d.get("pid"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.runner", description="Drive a quantdeck run's plan.")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--mode", default="run")
+    ap.add_argument("--launcher-factory", default=None)
+    args = ap.parse_args(argv)
+    run = RunDir(Path(args.run_dir).resolve())
+    try:
+        launcher = load_factory(args.launcher_factory)(load_frozen_recipe(run), run.path)
+        result = drive(run, args.mode, launcher)
+    except QuantdeckError as e:
+        print(f"quantdeck runner: error: {e.one_line()}", file=sys.stderr, flush=True)
+        return int(e.exit_code)
+    print(json.dumps({"run": run.id, "result": result}), flush=True)
+    return 0 if result == "SUCCEEDED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
