@@ -98,6 +98,17 @@ def fake_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """os.environ for a child python that imports this checkout, with `env` on top (AWS_* of the host dropped)."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
+    out.update(env)
+    return out
+
+
 def apply_env(monkeypatch, env: dict[str, str]) -> None:
     for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_ROLE_ARN",
