@@ -48,6 +48,7 @@ class ClusterSpec:
     ssh_config: str | None = None  # default $QUANTDECK_SSH_CONFIG or ~/.ssh/config
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     keepalive_s: float = DEFAULT_KEEPALIVE
+    master_addr: str | None = None  # torchrun master address as the nodes see the head (default: its HostName)
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -118,8 +119,10 @@ def node_from(obj: Any) -> NodeSpec:
     """A NodeSpec from a dict, a dataclass or a pydantic model with the same field names."""
     if isinstance(obj, NodeSpec):
         return obj
+    if isinstance(obj, str):  # nodes = ["gpu-a", "gpu-b"]: name = host (an ssh config alias, often)
+        return NodeSpec(name=obj, host=obj)
     name, host = _get(obj, "name"), _get(obj, "host")
-    if not name or not (host or name):
+    if not name:
         raise RecipeError("a cluster node needs a name and a host", at="cluster.nodes")
     port = _get(obj, "port")
     return NodeSpec(name=str(name), host=str(host or name), user=_get(obj, "user"),
@@ -127,20 +130,40 @@ def node_from(obj: Any) -> NodeSpec:
                     gpus=int(_get(obj, "gpus", 0) or 0))
 
 
+ALIASES = {"work_dir": ("work_dir", "workdir")}
+ENV_FALLBACKS = {"known_hosts": "QUANTDECK_KNOWN_HOSTS", "ssh_config": "QUANTDECK_SSH_CONFIG",
+                 "cwd": "QUANTDECK_REMOTE_CWD"}
+
+
 def cluster_from(obj: Any, **overrides: Any) -> ClusterSpec:
-    """A ClusterSpec from a recipe's cluster section (dict, dataclass or pydantic model), plus overrides."""
+    """A ClusterSpec from a recipe's cluster section (dict, dataclass or pydantic model), plus overrides.
+
+    Reads engine.recipe's ClusterSection (nodes, head, python, workdir, host_key_policy, gpus_per_node) and
+    the optional known_hosts / ssh_config / cwd / env / connect_timeout / master_addr; the first three fall
+    back to QUANTDECK_KNOWN_HOSTS / QUANTDECK_SSH_CONFIG / QUANTDECK_REMOTE_CWD.
+    """
     if isinstance(obj, ClusterSpec) and not overrides:
         return obj
     kw: dict[str, Any] = {}
     for f in fields(ClusterSpec):
         if f.name == "nodes":
             continue
-        v = _get(obj, f.name)
-        if v is not None:
-            kw[f.name] = dict(v) if f.name == "env" else v
+        for key in ALIASES.get(f.name, (f.name,)):
+            v = _get(obj, key)
+            if v is not None:
+                kw[f.name] = dict(v) if f.name == "env" else v
+                break
+        if f.name not in kw and f.name in ENV_FALLBACKS and os.environ.get(ENV_FALLBACKS[f.name]):
+            kw[f.name] = os.environ[ENV_FALLBACKS[f.name]]
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    nodes = tuple(node_from(n) for n in (_get(obj, "nodes") or ()))
-    return ClusterSpec(nodes=nodes, **kw)
+    default_gpus = int(_get(obj, "gpus_per_node", 0) or 0)
+    nodes = []
+    for n in (_get(obj, "nodes") or ()):
+        spec = node_from(n)
+        if not spec.gpus and default_gpus:
+            spec = NodeSpec(spec.name, spec.host, spec.user, spec.port, spec.key, default_gpus)
+        nodes.append(spec)
+    return ClusterSpec(nodes=tuple(nodes), **kw)
 
 
 def load_ssh_config(path: Path):
