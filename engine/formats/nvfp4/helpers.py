@@ -32,6 +32,7 @@ __all__ = [
     "as_scale_2",
     "block_scales",
     "dequant_nvfp4",
+    "fp8_block_to_nvfp4",
     "global_scale",
     "packed_cols",
     "quantize_nvfp4",
@@ -122,3 +123,11 @@ def dequant_nvfp4(
             raise FormatError(f"shape {shape} does not fit packed weight {tuple(packed.shape)}", at="dequant_nvfp4")
         vals = vals[..., : shape[-1]]
     return vals
+
+
+def fp8_block_to_nvfp4(w_fp8: torch.Tensor, scale_inv: torch.Tensor, scale_2, device: str = "auto", block=None):
+    """Fused fast path (numba on CPU, torch on CUDA); see engine.formats.nvfp4.dispatch. Same bytes as
+    `quantize_nvfp4(dequant_fp8_block(w_fp8, scale_inv), scale_2)`."""
+    from engine.formats.nvfp4.dispatch import fp8_block_to_nvfp4 as fast
+
+    return fast(w_fp8, scale_inv, scale_2, device=device, block=block)

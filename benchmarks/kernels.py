@@ -1,0 +1,118 @@
+"""Per-tensor NVFP4 math: quantdeck's kernels vs the peer converter's functions, side by side in one run.
+
+    python benchmarks/kernels.py [--rows 2048] [--cols 7168] [--repeat 5] [--device cpu|cuda|auto]
+                                 [--peer ../shared/reference/seed_fp8_to_nvfp4_streaming.py]
+
+Input: a synthetic DeepSeek FP8 expert weight ([2048, 7168] float8_e4m3fn + 128×128 float32 scales).
+Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
+block scales. Prints MB/s of FP8 input (best of --repeat) and the ratio to the peer. The peer module is
+imported by path (its code is not copied). Not a test: wall-clock numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_PEER = REPO.parent / "shared" / "reference" / "seed_fp8_to_nvfp4_streaming.py"
+
+
+def load_peer(path: Path):
+    spec = importlib.util.spec_from_file_location("peer_fp8_to_nvfp4", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def best_time(fn, repeat: int) -> float:
+    fn()  # warm-up (numba loads its cache / compiles here; CUDA initializes)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--cols", type=int, default=7168)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--peer", type=Path, default=DEFAULT_PEER)
+    ap.add_argument("--skip-torch-reference", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
+    from engine.formats.nvfp4.dispatch import fp8_block_amax, fp8_block_to_nvfp4, resolve_device
+    from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4
+
+    device = resolve_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(args.rows, args.cols, generator=g) * 0.02
+    q, s = cast_fp8_block(w)
+    mb = q.numel() / 1e6
+    print(f"input: FP8 [{args.rows}, {args.cols}] ({mb:.1f} MB) + scales {tuple(s.shape)}; torch threads "
+          f"{torch.get_num_threads()}; device {device}", file=sys.stderr)
+
+    results: dict[str, float] = {}
+    outputs = {}
+
+    def ours():
+        s2 = global_scale(fp8_block_amax(q, s, device=device))
+        outputs["ours"] = fp8_block_to_nvfp4(q, s, s2, device=device)
+
+    t0 = time.perf_counter()
+    ours()
+    first = time.perf_counter() - t0
+    results["quantdeck (" + ("numba" if device == "cpu" else "cuda") + ")"] = best_time(ours, args.repeat)
+
+    if not args.skip_torch_reference:
+
+        def reference():
+            x = dequant_fp8_block(q, s)
+            outputs["ref"] = quantize_nvfp4(x, global_scale(x.abs().amax()))
+
+        results["quantdeck torch reference"] = best_time(reference, max(1, args.repeat // 2))
+
+    peer_name = None
+    if args.peer.exists():
+        peer = load_peer(args.peer)
+        peer_name = "peer (seed_fp8_to_nvfp4_streaming)"
+
+        def run_peer():
+            x = peer.dequant_fp8_to_fp32(q, s)
+            s2 = peer.compute_global_scale(x)
+            outputs["peer"] = peer.quantize_to_nvfp4(x, s2)
+
+        results[peer_name] = best_time(run_peer, max(1, args.repeat // 2))
+    else:
+        print(f"peer not found at {args.peer}; skipping it", file=sys.stderr)
+
+    if "ref" in outputs:
+        same = torch.equal(outputs["ours"][0], outputs["ref"][0]) and torch.equal(
+            outputs["ours"][1].view(torch.uint8), outputs["ref"][1].view(torch.uint8)
+        )
+        print(f"quantdeck kernel bytes == torch reference: {same}")
+    if "peer" in outputs:
+        diff = (outputs["ours"][0] != outputs["peer"][0]).float().mean().item()
+        print(f"packed bytes differing from the peer's: {diff:.4%} (the peer rounds E2M1 ties away from even)")
+    print(f"first call (includes numba cache load / compile): {first:.2f} s")
+    peer_t = results.get(peer_name) if peer_name else None
+    print(f"{'contender':40s} {'best s':>9s} {'MB/s':>9s} {'× peer':>8s}")
+    for name, t in results.items():
+        ratio = f"{peer_t / t:8.1f}" if peer_t else "       -"
+        print(f"{name:40s} {t:9.4f} {mb / t:9.1f} {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

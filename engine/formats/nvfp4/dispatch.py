@@ -1,0 +1,123 @@
+"""Pick the NVFP4 kernel for a device: numba on CPU, torch on CUDA. Same bytes either way.
+
+`device`: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N". Inputs may live anywhere;
+results are host (CPU) tensors: packed uint8 [o, ceil(i/16)·8] and block_scale float8_e4m3fn [o, ceil(i/16)].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.errors import FormatError
+from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
+from engine.formats.nvfp4.helpers import as_scale_2, packed_cols
+
+__all__ = ["bf16_to_nvfp4", "float_amax", "fp8_block_amax", "fp8_block_to_nvfp4", "resolve_device"]
+
+_E4M3_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def resolve_device(device: str = "auto") -> str:
+    d = (device or "auto").lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return d
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FormatError(f"device {device!r} asked for but CUDA is not available", at="device", hint="use cpu or auto")
+        return d
+    raise FormatError(f"unknown device {device!r}", at="device", hint="use auto, cpu or cuda[:N]")
+
+
+def _check_fp8(w_fp8: torch.Tensor, scale: torch.Tensor, block) -> tuple[int, int]:
+    if w_fp8.dtype != torch.float8_e4m3fn or w_fp8.dim() != 2 or w_fp8.numel() == 0:
+        raise FormatError(
+            f"expected a non-empty 2-D float8_e4m3fn weight, got {w_fp8.dtype} {tuple(w_fp8.shape)}",
+            at="fp8_block_to_nvfp4",
+        )
+    blk = infer_block(tuple(w_fp8.shape), tuple(scale.shape)) if block is None else (int(block[0]), int(block[1]))
+    return blk
+
+
+def _scale_np(scale: torch.Tensor) -> np.ndarray:
+    s = scale_to_fp32(scale).detach().cpu().contiguous()
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")
+    return s.numpy()
+
+
+def fp8_block_to_nvfp4(
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, scale_2, device: str = "auto", block=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused FP8 block dequant → NVFP4 with the given global scale (bytes == quantize_nvfp4(dequant(...)))."""
+    blk = _check_fp8(w_fp8, scale_inv, block)
+    dev = resolve_device(device)
+    if dev != "cpu":
+        from engine.formats.nvfp4.kernels_cuda import fp8_block_to_nvfp4_cuda
+
+        return fp8_block_to_nvfp4_cuda(w_fp8, scale_inv, blk, scale_2, dev)
+    from engine.formats.nvfp4 import kernels_cpu
+
+    s2 = np.float32(as_scale_2(scale_2).item())
+    o, i = w_fp8.shape
+    wb = w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy()
+    packed = np.empty((o, packed_cols(i)), np.uint8)
+    bs = np.empty((o, -(-i // 16)), np.uint8)
+    bad = np.zeros(o, np.uint8)
+    kernels_cpu.fp8_block_to_nvfp4_kernel(wb, _scale_np(scale_inv), blk[0], blk[1], s2, _E4M3_LUT, packed, bs, bad)
+    if bad.any():
+        raise FormatError(f"FP8 weight holds NaN codes (row {int(bad.argmax())})", at="fp8_block_to_nvfp4")
+    return torch.from_numpy(packed), torch.from_numpy(bs).view(torch.float8_e4m3fn)
+
+
+def bf16_to_nvfp4(w: torch.Tensor, scale_2, device: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 of a 2-D bf16/fp16/fp32 weight (bytes == quantize_nvfp4(w.float(), scale_2))."""
+    if w.dim() != 2 or w.numel() == 0 or not w.is_floating_point():
+        raise FormatError(f"expected a non-empty 2-D float weight, got {w.dtype} {tuple(w.shape)}", at="bf16_to_nvfp4")
+    dev = resolve_device(device)
+    if dev != "cpu":
+        from engine.formats.nvfp4.kernels_cuda import bf16_to_nvfp4_cuda
+
+        return bf16_to_nvfp4_cuda(w, scale_2, dev)
+    from engine.formats.nvfp4 import kernels_cpu
+
+    s2 = np.float32(as_scale_2(scale_2).item())
+    x = w.detach().cpu().to(torch.float32).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise FormatError("weight holds inf or NaN", at="bf16_to_nvfp4", hint="fix the source weight first")
+    o, i = x.shape
+    packed = np.empty((o, packed_cols(i)), np.uint8)
+    bs = np.empty((o, -(-i // 16)), np.uint8)
+    kernels_cpu.fp32_to_nvfp4_kernel(x.numpy(), s2, _E4M3_LUT, packed, bs)
+    return torch.from_numpy(packed), torch.from_numpy(bs).view(torch.float8_e4m3fn)
+
+
+def fp8_block_amax(w_fp8: torch.Tensor, scale_inv: torch.Tensor, device: str = "auto", block=None) -> torch.Tensor:
+    """max |dequant(w_fp8, scale)| as a float32 0-d tensor, without materializing the dequantized weight on CPU."""
+    blk = _check_fp8(w_fp8, scale_inv, block)
+    dev = resolve_device(device)
+    if dev != "cpu":
+        from engine.formats.nvfp4.kernels_cuda import fp8_block_amax_cuda
+
+        return fp8_block_amax_cuda(w_fp8, scale_inv, blk, dev)
+    from engine.formats.nvfp4 import kernels_cpu
+
+    o, i = w_fp8.shape
+    bo, bi = blk
+    go, gi = -(-o // bo), -(-i // bi)
+    rowmax = np.zeros((o, gi), np.uint8)
+    kernels_cpu.fp8_tile_max_byte_kernel(w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy(), bi, rowmax)
+    if (rowmax == 0x7F).any():
+        raise FormatError("FP8 weight holds NaN codes", at="fp8_block_amax", hint="the source is corrupt")
+    pad = np.zeros((go * bo, gi), np.uint8)
+    pad[:o] = rowmax
+    tile = pad.reshape(go, bo, gi).max(axis=1)
+    vals = _E4M3_LUT[tile] * _scale_np(scale_inv)  # float32 × float32, as the dequant does
+    return torch.tensor(vals.max(), dtype=torch.float32)
+
+
+def float_amax(w: torch.Tensor) -> torch.Tensor:
+    """max |w| of a float tensor as float32 0-d (bf16 → fp32 is exact, so this is the dequantized amax)."""
+    return w.detach().abs().amax().to(torch.float32).cpu()

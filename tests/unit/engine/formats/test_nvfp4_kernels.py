@@ -1,0 +1,99 @@
+"""Fast NVFP4 kernels (numba CPU, torch CUDA) produce the bytes of the torch reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import FormatError
+from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
+from engine.formats.nvfp4 import kernels_cpu
+from engine.formats.nvfp4.dispatch import bf16_to_nvfp4, fp8_block_amax, fp8_block_to_nvfp4, resolve_device
+from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4, weight_amax
+
+requires_gpu = pytest.mark.requires_gpu
+
+
+def _same(a, b):
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1].view(torch.uint8), b[1].view(torch.uint8))
+
+
+def _fp8(shape, block=(128, 128), ue8m0=False, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * scale * torch.logspace(-2, 1, shape[1])
+    return cast_fp8_block(w, block=block, ue8m0=ue8m0)
+
+
+def test_e4m3_rounding_matches_torch_cast_including_ties():
+    pos = torch.arange(1, 127, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().double()
+    mids = (pos[:-1] + pos[1:]) / 2
+    rnd = torch.exp2(torch.empty(3000, dtype=torch.float64).uniform_(-9, np.log2(448)))
+    vals = torch.cat([pos, mids, torch.nextafter(mids.float(), torch.tensor(0.0)).double(), rnd]).float()
+    vals = vals.clamp(2.0**-9, 448.0)
+    want = vals.to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+    got = [int(kernels_cpu._e4m3_code(np.float32(v))) for v in vals.tolist()]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "shape,block,ue8m0",
+    [((256, 384), (128, 128), False), ((200, 320), (128, 128), True), ((3, 40), (128, 128), False),
+     ((1, 16), (128, 128), False), ((70, 100), (32, 48), False), ((33, 72), (16, 24), True)],
+)
+def test_fused_fp8_to_nvfp4_equals_reference(shape, block, ue8m0):
+    q, s = _fp8(shape, block, ue8m0, seed=shape[0])
+    x = dequant_fp8_block(q, s, block)
+    s2 = global_scale(weight_amax(x))
+    _same(fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block), quantize_nvfp4(x, s2))
+    # a fused group's larger scale_2 (block scales clamp low) and a smaller one (clamp at 448, saturation)
+    for f in (37.0, 1e-3):
+        _same(fp8_block_to_nvfp4(q, s, s2 * f, device="cpu", block=block), quantize_nvfp4(x, s2 * f))
+    assert torch.equal(fp8_block_amax(q, s, device="cpu", block=block), x.abs().amax())
+
+
+def test_block_inferred_from_scale_shape_and_zero_tensor():
+    q, s = cast_fp8_block(torch.zeros(130, 260))
+    packed, bs = fp8_block_to_nvfp4(q, s, global_scale(0.0), device="cpu")
+    assert (packed == 0).all() and (bs.float() == 1.0).all()
+    assert fp8_block_amax(q, s, device="cpu").item() == 0.0
+
+
+def test_bf16_to_nvfp4_equals_reference():
+    w = (torch.randn(96, 80) * torch.logspace(-3, 2, 80)).to(torch.bfloat16)
+    w[5] = 0
+    w[6, :16] = -0.0
+    s2 = global_scale(weight_amax(w))
+    _same(bf16_to_nvfp4(w, s2, device="cpu"), quantize_nvfp4(w.float(), s2))
+    _same(bf16_to_nvfp4(w.float()[:, :40], s2, device="cpu"), quantize_nvfp4(w.float()[:, :40], s2))
+
+
+def test_rejects_nan_codes_and_bad_device():
+    q, s = _fp8((16, 32))
+    bad = q.view(torch.uint8).clone()
+    bad[3, 5] = 0x7F
+    with pytest.raises(FormatError):
+        fp8_block_to_nvfp4(bad.view(torch.float8_e4m3fn), s, 1.0, device="cpu")
+    with pytest.raises(FormatError):
+        fp8_block_amax(bad.view(torch.float8_e4m3fn), s, device="cpu")
+    with pytest.raises(FormatError):
+        fp8_block_to_nvfp4(q.float(), s, 1.0, device="cpu")
+    with pytest.raises(FormatError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(FormatError):
+            resolve_device("cuda")
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape,block,ue8m0", [((2048, 7168), (128, 128), False), ((200, 328), (128, 128), True)])
+def test_cuda_bytes_equal_cpu(shape, block, ue8m0):
+    q, s = _fp8(shape, block, ue8m0, seed=1)
+    amax_cpu = fp8_block_amax(q, s, device="cpu")
+    assert torch.equal(fp8_block_amax(q, s, device="cuda"), amax_cpu)
+    s2 = global_scale(amax_cpu)
+    _same(fp8_block_to_nvfp4(q, s, s2, device="cuda"), fp8_block_to_nvfp4(q, s, s2, device="cpu"))
+    w = dequant_fp8_block(q, s).to(torch.bfloat16)
+    _same(bf16_to_nvfp4(w, s2, device="cuda"), bf16_to_nvfp4(w, s2, device="cpu"))
