@@ -1,0 +1,128 @@
+"""The math of one work item: source tensors in, canonical output tensors out (engine.formats numerics).
+
+NVFP4 follows DESIGN "Numerics": the group's amax comes from dequantized values (for FP8 sources, taken
+exactly from the codes: max|code| per block × the block scale, which equals max|fp32(code)·scale|), the
+members share `weight_scale_2 = global_scale(amax)`, and each member is quantized by rows — NVFP4 blocks
+never cross a row, so row slabs give the same bytes as the whole tensor, with bounded memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.convert import kernels
+from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, Member
+from engine.errors import FormatError
+from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block
+from engine.formats.mxfp4.helpers import dequant_mxfp4, mxfp4_to_nvfp4
+from engine.formats.nvfp4.helpers import global_scale
+
+E4M3_POW2_MIN = -9
+
+
+@dataclass
+class ItemResult:
+    tensors: dict[str, torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+
+
+def _fp32(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    w = src[m.name].to(device)
+    if m.encoding == FLOAT:
+        return w.to(torch.float32)
+    if m.encoding == FP8:
+        if m.scale is None:
+            return w.to(torch.float32)
+        s = src[m.scale].to(device)
+        return dequant_fp8_block(w, s, infer_block(tuple(w.shape), tuple(s.shape)))
+    if m.encoding == MXFP4:
+        return dequant_mxfp4(w, src[m.scale].to(device))
+    raise FormatError(f"cannot decode {m.name} ({m.encoding})", at=m.name)
+
+
+def _amax(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    if m.encoding == FP8 and m.scale is not None:
+        w, s = src[m.name].to(device), src[m.scale].to(device)
+        return kernels.fp8_block_amax(w, s, infer_block(tuple(w.shape), tuple(s.shape)))
+    return _fp32(m, src, device).abs().amax()
+
+
+def _check_finite(name: str, amax: torch.Tensor) -> None:
+    if not bool(torch.isfinite(amax)):
+        raise FormatError(f"{name} holds inf or NaN (amax {float(amax)})", at=name,
+                          hint="the source tensor is corrupt; check it with `quantdeck inspect`")
+
+
+def _nvfp4_member(m: Member, src: dict[str, torch.Tensor], s2: torch.Tensor, device: torch.device):
+    if m.encoding == FP8 and m.scale is not None:
+        w, s = src[m.name].to(device), src[m.scale].to(device)
+        return kernels.fp8_block_to_nvfp4(w, s, infer_block(tuple(w.shape), tuple(s.shape)), s2)
+    return kernels.quantize_rows(_fp32(m, src, device), s2)
+
+
+def _nvfp4_mxfp4_group(item: Item, src: dict[str, torch.Tensor], device: torch.device) -> ItemResult | None:
+    """Lossless MXFP4 → NVFP4 for a whole group (one shared scale_2), or None when it cannot be exact."""
+    parts = [mxfp4_to_nvfp4(src[m.name].to(device), src[m.scale].to(device)) for m in item.members]
+    if not all(p[3] for p in parts):
+        return None
+    s2 = max(float(p[2]) for p in parts)
+    out: dict[str, torch.Tensor] = {}
+    for m, (packed, bs, own, _) in zip(item.members, parts):
+        ratio = float(own) / s2  # a power of two <= 1
+        if ratio != 1.0:
+            b = bs.to(torch.float32) * ratio
+            codes_zero = _zero_blocks(packed)
+            b = torch.where(codes_zero, torch.ones_like(b), b)
+            if bool((b < 2.0 ** E4M3_POW2_MIN).any()):
+                return None
+            bs = b.to(torch.float8_e4m3fn)
+        out[m.out_base + ".weight"] = packed
+        out[m.out_base + ".weight_scale"] = bs
+        out[m.out_base + ".weight_scale_2"] = torch.tensor(s2, dtype=torch.float32)
+    return ItemResult(out)
+
+
+def _zero_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """[o, nb16] True where a 16-element block holds only (±)0 codes."""
+    p = packed.view(torch.uint8)
+    mag = ((p & 0x07) != 0) | ((p & 0x70) != 0)
+    return ~mag.view(p.shape[0], -1, 8).any(dim=-1)
+
+
+def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                 v4_fp8: bool = False) -> ItemResult:
+    """The canonical outputs of `item` (modelopt names for NVFP4), on `device`."""
+    device = torch.device(device)
+    if item.action == COPY:
+        return ItemResult({s.name: src[s.name] for s in item.outputs})
+    if item.action == TO_BF16:
+        m = item.members[0]
+        return ItemResult({m.name: _fp32(m, src, device).to(torch.bfloat16)})
+    if item.action == TO_FP8:
+        m = item.members[0]
+        q, s = cast_fp8_block(_fp32(m, src, device), ue8m0=v4_fp8)
+        return ItemResult({m.out_base + ".weight": q, m.out_base + (".scale" if v4_fp8 else ".weight_scale_inv"): s})
+    if item.action != TO_NVFP4:  # pragma: no cover - plan only makes the four actions
+        raise FormatError(f"unknown action {item.action}", at=item.key)
+    notes: list[str] = []
+    if all(m.encoding == MXFP4 for m in item.members):
+        res = _nvfp4_mxfp4_group(item, src, device)
+        if res is not None:
+            return res
+        notes = [f"{m.name}: MXFP4 exponent spread too wide for a lossless cast; requantized from its values"
+                 for m in item.members]
+    amaxes = []
+    for m in item.members:
+        a = _amax(m, src, device).to(torch.float32)
+        _check_finite(m.name, a)
+        amaxes.append(a)
+    s2 = global_scale(torch.stack(amaxes).amax().cpu())
+    out: dict[str, torch.Tensor] = {}
+    for m in item.members:
+        packed, bs = _nvfp4_member(m, src, s2, device)
+        out[m.out_base + ".weight"] = packed
+        out[m.out_base + ".weight_scale"] = bs
+        out[m.out_base + ".weight_scale_2"] = s2.clone()
+    return ItemResult(out, notes)

@@ -1,0 +1,146 @@
+"""Reader thread → compute → writer thread, with bounded queues, over a list of output shards.
+
+The reader thread reads each item's source tensors (positioned reads, GIL released), the calling thread
+does the math (torch / numba release the GIL too), and the writer thread writes each output tensor at its
+offset in every output layout's shard and closes a shard (fsync, sha256, rename, manifest) as soon as its
+last item is written. At most QUEUE items wait on either side, so memory is a few items, never a shard.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine.checkpoint.reader import CheckpointReader
+from engine.checkpoint.writer import ShardFile, ShardPlan
+from engine.convert.compute import compute_item
+from engine.convert.plan import TO_NVFP4, Item, layout_tensor
+
+QUEUE = 3
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One output shard index: its items and, per output layout, the shard to write (None: already done)."""
+
+    index: int
+    items: tuple[Item, ...]
+    targets: tuple[tuple[str, str, ShardPlan], ...]  # (layout, partial dir, plan) still to write
+
+
+class _Stop(Exception):
+    pass
+
+
+def _put(q: queue.Queue, obj, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stop
+        try:
+            q.put(obj, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        if stop.is_set():
+            raise _Stop
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+
+
+def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch.device | str = "cpu",
+              v4_fp8: bool = False, metadata: dict[str, str] | None = None,
+              on_item: Callable[[Item, list[str]], None] | None = None) -> None:
+    """Convert and write every task's shards. Raises the first error of any thread."""
+    q_in: queue.Queue = queue.Queue(QUEUE)
+    q_out: queue.Queue = queue.Queue(QUEUE)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    metadata = {"format": "pt"} if metadata is None else metadata
+
+    def fail(e: BaseException) -> None:
+        if not isinstance(e, _Stop):
+            errors.append(e)
+        stop.set()
+
+    def read_loop() -> None:
+        try:
+            for task in tasks:
+                for item in task.items:
+                    src = {}
+                    for m in item.members:
+                        src[m.name] = reader.get(m.name)
+                        if m.scale:
+                            src[m.scale] = reader.get(m.scale)
+                    _put(q_in, (task, item, src), stop)
+            _put(q_in, _DONE, stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            fail(e)
+
+    def write_loop() -> None:
+        open_files: list[ShardFile] = []
+        current = None
+        try:
+            while True:
+                msg = _get(q_out, stop)
+                if msg is _DONE:
+                    break
+                task, item, result = msg
+                if current is not task:
+                    for f in open_files:
+                        f.close()
+                    open_files = [ShardFile(d, plan, metadata) for _, d, plan in task.targets]
+                    current = task
+                quantized = item.action == TO_NVFP4
+                for (lay, _, _), sf in zip(task.targets, open_files):
+                    for name, t in result.tensors.items():
+                        out_name, out_t = layout_tensor(name, t, quantized, lay)
+                        sf.write(out_name, out_t)
+                if item is task.items[-1]:
+                    for f in open_files:
+                        f.close()
+                    open_files, current = [], None
+                if on_item is not None:
+                    on_item(item, result.notes)
+            for f in open_files:
+                f.close()
+        except BaseException as e:  # noqa: BLE001
+            for f in open_files:
+                f.abort()
+            fail(e)
+
+    rt = threading.Thread(target=read_loop, name="convert-reader", daemon=True)
+    wt = threading.Thread(target=write_loop, name="convert-writer", daemon=True)
+    rt.start()
+    wt.start()
+    try:
+        while True:
+            msg = _get(q_in, stop)
+            if msg is _DONE:
+                _put(q_out, _DONE, stop)
+                break
+            task, item, src = msg
+            result = compute_item(item, src, device, v4_fp8=v4_fp8)
+            if torch.device(device).type != "cpu":
+                result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
+            del src
+            _put(q_out, (task, item, result), stop)
+    except _Stop:
+        pass
+    except BaseException as e:  # noqa: BLE001
+        fail(e)
+    wt.join()
+    stop.set()
+    rt.join()
+    if errors:
+        raise errors[0]

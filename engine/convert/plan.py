@@ -1,0 +1,214 @@
+"""The conversion plan: every source tensor turned into work items with known output tensors.
+
+An `Item` is the unit of compute: one fused group (members share one NVFP4 global scale), one weight, or
+one preserved tensor. Every output tensor's name, dtype and shape is fixed here, before any data is
+read, so the writer can plan its shards and headers up front. The plan depends only on the source's
+names, dtypes, shapes and config and on the options: it is deterministic, which makes resumed runs
+byte-identical.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.checkpoint.reader import CheckpointReader
+from engine.checkpoint.safetensors_format import TensorSpec
+from engine.errors import CheckpointError, UsageError
+from engine.formats.fp8_block.helpers import scale_grid
+from engine.formats.nvfp4.helpers import packed_cols
+from engine.names import OutputLayout, TargetFormat
+
+FLOAT = "float"  # BF16 / F16 / F32 values
+FP8 = "fp8"  # float8_e4m3fn codes with a block scale companion
+MXFP4 = "mxfp4"  # E2M1 packed two per byte with an E8M0 scale per 32 inputs
+
+COPY, TO_BF16, TO_NVFP4, TO_FP8 = "copy", "bf16", "nvfp4", "fp8-block"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One source weight (and its scale companion) inside an item."""
+
+    name: str  # source weight name
+    scale: str | None  # source scale companion, if any
+    encoding: str  # FLOAT | FP8 | MXFP4
+    shape: tuple[int, ...]  # logical [out, in] (MXFP4: unpacked)
+    out_base: str  # output module name (name without `.weight`)
+
+
+@dataclass(frozen=True)
+class Item:
+    action: str  # COPY | TO_BF16 | TO_NVFP4 | TO_FP8
+    members: tuple[Member, ...]
+    outputs: tuple[TensorSpec, ...]  # canonical (modelopt-named) outputs
+    src_bytes: int
+
+    @property
+    def key(self) -> str:
+        return self.members[0].name
+
+
+@dataclass
+class ConvertPlan:
+    items: list[Item]
+    target: str
+    family: str
+    kept_modules: list[str]  # GEMM modules not quantized (the ignore / exclude list), sorted
+    quantized_modules: list[str]
+    mtp_modules: list[str]
+    fp8_scale_suffix: str = ".weight_scale_inv"
+    notes: list[str] = field(default_factory=list)
+
+
+def natural_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def _base(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _encoding(reader: CheckpointReader, name: str, scale: str | None) -> tuple[str, tuple[int, ...]]:
+    m = reader.meta(name)
+    if m.dtype_name in ("BF16", "F16", "F32", "F64"):
+        return FLOAT, m.shape
+    if m.dtype_name == "F8_E4M3" and len(m.shape) == 2:
+        return FP8, m.shape
+    if m.dtype_name in ("U8", "I8") and len(m.shape) == 2 and scale is not None:
+        s = reader.meta(scale)
+        cols = m.shape[1] * 2
+        if s.dtype_name in ("F8_E8M0", "U8") and s.shape == (m.shape[0], -(-cols // 32)):
+            return MXFP4, (m.shape[0], cols)
+    return "other", m.shape
+
+
+def _fp8_outputs(base: str, shape, v4: bool) -> list[TensorSpec]:
+    grid = scale_grid(tuple(shape))
+    if v4:
+        return [TensorSpec(base + ".weight", "F8_E4M3", tuple(shape)), TensorSpec(base + ".scale", "F8_E8M0", grid)]
+    return [TensorSpec(base + ".weight", "F8_E4M3", tuple(shape)),
+            TensorSpec(base + ".weight_scale_inv", "F32", grid)]
+
+
+def _nvfp4_outputs(base: str, shape) -> list[TensorSpec]:
+    o, i = shape
+    return [TensorSpec(base + ".weight", "U8", (o, packed_cols(i))),
+            TensorSpec(base + ".weight_scale", "F8_E4M3", (o, -(-i // 16))),
+            TensorSpec(base + ".weight_scale_2", "F32", ())]
+
+
+def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attention: bool = False) -> ConvertPlan:
+    """Decide, for every source tensor, what the output holds (see the module docstring)."""
+    target = str(TargetFormat(target))
+    names = reader.names()
+    present = set(names)
+    v4 = str(layout.family) == "deepseek-v4"
+    scale_of: dict[str, str] = {}
+    for n in names:
+        if not n.endswith(".weight"):
+            continue
+        for cand in (layout.scale_name(n), _base(n) + ".weight_scale_inv", _base(n) + ".scale"):
+            if cand in present and cand != n:
+                scale_of[n] = cand
+                break
+    companions = set(scale_of.values())
+    groups: dict[str, list[Member]] = {}
+    items: list[Item] = []
+    kept, quantized, mtp_mods = set(), set(), set()
+
+    def add(action: str, members: list[Member], outputs: list[TensorSpec]) -> None:
+        nbytes = sum(reader.meta(m.name).nbytes + (reader.meta(m.scale).nbytes if m.scale else 0) for m in members)
+        items.append(Item(action, tuple(members), tuple(outputs), nbytes))
+
+    for n in names:
+        if n in companions:
+            continue
+        scale = scale_of.get(n)
+        enc, shape = _encoding(reader, n, scale)
+        info = layout.classify(n, shape, quantize_attention=quantize_attention)
+        mem = Member(n, scale, enc, tuple(shape), _base(n))
+        gemm = info.gemm and len(shape) == 2 and enc in (FLOAT, FP8, MXFP4)
+        if info.mtp and gemm:
+            mtp_mods.add(mem.out_base)
+        if target == TO_NVFP4 and gemm and layout.should_quantize(n, shape, quantize_attention=quantize_attention):
+            quantized.add(mem.out_base)
+            if info.fused_group:
+                groups.setdefault(info.fused_group, []).append(mem)
+            else:
+                add(TO_NVFP4, [mem], _nvfp4_outputs(mem.out_base, shape))
+            continue
+        if target == TO_FP8 and gemm:
+            quantized.add(mem.out_base)
+            if enc == FP8 and scale is not None:
+                add(COPY, [mem], [_spec(reader, n), _spec(reader, scale)])
+            else:
+                add(TO_FP8, [mem], _fp8_outputs(mem.out_base, shape, v4))
+            continue
+        if n.endswith(".weight") and len(shape) == 2 and str(info.kind) not in ("norm", "scale"):
+            kept.add(mem.out_base)  # a Linear / Embedding left unquantized: it goes in ignore / exclude lists
+        if target == TO_FP8 and enc == FP8 and scale is not None:
+            add(COPY, [mem], [_spec(reader, n), _spec(reader, scale)])
+        elif enc in (FP8, MXFP4):
+            add(TO_BF16, [mem], [TensorSpec(n, "BF16", tuple(shape))])
+        else:
+            outs = [_spec(reader, n)] + ([_spec(reader, scale)] if scale else [])
+            add(COPY, [mem], outs)
+
+    for key, members in groups.items():
+        members.sort(key=lambda m: natural_key(m.name))
+        outs = [s for m in members for s in _nvfp4_outputs(m.out_base, m.shape)]
+        add(TO_NVFP4, members, outs)
+
+    items.sort(key=lambda it: natural_key(it.key))
+    if not items:
+        raise CheckpointError(f"{reader.dir} holds no tensors", at=str(reader.dir))
+    notes = []
+    if target == TO_NVFP4 and not quantized:
+        notes.append("no tensor qualifies for NVFP4 quantization; the output only re-encodes")
+    return ConvertPlan(items, target, str(layout.family), sorted(kept, key=natural_key),
+                       sorted(quantized, key=natural_key), sorted(mtp_mods, key=natural_key),
+                       ".scale" if v4 else ".weight_scale_inv", notes)
+
+
+def _spec(reader: CheckpointReader, name: str) -> TensorSpec:
+    m = reader.meta(name)
+    return TensorSpec(name, m.dtype_name, m.shape)
+
+
+# -- output layouts ------------------------------------------------------------------------------------
+def rename_for_layout(spec: TensorSpec, quantized: bool, layout: str) -> TensorSpec:
+    """Canonical (modelopt) output name → the name in `layout`. Only NVFP4-quantized members change."""
+    if layout == str(OutputLayout.MODELOPT) or not quantized:
+        return spec
+    if spec.name.endswith(".weight_scale_2"):
+        return TensorSpec(spec.name[: -len("_scale_2")] + "_global_scale", "F32", (1,))
+    if spec.name.endswith(".weight") and spec.dtype == "U8":
+        return TensorSpec(spec.name + "_packed", spec.dtype, spec.shape)
+    return spec
+
+
+def layout_tensor(name: str, t: torch.Tensor, quantized: bool, layout: str) -> tuple[str, torch.Tensor]:
+    """Convert one canonical output tensor to `layout` (the value side of rename_for_layout)."""
+    if layout == str(OutputLayout.MODELOPT) or not quantized:
+        return name, t
+    if name.endswith(".weight_scale_2"):
+        return name[: -len("_scale_2")] + "_global_scale", (1.0 / t.to(torch.float32)).reshape(1)
+    if name.endswith(".weight") and t.dtype == torch.uint8:
+        return name + "_packed", t
+    return name, t
+
+
+def check_layouts(layouts, target: str) -> list[str]:
+    out = []
+    for lay in layouts:
+        try:
+            out.append(str(OutputLayout(str(lay))))
+        except ValueError:
+            known = ", ".join(x.value for x in OutputLayout)
+            raise UsageError(f"unknown output layout {lay!r}", at="--format", hint=f"use one of: {known}, both") from None
+    if target != TO_NVFP4:
+        return [str(OutputLayout.MODELOPT)]  # FP8-block / BF16 have one layout (DeepSeek's / plain)
+    return sorted(set(out), key=out.index) or [str(OutputLayout.MODELOPT)]

@@ -1,0 +1,236 @@
+"""`convert_checkpoint`: stream a checkpoint into NVFP4 (weight-only), FP8-block or BF16, resumably.
+
+Plan (engine.convert.plan) → output shards planned up front → per output layout a CheckpointWriter in
+`<dst>.partial/` → the shards still to write, run by the reader/compute/writer pipeline in this process or
+split round-robin over `workers` processes (one GPU each, round-robin, on CUDA) → extras copied, config
+written → renamed to `<dst>`. With two layouts (`--format both`) the math runs once and both
+`<dst>/modelopt` and `<dst>/compressed-tensors` are written.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from engine import __version__
+from engine.checkpoint.reader import CheckpointReader
+from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
+from engine.convert.extras import copy_extras
+from engine.convert.pipeline import ShardTask, run_tasks
+from engine.convert.plan import TO_NVFP4, ConvertPlan, Item, build_plan, check_layouts, rename_for_layout
+from engine.convert.quant_config import modelopt_hf_quant_config, output_config
+from engine.errors import UsageError
+from engine.events import EventSink, NullSink, Progress
+from engine.fsutil import atomic_write_json
+from engine.names import OutputLayout, TargetFormat
+
+PLAN_VERSION = 1
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("auto", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked, but torch sees no CUDA device", at="--device",
+                         hint="use --device cpu or auto")
+    if str(device) not in ("cpu",) and not str(device).startswith("cuda"):
+        raise UsageError(f"unknown device {device!r}", at="--device", hint="auto, cpu or cuda")
+    return torch.device(device)
+
+
+def parse_size(text: str | int | float) -> int:
+    """'5GB' / '500MB' / '5e9' / 5000000000 → bytes (decimal units; GiB/MiB binary)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            try:
+                return int(float(s[: -len(u)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise UsageError(f"cannot read size {text!r}", at="--shard-size", hint="e.g. 5GB, 500MB, 5e9") from None
+
+
+def partition(items: list[Item], shard_size: int) -> list[list[Item]]:
+    """Items into shards, greedily by canonical output bytes; an item is never split."""
+    groups: list[list[Item]] = []
+    cur: list[Item] = []
+    size = 0
+    for it in items:
+        n = sum(s.nbytes for s in it.outputs)
+        if cur and size + n > shard_size:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def layout_shards(groups: list[list[Item]], layout: str) -> list[ShardPlan]:
+    n = len(groups)
+    return [ShardPlan(shard_name(i + 1, n),
+                      tuple(rename_for_layout(s, it.action == TO_NVFP4, layout) for it in g for s in it.outputs))
+            for i, g in enumerate(groups)]
+
+
+def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q) -> None:
+    """Entry of a `--workers N` child process: convert its share of the shards, report each item."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1")))))
+    reader = CheckpointReader(src)
+
+    def on_item(item: Item, notes: list[str]) -> None:
+        q.put(("item", item.key, item.src_bytes, notes))
+
+    try:
+        run_tasks(reader, tasks, device=device, v4_fp8=v4_fp8, on_item=on_item)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        q.put(("error", e if _picklable(e) else RuntimeError(repr(e)), 0, []))
+        raise SystemExit(1)
+    q.put(("done", "", 0, []))
+
+
+def _picklable(e: BaseException) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(e)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _run_workers(src: str, tasks: list[ShardTask], workers: int, device: torch.device, v4_fp8: bool,
+                 progress: Progress, sink: EventSink) -> None:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
+    procs = []
+    os.environ["QD_CONVERT_WORKERS"] = str(workers)
+    for k in range(workers):
+        share = tasks[k::workers]
+        if not share:
+            continue
+        dev = f"cuda:{k % n_gpu}" if n_gpu else str(device)
+        p = ctx.Process(target=_worker_main, args=(src, share, dev, v4_fp8, q), name=f"convert-worker-{k}")
+        p.start()
+        procs.append(p)
+    alive = len(procs)
+    error: BaseException | None = None
+    while alive:
+        try:
+            kind, key, nbytes, notes = q.get(timeout=0.5)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs) and error is None:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                error = RuntimeError(f"convert worker {dead[0].name} died (exit {dead[0].exitcode})")
+                break
+            continue
+        if kind == "item":
+            progress.advance(1, nbytes, label=key)
+            for note in notes:
+                sink.emit("log", level="warning", msg=note)
+        elif kind == "done":
+            alive -= 1
+        else:
+            error = key if isinstance(key, BaseException) else RuntimeError(str(key))
+            break
+    if error is not None:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    for p in procs:
+        p.join()
+    if error is not None:
+        raise error
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "nvfp4",
+                       layouts: Sequence[str] = ("modelopt",), device: str = "auto", workers: int = 1,
+                       shard_size: int | str = 5 * 10**9, quantize_attention: bool = False,
+                       sink: EventSink = NullSink()) -> dict[str, Any]:
+    """Convert `src` into `dst`; returns a summary dict. Rerunning after a crash resumes (same bytes)."""
+    t0 = time.monotonic()
+    src, dst = Path(src), Path(dst)
+    target = str(TargetFormat(str(to))) if str(to) in {t.value for t in TargetFormat} else None
+    if target is None:
+        raise UsageError(f"unknown target {to!r}", at="--to", hint="nvfp4, fp8-block or bf16")
+    if src.resolve() == dst.resolve():
+        raise UsageError("--dst must differ from --src", at="--dst", hint="write the output somewhere new")
+    layouts = check_layouts(list(layouts), target)
+    shard_size = parse_size(shard_size)
+    dev = resolve_device(device)
+    reader = CheckpointReader(src)
+    from engine.models import detect_layout  # engineer C's model layouts
+
+    layout = detect_layout(reader.config, reader.names())
+    plan = build_plan(reader, layout, target, quantize_attention=quantize_attention)
+    for note in plan.notes:
+        sink.emit("log", level="warning", msg=note)
+    groups = partition(plan.items, shard_size)
+    dsts = {layouts[0]: dst} if len(layouts) == 1 else {lay: dst / lay for lay in layouts}
+    if len(layouts) > 1:
+        dst.mkdir(parents=True, exist_ok=True)
+    fingerprint = reader.fingerprint()
+    writers, plans, todo = {}, {}, {}
+    for lay in layouts:
+        args = {"to": target, "layout": lay, "quantize_attention": bool(quantize_attention),
+                "shard_size": shard_size, "plan_version": PLAN_VERSION, "quantdeck": __version__}
+        plans[lay] = layout_shards(groups, lay)
+        writers[lay] = CheckpointWriter(dsts[lay], plans[lay], source_fingerprint=fingerprint, args=args, sink=sink)
+        todo[lay] = {p.name for p in writers[lay].prepare()}
+    tasks = []
+    for i, g in enumerate(groups):
+        targets = tuple((lay, str(writers[lay].partial_dir), plans[lay][i]) for lay in layouts
+                        if plans[lay][i].name in todo[lay])
+        if targets:
+            tasks.append(ShardTask(i, tuple(g), targets))
+    n_items = sum(len(t.items) for t in tasks)
+    bytes_total = sum(it.src_bytes for t in tasks for it in t.items)
+    progress = Progress(sink, "tensors", total=n_items, bytes_total=bytes_total)
+    sink.emit("log", level="info", msg=f"{src} ({plan.family}) → {target} [{', '.join(layouts)}] on {dev}: "
+              f"{len(plan.items)} items in {len(groups)} shard(s), {len(tasks)} to write")
+    v4_fp8 = plan.family == "deepseek-v4"
+    notes_all: list[str] = []
+    if tasks:
+        workers = max(1, min(int(workers), len(tasks)))
+        if workers == 1:
+            def on_item(item: Item, notes: list[str]) -> None:
+                progress.advance(1, item.src_bytes, label=item.key)
+                for note in notes:
+                    notes_all.append(note)
+                    sink.emit("log", level="warning", msg=note)
+
+            run_tasks(reader, tasks, device=dev, v4_fp8=v4_fp8, on_item=on_item)
+        else:
+            _run_workers(str(src), tasks, workers, dev, v4_fp8, progress, sink)
+    progress.advance(0, force=True)
+    outputs = {}
+    for lay, w in writers.items():
+        if not w.already_complete:
+            copy_extras(src, w.partial_dir, sink=sink)
+            atomic_write_json(w.partial_dir / "config.json", output_config(reader.config, plan, lay))
+            if target == TO_NVFP4 and lay == str(OutputLayout.MODELOPT) and plan.quantized_modules:
+                atomic_write_json(w.partial_dir / "hf_quant_config.json", modelopt_hf_quant_config(plan))
+        outputs[lay] = str(w.finalize())
+    reader.close()
+    wall = time.monotonic() - t0
+    return {"src": str(src), "dst": str(dst), "outputs": outputs, "target": target, "family": plan.family,
+            "device": str(dev), "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
+            "shards_kept": len(groups) - len(tasks), "quantized_modules": len(plan.quantized_modules),
+            "kept_modules": plan.kept_modules, "mtp_modules": plan.mtp_modules, "notes": notes_all,
+            "bytes_read": bytes_total, "wall_s": round(wall, 3),
+            "read_mb_s": round(bytes_total / wall / 1e6, 1) if wall > 0 else None}
