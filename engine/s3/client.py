@@ -153,11 +153,11 @@ def translate(exc: BaseException, sess: S3Session | None, *, at: str, op: str) -
                              title="endpoint unreachable")
     code = error_code(exc)
     if code in FATAL_CODES_BUCKET or (code in ("404", "NotFound") and op == "check bucket"):
-        return TransferError(f"bucket {bucket!r} does not exist at {endpoint}", at=f"s3://{bucket}",
+        return TransferError(f"bucket s3://{bucket} does not exist at {endpoint}", at=f"s3://{bucket}",
                              hint="check the bucket name (and endpoint); create it first for a push (aws s3 mb)",
                              title="bucket missing")
     if code in FATAL_CODES_ACCESS:
-        return TransferError(f"access denied: {op} {at}", at=at,
+        return TransferError(f"access denied to {op} {at}", at=at,
                              hint="the credentials lack permission (s3:ListBucket, s3:GetObject for pull; "
                                   "s3:PutObject for push) — check the IAM/bucket policy or the profile in use",
                              title="access denied")

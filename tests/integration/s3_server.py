@@ -7,6 +7,7 @@ killed mid-way. Auth is moto's: off by default; `auth_enabled()` turns on its IA
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -66,6 +67,7 @@ def get_server() -> S3Server:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log lines in test output
         app = DomainDispatcherApplication(create_backend_app)
         port = free_port()
         srv = S3Server(url=f"http://127.0.0.1:{port}")
@@ -127,7 +129,8 @@ def client(server: S3Server):
 
 
 def _moto_api(server: S3Server, path: str, body: bytes) -> None:
-    req = urllib.request.Request(f"{server.url}/moto-api/{path}", data=body, method="POST")
+    req = urllib.request.Request(f"{server.url}/moto-api/{path}", data=body, method="POST",
+                                 headers={"Content-Type": "text/plain"})
     urllib.request.urlopen(req, timeout=10).read()
 
 

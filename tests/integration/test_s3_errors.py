@@ -1,0 +1,143 @@
+"""Each S3 failure an operator can meet gives its own message, place and hint — and no credential ever
+shows up in an error, an event, a manifest or the CLI's output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.errors import TransferError
+from engine.events import JsonlSink
+from engine.fsutil import free_bytes
+from s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, auth_enabled, child_env, client, fake_env,
+                       free_port, get_server, make_checkpoint)
+
+SECRETS = [FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN]
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    server = get_server()
+    apply_env(monkeypatch, fake_env(tmp_path))
+    c = client(server)
+    c.create_bucket(Bucket="qd-errors")
+    c.put_object(Bucket="qd-errors", Key="ck/config.json", Body=b"{}")
+    c.put_object(Bucket="qd-errors", Key="ck/model.safetensors", Body=b"\0" * 4096)
+    return server
+
+
+def _raises(fn, *a, **kw) -> TransferError:
+    with pytest.raises(TransferError) as ei:
+        fn(*a, **kw)
+    return ei.value
+
+
+def test_each_error_gives_its_message(s3, tmp_path, monkeypatch):
+    from engine.s3 import check_reachable, pull, push
+
+    server = s3
+    sink = JsonlSink(tmp_path / "events.jsonl")
+    seen: list[TransferError] = []
+    src = make_checkpoint(tmp_path / "src", big_mib=1)
+
+    # bucket missing: pull, push and the preflight check
+    for e in (_raises(pull, "s3://qd-nosuchbucket/ck", tmp_path / "a", endpoint_url=server.url, sink=sink),
+              _raises(push, src, "s3://qd-nosuchbucket/ck", endpoint_url=server.url, sink=sink),
+              _raises(check_reachable, "s3://qd-nosuchbucket/ck", server.url)):
+        assert e.title == "bucket missing" and "bucket s3://qd-nosuchbucket does not exist at" in e.msg, e.one_line()
+        assert e.at == "s3://qd-nosuchbucket" and "bucket name" in e.hint
+        seen.append(e)
+    # an empty prefix is not a bucket problem
+    e = _raises(pull, "s3://qd-errors/nothing-here", tmp_path / "b", endpoint_url=server.url)
+    assert "no objects under s3://qd-errors/nothing-here" in e.msg
+    seen.append(e)
+
+    # wrong endpoint: nothing listens there
+    wrong = f"http://127.0.0.1:{free_port()}"
+    for e in (_raises(pull, "s3://qd-errors/ck", tmp_path / "c", endpoint_url=wrong, retries=0, sink=sink),
+              _raises(check_reachable, "s3://qd-errors/ck", wrong)):
+        assert e.title == "endpoint unreachable" and f"cannot reach the S3 endpoint {wrong}" in e.msg
+        assert "--endpoint-url" in e.hint
+        seen.append(e)
+
+    # local disk too small: checked before any byte moves (here: room the later stages need is reserved)
+    e = _raises(pull, "s3://qd-errors/ck", tmp_path / "d", endpoint_url=server.url, sink=sink,
+                reserve_bytes=free_bytes(tmp_path) + (1 << 40))
+    assert e.title == "disk too small" and "not enough disk for the pull" in e.msg and "free" in e.msg
+    assert e.at == str(tmp_path / "d.partial") and "free space" in e.hint
+    assert not any((tmp_path / "d.partial").iterdir())
+    seen.append(e)
+
+    # no credentials anywhere in the chain
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k)
+    for e in (_raises(pull, "s3://qd-errors/ck", tmp_path / "e", endpoint_url=server.url, sink=sink),
+              _raises(check_reachable, "s3://qd-errors/ck", server.url)):
+        assert e.title == "no credentials" and "no AWS credentials found" in e.msg
+        assert "AWS_ACCESS_KEY_ID" in e.hint and "AWS_PROFILE" in e.hint and "instance role" in e.hint
+        seen.append(e)
+    apply_env(monkeypatch, fake_env(tmp_path))
+
+    # access denied (moto enforcing IAM): a user allowed to list but not to read objects or write
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=server.url, region_name="us-east-1")
+    iam.create_user(UserName="qd-lister")
+    iam.put_user_policy(UserName="qd-lister", PolicyName="list-only", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="qd-lister")["AccessKey"]
+    SECRETS.extend([key["AccessKeyId"], key["SecretAccessKey"]])
+    with auth_enabled(server):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.delenv("AWS_SESSION_TOKEN")
+        e = _raises(pull, "s3://qd-errors/ck", tmp_path / "f", endpoint_url=server.url, sink=sink)
+        assert e.title == "access denied" and e.msg.startswith("access denied to pull s3://qd-errors/ck/")
+        assert "s3:GetObject" in e.hint
+        seen.append(e)
+        # credentials the endpoint does not know
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+        e = _raises(pull, "s3://qd-errors/ck", tmp_path / "g", endpoint_url=server.url, sink=sink)
+        assert e.title == "credentials rejected" and "InvalidAccessKeyId" in e.msg
+        seen.append(e)
+    sink.close()
+
+    text = "\n".join(x.one_line() + repr(x.__cause__) for x in seen) + (tmp_path / "events.jsonl").read_text()
+    for s in SECRETS:
+        assert s not in text
+
+
+def test_credentials_never_appear_in_cli_output_events_or_manifests(s3, tmp_path):
+    """The CLI in a child process, with distinctive fake keys: push, pull, and a failing pull; then grep
+    everything it printed and wrote."""
+    server = s3
+    src = make_checkpoint(tmp_path / "src", big_mib=6)
+    env = child_env(fake_env(tmp_path))
+    outputs = []
+    for args in (["push", str(src), "s3://qd-errors/cli", "--part-size", "5MiB"],
+                 ["pull", "s3://qd-errors/cli", str(tmp_path / "dst")],
+                 ["pull", "s3://qd-nosuchbucket/x", str(tmp_path / "dst2")],
+                 ["pull", "s3://qd-errors/cli", str(tmp_path / "dst3"), "--endpoint-url",
+                  f"http://127.0.0.1:{free_port()}", "--retries", "0"]):
+        argv = [sys.executable, "-m", "console.cli", "s3", *args]
+        if "--endpoint-url" not in args:
+            argv += ["--endpoint-url", server.url]
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        outputs.append((args[0], r.returncode, r.stdout, r.stderr))
+    (_, rc1, out1, _), (_, rc2, out2, _), (_, rc3, _, err3), (_, rc4, _, err4) = outputs
+    assert rc1 == 0 and json.loads(out1)["transferred"] == 7
+    assert rc2 == 0 and json.loads(out2)["bytes_transferred"] == json.loads(out1)["bytes"]
+    assert rc3 == 1 and err3.startswith("quantdeck: error: bucket s3://qd-nosuchbucket does not exist")
+    assert "(hint: " in err3 and "Traceback" not in err3
+    assert rc4 == 1 and "cannot reach the S3 endpoint" in err4
+    written = [p for p in tmp_path.rglob("*.json") if p.is_file()]
+    assert any(p.name.endswith(".pull.json") for p in written) and any(".push-" in p.name for p in written)
+    blob = "".join(o + e for _, _, o, e in outputs) + "".join(p.read_text() for p in written)
+    for s in (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN):
+        assert s not in blob
