@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from engine.errors import TransferError
 
@@ -33,10 +32,9 @@ class S3Url:
     def rel_of(self, key: str) -> str:
         """The local relative path of `key` under this prefix; refuses keys that would escape the directory."""
         rel = key[len(self.list_prefix):]
-        parts = PurePosixPath(rel).parts
-        if not rel or rel.startswith("/") or any(p in ("..", ".") for p in parts):
+        if not rel or any(p in ("", "..", ".") for p in rel.split("/")):
             raise TransferError(f"object key {key!r} cannot be stored under a local directory",
-                                at=self.url_for(key), hint="rename the object; keys with '..' or '.' are refused")
+                                at=self.url_for(key), hint="rename the object; keys with '..', '.' or empty path parts are refused")
         return rel
 
 
