@@ -97,6 +97,7 @@ def read_samples_file(path: str | os.PathLike, num_samples: int | None = None) -
     if stripped[0] == "[":
         kind, items = "json-list", _parse_json_list(text, p)
     elif stripped[0] == "{":
+        _refuse_single_object(text, p)
         kind, items = _parse_jsonl(text, p)
     else:
         try:
@@ -128,6 +129,16 @@ def _parse_json_list(text: str, p: str) -> list[str]:
         if not item.strip():
             raise _fail(f"{p}: item {i} is an empty string", p, hint="remove empty samples from the file")
     return obj
+
+
+def _refuse_single_object(text: str, p: str) -> None:
+    """A whole file that is one JSON object without "text"/"messages" is a wrong shape, not a bad JSONL line."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(obj, dict) and "text" not in obj and "messages" not in obj:
+        raise _fail(f"{p}: expected a JSON list of strings, found an object (keys: {sorted(obj)[:5]})", p)
 
 
 def _parse_jsonl(text: str, p: str) -> tuple[str, list[Any]]:

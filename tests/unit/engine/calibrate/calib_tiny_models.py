@@ -65,3 +65,36 @@ SAMPLE_TEXTS = [
 def write_samples(path: Path, n: int | None = None) -> Path:
     path.write_text(json.dumps(SAMPLE_TEXTS[:n] if n else SAMPLE_TEXTS))
     return path
+
+
+def reference_quantized_model(model_dir: Path, input_ids, batch_size: int, world_size: int = 1,
+                              quant_cfg: str = "NVFP4_DEFAULT_CFG"):
+    """modelopt's whole-model flow on the same batches every rank would see: from_pretrained + mtq.quantize."""
+    import contextlib
+    import sys
+
+    import modelopt.torch.quantization as mtq
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.calibrate.batches import plan_batches
+    from engine.calibrate.qconfig import resolve_quant_cfg
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+    batches = [b for r in range(world_size) for b in plan_batches(input_ids, batch_size, world_size, r, 0)]
+
+    def loop(m):
+        for b in batches:
+            m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        mtq.quantize(model, resolve_quant_cfg(quant_cfg), loop)
+    return model
+
+
+def assert_amax_equal(ref: dict, got: dict, rel: float = 1e-5) -> None:
+    assert set(ref) == set(got), (sorted(set(ref) - set(got))[:5], sorted(set(got) - set(ref))[:5])
+    for k in ref:
+        a, b = ref[k].float().cpu(), got[k].float().cpu()
+        err = float(((a - b).abs() / a.abs().clamp_min(1e-30)).max())
+        assert err <= rel, f"{k}: {a} vs {b} (rel {err:.2e})"

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_v3, write_samples  # noqa: E402
+from calib_tiny_models import build_v3, write_samples  # noqa: E402
 
 
 @pytest.fixture(scope="session")
