@@ -1,0 +1,84 @@
+"""Per-node preflight: every node of the recipe's [cluster] is reached and checked, all at once, in bounded time.
+
+On each node: the SSH connection (host key verified), quantdeck importable by the cluster's python, the
+shared work dir present and writable, and as many GPUs as the recipe says. A node that does not answer
+fails by name within its connect timeout; one slow node never delays the others' results. Plug it into
+engine.preflight.run_preflight as an extra check: `extra_checks=(remote.preflight.check_nodes,)`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import shlex
+from typing import Any
+
+from engine.errors import QuantdeckError
+from remote.hosts import ClusterSpec, cluster_from
+from remote.ssh import ConnectionPool
+
+# $1 python, $2 work dir. One line per fact: "key value".
+NODE_SCRIPT = (
+    'py=$1; wd=$2; '
+    'echo "import $("$py" -c "import engine, sys; print(sys.version.split()[0])" 2>&1 | tail -n 1)"; '
+    'if [ -d "$wd" ]; then t="$wd/.qd-preflight-$$"; '
+    '  if touch "$t" 2>/dev/null; then rm -f "$t"; echo "workdir ok"; else echo "workdir readonly"; fi; '
+    'else echo "workdir missing"; fi; '
+    'n=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -c .); echo "gpus $n"'
+)
+
+
+def _facts(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        out[k] = v.strip()
+    return out
+
+
+def check_node(pool: ConnectionPool, cluster: ClusterSpec, node: str) -> list[str]:
+    """Failures of one node, each naming it and saying what to do."""
+    spec = cluster.node(node)
+    try:
+        conn = pool.get(node)
+        res = conn.run(["sh", "-c", NODE_SCRIPT, "qd", cluster.python, cluster.work_dir or "."],
+                       env=dict(cluster.env), cwd=cluster.cwd, timeout=max(30.0, cluster.connect_timeout))
+    except QuantdeckError as e:
+        return [f"node {node}: {e.msg} (fix: {e.hint or 'check the node'})"]
+    f = _facts(res.stdout)
+    fails = []
+    imp = f.get("import", "")
+    if not imp[:1].isdigit():
+        fails.append(f"node {node}: `{cluster.python} -c 'import engine'` failed: {imp[-200:]} "
+                     f"(fix: install quantdeck on {node}, or set [cluster] python to the right interpreter)")
+    wd = f.get("workdir")
+    if cluster.work_dir and wd != "ok":
+        fails.append(f"node {node}: work dir {cluster.work_dir} is {wd or 'unknown'} there "
+                     f"(fix: mount the shared work dir at {shlex.quote(cluster.work_dir)} on {node}, writable)")
+    have = int(f.get("gpus", "0") or 0)
+    if spec.gpus and have < spec.gpus:
+        fails.append(f"node {node}: the recipe says {spec.gpus} GPUs, nvidia-smi sees {have} "
+                     f"(fix: check the driver on {node}, or lower gpus for it)")
+    return fails
+
+
+def preflight_cluster(cluster: Any, pool: ConnectionPool | None = None) -> list[str]:
+    """Check every node in parallel; returns one line per failure, in cluster order ([] = all ready)."""
+    cluster = cluster_from(cluster)
+    own = pool is None
+    pool = pool or ConnectionPool.for_cluster(cluster)
+    try:
+        with cf.ThreadPoolExecutor(max_workers=min(32, len(cluster.nodes))) as ex:
+            futs = {n.name: ex.submit(check_node, pool, cluster, n.name) for n in cluster.nodes}
+            return [line for n in cluster.nodes for line in futs[n.name].result()]
+    finally:
+        if own:
+            pool.close()
+
+
+def check_nodes(facts) -> list[str]:
+    """engine.preflight Check: the per-node checks for a recipe with [cluster] nodes (none: nothing to do)."""
+    recipe = facts.recipe
+    if not recipe.cluster.nodes:
+        return []
+    work = recipe.cluster.workdir or facts.paths.get("workdir") or recipe.run.workdir
+    return preflight_cluster(cluster_from(recipe.cluster, work_dir=work))
