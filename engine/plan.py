@@ -161,8 +161,9 @@ def build_plan(recipe: Recipe, *, run_id: str, run_dir: str | Path, base: str | 
         elif name == StageName.EXPORT:
             stages.append(StagePlan(name.value, {"src": src, "amax": amax}, {"dst": out},
                                     {**convert_opts, "to": "nvfp4"}))
-    stages.append(StagePlan(StageName.INJECT_MTP.value, {"src": src}, {"dst": out}, {"family": family}))
-    stages.append(StagePlan(StageName.COPY_EXTRAS.value, {"src": src}, {"dst": out}, {}))
+    stages.append(StagePlan(StageName.INJECT_MTP.value, {"src": src}, {"dst": out},
+                            {"family": family, "layouts": layouts}))
+    stages.append(StagePlan(StageName.COPY_EXTRAS.value, {"src": src}, {"dst": out}, {"layouts": layouts}))
     stages.append(StagePlan(StageName.VALIDATE.value,
                             {"dst": out, "src": src, **({"amax": amax} if recipe.target.calibrate else {})},
                             {"report": str(run_dir / "stages" / "validate" / "report.json")},

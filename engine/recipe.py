@@ -60,7 +60,7 @@ class TargetSection(BaseModel):
     calibrate: bool = False  # nvfp4 only: true = W4A4 with calibrated activation scales; false = weight-only
     layouts: tuple[OutputLayout, ...] = (OutputLayout.MODELOPT,)
     output: str | None = None  # None: <workdir>/outputs/<source name>-<format>
-    shard_mb: int = Field(5000, ge=1)  # output shard size
+    shard_mb: float = Field(5000, gt=0)  # output shard size in MB (10^6 bytes)
     device: Literal["auto", "cpu", "cuda"] | None = None  # None: run.device
 
     @field_validator("layouts", mode="before")

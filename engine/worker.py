@@ -9,7 +9,8 @@ and LOCAL_RANK; only rank 0 writes status.
 Test hook (documented, honest): QUANTDECK_TEST_PAUSE_AFTER_UNITS=N with QUANTDECK_TEST_PAUSE_STAGE=STAGE
 makes that stage's worker stop (sleep until killed) at its first progress event with done ≥ N (N=0:
 right after it enters RUNNING), after touching stages/<stage>/test-paused. The integration tests use
-it to kill -9 a worker mid-stage deterministically. Nothing else reads these variables.
+it to kill -9 a worker mid-stage deterministically; under it, progress events are not throttled (so
+"after N units" is exact). Nothing else reads these variables.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def park(marker: Path) -> None:
     marker.write_text(f"{os.getpid()}\n")
     while True:  # until kill -9
         time.sleep(3600)
+
+
+def _unthrottle_progress() -> None:
+    """Test hook only: every Progress.advance emits, so the pause lands exactly after N units."""
+    import engine.events as ev
+
+    d = list(ev.Progress.__init__.__defaults__ or ())
+    if len(d) >= 3:  # (bytes_total, interval_s, clock)
+        d[-2] = 0.0
+        ev.Progress.__init__.__defaults__ = tuple(d)
 
 
 def load_stage_class(name: str) -> type:
@@ -117,6 +128,7 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
         marker = run.stage_dir(stage) / "test-paused"
         if after <= 0:
             park(marker)
+        _unthrottle_progress()
         sink = _PauseSink(sink, after, marker)
 
     ctx = StageContext(run_dir=run.path, stage_dir=run.stage_dir(stage), params=sp.params, sink=sink,

@@ -1,0 +1,39 @@
+"""The convert stage: weight-only NVFP4 (and, through subclasses, dequant to BF16 and cast to FP8-block),
+a thin adapter over engine.convert.convert_checkpoint (the function `quantdeck convert` calls).
+
+params: src, dst, to, layouts, shard_mb, device. Units: output shards (kept when in the manifest with a
+matching sha256), so a killed worker's rerun redoes only the shards that were not finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.names import StageName
+from engine.stages._common import check_checkpoint_dir, output_dirs, small
+from engine.stages.base import Stage, StageContext
+
+
+class _ConvertBase(Stage):
+    to: str = "nvfp4"
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from engine.convert import convert_checkpoint
+
+        p = ctx.params
+        res = convert_checkpoint(p["src"], p["dst"], to=p.get("to") or self.to,
+                                 layouts=tuple(p.get("layouts") or ("modelopt",)), device=p.get("device") or "auto",
+                                 shard_size=int(float(p.get("shard_mb") or 5000) * 10**6), sink=ctx.sink)
+        return small(res)
+
+    def check_saved(self, ctx: StageContext) -> list[str]:
+        out: list[str] = []
+        for d in output_dirs(ctx.params["dst"], ctx.params.get("layouts")):
+            out.extend(check_checkpoint_dir(Path(d)))
+        return out
+
+
+@Stage.register(StageName.CONVERT)
+class ConvertStage(_ConvertBase):
+    to = "nvfp4"

@@ -1,0 +1,12 @@
+"""The dequant stage: exact FP8 / MXFP4 → BF16 (seed 001 step 1), engine.convert.convert_checkpoint(to="bf16")."""
+
+from __future__ import annotations
+
+from engine.names import StageName
+from engine.stages.base import Stage
+from engine.stages.convert import _ConvertBase
+
+
+@Stage.register(StageName.DEQUANT)
+class DequantStage(_ConvertBase):
+    to = "bf16"
