@@ -1,0 +1,34 @@
+"""`quantdeck fixture`: build a tiny real DeepSeek checkpoint (random weights) laid out as the releases are."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("fixture")
+@click.option("--family", type=click.Choice(["deepseek-v3", "deepseek-v4"]), default="deepseek-v3", show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp8"]), default="bf16", show_default=True,
+              help="fp8: V3 FP8 block-128 + weight_scale_inv; V4 FP8+UE8M0 attention, MXFP4 experts")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to create")
+@click.option("--layers", type=int, default=2, show_default=True, help="decoder layers")
+@click.option("--experts", type=int, default=4, show_default=True, help="routed experts per MoE layer")
+@click.option("--hidden", type=int, default=128, show_default=True, help="hidden size (e.g. 320 for partial 128-blocks)")
+@click.option("--moe-inter", type=int, default=64, show_default=True, help="expert intermediate size")
+@click.option("--mtp", is_flag=True, help="add the MTP layer (V3 model.layers.{L}, V4 mtp.0)")
+@click.option("--shard-mb", type=float, default=None, help="shard size in MiB (default: about 4 shards)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="replace --out if it exists")
+def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, shard_mb, seed, force):
+    """Build a tiny real DeepSeek V3/V4 checkpoint (random weights) to try quantdeck on."""
+    from engine.checkpoint import CheckpointReader
+    from engine.fixtures import build_fixture
+
+    path = build_fixture(out, family=family, dtype=dtype, layers=layers, experts=experts, hidden=hidden,
+                         moe_inter=moe_inter, mtp=mtp, shard_mb=shard_mb, seed=seed, overwrite=force)
+    r = CheckpointReader(path)
+    click.echo(f"built {family} {dtype} fixture: {len(r.names())} tensors in {len(r.shards())} shards, "
+               f"{r.total_bytes / 1e6:.2f} MB", err=True)
+    click.echo(str(path))
+
+
+COMMANDS = (fixture_cmd,)
