@@ -34,6 +34,7 @@ class S3Server:
     url: str
     requests: list[Request] = field(default_factory=list)
     put_delay_s: float = 0.0
+    faults: dict[tuple[str, str], int] = field(default_factory=dict)  # (method, path) -> throttles left
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def clear(self) -> None:
@@ -44,6 +45,19 @@ class S3Server:
         """PUT requests (PutObject, UploadPart), optionally only those for /bucket/key."""
         with self._lock:
             return [r for r in self.requests if r.method == "PUT" and (key_path is None or r.path == key_path)]
+
+    def throttle(self, method: str, path: str, times: int) -> None:
+        """The next `times` requests `method path` get S3's 503 SlowDown, as a busy bucket answers."""
+        with self._lock:
+            self.faults[(method, path)] = times
+
+    def _take_fault(self, environ) -> bool:
+        key = (environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""))
+        with self._lock:
+            if self.faults.get(key, 0) > 0:
+                self.faults[key] -= 1
+                return True
+        return False
 
     def _record(self, environ) -> None:
         with self._lock:
@@ -74,6 +88,13 @@ def get_server() -> S3Server:
 
         def recorder(environ, start_response):
             srv._record(environ)
+            if srv._take_fault(environ):
+                body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>")
+                environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+                start_response("503 Slow Down", [("Content-Type", "application/xml"),
+                                                 ("Content-Length", str(len(body)))])
+                return [body]
             if environ.get("REQUEST_METHOD") == "PUT" and srv.put_delay_s and "/moto-api" not in environ.get(
                     "PATH_INFO", ""):
                 time.sleep(srv.put_delay_s)
