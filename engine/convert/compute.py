@@ -44,9 +44,9 @@ def _fp32(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torc
 
 def _amax(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     if m.encoding == FP8 and m.scale is not None:
-        w, s = src[m.name].to(device), src[m.scale].to(device)
-        return kernels.fp8_block_amax(w, s, infer_block(tuple(w.shape), tuple(s.shape)))
-    return _fp32(m, src, device).abs().amax()
+        w, s = src[m.name], src[m.scale]
+        return kernels.fp8_block_amax(w, s, infer_block(tuple(w.shape), tuple(s.shape)), device)
+    return _fp32(m, src, device).abs().amax().cpu()
 
 
 def _check_finite(name: str, amax: torch.Tensor) -> None:
@@ -57,9 +57,11 @@ def _check_finite(name: str, amax: torch.Tensor) -> None:
 
 def _nvfp4_member(m: Member, src: dict[str, torch.Tensor], s2: torch.Tensor, device: torch.device):
     if m.encoding == FP8 and m.scale is not None:
-        w, s = src[m.name].to(device), src[m.scale].to(device)
-        return kernels.fp8_block_to_nvfp4(w, s, infer_block(tuple(w.shape), tuple(s.shape)), s2)
-    return kernels.quantize_rows(_fp32(m, src, device), s2)
+        w, s = src[m.name], src[m.scale]
+        return kernels.fp8_block_to_nvfp4(w, s, infer_block(tuple(w.shape), tuple(s.shape)), s2, device)
+    if m.encoding == FLOAT:
+        return kernels.float_to_nvfp4(src[m.name], s2, device)
+    return kernels.float_to_nvfp4(_fp32(m, src, device), s2, device)
 
 
 def _nvfp4_mxfp4_group(item: Item, src: dict[str, torch.Tensor], device: torch.device) -> ItemResult | None:

@@ -1,0 +1,132 @@
+"""`quantdeck convert`, `quantdeck validate`, `quantdeck inject-mtp`: thin click wrappers over engine.convert.
+
+The engine is imported inside each command body, so importing the CLI never imports torch. Progress goes
+to stderr (a bar on a terminal, a line now and then otherwise); stdout carries only data (summary / JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+class _StderrProgress:
+    """Turns engine events into a one-line progress bar on a terminal (log lines otherwise)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._last_line = 0.0
+
+    def __call__(self, ev) -> None:
+        d = ev.data
+        if ev.kind == "log":
+            self._clear()
+            click.echo(f"{d.get('level', 'info')}: {d.get('msg', '')}", err=True)
+        elif ev.kind == "progress":
+            total, done = d.get("total") or 0, d.get("done") or 0
+            frac = done / total if total else 1.0
+            rate = d.get("rate") or 0
+            eta = d.get("eta_s")
+            rate_s = f"{_fmt_bytes(rate)}/s" if d.get("bytes_total") else f"{rate:.1f} {d.get('unit')}/s"
+            eta_s = f"ETA {eta:.0f}s" if eta is not None and done < total else ""
+            if self.tty:
+                bar = "#" * int(frac * 30)
+                self.stream.write(f"\r[{bar:<30}] {frac * 100:5.1f}% {done}/{total} {d.get('unit')} "
+                                  f"{rate_s} {eta_s}\x1b[K")
+                self.stream.flush()
+                if done >= total:
+                    self.stream.write("\n")
+            elif time.monotonic() - self._last_line > 5 or done >= total:
+                self._last_line = time.monotonic()
+                click.echo(f"progress: {done}/{total} {d.get('unit')} ({frac * 100:.0f}%) {rate_s} {eta_s}",
+                           err=True)
+
+    def _clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+
+
+def _sink():
+    from engine.events import CallbackSink
+
+    return CallbackSink(_StderrProgress(), stage="convert")
+
+
+@click.command("convert")
+@click.option("--src", required=True, type=click.Path(file_okay=False), help="source checkpoint directory")
+@click.option("--dst", required=True, type=click.Path(file_okay=False), help="output directory (built in DST.partial)")
+@click.option("--to", "to", required=True, type=click.Choice(["nvfp4", "fp8-block", "bf16"]), help="target format")
+@click.option("--format", "fmt", default="modelopt", show_default=True,
+              type=click.Choice(["modelopt", "compressed-tensors", "both"]),
+              help="NVFP4 output layout; both writes DST/modelopt and DST/compressed-tensors")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="processes splitting the output shards (GPUs round-robin on CUDA)")
+@click.option("--shard-size", default="5GB", show_default=True, help="target output shard size (5GB, 500MB, 5e9)")
+@click.option("--quantize-attention", is_flag=True, help="quantize attention GEMMs too (default: kept BF16)")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attention, as_json):
+    """Convert a checkpoint to NVFP4 (weight-only), FP8-block or BF16, streaming and resumable."""
+    from engine.convert import convert_checkpoint
+
+    layouts = ["modelopt", "compressed-tensors"] if fmt == "both" else [fmt]
+    summary = convert_checkpoint(src, dst, to=to, layouts=layouts, device=device, workers=workers,
+                                 shard_size=shard_size, quantize_attention=quantize_attention, sink=_sink())
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    click.echo(f"wrote {', '.join(summary['outputs'].values())}: {summary['items']} items, "
+               f"{summary['shards']} shard(s) ({summary['shards_kept']} kept from an earlier run), "
+               f"{summary['quantized_modules']} modules quantized, {len(summary['kept_modules'])} kept, "
+               f"{summary['wall_s']:.1f}s on {summary['device']}")
+
+
+# Hook for engineer H: `--amax DIR` cross-checks a calibration amax snapshot through
+# engine.export.validate_amax(amax_dir, model_dir=...) and merges its report (see engine.convert.validate).
+@click.command("validate")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--against", type=click.Path(file_okay=False), default=None,
+              help="the source checkpoint: report rel. error / SNR and run the first decoder block against it")
+@click.option("--amax", type=click.Path(file_okay=False), default=None,
+              help="an amax snapshot directory to cross-check (calibrated exports)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--device", default="cpu", show_default=True, help="where the decoder-block check runs")
+def validate_cmd(directory, against, amax, as_json, device):
+    """Check a produced checkpoint; exits non-zero naming the tensor on any failure."""
+    from engine.convert.validate import format_report, validate_checkpoint
+    from engine.errors import ValidationFailedError
+
+    report = validate_checkpoint(directory, against=against, amax=amax, device=device, sink=_sink())
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+    if not report["ok"]:
+        first = report["failures"][0]
+        raise ValidationFailedError(f"{len(report['failures'])} check(s) failed; first: {first['msg']}",
+                                    at=first.get("at"), hint="see the report above")
+
+
+@click.command("inject-mtp")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--mtp-from", type=click.Path(file_okay=False), default=None,
+              help="original checkpoint to take a missing MTP layer from (kept BF16, excluded from quantization)")
+def inject_mtp_cmd(src, dst, mtp_from):
+    """Copy the shared embedding and LM head into the MTP layer(s) where SRC lacks them; writes DST."""
+    from engine.convert.mtp import inject_mtp
+
+    res = inject_mtp(src, dst, mtp_from=mtp_from, sink=_sink())
+    click.echo(f"wrote {res['dst']}: injected {len(res['injected'])} tensor(s) into {', '.join(res['mtp_layers'])}")
+
+
+COMMANDS = (convert_cmd, validate_cmd, inject_mtp_cmd)

@@ -1,0 +1,149 @@
+"""inject-mtp: give each MTP layer the shared embedding and LM head it lacks (seed 000 step 7).
+
+DeepSeek's MTP layer k (V3: `model.layers.{N+k}`, V4: `mtp.{k}`) uses the main model's embedding and head;
+releases store copies of them inside the layer (`embed_tokens` / `shared_head.head`, V4 `embed` / `head`),
+and exporters that only see the main model drop them. `inject_mtp(src, dst)` writes `dst` = `src` plus the
+missing copies (and, with `mtp_from`, the MTP layer's other tensors from the original checkpoint,
+dequantized to BF16 where they were FP8), streaming tensor by tensor through the resumable writer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.checkpoint.reader import CheckpointReader
+from engine.checkpoint.safetensors_format import TensorSpec
+from engine.checkpoint.writer import CheckpointWriter, plan_shards
+from engine.convert.extras import copy_extras
+from engine.errors import CheckpointError, UsageError
+from engine.events import EventSink, NullSink, Progress
+from engine.fsutil import atomic_write_json
+
+_V3_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def mtp_prefixes(config: dict[str, Any], names: list[str]) -> list[str]:
+    """Name prefixes of the MTP layers, e.g. ['model.layers.61.'] (V3) or ['mtp.0.'] (V4)."""
+    n_layers = int(config.get("num_hidden_layers") or 0)
+    n_mtp = int(config.get("num_nextn_predict_layers") or 0)
+    v4 = any(".ffn." in n or n.startswith(("mtp.", "model.mtp.")) for n in names) or \
+        str(config.get("model_type", "")) == "deepseek_v4"
+    if v4:
+        pre = "model." if any(n.startswith("model.layers.") for n in names) else ""
+        found = sorted({".".join(n.split(".")[: 2 + bool(pre)]) + "." for n in names
+                        if n.startswith(pre + "mtp.")})
+        return found or [f"{pre}mtp.{k}." for k in range(n_mtp)]
+    return [f"model.layers.{n_layers + k}." for k in range(n_mtp)]
+
+
+def shared_sources(prefix: str, names: set[str]) -> dict[str, str]:
+    """MTP tensor name → the main-model tensor it copies, for this layer prefix."""
+    if prefix.startswith(("mtp.", "model.mtp.")):
+        top = "model." if prefix.startswith("model.") else ""
+        return {prefix + "embed.weight": next((c for c in (top + "embed.weight", top + "embed_tokens.weight")
+                                               if c in names), top + "embed.weight"),
+                prefix + "head.weight": next((c for c in (top + "head.weight", "lm_head.weight") if c in names),
+                                             top + "head.weight")}
+    return {prefix + k: v for k, v in _V3_SHARED.items()}
+
+
+def _to_bf16(reader: CheckpointReader, name: str) -> torch.Tensor:
+    t = reader.get(name)
+    if t.dtype == torch.float8_e4m3fn:
+        from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
+
+        base = name[: -len(".weight")]
+        for sc in (base + ".weight_scale_inv", base + ".scale"):
+            if sc in reader:
+                s = reader.get(sc)
+                return dequant_fp8_block(t, s, infer_block(tuple(t.shape), tuple(s.shape))).to(torch.bfloat16)
+    return t
+
+
+def inject_mtp(src: str | os.PathLike, dst: str | os.PathLike, *, mtp_from: str | os.PathLike | None = None,
+               sink: EventSink = NullSink()) -> dict[str, Any]:
+    """Write `dst` = `src` + the MTP tensors it lacks; returns {"injected": [...], "dst": ...}."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise UsageError("inject-mtp writes a new checkpoint: DST must differ from SRC", at=str(dst),
+                         hint="pick a new output directory")
+    reader = CheckpointReader(src)
+    names = set(reader.names())
+    origin = CheckpointReader(mtp_from) if mtp_from else None
+    prefixes = mtp_prefixes(reader.config, sorted(names | (set(origin.names()) if origin else set())))
+    if not prefixes:
+        raise CheckpointError(f"{src} has no MTP layer (num_nextn_predict_layers is 0 or missing)",
+                              at=str(src / "config.json"), hint="nothing to inject")
+    extra: dict[str, tuple[str, str]] = {}  # new name -> (where from: "self"|"origin", source name)
+    if origin is not None:
+        for n in origin.names():
+            if n.startswith(tuple(prefixes)) and n not in names and not n.endswith((".weight_scale_inv", ".scale")):
+                extra[n] = ("origin", n)
+    for p in prefixes:
+        for new, shared in shared_sources(p, names).items():
+            if new in names or new in extra:
+                continue
+            if shared not in names:
+                raise CheckpointError(f"cannot inject {new}: {shared} is not in {src}", at=f"{src}:{shared}",
+                                      hint="the source lacks the shared embedding/head")
+            extra[new] = ("self", shared)
+
+    def spec(n: str) -> TensorSpec:
+        where, s = extra.get(n, ("self", n))
+        r = origin if where == "origin" else reader
+        m = r.meta(s)
+        dt = "BF16" if m.dtype_name == "F8_E4M3" else m.dtype_name
+        return TensorSpec(n, dt, m.shape)
+
+    units = [[spec(n) for n in reader.names_in(sh)] for sh in reader.shards()]
+    if extra:
+        units.append([spec(n) for n in sorted(extra)])
+    plans = plan_shards(units, shard_size=1)  # one output shard per source shard, plus one for the MTP copies
+    writer = CheckpointWriter(dst, plans, source_fingerprint=reader.fingerprint(),
+                              args={"op": "inject-mtp", "mtp_from": origin.fingerprint() if origin else None},
+                              sink=sink)
+    todo = writer.prepare()
+    progress = Progress(sink, "tensors", total=sum(len(p.tensors) for p in todo))
+    for plan in todo:
+        sf = writer.open_shard(plan)
+        for t in plan.tensors:
+            where, s = extra.get(t.name, ("self", t.name))
+            sf.write(t.name, _to_bf16(origin if where == "origin" else reader, s))
+            progress.advance(1, label=t.name)
+        sf.close()
+    if not writer.already_complete:
+        copy_extras(src, writer.partial_dir, sink=sink)
+        if (src / "hf_quant_config.json").exists():
+            import shutil
+
+            shutil.copy2(src / "hf_quant_config.json", writer.partial_dir / "hf_quant_config.json")
+        if origin is not None and extra:
+            _exclude_mtp(writer.partial_dir, reader.config, prefixes)
+    writer.finalize()
+    sink.emit("log", level="info", msg=f"injected {len(extra)} MTP tensor(s) into {dst}")
+    return {"src": str(src), "dst": str(dst), "injected": sorted(extra), "mtp_layers": prefixes}
+
+
+def _exclude_mtp(out: Path, config: dict[str, Any], prefixes: list[str]) -> None:
+    """Add the injected MTP layers (kept BF16) to the quantization exclude / ignore lists."""
+    import json
+
+    pats = [p + "*" for p in prefixes]
+    cfg = dict(config)
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, dict):
+        for key in ("ignore", "exclude_modules"):
+            if isinstance(qc.get(key), list):
+                qc[key] = sorted(set(qc[key]) | set(pats if key == "exclude_modules" or qc.get("quant_method") ==
+                                                     "modelopt" else ["re:^" + p.replace(".", r"\.") for p in prefixes]))
+        atomic_write_json(out / "config.json", cfg)
+    hq = out / "hf_quant_config.json"
+    if hq.exists():
+        obj = json.loads(hq.read_text())
+        q = obj.get("quantization", {})
+        q["exclude_modules"] = sorted(set(q.get("exclude_modules", [])) | set(pats))
+        atomic_write_json(hq, obj)
