@@ -126,8 +126,12 @@ class TelemetryMonitor:
     A node whose newest answer is older than `stale_after` (a hung poll) shows as stale too.
     """
 
-    def __init__(self, probes: Mapping[str, Probe], interval_s: float = DEFAULT_INTERVAL,
+    def __init__(self, probes, interval_s: float = DEFAULT_INTERVAL,
                  stale_after: float | None = None, on_sample: Callable[[NodeSample], None] | None = None):
+        """`probes`: node name → Probe; or a cluster (recipe [cluster] section, dict, ClusterSpec) to poll over SSH."""
+        self.pool = None
+        if not (isinstance(probes, Mapping) and all(hasattr(p, "sample") for p in probes.values())):
+            probes, self.pool = _cluster_probes(probes)
         self.probes = dict(probes)
         self.interval_s = interval_s
         self.stale_after = stale_after if stale_after is not None else max(3 * interval_s, 5.0)
@@ -138,19 +142,10 @@ class TelemetryMonitor:
 
     @classmethod
     def for_cluster(cls, cluster, pool=None, **kw) -> "TelemetryMonitor":
-        """SSH probes for a ClusterSpec's nodes ('local' hosts are read in-process) over `pool`'s connections."""
-        from remote.ssh import ConnectionPool
-
-        pool = pool or ConnectionPool.for_cluster(cluster)
-        probes: dict[str, Probe] = {}
-        for n in cluster.nodes:
-            if n.host == "local":
-                probes[n.name] = LocalProbe(n.name, cluster.work_dir)
-            else:
-                probes[n.name] = SSHProbe(n.name, pool.get(n.name), cluster.work_dir,
-                                          timeout=max(cluster.connect_timeout, 5.0))
+        """SSH probes for a cluster's nodes ('local' hosts are read in-process) over `pool`'s connections."""
+        probes, pool = _cluster_probes(cluster, pool)
         mon = cls(probes, **kw)
-        mon.pool = pool  # type: ignore[attr-defined]
+        mon.pool = pool
         return mon
 
     @classmethod
@@ -206,6 +201,21 @@ class TelemetryMonitor:
 
     def close(self) -> None:
         self.stop()
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.close()
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _cluster_probes(cluster, pool=None):
+    from remote.hosts import cluster_from
+    from remote.ssh import ConnectionPool
+
+    cluster = cluster_from(cluster)
+    pool = pool or ConnectionPool.for_cluster(cluster)
+    probes: dict[str, Probe] = {}
+    for n in cluster.nodes:
+        if n.host == "local":
+            probes[n.name] = LocalProbe(n.name, cluster.work_dir)
+        else:
+            probes[n.name] = SSHProbe(n.name, pool.get(n.name), cluster.work_dir,
+                                      timeout=max(cluster.connect_timeout, 5.0))
+    return probes, pool

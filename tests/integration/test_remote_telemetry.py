@@ -57,3 +57,19 @@ def test_four_nodes_one_killed_goes_stale_others_stay_fresh(sshd_cluster):
     finally:
         mon.close()
         hung.close()
+
+
+def test_monitor_built_straight_from_a_recipe_cluster(sshd_cluster, monkeypatch):
+    from engine.recipe import recipe_from_dict
+
+    monkeypatch.setenv("QUANTDECK_KNOWN_HOSTS", str(sshd_cluster.known_hosts))
+    monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(sshd_cluster.ssh_config))
+    d = sshd_cluster.cluster_dict()
+    recipe = recipe_from_dict({"source": {"path": "/m"}, "cluster": {
+        "workdir": d["work_dir"], "nodes": [{k: n[k] for k in ("name", "host", "port", "user", "key")}
+                                            for n in d["nodes"]]}})
+    mon = TelemetryMonitor(recipe.cluster, interval_s=0.5)  # what the console's factory does
+    try:
+        assert [mon.poll_once(n).state for n in mon.nodes()] == [NodeState.NO_GPU] * 4
+    finally:
+        mon.close()
