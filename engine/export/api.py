@@ -1,0 +1,200 @@
+"""`export_checkpoint`: a calibrated W4A4 NVFP4 checkpoint from a source checkpoint and an amax snapshot.
+
+It is engineer B's streaming convert (engine.convert: plan, NVFP4 compute, sharded resumable writer)
+with activation scales added to every quantized module: `input_scale` (modelopt) or
+`input_global_scale = 1 / input_scale` (compressed-tensors, `input_activations` dynamic "local").
+The modules quantized are exactly those whose quantizers the snapshot's config enabled.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from engine.errors import CheckpointError
+from engine.events import EventSink, NullSink, Progress
+from engine.export.quant_config import w4a4_config, w4a4_hf_quant_config
+from engine.export.scales import ModuleAmax, check_scales, module_amax, plan_input_scales
+from engine.export.source import load_any_amax
+from engine.fsutil import atomic_write_json
+
+INPUT_SCALE = ".input_scale"
+
+
+def _keep_fp32_patterns(config: dict) -> list[str]:
+    """Tensors transformers keeps in fp32 (router bias): modelopt's export writes them as F32, so do we."""
+    from engine.calibrate.family import LayerFamily
+    from engine.errors import CheckpointError as _CE
+
+    try:
+        mc = LayerFamily.for_config(config).model_class()
+    except _CE:
+        return []
+    return list(getattr(mc, "_keep_in_fp32_modules_strict", None) or [])
+
+
+def _with_input_scales(plan, fp32: list[str]):
+    """Plan items with one `<module>.input_scale` F32 scalar more per NVFP4 member; fp32-kept tensors as F32."""
+    from engine.checkpoint.safetensors_format import TensorSpec
+    from engine.convert.plan import COPY, TO_NVFP4
+
+    items = []
+    for it in plan.items:
+        if it.action == TO_NVFP4:
+            extra = tuple(TensorSpec(m.out_base + INPUT_SCALE, "F32", ()) for m in it.members)
+            it = replace(it, outputs=it.outputs + extra)
+        elif it.action == COPY and any(p in s.name for s in it.outputs for p in fp32):
+            it = replace(it, outputs=tuple(TensorSpec(s.name, "F32", s.shape)
+                                           if any(p in s.name for p in fp32) and s.dtype in ("BF16", "F16") else s
+                                           for s in it.outputs))
+        items.append(it)
+    return replace(plan, items=items)
+
+
+def _rename(spec, quantized: bool, layout: str):
+    from engine.checkpoint.safetensors_format import TensorSpec
+    from engine.convert.plan import rename_for_layout
+
+    if quantized and layout == "compressed-tensors" and spec.name.endswith(INPUT_SCALE):
+        return TensorSpec(spec.name[: -len(INPUT_SCALE)] + ".input_global_scale", "F32", (1,))
+    return rename_for_layout(spec, quantized, layout)
+
+
+def _tensor(name: str, t: torch.Tensor, quantized: bool, layout: str):
+    from engine.convert.plan import layout_tensor
+
+    if quantized and layout == "compressed-tensors" and name.endswith(INPUT_SCALE):
+        return name[: -len(INPUT_SCALE)] + ".input_global_scale", (1.0 / t.to(torch.float32)).reshape(1)
+    return layout_tensor(name, t, quantized, layout)
+
+
+def _quantize_attention(ma: ModuleAmax) -> bool:
+    return any(".self_attn." in k or ".attn." in k for k in ma.weight)
+
+
+def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: str | os.PathLike,
+                      layouts: Sequence[str] = ("modelopt",), sink: EventSink = NullSink(), device: str = "auto",
+                      shard_size: int | str = 5 * 10**9) -> dict[str, Any]:
+    """Write `dst` (or `dst/<layout>` for several layouts); resumable; returns a report."""
+    from engine.checkpoint.reader import CheckpointReader
+    from engine.checkpoint.writer import CheckpointWriter, ShardFile
+    from engine.convert.compute import compute_item
+    from engine.convert.extras import copy_extras
+    from engine.convert.plan import TO_NVFP4, build_plan, check_layouts
+    from engine.convert.streaming import parse_size, partition, resolve_device
+    from engine.models import detect_layout
+
+    t0 = time.monotonic()
+    src, dst = Path(src), Path(dst)
+    amax, origin = load_any_amax(amax_dir, src)
+    ma = module_amax(amax)
+    layouts = check_layouts(list(layouts), "nvfp4")
+    reader = CheckpointReader(src)
+    layout = detect_layout(reader.config, reader.names())
+    qattn = _quantize_attention(ma)
+    fp32 = _keep_fp32_patterns(reader.config)
+    plan = _with_input_scales(build_plan(reader, layout, "nvfp4", quantize_attention=qattn), fp32)
+    quantized = list(plan.quantized_modules)
+    extra = sorted(set(ma.weight) - set(quantized) - set(plan.mtp_modules))
+    if extra:
+        raise CheckpointError(f"the snapshot quantizes {len(extra)} module(s) the export would keep, e.g. {extra[:3]}",
+                              at=str(amax_dir), hint="is the amax snapshot from this model?")
+    groups: dict[str, list[str]] = {}
+    for it in plan.items:
+        if it.action == TO_NVFP4 and len(it.members) > 1:
+            groups[it.key] = [m.out_base for m in it.members]
+    targets = [q for q in quantized if q not in set(plan.mtp_modules)]
+    sp = plan_input_scales(targets, groups, ma)
+    check_scales(sp)
+    mtp_scales = {m: None for m in quantized if m in set(plan.mtp_modules)}
+    if mtp_scales:  # MTP is never calibrated: its layers' scales come from the last decoder layer's siblings
+        _fill_mtp(mtp_scales, sp)
+    dev = resolve_device(device)
+    groups_items = partition(plan.items, parse_size(shard_size))
+    dsts = {layouts[0]: dst} if len(layouts) == 1 else {lay: dst / lay for lay in layouts}
+    if len(layouts) > 1:
+        dst.mkdir(parents=True, exist_ok=True)
+    writers, shard_plans, todo = {}, {}, {}
+    from engine.checkpoint.writer import ShardPlan, shard_name
+
+    for lay in layouts:
+        shard_plans[lay] = [ShardPlan(shard_name(i + 1, len(groups_items)),
+                                      tuple(_rename(s, it.action == TO_NVFP4, lay) for it in g for s in it.outputs))
+                            for i, g in enumerate(groups_items)]
+        args = {"export": "w4a4", "layout": lay, "amax": origin["sha256"], "shard_size": parse_size(shard_size)}
+        writers[lay] = CheckpointWriter(dsts[lay], shard_plans[lay], source_fingerprint=reader.fingerprint(),
+                                        args=args, sink=sink)
+        todo[lay] = {p.name for p in writers[lay].prepare()}
+    n_items = sum(len(g) for i, g in enumerate(groups_items) if any(shard_plans[l][i].name in todo[l] for l in layouts))
+    prog = Progress(sink, "tensors", total=n_items)
+    for i, g in enumerate(groups_items):
+        files = [(lay, ShardFile(writers[lay].partial_dir, shard_plans[lay][i]))
+                 for lay in layouts if shard_plans[lay][i].name in todo[lay]]
+        if not files:
+            continue
+        try:
+            for it in g:
+                srcs = {}
+                for m in it.members:
+                    srcs[m.name] = reader.get(m.name)
+                    if m.scale:
+                        srcs[m.scale] = reader.get(m.scale)
+                res = compute_item(it, srcs, dev, v4_fp8=plan.family == "deepseek-v4")
+                tensors = {k: (v.float() if v.is_floating_point() and any(p in k for p in fp32) else v).cpu()
+                           for k, v in res.tensors.items()}
+                if it.action == TO_NVFP4:
+                    for m in it.members:
+                        tensors[m.out_base + INPUT_SCALE] = _scale_of(m.out_base, sp, mtp_scales)
+                for lay, sf in files:
+                    for name, t in tensors.items():
+                        sf.write(*_tensor(name, t, it.action == TO_NVFP4, lay))
+                prog.advance(1, label=it.key)
+            for _, sf in files:
+                sf.close()
+        except BaseException:
+            for _, sf in files:
+                sf.abort()
+            raise
+    outputs = {}
+    for lay, w in writers.items():
+        if not w.already_complete:
+            copy_extras(src, w.partial_dir, sink=sink)
+            atomic_write_json(w.partial_dir / "config.json", w4a4_config(reader.config, plan, lay))
+            if lay == "modelopt":
+                atomic_write_json(w.partial_dir / "hf_quant_config.json", w4a4_hf_quant_config(plan))
+        outputs[lay] = str(w.finalize())
+    reader.close()
+    report = {"src": str(src), "dst": str(dst), "outputs": outputs, "amax": origin, "family": plan.family,
+              "quantized_modules": len(quantized), "quantize_attention": qattn,
+              "filled_from_siblings": sp.filled, "mtp_modules": list(mtp_scales),
+              "wall_s": round(time.monotonic() - t0, 3)}
+    for mod, why in sp.filled.items():
+        sink.emit("log", level="warning", msg=f"{mod}: {why}")
+    return report
+
+
+def _scale_of(mod: str, sp, mtp_scales: dict) -> torch.Tensor:
+    if mod in sp.input_amax:
+        return sp.scale(mod)
+    return torch.tensor(mtp_scales[mod], dtype=torch.float32) / (6.0 * 448.0)
+
+
+def _fill_mtp(mtp_scales: dict[str, float | None], sp) -> None:
+    """An MTP module takes the max input amax over the decoder layers' modules of the same role."""
+    import re
+
+    def role(mod: str) -> str:
+        return re.sub(r"^(model\.)?(layers|mtp)\.\d+\.", "", re.sub(r"\.experts\.\d+\.", ".experts.*.", mod))
+
+    by_role: dict[str, float] = {}
+    for mod, a in sp.input_amax.items():
+        by_role[role(mod)] = max(by_role.get(role(mod), 0.0), a)
+    top = max(sp.input_amax.values(), default=1.0)
+    for mod in mtp_scales:
+        mtp_scales[mod] = by_role.get(role(mod), top)
+        sp.filled[mod] = f"MTP (not calibrated): max of the decoder layers' {role(mod)}"
