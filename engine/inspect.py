@@ -195,6 +195,8 @@ def _block_formats(layout: ModelLayout, names, metas) -> tuple[Counter, list[Ano
                 key = f"mxfp4 1x{i // sm.shape[1]} (scale {sm.dtype_name})"
             else:
                 bo, bi = infer_block((o, i), sm.shape)
+                if bo & (bo - 1) or bi & (bi - 1):  # block formats use power-of-two tiles
+                    raise ValueError
                 key = f"{'fp8' if m.dtype in FP8 else m.dtype_name.lower()} {bo}x{bi} (scale {sm.dtype_name})"
         except Exception:
             out.append(Anomaly("error", "scale-shape", f"scale {s} {list(sm.shape)} does not fit weight {n} "
@@ -242,7 +244,7 @@ def _estimates(layout: ModelLayout, names, metas, infos) -> dict[str, int]:
                         PACKED_FP4 else 2)
         if layout.should_quantize(n) and len(shape) == 2:
             o, i = shape
-            nv += o * (i + 1) // 2 + o * math.ceil(i / 16) + 4
+            nv += o * math.ceil(i / 16) * 8 + o * math.ceil(i / 16) + 4  # codes (16-blocks padded), e4m3 scales, scale_2
         else:
             nv += kept
         if info.gemm and len(shape) == 2:
