@@ -101,8 +101,20 @@ def make_session(endpoint_url: str | None = None, *, profile: str | None = None,
     return sess
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """boto3's upload wraps the ClientError in S3UploadFailedError: the first cause that carries a response."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if getattr(cur, "response", None) is not None:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return exc
+
+
 def error_code(exc: BaseException) -> str:
-    resp = getattr(exc, "response", None)
+    resp = getattr(root_cause(exc), "response", None)
     if isinstance(resp, dict):
         code = str(resp.get("Error", {}).get("Code", "") or "")
         if not code:
@@ -120,10 +132,12 @@ def _connection_error(exc: BaseException) -> bool:
 
 def is_retryable(exc: BaseException) -> bool:
     """Throttling, 5xx, dropped connections and torn downloads: worth another try of the object."""
+    from boto3.exceptions import RetriesExceededError as Boto3RetriesExceededError
     from botocore.exceptions import IncompleteReadError, ResponseStreamingError
     from s3transfer.exceptions import RetriesExceededError
 
-    if isinstance(exc, (IncompleteReadError, ResponseStreamingError, RetriesExceededError)):
+    if isinstance(exc, (IncompleteReadError, ResponseStreamingError, RetriesExceededError,
+                        Boto3RetriesExceededError)):
         return True
     if _connection_error(exc):
         return not is_endpoint_unreachable(exc)

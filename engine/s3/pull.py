@@ -132,6 +132,7 @@ def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, p
                  url_of=lambda j: u.url_for(j.key), op="pull", result=result)
     finally:
         result.retries += sess.retries - before
+    progress.advance(0, force=True)
     _remove_leftovers(work)
     _check_complete(jobs, work, u)
     os.replace(work, dst)
@@ -174,12 +175,14 @@ def _check_complete(jobs: list[Job], work: Path, u: S3Url) -> None:
 def _already_there(jobs: list[Job], dst: Path, man: TransferManifest, result: TransferResult, sink: EventSink,
                    t0: float) -> TransferResult:
     """`dst` exists: fine if the manifest vouches for every object in it; otherwise refuse to touch it."""
-    stale = [j for j in jobs if not (man.complete and _trusted(man.get(j.rel), j, local_stat(dst / j.rel)))]
+    stale = [j for j in jobs if not _trusted(man.get(j.rel), j, local_stat(dst / j.rel))]
     if stale:
         raise TransferError(f"{dst} already exists and differs from {result.url} "
                             f"({len(stale)} of {len(jobs)} objects not verified there, e.g. {stale[0].rel})",
                             at=str(dst), hint="pull into a new directory, or remove this one first")
     result.skipped = len(jobs)
+    if not man.complete:  # killed between the rename and the manifest's last write
+        man.mark_complete(str(dst))
     result.seconds = time.monotonic() - t0
     sink.emit("log", level="info", msg=f"{dst} is up to date with {result.url} ({len(jobs)} objects)")
     return result

@@ -110,6 +110,7 @@ def push(src: str | os.PathLike, url: str, *, endpoint_url: str | None = None, p
                      progress=progress, sink=sink, url_of=lambda j: u.url_for(j.key), op="push", result=result)
     finally:
         result.retries += sess.retries - before
+    progress.advance(0, force=True)
     man.mark_complete(str(src))
     result.seconds = time.monotonic() - t0
     sink.emit("log", level="info", msg=f"pushed {src} → {u}: {result.transferred} uploaded, {result.skipped} skipped "

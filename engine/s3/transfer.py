@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import TransferError
+from engine.errors import DiskFullError, QuantdeckError, TransferError
 from engine.events import EventSink, Progress
 from engine.s3.client import S3Session, is_fatal, is_retryable, translate
 
@@ -159,7 +159,7 @@ def run_jobs(jobs: list[Job], work: Callable[[Job, ByteCounter], str], *, sess: 
                 for g in futures:
                     g.cancel()
                 exc = f.exception()
-                raise translate(exc, sess, at=url_of(futures[f]), op=op) from exc
+                raise boundary_error(exc, sess, at=url_of(futures[f]), op=op) from exc
     if failures:
         names = ", ".join(url_of(j) for j, _, _ in failures[:5]) + (" …" if len(failures) > 5 else "")
         job, exc, attempts = failures[0]
@@ -169,6 +169,29 @@ def run_jobs(jobs: list[Job], work: Callable[[Job, ByteCounter], str], *, sess: 
                                  "mismatch means the stored object is corrupt — re-upload it") from exc
 
 
+def boundary_error(exc: BaseException, sess: S3Session, *, at: str, op: str) -> BaseException:
+    """Ours and boto's errors become TransferError (a full disk DiskFullError); anything else is a bug and is
+    raised as it is, with its traceback."""
+    import errno
+
+    from botocore.exceptions import BotoCoreError, ClientError
+    from boto3.exceptions import Boto3Error
+    from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError, S3UploadFailedError
+
+    if isinstance(exc, QuantdeckError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return DiskFullError(f"no space left on the local disk during the {op}", at=getattr(exc, "filename", None)
+                             or at, hint="free space there, then rerun: verified objects are kept")
+    if isinstance(exc, (BotoCoreError, ClientError, Boto3Error, RetriesExceededError, S3DownloadFailedError,
+                        S3UploadFailedError, ConnectionError, TimeoutError)):
+        return translate(exc, sess, at=at, op=op)
+    if isinstance(exc, OSError):
+        return TransferError(f"local file error during the {op}: {exc.strerror or exc}", at=exc.filename or at,
+                             hint="check the local directory's permissions and free space")
+    return exc
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, ChecksumMismatchError):
         return str(e)
@@ -176,6 +199,3 @@ def _reason(e: BaseException) -> str:
     code = code.get("Error", {}).get("Code") if isinstance(code, dict) else None
     return f"{type(e).__name__}{f' {code}' if code else ''}: {e}"[:300]
 
-
-def backoff_sleep(attempt: int, base: float) -> None:
-    time.sleep(base * (2 ** attempt) * (0.5 + random.random()))

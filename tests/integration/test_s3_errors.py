@@ -83,23 +83,32 @@ def test_each_error_gives_its_message(s3, tmp_path, monkeypatch):
         seen.append(e)
     apply_env(monkeypatch, fake_env(tmp_path))
 
-    # access denied (moto enforcing IAM): a user allowed to list but not to read objects or write
+    # access denied (moto enforcing IAM): a user who may list but not read, and one who may read but not write
     import boto3
 
     iam = boto3.client("iam", endpoint_url=server.url, region_name="us-east-1")
-    iam.create_user(UserName="qd-lister")
-    iam.put_user_policy(UserName="qd-lister", PolicyName="list-only", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "*"}]}))
-    key = iam.create_access_key(UserName="qd-lister")["AccessKey"]
-    SECRETS.extend([key["AccessKeyId"], key["SecretAccessKey"]])
+    keys = {}
+    for user, actions in (("qd-lister", ["s3:ListBucket", "s3:HeadBucket"]),
+                          ("qd-reader", ["s3:ListBucket", "s3:HeadBucket", "s3:GetObject"])):
+        iam.create_user(UserName=user)
+        iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+        keys[user] = iam.create_access_key(UserName=user)["AccessKey"]
+        SECRETS.extend([keys[user]["AccessKeyId"], keys[user]["SecretAccessKey"]])
     with auth_enabled(server):
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         monkeypatch.delenv("AWS_SESSION_TOKEN")
-        e = _raises(pull, "s3://qd-errors/ck", tmp_path / "f", endpoint_url=server.url, sink=sink)
-        assert e.title == "access denied" and e.msg.startswith("access denied to pull s3://qd-errors/ck/")
-        assert "s3:GetObject" in e.hint
-        seen.append(e)
+        for user, call in (("qd-lister", lambda: pull("s3://qd-errors/ck", tmp_path / "f", endpoint_url=server.url,
+                                                      sink=sink)),
+                           ("qd-reader", lambda: push(src, "s3://qd-errors/up", endpoint_url=server.url,
+                                                      sink=sink))):
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys[user]["AccessKeyId"])
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys[user]["SecretAccessKey"])
+            e = _raises(call)
+            op = "pull" if user == "qd-lister" else "push"
+            assert e.title == "access denied" and e.msg.startswith(f"access denied to {op} s3://qd-errors/"), e.msg
+            assert e.at.startswith("s3://qd-errors/") and "s3:GetObject" in e.hint and "s3:PutObject" in e.hint
+            seen.append(e)
+        assert not (tmp_path / "f").exists()
         # credentials the endpoint does not know
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
