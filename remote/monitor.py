@@ -17,8 +17,11 @@ from remote.telemetry import (NVIDIA_SMI_QUERY, GpuSample, NodeSample, NodeState
                               parse_df_free, parse_meminfo, parse_nvidia_smi_csv, split_sections)
 
 DEFAULT_INTERVAL = 2.0
+# nvidia-smi from PATH, else where drivers put it outside a login shell's PATH; rc 127 when there is none
 PROBE_SCRIPT = (
-    'echo "@@qd gpu"; ' + shlex.join(NVIDIA_SMI_QUERY) + ' 2>&1; echo "@@qd rc $?"; '
+    'echo "@@qd gpu"; smi=$(command -v nvidia-smi || ls /usr/local/nvidia/bin/nvidia-smi /usr/lib/wsl/lib/nvidia-smi '
+    '2>/dev/null | head -n 1); if [ -n "$smi" ]; then "$smi" ' + shlex.join(NVIDIA_SMI_QUERY[1:]) +
+    ' 2>&1; echo "@@qd rc $?"; else echo "nvidia-smi: not found"; echo "@@qd rc 127"; fi; '
     'echo "@@qd mem"; cat /proc/meminfo; '
     'echo "@@qd df"; d="$1"; while [ ! -e "$d" ] && [ "$d" != / ]; do d=$(dirname "$d"); done; df -P -k "$d" 2>&1'
 )
@@ -48,12 +51,14 @@ def sample_from_probe_output(node: str, text: str, ts: float) -> NodeSample:
 class SSHProbe:
     """Samples a node over its shared SSHConnection; a failure becomes an UNREACHABLE sample, never a raise."""
 
-    def __init__(self, node: str, conn, work_dir: str | None = None, timeout: float = 10.0):
+    def __init__(self, node: str, conn, work_dir: str | None = None, timeout: float = 10.0,
+                 env: Mapping[str, str] | None = None):
         self.node, self.conn, self.work_dir, self.timeout = node, conn, work_dir or "/", timeout
+        self.env = {k: v for k, v in (env or {}).items() if k in ("PATH", "LD_LIBRARY_PATH")}
 
     def sample(self) -> NodeSample:
         try:
-            res = self.conn.run(["sh", "-c", PROBE_SCRIPT, "qd", self.work_dir], timeout=self.timeout)
+            res = self.conn.run(["sh", "-c", PROBE_SCRIPT, "qd", self.work_dir], env=self.env, timeout=self.timeout)
         except QuantdeckError as e:
             return NodeSample(node=self.node, state=NodeState.UNREACHABLE, ts=time.time(), error=e.msg)
         if "@@qd df" not in res.stdout:
@@ -217,5 +222,5 @@ def _cluster_probes(cluster, pool=None):
             probes[n.name] = LocalProbe(n.name, cluster.work_dir)
         else:
             probes[n.name] = SSHProbe(n.name, pool.get(n.name), cluster.work_dir,
-                                      timeout=max(cluster.connect_timeout, 5.0))
+                                      timeout=max(cluster.connect_timeout, 5.0), env=cluster.env)
     return probes, pool

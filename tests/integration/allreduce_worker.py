@@ -21,14 +21,21 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    backend = os.environ.get("QD_TEST_BACKEND", "gloo")  # nccl on a GPU node: one GPU per local rank
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    t = torch.tensor([float(rank + 1)])
+    t = torch.tensor([float(rank + 1)], device=device)
     dist.all_reduce(t)
     out = Path(a.run_dir) / "stages" / a.stage / f"rank{rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rank": rank, "world": world, "sum": float(t.item()),
-                               "node": os.environ.get("QUANTDECK_NODE"), "node_rank": int(os.environ["GROUP_RANK"])}))
+                               "node": os.environ.get("QUANTDECK_NODE"), "node_rank": int(os.environ["GROUP_RANK"]),
+                               "backend": backend, "device": str(t.device),
+                               "gpu": torch.cuda.get_device_name(t.device) if backend == "nccl" else None}))
     dist.destroy_process_group()
     return 0
 

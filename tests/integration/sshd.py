@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SSHD = os.environ.get("QUANTDECK_TEST_SSHD") or shutil.which("sshd") or "/usr/sbin/sshd"
 ADDRS = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +33,20 @@ def free_port(addr: str) -> int:
 
 
 def keygen(path: Path, comment: str) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                   check=True, capture_output=True)
+    """An ed25519 key pair in OpenSSH format (ssh-keygen, or `cryptography` where ssh-keygen is missing)."""
+    if shutil.which("ssh-keygen"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                       check=True, capture_output=True)
+        return path
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    Path(f"{path}.pub").write_text(f"{pub.decode()} {comment}\n")
     return path
 
 
