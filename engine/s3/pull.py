@@ -67,7 +67,7 @@ def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, p
     sess = make_session(endpoint_url, profile=profile, pool=opts.pool_size, attempts=retries + 1)
     jobs = list_objects(sess, u)
     if not jobs:
-        raise TransferError(f"no objects under {u}", at=str(u), hint="check the prefix (list it with `aws s3 ls`)")
+        raise TransferError(f"no objects under {u}", at=str(u), hint=_empty_hint(sess, u))
     mpath = Path(manifest) if manifest else default_pull_manifest(dst)
     man = TransferManifest.load(mpath, direction="pull", url=str(u), local=str(dst))
     result = TransferResult("pull", str(u), str(dst), objects=len(jobs), bytes=sum(j.size for j in jobs),
@@ -143,6 +143,16 @@ def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, p
                                        f"{result.retries} retries")
     sink.emit("metric", name="s3.retries", value=result.retries)
     return result
+
+
+def _empty_hint(sess: S3Session, u: S3Url) -> str:
+    try:
+        if u.prefix:
+            sess.client.head_object(Bucket=u.bucket, Key=u.prefix)
+            return f"{u} is a single object; pull takes the prefix of a checkpoint directory"
+    except Exception:
+        pass
+    return "check the prefix (list it with `aws s3 ls`)"
 
 
 def _trusted(entry: dict | None, job: Job, st: tuple[int, int] | None) -> bool:

@@ -7,9 +7,11 @@ killed mid-way. Auth is moto's: off by default; `auth_enabled()` turns on its IA
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -35,6 +37,7 @@ class S3Server:
     requests: list[Request] = field(default_factory=list)
     put_delay_s: float = 0.0
     faults: dict[tuple[str, str], int] = field(default_factory=dict)  # (method, path) -> throttles left
+    stats: dict[str, int] = field(default_factory=lambda: {"put": 0, "get": 0, "bytes_in": 0, "bytes_out": 0})
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def clear(self) -> None:
@@ -98,12 +101,40 @@ def get_server() -> S3Server:
             if environ.get("REQUEST_METHOD") == "PUT" and srv.put_delay_s and "/moto-api" not in environ.get(
                     "PATH_INFO", ""):
                 time.sleep(srv.put_delay_s)
-            return app(environ, start_response)
+            method = environ.get("REQUEST_METHOD")
+            if method == "PUT":
+                with srv._lock:
+                    srv.stats["put"] += 1
+                    srv.stats["bytes_in"] += int(environ.get("CONTENT_LENGTH") or 0)
+            body = app(environ, start_response)
+            if method != "GET" or "list-type" in environ.get("QUERY_STRING", ""):
+                return body
+            return _counted(body, srv)
 
         httpd = make_server("127.0.0.1", port, recorder, threaded=True, request_handler=MotoRequestHandler)
         threading.Thread(target=httpd.serve_forever, daemon=True, name="moto-s3").start()
         _SERVER = srv
     return _SERVER
+
+
+def _counted(body, srv: S3Server):
+    n = 0
+    for chunk in body:
+        n += len(chunk)
+        yield chunk
+    with srv._lock:
+        srv.stats["get"] += 1
+        srv.stats["bytes_out"] += n
+
+
+def _report_stats() -> None:
+    if _SERVER is not None and os.environ.get("QD_S3_STATS"):
+        st = _SERVER.stats
+        print(f"\n[s3 test traffic] {st['put']} PUT requests ({st['bytes_in'] / 2**20:.1f} MiB in), "
+              f"{st['get']} object GETs ({st['bytes_out'] / 2**20:.1f} MiB out)", file=sys.stderr)
+
+
+atexit.register(_report_stats)
 
 
 def fake_env(tmp: Path, **extra: str) -> dict[str, str]:

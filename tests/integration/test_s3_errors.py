@@ -54,7 +54,9 @@ def test_each_error_gives_its_message(s3, tmp_path, monkeypatch):
         seen.append(e)
     # an empty prefix is not a bucket problem
     e = _raises(pull, "s3://qd-errors/nothing-here", tmp_path / "b", endpoint_url=server.url)
-    assert "no objects under s3://qd-errors/nothing-here" in e.msg
+    assert "no objects under s3://qd-errors/nothing-here" in e.msg and "prefix" in e.hint
+    e = _raises(pull, "s3://qd-errors/ck/config.json", tmp_path / "b", endpoint_url=server.url)
+    assert "is a single object" in e.hint
     seen.append(e)
 
     # wrong endpoint: nothing listens there
