@@ -38,8 +38,9 @@ def upload_part_size(size: int, part_size: int) -> int:
     return ChunksizeAdjuster().adjust_chunksize(part_size, size)
 
 
-def digest_file(path: str | os.PathLike, part_size: int = 0) -> FileDigest:
-    """SHA-256 and ETag of a file in one read; `part_size` 0 means a single-PUT (plain MD5) ETag."""
+def digest_file(path: str | os.PathLike, part_size: int = 0, etag: bool = True) -> FileDigest:
+    """SHA-256 and ETag of a file in one read; `part_size` 0 means a single-PUT (plain MD5) ETag.
+    `etag=False` skips the MD5 work (etag comes back '') when only the SHA-256 is needed."""
     sha = hashlib.sha256()
     whole_md5 = hashlib.md5()
     part_md5s: list[bytes] = []
@@ -54,6 +55,8 @@ def digest_file(path: str | os.PathLike, part_size: int = 0) -> FileDigest:
                 break
             size += len(chunk)
             sha.update(chunk)
+            if not etag:
+                continue
             if part_size:
                 part.update(chunk)
                 in_part += len(chunk)
@@ -62,13 +65,15 @@ def digest_file(path: str | os.PathLike, part_size: int = 0) -> FileDigest:
                     part, in_part = hashlib.md5(), 0
             else:
                 whole_md5.update(chunk)
+    if not etag:
+        return FileDigest(size=size, sha256=sha.hexdigest(), etag="", part_size=part_size)
     if part_size:
         if in_part or not part_md5s:
             part_md5s.append(part.digest())
-        etag = f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+        tag = f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
     else:
-        etag = whole_md5.hexdigest()
-    return FileDigest(size=size, sha256=sha.hexdigest(), etag=etag, part_size=part_size)
+        tag = whole_md5.hexdigest()
+    return FileDigest(size=size, sha256=sha.hexdigest(), etag=tag, part_size=part_size)
 
 
 def clean_etag(etag: str | None) -> str:

@@ -30,6 +30,7 @@ def test_multipart_etag_is_md5_of_part_md5s_dash_n(tmp_path, size, part, nparts)
     d = digest_file(f, part)
     assert d.etag == f"{hashlib.md5(b''.join(parts)).hexdigest()}-{nparts}"
     assert d.sha256 == hashlib.sha256(data).hexdigest()
+    assert digest_file(f, part, etag=False).sha256 == d.sha256 and digest_file(f, part, etag=False).etag == ""
     assert etag_parts(f'"{d.etag}"') == nparts and etag_parts(hashlib.md5(data).hexdigest()) == 0
 
 
