@@ -59,9 +59,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def start(self, recipe_path: str, *, preflight: bool | None = None, launcher_factory: str | None = None,
-              env: dict[str, str] | None = None) -> str:
+              env: dict[str, str] | None = None, extra_checks: tuple = ()) -> str:
         """Create a run from a recipe and start its driver detached; returns the run id at once.
-        Raises RecipeError, PreflightError, StageLockedError (a live run owns the output)."""
+        `extra_checks`: more preflight checks (remote per-node ones). Raises RecipeError, PreflightError,
+        StageLockedError (a live run owns the output)."""
 
     @abc.abstractmethod
     def resume(self, run: str, *, launcher_factory: str | None = None) -> str:
@@ -152,13 +153,13 @@ class LocalEngine(Engine):
 
     # --- starting --------------------------------------------------------------------------------------
 
-    def start(self, recipe_path, *, preflight=None, launcher_factory=None, env=None):
+    def start(self, recipe_path, *, preflight=None, launcher_factory=None, env=None, extra_checks=()):
         from engine.recipe import load_recipe
         from engine.runner import create_run, spawn_driver, sync_store
 
         recipe = load_recipe(recipe_path)
         if preflight if preflight is not None else recipe.run.preflight:
-            fails = self.preflight(recipe_path)
+            fails = self.preflight(recipe_path, extra_checks=extra_checks)
             if fails:
                 raise PreflightError(f"preflight failed ({len(fails)} problem{'s' if len(fails) > 1 else ''}): "
                                      + "; ".join(fails), at=str(recipe_path), failures=fails,

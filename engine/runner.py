@@ -144,7 +144,7 @@ def wait_stage(run: RunDir, stage: str, attempt: int, launcher: Launcher, host: 
             cause = classify(log_tail(run.log_path(stage)) if code not in (None,) and code >= 0 else "",
                              exit_code=code)
             return reconcile_stage(run, stage, lambda h, p, s: False, error_class=cause.cls, error=cause.summary,
-                                   hint=cause.hint, exit_code=code,
+                                   hint=cause.hint.replace("RUN", run.id), exit_code=code,
                                    signal=-code if code is not None and code < 0 else None)
         time.sleep(poll_s)
 

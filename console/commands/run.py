@@ -100,7 +100,8 @@ def run_cmd(recipe, detach, no_preflight, launcher_factory):
     """Plan and start a run from RECIPE; prints `run <id>` first, then follows it (Ctrl-C stops following only)."""
     eng = _engine()
     factory = launcher_factory or _factory_for(recipe)
-    run_id = eng.start(recipe, preflight=False if no_preflight else None, launcher_factory=factory)
+    run_id = eng.start(recipe, preflight=False if no_preflight else None, launcher_factory=factory,
+                       extra_checks=_remote_checks(recipe))
     click.echo(f"run {run_id}")
     sys.stdout.flush()
     if detach:
@@ -118,6 +119,18 @@ def _factory_for(recipe_path: str) -> str | None:
     except ImportError:
         return None
     return "remote.launchers:launcher_for" if hasattr(rl, "launcher_for") else None
+
+
+def _remote_checks(recipe_path: str) -> tuple:
+    """remote's per-node preflight checks for a recipe with a [cluster] (none for this machine alone)."""
+    recipe = _engine().load_recipe(recipe_path)
+    if recipe.cluster.is_local:
+        return ()
+    try:
+        from remote.preflight import check_nodes
+    except ImportError:
+        return ()
+    return (check_nodes,)
 
 
 @click.command("status")
@@ -288,7 +301,7 @@ def preflight_cmd(recipe):
     from engine.api import PreflightError
 
     notes: list[str] = []
-    fails = _engine().preflight(recipe, notes=notes)
+    fails = _engine().preflight(recipe, notes=notes, extra_checks=_remote_checks(recipe))
     for n in notes:
         click.echo(f"  {n}", err=True)
     for f in fails:

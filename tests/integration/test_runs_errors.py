@@ -1,0 +1,151 @@
+"""Clear errors, nothing lost: bad recipes, a missing source, a full destination (a real small tmpfs), a
+second `run` on a live run, cancel. Real processes: the `quantdeck` CLI, detached driver and workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env, pid_gone, qd, run_dir, run_id_of, status,
+                          tree_state, wait_driver_done, wait_paused, write_recipe)
+from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
+
+
+def test_bad_recipes_fail_at_load_naming_file_and_key(tmp_path):
+    work = tmp_path / "work"
+    cases = {
+        'format = "nvfp5"': "target.format: got 'nvfp5'",
+        'layouts = ["modelopt", "gguf"]': "target.layouts[1]",
+        'calibrate = true': "calibration.samples: required when target.calibrate = true",
+        'shard_mb = -1': "target.shard_mb",
+        'colour = "blue"': "target.colour: unknown key",
+    }
+    for i, (line, words) in enumerate(cases.items()):
+        p = tmp_path / f"bad{i}.toml"
+        p.write_text(f'[run]\nworkdir = "{work}"\n[source]\npath = "{tmp_path}"\n[target]\n{line}\n')
+        for cmd in ("run", "preflight"):
+            r = qd(cmd, p)
+            assert r.returncode == 3, (cmd, r.stderr)
+            assert r.stderr.startswith(f"quantdeck: error: bad{i}.toml: {words}"), r.stderr
+            assert r.stdout == ""
+    assert not work.exists()  # nothing was created
+
+
+def test_init_writes_a_recipe_that_loads(tmp_path):
+    r = qd("init", "--family", "deepseek-v4")
+    assert r.returncode == 0
+    p = tmp_path / "recipe.toml"
+    p.write_text(r.stdout)
+    pf = qd("preflight", p)  # loads; the placeholder source is what fails
+    assert pf.returncode == 5 and "source /path/to/checkpoint does not exist" in pf.stdout, pf.stdout + pf.stderr
+
+
+def test_missing_source_fails_preflight_before_anything_starts(tmp_path):
+    work = tmp_path / "work"
+    recipe = write_recipe(tmp_path / "r.toml", tmp_path / "nowhere", work, tmp_path / "out")
+    r = qd("run", recipe)
+    assert r.returncode == 5, r.stderr
+    assert "nowhere does not exist" in r.stderr and "fix:" in r.stderr
+    assert not (work / "runs").exists()
+    pf = qd("preflight", recipe)
+    assert pf.returncode == 5
+    assert pf.stdout.strip().splitlines() == [
+        f"source {tmp_path / 'nowhere'} does not exist (fix: set source.path to the checkpoint directory)"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 256 KiB tmpfs (we are root in the test environment)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        yield None  # cannot mount: the test falls back to a real RLIMIT_FSIZE limit
+        return
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_full_destination(tmp_path, tiny_ckpt, small_fs):  # noqa: F811
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    work = tmp_path / "work"
+    out = (small_fs or tmp_path) / "out"
+    recipe = write_recipe(tmp_path / "r.toml", src, work, out)
+    src_before = tree_state(src)
+    preexec = None
+    if small_fs is not None:
+        pf = qd("preflight", recipe)
+        assert pf.returncode == 5, pf.stdout + pf.stderr
+        assert f"disk: {out} needs" in pf.stdout and "free" in pf.stdout and "fix:" in pf.stdout
+        r = qd("run", recipe)
+        assert r.returncode == 5 and "disk:" in r.stderr
+        assert not (work / "runs").exists()
+    else:
+        def preexec():  # the kernel refuses writes past 200 KiB (EFBIG), inherited by driver and workers
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (200 << 10, 200 << 10))
+    # forced past preflight, the writer meets the real full filesystem
+    proc = subprocess.run([sys.executable, "-m", "console.cli", "run", str(recipe), "--no-preflight"], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=180, preexec_fn=preexec)
+    assert proc.returncode == 1, proc.stderr
+    rid = run_id_of(proc)
+    st = status(work, rid, "convert")
+    assert st["state"] == "FAILED" and st["error_class"] == "disk-full", st
+    assert "resume" in st["hint"]
+    assert status(work, rid, "inspect")["state"] == "SUCCEEDED"  # kept
+    assert "convert: FAILED: disk-full" in proc.stderr
+    row = next(x for x in json.loads(qd("history", "--json").stdout) if x["id"] == rid)
+    assert row["result"] == "FAILED" and row["root_cause"].startswith("disk-full")
+    assert tree_state(src) == src_before  # the source is untouched
+
+
+@pytest.mark.slow
+def test_second_run_on_a_live_run_is_refused_then_cancel(tmp_path, tiny_ckpt):  # noqa: F811
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    work = tmp_path / "work"
+    recipe = write_recipe(tmp_path / "r.toml", src, work, tmp_path / "out")
+    r = qd("run", recipe, "--detach", **{PAUSE_STAGE: "inspect", PAUSE_UNITS: "0"})
+    assert r.returncode == 0, r.stderr
+    rid = run_id_of(r)
+    wait_paused(work, rid, "inspect")
+    rd = run_dir(work, rid)
+    live = status(work, rid, "inspect")
+    assert live["state"] == "RUNNING"
+
+    again = qd("run", recipe, "--no-preflight")
+    assert again.returncode == 7, again.stderr
+    assert f"output {tmp_path / 'out'} is already held by pid" in again.stderr and "hint:" in again.stderr
+    assert len(list((work / "runs").iterdir())) == 1  # no second run dir
+
+    res = qd("resume", rid)
+    assert res.returncode == 7 and f"run {rid} is already held by pid" in res.stderr, res.stderr
+    wk = subprocess.run([sys.executable, "-m", "engine.worker", "inspect", "--run-dir", str(rd)], cwd=REPO,
+                        env=env(), capture_output=True, text=True, timeout=60)
+    assert wk.returncode == 7 and f"stage inspect of run {rid} is already held by pid {live['pid']}" in wk.stderr
+    assert status(work, rid, "inspect") == live  # nothing changed
+
+    st = json.loads(qd("status", rid, "--json").stdout)
+    assert st["result"] == "RUNNING" and st["stages"][0]["pid"] == live["pid"]
+
+    c = qd("cancel", rid)
+    assert c.returncode == 0 and "inspect" in c.stderr, c.stderr
+    wait_driver_done(work, rid, 30)
+    assert pid_gone(live["pid"])
+    st = status(work, rid, "inspect")
+    assert st["state"] == "CANCELLED" and st["error_class"] == "interrupted" and st["ended_at"]
+    assert all(status(work, rid, s)["state"] == "PENDING" for s in ("convert", "validate"))
+    row = next(x for x in json.loads(qd("history", "--json").stdout) if x["id"] == rid)
+    assert row["result"] == "CANCELLED" and row["root_cause"].startswith("interrupted")
+    n = qd("note", rid, "cancelled on purpose")
+    assert n.returncode == 0
+    assert "cancelled on purpose" in qd("history").stdout

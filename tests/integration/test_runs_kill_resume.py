@@ -1,0 +1,93 @@
+"""kill -9 each stage's worker mid-way, resume, and the outputs are byte-identical to an uninterrupted run;
+the history shows every killed attempt with its root cause, then the successful one. Real processes only:
+the `quantdeck` CLI, the detached driver and workers; the pause point is the worker's documented test hook
+(QUANTDECK_TEST_PAUSE_STAGE / QUANTDECK_TEST_PAUSE_AFTER_UNITS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env, kill_paused_worker, qd, run_dir, run_id_of,
+                          status, tree_digest, tree_state, wait_driver_done, wait_paused, write_recipe)
+from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
+
+# (stage, units done before the pause): convert is killed with some shards finished and some not
+CHAIN = [("inspect", 0), ("convert", 30), ("inject-mtp", 0), ("copy-extras", 0), ("validate", 0)]
+
+
+@pytest.mark.slow
+def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt):  # noqa: F811
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    work = tmp_path / "work"
+    ref_out, out = tmp_path / "ref-out", tmp_path / "out"
+    ref = qd("run", write_recipe(tmp_path / "ref.toml", src, work, ref_out), "--detach")  # uninterrupted
+    ref_id = run_id_of(ref)
+    recipe = write_recipe(tmp_path / "recipe.toml", src, work, out)
+
+    # 1st stage, started in the foreground: Ctrl-C (SIGINT to the follower's process group) stops
+    # following, never the run — the worker stays parked until we kill it.
+    fg = subprocess.Popen([sys.executable, "-m", "console.cli", "run", str(recipe)], cwd=REPO,
+                          env=env(**{PAUSE_STAGE: "inspect", PAUSE_UNITS: "0"}), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = fg.stdout.readline()
+    assert first.startswith("run "), first
+    rid = first.split()[1]
+    wait_paused(work, rid, "inspect")
+    os.killpg(fg.pid, signal.SIGINT)
+    _, err = fg.communicate(timeout=30)
+    assert fg.returncode == 0 and "goes on" in err, err
+    assert status(work, rid, "inspect")["state"] == "RUNNING"
+
+    killed = {}
+    for i, (stage, units) in enumerate(CHAIN):
+        if i > 0:
+            r = qd("resume", rid, "--detach", **{PAUSE_STAGE: stage, PAUSE_UNITS: str(units)})
+            assert r.returncode == 0 and run_id_of(r) == rid, r.stderr
+        if stage == "convert":
+            wait_paused(work, rid, stage)
+            man = json.loads((tmp_path / "out.partial" / "manifest.json").read_text())
+            assert 0 < len(man["shards"]) < len(man["planned_shards"])  # really mid-way
+        killed[stage] = kill_paused_worker(work, rid, stage)
+        wait_driver_done(work, rid)
+        st = status(work, rid, stage)
+        assert st["state"] == "FAILED_WORKER" and st["error_class"] == "killed", st
+        assert "SIGKILL" in st["error"] and st["hint"]
+
+    r = qd("resume", rid)  # follows to the end
+    assert r.returncode == 0, r.stderr
+    assert "SUCCEEDED" in r.stderr
+
+    wait_driver_done(work, ref_id)
+    assert status(work, ref_id, "validate")["state"] == "SUCCEEDED"
+    assert tree_digest(out) == tree_digest(ref_out)
+    assert not (tmp_path / "out.partial").exists()
+
+    # the history: one row per run; the killed attempts with their root cause, then the successful ones
+    h = json.loads(qd("history", "--json").stdout)
+    row = next(x for x in h if x["id"] == rid)
+    assert row["result"] == "SUCCEEDED" and row["root_cause"].startswith("killed")
+    atts = json.loads(qd("history", rid, "--json").stdout)
+    for stage, _ in CHAIN:
+        mine = [(a["attempt"], a["state"], a["error_class"], a["pid"]) for a in atts if a["stage"] == stage]
+        assert mine == [(1, "FAILED_WORKER", "killed", killed[stage]), (2, "SUCCEEDED", None, mine[1][3])], mine
+    table = qd("history").stdout
+    assert rid in table and "killed" in table
+
+    # validate-only on a corrupted shard: reported, nothing changed
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = tree_state(out), tree_state(run_dir(work, rid))
+    r = qd("validate-only", rid)
+    assert r.returncode == 4, r.stderr
+    assert shard.name in r.stdout and "sha256" in r.stdout
+    assert (tree_state(out), tree_state(run_dir(work, rid))) == before
+    ok = qd("validate-only", ref_id)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
