@@ -171,28 +171,24 @@ def _block_formats(layout: ModelLayout, names, metas) -> tuple[Counter, list[Ano
                 out.append(Anomaly("error", "scale-orphan", f"scale {n} has no weight {w}", f"{m.shard}:{n}",
                                    "a shard is missing or the index is wrong"))
             continue
-        if not n.endswith(".weight") or len(m.shape) != 2:
+        if not n.endswith((".weight", ".weight_packed")) or len(m.shape) != 2:
             continue
-        s = layout.scale_name(n)
         quantized = m.dtype in FP8 or (m.dtype in PACKED_FP4 and layout.classify(n).kind is not Kind.OTHER)
-        if s not in present:
-            alt = [x for x in (n[:-7] + ".weight_scale_inv", n[:-7] + ".scale") if x in present]
-            if alt:
-                s = alt[0]
-            elif quantized:
+        s = _companion(layout, n, present)
+        if s is None:
+            if quantized:
                 out.append(Anomaly("error", "scale-missing", f"{m.dtype_name} weight {n} has no scale companion "
-                                   f"({s})", f"{m.shard}:{n}", "its values cannot be decoded; re-download that shard "
-                                   "and the index"))
-                continue
-            else:
-                continue
+                                   f"({layout.scale_name(n)})", f"{m.shard}:{n}", "its values cannot be decoded; "
+                                   "re-download that shard and the index"))
+            continue
         sm = metas[s]
         o, i = _logical_shape(m, True)
         try:
             if m.dtype in PACKED_FP4:
                 if len(sm.shape) != 2 or sm.shape[0] != o or sm.shape[1] == 0 or i % sm.shape[1]:
                     raise ValueError
-                key = f"mxfp4 1x{i // sm.shape[1]} (scale {sm.dtype_name})"
+                fmt = "nvfp4" if sm.dtype_name == "F8_E4M3" else "mxfp4"
+                key = f"{fmt} 1x{i // sm.shape[1]} (scale {sm.dtype_name})"
             else:
                 bo, bi = infer_block((o, i), sm.shape)
                 if bo & (bo - 1) or bi & (bi - 1):  # block formats use power-of-two tiles
@@ -205,6 +201,15 @@ def _block_formats(layout: ModelLayout, names, metas) -> tuple[Counter, list[Ano
             continue
         blocks[key] += 1
     return blocks, out
+
+
+def _companion(layout: ModelLayout, name: str, present: set[str]) -> str | None:
+    """The block-scale tensor next to a weight: the layout's own name first, then the other known spellings."""
+    stem = name.rsplit(".", 1)[0]
+    for s in (layout.scale_name(name), stem + ".weight_scale_inv", stem + ".scale", stem + ".weight_scale"):
+        if s in present and s != name:
+            return s
+    return None
 
 
 def _counts(layout: ModelLayout, names, infos) -> dict[str, int]:
@@ -237,7 +242,7 @@ def _estimates(layout: ModelLayout, names, metas, infos) -> dict[str, int]:
         info, m = infos[n], metas[n]
         if info.role is Role.SCALE:
             continue
-        has_scale = layout.scale_name(n) in present
+        has_scale = _companion(layout, n, present) is not None
         shape = _logical_shape(m, has_scale)
         numel = math.prod(shape)
         kept = numel * (m.dtype.itemsize if m.dtype in WIDE or not m.dtype.is_floating_point and m.dtype not in

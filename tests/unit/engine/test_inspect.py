@@ -146,3 +146,17 @@ def test_cli_json_is_one_object_with_the_report(tiny_ckpt, capsys):
     assert obj == json.loads(json.dumps(inspect_checkpoint(path).to_json()))
     assert obj["family"] == "deepseek-v4" and obj["ok"] is True and obj["fp8_block"] == [128, 128]
     assert {"patterns", "counts", "bytes_by_dtype", "estimates", "anomalies", "block_formats"} <= set(obj)
+
+
+@pytest.mark.parametrize("family", ["deepseek-v3", "deepseek-v4"])
+def test_nvfp4_outputs_inspect_cleanly_and_match_the_estimate(tiny_ckpt, tmp_path, family):
+    src = tiny_ckpt(family, "fp8", mtp=True)
+    dst = tmp_path / "out"
+    assert cli_main(["convert", "--src", str(src), "--dst", str(dst), "--to", "nvfp4", "--format", "both",
+                     "--device", "cpu"]) == 0
+    estimate = inspect_checkpoint(src).estimates["nvfp4"]
+    for layout in ("modelopt", "compressed-tensors"):
+        rep = inspect_checkpoint(dst / layout)
+        assert rep.anomalies == [] and rep.family == family
+        assert rep.block_formats == {"nvfp4 1x16 (scale F8_E4M3)": rep.counts["quantize"]}
+        assert rep.total_bytes == estimate
