@@ -91,15 +91,18 @@ class ByteCounter:
 
     def __init__(self, progress: Progress):
         self.progress, self.n = progress, 0
+        self._lock = threading.Lock()  # s3transfer calls back from one thread per part
 
     def __call__(self, nbytes: int) -> None:
-        self.n += nbytes
+        with self._lock:
+            self.n += nbytes
         self.progress.advance(0, nbytes=nbytes)
 
     def rollback(self) -> None:
-        if self.n:
-            self.progress.advance(0, nbytes=-self.n)
-            self.n = 0
+        with self._lock:
+            n, self.n = self.n, 0
+        if n:
+            self.progress.advance(0, nbytes=-n)
 
 
 def run_jobs(jobs: list[Job], work: Callable[[Job, ByteCounter], str], *, sess: S3Session, opts: TransferOptions,
@@ -159,7 +162,10 @@ def run_jobs(jobs: list[Job], work: Callable[[Job, ByteCounter], str], *, sess: 
                 for g in futures:
                     g.cancel()
                 exc = f.exception()
-                raise boundary_error(exc, sess, at=url_of(futures[f]), op=op) from exc
+                err = boundary_error(exc, sess, at=url_of(futures[f]), op=op)
+                if err is exc:
+                    raise exc
+                raise err from exc
     if failures:
         names = ", ".join(url_of(j) for j, _, _ in failures[:5]) + (" …" if len(failures) > 5 else "")
         job, exc, attempts = failures[0]
