@@ -48,6 +48,7 @@ def copy_extras(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
         tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
         try:
             shutil.copy2(src / rel, tmp)
+            os.chmod(tmp, os.stat(tmp).st_mode | 0o200)  # the output is the operator's: keep it writable
             os.replace(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -8,8 +8,10 @@ last item is written. At most QUEUE items wait on either side, so memory is a fe
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +24,8 @@ from engine.convert.plan import TO_NVFP4, Item, layout_tensor
 
 QUEUE = 3
 _DONE = object()
+# Test hook: seconds to pause after each written item, so an integration test can kill -9 a real run mid-way.
+DELAY_ENV = "QUANTDECK_TEST_ITEM_DELAY_S"
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
     stop = threading.Event()
     errors: list[BaseException] = []
     metadata = {"format": "pt"} if metadata is None else metadata
+    delay = float(os.environ.get(DELAY_ENV) or 0)
 
     def fail(e: BaseException) -> None:
         if not isinstance(e, _Stop):
@@ -112,6 +117,8 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                     open_files, current = [], None
                 if on_item is not None:
                     on_item(item, result.notes)
+                if delay:
+                    time.sleep(delay)
             for f in open_files:
                 f.close()
         except BaseException as e:  # noqa: BLE001

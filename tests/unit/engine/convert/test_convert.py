@@ -1,0 +1,144 @@
+"""convert_checkpoint on tiny real DeepSeek fixtures: bytes against the numerics references, configs, layouts,
+extras, index, shards, workers — and validate_checkpoint passes on every output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointReader
+from engine.convert import convert_checkpoint
+from engine.convert.validate import decode_module, validate_checkpoint
+from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
+from engine.formats.mxfp4.helpers import dequant_mxfp4
+from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4
+
+
+def _raw(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _src_fp32(r, base):
+    w = r.get(base + ".weight")
+    for sc in (base + ".weight_scale_inv", base + ".scale"):
+        if sc in r:
+            s = r.get(sc)
+            return dequant_mxfp4(w, s) if w.dtype in (torch.uint8, torch.int8) else dequant_fp8_block(w, s)
+    return w.float()
+
+
+def _check_index(out):
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    r = CheckpointReader(out)  # strict: index and shards agree exactly
+    assert set(idx["weight_map"]) == set(r.names())
+    return r
+
+
+def test_v3_fp8_to_nvfp4_modelopt_bit_exact(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True, hidden=320)
+    s = convert_checkpoint(src, tmp_path / "out", to="nvfp4", shard_size="60KB")
+    out = tmp_path / "out"
+    assert s["shards"] > 1 and not (tmp_path / "out.partial").exists()
+    r, sr = _check_index(out), CheckpointReader(src)
+    bases = sorted(n[: -len(".weight_scale_2")] for n in r.names() if n.endswith(".weight_scale_2"))
+    assert bases and not any("self_attn" in b for b in bases)
+    groups: dict[str, list[str]] = {}
+    for b in bases:
+        groups.setdefault(b.rsplit(".", 1)[0] + (".du" if b.endswith("down_proj") else ".gu" + b), []).append(b)
+    for b in bases:
+        sib = [b] if b.endswith("down_proj") else [b, b.replace("gate_proj", "up_proj") if "gate_proj" in b
+                                                   else b.replace("up_proj", "gate_proj")]
+        s2 = global_scale(torch.stack([_src_fp32(sr, x).abs().amax() for x in sib]).amax())
+        packed, bs = quantize_nvfp4(_src_fp32(sr, b), s2)
+        assert torch.equal(r.get(b + ".weight"), packed), b
+        assert torch.equal(_raw(r.get(b + ".weight_scale")), _raw(bs)), b
+        assert torch.equal(r.get(b + ".weight_scale_2"), s2), b
+    n = sr.config["num_hidden_layers"]
+    assert r.meta(f"model.layers.{n}.self_attn.q_a_proj.weight").dtype == torch.bfloat16  # MTP kept BF16
+    assert r.meta("model.layers.0.self_attn.q_a_proj.weight").dtype == torch.bfloat16  # attention kept BF16
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "modelopt"
+    hq = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert f"model.layers.{n}.*" in hq["exclude_modules"] and "model.layers.0.self_attn*" in hq["exclude_modules"]
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / extra).read_bytes() == (src / extra).read_bytes()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["complete"] and set(man["weight_map"]) == set(r.names())
+    rep = validate_checkpoint(out, against=src)
+    assert rep["ok"], rep["failures"]
+
+
+def test_v4_fp8_both_layouts_mxfp4_lossless(tiny_ckpt, tmp_path):
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    src = tiny_ckpt("deepseek-v4", "fp8", mtp=True)
+    s = convert_checkpoint(src, tmp_path / "out", to="nvfp4", layouts=["modelopt", "compressed-tensors"])
+    assert set(s["outputs"]) == {"modelopt", "compressed-tensors"} and not s["notes"]
+    mo = CheckpointReader(tmp_path / "out" / "modelopt")
+    ct, sr = CheckpointReader(tmp_path / "out" / "compressed-tensors"), CheckpointReader(src)
+    experts = sorted(n[: -len(".weight_scale_2")] for n in mo.names() if ".experts." in n and n.endswith("_scale_2"))
+    assert experts
+    for b in experts:  # MXFP4 -> NVFP4 lossless: decodes to exactly the source values
+        assert torch.equal(decode_module(mo, b), _src_fp32(sr, b)), b
+        w1 = b.rsplit(".", 1)[0]
+        if b.endswith(".w1"):
+            assert torch.equal(mo.get(b + ".weight_scale_2"), mo.get(w1 + ".w3.weight_scale_2"))
+        assert torch.equal(ct.get(b + ".weight_packed"), mo.get(b + ".weight"))
+    cfg = json.loads((tmp_path / "out" / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(cfg).config_groups["group_0"]
+    assert cfg["config_groups"]["group_0"]["input_activations"] is None  # weight-only
+    for b in experts[:4] + [n[: -len(".weight_global_scale")] for n in ct.names() if n.endswith("global_scale")][:4]:
+        sd = {k: ct.get(f"{b}.{k}") for k in ("weight_packed", "weight_scale", "weight_global_scale")}
+        theirs = NVFP4PackedCompressor.decompress(sd, scheme)["weight"].float()
+        torch.testing.assert_close(theirs, decode_module(ct, b).to(theirs.dtype).float(), rtol=1e-2, atol=0)
+    ignore = set(cfg["ignore"])
+    kept = {n[: -len(".weight")] for n in ct.names() if n.endswith(".weight") and ct.meta(n).dtype_name in ("BF16", "F32", "F16")
+            and len(ct.meta(n).shape) == 2 and "norm" not in n}
+    assert kept and kept == ignore  # exactly what was really kept (attention, MTP, head, embed, router)
+    for out in s["outputs"].values():
+        rep = validate_checkpoint(out, against=src)
+        assert rep["ok"], rep["failures"]
+
+
+def test_fp8_block_from_bf16_and_bf16_from_fp8(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("deepseek-v3", "bf16", hidden=320)
+    convert_checkpoint(src, tmp_path / "f8", to="fp8-block")
+    r, sr = _check_index(tmp_path / "f8"), CheckpointReader(src)
+    w = "model.layers.0.self_attn.q_a_proj"
+    q, sc = cast_fp8_block(sr.get(w + ".weight").float())
+    assert torch.equal(_raw(r.get(w + ".weight")), _raw(q)) and torch.equal(r.get(w + ".weight_scale_inv"), sc)
+    qc = json.loads((tmp_path / "f8" / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    src8 = tiny_ckpt("deepseek-v4", "fp8")
+    convert_checkpoint(src8, tmp_path / "b16", to="bf16")
+    r, sr = _check_index(tmp_path / "b16"), CheckpointReader(src8)
+    assert "quantization_config" not in json.loads((tmp_path / "b16" / "config.json").read_text())
+    for n in r.names():
+        if n.endswith(".weight") and n not in sr or sr.meta(n).dtype_name in ("F8_E4M3", "U8", "I8"):
+            base = n[: -len(".weight")]
+            assert torch.equal(r.get(n), _src_fp32(sr, base).to(torch.bfloat16)), n
+        assert not n.endswith((".scale", ".weight_scale_inv"))
+
+
+def test_workers_and_resume_give_the_same_bytes(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("deepseek-v3", "fp8")
+    convert_checkpoint(src, tmp_path / "one", to="nvfp4", shard_size="40KB")
+    s = convert_checkpoint(src, tmp_path / "two", to="nvfp4", shard_size="40KB", workers=2)
+    assert s["shards"] >= 2
+    for f in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    again = convert_checkpoint(src, tmp_path / "two", to="nvfp4", shard_size="40KB")
+    assert again["shards_written"] == 0  # already complete: nothing redone
+
+
+def test_unknown_target_and_same_dst(tiny_ckpt, tmp_path):
+    from engine.errors import UsageError
+
+    src = tiny_ckpt("deepseek-v3", "bf16")
+    with pytest.raises(UsageError, match="unknown target"):
+        convert_checkpoint(src, tmp_path / "x", to="int4")
+    with pytest.raises(UsageError, match="must differ"):
+        convert_checkpoint(src, src, to="bf16")

@@ -1,0 +1,51 @@
+"""The conversion plan: what is quantized, kept, fused, excluded — decided before any data is read."""
+
+from __future__ import annotations
+
+from engine.checkpoint import CheckpointReader
+from engine.convert.plan import COPY, TO_BF16, TO_FP8, TO_NVFP4, build_plan
+from engine.convert.quant_config import exclude_patterns
+from engine.models import detect_layout
+
+
+def _plan(path, target="nvfp4", **kw):
+    r = CheckpointReader(path)
+    return r, build_plan(r, detect_layout(r.config, r.names()), target, **kw)
+
+
+def test_v3_fp8_nvfp4_plan(tiny_ckpt):
+    r, plan = _plan(tiny_ckpt("deepseek-v3", "fp8", mtp=True))
+    by_key = {it.key: it for it in plan.items}
+    groups = [it for it in plan.items if it.action == TO_NVFP4 and len(it.members) == 2]
+    assert groups and all({m.name.rsplit(".", 2)[-2] for m in g.members} == {"gate_proj", "up_proj"} for g in groups)
+    attn = [k for k in by_key if ".self_attn.q_a_proj.weight" in k]
+    assert attn and all(by_key[k].action == TO_BF16 for k in attn)  # FP8 attention -> BF16, kept
+    n = r.config["num_hidden_layers"]
+    mtp_items = [it for it in plan.items if it.key.startswith(f"model.layers.{n}.")]
+    assert mtp_items and all(it.action in (COPY, TO_BF16) for it in mtp_items)
+    assert all(m.startswith(f"model.layers.{n}.") for m in plan.mtp_modules)
+    assert "lm_head" in plan.kept_modules and not any("norm" in m for m in plan.kept_modules)
+    pats = exclude_patterns(plan)
+    assert "model.layers.0.self_attn*" in pats and f"model.layers.{n}.*" in pats and "lm_head" in pats
+    # every output tensor is known up front, and no scale companion survives as its own item
+    assert not any(it.key.endswith("weight_scale_inv") for it in plan.items)
+    outs = [s.name for it in plan.items for s in it.outputs]
+    assert len(outs) == len(set(outs))
+
+
+def test_quantize_attention_fuses_q_a_and_kv_a(tiny_ckpt):
+    _, plan = _plan(tiny_ckpt("deepseek-v3", "bf16"), quantize_attention=True)
+    fused = [sorted(m.name.rsplit(".", 2)[-2] for m in it.members) for it in plan.items
+             if it.action == TO_NVFP4 and "self_attn" in it.key and len(it.members) == 2]
+    assert fused and all(f == ["kv_a_proj_with_mqa", "q_a_proj"] for f in fused)
+    assert not any("self_attn" in m for m in plan.kept_modules)
+
+
+def test_fp8_block_and_bf16_targets(tiny_ckpt):
+    _, plan = _plan(tiny_ckpt("deepseek-v3", "bf16"), "fp8-block")
+    assert {it.action for it in plan.items} == {COPY, TO_FP8}
+    fp8 = [it for it in plan.items if it.action == TO_FP8]
+    assert all([s.dtype for s in it.outputs] == ["F8_E4M3", "F32"] for it in fp8)
+    _, plan = _plan(tiny_ckpt("deepseek-v4", "fp8"), "bf16")
+    assert {it.action for it in plan.items} <= {COPY, TO_BF16}
+    assert all(s.dtype != "F8_E4M3" for it in plan.items for s in it.outputs)
