@@ -4,7 +4,8 @@
                                  [--peer ../shared/reference/seed_fp8_to_nvfp4_streaming.py]
 
 Input: a synthetic DeepSeek FP8 expert weight ([2048, 7168] float8_e4m3fn + 128×128 float32 scales).
-Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
+On CUDA, quantdeck's timing includes the host→device and device→host copies; the peer's input is moved to
+the device beforehand (untimed). Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
 block scales. Prints MB/s of FP8 input (best of --repeat) and the ratio to the peer. The peer module is
 imported by path (its code is not copied). Not a test: wall-clock numbers depend on the machine.
 """
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     first = time.perf_counter() - t0
     results["quantdeck (" + ("numba" if device == "cpu" else "cuda") + ")"] = best_time(ours, args.repeat)
 
-    if not args.skip_torch_reference:
+    if not args.skip_torch_reference and device == "cpu":
 
         def reference():
             x = dequant_fp8_block(q, s)
@@ -88,10 +89,13 @@ def main(argv=None) -> int:
         peer = load_peer(args.peer)
         peer_name = "peer (seed_fp8_to_nvfp4_streaming)"
 
+        pq, ps = (q, s) if device == "cpu" else (q.to(device), s.to(device))  # peer gets device tensors, untimed
+
         def run_peer():
-            x = peer.dequant_fp8_to_fp32(q, s)
+            x = peer.dequant_fp8_to_fp32(pq, ps)
             s2 = peer.compute_global_scale(x)
-            outputs["peer"] = peer.quantize_to_nvfp4(x, s2)
+            packed, bs = peer.quantize_to_nvfp4(x, s2)
+            outputs["peer"] = (packed.cpu(), bs.cpu())
 
         results[peer_name] = best_time(run_peer, max(1, args.repeat // 2))
     else:

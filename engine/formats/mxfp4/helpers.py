@@ -15,6 +15,8 @@ Edge decisions (tested in tests/unit/engine/formats/test_mxfp4_helpers.py):
     2^(k - log2 scale_2) (all-zero 32-blocks: 1.0), codes are copied byte for byte, and the decode is
     identical. Otherwise the tensor is requantized from its dequantized values with
     scale_2 = global_scale(amax) by the NVFP4 reference rules, and lossless=False.
+  * Fused groups (w1/w3) must share scale_2: `mxfp4_group_scale_2((p1, s1), (p3, s3))` picks it over the
+    whole group (lossless iff the group's spread <= 17), then `mxfp4_to_nvfp4(p, s, scale_2)` per member.
 """
 
 from __future__ import annotations
@@ -24,12 +26,19 @@ import torch
 from engine.errors import FormatError
 from engine.formats.e2m1 import E2M1_MAX, decode_e2m1, e2m1_codes, pack_nibbles, unpack_nibbles
 from engine.formats.fp8_block.helpers import E8M0_BIAS, e8m0_from_exponent, scale_to_fp32
-from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4
+from engine.formats.nvfp4.helpers import as_scale_2, global_scale, quantize_nvfp4
 
 MX_BLOCK = 32
 E4M3_POW2_MIN, E4M3_POW2_MAX = -9, 8  # powers of two float8_e4m3fn represents exactly
 
-__all__ = ["MX_BLOCK", "dequant_mxfp4", "mxfp4_exponents", "mxfp4_to_nvfp4", "quantize_mxfp4"]
+__all__ = [
+    "MX_BLOCK",
+    "dequant_mxfp4",
+    "mxfp4_exponents",
+    "mxfp4_group_scale_2",
+    "mxfp4_to_nvfp4",
+    "quantize_mxfp4",
+]
 
 
 def _as_packed(packed: torch.Tensor) -> torch.Tensor:
@@ -94,27 +103,61 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(vals, kk)
 
 
-def mxfp4_to_nvfp4(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """MXFP4 -> NVFP4 (packed uint8 [o, ceil(i/16)·8], block_scale e4m3 [o, ceil(i/16)], scale_2 fp32, lossless)."""
+def _nonzero_blocks(codes: torch.Tensor, i: int) -> torch.Tensor:
+    """[o, ceil(i/32)] bool: the 32-block holds a non-zero magnitude code."""
+    o = codes.shape[0]
+    return torch.nn.functional.pad((codes & 0x7) != 0, (0, (-i) % MX_BLOCK)).view(o, -1, MX_BLOCK).any(dim=-1)
+
+
+def mxfp4_group_scale_2(*pairs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """One NVFP4 `weight_scale_2` for a fused group of MXFP4 tensors ((packed, scale), ...), and whether
+    every member converts losslessly with it: 2^(kmax-8) when the group's exponent spread is <= 17
+    (1.0 for an all-zero group), else global_scale(group amax) (requantization)."""
+    ks = []
+    for packed, scale in pairs:
+        p = _as_packed(packed)
+        i = _check_pair(p, scale)
+        nz = _nonzero_blocks(unpack_nibbles(p), i)
+        ks.append(mxfp4_exponents(scale)[nz])
+    k = torch.cat(ks)
+    if k.numel() == 0:
+        return torch.ones((), dtype=torch.float32), True
+    kmax, kmin = int(k.max()), int(k.min())
+    if kmax - kmin <= E4M3_POW2_MAX - E4M3_POW2_MIN:
+        return torch.ldexp(torch.ones((), dtype=torch.float32), torch.tensor(kmax - E4M3_POW2_MAX)), True
+    amax = torch.stack([dequant_mxfp4(p, s).abs().amax() for p, s in pairs]).amax()
+    return global_scale(amax), False
+
+
+def mxfp4_to_nvfp4(
+    packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """MXFP4 -> NVFP4 (packed uint8 [o, ceil(i/16)·8], block_scale e4m3 [o, ceil(i/16)], scale_2 fp32, lossless).
+
+    `scale_2` (for fused groups: from mxfp4_group_scale_2) defaults to this tensor's own choice. The codes
+    are kept (lossless=True) when scale_2 is a power of two 2^m and every non-zero 32-block's exponent k
+    has k - m in [-9, 8]; otherwise the dequantized values are requantized with scale_2 (lossless=False).
+    """
     p = _as_packed(packed)
     i = _check_pair(p, scale)
-    o = p.shape[0]
+    if scale_2 is None:
+        scale_2, _ = mxfp4_group_scale_2((p, scale))
+    s2 = as_scale_2(scale_2)
     k = mxfp4_exponents(scale)
     codes = unpack_nibbles(p)
-    nz = torch.nn.functional.pad((codes & 0x7) != 0, (0, (-i) % MX_BLOCK)).view(o, -1, MX_BLOCK).any(dim=-1)
-    if not bool(nz.any()):  # all-zero tensor: scale_2 1, block scales 1, same codes
-        return _repack_lossless(p, codes, torch.zeros_like(k), nz, 0, i)
-    kmax, kmin = int(k[nz].max()), int(k[nz].min())
-    if kmax - kmin <= E4M3_POW2_MAX - E4M3_POW2_MIN:
-        m = kmax - E4M3_POW2_MAX
-        return _repack_lossless(p, codes, k - m, nz, m, i)
-    w = dequant_mxfp4(p, scale)
-    s2 = global_scale(w.abs().amax())
-    q, s8 = quantize_nvfp4(w, s2)
+    nz = _nonzero_blocks(codes, i)
+    mant, m = torch.frexp(s2)
+    m = int(m) - 1
+    if float(mant) == 0.5 and -126 <= m:
+        rel = k - m
+        relnz = rel[nz]
+        if relnz.numel() == 0 or (int(relnz.min()) >= E4M3_POW2_MIN and int(relnz.max()) <= E4M3_POW2_MAX):
+            return _repack_lossless(p, codes, rel, nz, s2, i)
+    q, s8 = quantize_nvfp4(dequant_mxfp4(p, scale), s2)
     return q, s8, s2, False
 
 
-def _repack_lossless(p, codes, rel_k, nz, m, i):
+def _repack_lossless(p, codes, rel_k, nz, scale_2, i):
     o = p.shape[0]
     nb16 = -(-i // 16)
     rel = torch.where(nz, rel_k, torch.zeros_like(rel_k))  # all-zero 32-blocks: block scale 1.0
@@ -124,5 +167,4 @@ def _repack_lossless(p, codes, rel_k, nz, m, i):
         packed = pack_nibbles(torch.nn.functional.pad(codes, (0, nb16 * 16 - i)))
     else:
         packed = p.clone()
-    scale_2 = torch.ldexp(torch.ones((), dtype=torch.float32), torch.tensor(m, dtype=torch.int32))
-    return packed.reshape(o, -1), s8, scale_2, True
+    return packed.reshape(o, -1), s8, scale_2.clone(), True

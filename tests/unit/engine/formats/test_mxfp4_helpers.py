@@ -123,3 +123,26 @@ def test_rejects_bad_inputs():
     bad[0, 0] = 255
     with pytest.raises(FormatError):
         dequant_mxfp4(packed, bad)
+
+
+def test_fused_group_shares_one_scale_2():
+    from engine.formats.mxfp4.helpers import mxfp4_group_scale_2
+
+    p1, s1 = _mx_from_exponents(torch.randint(-5, 1, (4, 2)), seed=1)
+    p3, s3 = _mx_from_exponents(torch.randint(5, 11, (4, 2)), seed=2)  # group spread <= 16
+    s2, lossless = mxfp4_group_scale_2((p1, s1), (p3, s3))
+    assert lossless
+    for p, s in ((p1, s1), (p3, s3)):
+        q, bs, got_s2, ok = mxfp4_to_nvfp4(p, s, s2)
+        assert ok and torch.equal(got_s2, s2) and torch.equal(q, p)
+        assert torch.equal(dequant_nvfp4(q, bs, s2), dequant_mxfp4(p, s))
+    far, fs = _mx_from_exponents(torch.full((4, 2), 30), seed=3)  # spread 35 with p1: requantize both
+    s2, lossless = mxfp4_group_scale_2((p1, s1), (far, fs))
+    assert not lossless
+    amax = torch.maximum(dequant_mxfp4(p1, s1).abs().amax(), dequant_mxfp4(far, fs).abs().amax())
+    assert torch.equal(s2, global_scale(amax))
+    q, bs, _, ok = mxfp4_to_nvfp4(p1, s1, s2)
+    rq, rbs = quantize_nvfp4(dequant_mxfp4(p1, s1), s2)
+    assert not ok and torch.equal(q, rq) and torch.equal(bs.view(torch.uint8), rbs.view(torch.uint8))
+    q, bs, _, ok = mxfp4_to_nvfp4(p1, s1, 0.3)  # not a power of two: requantized
+    assert not ok
