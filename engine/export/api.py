@@ -77,6 +77,24 @@ def _quantize_attention(ma: ModuleAmax) -> bool:
     return any(".self_attn." in k or ".attn." in k for k in ma.weight)
 
 
+class _SnapshotLayout:
+    """B's model layout, quantizing exactly the modules the snapshot has a weight quantizer for."""
+
+    def __init__(self, base, allowed: set[str]):
+        self._base, self._allowed = base, allowed
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    def classify(self, name, shape=None, *, quantize_attention=False):
+        return self._base.classify(name, shape, quantize_attention=True)
+
+    def should_quantize(self, name, shape=None, *, quantize_attention=False, include_mtp=False):
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        return base in self._allowed and self._base.should_quantize(name, shape, quantize_attention=True,
+                                                                    include_mtp=include_mtp)
+
+
 def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: str | os.PathLike,
                       layouts: Sequence[str] = ("modelopt",), sink: EventSink = NullSink(), device: str = "auto",
                       shard_size: int | str = 5 * 10**9) -> dict[str, Any]:
@@ -95,12 +113,12 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     ma = module_amax(amax)
     layouts = check_layouts(list(layouts), "nvfp4")
     reader = CheckpointReader(src)
-    layout = detect_layout(reader.config, reader.names())
+    layout = _SnapshotLayout(detect_layout(reader.config, reader.names()), set(ma.weight))
     qattn = _quantize_attention(ma)
     fp32 = _keep_fp32_patterns(reader.config)
     plan = _with_input_scales(build_plan(reader, layout, "nvfp4", quantize_attention=qattn), fp32)
     quantized = list(plan.quantized_modules)
-    extra = sorted(set(ma.weight) - set(quantized) - set(plan.mtp_modules))
+    extra = sorted(set(ma.weight) - set(quantized))
     if extra:
         raise CheckpointError(f"the snapshot quantizes {len(extra)} module(s) the export would keep, e.g. {extra[:3]}",
                               at=str(amax_dir), hint="is the amax snapshot from this model?")
@@ -108,12 +126,8 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     for it in plan.items:
         if it.action == TO_NVFP4 and len(it.members) > 1:
             groups[it.key] = [m.out_base for m in it.members]
-    targets = [q for q in quantized if q not in set(plan.mtp_modules)]
-    sp = plan_input_scales(targets, groups, ma)
+    sp = plan_input_scales(quantized, groups, ma)  # MTP is never calibrated, so never quantized here
     check_scales(sp)
-    mtp_scales = {m: None for m in quantized if m in set(plan.mtp_modules)}
-    if mtp_scales:  # MTP is never calibrated: its layers' scales come from the last decoder layer's siblings
-        _fill_mtp(mtp_scales, sp)
     dev = resolve_device(device)
     groups_items = partition(plan.items, parse_size(shard_size))
     dsts = {layouts[0]: dst} if len(layouts) == 1 else {lay: dst / lay for lay in layouts}
@@ -149,7 +163,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
                            for k, v in res.tensors.items()}
                 if it.action == TO_NVFP4:
                     for m in it.members:
-                        tensors[m.out_base + INPUT_SCALE] = _scale_of(m.out_base, sp, mtp_scales)
+                        tensors[m.out_base + INPUT_SCALE] = sp.scale(m.out_base)
                 for lay, sf in files:
                     for name, t in tensors.items():
                         sf.write(*_tensor(name, t, it.action == TO_NVFP4, lay))
@@ -171,30 +185,8 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     reader.close()
     report = {"src": str(src), "dst": str(dst), "outputs": outputs, "amax": origin, "family": plan.family,
               "quantized_modules": len(quantized), "quantize_attention": qattn,
-              "filled_from_siblings": sp.filled, "mtp_modules": list(mtp_scales),
+              "filled_from_siblings": sp.filled, "mtp_kept": list(plan.mtp_modules),
               "wall_s": round(time.monotonic() - t0, 3)}
     for mod, why in sp.filled.items():
         sink.emit("log", level="warning", msg=f"{mod}: {why}")
     return report
-
-
-def _scale_of(mod: str, sp, mtp_scales: dict) -> torch.Tensor:
-    if mod in sp.input_amax:
-        return sp.scale(mod)
-    return torch.tensor(mtp_scales[mod], dtype=torch.float32) / (6.0 * 448.0)
-
-
-def _fill_mtp(mtp_scales: dict[str, float | None], sp) -> None:
-    """An MTP module takes the max input amax over the decoder layers' modules of the same role."""
-    import re
-
-    def role(mod: str) -> str:
-        return re.sub(r"^(model\.)?(layers|mtp)\.\d+\.", "", re.sub(r"\.experts\.\d+\.", ".experts.*.", mod))
-
-    by_role: dict[str, float] = {}
-    for mod, a in sp.input_amax.items():
-        by_role[role(mod)] = max(by_role.get(role(mod), 0.0), a)
-    top = max(sp.input_amax.values(), default=1.0)
-    for mod in mtp_scales:
-        mtp_scales[mod] = by_role.get(role(mod), top)
-        sp.filled[mod] = f"MTP (not calibrated): max of the decoder layers' {role(mod)}"

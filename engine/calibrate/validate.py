@@ -1,0 +1,119 @@
+"""`validate_amax`: check an amax snapshot without running anything heavy (what `quantdeck validate --amax` calls).
+
+Checks: layer files contiguous and as many as the model's decoder layers; every amax finite and > 0;
+with the model directory, every quantizer that the snapshot's config enables is present (the expected
+names come from modelopt's own insertion into each layer built on the meta device: no weights read)
+and nothing unexpected; a coverage summary (experts that saw no token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.calibrate import snapshot as snap
+from engine.errors import ValidationFailedError
+
+
+def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict, layers: list[int] | None = None) -> set[str]:
+    """`<quantizer>.amax` names modelopt enables with `quant_cfg` in each decoder layer of the model."""
+    import torch
+
+    from engine.calibrate.family import LayerFamily
+    from engine.calibrate.qconfig import resolve_quant_cfg
+    from engine.calibrate.streaming import _Skeleton
+    from engine.fsutil import read_json
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    config = read_json(Path(model_dir) / "config.json") or {}
+    family = LayerFamily.for_config(config)
+    hf = family.hf_config(config)
+    hf._experts_implementation, hf._attn_implementation = "eager", "sdpa"
+    out: set[str] = set()
+    for i in layers if layers is not None else range(family.num_layers(hf)):
+        with torch.device("meta"):
+            layer = family.layer_class()(hf, i)
+        root = _Skeleton(hf, i, layer)
+        with contextlib.redirect_stdout(sys.stderr):
+            mtq.quantize(root, resolve_quant_cfg(quant_cfg), None)
+        out |= {f"{n}.amax" for n, m in root.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
+    return out
+
+
+def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                  strict: bool = False) -> dict[str, Any]:
+    """A report dict; `report["ok"]` is False when any problem was found (listed in `report["problems"]`).
+
+    With strict=True a problem raises ValidationFailedError instead. A directory of modelopt DeepSeek
+    `amax_dict_rank*-mp*.pt` files is checked for values only (no layer files there)."""
+    p = Path(amax_dir)
+    problems: list[str] = []
+    report: dict[str, Any] = {"amax_dir": str(p), "problems": problems}
+    from engine.export.amax_dict import amax_dict_files, load_amax_dict
+
+    dict_files = amax_dict_files(p) if p.exists() else []
+    man = snap.read_manifest(p) or {}
+    if dict_files:
+        amax = load_amax_dict(dict_files)
+        report.update(kind="modelopt-amax-dict", files=len(dict_files))
+    else:
+        done = snap.done_layers(p)
+        report.update(kind="quantdeck-snapshot", layers_done=len(done), num_layers=man.get("num_layers"),
+                      status=man.get("status"), quant_cfg=man.get("quant_cfg"))
+        if not p.is_dir():
+            problems.append(f"{p}: no such directory")
+        elif not done:
+            problems.append(f"{p}: no layer_NNN.safetensors files")
+        if done and done != list(range(len(done))):
+            problems.append(f"layer files are not contiguous: {done[:10]}")
+        n_model = None
+        if model_dir is not None:
+            from engine.fsutil import read_json
+
+            cfg = read_json(Path(model_dir) / "config.json") or {}
+            n_model = cfg.get("num_hidden_layers")
+        n_expected = n_model or man.get("num_layers")
+        if n_expected is not None and len(done) != n_expected:
+            problems.append(f"{len(done)} of {n_expected} layers calibrated")
+        amax = {}
+        for i in done:
+            try:
+                amax.update(snap.read_layer(p, i)[0])
+            except Exception as e:  # a torn or foreign file
+                problems.append(f"{snap.layer_path(p, i)}: unreadable ({e})")
+        if model_dir is not None and done and man.get("quant_cfg") not in (None, "custom"):
+            want = expected_quantizers(model_dir, man["quant_cfg"], layers=done)
+            missing, extra = sorted(want - set(amax)), sorted(set(amax) - want)
+            report.update(missing=missing[:50], unexpected=extra[:50])
+            if missing:
+                problems.append(f"{len(missing)} expected quantizer(s) missing, e.g. {missing[:3]}")
+            if extra:
+                problems.append(f"{len(extra)} quantizer(s) the model does not have, e.g. {extra[:3]}")
+        cov = (p / snap.COVERAGE)
+        if cov.exists():
+            import json
+
+            c = json.loads(cov.read_text())
+            report["experts_without_tokens"] = len(c.get("experts_without_tokens", []))
+            report["coverage_layers"] = len(c.get("layers", {}))
+    bad = [(k, float(v.float().max())) for k, v in amax.items()
+           if v.numel() == 0 or not bool(v.float().isfinite().all()) or float(v.float().min()) <= 0]
+    input_bad = [k for k, _ in bad if "input_quantizer" in k]
+    weight_bad = [k for k, _ in bad if k not in input_bad]
+    if weight_bad:
+        problems.append(f"{len(weight_bad)} weight amax zero, negative or non-finite, e.g. {weight_bad[:3]}")
+    if input_bad:
+        problems.append(f"{len(input_bad)} activation amax zero, negative or non-finite, e.g. {input_bad[:3]} "
+                        "(export fills experts from siblings; others fail)")
+    report.update(quantizers=len(amax), bad=[{"key": k, "value": v if math.isfinite(v) else str(v)} for k, v in bad[:50]],
+                  ok=not problems)
+    if strict and problems:
+        raise ValidationFailedError(f"amax snapshot {p}: " + "; ".join(problems), at=str(p),
+                                    hint="resume the calibration, or recalibrate into a fresh --out")
+    return report

@@ -1,0 +1,91 @@
+"""validate_amax, the deepseek-experts preset, the calibrate/export stages and the CLI commands."""
+
+import json
+
+import pytest
+import torch
+
+from engine.calibrate import snapshot as snap
+from engine.calibrate.validate import validate_amax
+from engine.errors import ValidationFailedError
+from engine.stages import load_all
+from engine.stages.base import Stage, StageContext
+
+load_all()
+
+
+@pytest.fixture(scope="module")
+def staged(v3_dir, samples_file, tmp_path_factory):
+    d = tmp_path_factory.mktemp("stages")
+    ctx = StageContext(run_dir=d, stage_dir=d / "stages" / "calibrate", params={
+        "model": str(v3_dir), "samples": str(samples_file), "amax": str(d / "amax"), "seq_len": 24,
+        "batch_size": 2, "quant_cfg": "deepseek-experts", "device": "cpu"})
+    stage = Stage.get("calibrate")()
+    assert stage.distributed
+    summary = stage.run(ctx)
+    return d, ctx, summary
+
+
+def test_deepseek_experts_preset_calibrates_mlps_only(staged, v3_dir):
+    d, ctx, summary = staged
+    amax = snap.load_amax(d / "amax")
+    assert summary["finished"] and amax
+    assert not [k for k in amax if ".self_attn." in k]
+    assert "model.layers.0.mlp.down_proj.input_quantizer.amax" in amax
+    assert "model.layers.2.mlp.experts.gate_up_proj_weight_quantizers.0.amax" in amax
+    assert Stage.get("calibrate")().check_saved(ctx) == []
+
+
+def test_export_stage_keeps_attention_for_the_preset(staged, v3_dir):
+    d, _, _ = staged
+    ctx = StageContext(run_dir=d, stage_dir=d / "stages" / "export", params={
+        "src": str(v3_dir), "amax": str(d / "amax"), "dst": str(d / "out"), "layouts": ["modelopt"],
+        "device": "cpu"})
+    res = Stage.get("export")().run(ctx)
+    assert res["quantize_attention"] is False
+    idx = json.loads((d / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.experts.0.gate_proj.input_scale" in idx
+    assert not [k for k in idx if ".self_attn." in k and k.endswith("_scale")]
+    hq = json.loads((d / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "NVFP4" and any("self_attn" in p for p in hq["exclude_modules"])
+    assert Stage.get("export")().check_saved(ctx) == []
+
+
+def test_validate_amax_finds_missing_bad_and_short_snapshots(staged, v3_dir, tmp_path):
+    d, _, _ = staged
+    good = validate_amax(d / "amax", v3_dir)
+    assert good["ok"] and good["quantizers"] > 0 and good["missing"] == [] and good["layers_done"] == 3
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(d / "amax", bad)
+    tensors, cov = snap.read_layer(bad, 1)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.tensor(0.0)
+    del tensors[sorted(tensors)[-1]]
+    snap.write_layer(bad, 1, tensors, cov)
+    snap.layer_path(bad, 2).unlink()
+    rep = validate_amax(bad, v3_dir)
+    text = " | ".join(rep["problems"])
+    assert not rep["ok"] and "2 of 3 layers" in text and "missing" in text and "zero, negative" in text
+    with pytest.raises(ValidationFailedError):
+        validate_amax(bad, v3_dir, strict=True)
+
+
+def test_cli_calibrate_bad_samples_and_export(staged, v3_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from console.cli import cli
+
+    bad = tmp_path / "s.json"
+    bad.write_text('["fine", ""]')
+    from console.cli import main
+
+    code = main(["calibrate", "--model", str(v3_dir), "--samples", str(bad), "--out", str(tmp_path / "a")])
+    assert code == 3
+    d, _, _ = staged
+    r = CliRunner().invoke(cli, ["export", "--src", str(v3_dir), "--amax", str(d / "amax"), "--dst",
+                                 str(tmp_path / "o"), "--format", "compressed-tensors", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["outputs"]["compressed-tensors"] == str(tmp_path / "o")
