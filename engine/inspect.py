@@ -23,7 +23,7 @@ import torch
 
 from engine.checkpoint import CheckpointReader
 from engine.events import EventSink, NullSink
-from engine.models import Kind, ModelLayout, Role, config_mismatches, detect_layout
+from engine.models import Kind, ModelLayout, Role, collapse_indices, config_mismatches, detect_layout
 from engine.models.base import config_experts, config_layers
 
 PACKED_FP4 = (torch.int8, torch.uint8)
@@ -68,6 +68,7 @@ class InspectReport:
     block_formats: dict[str, int]  # "fp8 128x128 (scale float32)" -> tensors
     fp8_block: list[int] | None  # the FP8 block size most tensors use
     counts: dict[str, int]
+    kinds: dict[str, int]  # tensors per part of the model (routed-expert, router, norm, hc, ...)
     bytes_by_dtype: dict[str, int]
     estimates: dict[str, int]
     anomalies: list[Anomaly] = field(default_factory=list)
@@ -122,7 +123,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, sink: EventSink = NullSink())
         quantization_config=config.get("quantization_config"),
         tensors=len(names), shards=len(r.shards()), total_bytes=r.total_bytes,
         patterns=_patterns(layout, names, metas, infos), block_formats=dict(sorted(blocks.items())),
-        fp8_block=fp8_block, counts=_counts(layout, names, infos), bytes_by_dtype=dict(sorted(by_dtype.items())),
+        fp8_block=fp8_block, counts=_counts(layout, names, infos),
+        kinds=dict(Counter(i.kind.value for i in infos.values()).most_common()), bytes_by_dtype=dict(sorted(by_dtype.items())),
         estimates=_estimates(layout, names, metas, infos), anomalies=anomalies,
     )
 
@@ -130,7 +132,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, sink: EventSink = NullSink())
 def _patterns(layout: ModelLayout, names, metas, infos) -> list[PatternRow]:
     rows: dict[str, dict] = {}
     for n in names:
-        p = layout.pattern(n)
+        p = collapse_indices(n, mtp=infos[n].mtp)
         row = rows.setdefault(p, {"count": 0, "dtypes": Counter(), "shapes": [], "roles": Counter(), "kinds": Counter(),
                                   "bytes": 0})
         m = metas[n]
@@ -214,22 +216,21 @@ def _companion(layout: ModelLayout, name: str, present: set[str]) -> str | None:
 
 def _counts(layout: ModelLayout, names, infos) -> dict[str, int]:
     c = Counter(info.role.value for info in infos.values())
-    quantize = [n for n in names if layout.should_quantize(n)]
+    quantize = [n for n in names if infos[n].converted()]
+    attention = [n for n in names if infos[n].gemm and infos[n].attention and not infos[n].mtp]
     groups = {infos[n].fused_group for n in quantize if infos[n].fused_group}
-    att_groups = {layout.classify(n, quantize_attention=True).fused_group for n in names
-                  if infos[n].attention and infos[n].gemm and not infos[n].mtp}
+    att_groups = {layout.classify(n, quantize_attention=True).fused_group for n in attention} - {None}
     return {
         "tensors": len(names),
         "quantize": len(quantize),  # default options: attention and MTP kept in BF16
-        "quantize_attention_gemms": sum(1 for n in names if infos[n].gemm and infos[n].attention and not infos[n].mtp),
-        "preserve": c[Role.PRESERVE.value] + sum(1 for n in names if infos[n].role is Role.QUANTIZE
-                                                 and not layout.should_quantize(n)),
+        "quantize_attention_gemms": len(attention),
+        "preserve": c[Role.PRESERVE.value] + len(attention),
         "scale_companions": c[Role.SCALE.value],
         "mtp": sum(1 for info in infos.values() if info.mtp),
         "mtp_layers": len({info.layer for info in infos.values() if info.mtp}),
         "routed_experts": sum(1 for info in infos.values() if info.kind is Kind.ROUTED_EXPERT),
         "fused_groups": len(groups),
-        "fused_groups_with_attention": len(groups) + len(att_groups - {None}),
+        "fused_groups_with_attention": len(groups) + len(att_groups),
         "unrecognized": sum(1 for info in infos.values() if info.kind is Kind.OTHER),
     }
 
@@ -247,7 +248,7 @@ def _estimates(layout: ModelLayout, names, metas, infos) -> dict[str, int]:
         numel = math.prod(shape)
         kept = numel * (m.dtype.itemsize if m.dtype in WIDE or not m.dtype.is_floating_point and m.dtype not in
                         PACKED_FP4 else 2)
-        if layout.should_quantize(n) and len(shape) == 2:
+        if info.converted() and len(shape) == 2:
             o, i = shape
             nv += o * math.ceil(i / 16) * 8 + o * math.ceil(i / 16) + 4  # codes (16-blocks padded), e4m3 scales, scale_2
         else:
@@ -289,8 +290,10 @@ def render_text(rep: InspectReport) -> str:
               f"--quantize-attention), {c['fused_groups']} fused groups sharing a global scale",
               f"preserve     {c['preserve']} tensors; {c['scale_companions']} scale companions; "
               f"{c['mtp']} MTP tensors in {c['mtp_layers']} layer(s)",
+              "kinds        " + ", ".join(f"{k} {v}" for k, v in rep.kinds.items()),
               "bytes        " + ", ".join(f"{k} {_human(v)}" for k, v in rep.bytes_by_dtype.items()),
-              "estimate     " + ", ".join(f"{k} {_human(v)}" for k, v in rep.estimates.items())]
+              "estimate     " + ", ".join(f"{k} {_human(v)} (x{v / max(rep.total_bytes, 1):.2f})"
+                                          for k, v in rep.estimates.items())]
     if rep.anomalies:
         lines += ["", f"anomalies    {len(rep.anomalies)}"]
         lines += [f"  {a.severity}: [{a.what}] {a.msg} (at {a.at})" for a in rep.anomalies]

@@ -67,6 +67,12 @@ class TensorInfo:
     def quantize(self) -> bool:
         return self.role is Role.QUANTIZE
 
+    def converted(self, *, quantize_attention: bool = False, include_mtp: bool = False) -> bool:
+        """True when a converter with these options turns this tensor into the target format."""
+        if not self.gemm or (self.mtp and not include_mtp):
+            return False
+        return quantize_attention or not self.attention
+
 
 # Suffixes of the scale tensors that quantized checkpoints carry next to `<module>.weight`.
 SOURCE_SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
@@ -124,11 +130,7 @@ class ModelLayout(Registry):
     ) -> bool:
         """True when a converter with these options turns this tensor into the target format."""
         info = self.classify(name, shape, quantize_attention=quantize_attention)
-        if not info.gemm:
-            return False
-        if info.mtp and not include_mtp:
-            return False
-        return quantize_attention or not info.attention
+        return info.converted(quantize_attention=quantize_attention, include_mtp=include_mtp)
 
     def scale_name(self, weight_name: str) -> str:
         """The source-scale companion of a weight: `X.weight` → `X.weight_scale_inv` (V3) / `X.scale` (V4)."""
