@@ -36,6 +36,7 @@ def _check_index(out):
     return r
 
 
+@pytest.mark.slow
 def test_v3_fp8_to_nvfp4_modelopt_bit_exact(tiny_ckpt, tmp_path):
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True, hidden=320)
     s = convert_checkpoint(src, tmp_path / "out", to="nvfp4", shard_size="60KB")
@@ -70,6 +71,7 @@ def test_v3_fp8_to_nvfp4_modelopt_bit_exact(tiny_ckpt, tmp_path):
     assert rep["ok"], rep["failures"]
 
 
+@pytest.mark.slow
 def test_v4_fp8_both_layouts_mxfp4_lossless(tiny_ckpt, tmp_path):
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -123,6 +125,7 @@ def test_fp8_block_from_bf16_and_bf16_from_fp8(tiny_ckpt, tmp_path):
         assert not n.endswith((".scale", ".weight_scale_inv"))
 
 
+@pytest.mark.slow
 def test_workers_and_resume_give_the_same_bytes(tiny_ckpt, tmp_path):
     src = tiny_ckpt("deepseek-v3", "fp8")
     convert_checkpoint(src, tmp_path / "one", to="nvfp4", shard_size="40KB")

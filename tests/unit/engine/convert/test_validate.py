@@ -1,0 +1,128 @@
+"""validate_checkpoint finds what is wrong and names the tensor; inject-mtp and copy-extras."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointReader, write_checkpoint
+from engine.convert import convert_checkpoint, copy_extras
+from engine.convert.mtp import inject_mtp
+from engine.convert.validate import format_report, validate_checkpoint
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_ckpt, tmp_path_factory):
+    src = tiny_ckpt("deepseek-v3", "bf16")
+    out = tmp_path_factory.mktemp("val") / "out"
+    convert_checkpoint(src, out, to="nvfp4")
+    return src, out
+
+
+def _rewrite(src_dir, dst, edit):
+    """A copy of checkpoint `src_dir` with tensors edited by `edit(dict)` (config and extras kept)."""
+    r = CheckpointReader(src_dir)
+    tensors = {n: r.get(n).clone() for n in r.names()}
+    edit(tensors)
+    write_checkpoint(dst, tensors)
+    (dst / "manifest.json").unlink()
+    for f in ("config.json", "hf_quant_config.json"):
+        (dst / f).write_text((src_dir / f).read_text())
+    return dst
+
+
+def test_clean_output_passes_with_a_table(converted):
+    src, out = converted
+    rep = validate_checkpoint(out)
+    assert rep["ok"] and {c["check"] for c in rep["checks"]} >= {"index", "layout", "scales", "decode"}
+    assert "OK" in format_report(rep)
+
+
+def _fails(rep, check, tensor):
+    assert not rep["ok"]
+    hits = [f for f in rep["failures"] if f["check"] == check and tensor in (f["at"] or "")]
+    assert hits, rep["failures"]
+    return hits[0]
+
+
+def test_zero_block_scale_and_split_fused_scale_are_named(converted, tmp_path):
+    src, out = converted
+    gate = "model.layers.1.mlp.experts.0.gate_proj"
+
+    def edit(t):
+        t[gate + ".weight_scale"][0, 0] = 0.0
+        t[gate + ".weight_scale_2"] = t[gate + ".weight_scale_2"] * 2
+
+    rep = validate_checkpoint(_rewrite(out, tmp_path / "bad", edit))
+    _fails(rep, "scales", gate + ".weight_scale")
+    assert any("fused group" in f["msg"] for f in rep["failures"])
+
+
+def test_nan_in_kept_tensor_and_source_mismatch(converted, tmp_path):
+    src, out = converted
+
+    def edit(t):
+        t["model.norm.weight"][3] = float("nan")
+        t["model.layers.0.self_attn.o_proj.weight"][0, 0] += 1
+
+    rep = validate_checkpoint(_rewrite(out, tmp_path / "bad", edit), against=src)
+    _fails(rep, "decode", "model.norm.weight")
+    _fails(rep, "source", "model.layers.0.self_attn.o_proj.weight")
+
+
+def test_wrong_ignore_list_and_broken_index(converted, tmp_path):
+    src, out = converted
+    bad = _rewrite(out, tmp_path / "bad", lambda t: None)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["ignore"].remove("lm_head")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _fails(validate_checkpoint(bad), "layout", "lm_head")
+    idx = json.loads((bad / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["ghost.weight"] = next(iter(idx["weight_map"].values()))
+    (bad / "model.safetensors.index.json").write_text(json.dumps(idx))
+    _fails(validate_checkpoint(bad), "index", "ghost.weight")
+
+
+def test_block_check_catches_a_wrong_layer(converted, tmp_path):
+    src, out = converted
+    down = "model.layers.0.mlp.down_proj"
+
+    def edit(t):  # swap packed rows: every scale stays valid, only the layer's math changes
+        t[down + ".weight"] = t[down + ".weight"].flip(0).contiguous()
+        t[down + ".weight_scale"] = t[down + ".weight_scale"].flip(0).contiguous()
+
+    rep = validate_checkpoint(_rewrite(out, tmp_path / "bad", edit), against=src)
+    _fails(rep, "block", "model.layers.0")
+
+
+def test_inject_mtp_copies_shared_embedding_and_head(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    stripped = tmp_path / "stripped"
+    drop = {f"model.layers.{n}.embed_tokens.weight", f"model.layers.{n}.shared_head.head.weight"}
+    r = CheckpointReader(src)
+    write_checkpoint(stripped, {k: r.get(k) for k in r.names() if k not in drop})
+    copy_extras(src, stripped)
+    res = inject_mtp(stripped, tmp_path / "final")
+    assert sorted(res["injected"]) == sorted(drop)
+    out = CheckpointReader(tmp_path / "final")
+    assert torch.equal(out.get(f"model.layers.{n}.embed_tokens.weight"), r.get("model.embed_tokens.weight"))
+    assert torch.equal(out.get(f"model.layers.{n}.shared_head.head.weight"), r.get("lm_head.weight"))
+    assert (tmp_path / "final" / "tokenizer.json").exists()
+    again = inject_mtp(tmp_path / "final", tmp_path / "final2")
+    assert again["injected"] == []
+
+
+def test_inject_mtp_v4_from_original(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("deepseek-v4", "fp8", mtp=True)
+    r = CheckpointReader(src)
+    no_mtp = tmp_path / "nomtp"
+    write_checkpoint(no_mtp, {k: r.get(k) for k in r.names() if not k.startswith(("mtp.", "model.mtp."))})
+    copy_extras(src, no_mtp)
+    res = inject_mtp(no_mtp, tmp_path / "final", mtp_from=src)
+    out = CheckpointReader(tmp_path / "final")
+    mtp = [n for n in out.names() if n.startswith(("mtp.", "model.mtp."))]
+    assert mtp and set(res["injected"]) == set(mtp)
+    assert all(out.meta(n).dtype_name != "F8_E4M3" for n in mtp)  # kept BF16
