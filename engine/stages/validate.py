@@ -16,10 +16,10 @@ from engine.stages.base import Stage, StageContext
 
 def _failed(report: Any) -> list[str]:
     r = jsonable(report)
-    if isinstance(r, dict):
-        if r.get("ok") is False or r.get("passed") is False:
-            errs = r.get("failures") or r.get("errors") or r.get("problems") or ["validation failed"]
-            return [str(e) for e in errs]
+    if isinstance(r, dict) and (r.get("ok") is False or r.get("passed") is False):
+        errs = r.get("failures") or r.get("errors") or r.get("problems") or ["validation failed"]
+        return [f"{e.get('msg')}" + (f" [{e.get('at')}]" if e.get("at") else "") if isinstance(e, dict) else str(e)
+                for e in errs]
     return []
 
 
@@ -32,18 +32,14 @@ class ValidateStage(Stage):
         reports: dict[str, Any] = {}
         problems: list[str] = []
         for d in output_dirs(p["dst"], p.get("layouts")):
-            rep = call_with_sink(validate_checkpoint, str(d), against=p.get("src"), sink=ctx.sink)
+            kw: dict[str, Any] = {"against": p.get("src")}
+            if p.get("amax"):
+                kw["amax"] = p["amax"]  # the snapshot is cross-checked with the export (engineer H's check)
+            if p.get("device") in ("cpu", "cuda"):
+                kw["device"] = p["device"]
+            rep = call_with_sink(validate_checkpoint, str(d), sink=ctx.sink, **kw)
             reports[str(d)] = jsonable(rep)
             problems += [f"{d}: {x}" for x in _failed(rep)]
-        if p.get("amax"):
-            try:
-                from engine.export import validate_amax  # engineer H's snapshot check, when present
-            except ImportError:
-                validate_amax = None
-            if validate_amax is not None:
-                rep = call_with_sink(validate_amax, p["amax"], model=p.get("src"), sink=ctx.sink)
-                reports["amax"] = jsonable(rep)
-                problems += [f"amax: {x}" for x in _failed(rep)]
         if p.get("report"):
             atomic_write_json(p["report"], reports)
         if problems:
