@@ -17,14 +17,20 @@ import click
 @click.option("--mtp", is_flag=True, help="add the MTP layer (V3 model.layers.{L}, V4 mtp.0)")
 @click.option("--shard-mb", type=float, default=None, help="shard size in MiB (default: about 4 shards)")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--v4-experts", type=click.Choice(["mxfp4", "fp8"]), default="mxfp4", show_default=True,
+              help="V4 fp8 routed experts: MXFP4 as released, or FP8 (the uniform-FP8 repackage)")
+@click.option("--v4-names", type=click.Choice(["native", "transformers"]), default="native", show_default=True,
+              help="V4 tensor names: DeepSeek's native ones, or transformers' save_pretrained ones (model. prefix)")
 @click.option("--force", is_flag=True, help="replace --out if it exists")
-def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, shard_mb, seed, force):
+def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, shard_mb, seed, v4_experts, v4_names,
+                force):
     """Build a tiny real DeepSeek V3/V4 checkpoint (random weights) to try quantdeck on."""
     from engine.checkpoint import CheckpointReader
     from engine.fixtures import build_fixture
 
     path = build_fixture(out, family=family, dtype=dtype, layers=layers, experts=experts, hidden=hidden,
-                         moe_inter=moe_inter, mtp=mtp, shard_mb=shard_mb, seed=seed, overwrite=force)
+                         moe_inter=moe_inter, mtp=mtp, shard_mb=shard_mb, seed=seed, v4_experts=v4_experts,
+                         v4_names=v4_names, overwrite=force)
     r = CheckpointReader(path)
     click.echo(f"built {family} {dtype} fixture: {len(r.names())} tensors in {len(r.shards())} shards, "
                f"{r.total_bytes / 1e6:.2f} MB", err=True)
