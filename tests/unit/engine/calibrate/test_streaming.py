@@ -18,6 +18,7 @@ def reference(v3_dir, samples_file):
     return layer_amax(reference_quantized_model(v3_dir, s.input_ids, batch_size=2))
 
 
+@pytest.mark.slow
 def test_amax_equals_whole_model_modelopt(v3_dir, samples_file, reference, tmp_path):
     events = []
 

@@ -6,6 +6,8 @@ import json
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow
 import torch
 from safetensors import safe_open
 
