@@ -1,7 +1,7 @@
 """DeepSeek V3 / R1 in the Hugging Face layout (`model.layers.N.self_attn.q_a_proj.weight`, ...).
 
 FP8 sources carry a float32 `X.weight_scale_inv` (128×128 blocks) next to every FP8 GEMM weight.
-MTP layer k lives at `model.layers.{num_hidden_layers + k}`: a full decoder block plus `embed_tokens`,
+V3.2's `self_attn.indexer.*` is preserved. MTP layer k lives at `model.layers.{num_hidden_layers + k}`: a full decoder block plus `embed_tokens`,
 `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and `shared_head.head`.
 """
 
@@ -72,6 +72,8 @@ def _classify_block(name: str, layer: int, rest: str, quantize_attention: bool) 
         return TensorInfo(name, Role.QUANTIZE, Kind.DENSE_MLP, layer=layer, gemm=True, fused_group=group, proj=proj)
     if rest in ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"):
         return TensorInfo(name, Role.PRESERVE, Kind.ROUTER, layer=layer)
+    if rest.startswith("self_attn.indexer."):  # V3.2 sparse-attention indexer: preserved
+        return TensorInfo(name, Role.PRESERVE, Kind.INDEXER, layer=layer, attention=True)
     if (m := _ATTN.match(rest)) and m.group(1) in ATTN_GEMMS:
         proj = m.group(1)
         group = None

@@ -93,6 +93,8 @@ def test_v3_roles_kinds_and_groups():
     kva = lay.classify("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", quantize_attention=True)
     assert qa.fused_group == kva.fused_group == "model.layers.0.self_attn.q_a+kv_a"
     assert lay.classify("model.layers.0.self_attn.q_b_proj.weight", quantize_attention=True).fused_group is None
+    idx = lay.classify("model.layers.1.self_attn.indexer.wq_b.weight")  # V3.2
+    assert (idx.role, idx.kind, idx.gemm) == (Role.PRESERVE, Kind.INDEXER, False)
 
 
 def test_v3_scale_companions_and_mtp():
