@@ -133,7 +133,7 @@ def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, p
     finally:
         result.retries += sess.retries - before
     progress.advance(0, force=True)
-    _remove_leftovers(work)
+    _remove_leftovers(work, keep={j.rel for j in jobs})
     _check_complete(jobs, work, u)
     os.replace(work, dst)
     man.mark_complete(str(dst))
@@ -167,11 +167,16 @@ def _record(man: TransferManifest, job: Job, exp: Expected, sha256: str, method:
                          "mtime_ns": st[1] if st else 0, "verified": method})
 
 
-def _remove_leftovers(work: Path) -> None:
-    """Half-downloaded temp files of a killed pull (ours and s3transfer's) never reach the checkpoint."""
+def _remove_leftovers(work: Path, keep: set[str] | None = None) -> None:
+    """Half-downloaded temp files of a killed pull (ours and s3transfer's) never reach the checkpoint; with
+    `keep`, neither do files of objects deleted from the bucket since an earlier, interrupted pull."""
     for p in work.rglob(f".*{TMP_SUFFIX}*"):
         if p.is_file():
             p.unlink(missing_ok=True)
+    if keep is not None:
+        for p in [p for p in work.rglob("*") if p.is_file()]:
+            if p.relative_to(work).as_posix() not in keep:
+                p.unlink()
 
 
 def _check_complete(jobs: list[Job], work: Path, u: S3Url) -> None:

@@ -101,6 +101,8 @@ def test_corrupted_object_is_detected_on_pull_then_resume_fetches_only_it(s3, tm
 
     # repair the object; the resumed pull fetches it alone (every other object is in the manifest)
     c.put_object(Bucket=bucket, Key=key, Body=good, Metadata=head["Metadata"])
+    (tmp_path / "out.partial" / "deleted-from-bucket.bin").write_bytes(b"stale")
+    (tmp_path / "out.partial" / f".{Path(key).name}.qd-download.1a2b3c").write_bytes(b"torn")
     server.clear()
     res = pull(f"s3://{bucket}/ck", dst, endpoint_url=server.url)
     gets = [r.path for r in server.requests if r.method == "GET" and "list-type" not in r.query]
