@@ -4,8 +4,7 @@
                                  [--peer ../shared/reference/seed_fp8_to_nvfp4_streaming.py]
 
 Input: a synthetic DeepSeek FP8 expert weight ([2048, 7168] float8_e4m3fn + 128×128 float32 scales).
-On CUDA, quantdeck's timing includes the host→device and device→host copies; the peer's input is moved to
-the device beforehand (untimed). Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
+On CUDA both contenders go from host FP8 tensors to host NVFP4 tensors (upload and download timed). Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
 block scales. Prints MB/s of FP8 input (best of --repeat) and the ratio to the peer. The peer module is
 imported by path (its code is not copied). Not a test: wall-clock numbers depend on the machine.
 """
@@ -68,13 +67,24 @@ def main(argv=None) -> int:
     outputs = {}
 
     def ours():
-        s2 = global_scale(fp8_block_amax(q, s, device=device))
-        outputs["ours"] = fp8_block_to_nvfp4(q, s, s2, device=device)
+        qd, sd = (q, s) if device == "cpu" else (q.to(device), s.to(device))  # one upload for amax + quantize
+        s2 = global_scale(fp8_block_amax(qd, sd, device=device))
+        outputs["ours"] = fp8_block_to_nvfp4(qd, sd, s2, device=device)
 
     t0 = time.perf_counter()
     ours()
     first = time.perf_counter() - t0
-    results["quantdeck (" + ("numba" if device == "cpu" else "cuda") + ")"] = best_time(ours, args.repeat)
+    if device == "cpu":
+        results["quantdeck (numba)"] = best_time(ours, args.repeat)
+    else:
+        import os
+
+        from engine.formats.nvfp4 import kernels_triton
+
+        if kernels_triton.available():
+            results["quantdeck (cuda, triton)"] = best_time(ours, args.repeat)
+        os.environ["QUANTDECK_NO_TRITON"] = "1"
+        results["quantdeck (cuda, torch ops)"] = best_time(ours, args.repeat)
 
     if not args.skip_torch_reference and device == "cpu":
 
@@ -89,9 +99,8 @@ def main(argv=None) -> int:
         peer = load_peer(args.peer)
         peer_name = "peer (seed_fp8_to_nvfp4_streaming)"
 
-        pq, ps = (q, s) if device == "cpu" else (q.to(device), s.to(device))  # peer gets device tensors, untimed
-
         def run_peer():
+            pq, ps = (q, s) if device == "cpu" else (q.to(device), s.to(device))  # host in, host out, as ours
             x = peer.dequant_fp8_to_fp32(pq, ps)
             s2 = peer.compute_global_scale(x)
             packed, bs = peer.quantize_to_nvfp4(x, s2)

@@ -12,7 +12,10 @@ from engine.formats.nvfp4 import kernels_cpu
 from engine.formats.nvfp4.dispatch import bf16_to_nvfp4, fp8_block_amax, fp8_block_to_nvfp4, resolve_device
 from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4, weight_amax
 
-requires_gpu = pytest.mark.requires_gpu
+def requires_gpu(fn):
+    """CUDA-only: CI deselects these (-m "not requires_gpu"); elsewhere without a GPU they skip."""
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    return pytest.mark.requires_gpu(no_gpu(fn))
 
 
 def _same(a, b):
@@ -88,12 +91,25 @@ def test_rejects_nan_codes_and_bad_device():
 
 
 @requires_gpu
-@pytest.mark.parametrize("shape,block,ue8m0", [((2048, 7168), (128, 128), False), ((200, 328), (128, 128), True)])
-def test_cuda_bytes_equal_cpu(shape, block, ue8m0):
+@pytest.mark.parametrize("triton", ["1", "0"])
+@pytest.mark.parametrize(
+    "shape,block,ue8m0",
+    [((2048, 7168), (128, 128), False), ((200, 328), (128, 128), True), ((70, 100), (32, 48), False)],
+)
+def test_cuda_bytes_equal_cpu(shape, block, ue8m0, triton, monkeypatch):
+    monkeypatch.setenv("QUANTDECK_NO_TRITON", "0" if triton == "1" else "1")
     q, s = _fp8(shape, block, ue8m0, seed=1)
-    amax_cpu = fp8_block_amax(q, s, device="cpu")
-    assert torch.equal(fp8_block_amax(q, s, device="cuda"), amax_cpu)
+    amax_cpu = fp8_block_amax(q, s, device="cpu", block=block)
+    assert torch.equal(fp8_block_amax(q, s, device="cuda", block=block), amax_cpu)
     s2 = global_scale(amax_cpu)
-    _same(fp8_block_to_nvfp4(q, s, s2, device="cuda"), fp8_block_to_nvfp4(q, s, s2, device="cpu"))
-    w = dequant_fp8_block(q, s).to(torch.bfloat16)
+    _same(fp8_block_to_nvfp4(q, s, s2, device="cuda", block=block), fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block))
+    for f in (37.0, 1e-3):  # block scales clamped low / high
+        _same(
+            fp8_block_to_nvfp4(q, s, s2 * f, device="cuda", block=block),
+            fp8_block_to_nvfp4(q, s, s2 * f, device="cpu", block=block),
+        )
+    w = dequant_fp8_block(q, s, block).to(torch.bfloat16)
     _same(bf16_to_nvfp4(w, s2, device="cuda"), bf16_to_nvfp4(w, s2, device="cpu"))
+    qd, sd = q.cuda(), s.cuda()  # already on the device: nothing is copied up, results still on the host
+    assert torch.equal(fp8_block_amax(qd, sd, device="cuda", block=block), amax_cpu)
+    _same(fp8_block_to_nvfp4(qd, sd, s2, device="cuda", block=block), fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block))
