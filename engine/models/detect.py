@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-from engine.models.base import ModelLayout, Role, config_experts, config_layers
+from engine.models.base import ModelLayout, Role, config_experts, config_layers, layer_index
 from engine.models.generic import GenericLayout
 from engine.names import Family
 
@@ -60,6 +60,11 @@ def detect_layout(config: dict | None, names: Iterable[str]) -> ModelLayout:
     names = list(names)
     config = dict(config or {})
     family = detect_family(config, names)
+    if family is Family.DEEPSEEK_V3 and config_layers(config) is None:
+        # no config: the first layer holding MTP's eh_proj is where MTP starts
+        mtp = [layer_index(n) for n in names if n.endswith(".eh_proj.weight")]
+        if mtp and None not in mtp:
+            config["num_hidden_layers"] = min(mtp)  # type: ignore[type-var]
     if family is Family.GENERIC:
         suffix = ".scale" if any(n.endswith(".scale") and n[:-6] + ".weight" in set(names) for n in names) else ".weight_scale_inv"
         return GenericLayout(config, scale_suffix=suffix)

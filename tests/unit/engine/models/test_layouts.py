@@ -159,6 +159,7 @@ def test_detect_layout_by_config_and_by_names():
     assert isinstance(detect_layout({}, v4_names("model.")), DeepseekV4Layout)  # no config: names decide
     assert isinstance(detect_layout({"model_type": "deepseek_v3"}, v4_names()), DeepseekV4Layout)  # names win
     assert isinstance(detect_layout({}, v3_names()), DeepseekV3Layout)
+    assert detect_layout({}, v3_names()).classify("model.layers.2.mlp.experts.0.up_proj.weight").mtp  # via eh_proj
     g = detect_layout({"model_type": "llama", "num_hidden_layers": 1},
                       ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"])
     assert isinstance(g, GenericLayout) and g.family is Family.GENERIC
