@@ -68,7 +68,7 @@ def write_samples(path: Path, n: int | None = None) -> Path:
 
 
 def reference_quantized_model(model_dir: Path, input_ids, batch_size: int, world_size: int = 1,
-                              quant_cfg: str = "NVFP4_DEFAULT_CFG"):
+                              quant_cfg: str = "NVFP4_DEFAULT_CFG", device: str = "cpu"):
     """modelopt's whole-model flow on the same batches every rank would see: from_pretrained + mtq.quantize."""
     import contextlib
     import sys
@@ -80,12 +80,12 @@ def reference_quantized_model(model_dir: Path, input_ids, batch_size: int, world
     from engine.calibrate.batches import plan_batches
     from engine.calibrate.qconfig import resolve_quant_cfg
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).to(device).eval()
     batches = [b for r in range(world_size) for b in plan_batches(input_ids, batch_size, world_size, r, 0)]
 
     def loop(m):
         for b in batches:
-            m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            m(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
 
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         mtq.quantize(model, resolve_quant_cfg(quant_cfg), loop)
