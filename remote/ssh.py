@@ -284,11 +284,10 @@ class SSHConnection:
                         raise RemoteError(f"{self.host.name}: connection lost while running a command",
                                           at=self.host.name)
                     time.sleep(0.01)
-            if not chan.status_event.is_set():  # closed without an exit status: the connection went away
-                chan.close()
-                raise paramiko.SSHException("channel closed before the command's exit status arrived")
-            rc = chan.recv_exit_status()
+            rc = chan.recv_exit_status() if chan.status_event.is_set() else -1
             chan.close()
+            if rc == -1:  # paramiko's "closed without an exit status": the connection went away under it
+                raise paramiko.SSHException("channel closed before the command's exit status arrived")
         except (paramiko.SSHException, OSError, EOFError) as e:
             self.close()
             raise RemoteError(f"{self.host.name}: connection lost: {type(e).__name__}: {e}", at=self.host.name,
