@@ -37,6 +37,7 @@ __all__ = [
     "infer_block",
     "scale_grid",
     "scale_to_fp32",
+    "scales_from_amax",
 ]
 
 
@@ -116,18 +117,21 @@ def cast_fp8_block(
     if not bool(torch.isfinite(x).all()):
         raise FormatError("weight holds inf or NaN", at="cast_fp8_block", hint="fix the source weight first")
     block = (int(block[0]), int(block[1]))
-    amax = _block_amax(x, block)
+    stored, scale32 = scales_from_amax(_block_amax(x, block), ue8m0)
+    q = (x / _expand(scale32, tuple(x.shape), block)).clamp_(-FP8_MAX, FP8_MAX)
+    return q.to(torch.float8_e4m3fn), stored
+
+
+def scales_from_amax(amax: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored scale, its float32 value) from float32 tile amax, by the rules in the module docstring."""
     if ue8m0:
         k = _ue8m0_exponent(amax)
         k = torch.where(amax > 0, k, torch.zeros_like(k)).clamp(-E8M0_BIAS, E8M0_BIAS)
         stored = e8m0_from_exponent(k)
-        scale32 = scale_to_fp32(stored)
-    else:
-        scale32 = amax / FP8_MAX
-        scale32 = torch.where(scale32 > 0, scale32, torch.ones_like(scale32))
-        stored = scale32
-    q = (x / _expand(scale32, tuple(x.shape), block)).clamp_(-FP8_MAX, FP8_MAX)
-    return q.to(torch.float8_e4m3fn), stored
+        return stored, scale_to_fp32(stored)
+    scale32 = amax / FP8_MAX
+    scale32 = torch.where(scale32 > 0, scale32, torch.ones_like(scale32))
+    return scale32, scale32
 
 
 def dequant_fp8_block(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:

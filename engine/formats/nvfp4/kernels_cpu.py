@@ -12,26 +12,16 @@ Kernels (all take numpy views of torch tensors, no copies):
     orders e4m3 values) times the tile scale — equal to `dequant(w).abs().amax()` because rounding is monotone.
 Every float op is the same float32 op, in the same order, as the reference (modelopt's), so bytes match.
 
-Compiled code is cached on disk (`cache=True`) under NUMBA_CACHE_DIR, which defaults here to
-`<user cache dir>/quantdeck/numba` so installs in read-only site-packages still cache.
+Compiled code is cached on disk (`cache=True`) under NUMBA_CACHE_DIR (engine/formats/numba_setup.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
-if "NUMBA_CACHE_DIR" not in os.environ:  # must be set before numba reads its config
-    import platformdirs
+import numpy as np
 
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(platformdirs.user_cache_dir("quantdeck"), "numba")
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
-
-if not getattr(numba.config, "CACHE_DIR", ""):  # numba was imported before us: point it at the same place
-    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+from engine.formats.numba_setup import njit, prange
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -44,7 +34,7 @@ _B4, _B5, _B6 = np.float32(2.5), np.float32(3.5), np.float32(5.0)
 
 @njit(cache=True, inline="always")
 def _e4m3_code(s):
-    """float8_e4m3fn byte of a float32 in [2^-9, 448], round to nearest even."""
+    """float8_e4m3fn byte of a float32 in [0, 448], round to nearest even (sign handled by callers)."""
     sd = np.float64(s)
     if sd < 0.015625:  # subnormal: k · 2^-9, k = 8 is the first normal (code 8) as well
         return np.uint8(np.rint(sd * 512.0))

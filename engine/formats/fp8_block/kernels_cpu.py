@@ -1,0 +1,63 @@
+"""numba kernels for DeepSeek FP8 block-128 on CPU: tile amax, cast to e4m3 codes, dequant to fp32.
+
+Bit-exact with engine/formats/fp8_block/helpers.py: the same float32 division / multiplication, e4m3
+round-to-nearest-even with the sign of the quotient kept (-0.0 → 0x80), clamp to ±448 first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.formats.numba_setup import njit, prange
+from engine.formats.nvfp4.kernels_cpu import _e4m3_code
+
+_F448 = np.float32(448.0)
+
+
+@njit(parallel=True, cache=True)
+def row_tile_amax_kernel(x, bi, out):
+    """out[r, t] = max |x[r, c]| over column tile t (width bi); x float32 [o, i]."""
+    o, i = x.shape
+    gi = (i + bi - 1) // bi
+    for r in prange(o):
+        for t in range(gi):
+            m = np.float32(0.0)
+            for c in range(t * bi, min(i, (t + 1) * bi)):
+                m = max(m, abs(x[r, c]))
+            out[r, t] = m
+
+
+@njit(parallel=True, cache=True)
+def cast_kernel(x, s32, bo, bi, out):
+    """out[r, c] = e4m3 byte of clamp(x[r, c] / s32[tile], ±448); x float32, s32 float32 tile scales."""
+    o, i = x.shape
+    gi = (i + bi - 1) // bi
+    for r in prange(o):
+        tr = r // bo
+        for t in range(gi):
+            sv = s32[tr, t]
+            for c in range(t * bi, min(i, (t + 1) * bi)):
+                v = x[r, c] / sv
+                if v > _F448:
+                    v = _F448
+                elif v < -_F448:
+                    v = -_F448
+                code = _e4m3_code(abs(v))
+                if math.copysign(1.0, v) < 0.0:
+                    code |= np.uint8(0x80)
+                out[r, c] = code
+
+
+@njit(parallel=True, cache=True)
+def dequant_kernel(wb, sc, bo, bi, lut, out):
+    """out[r, c] = lut[wb[r, c]] × sc[tile] in float32 (NaN codes decode to NaN; callers check)."""
+    o, i = wb.shape
+    gi = (i + bi - 1) // bi
+    for r in prange(o):
+        tr = r // bo
+        for t in range(gi):
+            sv = sc[tr, t]
+            for c in range(t * bi, min(i, (t + 1) * bi)):
+                out[r, c] = lut[wb[r, c]] * sv
