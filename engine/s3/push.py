@@ -75,6 +75,7 @@ def push(src: str | os.PathLike, url: str, *, endpoint_url: str | None = None, p
     jobs = [Job(rel=rel, key=u.key_for(rel), size=p.stat().st_size, local=p) for rel, p in files]
     result = TransferResult("push", str(u), str(src), objects=len(jobs), bytes=sum(j.size for j in jobs),
                             manifest=str(mpath))
+    _warn_extra_objects(sess, u, {j.key for j in jobs}, sink)
     todo = _unverified(sess, u, man, jobs, opts)
     result.skipped = len(jobs) - len(todo)
     progress = Progress(sink, "objects", len(todo), bytes_total=sum(j.size for j in todo))
@@ -118,6 +119,19 @@ def push(src: str | os.PathLike, url: str, *, endpoint_url: str | None = None, p
                                        f"{result.seconds:.1f}s, {result.retries} retries")
     sink.emit("metric", name="s3.retries", value=result.retries)
     return result
+
+
+def _warn_extra_objects(sess: S3Session, u: S3Url, keys: set[str], sink: EventSink) -> None:
+    """Objects under the prefix that SRC does not have (an older push?) are left alone, but said."""
+    from engine.s3.pull import list_objects
+
+    try:
+        extra = sorted(j.key for j in list_objects(sess, u) if j.key not in keys)
+    except TransferError:  # no s3:ListBucket: only this warning is lost
+        return
+    if extra:
+        sink.emit("log", level="warning", msg=f"{len(extra)} object(s) under {u} are not in the local directory and "
+                                              f"are left as they are (e.g. {u.url_for(extra[0])})")
 
 
 def _unverified(sess: S3Session, u: S3Url, man: TransferManifest, jobs: list[Job],

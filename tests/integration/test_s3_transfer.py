@@ -57,8 +57,13 @@ def test_push_then_pull_is_byte_identical_multipart_and_ordered(s3, tmp_path):
     assert all(k in prog[-1] for k in ("rate", "eta_s", "bytes_total"))
 
     server.clear()
-    again = push(src, f"s3://{bucket}/models/ckpt", endpoint_url=server.url, part_size=5 * MiB)
-    assert (again.transferred, again.skipped) == (0, 7) and server.puts() == []
+    c.put_object(Bucket=bucket, Key="models/ckpt/old-model-00009.safetensors", Body=b"older push")
+    evs2, sink2 = _events()
+    again = push(src, f"s3://{bucket}/models/ckpt", endpoint_url=server.url, part_size=5 * MiB, sink=sink2)
+    assert (again.transferred, again.skipped) == (0, 7) and len(server.puts()) == 1
+    assert any("1 object(s) under" in e.data["msg"] and "old-model-00009" in e.data["msg"]
+               for e in evs2 if e.kind == "log")
+    c.delete_object(Bucket=bucket, Key="models/ckpt/old-model-00009.safetensors")
 
     dst = tmp_path / "pulled" / "ckpt"
     got = pull(f"s3://{bucket}/models/ckpt", dst, endpoint_url=server.url, part_size=8 * MiB, concurrency=3)
