@@ -91,7 +91,8 @@ def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, p
     if need + reserve_bytes + DISK_MARGIN > free:
         keep = f" + {_gib(reserve_bytes)} to keep free" if reserve_bytes else ""
         raise TransferError(f"not enough disk for the pull: {_gib(need)} to download{keep}, {_gib(free)} free",
-                            at=str(work), hint="free space there or pull to another filesystem; nothing was transferred",
+                            at=str(work),
+                            hint="free space there or pull to another filesystem; nothing was transferred",
                             title="disk too small")
     sink.emit("log", level="info", msg=f"pull {u} → {dst}: {len(jobs)} objects, {_gib(result.bytes)}; "
                                        f"{result.skipped} already verified, {len(todo)} to fetch ({_gib(need)})")

@@ -38,7 +38,8 @@ class TransferOptions:
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
-            raise TransferError(f"part size {self.part_size / MiB:g} MiB is below S3's minimum of 5 MiB", at="part_size",
+            raise TransferError(f"part size {self.part_size / MiB:g} MiB is below S3's minimum of 5 MiB",
+                                at="part_size",
                                 hint="use --part-size 5MiB or more (64MiB suits multi-GB shards)")
         if self.concurrency < 1 or self.part_concurrency < 1 or self.retries < 0:
             raise TransferError("concurrency must be >= 1 and retries >= 0", at="concurrency",

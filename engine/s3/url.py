@@ -34,7 +34,8 @@ class S3Url:
         rel = key[len(self.list_prefix):]
         if not rel or any(p in ("", "..", ".") for p in rel.split("/")):
             raise TransferError(f"object key {key!r} cannot be stored under a local directory",
-                                at=self.url_for(key), hint="rename the object; keys with '..', '.' or empty path parts are refused")
+                                at=self.url_for(key),
+                                hint="rename the object; keys with '..', '.' or empty path parts are refused")
         return rel
 
 
