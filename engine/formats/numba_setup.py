@@ -19,4 +19,12 @@ from numba import njit, prange  # noqa: E402
 if not getattr(numba.config, "CACHE_DIR", ""):  # numba was imported before us: point it at the same place
     numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
-__all__ = ["njit", "prange"]
+import threading  # noqa: E402
+
+# Parallel kernels already use every core, and numba's fallback "workqueue" threading layer crashes on
+# concurrent launches: callers hold this lock around each kernel call (a converter's reader/writer threads
+# may call in at the same time). With libgomp ("omp"), do not fork a process that has run kernels;
+# use the spawn start method for worker processes.
+KERNEL_LOCK = threading.Lock()
+
+__all__ = ["KERNEL_LOCK", "njit", "prange"]

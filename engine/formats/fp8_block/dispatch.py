@@ -34,6 +34,7 @@ def cast_fp8_block_fast(
     if w.dim() != 2 or w.numel() == 0 or not w.is_floating_point():
         raise FormatError(f"cast_fp8_block needs a non-empty 2-D float tensor, got {tuple(w.shape)}", at="cast_fp8_block")
     from engine.formats.fp8_block import kernels_cpu
+    from engine.formats.numba_setup import KERNEL_LOCK
 
     x = w.detach().cpu().to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
@@ -43,11 +44,13 @@ def cast_fp8_block_fast(
     go, gi = scale_grid((o, i), block)
     xn = x.numpy()
     rows = np.zeros((go * bo, gi), np.float32)
-    kernels_cpu.row_tile_amax_kernel(xn, bi, rows[:o])
+    with KERNEL_LOCK:
+        kernels_cpu.row_tile_amax_kernel(xn, bi, rows[:o])
     amax = torch.from_numpy(rows.reshape(go, bo, gi).max(axis=1))
     stored, scale32 = scales_from_amax(amax, ue8m0)
     out = np.empty((o, i), np.uint8)
-    kernels_cpu.cast_kernel(xn, scale32.contiguous().numpy(), bo, bi, out)
+    with KERNEL_LOCK:
+        kernels_cpu.cast_kernel(xn, scale32.contiguous().numpy(), bo, bi, out)
     return torch.from_numpy(out).view(torch.float8_e4m3fn), stored
 
 
@@ -62,6 +65,7 @@ def dequant_fp8_block_fast(
     if dev != "cpu":
         return dequant_fp8_block(w_fp8.to(dev), scale.to(dev), blk).to(dtype).cpu()
     from engine.formats.fp8_block import kernels_cpu
+    from engine.formats.numba_setup import KERNEL_LOCK
 
     wb = w_fp8.detach().cpu().contiguous().view(torch.uint8)
     if bool(((wb & 0x7F) == 0x7F).any()):
@@ -69,7 +73,8 @@ def dequant_fp8_block_fast(
     s = scale_to_fp32(scale).detach().cpu().contiguous()
     o, i = wb.shape
     out = np.empty((o, i), np.float32)
-    kernels_cpu.dequant_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], _E4M3_LUT, out)
+    with KERNEL_LOCK:
+        kernels_cpu.dequant_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], _E4M3_LUT, out)
     t = torch.from_numpy(out)
     return t if dtype == torch.float32 else t.to(dtype)
 

@@ -59,6 +59,7 @@ def fp8_block_to_nvfp4(
 
         return fp8_block_to_nvfp4_cuda(w_fp8, scale_inv, blk, scale_2, dev)
     from engine.formats.nvfp4 import kernels_cpu
+    from engine.formats.numba_setup import KERNEL_LOCK
 
     s2 = np.float32(as_scale_2(scale_2).item())
     o, i = w_fp8.shape
@@ -66,7 +67,8 @@ def fp8_block_to_nvfp4(
     packed = np.empty((o, packed_cols(i)), np.uint8)
     bs = np.empty((o, -(-i // 16)), np.uint8)
     bad = np.zeros(o, np.uint8)
-    kernels_cpu.fp8_block_to_nvfp4_kernel(wb, _scale_np(scale_inv), blk[0], blk[1], s2, _E4M3_LUT, packed, bs, bad)
+    with KERNEL_LOCK:
+        kernels_cpu.fp8_block_to_nvfp4_kernel(wb, _scale_np(scale_inv), blk[0], blk[1], s2, _E4M3_LUT, packed, bs, bad)
     if bad.any():
         raise FormatError(f"FP8 weight holds NaN codes (row {int(bad.argmax())})", at="fp8_block_to_nvfp4")
     return torch.from_numpy(packed), torch.from_numpy(bs).view(torch.float8_e4m3fn)
@@ -82,6 +84,7 @@ def bf16_to_nvfp4(w: torch.Tensor, scale_2, device: str = "auto") -> tuple[torch
 
         return bf16_to_nvfp4_cuda(w, scale_2, dev)
     from engine.formats.nvfp4 import kernels_cpu
+    from engine.formats.numba_setup import KERNEL_LOCK
 
     s2 = np.float32(as_scale_2(scale_2).item())
     x = w.detach().cpu().to(torch.float32).contiguous()
@@ -90,7 +93,8 @@ def bf16_to_nvfp4(w: torch.Tensor, scale_2, device: str = "auto") -> tuple[torch
     o, i = x.shape
     packed = np.empty((o, packed_cols(i)), np.uint8)
     bs = np.empty((o, -(-i // 16)), np.uint8)
-    kernels_cpu.fp32_to_nvfp4_kernel(x.numpy(), s2, _E4M3_LUT, packed, bs)
+    with KERNEL_LOCK:
+        kernels_cpu.fp32_to_nvfp4_kernel(x.numpy(), s2, _E4M3_LUT, packed, bs)
     return torch.from_numpy(packed), torch.from_numpy(bs).view(torch.float8_e4m3fn)
 
 
@@ -103,12 +107,14 @@ def fp8_block_amax(w_fp8: torch.Tensor, scale_inv: torch.Tensor, device: str = "
 
         return fp8_block_amax_cuda(w_fp8, scale_inv, blk, dev)
     from engine.formats.nvfp4 import kernels_cpu
+    from engine.formats.numba_setup import KERNEL_LOCK
 
     o, i = w_fp8.shape
     bo, bi = blk
     go, gi = -(-o // bo), -(-i // bi)
     rowmax = np.zeros((o, gi), np.uint8)
-    kernels_cpu.fp8_tile_max_byte_kernel(w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy(), bi, rowmax)
+    with KERNEL_LOCK:
+        kernels_cpu.fp8_tile_max_byte_kernel(w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy(), bi, rowmax)
     if (rowmax == 0x7F).any():
         raise FormatError("FP8 weight holds NaN codes", at="fp8_block_amax", hint="the source is corrupt")
     pad = np.zeros((go * bo, gi), np.uint8)

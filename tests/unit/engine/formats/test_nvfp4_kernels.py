@@ -113,3 +113,15 @@ def test_cuda_bytes_equal_cpu(shape, block, ue8m0, triton, monkeypatch):
     qd, sd = q.cuda(), s.cuda()  # already on the device: nothing is copied up, results still on the host
     assert torch.equal(fp8_block_amax(qd, sd, device="cuda", block=block), amax_cpu)
     _same(fp8_block_to_nvfp4(qd, sd, s2, device="cuda", block=block), fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block))
+
+
+def test_concurrent_calls_from_threads_are_safe():
+    from concurrent.futures import ThreadPoolExecutor
+
+    q, s = _fp8((256, 256), seed=7)
+    s2 = global_scale(fp8_block_amax(q, s, device="cpu"))
+    want = quantize_nvfp4(dequant_fp8_block(q, s), s2)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: fp8_block_to_nvfp4(q, s, s2, device="cpu"), range(8)))
+    for got in results:
+        _same(got, want)
