@@ -45,6 +45,10 @@ def test_each_error_gives_its_message(s3, tmp_path, monkeypatch):
     seen: list[TransferError] = []
     src = make_checkpoint(tmp_path / "src", big_mib=1)
 
+    # the preflight check passes quietly where all is well
+    assert check_reachable("s3://qd-errors/ck", server.url, need_objects=True) is None
+    assert check_reachable("s3://qd-errors/not-yet-pushed", server.url) is None
+
     # bucket missing: pull, push and the preflight check
     for e in (_raises(pull, "s3://qd-nosuchbucket/ck", tmp_path / "a", endpoint_url=server.url, sink=sink),
               _raises(push, src, "s3://qd-nosuchbucket/ck", endpoint_url=server.url, sink=sink),
