@@ -51,17 +51,32 @@ def shared_sources(prefix: str, names: set[str]) -> dict[str, str]:
     return {prefix + k: v for k, v in _V3_SHARED.items()}
 
 
+def _scale_of(reader: CheckpointReader, name: str) -> str | None:
+    """The block-scale companion of an FP8 or MXFP4 weight, or None for a plain tensor."""
+    if not name.endswith(".weight") or reader.meta(name).dtype_name not in ("F8_E4M3", "U8", "I8"):
+        return None
+    base = name[: -len(".weight")]
+    return next((sc for sc in (base + ".weight_scale_inv", base + ".scale") if sc in reader), None)
+
+
+def _bf16_shape(reader: CheckpointReader, name: str) -> tuple[int, ...]:
+    m = reader.meta(name)
+    return (m.shape[0], m.shape[1] * 2) if m.dtype_name in ("U8", "I8") else m.shape
+
+
 def _to_bf16(reader: CheckpointReader, name: str) -> torch.Tensor:
     t = reader.get(name)
+    sc = _scale_of(reader, name)
+    if sc is None:
+        return t
+    s = reader.get(sc)
     if t.dtype == torch.float8_e4m3fn:
         from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
 
-        base = name[: -len(".weight")]
-        for sc in (base + ".weight_scale_inv", base + ".scale"):
-            if sc in reader:
-                s = reader.get(sc)
-                return dequant_fp8_block(t, s, infer_block(tuple(t.shape), tuple(s.shape))).to(torch.bfloat16)
-    return t
+        return dequant_fp8_block(t, s, infer_block(tuple(t.shape), tuple(s.shape))).to(torch.bfloat16)
+    from engine.formats.mxfp4.helpers import dequant_mxfp4
+
+    return dequant_mxfp4(t, s).to(torch.bfloat16)
 
 
 def inject_mtp(src: str | os.PathLike, dst: str | os.PathLike, *, mtp_from: str | os.PathLike | None = None,
@@ -94,10 +109,13 @@ def inject_mtp(src: str | os.PathLike, dst: str | os.PathLike, *, mtp_from: str 
 
     def spec(n: str) -> TensorSpec:
         where, s = extra.get(n, ("self", n))
-        r = origin if where == "origin" else reader
-        m = r.meta(s)
-        dt = "BF16" if m.dtype_name == "F8_E4M3" else m.dtype_name
-        return TensorSpec(n, dt, m.shape)
+        if where == "origin":  # MTP layer taken from the original: FP8 weights become BF16
+            if _scale_of(origin, s):
+                return TensorSpec(n, "BF16", _bf16_shape(origin, s))
+            m = origin.meta(s)
+            return TensorSpec(n, m.dtype_name, m.shape)
+        m = reader.meta(s)
+        return TensorSpec(n, m.dtype_name, m.shape)
 
     units = [[spec(n) for n in reader.names_in(sh)] for sh in reader.shards()]
     if extra:
@@ -112,7 +130,7 @@ def inject_mtp(src: str | os.PathLike, dst: str | os.PathLike, *, mtp_from: str 
         sf = writer.open_shard(plan)
         for t in plan.tensors:
             where, s = extra.get(t.name, ("self", t.name))
-            sf.write(t.name, _to_bf16(origin if where == "origin" else reader, s))
+            sf.write(t.name, _to_bf16(origin, s) if where == "origin" else reader.get(s))
             progress.advance(1, label=t.name)
         sf.close()
     if not writer.already_complete:

@@ -125,4 +125,4 @@ def test_inject_mtp_v4_from_original(tiny_ckpt, tmp_path):
     out = CheckpointReader(tmp_path / "final")
     mtp = [n for n in out.names() if n.startswith(("mtp.", "model.mtp."))]
     assert mtp and set(res["injected"]) == set(mtp)
-    assert all(out.meta(n).dtype_name != "F8_E4M3" for n in mtp)  # kept BF16
+    assert all(out.meta(n).dtype_name not in ("F8_E4M3", "U8", "I8") for n in mtp)  # kept BF16

@@ -1,0 +1,55 @@
+"""`quantdeck convert / validate / inject-mtp` through the real CLI entry point (stdout data, stderr chatter,
+exit codes from engine.errors)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from console.cli import main
+from engine.checkpoint import CheckpointReader, write_checkpoint
+from engine.errors import ExitCode
+from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
+
+
+def test_convert_validate_inject_cli(tiny_ckpt, tmp_path, capsys):
+    src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
+    out = tmp_path / "out"
+    assert main(["convert", "--src", str(src), "--dst", str(out), "--to", "nvfp4", "--json"]) == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out)
+    assert summary["outputs"] == {"modelopt": str(out)} and summary["quantized_modules"] > 0
+    assert "progress:" in cap.err or "\r[" in cap.err
+
+    assert main(["validate", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] and rep["format"] == "nvfp4"
+
+    # break one tensor: validate exits with the validation code and names it
+    r = CheckpointReader(out)
+    tensors = {n: r.get(n).clone() for n in r.names()}
+    bad_name = next(n for n in tensors if n.endswith(".weight_scale_2"))
+    tensors[bad_name] = torch.tensor(float("nan"))
+    bad = tmp_path / "bad"
+    write_checkpoint(bad, tensors)
+    (bad / "config.json").write_text((out / "config.json").read_text())
+    code = main(["validate", str(bad)])
+    cap = capsys.readouterr()
+    assert code == ExitCode.VALIDATION
+    assert "quantdeck: error:" in cap.err and bad_name in cap.err and "FAIL" in cap.out
+
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert main(["inject-mtp", str(out), str(tmp_path / "final")]) == 0
+    assert "injected" in capsys.readouterr().out
+    assert f"model.layers.{n}.shared_head.head.weight" in CheckpointReader(tmp_path / "final")
+
+
+def test_convert_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
+    assert main(["convert", "--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "o"), "--to", "bf16"]) \
+        == ExitCode.INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("quantdeck: error:") and "hint:" in err
+    src = tiny_ckpt("deepseek-v3", "bf16")
+    assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "o"), "--to", "bf16",
+                 "--shard-size", "lots"]) == ExitCode.USAGE
