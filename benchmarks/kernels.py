@@ -124,7 +124,29 @@ def main(argv=None) -> int:
     for name, t in results.items():
         ratio = f"{peer_t / t:8.1f}" if peer_t else "       -"
         print(f"{name:40s} {t:9.4f} {mb / t:9.1f} {ratio}")
+    if device == "cpu" and not args.skip_torch_reference:
+        _fp8_block_table(w, q, s, args.repeat)
     return 0
+
+
+def _fp8_block_table(w, q, s, repeat: int) -> None:
+    """FP8 block-128 cast (BF16 in) and dequant to BF16 (FP8 in): numba vs the torch reference."""
+    import torch
+
+    from engine.formats.fp8_block.dispatch import cast_fp8_block_fast, dequant_fp8_block_fast
+    from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
+
+    wb = w.to(torch.bfloat16)
+    rows = {
+        "fp8-block cast, numba (BF16 in)": (lambda: cast_fp8_block_fast(wb, device="cpu"), wb.numel() * 2),
+        "fp8-block cast, torch (BF16 in)": (lambda: cast_fp8_block(wb), wb.numel() * 2),
+        "dequant to BF16, numba (FP8 in)": (lambda: dequant_fp8_block_fast(q, s, device="cpu", dtype=torch.bfloat16), q.numel()),
+        "dequant to BF16, torch (FP8 in)": (lambda: dequant_fp8_block(q, s).to(torch.bfloat16), q.numel()),
+    }
+    print(f"{'fp8-block kernels':40s} {'best s':>9s} {'MB/s':>9s}")
+    for name, (fn, nbytes) in rows.items():
+        t = best_time(fn, max(1, repeat // 2))
+        print(f"{name:40s} {t:9.4f} {nbytes / 1e6 / t:9.1f}")
 
 
 if __name__ == "__main__":
