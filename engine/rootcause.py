@@ -2,7 +2,7 @@
 
 Classes (their names go verbatim into status.json `error_class` and the store's root cause):
     cuda-oom, host-oom, killed, illegal-memory-access, nccl-timeout, disk-full, file-missing,
-    bad-samples, ssh-lost, interrupted, worker-lost, unknown
+    bad-samples, ssh-lost, interrupted, validation-failed, worker-lost, unknown
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ HINTS = {r[0]: r[3] for r in RULES}
 HINTS.update({
     "killed": "killed by a signal (SIGKILL: often the host OOM killer — see `dmesg`); `quantdeck resume RUN`",
     "worker-lost": "the worker vanished without a final status; check its log, then `quantdeck resume RUN`",
+    "validation-failed": "the output failed validation: read stages/validate/report.json (`quantdeck logs RUN validate`)",
     "unknown": "read the log (`quantdeck logs RUN STAGE`); `quantdeck resume RUN` once fixed",
 })
 
@@ -82,10 +83,12 @@ def classify(text: str = "", *, exit_code: int | None = None, exc: BaseException
     """Classify a failure from an exception, a traceback/log tail and/or the process's exit code
     (negative = killed by that signal, as subprocess reports it)."""
     if exc is not None:
-        from engine.errors import DiskFullError, SamplesError
+        from engine.errors import DiskFullError, SamplesError, ValidationFailedError
 
         if isinstance(exc, DiskFullError):
             return RootCause("disk-full", _one(exc), HINTS["disk-full"])
+        if isinstance(exc, ValidationFailedError):
+            return RootCause("validation-failed", _one(exc), HINTS["validation-failed"])
         if isinstance(exc, SamplesError):
             return RootCause("bad-samples", _one(exc), HINTS["bad-samples"])
         if isinstance(exc, (KeyboardInterrupt,)):
@@ -134,6 +137,5 @@ def _sig_name(sig: int) -> str:
 
 
 def _one(exc: BaseException) -> str:
-    msg = getattr(exc, "one_line", None)
-    text = msg() if callable(msg) else str(exc)
+    text = exc.msg if isinstance(getattr(exc, "msg", None), str) else str(exc)
     return f"{type(exc).__name__}: {text}".splitlines()[0][:300] if text else type(exc).__name__
