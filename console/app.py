@@ -46,8 +46,10 @@ class QuantdeckApp(App):
         super().__init__()
         self.backend, self.fleet, self.run_id = backend, fleet, run_id
         self.clock, self.follow_s, self.recipe_hint = clock, follow_s, recipe_hint
-        self.run: RunView | None = None
+        self.run_view: RunView | None = None
         self.nodes: tuple[NodeView, ...] = ()
+        self.log_stage: str | None = None
+        self.log_lines: list[str] = []  # the tail shown, kept here so a dashboard composed later can show it
         self.busy: str | None = None  # an action handed to the engine and not yet answered
         self.followed_stage: str | None = None  # chosen on the UI thread, read by the follow worker
         self.keys = {kb.action: kb.key for kb in (keymap or default_keymap())}
@@ -73,8 +75,10 @@ class QuantdeckApp(App):
         self._wake.set()
 
     @property
-    def dashboard(self) -> DashboardScreen:
-        return self.screen_stack[0]  # type: ignore[return-value]
+    def dashboard(self) -> DashboardScreen | None:
+        """The dashboard once its widgets exist (a message may arrive before it composed)."""
+        dash = self.screen_stack[0] if self.screen_stack else None
+        return dash if isinstance(dash, DashboardScreen) and dash.ready else None
 
     def _sub_title(self) -> str:
         rid = self.run_id or "no run"
@@ -83,7 +87,7 @@ class QuantdeckApp(App):
     def attach(self, run_id: str | None) -> None:
         """Follow `run_id` (None: the live or latest run, found by a worker)."""
         self.run_id = run_id
-        self.run = None
+        self.run_view = None
         self.followed_stage = None
         self.follow_run(run_id)
 
@@ -130,7 +134,8 @@ class QuantdeckApp(App):
             self.post_message(RunRead(view))
             stage = self.followed_stage or (view.current.name if view.current else None)
             if stage:
-                lines, offsets[stage] = self.backend.read_log(run_id, stage, offsets.get(stage, 0))
+                start = offsets.get(stage, 0) if stage == shown else 0  # a stage shown anew is read whole
+                lines, offsets[stage] = self.backend.read_log(run_id, stage, start)
                 if lines or stage != shown:
                     self.post_message(LogLinesRead(stage, lines, reset=stage != shown))
                     shown = stage
@@ -138,7 +143,7 @@ class QuantdeckApp(App):
             self._wake.clear()
 
     @work(thread=True, exclusive=True, group="action", exit_on_error=False)
-    def run_action(self, action: str, arg: str) -> None:
+    def engine_action(self, action: str, arg: str) -> None:
         from engine.errors import QuantdeckError
 
         fn = {"resume": self.backend.resume, "export_only": self.backend.export_only,
@@ -150,7 +155,8 @@ class QuantdeckApp(App):
             self.post_message(ActionFailed(action, e.title, e.one_line(), e.hint or ""))
             return
         run_id = result if action == "new_run" else arg
-        self.post_message(ActionFinished(action, run_id, f"{ACTIONS[action].label}: {run_id}"))
+        text = result if action in ("validate_only", "cancel") else f"{ACTIONS[action].label}: {run_id}"
+        self.post_message(ActionFinished(action, run_id, text))
 
     @work(thread=True, exclusive=True, group="history", exit_on_error=False)
     def load_history(self) -> None:
@@ -175,14 +181,17 @@ class QuantdeckApp(App):
     def on_fleet_sampled(self, msg: FleetSampled) -> None:
         self.nodes = msg.nodes
         self.sub_title = self._sub_title()
-        self.dashboard.show_fleet(msg.nodes, self.clock())
+        if self.dashboard:
+            self.dashboard.show_fleet(msg.nodes, self.clock())
 
     def on_run_read(self, msg: RunRead) -> None:
-        prev, run = self.run, msg.run
-        self.run = run
+        prev, run = self.run_view, msg.run
+        self.run_view = run
         if run.run_id != self.run_id:
             return
-        self.dashboard.show_run(run)
+        self.sub_title = self._sub_title()
+        if self.dashboard:
+            self.dashboard.show_run(run)
         if prev is not None and prev.run_id == run.run_id:
             self._notify_transitions(prev, run)
         self.refresh_bindings()
@@ -199,7 +208,11 @@ class QuantdeckApp(App):
             self.notify(f"run {run.run_id} finished", title="run finished", timeout=10)
 
     def on_log_lines_read(self, msg: LogLinesRead) -> None:
-        self.dashboard.show_log(msg.stage, msg.lines, msg.reset)
+        if msg.reset or msg.stage != self.log_stage:
+            self.log_stage, self.log_lines = msg.stage, []
+        self.log_lines = (self.log_lines + msg.lines)[-500:]
+        if self.dashboard:
+            self.dashboard.show_log(msg.stage, msg.lines, msg.reset)
         if isinstance(self.screen, LogScreen):
             self.screen.append(msg.stage, msg.lines)
 
@@ -224,10 +237,12 @@ class QuantdeckApp(App):
 
     def on_action_failed(self, msg: ActionFailed) -> None:
         if msg.action == "attach":
-            self.dashboard.show_run(None)
+            if self.dashboard:
+                self.dashboard.show_run(None)
             return
         if msg.action in ("follow", "telemetry"):
-            self.dashboard.show_status(f"{msg.title}: {msg.text}", style="yellow")
+            if self.dashboard:
+                self.dashboard.show_status(f"{msg.title}: {msg.text}", style="yellow")
             return
         self.busy = None
         self.refresh_bindings()
@@ -254,7 +269,7 @@ class QuantdeckApp(App):
             return False
         if action not in RUN_ACTIONS:
             return True
-        run = self.run
+        run = self.run_view
         if run is None or (self.busy and action != "logs"):
             return None
         ok = {
@@ -267,11 +282,11 @@ class QuantdeckApp(App):
         return True if ok else None
 
     def _start(self, action: str) -> None:
-        if self.run is None or self.check_action(action, ()) is not True:
+        if self.run_view is None or self.check_action(action, ()) is not True:
             return
         self.busy = action
         self.refresh_bindings()
-        self.run_action(action, self.run.run_id)
+        self.engine_action(action, self.run_view.run_id)
 
     def action_resume(self) -> None:
         self._start("resume")
@@ -283,10 +298,10 @@ class QuantdeckApp(App):
         self._start("validate_only")
 
     def action_cancel(self) -> None:
-        if self.run is None or self.check_action("cancel", ()) is not True:
+        if self.run_view is None or self.check_action("cancel", ()) is not True:
             return
-        run_id = self.run.run_id
-        stage = self.run.current.name if self.run.current else "the run"
+        run_id = self.run_view.run_id
+        stage = self.run_view.current.name if self.run_view.current else "the run"
 
         def answered(yes: bool | None) -> None:
             if yes:
@@ -301,7 +316,7 @@ class QuantdeckApp(App):
         def answered(path: str | None) -> None:
             if path:
                 self.busy = "new_run"
-                self.run_action("new_run", path)
+                self.engine_action("new_run", path)
 
         self.push_screen(NewRunModal(self.recipe_hint), answered)
 
@@ -324,11 +339,11 @@ class QuantdeckApp(App):
         if isinstance(self.screen, LogScreen):
             self.pop_screen()
             return
-        if self.run is None:
+        if self.run_view is None:
             return
-        stage = self.followed_stage or (self.run.current.name if self.run.current else None)
+        stage = self.followed_stage or (self.run_view.current.name if self.run_view.current else None)
         if stage:
-            self.load_full_log(self.run.run_id, stage)
+            self.load_full_log(self.run_view.run_id, stage)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

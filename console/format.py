@@ -108,7 +108,7 @@ def ellipsize(text: str, width: int) -> str:
 
 def join_hosts(hosts: Iterable[str], ranks: int) -> str:
     hs = list(dict.fromkeys(h for h in hosts if h))
-    s = ",".join(hs) if len(hs) <= 2 else f"{hs[0]}+{len(hs) - 1}"
+    s = hs[0] if len(hs) == 1 else f"{len(hs)} nodes" if hs else ""
     if ranks > 1:
         s = f"{s} ×{ranks}" if s else f"×{ranks}"
     return s or "-"

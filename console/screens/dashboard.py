@@ -29,9 +29,20 @@ class DashboardScreen(Screen):
         yield Static("", id="status-line")
         yield Footer()
 
+    ready = False
+
     def on_mount(self) -> None:
         self.query_one(LogTail).border_title = "log"
         self.query_one("#status-line").display = False
+        self.ready = True
+        app = self.app
+        if getattr(app, "nodes", None):
+            self.show_fleet(app.nodes, app.clock())  # type: ignore[attr-defined]
+        if getattr(app, "run_view", None) is not None:
+            self.show_run(app.run_view)  # type: ignore[attr-defined]
+        if getattr(app, "log_stage", None):
+            self.show_log(app.log_stage, app.log_lines, True)  # type: ignore[attr-defined]
+        self.query_one(StageTable).focus()
 
     def on_resize(self, event) -> None:
         narrow = self.size.width < 110 or self.size.height < 30

@@ -82,7 +82,7 @@ class HistoryScreen(Screen):
             table.add_row(
                 r.run_id, fmt.clock_time(r.created, True), r.commit[:8] or "-", r.model or "-", r.target or "-",
                 r.calib or "-", Text(r.result or "-", style=_RESULT_STYLE.get(r.result, "")),
-                fmt.ellipsize(r.root_cause or "-", 28), fmt.ellipsize(r.fix or "", 30), key=r.run_id)
+                fmt.ellipsize(r.root_cause or "-", 24), fmt.ellipsize(r.fix or "", 24), key=r.run_id)
         if keep is not None and keep in {r.run_id for r in rows}:
             table.move_cursor(row=table.get_row_index(keep))
         arrow = "↓" if self.sort_reverse else "↑"

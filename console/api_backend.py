@@ -1,0 +1,208 @@
+"""Backend over engine.api (the console's only engine import): run views, logs, history, actions.
+
+Called from worker threads only. Keeps per-run read offsets for the calibrate stage's metric events, so a
+follow tick reads only what is new.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+from console.backend import Backend
+from console.models import AttemptView, CalibView, HistoryRow, RunDetailView, RunView, StageView
+
+LOW_TOKENS = 8  # an expert that saw fewer tokens than this in a layer counts as under-covered
+
+
+def _calib_label(rec: Any) -> str:
+    return f"{rec.calib_size}" if getattr(rec, "calib_size", None) else ""
+
+
+def history_row(rec: Any) -> HistoryRow:
+    """engine.store.RunRecord → HistoryRow."""
+    return HistoryRow(run_id=rec.id, created=rec.created or 0.0, commit=(rec.git_commit or "")[:12],
+                      model=rec.model or rec.family or "", target=rec.target or "", calib=_calib_label(rec),
+                      result=rec.result or "", root_cause=rec.root_cause or "", fix=rec.fix_note or "")
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, from its JSON header alone (no torch)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > 64 * 1024 * 1024:
+            return {}
+        return json.loads(fh.read(n)).get("__metadata__") or {}
+
+
+class ApiBackend(Backend):
+    def __init__(self, engine: Any | None = None):
+        if engine is None:
+            from engine.api import open_engine
+
+            engine = open_engine()
+        self.eng = engine
+        self._lock = threading.Lock()
+        self._metric_off: dict[str, int] = {}
+        self._calib: dict[str, dict] = {}
+        self._coverage: dict[str, dict[str, tuple[int, int]]] = {}  # run → layer file → (experts, low)
+        self._plans: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ reading
+    def history(self) -> tuple[HistoryRow, ...]:
+        rows = [history_row(r) for r in self.eng.history()]
+        rows.sort(key=lambda r: r.created, reverse=True)
+        return tuple(rows)
+
+    def attach_target(self) -> str | None:
+        runs = self.eng.runs()
+        if not runs:
+            return None
+        live = [r for r in runs if r.driver_alive or r.result == "RUNNING"]
+        return (live or runs)[-1].id
+
+    def _plan(self, run_id: str) -> dict:
+        if run_id not in self._plans:
+            try:
+                self._plans[run_id] = self.eng.plan(run_id)
+            except Exception:  # noqa: BLE001 - a plan we cannot read only loses node names
+                return {}
+        return self._plans[run_id]
+
+    def _stage_view(self, run_id: str, s: Any, plan_stage: dict) -> StageView:
+        p = s.progress or {}
+        bytes_total = p.get("bytes_total") or 0
+        done, total = p.get("done") or 0, p.get("total") or 0
+        if s.state in ("SUCCEEDED", "SKIPPED") and total and done < total:
+            done = total
+        nodes = tuple(plan_stage.get("nodes") or ()) if plan_stage.get("distributed") else ()
+        ranks = 0
+        try:
+            ranks = len(self.eng.find(run_id).events_paths(s.name))
+        except Exception:  # noqa: BLE001
+            ranks = 0
+        hosts = tuple(nodes) or ((s.host,) if s.host else ())
+        return StageView(name=s.name, state=s.state, unit=p.get("unit") or "", done=done, total=total,
+                         rate=p.get("rate"), rate_unit="B" if bytes_total else (p.get("unit") or ""),
+                         eta_s=p.get("eta_s"), hosts=hosts, ranks=ranks if ranks > 1 else 0,
+                         attempt=s.attempt or 0, started_at=s.started_at, ended_at=s.ended_at,
+                         error_class=s.error_class or "", error=s.error or "", label=p.get("label") or "")
+
+    def _calib_view(self, run_id: str, stage: Any, amax_dir: str | None) -> CalibView:
+        evs, off = self.eng.events(run_id, "calibrate", self._metric_off.get(run_id, 0))
+        self._metric_off[run_id] = off
+        last = self._calib.setdefault(run_id, {})
+        for ev in evs:
+            if ev.kind == "metric" and ev.data.get("name") == "calibrate.layer":
+                last.update(ev.data.get("tags") or {})
+        p = stage.progress or {}
+        layers = int(last.get("layers") or p.get("total") or 0)
+        layer = int(p.get("done") or (last.get("layer", -1) + 1) or 0)
+        experts, low = self._coverage_counts(run_id, amax_dir)
+        return CalibView(layer=layer, layers=layers, samples=int(last.get("samples") or 0),
+                         tokens_per_s=last.get("tokens_per_s"), eta_s=p.get("eta_s") if stage.state == "RUNNING" else None,
+                         experts_total=experts, experts_low=low, min_tokens=LOW_TOKENS)
+
+    def _coverage_counts(self, run_id: str, amax_dir: str | None) -> tuple[int, int]:
+        """(experts seen, experts under LOW_TOKENS tokens) over the finished layers of the amax snapshot."""
+        if not amax_dir or not Path(amax_dir).is_dir():
+            return 0, 0
+        cache = self._coverage.setdefault(run_id, {})
+        for f in sorted(Path(amax_dir).glob("layer_*.safetensors")):
+            if f.name in cache:
+                continue
+            try:
+                cov = json.loads(_safetensors_metadata(f).get("coverage") or "{}")
+            except (OSError, ValueError, struct.error):
+                continue
+            n = sum(len(c) for c in cov.values())
+            cache[f.name] = (n, sum(1 for c in cov.values() for t in c if t < LOW_TOKENS))
+        return sum(v[0] for v in cache.values()), sum(v[1] for v in cache.values())
+
+    def read_run(self, run_id: str) -> RunView:
+        with self._lock:
+            v = self.eng.status(run_id)
+            plan = self._plan(v.id)
+            pstages = {ps.get("name"): ps for ps in plan.get("stages", [])}
+            stages = tuple(self._stage_view(v.id, s, pstages.get(s.name, {})) for s in v.stages)
+            calib = None
+            amax_dir = None
+            cal = next((s for s in v.stages if s.name == "calibrate"), None)
+            if cal is not None:
+                amax_dir = (pstages.get("calibrate", {}).get("outputs") or {}).get("amax")
+                calib = self._calib_view(v.id, cal, amax_dir)
+            meta = v.meta or {}
+            target = meta.get("target") or ""
+            live = bool(v.driver_alive) or any(s.state in ("RUNNING", "STARTING") for s in stages)
+            return RunView(run_id=v.id, run_dir=v.run_dir, state=v.result, model=meta.get("model") or "",
+                           target=target if not isinstance(target, dict) else json.dumps(target),
+                           recipe=meta.get("recipe_path") or "", stages=stages, calib=calib, live=live,
+                           has_amax=cal is not None and cal.state == "SUCCEEDED")
+
+    def read_log(self, run_id: str, stage: str, offset: int) -> tuple[list[str], int]:
+        text, nxt = self.eng.log(run_id, stage, offset)
+        cut = text.rfind("\n")
+        if cut < 0:
+            return [], offset
+        used = len(text[: cut + 1].encode("utf-8", errors="replace"))
+        return text[:cut].splitlines(), offset + used
+
+    def detail(self, run_id: str) -> RunDetailView:
+        rec = next((r for r in self.eng.history() if r.id == run_id), None)
+        row = history_row(rec) if rec is not None else HistoryRow(run_id, 0.0)
+        atts = tuple(AttemptView(stage=a.stage, attempt=a.attempt, host=a.host or "", pid=a.pid,
+                                 started_at=a.started_at, ended_at=a.ended_at, state=a.state or "",
+                                 error_class=a.error_class or "", error=a.error_text or "")
+                     for a in self.eng.attempts(run_id))
+        arts: list[str] = []
+        run_dir = ""
+        try:
+            run_dir = str(self.eng.find(run_id).path)
+            for ps in self.eng.plan(run_id).get("stages", []):
+                for v in (ps.get("outputs") or {}).values():
+                    if isinstance(v, str) and v not in arts and (Path(v).exists() or Path(v + ".partial").exists()):
+                        arts.append(v if Path(v).exists() else v + ".partial (unfinished)")
+        except Exception:  # noqa: BLE001 - artifacts are a convenience; the attempts are what matters
+            pass
+        return RunDetailView(row=row, run_dir=run_dir, attempts=atts, artifacts=tuple(arts))
+
+    # ------------------------------------------------------------------ acting
+    def set_note(self, run_id: str, text: str) -> None:
+        self.eng.note(run_id, text)
+
+    def _factory(self, run_id: str | None = None, recipe_path: str | None = None) -> str | None:
+        """remote's launcher factory when the recipe has a cluster (as the CLI does), else local."""
+        try:
+            recipe = self.eng.load_recipe(recipe_path) if recipe_path else None
+            if recipe is None and run_id:
+                recipe = self.eng.load_recipe(str(self.eng.find(run_id).recipe_path))
+            if recipe is not None and not recipe.cluster.is_local:
+                import remote.launchers as rl
+
+                if hasattr(rl, "launcher_for"):
+                    return "remote.launchers:launcher_for"
+        except ImportError:
+            return None
+        return None
+
+    def start(self, recipe_path: str) -> str:
+        return self.eng.start(recipe_path, launcher_factory=self._factory(recipe_path=recipe_path))
+
+    def resume(self, run_id: str) -> str:
+        return self.eng.resume(run_id, launcher_factory=self._factory(run_id=run_id))
+
+    def export_only(self, run_id: str) -> str:
+        return self.eng.export_only(run_id, launcher_factory=self._factory(run_id=run_id))
+
+    def validate_only(self, run_id: str) -> str:
+        from engine.api import raise_if_problems
+
+        raise_if_problems(self.eng.validate_only(run_id), f"validate-only {run_id}")
+        return f"validate-only {run_id}: everything saved checks out"
+
+    def cancel(self, run_id: str) -> str:
+        stages = self.eng.cancel(run_id)
+        return f"cancelled {run_id}: " + (", ".join(stages) if stages else "nothing was running")
