@@ -72,6 +72,11 @@ def dequant_fp8_block_fast(
         raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
     s = scale_to_fp32(scale).detach().cpu().contiguous()
     o, i = wb.shape
+    if dtype == torch.bfloat16:  # fused: fp32 product rounded to bf16 in the same pass
+        out16 = np.empty((o, i), np.uint16)
+        with KERNEL_LOCK:
+            kernels_cpu.dequant_bf16_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], _E4M3_LUT, out16)
+        return torch.from_numpy(out16).view(torch.bfloat16)
     out = np.empty((o, i), np.float32)
     with KERNEL_LOCK:
         kernels_cpu.dequant_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], _E4M3_LUT, out)

@@ -61,3 +61,23 @@ def dequant_kernel(wb, sc, bo, bi, lut, out):
             sv = sc[tr, t]
             for c in range(t * bi, min(i, (t + 1) * bi)):
                 out[r, c] = lut[wb[r, c]] * sv
+
+
+@njit(parallel=True, cache=True)
+def dequant_bf16_kernel(wb, sc, bo, bi, lut, out):
+    """out[r, c] = bf16 bits of fp32(lut[wb[r, c]] × sc[tile]), rounded to nearest even (no NaN inputs)."""
+    o, i = wb.shape
+    gi = (i + bi - 1) // bi
+    for r in prange(o):
+        tr = r // bo
+        tmp = np.empty(bi, np.float32)
+        bits = tmp.view(np.uint32)
+        for t in range(gi):
+            sv = sc[tr, t]
+            c0 = t * bi
+            n = min(i, c0 + bi) - c0
+            for j in range(n):
+                tmp[j] = lut[wb[r, c0 + j]] * sv
+            for j in range(n):
+                u = bits[j]
+                out[r, c0 + j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
