@@ -80,7 +80,7 @@ class Engine(abc.ABC):
         and changing nothing; returns one line per problem ([] = fine). Raises RunError."""
 
     @abc.abstractmethod
-    def cancel(self, run: str) -> list[str]:
+    def cancel(self, run: str, *, launcher_factory: str | None = None) -> list[str]:
         """Stop the run's driver and live workers (their process groups), recording CANCELLED; returns the
         stages cancelled. Raises RunError."""
 
@@ -215,12 +215,13 @@ class LocalEngine(Engine):
                 problems.append(f"{sp.name}: {p}")
         return problems
 
-    def cancel(self, run):
+    def cancel(self, run, *, launcher_factory=None):
         from engine.fsutil import read_json
         from engine.rundir import pid_alive, set_status
         from engine.runner import CANCEL_MARKER, sync_store
 
         rd = self.find(run)
+        drv = read_json(rd.driver_path) or {}
         (rd.path / CANCEL_MARKER).write_text(f"{time.time()}\n")
         cancelled = []
         victims: list[tuple[str, int]] = []
@@ -231,9 +232,10 @@ class LocalEngine(Engine):
             set_status(rd, name, StageState.CANCELLED, attempt=st["attempt"], error_class="interrupted",
                        error="cancelled by operator", hint=f"`quantdeck resume {rd.id}` continues")
             cancelled.append(name)
-            if st.get("pid"):
+            if st.get("pid") and st.get("host") not in (None, "local", this_host()):
+                _terminate_remote(rd, st["host"], int(st["pid"]), launcher_factory or drv.get("launcher_factory"))
+            elif st.get("pid"):
                 victims.append((st.get("host") or "local", int(st.get("pgid") or st["pid"])))
-        drv = read_json(rd.driver_path) or {}
         if drv.get("pid") and drv.get("host") in (None, this_host()) and pid_alive(drv["pid"]):
             victims.append(("local", int(drv.get("pgid") or drv["pid"])))
         for host, pgid in victims:
@@ -376,6 +378,25 @@ def raise_if_problems(problems: list[str], what: str) -> None:
 def _has_outputs(params: dict[str, Any]) -> bool:
     outs = params.get("outputs", {})
     return any(isinstance(v, str) and (Path(v).exists() or Path(v + ".partial").exists()) for v in outs.values())
+
+
+def _terminate_remote(rd: RunDir, host: str, pid: int, factory: str | None) -> None:
+    """Stop a worker on another node through the run's launcher (SIGTERM, then SIGKILL after 5 s)."""
+    from engine.runner import load_factory, load_frozen_recipe
+
+    if not factory:
+        raise RunError(f"the worker of run {rd.id} runs on {host}, and the run has no remote launcher recorded",
+                       at=host, hint=f"stop pid {pid} on {host} by hand (kill -- -PGID), then resume")
+    launcher = load_factory(factory)(load_frozen_recipe(rd), rd.path)
+    try:
+        launcher.terminate(host, pid, signal.SIGTERM)
+        deadline = time.time() + 5
+        while time.time() < deadline and launcher.is_alive(host, pid):
+            time.sleep(0.2)
+        if launcher.is_alive(host, pid):
+            launcher.terminate(host, pid, signal.SIGKILL)
+    finally:
+        launcher.close()
 
 
 def _killpg(pgid: int, sig: int) -> None:

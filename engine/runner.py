@@ -161,11 +161,21 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
     recipe = load_frozen_recipe(run)
     launcher = launcher or load_factory(None)(recipe, run.path)
     with driver_lock(run), output_lock(plan.workdir, plan.output):
+        prev = read_json(run.driver_path) or {}
         atomic_write_json(run.driver_path, {"pid": os.getpid(), "pgid": os.getpgid(0), "host": this_host(),
-                                            "mode": mode, "started_at": time.time(), "launcher": launcher.name})
+                                            "mode": mode, "started_at": time.time(), "launcher": launcher.name,
+                                            "launcher_factory": prev.get("launcher_factory")})
         (run.path / CANCEL_MARKER).unlink(missing_ok=True)
+        def alive(host: str | None, pid: int | None, start: str | None) -> bool:
+            if host in (None, "local", this_host()):
+                return pid_alive(pid, start)
+            try:
+                return launcher.is_alive(host, pid)
+            except QuantdeckError:
+                return True  # unreachable is not dead: begin_attempt will refuse while it looks live
+
         for name in plan.names():  # leftovers of a dead driver: never a stage "running" with nobody behind it
-            reconcile_stage(run, name)
+            reconcile_stage(run, name, alive)
         states = {n: read_status(run, n)["state"] for n in plan.names()}
         todo = stages_to_run(plan, states, mode)
         result = "SUCCEEDED"
@@ -211,7 +221,8 @@ def spawn_driver(run: RunDir, mode: str = "run", launcher_factory: str | None = 
         proc = subprocess.Popen(cmd, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 close_fds=True, env=child_env(env), cwd=str(REPO_ROOT))
     atomic_write_json(run.driver_path, {"pid": proc.pid, "pgid": proc.pid, "host": this_host(), "mode": mode,
-                                        "started_at": time.time(), "launcher": launcher_factory or "local"})
+                                        "started_at": time.time(), "launcher": launcher_factory or "local",
+                                        "launcher_factory": launcher_factory})
     return proc.pid
 
 
