@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sshd import SshdCluster, start_cluster
+from tests.integration.sshd import SshdCluster, start_cluster
 
 
 @pytest.fixture
@@ -15,3 +15,6 @@ def sshd_cluster(tmp_path) -> SshdCluster:
         yield cluster
     finally:
         cluster.stop()
+
+
+from tests.fixtures_ckpt import tiny_ckpt  # noqa: E402,F401  (C's session-cached tiny checkpoints)

@@ -81,6 +81,12 @@ def test_worker_outlives_a_killed_sshd_and_the_follower_reattaches(sshd_cluster,
 
 
 def test_real_worker_killed_on_its_node_is_recorded_failed(sshd_cluster, tmp_path, monkeypatch):
+    kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch)
+
+
+def kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch):
+    """Start the real engine.worker for `inspect` on node3 (parked by the worker's test hook), restart node3's
+    sshd under it, then SIGKILL it there: the runner's wait records FAILED_WORKER, root cause `killed`."""
     from engine.runner import load_frozen_recipe, wait_stage
 
     c = sshd_cluster
@@ -109,7 +115,26 @@ def test_real_worker_killed_on_its_node_is_recorded_failed(sshd_cluster, tmp_pat
         launcher.pool.get("node3").run(["kill", "-9", str(worker_pid)], check=True)
         st = wait_stage(run, "inspect", attempt, launcher, h.host, h.pid, poll_s=0.1)
         assert st["state"] == StageState.FAILED_WORKER.value
-        assert st["signal"] == signal.SIGKILL and st["error_class"]
+        assert st["signal"] == signal.SIGKILL and st["error_class"] == "killed" and st["host"] == "node3"
         assert launcher.exit_code(h.pid) == -9
     finally:
         launcher.close()
+    return run
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_remote_worker_completes_the_run(sshd_cluster, tiny_ckpt, tmp_path, monkeypatch):
+    from engine.runner import drive, load_frozen_recipe
+    from engine.store import Store, sync_run
+
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    (tmp_path / "ckpt").symlink_to(src)
+    run = kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch)
+    launcher = launcher_for(load_frozen_recipe(run), run.path)
+    assert drive(run, "resume", launcher, poll_s=0.1) == "SUCCEEDED"
+    st = read_status(run, "inspect")
+    assert st["state"] == StageState.SUCCEEDED.value and st["attempt"] == 2 and st["host"] == "node0"
+    with Store() as store:
+        sync_run(store, run.path)
+        att = [(a.stage, a.attempt, a.state) for a in store.attempts(run.id) if a.stage == "inspect"]
+    assert att == [("inspect", 1, StageState.FAILED_WORKER.value), ("inspect", 2, StageState.SUCCEEDED.value)]
