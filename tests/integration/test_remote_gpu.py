@@ -16,7 +16,7 @@ from remote.hosts import cluster_from
 from remote.launchers import TorchrunLauncher
 from remote.monitor import LocalProbe, TelemetryMonitor
 from remote.telemetry import NodeState
-from sshd import start_cluster
+from tests.integration.sshd import start_cluster
 
 pytestmark = pytest.mark.requires_gpu
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

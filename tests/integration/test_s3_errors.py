@@ -14,7 +14,7 @@ import pytest
 from engine.errors import TransferError
 from engine.events import JsonlSink
 from engine.fsutil import free_bytes
-from s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, auth_enabled, child_env, client, fake_env,
+from tests.integration.s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, auth_enabled, child_env, client, fake_env,
                        free_port, get_server, make_checkpoint)
 
 SECRETS = [FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN]

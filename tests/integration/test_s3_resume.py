@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from s3_server import apply_env, child_env, client, fake_env, get_server, make_checkpoint, same_tree
+from tests.integration.s3_server import apply_env, child_env, client, fake_env, get_server, make_checkpoint, same_tree
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ import pytest
 from engine.events import JsonlSink, read_events
 from engine.names import StageName
 from engine.stages.base import Stage, StageContext
-from s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, client, fake_env, get_server,
+from tests.integration.s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, client, fake_env, get_server,
                        make_checkpoint, same_tree)
 
 MiB = 1 << 20

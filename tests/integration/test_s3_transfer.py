@@ -11,7 +11,7 @@ import pytest
 
 from engine.errors import TransferError
 from engine.events import CallbackSink
-from s3_server import apply_env, client, fake_env, get_server, make_checkpoint, same_tree
+from tests.integration.s3_server import apply_env, client, fake_env, get_server, make_checkpoint, same_tree
 
 MiB = 1 << 20
 
