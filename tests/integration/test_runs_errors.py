@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env, pid_gone, qd, run_dir, run_id_of, status,
+from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env, pid_gone, qd, run_dir, run_id_of, status,
                           tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from runs_support import (PAUSE_STAGE, PAUSE_UNITS, kill_paused_worker, qd, run_dir, run_id_of, status,
+from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, kill_paused_worker, qd, run_dir, run_id_of, status,
                           tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
