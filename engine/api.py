@@ -283,6 +283,12 @@ class LocalEngine(Engine):
             return "", offset
         return data.decode("utf-8", errors="replace"), offset + len(data)
 
+    def driver_log(self, run: str, max_bytes: int = 4096) -> str:
+        """The tail of the run's driver.log (why a driver refused to start, for instance). Raises RunError."""
+        from engine.runner import log_tail
+
+        return log_tail(self.find(run).path / "driver.log", max_bytes)
+
     def history(self):
         from engine.store import Store, sync_run
 

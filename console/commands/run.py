@@ -69,6 +69,9 @@ def _follow(eng, run_id: str) -> int:
                    f"quantdeck cancel {run_id})", err=True)
         return 0
     click.echo(f"run {run_id}: {view.result}", err=True)
+    if view.result == "PENDING":  # the driver ended before starting a stage: say why
+        for line in eng.driver_log(run_id).strip().splitlines()[-3:]:
+            click.echo(f"  {line}", err=True)
     for s in view.stages:
         if s.error_class:
             click.echo(f"  {s.name}: {s.state}: {s.error_class}: {s.error} (hint: {s.hint})", err=True)

@@ -70,3 +70,28 @@ def test_rebuild_from_run_dirs(tmp_path):
         assert att == [("inspect", 1, "SUCCEEDED"), ("convert", 1, "FAILED_WORKER"), ("convert", 2, "SUCCEEDED")]
         sync_run(st, run.path)  # idempotent
         assert len(st.attempts(run.id)) == 3
+
+
+def test_create_run_records_recipe_hash_and_git_commit(tmp_path):
+    import subprocess
+
+    from engine.recipe import recipe_hash
+    from engine.runner import create_run
+    from engine.store import records_from_run_dir
+
+    repo = tmp_path / "ops"
+    repo.mkdir()
+    recipe = repo / "recipe.toml"
+    recipe.write_text(f'[run]\nworkdir = "{tmp_path / "work"}"\n[source]\npath = "/ckpt/DeepSeek-V3"\n'
+                      '[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"\nnum_samples = 64\n')
+    git = ["git", "-C", str(repo), "-c", "user.email=o@p", "-c", "user.name=op"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "recipe.toml"], check=True)
+    subprocess.run(git + ["commit", "-qm", "recipe"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    run = create_run(recipe)
+    rec, attempts = records_from_run_dir(run.path)
+    assert rec.git_commit == head and rec.recipe_hash == recipe_hash(recipe.read_text())
+    assert rec.model == "DeepSeek-V3" and rec.target == "nvfp4 W4A4" and rec.calib_size == 64
+    assert rec.result == "PENDING" and attempts == []
+    assert run.recipe_path.read_text() == recipe.read_text()  # frozen copy
