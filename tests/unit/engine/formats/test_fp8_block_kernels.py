@@ -39,3 +39,15 @@ def test_fast_paths_reject_bad_input():
         dequant_fp8_block_fast(bad.view(torch.float8_e4m3fn), s, device="cpu")
     with pytest.raises(FormatError):
         dequant_fp8_block_fast(q.float(), s, device="cpu")
+
+
+def test_fast_cast_rounds_every_e4m3_tie_to_even():
+    pos = torch.arange(0, 127, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (pos[:-1] + pos[1:]) / 2
+    vals = torch.cat([pos, mids, -mids, torch.tensor([2.0**-10, 3 * 2.0**-11, -(2.0**-10)])])
+    row = torch.cat([torch.tensor([448.0]), vals])  # tile amax 448: scale exactly 1, quotients are the values
+    w = row.unsqueeze(0)
+    q, s = cast_fp8_block_fast(w, (1, w.shape[1]), device="cpu")
+    rq, _ = cast_fp8_block(w, (1, w.shape[1]))
+    assert s.item() == 1.0
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
