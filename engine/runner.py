@@ -184,6 +184,16 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
                 result = "CANCELLED"
                 break
             sp = plan.stage(name)
+            cur = read_status(run, name)
+            if cur["state"] in (StageState.STARTING.value, StageState.RUNNING.value) and cur.get("pid"):
+                # a live worker left by an earlier driver (killed, or its machine rebooted): re-attach to it
+                st = wait_stage(run, name, int(cur["attempt"]), launcher, cur.get("host") or "local",
+                                int(cur["pid"]), poll_s)
+                sync_store(run)
+                if not StageState(st["state"]).is_done():
+                    result = "CANCELLED" if st["state"] == StageState.CANCELLED.value else "FAILED"
+                    break
+                continue
             attempt = begin_attempt(run, name, launcher=launcher.name)
             spec = WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)),
                               args=("--mode", mode) if mode != "run" else (),

@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,18 @@ def test_second_run_on_a_live_run_is_refused_then_cancel(tmp_path, tiny_ckpt):  
 
     st = json.loads(qd("status", rid, "--json").stdout)
     assert st["result"] == "RUNNING" and st["stages"][0]["pid"] == live["pid"]
+
+    # the driver dies (kill -9): its worker goes on; resume re-attaches to it instead of starting another
+    drv = json.loads((rd / "driver.json").read_text())["pid"]
+    os.kill(drv, signal.SIGKILL)
+    wait_driver_done(work, rid, 30)
+    assert status(work, rid, "inspect")["state"] == "RUNNING" and not pid_gone(live["pid"])
+    r = qd("resume", rid, "--detach")
+    assert r.returncode == 0, r.stderr
+    new_drv = json.loads((rd / "driver.json").read_text())["pid"]
+    time.sleep(2)
+    assert new_drv != drv and not pid_gone(new_drv), (rd / "driver.log").read_text()  # waiting on the worker
+    assert status(work, rid, "inspect")["attempt"] == 1  # the same attempt, adopted
 
     c = qd("cancel", rid)
     assert c.returncode == 0 and "inspect" in c.stderr, c.stderr
