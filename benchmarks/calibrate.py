@@ -80,9 +80,18 @@ def role_streaming(a) -> None:
     from engine.calibrate.streaming import calibrate
 
     _cap(a.gpu_mem_fraction)
+    phases: dict = {}
+
+    class Sink:
+        def emit(self, kind, **d):
+            if kind == "metric" and d.get("name") == "calibrate.layer":
+                for k in ("build_s", "calib_s", "write_wait_s"):
+                    phases[k] = round(phases.get(k, 0.0) + float(d["tags"].get(k, 0.0)), 3)
+
     t0 = time.monotonic()
-    summary = calibrate(a.model, a.samples_file, a.out, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device)
-    res = {"wall_s": time.monotonic() - t0, "summary": summary, **_peaks(a.device)}
+    summary = calibrate(a.model, a.samples_file, a.out, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
+                        sink=Sink())
+    res = {"wall_s": time.monotonic() - t0, "phases": phases, "summary": summary, **_peaks(a.device)}
     rank = int(os.environ.get("RANK", "0"))
     Path(a.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(res, default=str))
 
@@ -200,6 +209,7 @@ def main() -> None:
     report: dict = {"size": a.size, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
                     "ranks": a.ranks, "gpu_mem_fraction": a.gpu_mem_fraction,
                     "streaming": {"wall_s": stream_wall, "calib_s": max(r["wall_s"] for r in ranks),
+                                  "phases_rank0": ranks[0].get("phases"),
                                   "peak_gpu_gb": max(r.get("peak_gpu_gb", 0) for r in ranks),
                                   "peak_rss_gb": max(r["peak_rss_gb"] for r in ranks)}}
     if not a.skip_modelopt:

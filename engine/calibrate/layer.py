@@ -78,24 +78,48 @@ def _keep_fp32(family: type[LayerFamily]) -> list[str]:
     return out
 
 
+def layer_tensors(family: type[LayerFamily], hf_config, i: int, src: TensorSource,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Layer `i`'s state dict, read and dequantized on the CPU in the dtypes `from_pretrained` would give.
+
+    Runs on a prefetch thread while the device calibrates the previous layer."""
+    with torch.device("meta"):
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in family.layer_class()(hf_config, i).state_dict().items()}
+    keep = _keep_fp32(family)
+    out: dict[str, torch.Tensor] = {}
+    for pname, (shape, cur_dtype) in shapes.items():
+        t = family.load_param(i, pname, src.get, src.names)
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{family.layer_prefix(i)}{pname}: checkpoint shape {tuple(t.shape)} "
+                                  f"!= model shape {shape}", at=family.layer_prefix(i) + pname,
+                                  hint="does config.json match the weights?")
+        want = torch.float32 if any(k in pname for k in keep) else (dtype if cur_dtype.is_floating_point else cur_dtype)
+        out[pname] = t.to(want).contiguous()
+    return out
+
+
+def materialize_layer(family: type[LayerFamily], hf_config, i: int, tensors: dict[str, torch.Tensor],
+                      device: torch.device) -> torch.nn.Module:
+    """The transformers layer on `device` holding `tensors` (built on the meta device: no extra copy)."""
+    with torch.device("meta"):
+        layer = family.layer_class()(hf_config, i)
+    layer.load_state_dict({k: v.to(device, non_blocking=True) for k, v in tensors.items()}, strict=True, assign=True)
+    leftovers = [n for n, b in layer.named_buffers() if b.is_meta]
+    if leftovers:  # non-persistent buffers: build them for real (rare; none in DeepSeek V3 layers)
+        from transformers.initialization import no_init_weights
+
+        with torch.device(device), no_init_weights():
+            real = family.layer_class()(hf_config, i)
+        for n in leftovers:
+            mod_name, _, attr = n.rpartition(".")
+            src_mod = real.get_submodule(mod_name) if mod_name else real
+            dst_mod = layer.get_submodule(mod_name) if mod_name else layer
+            dst_mod._buffers[attr] = src_mod._buffers[attr]
+        del real
+    return layer.eval()
+
+
 def build_layer(family: type[LayerFamily], hf_config, i: int, src: TensorSource, device: torch.device,
                 dtype: torch.dtype) -> torch.nn.Module:
     """Layer `i` of the model, on `device`, its tensors from the checkpoint."""
-    from transformers.initialization import no_init_weights
-
-    cls = family.layer_class()
-    with torch.device(device), no_init_weights():
-        layer = cls(hf_config, i)
-    keep = _keep_fp32(family)
-    persistent = dict(layer.state_dict(keep_vars=True))
-    loaded: dict[str, Any] = {}
-    for pname, cur in persistent.items():
-        t = family.load_param(i, pname, src.get, src.names)
-        if tuple(t.shape) != tuple(cur.shape):
-            raise CheckpointError(f"{family.layer_prefix(i)}{pname}: checkpoint shape {tuple(t.shape)} "
-                                  f"!= model shape {tuple(cur.shape)}", at=family.layer_prefix(i) + pname,
-                                  hint="does config.json match the weights?")
-        want = torch.float32 if any(k in pname for k in keep) else (dtype if cur.is_floating_point() else cur.dtype)
-        loaded[pname] = t.to(device=device, dtype=want)
-    layer.load_state_dict(loaded, strict=True, assign=True)
-    return layer.eval()
+    return materialize_layer(family, hf_config, i, layer_tensors(family, hf_config, i, src, dtype), device)

@@ -10,11 +10,13 @@ then the amax file (the commit mark), free the layer. Memory: one layer plus thi
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed
 from engine.calibrate.family import LayerFamily
-from engine.calibrate.layer import TensorSource, build_layer, compute_dtype
+from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
 from engine.calibrate.qconfig import resolve_quant_cfg
 from engine.calibrate.samples import Samples, load_samples, read_samples_file
 from engine.errors import CheckpointError
@@ -93,7 +95,7 @@ def _reduce_amax(ctx: DistContext, amax: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tensor], kwargs: list[dict],
-                     all_experts: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
+                     all_experts: bool, dev: torch.device) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
     import modelopt.torch.quantization as mtq
 
     root = _Skeleton(hf_config, i, layer)
@@ -104,9 +106,9 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         outs.clear()
         hooks = CoverageHooks(model.model.layers[i], all_experts=all_experts)
         try:
-            for h, kw in zip(hidden, kwargs):
-                o = model.model.layers[i](h, **kw)
-                outs.append(o[0] if isinstance(o, tuple) else o)
+            for h, kw in zip(hidden, kwargs):  # activations live on the CPU; one batch at a time on the device
+                o = model.model.layers[i](h.to(dev), **kw)
+                outs.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
         finally:
             hooks.remove()
         cov.update({f"{family.layer_prefix(i)}{k}": v.tolist() for k, v in hooks.counts.items()})
@@ -188,39 +190,70 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
         hidden = []
     elif start == 0:
         emb = src.get(family.embed_name()).to(dev, dtype)
-        hidden = [family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb))
-                  for b in batches]
+        with torch.no_grad():
+            hidden = [family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb)).cpu()
+                      for b in batches]
         del emb
     else:
-        hidden = [h.to(dev) for h in snap.read_acts(out, ctx.rank, start - 1, len(batches))]
+        hidden = snap.read_acts(out, ctx.rank, start - 1, len(batches))
     with torch.no_grad():
-        kwargs = [family.layer_kwargs(hf_config, rotary, b, _embeds_like(h)) for b, h in zip(batches, hidden)]
+        kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
+                                                                         device=dev)) for b in batches]
     prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0)
     prog.done = start
     end = n_layers if stop_after is None else min(n_layers, start + stop_after)
-    for i in range(start, end):
-        t0 = time.monotonic()
-        layer = build_layer(family, hf_config, i, src, dev, dtype)
-        amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts)
-        del layer
-        amax = _reduce_amax(ctx, amax)
-        cov = _reduce_coverage(ctx, cov)
-        snap.write_acts(out, ctx.rank, i, outs)
+    n_samples = sum(b.input_ids.shape[0] for b in batches)
+
+    def commit(p: dict) -> None:
+        """Once this rank's activations of layer i are on disk and every rank's are: rank 0 writes the layer."""
+        t = time.monotonic()
+        p["acts"].result()
         ctx.barrier()
         if ctx.rank == 0:
-            snap.write_layer(out, i, amax, cov)
+            snap.write_layer(out, p["i"], p["amax"], p["cov"])
         ctx.barrier()
-        snap.prune_acts(out, ctx.rank, keep=i)
-        if os.environ.get("QUANTDECK_CALIBRATE_DIE_AFTER_LAYER") == str(i):  # crash drills: die like a kill -9
+        snap.prune_acts(out, ctx.rank, keep=p["i"])
+        if os.environ.get("QUANTDECK_CALIBRATE_DIE_AFTER_LAYER") == str(p["i"]):  # crash drills: die like kill -9
             os._exit(137)
-        hidden = outs
-        dt = time.monotonic() - t0
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        sink.emit("metric", name="calibrate.layer", value=i, tags={
-            "layer": i, "layers": n_layers, "samples": sum(b.input_ids.shape[0] for b in batches),
-            "tokens": local_tokens, "tokens_per_s": local_tokens / max(dt, 1e-9), "seconds": dt, "rank": ctx.rank})
-        prog.advance(1, label=f"layer {i + 1}/{n_layers}", force=True)
+        p["times"]["write_wait_s"] = time.monotonic() - t
+        dt = sum(p["times"].values())
+        sink.emit("metric", name="calibrate.layer", value=p["i"], tags={
+            "layer": p["i"], "layers": n_layers, "samples": n_samples, "tokens": local_tokens,
+            "tokens_per_s": local_tokens / max(p["times"]["calib_s"], 1e-9), "seconds": dt, "rank": ctx.rank,
+            **{k: round(v, 3) for k, v in p["times"].items()}})
+        prog.advance(1, label=f"layer {p['i'] + 1}/{n_layers}", force=True)
+
+    reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch")
+    writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts")
+    pending = None
+    try:
+        nxt = reader_pool.submit(layer_tensors, family, hf_config, start, src, dtype) if start < end else None
+        for i in range(start, end):
+            t0 = time.monotonic()
+            tensors = nxt.result()
+            nxt = reader_pool.submit(layer_tensors, family, hf_config, i + 1, src, dtype) if i + 1 < end else None
+            layer = materialize_layer(family, hf_config, i, tensors, dev)
+            del tensors
+            t1 = time.monotonic()
+            amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev)
+            del layer
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            amax = _reduce_amax(ctx, amax)
+            cov = _reduce_coverage(ctx, cov)
+            t2 = time.monotonic()
+            if pending is not None:
+                commit(pending)
+            pending = {"i": i, "amax": amax, "cov": cov, "acts": writer_pool.submit(snap.write_acts, out, ctx.rank,
+                                                                                   i, outs),
+                       "times": {"build_s": t1 - t0, "calib_s": t2 - t1}}
+            hidden = outs
+        if pending is not None:
+            commit(pending)
+    finally:
+        reader_pool.shutdown(wait=True, cancel_futures=True)
+        writer_pool.shutdown(wait=True)
     finished = snap.resume_point(out) >= n_layers
     if finished:
         snap.prune_acts(out, ctx.rank, keep=n_layers)  # the last layer's outputs feed nothing
@@ -229,11 +262,6 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
                     "seconds": time.monotonic() - t_start, "rank": ctx.rank})
     src.close()
     return summary
-
-
-def _embeds_like(h: torch.Tensor) -> torch.Tensor:
-    """A [b, s, hidden] view the mask and rotary helpers read shape, dtype and device from."""
-    return h if h.dim() == 3 else h[..., 0, :]
 
 
 def _reduce_coverage(ctx: DistContext, cov: dict[str, list[int]]) -> dict[str, list[int]]:
