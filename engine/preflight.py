@@ -154,6 +154,15 @@ def check_disk(f: Facts) -> list[str]:
     return out
 
 
+def check_output(f: Facts) -> list[str]:
+    """A new run never writes over a finished output (resume of the same run is how to finish one)."""
+    out = Path(f.paths["output"])
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return [_fail(f"output {out} already exists", "set target.output to a new directory, or remove it; "
+                      "to finish an interrupted run use `quantdeck resume RUN`")]
+    return []
+
+
 def check_samples(f: Facts) -> list[str]:
     r = f.recipe
     if not r.target.calibrate:
@@ -224,7 +233,7 @@ def check_push(f: Facts) -> list[str]:
     return []
 
 
-CHECKS: tuple[Check, ...] = (check_source, check_layout, check_disk, check_samples, check_gpus, check_versions,
+CHECKS: tuple[Check, ...] = (check_source, check_layout, check_output, check_disk, check_samples, check_gpus, check_versions,
                              check_push)
 
 

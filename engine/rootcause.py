@@ -2,7 +2,8 @@
 
 Classes (their names go verbatim into status.json `error_class` and the store's root cause):
     cuda-oom, host-oom, killed, illegal-memory-access, nccl-timeout, disk-full, file-missing,
-    bad-samples, ssh-lost, interrupted, validation-failed, worker-lost, unknown
+    bad-samples, ssh-lost, interrupted, validation-failed, bad-checkpoint, error (any other QuantdeckError,
+    with its own hint), worker-lost, unknown
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ RULES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("host-oom", re.compile(r"MemoryError|Cannot allocate memory|oom-kill|Out of memory: Killed process|std::bad_alloc", re.I),
      "host out of memory",
      "lower workers/batch size, or use a node with more RAM; finished units are kept on resume"),
-    ("file-missing", re.compile(r"FileNotFoundError|No such file or directory|CheckpointError", re.I),
+    ("file-missing", re.compile(r"FileNotFoundError|No such file or directory", re.I),
      "a file is missing",
      "check the path named above (source, samples, amax snapshot) exists on every node, then resume"),
     ("interrupted", re.compile(r"KeyboardInterrupt|cancelled by operator|SIGINT|SIGTERM", re.I),
@@ -57,6 +58,7 @@ HINTS = {r[0]: r[3] for r in RULES}
 HINTS.update({
     "killed": "killed by a signal (SIGKILL: often the host OOM killer — see `dmesg`); `quantdeck resume RUN`",
     "worker-lost": "the worker vanished without a final status; check its log, then `quantdeck resume RUN`",
+    "bad-checkpoint": "fix the checkpoint or path named above, then `quantdeck resume RUN`",
     "validation-failed": "the output failed validation: read stages/validate/report.json (`quantdeck logs RUN validate`)",
     "unknown": "read the log (`quantdeck logs RUN STAGE`); `quantdeck resume RUN` once fixed",
 })
@@ -97,6 +99,14 @@ def classify(text: str = "", *, exit_code: int | None = None, exc: BaseException
             return RootCause("disk-full", _one(exc), HINTS["disk-full"])
         if isinstance(exc, MemoryError):
             return RootCause("host-oom", "host out of memory (MemoryError)", HINTS["host-oom"])
+        from engine.errors import CheckpointError, QuantdeckError
+
+        if isinstance(exc, CheckpointError):
+            return RootCause("bad-checkpoint", _one(exc), exc.hint or HINTS["bad-checkpoint"])
+        if isinstance(exc, QuantdeckError):
+            found = classify_text(exc.msg)
+            if found is None:
+                return RootCause("error", _one(exc), exc.hint or HINTS["unknown"])
         text = f"{type(exc).__name__}: {exc}\n{text}"
     found = classify_text(text) if text else None
     if found is not None:

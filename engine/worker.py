@@ -141,7 +141,8 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
         print(tb, file=sys.stderr, flush=True)
         cause = classify(tb, exc=e)
         own = getattr(e, "hint", None)
-        hint = (own or cause.hint) if cause.cls in ("unknown", "file-missing") else cause.hint
+        hint = (own or cause.hint) if cause.cls in ("unknown", "error", "bad-checkpoint", "file-missing") \
+            else cause.hint
         hint = (hint or "").replace("RUN", run.id)
         fields = {"error_class": cause.cls, "error": cause.summary, "hint": hint}
         sink.emit("state", state=StageState.FAILED.value, **fields)

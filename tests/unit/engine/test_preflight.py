@@ -89,3 +89,10 @@ def test_bad_recipe_raises(tmp_path):
     p.write_text('[source]\npath = "x"\n[target]\nformat = 1\n')
     with pytest.raises(RecipeError, match="r.toml: target.format"):
         run_preflight(p)
+
+
+def test_existing_output_is_refused(tmp_path, tiny_ckpt):  # noqa: F811
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    fails = run_preflight(_recipe(tmp_path, tiny_ckpt("deepseek-v3", "bf16")))
+    assert len(fails) == 1 and fails[0].startswith(f"output {tmp_path / 'out'} already exists"), fails

@@ -47,3 +47,12 @@ def test_exceptions():
 def test_last_traceback_line():
     assert last_traceback_line(TB.format("ZeroDivisionError: division by zero") + "trailing chatter") \
         == "ZeroDivisionError: division by zero"
+
+
+def test_our_errors_keep_their_hint():
+    from engine.errors import CheckpointError, RunError
+
+    rc = classify(exc=CheckpointError("destination /o already exists", at="/o", hint="pick a new --dst"))
+    assert (rc.cls, rc.hint) == ("bad-checkpoint", "pick a new --dst") and "already exists" in rc.summary
+    rc = classify(exc=RunError("stage x is odd", hint="do y"))
+    assert (rc.cls, rc.hint) == ("error", "do y")
