@@ -65,8 +65,12 @@ def _e2m1(x):
 
 
 @njit(cache=True, inline="always")
-def _quant_block(buf, codes, amax, s2, six_s2, lut, packed, bs, r, b):
-    """Block scale and packed codes of one 16-block held in buf (float32, zero-padded)."""
+def _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b):
+    """Block scale and packed codes of one 16-block held in buf (float32, zero-padded).
+
+    sb/sbits: a 1-element float32 scratch and its uint32 view, to round s to e4m3 on its bits
+    (same result as _e4m3_code: RNE to 3 mantissa bits above 2^-6, rint(s·512) subnormal steps below).
+    """
     s = amax / six_s2
     if s == _F0:
         s = _F1
@@ -74,7 +78,12 @@ def _quant_block(buf, codes, amax, s2, six_s2, lut, packed, bs, r, b):
         s = _SMIN
     if s > _SMAX:
         s = _SMAX
-    code = _e4m3_code(s)
+    sb[0] = s
+    u = sbits[0]
+    if u < np.uint32(0x3C800000):
+        code = np.uint8(np.rint(s * np.float32(512.0)))
+    else:
+        code = np.uint8(((u + np.uint32(0x7FFFF) + ((u >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)) - np.uint32(960))
     bs[r, b] = code
     denom = lut[code] * s2
     for j in range(16):
@@ -94,6 +103,8 @@ def fp8_block_to_nvfp4_kernel(wb, sc, bo, bi, s2, lut, packed, bs, bad):
         srow = r // bo
         buf = np.zeros(16, np.float32)
         codes = np.zeros(16, np.uint8)
+        sb = np.zeros(1, np.float32)
+        sbits = sb.view(np.uint32)
         for b in range(nb):
             c0 = b * 16
             n = min(16, i - c0)
@@ -118,7 +129,7 @@ def fp8_block_to_nvfp4_kernel(wb, sc, bo, bi, s2, lut, packed, bs, bad):
                         v = lut[byte] * sc[srow, (c0 + j) // bi]
                     buf[j] = v
                     amax = max(amax, abs(v))
-            _quant_block(buf, codes, amax, s2, six_s2, lut, packed, bs, r, b)
+            _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
 
 
 @njit(parallel=True, cache=True)
@@ -130,6 +141,8 @@ def fp32_to_nvfp4_kernel(w, s2, lut, packed, bs):
     for r in prange(o):
         buf = np.zeros(16, np.float32)
         codes = np.zeros(16, np.uint8)
+        sb = np.zeros(1, np.float32)
+        sbits = sb.view(np.uint32)
         for b in range(nb):
             c0 = b * 16
             n = min(16, i - c0)
@@ -138,7 +151,7 @@ def fp32_to_nvfp4_kernel(w, s2, lut, packed, bs):
                 v = w[r, c0 + j] if j < n else _F0
                 buf[j] = v
                 amax = max(amax, abs(v))
-            _quant_block(buf, codes, amax, s2, six_s2, lut, packed, bs, r, b)
+            _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
 
 
 @njit(parallel=True, cache=True)

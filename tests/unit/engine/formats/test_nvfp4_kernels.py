@@ -125,3 +125,15 @@ def test_concurrent_calls_from_threads_are_safe():
         results = list(pool.map(lambda _: fp8_block_to_nvfp4(q, s, s2, device="cpu"), range(8)))
     for got in results:
         _same(got, want)
+
+
+def test_block_scales_at_every_e4m3_tie():
+    pos = torch.arange(1, 127, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    targets = torch.cat([pos, (pos[:-1] + pos[1:]) / 2, torch.tensor([2.0**-10, 1e-3, 500.0])])
+    w = torch.zeros(len(targets), 16)
+    w[:, 3] = targets * 6  # scale_2 = 1: block scale = amax / 6 = target exactly
+    w[:, 5] = -targets * 2
+    _same(bf16_to_nvfp4(w, 1.0, device="cpu"), quantize_nvfp4(w, 1.0))
+    q, s = cast_fp8_block(w, block=(1, 16))
+    x = dequant_fp8_block(q, s, (1, 16))
+    _same(fp8_block_to_nvfp4(q, s, 1.0, device="cpu", block=(1, 16)), quantize_nvfp4(x, 1.0))
