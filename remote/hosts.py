@@ -125,6 +125,9 @@ def node_from(obj: Any) -> NodeSpec:
     if not name:
         raise RecipeError("a cluster node needs a name and a host", at="cluster.nodes")
     port = _get(obj, "port")
+    given = getattr(obj, "model_fields_set", None)  # a pydantic recipe model: a default is not a choice
+    if given is not None and "port" not in given:
+        port = None  # so ~/.ssh/config's Port applies, as with `ssh alias`
     return NodeSpec(name=str(name), host=str(host or name), user=_get(obj, "user"),
                     port=int(port) if port is not None else None, key=_get(obj, "key"),
                     gpus=int(_get(obj, "gpus", 0) or 0))

@@ -90,3 +90,13 @@ def test_cluster_from_the_engine_recipe_model():
 def test_bad_clusters_name_the_field(kw, match):
     with pytest.raises(RecipeError, match=match):
         ClusterSpec(**kw)
+
+
+def test_recipe_default_port_leaves_the_ssh_config_port(cfg, monkeypatch):
+    from engine.recipe import recipe_from_dict
+
+    monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(cfg))
+    r = recipe_from_dict({"source": {"path": "/m"}, "cluster": {"nodes": [{"name": "gpu-a"}, {"name": "x", "host": "gpu-a", "port": 22}]}})
+    hosts = resolve_cluster(cluster_from(r.cluster))
+    assert hosts["gpu-a"].port == 2222 and hosts["gpu-a"].hostname == "10.0.0.11"  # Port from the config
+    assert hosts["x"].port == 22  # written in the recipe: wins
