@@ -135,15 +135,15 @@ def node_from(obj: Any) -> NodeSpec:
 
 ALIASES = {"work_dir": ("work_dir", "workdir")}
 ENV_FALLBACKS = {"known_hosts": "QUANTDECK_KNOWN_HOSTS", "ssh_config": "QUANTDECK_SSH_CONFIG",
-                 "cwd": "QUANTDECK_REMOTE_CWD"}
+                 "cwd": "QUANTDECK_REMOTE_CWD", "master_addr": "QUANTDECK_MASTER_ADDR"}
 
 
 def cluster_from(obj: Any, **overrides: Any) -> ClusterSpec:
     """A ClusterSpec from a recipe's cluster section (dict, dataclass or pydantic model), plus overrides.
 
     Reads engine.recipe's ClusterSection (nodes, head, python, workdir, host_key_policy, gpus_per_node) and
-    the optional known_hosts / ssh_config / cwd / env / connect_timeout / master_addr; the first three fall
-    back to QUANTDECK_KNOWN_HOSTS / QUANTDECK_SSH_CONFIG / QUANTDECK_REMOTE_CWD.
+    the optional known_hosts / ssh_config / cwd / env / connect_timeout / master_addr; known_hosts, ssh_config,
+    cwd and master_addr fall back to QUANTDECK_KNOWN_HOSTS / _SSH_CONFIG / _REMOTE_CWD / _MASTER_ADDR.
     """
     if isinstance(obj, ClusterSpec) and not overrides:
         return obj
