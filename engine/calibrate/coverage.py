@@ -22,6 +22,12 @@ def _is_experts(m: torch.nn.Module) -> bool:
     return hasattr(m, "num_experts") and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
 
 
+def _device_of(m: torch.nn.Module) -> torch.device:
+    for t in list(m.parameters()) + list(m.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 class CoverageHooks:
     def __init__(self, layer: torch.nn.Module, all_experts: bool = False):
         self.counts: dict[str, torch.Tensor] = {}  # experts module path -> tokens per expert
@@ -36,7 +42,7 @@ class CoverageHooks:
                 if ename is None:
                     continue
                 n = int(experts[ename].num_experts)
-                self.counts[ename] = torch.zeros(n, dtype=torch.long)
+                self.counts[ename] = torch.zeros(n, dtype=torch.long, device=_device_of(mod))
                 self._handles.append(mod.register_forward_hook(self._count_hook(ename, n)))
         if all_experts:
             for ename, mod in experts.items():
@@ -49,7 +55,7 @@ class CoverageHooks:
             idx = out[-1] if isinstance(out, tuple) else out
             if idx.dtype.is_floating_point:
                 return
-            self.counts[ename] += torch.bincount(idx.reshape(-1).to("cpu", torch.long), minlength=n)[:n]
+            self.counts[ename] += torch.bincount(idx.reshape(-1).to(torch.long), minlength=n)[:n]
 
         return hook
 

@@ -95,7 +95,7 @@ def _reduce_amax(ctx: DistContext, amax: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tensor], kwargs: list[dict],
-                     all_experts: bool, dev: torch.device) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
+                     all_experts: bool, dev: torch.device, bufs: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
     import modelopt.torch.quantization as mtq
 
     root = _Skeleton(hf_config, i, layer)
@@ -106,9 +106,15 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         outs.clear()
         hooks = CoverageHooks(model.model.layers[i], all_experts=all_experts)
         try:
-            for h, kw in zip(hidden, kwargs):  # activations live on the CPU; one batch at a time on the device
-                o = model.model.layers[i](h.to(dev), **kw)
-                outs.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
+            for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # activations live on the CPU, a batch at a time
+                o = model.model.layers[i](h.to(dev, non_blocking=True), **kw)
+                o = o[0] if isinstance(o, tuple) else o
+                if bufs is not None:  # pinned buffers: the copy back does not stall the device
+                    outs.append(bufs[j].copy_(o, non_blocking=True))
+                else:
+                    outs.append(o.to("cpu"))
+            if dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()
         finally:
             hooks.remove()
         cov.update({f"{family.layer_prefix(i)}{k}": v.tolist() for k, v in hooks.counts.items()})
@@ -196,6 +202,7 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
         del emb
     else:
         hidden = snap.read_acts(out, ctx.rank, start - 1, len(batches))
+    hidden, bufs = _pinned(hidden, dev)
     with torch.no_grad():
         kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
                                                                          device=dev)) for b in batches]
@@ -235,11 +242,10 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
             layer = materialize_layer(family, hf_config, i, tensors, dev)
             del tensors
             t1 = time.monotonic()
-            amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev)
+            amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev,
+                                               bufs)
             del layer
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            gc.collect()  # modelopt's hooks hold reference cycles: free the layer now, not later
             amax = _reduce_amax(ctx, amax)
             cov = _reduce_coverage(ctx, cov)
             t2 = time.monotonic()
@@ -248,7 +254,10 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
             pending = {"i": i, "amax": amax, "cov": cov, "acts": writer_pool.submit(snap.write_acts, out, ctx.rank,
                                                                                    i, outs),
                        "times": {"build_s": t1 - t0, "calib_s": t2 - t1}}
-            hidden = outs
+            if bufs is not None:  # double buffering: this layer's inputs (their write is done) take the next outputs
+                hidden, bufs = outs, hidden
+            else:
+                hidden = outs
         if pending is not None:
             commit(pending)
     finally:
@@ -262,6 +271,16 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
                     "seconds": time.monotonic() - t_start, "rank": ctx.rank})
     src.close()
     return summary
+
+
+def _pinned(hidden: list[torch.Tensor], dev: torch.device):
+    """On CUDA: the activations in pinned host memory, plus a second pinned set for each layer's outputs."""
+    if dev.type != "cuda" or not hidden:
+        return hidden, None
+    try:
+        return [h.pin_memory() for h in hidden], [torch.empty_like(h).pin_memory() for h in hidden]
+    except RuntimeError:  # pinning refused (locked-memory limits): pageable copies, synchronous
+        return hidden, None
 
 
 def _reduce_coverage(ctx: DistContext, cov: dict[str, list[int]]) -> dict[str, list[int]]:
