@@ -70,6 +70,24 @@ def plan_shards(units: Iterable[list[TensorSpec]], shard_size: int) -> list[Shar
     return [ShardPlan(shard_name(i + 1, n), tuple(g)) for i, g in enumerate(groups)]
 
 
+def _writeback_starter():
+    """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+        return lambda fd, off, n: fn(fd, off, n, 2)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return lambda fd, off, n: None
+
+
+_start_writeback = _writeback_starter()
+WRITEBACK_BYTES = 64 << 20  # ask the kernel to flush every this many bytes written
+
+
 def _disk_full(e: OSError, path: Path) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"no space left on device writing {path}", at=str(path),
@@ -92,6 +110,7 @@ class ShardFile:
         self.path = self.dir / (plan.name + ".partial")
         self._hash = hashlib.sha256()
         self._frontier = 0
+        self._unflushed = 0
         self._later: dict[int, int] = {}  # start -> end of data written past the frontier
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -123,6 +142,10 @@ class ShardFile:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
             raise _disk_full(e, self.path) from e
+        self._unflushed += n
+        if self._unflushed >= WRITEBACK_BYTES:
+            _start_writeback(self.fd, 0, 0)  # whole file: dirty pages start going to disk now
+            self._unflushed = 0
         self._advance(start, start + n, view)
 
     def _advance(self, start: int, end: int, view: memoryview) -> None:

@@ -99,6 +99,8 @@ def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device 
     device = torch.device(device)
     if item.action == COPY:
         return ItemResult({s.name: src[s.name] for s in item.outputs})
+    if device.type == "cuda":  # upload the item once: amax and quantization both read it on the device
+        src = {k: v.to(device, non_blocking=True) for k, v in src.items()}
     if item.action == TO_BF16:
         m = item.members[0]
         return ItemResult({m.name: _fp32(m, src, device).to(torch.bfloat16)})

@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,14 +65,24 @@ def _get(q: queue.Queue, stop: threading.Event):
 
 def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch.device | str = "cpu",
               v4_fp8: bool = False, metadata: dict[str, str] | None = None,
-              on_item: Callable[[Item, list[str]], None] | None = None) -> None:
-    """Convert and write every task's shards. Raises the first error of any thread."""
+              on_item: Callable[[Item, list[str]], None] | None = None) -> dict[str, float]:
+    """Convert and write every task's shards; returns busy seconds per phase. Raises the first error of any
+    thread. A finished shard is closed (hash catch-up, fsync, rename, manifest) on a closer thread while the
+    writer goes on with the next one."""
     q_in: queue.Queue = queue.Queue(QUEUE)
     q_out: queue.Queue = queue.Queue(QUEUE)
     stop = threading.Event()
     errors: list[BaseException] = []
     metadata = {"format": "pt"} if metadata is None else metadata
     delay = float(os.environ.get(DELAY_ENV) or 0)
+    busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "close_s": 0.0}
+    closer = ThreadPoolExecutor(1, thread_name_prefix="convert-closer")
+    closing: list[Future] = []
+
+    def close(f: ShardFile) -> None:
+        t = time.monotonic()
+        f.close()
+        busy["close_s"] += time.monotonic() - t
 
     def fail(e: BaseException) -> None:
         if not isinstance(e, _Stop):
@@ -83,10 +94,12 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
             for task in tasks:
                 for item in task.items:
                     src = {}
+                    t0 = time.monotonic()
                     for m in item.members:
                         src[m.name] = reader.get(m.name)
                         if m.scale:
                             src[m.scale] = reader.get(m.scale)
+                    busy["read_s"] += time.monotonic() - t0
                     _put(q_in, (task, item, src), stop)
             _put(q_in, _DONE, stop)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
@@ -101,9 +114,8 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                 if msg is _DONE:
                     break
                 task, item, result = msg
+                t0 = time.monotonic()
                 if current is not task:
-                    for f in open_files:
-                        f.close()
                     open_files = [ShardFile(d, plan, metadata) for _, d, plan in task.targets]
                     current = task
                 quantized = item.action == TO_NVFP4
@@ -112,15 +124,13 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                         out_name, out_t = layout_tensor(name, t, quantized, lay)
                         sf.write(out_name, out_t)
                 if item is task.items[-1]:
-                    for f in open_files:
-                        f.close()
+                    closing.extend(closer.submit(close, f) for f in open_files)
                     open_files, current = [], None
+                busy["write_s"] += time.monotonic() - t0
                 if on_item is not None:
                     on_item(item, result.notes)
                 if delay:
                     time.sleep(delay)
-            for f in open_files:
-                f.close()
         except BaseException as e:  # noqa: BLE001
             for f in open_files:
                 f.abort()
@@ -137,9 +147,11 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                 _put(q_out, _DONE, stop)
                 break
             task, item, src = msg
+            t0 = time.monotonic()
             result = compute_item(item, src, device, v4_fp8=v4_fp8)
             if torch.device(device).type != "cpu":
                 result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
+            busy["compute_s"] += time.monotonic() - t0
             del src
             _put(q_out, (task, item, result), stop)
     except _Stop:
@@ -149,5 +161,12 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
     wt.join()
     stop.set()
     rt.join()
+    for fut in closing:
+        try:
+            fut.result()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    closer.shutdown()
     if errors:
         raise errors[0]
+    return {k: round(v, 3) for k, v in busy.items()}

@@ -205,6 +205,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
               f"{len(plan.items)} items in {len(groups)} shard(s), {len(tasks)} to write")
     v4_fp8 = plan.family == "deepseek-v4"
     notes_all: list[str] = []
+    timings: dict[str, float] = {}
     if tasks:
         workers = max(1, min(int(workers), len(tasks)))
         if workers == 1:
@@ -214,7 +215,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
                     notes_all.append(note)
                     sink.emit("log", level="warning", msg=note)
 
-            run_tasks(reader, tasks, device=dev, v4_fp8=v4_fp8, on_item=on_item)
+            timings = run_tasks(reader, tasks, device=dev, v4_fp8=v4_fp8, on_item=on_item)
         else:
             _run_workers(str(src), tasks, workers, dev, v4_fp8, progress, sink)
     progress.advance(0, force=True)
@@ -232,5 +233,5 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
             "device": str(dev), "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
             "shards_kept": len(groups) - len(tasks), "quantized_modules": len(plan.quantized_modules),
             "kept_modules": plan.kept_modules, "mtp_modules": plan.mtp_modules, "notes": notes_all,
-            "bytes_read": bytes_total, "wall_s": round(wall, 3),
+            "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings,
             "read_mb_s": round(bytes_total / wall / 1e6, 1) if wall > 0 else None}

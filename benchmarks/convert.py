@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Benchmark: quantdeck convert vs the peer streaming converter vs a cold `cp -r`, in one run.
+
+Builds (once, cached in --workdir) a synthetic FP8 checkpoint of about --size-gb in the DeepSeek V4
+uniform-FP8 naming that the peer reads correctly (`layers.N.ffn.experts.E.w1/w2/w3.weight` FP8 [2048, 7168]
+with UE8M0 `.scale` companions over 128×128 blocks, plus a little attention, norms and router), then times,
+each after dropping the page cache where the machine allows it (`echo 3 > /proc/sys/vm/drop_caches`):
+
+  cp        cold `cp -r SRC DST`
+  quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`
+  peer      `python /work/shared/reference/seed_fp8_to_nvfp4_streaming.py --src --dst --gpu G`
+            (on CPU, --gpu -1, it crashes: its writer buffers the same weight_scale_2 tensor under two names
+            and safetensors refuses to save shared tensors — the run is recorded with its error)
+  peer+clone the peer patched ONLY to clone tensors before buffering (a textual replacement, generated at
+            benchmark time into a temp dir), so that it runs on CPU
+
+and prints wall time, ratio to quantdeck and peak RSS of each child process tree (psutil polling, plus
+getrusage(RUSAGE_CHILDREN).ru_maxrss). A second table compares the per-tensor math alone on one
+[2048, 7168] w1/w3 expert pair (MB/s of FP8 input).
+
+Usage:  python benchmarks/convert.py [--size-gb 1.6] [--device cpu|cuda] [--workers 1] [--workdir DIR]
+                                     [--skip-peer] [--json]
+Targets (issue 3): CPU (2 cores, ~1.6 GB): quantdeck >= 6x faster than peer+clone, peak RSS <= 2 GB, math >= 10x.
+GPU (>= 7 GB): quantdeck wall <= 0.5x the peer's and <= 1.0x the cold copy, peak RSS <= 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PEER = REPO.parent / "shared" / "reference" / "seed_fp8_to_nvfp4_streaming.py"
+O, I = 2048, 7168  # one routed expert of DeepSeek V4: w1/w3 [2048, 7168], w2 [7168, 2048]
+
+
+# -- the synthetic source ---------------------------------------------------------------------------------
+def _fp8_weight(shape, gen):
+    import torch
+
+    from engine.formats.fp8_block.helpers import cast_fp8_block
+
+    w = torch.randn(shape, generator=gen) * 0.02
+    return cast_fp8_block(w, ue8m0=True)
+
+
+def build_source(path: Path, size_gb: float, seed: int = 0) -> Path:
+    """A V4 uniform-FP8 checkpoint of about size_gb (cached: rebuilt only when the size differs)."""
+    import torch
+
+    from engine.checkpoint import CheckpointWriter, TensorSpec, plan_shards
+
+    stamp = path / ".bench_source.json"
+    want = {"size_gb": size_gb, "seed": seed, "v": 1}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    per_expert = 3 * O * I
+    experts = max(1, round(size_gb * 1e9 / per_expert))
+    layers = max(1, min(4, experts // 8))
+    per_layer = -(-experts // layers)
+    hidden = I
+    tensors: list[tuple[str, tuple, str]] = []  # name, shape, kind
+    for layer in range(layers):
+        p = f"layers.{layer}."
+        tensors += [(p + "attn_norm.weight", (hidden,), "norm"), (p + "ffn_norm.weight", (hidden,), "norm"),
+                    (p + "attn.wq_a.weight", (1024, hidden), "fp8"), (p + "ffn.gate.weight", (per_layer, hidden), "bf16")]
+        for e in range(min(per_layer, experts - layer * per_layer)):
+            for w, shape in (("w1", (O, I)), ("w2", (I, O)), ("w3", (O, I))):
+                tensors.append((f"{p}ffn.experts.{e}.{w}.weight", shape, "fp8"))
+    tensors += [("embed.weight", (1024, hidden), "bf16"), ("norm.weight", (hidden,), "norm")]
+    units = []
+    for name, shape, kind in tensors:
+        if kind == "fp8":
+            grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+            units.append([TensorSpec(name, "F8_E4M3", shape), TensorSpec(name[: -len(".weight")] + ".scale", "F8_E8M0", grid)])
+        else:
+            units.append([TensorSpec(name, "BF16", shape)])
+    plans = plan_shards(units, shard_size=int(2e9))
+    w = CheckpointWriter(path, plans, source_fingerprint="bench", args=want)
+    gen = torch.Generator().manual_seed(seed)
+    kinds = {n: k for n, _, k in tensors}
+    print(f"building a {size_gb} GB synthetic V4 FP8 source: {layers} layers, {experts} experts, {len(plans)} shard(s)",
+          file=sys.stderr)
+    for plan in w.prepare():
+        sf = w.open_shard(plan)
+        for spec in plan.tensors:
+            if spec.name.endswith(".scale"):
+                continue
+            if kinds[spec.name] == "fp8":
+                q, s = _fp8_weight(spec.shape, gen)
+                sf.write(spec.name, q)
+                sf.write(spec.name[: -len(".weight")] + ".scale", s)
+            elif kinds[spec.name] == "norm":
+                sf.write(spec.name, torch.ones(spec.shape, dtype=torch.bfloat16))
+            else:
+                sf.write(spec.name, (torch.randn(spec.shape, generator=gen) * 0.02).to(torch.bfloat16))
+        sf.close()
+    w.finalize()
+    (path / "manifest.json").unlink()
+    (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
+                                                 "num_hidden_layers": layers, "n_routed_experts": per_layer,
+                                                 "hidden_size": hidden, "quantization_config": {
+                                                     "quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                                     "activation_scheme": "dynamic", "weight_block_size": [128, 128]}},
+                                                indent=2))
+    (path / "tokenizer_config.json").write_text("{}")
+    stamp.write_text(json.dumps(want))
+    return path
+
+
+# -- measuring -----------------------------------------------------------------------------------------------
+def drop_caches() -> str:
+    try:
+        subprocess.run(["sync"], check=False)
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return "dropped"
+    except OSError as e:
+        return f"not allowed ({e.strerror})"
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p] + p.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_timed(cmd: list[str], env=None, cwd=None) -> dict:
+    """Run `cmd`, polling the RSS of its whole process tree; returns wall, peak RSS, rc, stderr tail."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    stop = threading.Event()
+
+    def poll():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    wall = time.monotonic() - t0
+    stop.set()
+    th.join()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"cmd": " ".join(cmd), "wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3),
+            "ru_maxrss_gb": round(ru / 1e9, 3) if ru > before * 1024 else None, "rc": proc.returncode,
+            "stderr_tail": err.strip().splitlines()[-1] if err.strip() else "", "stdout_tail": out.strip()[-300:],
+            "stdout_tail_full": out.strip()[-20000:]}
+
+
+def patched_peer(tmp: Path) -> Path:
+    """The peer with ONE change: tensors are cloned before buffering (so shared scale tensors can be saved)."""
+    text = PEER.read_text()
+    old = "t = tensor.detach().cpu().contiguous()"
+    if old not in text:
+        raise SystemExit(f"cannot patch the peer: {old!r} not found in {PEER}")
+    out = tmp / "peer_clone.py"
+    out.write_text(text.replace(old, "t = tensor.detach().cpu().contiguous().clone()", 1))
+    return out
+
+
+# -- math only ------------------------------------------------------------------------------------------------
+def math_bench(device: str) -> dict:
+    import importlib.util
+
+    import torch
+
+    from engine.convert import kernels
+    from engine.formats.nvfp4.helpers import global_scale
+
+    gen = torch.Generator().manual_seed(1)
+    (w1, s1), (w3, s3) = _fp8_weight((O, I), gen), _fp8_weight((O, I), gen)
+    mb = 2 * O * I / 1e6
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+
+    def ours():
+        a = torch.maximum(kernels.fp8_block_amax(w1, s1, (128, 128), dev), kernels.fp8_block_amax(w3, s3, (128, 128), dev))
+        s2 = global_scale(a)
+        kernels.fp8_block_to_nvfp4(w1, s1, (128, 128), s2, dev)
+        kernels.fp8_block_to_nvfp4(w3, s3, (128, 128), s2, dev)
+
+    spec = importlib.util.spec_from_file_location("peer", PEER)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    peer.FP4_BOUNDARIES = peer.FP4_BOUNDARIES.to(dev)
+
+    def theirs():
+        a = peer.dequant_fp8_to_fp32(w1.to(dev), s1.to(dev))
+        b = peer.dequant_fp8_to_fp32(w3.to(dev), s3.to(dev))
+        s2 = peer.compute_global_scale(a, b)
+        peer.quantize_to_nvfp4(a, s2)
+        peer.quantize_to_nvfp4(b, s2)
+
+    res = {}
+    for name, fn in (("quantdeck", ours), ("peer", theirs)):
+        fn()  # warm-up (numba load / CUDA init)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.monotonic()
+        n = 3
+        for _ in range(n):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        res[name] = round(mb * n / (time.monotonic() - t0), 1)
+    res["ratio"] = round(res["quantdeck"] / res["peer"], 1)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-gb", type=float, default=1.6)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--shard-size", default="5GB", help="quantdeck's output shard size (default 5GB)")
+    ap.add_argument("--workdir", default=None, help="where the source and outputs go (default: a temp dir)")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--peer", default=None, help="path of the peer script (default: ../shared/reference/...)")
+    ap.add_argument("--entry", default="console", choices=["console", "engine.convert"],
+                    help="quantdeck entry point: the CLI (python -m console convert) or python -m engine.convert "
+                         "(same function, for machines without the CLI's dependencies)")
+    args = ap.parse_args()
+    if args.peer:
+        globals()["PEER"] = Path(args.peer).resolve()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qd-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = build_source(work / "src", args.size_gb)
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    results: dict[str, dict] = {}
+
+    def fresh(name: str) -> Path:
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+        return out
+
+    runs = [("cp", lambda: ["cp", "-r", str(src), str(fresh("out_cp"))])]
+    entry = ["-m", "console", "convert"] if args.entry == "console" else ["-m", "engine.convert"]
+    runs.append(("quantdeck", lambda: [sys.executable, *entry, "--src", str(src), "--dst",
+                                       str(fresh("out_qd")), "--to", "nvfp4", "--device", device,
+                                       "--workers", str(args.workers), "--shard-size", args.shard_size]
+                                      + (["--json"] if args.entry == "console" else [])))
+    tmp = Path(tempfile.mkdtemp(prefix="qd-peer-"))
+    if not args.skip_peer:
+        gpu = "0" if device == "cuda" else "-1"
+        runs.append(("peer", lambda: [sys.executable, str(PEER), "--src", str(src), "--dst", str(fresh("out_peer")),
+                                      "--gpu", gpu]))
+        if device == "cpu":
+            clone = patched_peer(tmp)
+            runs.append(("peer+clone", lambda: [sys.executable, str(clone), "--src", str(src), "--dst",
+                                                str(fresh("out_peer_clone")), "--gpu", "-1"]))
+    for name, make in runs:
+        cache = drop_caches()
+        cmd = make()
+        print(f"running {name} (page cache {cache}) ...", file=sys.stderr)
+        results[name] = run_timed(cmd, env=env, cwd=str(REPO)) | {"page_cache": cache}
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        results["quantdeck"]["summary"] = json.loads(results["quantdeck"].get("stdout_tail_full") or "{}")
+    except ValueError:
+        pass
+    for r in results.values():
+        r.pop("stdout_tail_full", None)
+    qd = results["quantdeck"]["wall_s"]
+    for r in results.values():
+        r["x_vs_quantdeck"] = round(r["wall_s"] / qd, 2) if qd else None
+    math = math_bench(device)
+    report = {"source_gb": round(src_bytes / 1e9, 3), "device": device, "workers": args.workers,
+              "cores": os.cpu_count(), "runs": results, "math_mb_s": math, "workdir": str(work)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"source {report['source_gb']} GB FP8 (V4 uniform-FP8 naming), device {device}, {os.cpu_count()} cores")
+        print(f"{'tool':<11} {'wall s':>8} {'vs qd':>7} {'peak RSS GB':>12} {'rc':>4}  note")
+        for name, r in results.items():
+            note = "" if r["rc"] == 0 else r["stderr_tail"][:90]
+            print(f"{name:<11} {r['wall_s']:>8.2f} {r['x_vs_quantdeck']:>6.2f}x {r['peak_rss_gb']:>12.3f} {r['rc']:>4}  {note}")
+        qs = results["quantdeck"].get("summary") or {}
+        if qs:
+            print(f"quantdeck inside: convert {qs.get('wall_s')} s of {results['quantdeck']['wall_s']} s wall "
+                  f"(the rest is interpreter, torch and numba start), busy {qs.get('busy_s')}")
+        print(f"math on one [2048, 7168] w1/w3 pair: quantdeck {math['quantdeck']} MB/s, peer {math['peer']} MB/s "
+              f"({math['ratio']}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

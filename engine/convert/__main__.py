@@ -1,0 +1,44 @@
+"""`python -m engine.convert --src S --dst D --to nvfp4 ...`: the converter without the CLI's dependencies
+(for machines that only have torch, numba and safetensors). Same function, same output as `quantdeck convert`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.convert import convert_checkpoint
+from engine.errors import QuantdeckError, exit_code_for
+from engine.events import CallbackSink
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.convert", description=__doc__.split("\n")[0])
+    ap.add_argument("--src", required=True)
+    ap.add_argument("--dst", required=True)
+    ap.add_argument("--to", default="nvfp4", choices=["nvfp4", "fp8-block", "bf16"])
+    ap.add_argument("--format", default="modelopt", choices=["modelopt", "compressed-tensors", "both"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--shard-size", default="5GB")
+    ap.add_argument("--quantize-attention", action="store_true")
+    a = ap.parse_args(argv)
+    layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
+
+    def show(ev):
+        if ev.kind == "log":
+            print(f"{ev.data.get('level')}: {ev.data.get('msg')}", file=sys.stderr)
+
+    try:
+        s = convert_checkpoint(a.src, a.dst, to=a.to, layouts=layouts, device=a.device, workers=a.workers,
+                               shard_size=a.shard_size, quantize_attention=a.quantize_attention,
+                               sink=CallbackSink(show))
+    except QuantdeckError as e:
+        print(f"quantdeck: error: {e.one_line()}", file=sys.stderr)
+        return exit_code_for(e)
+    print(json.dumps({k: v for k, v in s.items() if k != "kept_modules"}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
