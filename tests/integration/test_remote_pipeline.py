@@ -16,9 +16,13 @@ from engine.rundir import read_status
 HEAD = "node2"
 
 
-def recipe_text(workdir: Path, src: Path, cluster=None) -> str:
+def recipe_text(workdir: Path, src: Path, cluster=None, samples: Path | None = None) -> str:
+    layouts = '"modelopt", "compressed-tensors"' if samples is None else '"modelopt"'
     text = (f'[run]\nworkdir = "{workdir}"\n\n[source]\npath = "{src}"\n\n'
-            f'[target]\nformat = "nvfp4"\nlayouts = ["modelopt", "compressed-tensors"]\n')
+            f'[target]\nformat = "nvfp4"\nlayouts = [{layouts}]\n')
+    if samples is not None:  # calibrated W4A4: 8 samples, 2 per rank over four nodes
+        text += (f'calibrate = true\n\n[calibration]\nsamples = "{samples}"\nnum_samples = 8\nseq_len = 16\n'
+                 f'all_experts = true\n')
     if cluster is not None:
         text += f'\n[cluster]\nhead = "{HEAD}"\npython = "{sys.executable}"\n'
         for n in cluster.cluster_dict()["nodes"]:
@@ -84,6 +88,50 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
         attempts = store.attempts(rec.run_id if hasattr(rec, "run_id") else run.id)
     assert attempts and all(a.state == StageState.SUCCEEDED.value for a in attempts)
 
+    local, remote = output_files(tmp_path / "local-work"), output_files(c.work_dir)
+    assert local.keys() == remote.keys() and any(k.endswith(".safetensors") for k in local)
+    assert [k for k in local if local[k] != remote[k]] == []
+
+
+@pytest.mark.slow
+def test_calibrated_pipeline_torchrun_across_four_nodes_is_byte_identical(sshd_cluster, tiny_ckpt, tmp_path,
+                                                                          monkeypatch):
+    """calibrate runs as torchrun over the four nodes (gloo, 4 ranks) and gives the bytes of one rank here."""
+    import json
+
+    from engine.local_launcher import LocalLauncher
+    from engine.runner import create_run, drive, load_frozen_recipe
+    from remote.launchers import launcher_for
+
+    src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([f"sample {i}: the quick brown fox {'jumps ' * i}over the lazy dog"
+                                   for i in range(8)]))
+    local_recipe = tmp_path / "local.toml"
+    local_recipe.write_text(recipe_text(tmp_path / "local-work", src, samples=samples))
+    local_run = create_run(local_recipe)
+    t0 = time.monotonic()
+    assert drive(local_run, launcher=LocalLauncher(), poll_s=0.1) == "SUCCEEDED"
+    print(f"local calibrated pipeline {time.monotonic() - t0:.1f}s")
+
+    c = sshd_cluster
+    monkeypatch.setenv("QUANTDECK_KNOWN_HOSTS", str(c.known_hosts))
+    monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(c.ssh_config))
+    remote_recipe = tmp_path / "remote.toml"
+    remote_recipe.write_text(recipe_text(c.work_dir, src, c, samples=samples))
+    run = create_run(remote_recipe)
+    t0 = time.monotonic()
+    result = drive(run, launcher=launcher_for(load_frozen_recipe(run), run.path), poll_s=0.1)
+    print(f"remote calibrated pipeline {time.monotonic() - t0:.1f}s")
+    assert result == "SUCCEEDED", [(n, read_status(run, n).get("state"), read_status(run, n).get("error"),
+                                    run.log_path(n).read_text()[-1500:] if run.log_path(n).exists() else "")
+                                   for n in run.stage_names()]
+    st = read_status(run, "calibrate")
+    assert st["host"] == HEAD, st
+    logs = sorted(p.name for p in run.stage_dir("calibrate").glob("log*.txt"))
+    assert logs == ["log.node0.txt", "log.node1.txt", "log.node3.txt", "log.txt"], logs
+    assert sorted(p.name for p in run.stage_dir("calibrate").glob("events*.jsonl")) == [
+        "events.jsonl", "events.rank1.jsonl", "events.rank2.jsonl", "events.rank3.jsonl"]
     local, remote = output_files(tmp_path / "local-work"), output_files(c.work_dir)
     assert local.keys() == remote.keys() and any(k.endswith(".safetensors") for k in local)
     assert [k for k in local if local[k] != remote[k]] == []
