@@ -255,10 +255,19 @@ class CheckpointReader:
                                       hint="check the file exists and is readable") from e
         return fd
 
-    def read_bytes(self, name: str) -> torch.Tensor:
-        """The raw bytes of a tensor as a uint8 tensor (a private copy, not a mapping)."""
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading `name` into the page cache now (asynchronous; a hint only)."""
         m = self.meta(name)
-        buf = torch.empty(m.nbytes, dtype=torch.uint8)
+        try:
+            os.posix_fadvise(self._fd(m.shard), m.start, m.nbytes, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            pass
+
+    def read_bytes(self, name: str, pin: bool = False) -> torch.Tensor:
+        """The raw bytes of a tensor as a uint8 tensor (a private copy, not a mapping); `pin` puts them in
+        page-locked memory for a fast asynchronous upload to a GPU."""
+        m = self.meta(name)
+        buf = torch.empty(m.nbytes, dtype=torch.uint8, pin_memory=pin)
         if m.nbytes:
             view = memoryview(buf.numpy()).cast("B")
             fd = self._fd(m.shard)
@@ -271,10 +280,10 @@ class CheckpointReader:
                 got += n
         return buf
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, on CPU, with its stored dtype and shape."""
+    def get(self, name: str, pin: bool = False) -> torch.Tensor:
+        """One tensor, on CPU (page-locked with `pin`), with its stored dtype and shape."""
         m = self.meta(name)
-        raw = self.read_bytes(name)
+        raw = self.read_bytes(name, pin=pin)
         if m.nbytes == 0:
             return torch.empty(m.shape, dtype=m.dtype)
         return raw.view(m.dtype).reshape(m.shape)

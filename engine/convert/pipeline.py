@@ -27,6 +27,7 @@ QUEUE = 3
 _DONE = object()
 # Test hook: seconds to pause after each written item, so an integration test can kill -9 a real run mid-way.
 DELAY_ENV = "QUANTDECK_TEST_ITEM_DELAY_S"
+PREFETCH_BYTES = 256 << 20  # source bytes the kernel is asked to read ahead of the reader thread
 
 
 @dataclass(frozen=True)
@@ -89,18 +90,31 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
             errors.append(e)
         stop.set()
 
+    pin = torch.device(device).type == "cuda"
+    flat = [(task, item) for task in tasks for item in task.items]
+
+    def names_of(item: Item) -> list[str]:
+        return [n for m in item.members for n in ((m.name, m.scale) if m.scale else (m.name,))]
+
     def read_loop() -> None:
+        ahead = 0  # items [0, ahead) have been handed to the kernel's readahead
+        window = 0  # source bytes prefetched beyond the item being read
         try:
-            for task in tasks:
-                for item in task.items:
-                    src = {}
-                    t0 = time.monotonic()
-                    for m in item.members:
-                        src[m.name] = reader.get(m.name)
-                        if m.scale:
-                            src[m.scale] = reader.get(m.scale)
-                    busy["read_s"] += time.monotonic() - t0
-                    _put(q_in, (task, item, src), stop)
+            for k, (task, item) in enumerate(flat):
+                if ahead > k:
+                    window -= item.src_bytes
+                while ahead < len(flat) and (ahead <= k or window < PREFETCH_BYTES):
+                    if ahead > k:
+                        window += flat[ahead][1].src_bytes
+                    for n in names_of(flat[ahead][1]):
+                        reader.prefetch(n)
+                    ahead += 1
+                src = {}
+                t0 = time.monotonic()
+                for n in names_of(item):
+                    src[n] = reader.get(n, pin=pin)
+                busy["read_s"] += time.monotonic() - t0
+                _put(q_in, (task, item, src), stop)
             _put(q_in, _DONE, stop)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             fail(e)
