@@ -36,6 +36,11 @@ RUN_ACTIONS = ("resume", "export_only", "validate_only", "cancel", "logs")
 _FAILED = ("FAILED", "FAILED_WORKER")
 
 
+def _gates(run: RunView) -> tuple:
+    """What check_action looks at: bindings are refreshed only when this changes."""
+    return run.run_id, run.live, run.all_done, run.has_amax, bool(run.stages)
+
+
 class QuantdeckApp(App):
     CSS_PATH = "styles/app.tcss"
     TITLE = "quantdeck"
@@ -48,6 +53,7 @@ class QuantdeckApp(App):
         self.clock, self.follow_s, self.recipe_hint = clock, follow_s, recipe_hint
         self.run_view: RunView | None = None
         self.nodes: tuple[NodeView, ...] = ()
+        self.told: list[str] = []  # every notification given, in order (tests and the tmux capture read it)
         self.log_stage: str | None = None
         self.log_lines: list[str] = []  # the tail shown, kept here so a dashboard composed later can show it
         self.busy: str | None = None  # an action handed to the engine and not yet answered
@@ -124,6 +130,7 @@ class QuantdeckApp(App):
             self.call_from_thread(setattr, self, "run_id", run_id)
         offsets: dict[str, int] = {}
         shown: str | None = None
+        last: RunView | None = None
         while not worker.is_cancelled and not self._stop.is_set():
             try:
                 view = self.backend.read_run(run_id)
@@ -131,7 +138,9 @@ class QuantdeckApp(App):
                 self.post_message(ActionFailed("follow", e.title, e.one_line()))
                 self._stop.wait(2.0)
                 continue
-            self.post_message(RunRead(view))
+            if view != last:  # an unchanged run posts nothing: the UI thread only hears about changes
+                self.post_message(RunRead(view))
+                last = view
             stage = self.followed_stage or (view.current.name if view.current else None)
             if stage:
                 start = offsets.get(stage, 0) if stage == shown else 0  # a stage shown anew is read whole
@@ -194,7 +203,8 @@ class QuantdeckApp(App):
             self.dashboard.show_run(run)
         if prev is not None and prev.run_id == run.run_id:
             self._notify_transitions(prev, run)
-        self.refresh_bindings()
+        if prev is None or _gates(prev) != _gates(run):
+            self.refresh_bindings()
 
     def _notify_transitions(self, prev: RunView, run: RunView) -> None:
         before = {s.name: s.state for s in prev.stages}
@@ -260,12 +270,17 @@ class QuantdeckApp(App):
             else:
                 self.push_screen(ErrorModal(f"{event.worker.name} failed", f"{type(err).__name__}: {err}"))
 
+    def notify(self, message: str, *, title: str = "", severity: str = "information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        self.told.append(f"{title}: {message}" if title else message)
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)  # type: ignore[arg-type]
+
     # ----------------------------------------------------------------- actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """False hides a binding (under a modal); None shows it greyed out: not possible now."""
         if action not in ACTIONS:
             return True
-        if isinstance(self.screen, ModalScreen):
+        if not self.screen_stack or isinstance(self.screen, ModalScreen):
             return False
         if action not in RUN_ACTIONS:
             return True

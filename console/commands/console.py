@@ -49,9 +49,12 @@ def console_cmd(target: str | None, replay_fleet: bool) -> None:
     fleet = default_fleet(workdir=getattr(backend.eng, "workdir", "."), cluster=_cluster_of(backend.eng, target))
     app = build_app(run, backend=backend, fleet=fleet, recipe_hint=str(target) if _is_recipe(target) else "")
     app.run()
-    if app.run_id:
+    if app.run_id and app.run_view is not None and app.run_view.live:
         click.echo(f"left the console; run {app.run_id} goes on without it "
                    f"(`quantdeck console {app.run_id}` re-attaches)", err=True)
+    elif app.run_id:
+        click.echo(f"left the console (run {app.run_id}: {app.run_view.state.lower() if app.run_view else '?'}; "
+                   f"`quantdeck console {app.run_id}` re-opens it)", err=True)
 
 
 # ------------------------------------------------------------------------------------------------ demo

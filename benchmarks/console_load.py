@@ -1,0 +1,134 @@
+"""Console load: `quantdeck console RUN` following a running stage, with replayed telemetry of 4 nodes × 8 GPUs
+(real recorded nvidia-smi output) at 1 Hz, in a real terminal (tmux), for --seconds (default 60).
+
+Prints the CPU time of the console process as a share of one core (target ≤ 10%) and the time from launch to
+the first full frame (fleet rows and the run's stages on screen; target ≤ 1.0 s), and saves the tmux capture
+of the dashboard. The run is real: a tiny calibrated DeepSeek-V3 FP8 fixture through engine.api.
+
+    .venv/bin/python benchmarks/console_load.py [--seconds 60] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def tmux(sock: str, *args: str) -> str:
+    return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=20).stdout
+
+
+def start_run(root: Path, layers: int) -> tuple[str, dict]:
+    from engine.api import open_engine
+    from engine.fixtures import build_fixture
+
+    ckpt = build_fixture(root / "ckpt", family="deepseek-v3", dtype="fp8", layers=layers, experts=8, hidden=128,
+                         moe_inter=64, mtp=True)
+    samples = root / "samples.json"
+    samples.write_text(json.dumps([f"benchmark sample {i}: tokens for the experts" for i in range(64)]))
+    recipe = root / "recipe.toml"
+    recipe.write_text(f"""
+[run]
+workdir = {json.dumps(str(root / "work"))}
+[source]
+path = {json.dumps(str(ckpt))}
+[target]
+format = "nvfp4"
+calibrate = true
+layouts = ["modelopt"]
+output = {json.dumps(str(root / "out"))}
+[calibration]
+samples = {json.dumps(str(samples))}
+num_samples = 64
+seq_len = 64
+""")
+    env = {"QUANTDECK_HOME": str(root / "home"), "QUANTDECK_WORKDIR": str(root / "work")}
+    os.environ.update(env)
+    return open_engine(str(root / "work")).start(str(recipe), preflight=False), env
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--layers", type=int, default=6, help="layers of the fixture (more: a longer running stage)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--size", default="120x40")
+    args = ap.parse_args(argv)
+    if shutil.which("tmux") is None:
+        print("console_load: tmux is needed (apt-get install -y tmux)", file=sys.stderr)
+        return 2
+    import psutil
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="qd-console-load-"))
+    run_id, env = start_run(root, args.layers)
+    print(f"run {run_id} started in {root}", file=sys.stderr)
+    from engine.api import open_engine
+
+    eng = open_engine(env["QUANTDECK_WORKDIR"])
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # follow a RUNNING stage, as an operator would
+        v = eng.status(run_id)
+        if any(s.state == "RUNNING" for s in v.stages if s.name != "inspect"):
+            break
+        time.sleep(0.5)
+    w, h = args.size.split("x")
+    env.update({"PYTHONPATH": str(REPO), "QUANTDECK_FLEET": "replay", "QUANTDECK_FLEET_INTERVAL": "1.0",
+                "TERM": "xterm-256color"})
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    cmd = f"cd {shlex.quote(str(REPO))} && exec env {exports} {shlex.quote(sys.executable)} -m console.cli console {run_id}"
+    sock = f"qd-bench-{uuid.uuid4().hex[:6]}"
+    t_launch = time.monotonic()
+    tmux(sock, "new-session", "-d", "-s", "c", "-x", w, "-y", h, cmd)
+    pid = int(tmux(sock, "display", "-p", "-t", "c", "#{pane_pid}").strip())
+    proc = psutil.Process(pid)
+    first_frame = None
+    while time.monotonic() - t_launch < 30:
+        screen = tmux(sock, "capture-pane", "-p", "-t", "c")
+        if "node3" in screen and f"run {run_id}" in screen and "calibrate" in screen and "Quit" in screen:
+            first_frame = time.monotonic() - t_launch
+            break
+        time.sleep(0.01)
+    cpu0 = sum(proc.cpu_times()[:2])
+    startup_cpu = cpu0
+    t0 = time.monotonic()
+    time.sleep(args.seconds)
+    cpu1 = sum(proc.cpu_times()[:2])
+    wall = time.monotonic() - t0
+    rss = proc.memory_info().rss
+    capture = tmux(sock, "capture-pane", "-p", "-t", "c")
+    tmux(sock, "send-keys", "-t", "c", "q")
+    time.sleep(1.0)
+    alive_after_quit = eng.status(run_id).driver_alive
+    tmux(sock, "kill-server")
+    share = (cpu1 - cpu0) / wall
+    result = {"run": run_id, "seconds": round(wall, 1), "console_cpu_share_of_one_core": round(share, 4),
+              "target_cpu_share": 0.10, "first_full_frame_s": None if first_frame is None else round(first_frame, 3),
+              "target_first_frame_s": 1.0, "startup_cpu_s": round(startup_cpu, 2), "rss_mib": round(rss / 2**20, 1),
+              "run_alive_after_console_quit": alive_after_quit, "fleet": "4 nodes x 8 GPUs replayed at 1 Hz",
+              "cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+    (out / "console_load.json").write_text(json.dumps(result, indent=1))
+    (out / "console_dashboard.txt").write_text(capture)
+    print(capture)
+    print(json.dumps(result, indent=1))
+    if alive_after_quit:
+        eng.cancel(run_id)  # the benchmark's run is not needed any longer
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

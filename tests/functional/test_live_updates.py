@@ -1,0 +1,77 @@
+"""Live behaviour with a deterministic backend: notifications on a failed stage and a finished run, cells
+updated in place, and a telemetry poll that hangs (a dead node) never freezing the screen."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+from static_backend import StaticBackend, snapshot_run
+
+from console.factory import build_app
+from console.models import NodeView
+from console.screens.help import HelpScreen
+from console.widgets import FleetTable, StageTable
+
+
+async def _until(pilot, cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await pilot.pause(0.05)
+    raise AssertionError("timed out")
+
+
+async def test_failed_stage_and_finished_run_are_notified(fixed_clock):
+    backend = StaticBackend()
+    app = build_app(backend=backend, use_fleet=False, clock=fixed_clock, follow_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: app.run_view is not None)
+        table = app.screen.query_one(StageTable)
+        rows_before = table.row_count
+        st = list(backend.run.stages)
+        st[2] = replace(st[2], state="FAILED", error_class="cuda-oom", error="CUDA out of memory")
+        backend.run = replace(backend.run, stages=tuple(st), live=False, state="FAILED")
+        await _until(pilot, lambda: any("calibrate failed" in t for t in app.told))
+        assert any("cuda-oom" in t for t in app.told)
+        assert table.row_count == rows_before  # updated in place, not rebuilt
+        assert app.check_action("resume", ()) is True and app.check_action("cancel", ()) is None
+        done = tuple(replace(s, state="SUCCEEDED") for s in backend.run.stages)
+        backend.run = replace(backend.run, stages=done, state="SUCCEEDED")
+        await _until(pilot, lambda: any("finished" in t for t in app.told))
+        assert app.check_action("resume", ()) is None  # nothing left to resume
+
+
+class HangingFleet:
+    """A fleet whose poll blocks like a node that stopped answering (until released)."""
+
+    interval_s = 0.05
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+
+    def poll(self):
+        self.calls += 1
+        if self.calls > 1:
+            self.release.wait(30)
+        return (NodeView("node0", "10.0.0.1", "no GPU", 0.0),)
+
+    def close(self):
+        self.release.set()
+
+
+async def test_a_hanging_telemetry_poll_never_freezes_the_screen(fixed_clock):
+    fleet = HangingFleet()
+    app = build_app(backend=StaticBackend(run=snapshot_run()), fleet=fleet, clock=fixed_clock, follow_s=0.05)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _until(pilot, lambda: fleet.calls >= 2)  # the poll thread is now stuck
+            await pilot.press("question_mark")  # answered while the poll thread is stuck
+            await _until(pilot, lambda: isinstance(app.screen, HelpScreen), timeout=10.0)
+            assert app.screen_stack[0].query_one(FleetTable).row_count == 1
+            await pilot.press("escape")
+    finally:
+        fleet.release.set()

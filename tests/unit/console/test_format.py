@@ -1,0 +1,35 @@
+from console import format as fmt
+
+
+def test_bar_eighths_and_bounds():
+    assert fmt.bar(0.0, 4) == "    "
+    assert fmt.bar(1.0, 4) == "████"
+    assert fmt.bar(0.5, 4) == "██  "
+    assert fmt.bar(2.0, 3) == "███"
+    assert fmt.bar(None, 3) == "···"
+    assert len(fmt.bar(0.37, 9)) == 9
+
+
+def test_spark_scales_to_top_and_pads_left():
+    assert fmt.spark([0, 1], 4, top=1.0) == "  ▁█"
+    assert fmt.spark([], 3) == "   "
+    assert fmt.spark([5, 5, 5, 5, 5], 3) == "███"
+
+
+def test_durations_rates_sizes():
+    assert fmt.duration(None) == "-"
+    assert fmt.duration(42) == "42s"
+    assert fmt.duration(185) == "3m05s"
+    assert fmt.duration(3987) == "1h06m"
+    assert fmt.rate(0.011, "layers") == "39.6/h"
+    assert fmt.rate(2.5, "shards") == "2.5/s"
+    assert fmt.rate(18432.0, "tok") == "18.4k/s"
+    assert fmt.rate(3 * 2**20, "B") == "3.0M/s"
+    assert fmt.size(2 * 2**40) == "2.0T"
+    assert fmt.count(17, 61) == "17/61"
+
+
+def test_hosts_label():
+    assert fmt.join_hosts(["node0"], 0) == "node0"
+    assert fmt.join_hosts(["node0", "node1", "node2", "node3"], 32) == "4 nodes ×32"
+    assert fmt.join_hosts([], 0) == "-"
