@@ -152,9 +152,11 @@ class ShardFile:
         if start != self._frontier:
             self._later[start] = end
             return
-        self._hash.update(view)
+        self._hash.update(view)  # in file order: hash from memory, no read-back needed
         self._frontier = end
-        while self._frontier in self._later:  # catch up on data that came early, reading it back
+
+    def _catch_up(self) -> None:
+        while self._frontier in self._later:  # hash the data that came early, reading it back
             a = self._frontier
             b = self._later.pop(a)
             while a < b:
@@ -191,6 +193,7 @@ class ShardFile:
             missing = sorted(self.pending)
             raise CheckpointError(f"{self.plan.name} closed with {len(missing)} tensor(s) unwritten "
                                   f"(first: {missing[0]})", at=str(self.final))
+        self._catch_up()
         if self._frontier != self.layout.total_size:  # pragma: no cover - all tensors were written
             raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
         try:
