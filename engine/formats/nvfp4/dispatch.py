@@ -13,7 +13,14 @@ from engine.errors import FormatError
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
 from engine.formats.nvfp4.helpers import as_scale_2, packed_cols
 
-__all__ = ["bf16_to_nvfp4", "float_amax", "fp8_block_amax", "fp8_block_to_nvfp4", "resolve_device"]
+__all__ = [
+    "bf16_to_nvfp4",
+    "float_amax",
+    "fp8_block_amax",
+    "fp8_block_to_nvfp4",
+    "fp8_group_to_nvfp4",
+    "resolve_device",
+]
 
 _E4M3_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
@@ -56,6 +63,8 @@ def fp8_block_to_nvfp4(
     dev = resolve_device(device)
     if dev != "cpu":
         from engine.formats.nvfp4.kernels_cuda import fp8_block_to_nvfp4_cuda
+
+        _scale_np(scale_inv)  # validates (a small host copy)
 
         return fp8_block_to_nvfp4_cuda(w_fp8, scale_inv, blk, scale_2, dev)
     from engine.formats.nvfp4 import kernels_cpu
@@ -105,6 +114,8 @@ def fp8_block_amax(w_fp8: torch.Tensor, scale_inv: torch.Tensor, device: str = "
     if dev != "cpu":
         from engine.formats.nvfp4.kernels_cuda import fp8_block_amax_cuda
 
+        _scale_np(scale_inv)
+
         return fp8_block_amax_cuda(w_fp8, scale_inv, blk, dev)
     from engine.formats.nvfp4 import kernels_cpu
     from engine.formats.numba_setup import KERNEL_LOCK
@@ -127,3 +138,25 @@ def fp8_block_amax(w_fp8: torch.Tensor, scale_inv: torch.Tensor, device: str = "
 def float_amax(w: torch.Tensor) -> torch.Tensor:
     """max |w| of a float tensor as float32 0-d (bf16 → fp32 is exact, so this is the dequantized amax)."""
     return w.detach().abs().amax().to(torch.float32).cpu()
+
+
+def fp8_group_to_nvfp4(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], device: str = "auto", blocks=None
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A fused group (gate/up, w1/w3, ...) of FP8-block weights → NVFP4 with ONE shared weight_scale_2.
+
+    Returns (scale_2 = global_scale(max amax over the group), [(packed, block_scale) per member]); bytes equal
+    `quantize_nvfp4(dequant_fp8_block(w, s), scale_2)` member by member. On CUDA each member is uploaded once
+    (amax and quantization both read the device copy). `blocks`: one block per member, or None to infer.
+    """
+    from engine.formats.nvfp4.helpers import global_scale
+
+    if not pairs:
+        raise FormatError("empty fused group", at="fp8_group_to_nvfp4")
+    blks = [_check_fp8(w, s, None if blocks is None else blocks[k]) for k, (w, s) in enumerate(pairs)]
+    dev = resolve_device(device)
+    if dev != "cpu":
+        pairs = [(w.to(dev, non_blocking=True), scale_to_fp32(s).to(dev)) for w, s in pairs]
+    amax = torch.stack([fp8_block_amax(w, s, device=dev, block=b) for (w, s), b in zip(pairs, blks)]).amax()
+    s2 = global_scale(amax)
+    return s2, [fp8_block_to_nvfp4(w, s, s2, device=dev, block=b) for (w, s), b in zip(pairs, blks)]

@@ -137,3 +137,29 @@ def test_block_scales_at_every_e4m3_tie():
     q, s = cast_fp8_block(w, block=(1, 16))
     x = dequant_fp8_block(q, s, (1, 16))
     _same(fp8_block_to_nvfp4(q, s, 1.0, device="cpu", block=(1, 16)), quantize_nvfp4(x, 1.0))
+
+
+def test_fused_group_shares_scale_2():
+    from engine.formats.nvfp4.dispatch import fp8_group_to_nvfp4
+
+    w1, s1 = _fp8((128, 256), seed=1, scale=0.01)
+    w3, s3 = _fp8((128, 256), seed=2, scale=0.5)  # the larger amax sets the shared scale
+    s2, parts = fp8_group_to_nvfp4([(w1, s1), (w3, s3)], device="cpu")
+    x1, x3 = dequant_fp8_block(w1, s1), dequant_fp8_block(w3, s3)
+    assert torch.equal(s2, global_scale(weight_amax(x1, x3)))
+    _same(parts[0], quantize_nvfp4(x1, s2))
+    _same(parts[1], quantize_nvfp4(x3, s2))
+    with pytest.raises(FormatError):
+        fp8_group_to_nvfp4([], device="cpu")
+
+
+@requires_gpu
+def test_cuda_fused_group_equals_cpu():
+    from engine.formats.nvfp4.dispatch import fp8_group_to_nvfp4
+
+    pairs = [_fp8((256, 512), seed=k, ue8m0=bool(k)) for k in range(2)]
+    s2c, cpu = fp8_group_to_nvfp4(pairs, device="cpu")
+    s2g, gpu = fp8_group_to_nvfp4(pairs, device="cuda")
+    assert torch.equal(s2c, s2g.cpu())
+    for a, b in zip(cpu, gpu):
+        _same(a, b)
