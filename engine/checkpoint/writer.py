@@ -85,7 +85,7 @@ def _writeback_starter():
 
 
 _start_writeback = _writeback_starter()
-WRITEBACK_BYTES = 64 << 20  # ask the kernel to flush every this many bytes written
+WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk right away
 
 
 def _disk_full(e: OSError, path: Path) -> Exception:
@@ -110,7 +110,6 @@ class ShardFile:
         self.path = self.dir / (plan.name + ".partial")
         self._hash = hashlib.sha256()
         self._frontier = 0
-        self._unflushed = 0
         self._later: dict[int, int] = {}  # start -> end of data written past the frontier
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -142,10 +141,8 @@ class ShardFile:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
             raise _disk_full(e, self.path) from e
-        self._unflushed += n
-        if self._unflushed >= WRITEBACK_BYTES:
-            _start_writeback(self.fd, 0, 0)  # whole file: dirty pages start going to disk now
-            self._unflushed = 0
+        if n >= WRITEBACK_BYTES:  # a big tensor: its pages start going to disk now, not all at the fsync
+            _start_writeback(self.fd, start, n)
         self._advance(start, start + n, view)
 
     def _advance(self, start: int, end: int, view: memoryview) -> None:
