@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     first_frame = None
     while time.monotonic() - t_launch < 30:
         screen = tmux(sock, "capture-pane", "-p", "-t", "c")
-        if "node3" in screen and f"run {run_id}" in screen and "calibrate" in screen and "Quit" in screen:
+        if "node0" in screen and "stale" in screen and f"run {run_id}" in screen and "calibrate" in screen \
+                and "Quit" in screen:
             first_frame = time.monotonic() - t_launch
             break
         time.sleep(0.01)

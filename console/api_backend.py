@@ -50,6 +50,7 @@ class ApiBackend(Backend):
         self._calib: dict[str, dict] = {}
         self._coverage: dict[str, dict[str, tuple[int, int]]] = {}  # run → layer file → (experts, low)
         self._plans: dict[str, dict] = {}
+        self._dirs: dict[str, Any] = {}  # run id → RunDir: later reads go by path, without opening the store
 
     # ------------------------------------------------------------------ reading
     def history(self) -> tuple[HistoryRow, ...]:
@@ -67,7 +68,7 @@ class ApiBackend(Backend):
     def _plan(self, run_id: str) -> dict:
         if run_id not in self._plans:
             try:
-                self._plans[run_id] = self.eng.plan(run_id)
+                self._plans[run_id] = self.eng.plan(self._ref(run_id))
             except Exception:  # noqa: BLE001 - a plan we cannot read only loses node names
                 return {}
         return self._plans[run_id]
@@ -81,7 +82,7 @@ class ApiBackend(Backend):
         nodes = tuple(plan_stage.get("nodes") or ()) if plan_stage.get("distributed") else ()
         ranks = 0
         try:
-            ranks = len(self.eng.find(run_id).events_paths(s.name))
+            ranks = len(self._dir(run_id).events_paths(s.name))
         except Exception:  # noqa: BLE001
             ranks = 0
         hosts = tuple(nodes) or ((s.host,) if s.host else ())
@@ -92,7 +93,7 @@ class ApiBackend(Backend):
                          error_class=s.error_class or "", error=s.error or "", label=p.get("label") or "")
 
     def _calib_view(self, run_id: str, stage: Any, amax_dir: str | None) -> CalibView:
-        evs, off = self.eng.events(run_id, "calibrate", self._metric_off.get(run_id, 0))
+        evs, off = self.eng.events(self._ref(run_id), "calibrate", self._metric_off.get(run_id, 0))
         self._metric_off[run_id] = off
         last = self._calib.setdefault(run_id, {})
         for ev in evs:
@@ -122,9 +123,20 @@ class ApiBackend(Backend):
             cache[f.name] = (n, sum(1 for c in cov.values() for t in c if t < LOW_TOKENS))
         return sum(v[0] for v in cache.values()), sum(v[1] for v in cache.values())
 
+    def _dir(self, run_id: str):
+        if run_id not in self._dirs:
+            self._dirs[run_id] = self.eng.find(run_id)
+        return self._dirs[run_id]
+
+    def _ref(self, run_id: str) -> str:
+        """How to name a run to engine.api cheaply: its run dir path once known (no store lookup)."""
+        d = self._dirs.get(run_id)
+        return str(d.path) if d is not None else run_id
+
     def read_run(self, run_id: str) -> RunView:
         with self._lock:
-            v = self.eng.status(run_id)
+            v = self.eng.status(self._ref(run_id))
+            self._dir(v.id)
             plan = self._plan(v.id)
             pstages = {ps.get("name"): ps for ps in plan.get("stages", [])}
             stages = tuple(self._stage_view(v.id, s, pstages.get(s.name, {})) for s in v.stages)
@@ -143,7 +155,7 @@ class ApiBackend(Backend):
                            has_amax=cal is not None and cal.state == "SUCCEEDED")
 
     def read_log(self, run_id: str, stage: str, offset: int) -> tuple[list[str], int]:
-        text, nxt = self.eng.log(run_id, stage, offset)
+        text, nxt = self.eng.log(self._ref(run_id), stage, offset)
         cut = text.rfind("\n")
         if cut < 0:
             return [], offset

@@ -29,7 +29,7 @@ def default_fleet(workdir: str = ".", clock: Callable[[], float] = time.time,
 
 
 def build_app(run: str | None = None, *, backend: Backend | None = None, fleet: FleetFeed | None = None,
-              clock: Callable[[], float] = time.time, follow_s: float = 0.5, workdir: str = ".",
+              clock: Callable[[], float] = time.time, follow_s: float = 1.0, workdir: str = ".",
               recipe_hint: str = "", use_fleet: bool = True) -> QuantdeckApp:
     if backend is None:
         from console.api_backend import ApiBackend

@@ -64,7 +64,7 @@ class FleetTable(DataTable):
         else:
             for col, new, prev in zip(self.COLUMNS, cells, old):
                 if str(new) != str(prev) or getattr(new, "style", None) != getattr(prev, "style", None):
-                    self.update_cell(key, col, new)
+                    self.update_cell(key, col, new, update_width=True)
         self._rows[key] = cells
 
     def _node_rows(self, node: NodeView, now: float):

@@ -21,6 +21,8 @@ class StageTable(DataTable):
         super().__init__(cursor_type="row", **kw)
         self.bar_width = bar_width
         self._rows: dict[str, tuple] = {}
+        self._current: str | None = None
+        self.auto_follow = True  # the cursor follows the running stage until the operator moves it
 
     def on_mount(self) -> None:
         self._ensure_columns()
@@ -54,10 +56,23 @@ class StageTable(DataTable):
             else:
                 for col, new, prev in zip(self.COLUMNS, cells, old):
                     if str(new) != str(prev) or getattr(new, "style", None) != getattr(prev, "style", None):
-                        self.update_cell(s.name, col, new)
+                        self.update_cell(s.name, col, new, update_width=True)
             self._rows[s.name] = cells
-        if fresh and run.current is not None:
-            self.move_cursor(row=names.index(run.current.name))
+        cur = run.current.name if run.current is not None else None
+        if cur is not None and (fresh or (self.auto_follow and cur != self._current)):
+            self.move_cursor(row=names.index(cur))
+        self._current = cur
+
+    def action_cursor_up(self) -> None:
+        self.auto_follow = False
+        super().action_cursor_up()
+
+    def action_cursor_down(self) -> None:
+        self.auto_follow = False
+        super().action_cursor_down()
+
+    def on_click(self) -> None:
+        self.auto_follow = False
 
     def _cells(self, s: StageView) -> tuple:
         frac = s.done / s.total if s.total else (1.0 if s.state in ("SUCCEEDED", "SKIPPED") else 0.0)
