@@ -263,6 +263,8 @@ class CheckpointWriter:
             manifest = old or mf.new_manifest(self.source_fingerprint, self.args, self.planned)
             for p in self.partial_dir.glob("*.partial"):
                 p.unlink()
+            for p in self.partial_dir.glob(".*.tmp.*"):  # an atomic write (manifest, index) killed before its rename
+                p.unlink(missing_ok=True)
             todo: list[ShardPlan] = []
             self.kept = []
             for plan in self.shards:
