@@ -26,12 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ExitCode, QuantdeckError, StageLockedError
-from engine.events import EventSink, JsonlSink
+from engine.events import EventSink, JsonlSink, TeeSink
 from engine.names import StageState
 from engine.rundir import RunDir, begin_attempt, read_status, set_running, set_status, stage_lock, this_host
 
 PAUSE_UNITS_ENV = "QUANTDECK_TEST_PAUSE_AFTER_UNITS"
 PAUSE_STAGE_ENV = "QUANTDECK_TEST_PAUSE_STAGE"
+
+
+class _LogLines:
+    """Echoes log events (info and up) to stderr, so the stage's log.txt reads as a log."""
+
+    def __init__(self, stage: str, rank: int):
+        self.prefix = f"[{stage}{'' if rank == 0 else f' r{rank}'}]"
+
+    def emit(self, kind: str, **data: Any) -> None:
+        if kind == "log" and data.get("level", "info") != "debug":
+            stamp = time.strftime("%H:%M:%S", time.gmtime())
+            print(f"{stamp} {self.prefix} {data.get('level', 'info')}: {data.get('msg')}", file=sys.stderr, flush=True)
 
 
 class _PauseSink:
@@ -118,7 +130,8 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     else:
         attempt = int(read_status(run, stage)["attempt"])
 
-    sink: EventSink = JsonlSink(run.events_path(stage, rank), stage=stage, rank=rank, host=host)
+    sink: EventSink = TeeSink(JsonlSink(run.events_path(stage, rank), stage=stage, rank=rank, host=host),
+                              _LogLines(stage, rank))
     sink.emit("state", state=StageState.RUNNING.value, attempt=attempt, pid=os.getpid(), world_size=world)
     print(f"quantdeck worker: stage {stage} of run {run.id}, attempt {attempt}, rank {rank}/{world}, "
           f"pid {os.getpid()} on {host}", file=sys.stderr, flush=True)

@@ -71,6 +71,8 @@ def check_checkpoint_dir(d: Path, *, hash_shards: bool = True) -> list[str]:
             d = partial
         else:
             return [f"{d} does not exist"]
+    for stray in sorted(d.glob(".*.tmp.*")):
+        problems.append(f"{stray}: a stray temporary file (a write killed before its rename)")
     man = read_json(d / "manifest.json")
     if man is None:
         if not (d / "model.safetensors.index.json").exists() and not (d / "model.safetensors").exists():
