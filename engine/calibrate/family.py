@@ -61,6 +61,11 @@ class LayerFamily(Registry):
         raise NotImplementedError
 
     @classmethod
+    def attn_implementation(cls) -> str:
+        """What from_pretrained picks by default: sdpa where the model supports it, else eager."""
+        return "sdpa" if getattr(cls.model_class(), "_supports_sdpa", False) else "eager"
+
+    @classmethod
     def num_layers(cls, hf_config) -> int:
         return int(hf_config.num_hidden_layers)
 
@@ -85,20 +90,91 @@ class LayerFamily(Registry):
     def layer_kwargs(cls, hf_config, rotary, batch: Batch, embeds_like: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
 
+    @classmethod
+    def fresh_cache(cls, hf_config):
+        """A cache for one layer call where the family's attention behaves differently with one (the whole
+        model makes a DynamicCache when use_cache is on, its default); None where it makes no difference."""
+        return None
+
     # --- weights ----------------------------------------------------------------------------------
+    model_type: ClassVar[str] = ""
+    _maps: ClassVar[dict] = {}
+    _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+    _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+    @classmethod
+    def renamings(cls) -> list:
+        """transformers' own checkpoint renamings for this model type (its conversion mapping)."""
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming
+        except ImportError:  # pragma: no cover - older transformers
+            return []
+        return [r for r in (get_checkpoint_conversion_mapping(cls.model_type) or []) if type(r) is WeightRenaming]
+
+    @classmethod
+    def source_map(cls, i: int, names: set[str]) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+        """Layer i: model parameter (relative) -> checkpoint name, and (expert, gate|up|down) -> checkpoint name."""
+        key = (cls.__name__, id(names), len(names), i)
+        if key in cls._maps:
+            return cls._maps[key]
+        from transformers.core_model_loading import apply_renamings
+
+        pat = re.compile(rf"^(?:model\.)?layers\.{i}\.(.+)$")
+        renamings = cls.renamings()
+        plain: dict[str, str] = {}
+        experts: dict[tuple[int, str], str] = {}
+        for n in names:
+            if not pat.match(n):
+                continue
+            m = pat.match(apply_renamings(n, renamings))
+            if not m:
+                continue
+            rel = m.group(1)
+            if e := cls._EXPERT.match(rel):
+                experts[(int(e.group(1)), cls._PROJ[e.group(2)])] = n
+            else:
+                plain[rel] = n
+        cls._maps[key] = (plain, experts)
+        return plain, experts
+
     @classmethod
     def load_param(cls, i: int, pname: str, get: GetTensor, names: set[str]) -> torch.Tensor:
-        """The tensor for parameter `pname` (relative to layer i) from the checkpoint."""
+        """The tensor for parameter `pname` (relative to layer i) from the checkpoint; fused experts stacked
+        as transformers' converters do (gate_up_proj[e] = cat(gate, up), down_proj[e])."""
+        plain, experts = cls.source_map(i, names)
+        if pname in plain:
+            return get(plain[pname])
+        m = re.match(r"^(.*experts)\.(gate_up_proj|down_proj)$", pname)
+        if m and experts:
+            n = 1 + max(e for e, _ in experts)
+            try:
+                if m.group(2) == "down_proj":
+                    return torch.stack([get(experts[(e, "down")]) for e in range(n)])
+                return torch.stack([torch.cat([get(experts[(e, "gate")]), get(experts[(e, "up")])], dim=0)
+                                    for e in range(n)])
+            except KeyError as err:
+                raise CheckpointError(f"layer {i}: expert weight {err} missing", at=f"{cls.layer_prefix(i)}{pname}",
+                                      hint="is the checkpoint complete?") from None
         full = cls.layer_prefix(i) + pname
-        if full in names:
-            return get(full)
-        raise CheckpointError(f"tensor {full} not found in the checkpoint", at=full,
+        raise CheckpointError(f"tensor for {full} not found in the checkpoint", at=full,
                               hint="is this the checkpoint the config describes?")
+
+    @classmethod
+    def embed_source(cls, names: set[str]) -> str:
+        from transformers.core_model_loading import apply_renamings
+
+        for n in sorted(names):
+            if apply_renamings(n, cls.renamings()) in ("model.embed_tokens.weight", "embed_tokens.weight"):
+                return n
+        raise CheckpointError("no embedding tensor (model.embed_tokens.weight) in the checkpoint",
+                              at="model.embed_tokens.weight")
 
 
 @LayerFamily.register("deepseek-v3")
 class DeepseekV3Family(LayerFamily):
     model_types = ("deepseek_v3",)
+    model_type = "deepseek_v3"
 
     @classmethod
     def hf_config(cls, config: dict):
@@ -140,20 +216,61 @@ class DeepseekV3Family(LayerFamily):
         return {"position_embeddings": rotary(embeds_like, position_ids), "attention_mask": mask,
                 "position_ids": position_ids, "past_key_values": None, "use_cache": False}
 
-    _EXPERT = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)$")
+
+@LayerFamily.register("deepseek-v4")
+class DeepseekV4Family(LayerFamily):
+    """V4: hyper-connection streams [b, s, hc_mult, d], two rotary tables, sliding-window mask, and the
+    token ids (hash routing in the first layers) passed to every layer, as DeepseekV4Model.forward does."""
+
+    model_types = ("deepseek_v4",)
+    model_type = "deepseek_v4"
 
     @classmethod
-    def load_param(cls, i: int, pname: str, get: GetTensor, names: set[str]) -> torch.Tensor:
-        m = cls._EXPERT.match(pname)
-        if not m:
-            return super().load_param(i, pname, get, names)
-        pre = cls.layer_prefix(i) + "mlp.experts."
-        n = 0
-        while f"{pre}{n}.down_proj.weight" in names:
-            n += 1
-        if n == 0:
-            raise CheckpointError(f"no experts under {pre}* in the checkpoint", at=pre)
-        if m.group(1) == "down_proj":
-            return torch.stack([get(f"{pre}{e}.down_proj.weight") for e in range(n)])
-        return torch.stack([torch.cat([get(f"{pre}{e}.gate_proj.weight"), get(f"{pre}{e}.up_proj.weight")], dim=0)
-                            for e in range(n)])
+    def hf_config(cls, config: dict):
+        from transformers import DeepseekV4Config
+
+        cfg = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "quantization_config")}
+        return DeepseekV4Config(**cfg)
+
+    @classmethod
+    def layer_class(cls):
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4DecoderLayer
+
+        return DeepseekV4DecoderLayer
+
+    @classmethod
+    def model_class(cls):
+        from transformers import DeepseekV4ForCausalLM
+
+        return DeepseekV4ForCausalLM
+
+    @classmethod
+    def make_rotary(cls, hf_config, device):
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
+
+        with torch.device(device):
+            return DeepseekV4RotaryEmbedding(hf_config)
+
+    @classmethod
+    def initial_hidden(cls, hf_config, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds.unsqueeze(2).expand(-1, -1, hf_config.hc_mult, -1).contiguous()
+
+    @classmethod
+    def layer_kwargs(cls, hf_config, rotary, batch: Batch, embeds_like: torch.Tensor) -> dict[str, Any]:
+        from transformers.masking_utils import create_sliding_window_causal_mask
+
+        dev = embeds_like.device
+        position_ids = torch.arange(embeds_like.shape[1], device=dev).unsqueeze(0)
+        mask = create_sliding_window_causal_mask(config=hf_config, inputs_embeds=embeds_like,
+                                                 attention_mask=batch.attention_mask.to(dev), past_key_values=None,
+                                                 position_ids=position_ids)
+        pe = {"main": rotary(embeds_like, position_ids=position_ids, layer_type="main"),
+              "compress": rotary(embeds_like, position_ids=position_ids, layer_type="compress")}
+        return {"position_embeddings": pe, "position_ids": position_ids, "attention_mask": mask,
+                "input_ids": batch.input_ids.to(dev), "past_key_values": None}
+
+    @classmethod
+    def fresh_cache(cls, hf_config):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=hf_config)

@@ -40,7 +40,8 @@ class TensorSource:
         t = self.reader.get(name)
         if t.dtype in FP8_DTYPES:
             t = self._dequant_fp8(name, t)
-        elif t.dtype == torch.uint8 and name.endswith(".weight") and (name[:-len("weight")] + "scale") in self.names:
+        elif t.dtype in (torch.uint8, torch.int8) and name.endswith(".weight") \
+                and (name[:-len("weight")] + "scale") in self.names:  # MXFP4: E2M1 pairs + E8M0 per 32
             from engine.formats.mxfp4.helpers import dequant_mxfp4
 
             t = dequant_mxfp4(t, self.reader.get(name[:-len("weight")] + "scale"))
@@ -70,11 +71,12 @@ def compute_dtype(config: dict) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _keep_fp32(family: type[LayerFamily]) -> list[str]:
+def _keep_fp32(family: type[LayerFamily], dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """What from_pretrained keeps in fp32: the strict list always, the other only for float16 models."""
     mc = family.model_class()
-    out: list[str] = []
-    for attr in ("_keep_in_fp32_modules_strict", "_keep_in_fp32_modules"):
-        out += list(getattr(mc, attr, None) or [])
+    out = list(getattr(mc, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        out += list(getattr(mc, "_keep_in_fp32_modules", None) or [])
     return out
 
 
@@ -85,7 +87,7 @@ def layer_tensors(family: type[LayerFamily], hf_config, i: int, src: TensorSourc
     Runs on a prefetch thread while the device calibrates the previous layer."""
     with torch.device("meta"):
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in family.layer_class()(hf_config, i).state_dict().items()}
-    keep = _keep_fp32(family)
+    keep = _keep_fp32(family, dtype)
     out: dict[str, torch.Tensor] = {}
     for pname, (shape, cur_dtype) in shapes.items():
         t = family.load_param(i, pname, src.get, src.names)

@@ -107,6 +107,9 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         hooks = CoverageHooks(model.model.layers[i], all_experts=all_experts)
         try:
             for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # activations live on the CPU, a batch at a time
+                cache = family.fresh_cache(hf_config)
+                if cache is not None:
+                    kw = dict(kw, past_key_values=cache)
                 o = model.model.layers[i](h.to(dev, non_blocking=True), **kw)
                 o = o[0] if isinstance(o, tuple) else o
                 if bufs is not None:  # pinned buffers: the copy back does not stall the device
@@ -164,7 +167,7 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
     src.dtype = dtype
     family = LayerFamily.for_config(config)
     hf_config = family.hf_config(config)
-    hf_config._attn_implementation = "sdpa"
+    hf_config._attn_implementation = family.attn_implementation()
     hf_config._experts_implementation = "eager"
     if not isinstance(samples, Samples):
         samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
@@ -195,7 +198,7 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
     if start >= n_layers:
         hidden = []
     elif start == 0:
-        emb = src.get(family.embed_name()).to(dev, dtype)
+        emb = src.get(family.embed_source(src.names)).to(dev, dtype)
         with torch.no_grad():
             hidden = [family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb)).cpu()
                       for b in batches]

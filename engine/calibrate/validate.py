@@ -34,7 +34,7 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict, lay
     config = read_json(Path(model_dir) / "config.json") or {}
     family = LayerFamily.for_config(config)
     hf = family.hf_config(config)
-    hf._experts_implementation, hf._attn_implementation = "eager", "sdpa"
+    hf._experts_implementation, hf._attn_implementation = "eager", family.attn_implementation()
     out: set[str] = set()
     for i in layers if layers is not None else range(family.num_layers(hf)):
         with torch.device("meta"):

@@ -1,0 +1,27 @@
+"""DeepSeek V4 (native names, FP8 attention + MXFP4 experts, hyper-connections, compressor/indexer, hash
+routing): layer-streaming amax equal modelopt's whole-model flow on the dequantized BF16 copy."""
+
+import pytest
+
+from calib_tiny_models import assert_amax_equal, reference_quantized_model, write_samples
+from engine.calibrate import snapshot as snap
+from engine.calibrate.samples import load_samples
+from engine.calibrate.streaming import calibrate, layer_amax
+
+
+@pytest.mark.slow
+def test_v4_fp8_mxfp4_source_matches_modelopt(tmp_path):
+    from engine.fixtures import build_fixture
+    from tests.fixtures_ckpt import dequantized_copy
+
+    src = build_fixture(tmp_path / "src", family="deepseek-v4", dtype="fp8", layers=2, experts=4, hidden=128)
+    bf16 = dequantized_copy(src, tmp_path / "bf16")
+    samples = write_samples(tmp_path / "s.json", 4)
+    out = tmp_path / "amax"
+    calibrate(src, samples, out, seq_len=24, batch_size=2, device="cpu", layers=1)  # and resume
+    assert calibrate(src, samples, out, seq_len=24, batch_size=2, device="cpu")["started_at_layer"] == 1
+    s = load_samples(samples, tokenizer=src, seq_len=24)
+    ref = layer_amax(reference_quantized_model(bf16, s.input_ids, batch_size=2))
+    got = snap.load_amax(out)
+    assert any("compressor" in k for k in got) and any("experts.gate_up_proj_weight_quantizers" in k for k in got)
+    assert_amax_equal(ref, got)
