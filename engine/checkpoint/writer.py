@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -190,13 +191,25 @@ class ShardFile:
             missing = sorted(self.pending)
             raise CheckpointError(f"{self.plan.name} closed with {len(missing)} tensor(s) unwritten "
                                   f"(first: {missing[0]})", at=str(self.final))
-        self._catch_up()
+        synced: list[BaseException | None] = []
+
+        def sync() -> None:
+            try:
+                os.fsync(self.fd)
+                synced.append(None)
+            except OSError as e:
+                synced.append(e)
+
+        flusher = threading.Thread(target=sync, name="shard-fsync", daemon=True)
+        flusher.start()  # the disk flushes while we hash what came out of order
+        try:
+            self._catch_up()
+        finally:
+            flusher.join()
+        if synced and synced[0] is not None:
+            raise _disk_full(synced[0], self.path) from synced[0]
         if self._frontier != self.layout.total_size:  # pragma: no cover - all tensors were written
             raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
-        try:
-            os.fsync(self.fd)
-        except OSError as e:
-            raise _disk_full(e, self.path) from e
         os.close(self.fd)
         self.fd = -1
         os.replace(self.path, self.final)
