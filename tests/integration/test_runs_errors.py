@@ -19,7 +19,16 @@ from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env,
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 
-def test_bad_recipes_fail_at_load_naming_file_and_key(tmp_path):
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """The real `quantdeck` entry point, in process (nothing here starts a worker)."""
+    from console.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_recipes_fail_at_load_naming_file_and_key(tmp_path, capsys):
     work = tmp_path / "work"
     cases = {
         'format = "nvfp5"': "target.format: got 'nvfp5'",
@@ -32,32 +41,34 @@ def test_bad_recipes_fail_at_load_naming_file_and_key(tmp_path):
         p = tmp_path / f"bad{i}.toml"
         p.write_text(f'[run]\nworkdir = "{work}"\n[source]\npath = "{tmp_path}"\n[target]\n{line}\n')
         for cmd in ("run", "preflight"):
-            r = qd(cmd, p)
-            assert r.returncode == 3, (cmd, r.stderr)
-            assert r.stderr.startswith(f"quantdeck: error: bad{i}.toml: {words}"), r.stderr
-            assert r.stdout == ""
+            code, out, err = _cli(capsys, cmd, p)
+            assert code == 3, (cmd, err)
+            assert err.startswith(f"quantdeck: error: bad{i}.toml: {words}"), err
+            assert out == ""
     assert not work.exists()  # nothing was created
+    r = qd("run", tmp_path / "bad0.toml")  # and the same from a fresh interpreter, as a new user types it
+    assert r.returncode == 3 and r.stderr.startswith("quantdeck: error: bad0.toml: target.format")
 
 
-def test_init_writes_a_recipe_that_loads(tmp_path):
-    r = qd("init", "--family", "deepseek-v4")
-    assert r.returncode == 0
+def test_init_writes_a_recipe_that_loads(tmp_path, capsys):
+    code, out, _ = _cli(capsys, "init", "--family", "deepseek-v4")
+    assert code == 0
     p = tmp_path / "recipe.toml"
-    p.write_text(r.stdout)
-    pf = qd("preflight", p)  # loads; the placeholder source is what fails
-    assert pf.returncode == 5 and "source /path/to/checkpoint does not exist" in pf.stdout, pf.stdout + pf.stderr
+    p.write_text(out)
+    code, out, err = _cli(capsys, "preflight", p)  # loads; the placeholder source is what fails
+    assert code == 5 and "source /path/to/checkpoint does not exist" in out, out + err
 
 
-def test_missing_source_fails_preflight_before_anything_starts(tmp_path):
+def test_missing_source_fails_preflight_before_anything_starts(tmp_path, capsys):
     work = tmp_path / "work"
     recipe = write_recipe(tmp_path / "r.toml", tmp_path / "nowhere", work, tmp_path / "out")
-    r = qd("run", recipe)
-    assert r.returncode == 5, r.stderr
-    assert "nowhere does not exist" in r.stderr and "fix:" in r.stderr
+    code, out, err = _cli(capsys, "run", recipe)
+    assert code == 5, err
+    assert "nowhere does not exist" in err and "fix:" in err and out == ""
     assert not (work / "runs").exists()
-    pf = qd("preflight", recipe)
-    assert pf.returncode == 5
-    assert pf.stdout.strip().splitlines() == [
+    code, out, err = _cli(capsys, "preflight", recipe)
+    assert code == 5
+    assert out.strip().splitlines() == [
         f"source {tmp_path / 'nowhere'} does not exist (fix: set source.path to the checkpoint directory)"]
 
 
