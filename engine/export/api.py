@@ -19,6 +19,7 @@ import torch
 from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink, Progress
 from engine.export.quant_config import w4a4_config, w4a4_hf_quant_config
+from engine.export.names import to_checkpoint_names
 from engine.export.scales import ModuleAmax, check_scales, module_amax, plan_input_scales
 from engine.export.source import load_any_amax
 from engine.fsutil import atomic_write_json
@@ -110,18 +111,22 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
     amax, origin = load_any_amax(amax_dir, src)
-    ma = module_amax(amax)
     layouts = check_layouts(list(layouts), "nvfp4")
     reader = CheckpointReader(src)
+    ma = to_checkpoint_names(module_amax(amax), reader.config, set(reader.names()))
     layout = _SnapshotLayout(detect_layout(reader.config, reader.names()), set(ma.weight))
     qattn = _quantize_attention(ma)
     fp32 = _keep_fp32_patterns(reader.config)
     plan = _with_input_scales(build_plan(reader, layout, "nvfp4", quantize_attention=qattn), fp32)
     quantized = list(plan.quantized_modules)
+    present = {n[: -len(".weight")] for n in reader.names() if n.endswith(".weight")}
     extra = sorted(set(ma.weight) - set(quantized))
-    if extra:
-        raise CheckpointError(f"the snapshot quantizes {len(extra)} module(s) the export would keep, e.g. {extra[:3]}",
+    unknown = [m for m in extra if m not in present]
+    if unknown:
+        raise CheckpointError(f"the snapshot has {len(unknown)} module(s) this checkpoint lacks, e.g. {unknown[:3]}",
                               at=str(amax_dir), hint="is the amax snapshot from this model?")
+    for m in extra:  # e.g. V4 compressor / indexer: the model layout keeps them in source precision
+        sink.emit("log", level="info", msg=f"{m}: calibrated, but kept unquantized by the {plan.family} layout")
     groups: dict[str, list[str]] = {}
     for it in plan.items:
         if it.action == TO_NVFP4 and len(it.members) > 1:
@@ -186,6 +191,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     report = {"src": str(src), "dst": str(dst), "outputs": outputs, "amax": origin, "family": plan.family,
               "quantized_modules": len(quantized), "quantize_attention": qattn,
               "filled_from_siblings": sp.filled, "mtp_kept": list(plan.mtp_modules),
+              "calibrated_but_kept": extra,
               "wall_s": round(time.monotonic() - t0, 3)}
     for mod, why in sp.filled.items():
         sink.emit("log", level="warning", msg=f"{mod}: {why}")

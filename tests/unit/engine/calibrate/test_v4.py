@@ -25,3 +25,14 @@ def test_v4_fp8_mxfp4_source_matches_modelopt(tmp_path):
     got = snap.load_amax(out)
     assert any("compressor" in k for k in got) and any("experts.gate_up_proj_weight_quantizers" in k for k in got)
     assert_amax_equal(ref, got)
+    # export onto the native-named checkpoint: amax names mapped back through transformers' renamings
+    import json
+
+    from engine.export.api import export_checkpoint
+
+    rep = export_checkpoint(src, out, tmp_path / "out", device="cpu")
+    idx = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "layers.1.attn.wq_a.input_scale" in idx and "layers.1.ffn.experts.3.w2.input_scale" in idx
+    assert not [k for k in idx if k.startswith("model.")]
+    assert "layers.0.attn.compressor.wkv" in rep["calibrated_but_kept"]
+    assert "layers.0.attn.compressor.wkv.input_scale" not in idx
