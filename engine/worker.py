@@ -158,9 +158,10 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
             else cause.hint
         hint = (hint or "").replace("RUN", run.id)
         fields = {"error_class": cause.cls, "error": cause.summary, "hint": hint}
-        sink.emit("state", state=StageState.FAILED.value, **fields)
-        if rank == 0:
-            set_status(run, stage, StageState.FAILED, attempt=attempt, exit_code=1, **fields)
+        final = StageState.FAILED.value
+        if rank == 0:  # a cancel already recorded stays CANCELLED (terminal states are final)
+            final = set_status(run, stage, StageState.FAILED, attempt=attempt, exit_code=1, **fields)["state"]
+        sink.emit("state", state=final, **fields)
         print(f"quantdeck worker: stage {stage} failed: {cause.cls}: {cause.summary} (hint: {hint})",
               file=sys.stderr, flush=True)
         if lock is not None:
