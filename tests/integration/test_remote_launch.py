@@ -120,21 +120,3 @@ def kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch):
     finally:
         launcher.close()
     return run
-
-
-@pytest.mark.slow
-def test_resume_after_a_killed_remote_worker_completes_the_run(sshd_cluster, tiny_ckpt, tmp_path, monkeypatch):
-    from engine.runner import drive, load_frozen_recipe
-    from engine.store import Store, sync_run
-
-    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
-    (tmp_path / "ckpt").symlink_to(src)
-    run = kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch)
-    launcher = launcher_for(load_frozen_recipe(run), run.path)
-    assert drive(run, "resume", launcher, poll_s=0.1) == "SUCCEEDED"
-    st = read_status(run, "inspect")
-    assert st["state"] == StageState.SUCCEEDED.value and st["attempt"] == 2 and st["host"] == "node0"
-    with Store() as store:
-        sync_run(store, run.path)
-        att = [(a.stage, a.attempt, a.state) for a in store.attempts(run.id) if a.stage == "inspect"]
-    assert att == [("inspect", 1, StageState.FAILED_WORKER.value), ("inspect", 2, StageState.SUCCEEDED.value)]

@@ -39,8 +39,14 @@ def output_files(workdir: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, tiny_ckpt, tmp_path, monkeypatch):
+    """A worker killed on node3 is recorded failed; `resume` then runs the rest on the head, whose sshd dies
+    and comes back under the running convert stage (no failed attempt for it); the outputs equal a local run."""
+    import signal
+
     from engine.local_launcher import LocalLauncher
-    from engine.runner import create_run, drive, load_frozen_recipe
+    from engine.runner import create_run, drive, load_frozen_recipe, wait_stage
+    from engine.rundir import begin_attempt
+    from engine.launcher import WorkerSpec
     from engine.store import Store, sync_run
     from remote.launchers import SSHLauncher, launcher_for
 
@@ -61,10 +67,26 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
     run = create_run(remote_recipe)
     launcher = launcher_for(load_frozen_recipe(run), run.path)
     assert isinstance(launcher, SSHLauncher)
+
+    # 1. the inspect worker, parked by the worker's test hook on node3, is SIGKILLed there (an OOM kill, say)
+    attempt = begin_attempt(run, "inspect", launcher=launcher.name)
+    h = launcher.start(WorkerSpec(run_dir=str(run.path), stage="inspect", node="node3",
+                                  log_path=str(run.log_path("inspect")),
+                                  env={"QUANTDECK_TEST_PAUSE_STAGE": "inspect", "QUANTDECK_TEST_PAUSE_AFTER_UNITS": "0"}))
+    deadline = time.monotonic() + 60
+    while not (run.stage_dir("inspect") / "test-paused").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    launcher.pool.get("node3").run(["kill", "-9", str(read_status(run, "inspect")["pid"])], check=True)
+    st = wait_stage(run, "inspect", attempt, launcher, h.host, h.pid, poll_s=0.1)
+    assert (st["state"], st["error_class"], st["signal"], st["host"]) == (
+        StageState.FAILED_WORKER.value, "killed", signal.SIGKILL, "node3")
+
+    # 2. resume; the head's sshd dies while the convert stage runs there, and comes back
     result: dict[str, str] = {}
-    driver = threading.Thread(target=lambda: result.setdefault("r", drive(run, launcher=launcher, poll_s=0.1)))
+    driver = threading.Thread(target=lambda: result.setdefault("r", drive(run, "resume", launcher=launcher,
+                                                                          poll_s=0.1)))
     driver.start()
-    # the head's sshd dies while the convert stage runs there, and comes back
     deadline = time.monotonic() + 120
     while read_status(run, "convert")["state"] != StageState.RUNNING.value:
         assert time.monotonic() < deadline and driver.is_alive(), result
@@ -81,12 +103,14 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
 
     for stage in run.stage_names():
         st = read_status(run, stage)
-        assert st["state"] == StageState.SUCCEEDED.value and st["attempt"] == 1, (stage, st)
+        assert st["state"] == StageState.SUCCEEDED.value, (stage, st)
+        assert st["attempt"] == (2 if stage == "inspect" else 1), (stage, st)
         assert st["host"] == HEAD  # every single-node stage ran on the head, through SSH
     with Store() as store:
-        rec = sync_run(store, run.path)
-        attempts = store.attempts(rec.run_id if hasattr(rec, "run_id") else run.id)
-    assert attempts and all(a.state == StageState.SUCCEEDED.value for a in attempts)
+        sync_run(store, run.path)
+        attempts = [(a.stage, a.attempt, a.state) for a in store.attempts(run.id)]
+    failed = [a for a in attempts if a[2] != StageState.SUCCEEDED.value]
+    assert failed == [("inspect", 1, StageState.FAILED_WORKER.value)], attempts  # none from the lost sshd
 
     local, remote = output_files(tmp_path / "local-work"), output_files(c.work_dir)
     assert local.keys() == remote.keys() and any(k.endswith(".safetensors") for k in local)
