@@ -79,6 +79,8 @@ class QuantdeckApp(App):
     def on_unmount(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self.fleet is not None:  # telemetry threads end in the background: quitting never waits on a node
+            threading.Thread(target=self.fleet.close, name="fleet-close", daemon=True).start()
 
     @property
     def dashboard(self) -> DashboardScreen | None:

@@ -14,18 +14,20 @@ from console.keymap import load_keymap
 
 def default_fleet(workdir: str = ".", clock: Callable[[], float] = time.time,
                   cluster: object | None = None) -> FleetFeed:
-    """The fleet feed for a run: remote telemetry when the recipe has a cluster and remote offers it, this
-    machine otherwise. QUANTDECK_FLEET=replay replays recorded nvidia-smi output (demo of a 4×8 fleet)."""
+    """The fleet feed for a run: remote's live TelemetryMonitor over SSH for a recipe with a [cluster], this
+    machine's otherwise. QUANTDECK_FLEET=replay replays recorded nvidia-smi output of a 4×8-GPU fleet."""
     if os.environ.get("QUANTDECK_FLEET") == "replay":
         return replay_fleet_4x8(interval_s=float(os.environ.get("QUANTDECK_FLEET_INTERVAL", "1.0")))
-    if cluster is not None:
-        try:
-            from remote.monitor import TelemetryMonitor  # engineer G's live poller (SSH + nvidia-smi)
+    try:
+        from remote.monitor import TelemetryMonitor  # engineer G's live poller (NVML/nvidia-smi, RAM, disk)
 
-            return TelemetryFleet(TelemetryMonitor(cluster), interval_s=2.0)
-        except ImportError:
-            pass
-    return LocalFleet(workdir=workdir, clock=clock)
+        if cluster is not None:
+            from remote.hosts import cluster_from
+
+            return TelemetryFleet(TelemetryMonitor.for_cluster(cluster_from(cluster)), interval_s=1.0)
+        return TelemetryFleet(TelemetryMonitor.local(workdir), interval_s=1.0)
+    except ImportError:
+        return LocalFleet(workdir=workdir, clock=clock)
 
 
 def build_app(run: str | None = None, *, backend: Backend | None = None, fleet: FleetFeed | None = None,

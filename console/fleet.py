@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Protocol
 
-from console.models import HOST_NO_GPU, HOST_OK, HOST_STALE, HOST_UNREACHABLE, GpuView, NodeView
+from console.models import HOST_CONNECTING, HOST_NO_GPU, HOST_OK, HOST_STALE, HOST_UNREACHABLE, GpuView, NodeView
 
 _MIB = 1024 * 1024
 _STATE = {"ok": HOST_OK, "no-gpu": HOST_NO_GPU, "stale": HOST_STALE, "unreachable": HOST_UNREACHABLE}
@@ -34,6 +34,8 @@ def node_view(sample, host: str = "") -> NodeView:
     gpus = tuple(GpuView(index=g.index, name=g.name, mem_used_mib=g.mem_used / _MIB, mem_total_mib=g.mem_total / _MIB,
                          util_pct=g.util, temp_c=g.temp) for g in sample.gpus)
     state = _STATE.get(str(getattr(sample.state, "value", sample.state)), HOST_UNREACHABLE)
+    if state == HOST_UNREACHABLE and (sample.error or "") == "no sample yet":
+        state = HOST_CONNECTING
     return NodeView(name=sample.node, host=host or sample.node, state=state,
                     sampled_at=sample.ts if state != HOST_UNREACHABLE else None, gpus=gpus,
                     ram_used=sample.ram_used or 0, ram_total=sample.ram_total or 0,

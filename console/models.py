@@ -12,6 +12,7 @@ HOST_OK = "ok"
 HOST_NO_GPU = "no GPU"
 HOST_UNREACHABLE = "unreachable"
 HOST_STALE = "stale"
+HOST_CONNECTING = "connecting"  # no sample yet
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class Tmux:
     def start(self, command: str) -> None:
         w, h = self.size
         self._tmux("new-session", "-d", "-s", self.name, "-x", str(w), "-y", str(h), command)
+        self._tmux("resize-window", "-t", self.name, "-x", str(w), "-y", str(h), check=False)
 
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-t", self.name, check=False)
@@ -78,8 +79,8 @@ def test_console_in_tmux_shows_the_run_opens_history_and_quits(real_env, tmux):
         assert stage in screen
     assert "fleet" in screen and "calibration" in screen
     tmux.keys("h")
-    screen = tmux.wait_for("root cause")
-    assert real.run_id in screen
+    screen = tmux.wait_for("1 runs")
+    assert real.run_id in screen and "model" in screen
     tmux.keys("Enter")
     screen = tmux.wait_for("fix note")
     assert "export" in screen and "killed" in screen

@@ -8,10 +8,11 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from console import format as fmt
-from console.models import HOST_NO_GPU, HOST_OK, HOST_STALE, HOST_UNREACHABLE, NodeView
+from console.models import HOST_CONNECTING, HOST_NO_GPU, HOST_OK, HOST_STALE, HOST_UNREACHABLE, NodeView
 
 HISTORY = 40
-_STATE_STYLE = {HOST_OK: "green", HOST_NO_GPU: "cyan", HOST_STALE: "yellow", HOST_UNREACHABLE: "bold red"}
+_STATE_STYLE = {HOST_OK: "green", HOST_NO_GPU: "cyan", HOST_STALE: "yellow", HOST_UNREACHABLE: "bold red",
+                HOST_CONNECTING: "dim"}
 
 
 def _mem_style(frac: float) -> str:
