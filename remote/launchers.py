@@ -44,6 +44,16 @@ def torchrun_argv(python: str, module: str, spec: WorkerSpec, *, nnodes: int, no
             "-m", module, spec.stage, "--run-dir", spec.run_dir, *spec.args]
 
 
+def stage_is_distributed(stage: str) -> bool:
+    """Whether the registered stage runs under torchrun (engine.stages.base.Stage.distributed)."""
+    try:
+        from engine.worker import load_stage_class
+
+        return bool(getattr(load_stage_class(stage), "distributed", False))
+    except Exception:  # noqa: BLE001 - an unknown stage (a test module) is a single process
+        return False
+
+
 def default_log(spec: WorkerSpec) -> str:
     return spec.log_path or str(PurePosixPath(spec.run_dir) / "stages" / spec.stage / "log.txt")
 
@@ -91,9 +101,15 @@ class SSHLauncher(Launcher):
         if spec.nnodes > 1:
             return self.start_multi(spec)
         node = spec.node or self.cluster.head_name
-        self.cluster.node(node)  # unknown node → RecipeError listing the known ones
-        pid = self._launch(node, worker_argv(self.cluster.python, self.module, spec), dict(spec.env),
-                           default_log(spec))
+        gpus = self.cluster.node(node).gpus  # unknown node → RecipeError listing the known ones
+        nproc = spec.nproc_per_node if spec.nproc_per_node > 1 else gpus
+        if nproc > 1 and (spec.nproc_per_node > 1 or stage_is_distributed(spec.stage)):
+            # a distributed stage on one multi-GPU node: one rank per GPU through torchrun
+            argv = torchrun_argv(self.cluster.python, self.module, spec, nnodes=1, node_rank=0,
+                                 master_addr="127.0.0.1", master_port=self.free_port(node), nproc_per_node=nproc)
+        else:
+            argv = worker_argv(self.cluster.python, self.module, spec)
+        pid = self._launch(node, argv, dict(spec.env), default_log(spec))
         return WorkerHandle(host=node, pid=pid, node_pids={node: pid})
 
     def check_alive(self, host: str, pid: int) -> bool:
@@ -231,7 +247,7 @@ class SSHLauncher(Launcher):
 
 
 class TorchrunLauncher(SSHLauncher):
-    """Every stage through torchrun (even one node: ranks = its GPUs); multi-node as SSHLauncher.start_multi."""
+    """Every stage through torchrun (even on one node: one rank per GPU, at least one); multi-node as start_multi."""
 
     name = "torchrun"
 

@@ -82,3 +82,57 @@ def test_torchrun_with_nccl_on_one_node(gpu_node, capsys):
         print(f"\nNCCL ranks ({time.monotonic() - t0:.1f}s):", ranks)
     assert all(r["world"] == n and r["sum"] == n * (n + 1) / 2 and r["backend"] == "nccl" for r in ranks)
     assert sorted(r["device"] for r in ranks) == [f"cuda:{i}" for i in range(n)]
+
+
+def test_calibrated_pipeline_two_gpu_ranks_nccl_equals_one_rank(gpu_node, tiny_ckpt, tmp_path, capsys):
+    """calibrate on one 2-GPU node: SSHLauncher runs torchrun with one rank per GPU (NCCL); the W4A4
+    outputs equal a one-process run of the same recipe on this machine."""
+    from engine.local_launcher import LocalLauncher
+    from engine.names import StageState
+    from engine.rundir import read_status
+    from engine.runner import create_run, drive
+    from remote.launchers import SSHLauncher
+
+    cluster, d, n = gpu_node
+    src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([f"sample {i}: the quick brown fox {'jumps ' * i}over the lazy dog"
+                                   for i in range(8)]))
+
+    def recipe(workdir, with_cluster):
+        text = (f'[run]\nworkdir = "{workdir}"\n[source]\npath = "{src}"\n[target]\nformat = "nvfp4"\n'
+                f'calibrate = true\nlayouts = ["modelopt"]\n[calibration]\nsamples = "{samples}"\n'
+                f'num_samples = 8\nseq_len = 16\nall_experts = true\n')
+        if with_cluster:
+            nd = d["nodes"][0]
+            text += (f'[cluster]\npython = "{d["python"]}"\n[[cluster.nodes]]\nname = "{nd["name"]}"\n'
+                     f'host = "{nd["host"]}"\nport = {nd["port"]}\nkey = "{nd["key"]}"\ngpus = {n}\n')
+        p = tmp_path / f"{'remote' if with_cluster else 'local'}.toml"
+        p.write_text(text)
+        return p
+
+    t0 = time.monotonic()
+    local = create_run(recipe(tmp_path / "local-work", False))
+    assert drive(local, launcher=LocalLauncher(), poll_s=0.2) == "SUCCEEDED"
+    t_local = time.monotonic() - t0
+    t0 = time.monotonic()
+    run = create_run(recipe(cluster.work_dir, True))
+    launcher = SSHLauncher(d)  # the cluster's env carries PYTHONPATH and the NCCL multicast-off variables
+    res = drive(run, launcher=launcher, poll_s=0.2)
+    t_remote = time.monotonic() - t0
+    logs = {s: run.log_path(s).read_text()[-2000:] for s in run.stage_names() if run.log_path(s).exists()}
+    assert res == "SUCCEEDED", logs
+    st = read_status(run, "calibrate")
+    ranks = sorted(p.name for p in run.stage_dir("calibrate").glob("events*.jsonl"))
+    with capsys.disabled():
+        print(f"\ncalibrated pipeline: local 1 rank {t_local:.1f}s, ssh+torchrun {n} ranks NCCL {t_remote:.1f}s; "
+              f"calibrate events {ranks}; status {st['state']} on {st['host']}")
+    assert st["state"] == StageState.SUCCEEDED.value and len(ranks) == n
+
+    def outputs(w):
+        root = w / "outputs"
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != "manifest.json"}
+
+    a, b = outputs(tmp_path / "local-work"), outputs(cluster.work_dir)
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []

@@ -50,3 +50,25 @@ def test_a_node_that_cannot_start_is_named_and_the_others_are_stopped(sshd_clust
         assert not any(launcher.check_alive(n, p) for n, p in started.items())  # stopped, not left hanging
     finally:
         launcher.close()
+
+
+@pytest.mark.slow
+def test_distributed_stage_on_one_multi_gpu_node_gets_a_rank_per_gpu(sshd_cluster):
+    """`calibrate` is a distributed stage: on one node declaring 2 GPUs the SSH launcher runs torchrun with
+    2 ranks there (gloo here, NCCL on a GPU node) instead of one process."""
+    c = sshd_cluster
+    d = c.cluster_dict()
+    d["nodes"][1]["gpus"] = 2
+    launcher = SSHLauncher(d, module="tests.integration.allreduce_worker")
+    run_dir = c.work_dir / "runs" / "one"
+    try:
+        h = launcher.start(WorkerSpec(run_dir=str(run_dir), stage="calibrate", node="node1"))
+        deadline = time.monotonic() + 90
+        while launcher.check_alive(h.host, h.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert launcher.exit_status(h.host, h.pid) == 0, (run_dir / "stages/calibrate/log.txt").read_text()[-2000:]
+    finally:
+        launcher.close()
+    ranks = [json.loads((run_dir / "stages" / "calibrate" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world"] == 2 and r["sum"] == 3.0 and r["node"] == "node1" for r in ranks)
