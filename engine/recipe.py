@@ -113,7 +113,8 @@ class ClusterSection(BaseModel):
     python: str = "python3"  # python on the nodes
     workdir: str | None = None  # the shared work dir as the nodes see it; default: run.workdir
     host_key_policy: Literal["reject", "accept-new"] = "reject"
-    gpus_per_node: int | None = Field(None, ge=0)  # default for nodes that do not say
+    gpus_per_node: int | None = Field(None, ge=0)  # default for nodes that do not say; without nodes: the
+    # number of local ranks (torchrun --standalone) of distributed stages such as calibrate
 
     @model_validator(mode="after")
     def _head_is_a_node(self) -> "ClusterSection":

@@ -197,7 +197,8 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
             attempt = begin_attempt(run, name, launcher=launcher.name)
             spec = WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)),
                               args=("--mode", mode) if mode != "run" else (),
-                              nnodes=max(1, len(sp.nodes)) if sp.distributed else 1)
+                              nnodes=max(1, len(sp.nodes)) if sp.distributed else 1,
+                              nproc_per_node=_local_ranks(recipe) if sp.distributed else 1)
             try:
                 handle = launcher.start(spec)
             except QuantdeckError as e:
@@ -217,6 +218,13 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
         sync_store(run)
         launcher.close()
         return result
+
+
+def _local_ranks(recipe: Recipe) -> int:
+    """Ranks of a distributed stage on this machine alone: [cluster] gpus_per_node without nodes (default 1)."""
+    if recipe.cluster.is_local and recipe.cluster.gpus_per_node:
+        return int(recipe.cluster.gpus_per_node)
+    return 1
 
 
 def spawn_driver(run: RunDir, mode: str = "run", launcher_factory: str | None = None,

@@ -172,7 +172,8 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     sink.emit("state", state=StageState.SUCCEEDED.value, result=result)
     if rank == 0:
         set_status(run, stage, StageState.SUCCEEDED, attempt=attempt, result=result, exit_code=0)
-    print(f"quantdeck worker: stage {stage} succeeded", file=sys.stderr, flush=True)
+    print(f"quantdeck worker: stage {stage} succeeded" + (f" (rank {rank})" if world > 1 else ""),
+          file=sys.stderr, flush=True)
     if lock is not None:
         lock.release()
     return 0
