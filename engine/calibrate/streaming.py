@@ -247,8 +247,9 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
             t1 = time.monotonic()
             amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev,
                                                bufs)
+            layer.to_empty(device="meta")  # free its device memory now, whatever modelopt's hooks still reference
             del layer
-            gc.collect()  # modelopt's hooks hold reference cycles: free the layer now, not later
+            gc.collect(0)
             amax = _reduce_amax(ctx, amax)
             cov = _reduce_coverage(ctx, cov)
             t2 = time.monotonic()
