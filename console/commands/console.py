@@ -192,7 +192,12 @@ def demo_cmd(headless: bool, workspace: str) -> None:
 
     app = build_app(run_id, backend=ApiBackend(eng), workdir=str(ws), recipe_hint=str(recipe))
     app.run()
-    click.echo(f"demo: left the console; run {run_id} goes on (quantdeck console {run_id})", err=True)
+    state = app.run_view.state.lower() if app.run_view is not None else "?"
+    if app.run_view is not None and app.run_view.live:
+        click.echo(f"demo: left the console; run {run_id} goes on (quantdeck console {run_id})", err=True)
+    else:
+        click.echo(f"demo: run {run_id} {state}; outputs in {ws / 'out'} (quantdeck history, "
+                   f"quantdeck console {run_id})", err=True)
 
 
 COMMANDS = (console_cmd, demo_cmd)
