@@ -93,8 +93,8 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
                f"{summary['wall_s']:.1f}s on {summary['device']}")
 
 
-# Hook for engineer H: `--amax DIR` cross-checks a calibration amax snapshot through
-# engine.export.validate_amax(amax_dir, model_dir=...) and merges its report (see engine.convert.validate).
+# `--amax DIR` also checks a calibration amax snapshot (engine.calibrate.validate.validate_amax)
+# against the model (the --against source when given) and merges its report (engine.convert.validate).
 @click.command("validate")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--against", type=click.Path(file_okay=False), default=None,

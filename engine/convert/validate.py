@@ -337,7 +337,7 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
         else:
             rep.skip("source", "no --against source given")
     if amax is not None:
-        _check_amax(directory, amax, rep)
+        _check_amax(directory, amax, rep, model_dir=against if against is not None else directory)
     ok = not rep.failures
     sink.emit("log", level="info" if ok else "error",
               msg=f"validate {directory}: {'ok' if ok else f'{len(rep.failures)} failure(s)'}")
@@ -345,20 +345,14 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
             "checks": rep.checks, "failures": rep.failures, "tensors": rep.tensors}
 
 
-def _check_amax(directory: Path, amax: str | os.PathLike, rep: _Report) -> None:
-    """`--amax`: engineer H's engine.export.validate_amax cross-checks an amax snapshot with the export."""
-    try:
-        from engine.export import validate_amax
-    except ImportError:
-        rep.fail("amax", "this build cannot check amax snapshots (engine.export.validate_amax is missing)", str(amax))
-        rep.row("amax", "unavailable")
-        return
-    res = validate_amax(amax, model_dir=directory)
-    problems = res.get("failures") or res.get("problems") or [] if isinstance(res, dict) else []
-    for p in problems:
-        rep.fail("amax", p.get("msg", str(p)) if isinstance(p, dict) else str(p),
-                 p.get("at") if isinstance(p, dict) else str(amax))
-    rep.row("amax", f"snapshot {amax}")
+def _check_amax(directory: Path, amax: str | os.PathLike, rep: _Report, model_dir: str | os.PathLike) -> None:
+    """`--amax`: the calibration's own check (engine.calibrate.validate.validate_amax) against the model's layers."""
+    from engine.calibrate.validate import validate_amax
+
+    res = validate_amax(amax, model_dir=model_dir)
+    for p in res.get("problems", []):
+        rep.fail("amax", str(p), str(amax))
+    rep.row("amax", f"snapshot {amax}: {res.get('quantizers', 0)} quantizers")
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
 """The validate stage: check the produced checkpoint(s) against the source, engine.convert.validate_checkpoint
-(the function `quantdeck validate` calls); with an amax snapshot, also H's amax check when present.
+(the function `quantdeck validate` calls); with an amax snapshot, also the calibration's amax check.
 Unit: the stage. validate-only checks manifests and shard checksums, without loading the model."""
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ def _failed(report: Any) -> list[str]:
     return []
 
 
-def _amax_check_available() -> bool:
-    try:
-        from engine.export import validate_amax  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @Stage.register(StageName.VALIDATE)
 class ValidateStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -41,11 +33,8 @@ class ValidateStage(Stage):
         problems: list[str] = []
         for d in output_dirs(p["dst"], p.get("layouts")):
             kw: dict[str, Any] = {"against": p.get("src")}
-            if p.get("amax") and _amax_check_available():
-                kw["amax"] = p["amax"]  # the snapshot is cross-checked with the export (engineer H's check)
-            elif p.get("amax"):
-                ctx.sink.emit("log", level="warning", msg="amax snapshot not cross-checked: "
-                              "engine.export.validate_amax is not in this build")
+            if p.get("amax"):
+                kw["amax"] = p["amax"]  # the snapshot is checked against the model's layers too
             if p.get("device") in ("cpu", "cuda"):
                 kw["device"] = p["device"]
             rep = call_with_sink(validate_checkpoint, str(d), sink=ctx.sink, **kw)

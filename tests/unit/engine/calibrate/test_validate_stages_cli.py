@@ -89,3 +89,19 @@ def test_cli_calibrate_bad_samples_and_export(staged, v3_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["outputs"]["compressed-tensors"] == str(tmp_path / "o")
+
+
+def test_cli_validate_with_amax_checks_the_snapshot(staged, v3_dir, tmp_path):
+    """`quantdeck validate OUT --against SRC --amax AMAX`: the snapshot is checked against the source model."""
+    import shutil
+
+    from console.cli import main
+
+    d, _, _ = staged
+    out = tmp_path / "o"
+    assert main(["export", "--src", str(v3_dir), "--amax", str(d / "amax"), "--dst", str(out), "--quiet"]) == 0
+    assert main(["validate", str(out), "--against", str(v3_dir), "--amax", str(d / "amax"), "--json"]) == 0
+    bad = tmp_path / "bad"
+    shutil.copytree(d / "amax", bad)
+    snap.layer_path(bad, 2).unlink()
+    assert main(["validate", str(out), "--amax", str(bad), "--json"]) == 4
