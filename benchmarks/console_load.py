@@ -37,7 +37,7 @@ def start_run(root: Path, layers: int) -> tuple[str, dict]:
     ckpt = build_fixture(root / "ckpt", family="deepseek-v3", dtype="fp8", layers=layers, experts=8, hidden=128,
                          moe_inter=64, mtp=True)
     samples = root / "samples.json"
-    samples.write_text(json.dumps([f"benchmark sample {i}: tokens for the experts" for i in range(64)]))
+    samples.write_text(json.dumps([f"benchmark sample {i}: tokens for the experts" for i in range(128)]))
     recipe = root / "recipe.toml"
     recipe.write_text(f"""
 [run]
@@ -51,7 +51,7 @@ layouts = ["modelopt"]
 output = {json.dumps(str(root / "out"))}
 [calibration]
 samples = {json.dumps(str(samples))}
-num_samples = 64
+num_samples = 128
 seq_len = 64
 """)
     env = {"QUANTDECK_HOME": str(root / "home"), "QUANTDECK_WORKDIR": str(root / "work")}
@@ -62,7 +62,7 @@ seq_len = 64
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--layers", type=int, default=6, help="layers of the fixture (more: a longer running stage)")
+    ap.add_argument("--layers", type=int, default=12, help="layers of the fixture (more: a longer running stage)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--size", default="120x40")
     args = ap.parse_args(argv)

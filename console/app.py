@@ -193,7 +193,8 @@ class QuantdeckApp(App):
         self.nodes = msg.nodes
         self.sub_title = self._sub_title()
         if self.dashboard:
-            self.dashboard.show_fleet(msg.nodes, self.clock())
+            with self.batch_update():
+                self.dashboard.show_fleet(msg.nodes, self.clock())
 
     def on_run_read(self, msg: RunRead) -> None:
         prev, run = self.run_view, msg.run
@@ -202,7 +203,8 @@ class QuantdeckApp(App):
             return
         self.sub_title = self._sub_title()
         if self.dashboard:
-            self.dashboard.show_run(run)
+            with self.batch_update():
+                self.dashboard.show_run(run)
         if prev is not None and prev.run_id == run.run_id:
             self._notify_transitions(prev, run)
         if prev is None or _gates(prev) != _gates(run):
