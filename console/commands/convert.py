@@ -58,6 +58,14 @@ class _StderrProgress:
             self.stream.write("\r\x1b[K")
 
 
+def _quiet_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning: the converter's reader and writer threads need those
+    cycles (must be set before torch / numba load libgomp; an explicit setting wins)."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _sink():
     from engine.events import CallbackSink
 
@@ -79,6 +87,7 @@ def _sink():
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attention, as_json):
     """Convert a checkpoint to NVFP4 (weight-only), FP8-block or BF16, streaming and resumable."""
+    _quiet_openmp()
     from engine.convert import convert_checkpoint
 
     layouts = ["modelopt", "compressed-tensors"] if fmt == "both" else [fmt]

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from engine.convert import convert_checkpoint
-from engine.errors import QuantdeckError, exit_code_for
-from engine.events import CallbackSink
+# Idle OpenMP threads sleep instead of spinning, leaving cycles to the reader and writer threads (before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from engine.convert import convert_checkpoint  # noqa: E402
+from engine.errors import QuantdeckError, exit_code_for  # noqa: E402
+from engine.events import CallbackSink  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ _DONE = object()
 # Test hook: seconds to pause after each written item, so an integration test can kill -9 a real run mid-way.
 DELAY_ENV = "QUANTDECK_TEST_ITEM_DELAY_S"
 PREFETCH_BYTES = 256 << 20  # source bytes the kernel is asked to read ahead of the reader thread
+INFLIGHT_BYTES = 768 << 20  # items read but not yet written, at most (one bigger item still goes alone)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,25 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
     def names_of(item: Item) -> list[str]:
         return [n for m in item.members for n in ((m.name, m.scale) if m.scale else (m.name,))]
 
+    inflight = [0]
+    room = threading.Condition()
+
+    def item_bytes(item: Item) -> int:
+        return max(item.src_bytes, sum(s.nbytes for s in item.outputs))
+
+    def acquire(n: int) -> None:
+        with room:
+            while inflight[0] and inflight[0] + n > INFLIGHT_BYTES:
+                if stop.is_set():
+                    raise _Stop
+                room.wait(0.2)
+            inflight[0] += n
+
+    def release(n: int) -> None:
+        with room:
+            inflight[0] -= n
+            room.notify_all()
+
     def read_loop() -> None:
         ahead = 0  # items [0, ahead) have been handed to the kernel's readahead
         window = 0  # source bytes prefetched beyond the item being read
@@ -109,6 +129,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                     for n in names_of(flat[ahead][1]):
                         reader.prefetch(n)
                     ahead += 1
+                acquire(item_bytes(item))
                 src = {}
                 t0 = time.monotonic()
                 for n in names_of(item):
@@ -141,6 +162,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                     closing.extend(closer.submit(close, f) for f in open_files)
                     open_files, current = [], None
                 busy["write_s"] += time.monotonic() - t0
+                release(item_bytes(item))
                 if on_item is not None:
                     on_item(item, result.notes)
                 if delay:

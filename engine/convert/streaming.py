@@ -89,7 +89,12 @@ def layout_shards(groups: list[list[Item]], layout: str) -> list[ShardPlan]:
 
 def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q) -> None:
     """Entry of a `--workers N` child process: convert its share of the shards, report each item."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1")))))
+    share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1"))))
+    torch.set_num_threads(share)
+    if device == "cpu":  # N processes share the cores: each kernel gets its share of threads
+        from engine.formats.numba_setup import numba
+
+        numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
     reader = CheckpointReader(src)
 
     def on_item(item: Item, notes: list[str]) -> None:

@@ -92,7 +92,7 @@ def _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
         packed[r, b * 8 + j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def fp8_block_to_nvfp4_kernel(wb, sc, bo, bi, s2, lut, packed, bs, bad):
     """wb uint8 [o, i] fp8 bytes, sc float32 tile scales, s2 float32; writes packed, bs (uint8), bad[r] on NaN."""
     o, i = wb.shape
@@ -132,7 +132,7 @@ def fp8_block_to_nvfp4_kernel(wb, sc, bo, bi, s2, lut, packed, bs, bad):
             _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def fp32_to_nvfp4_kernel(w, s2, lut, packed, bs):
     """w float32 [o, i] (finite), s2 float32; writes packed and bs (uint8)."""
     o, i = w.shape
@@ -154,7 +154,7 @@ def fp32_to_nvfp4_kernel(w, s2, lut, packed, bs):
             _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def fp8_tile_max_byte_kernel(wb, bi, out):
     """out[r, t] = max magnitude byte (b & 0x7F) of row r within column tile t (width bi)."""
     o, i = wb.shape
