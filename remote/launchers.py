@@ -29,6 +29,9 @@ DETACH = ('log=$1; rc=$2; shift 2; mkdir -p "$(dirname "$log")"; rm -f "$rc"; '
 # exit 0 when pid $1 runs and is not a zombie
 ALIVE = ('s=$(cat /proc/"$1"/stat 2>/dev/null) || exit 1; '
          'case "${s##*) }" in Z*|X*) exit 1;; esac; exit 0')
+# $1 signal, $2 pid: signal pid's process group (never group 0/1), else pid alone
+KILL_GROUP = ('sig=$1; pid=$2; s=$(cat /proc/"$pid"/stat 2>/dev/null) || exit 0; set -- ${s##*) }; pg=$3; '
+              'if [ "$pg" -gt 1 ] 2>/dev/null; then kill -"$sig" -"$pg" 2>/dev/null && exit 0; fi; kill -"$sig" "$pid"')
 FREE_PORT = "import socket; s=socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
 
 
@@ -131,10 +134,9 @@ class SSHLauncher(Launcher):
         return alive
 
     def terminate(self, host: str, pid: int, sig: int = 15) -> None:
-        conn = self.conn(host)
-        res = conn.run(["kill", f"-{int(sig)}", f"-{int(pid)}"], timeout=30)  # the whole process group
-        if res.rc != 0:
-            conn.run(["kill", f"-{int(sig)}", str(int(pid))], timeout=30)
+        """Signal the process group of `pid` (the worker's session: its wrapper shell, torchrun and ranks),
+        whether `pid` is the session leader we started or the worker pid status.json records."""
+        self.conn(host).run(["sh", "-c", KILL_GROUP, "qd", str(int(sig)), str(int(pid))], timeout=30)
 
     def terminate_handle(self, handle: WorkerHandle, sig: int = 15) -> list[str]:
         """Signal every node's process of a (multi-node) worker; returns the nodes that could not be reached."""

@@ -120,3 +120,22 @@ def kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch):
     finally:
         launcher.close()
     return run
+
+
+def test_terminate_by_the_worker_pid_stops_its_whole_session(sshd_cluster):
+    """cancel knows the pid status.json records (the python worker): terminate signals its process group."""
+    c = sshd_cluster
+    launcher = SSHLauncher(c.cluster_dict(), module="tests.integration.ticker_worker")
+    run_dir = c.work_dir / "runs" / "t"
+    try:
+        h = launcher.start(WorkerSpec(run_dir=str(run_dir), stage="tick", node="node1",
+                                      args=("--count", "600", "--interval", "0.05")))
+        follower = StageFollower(launcher, str(run_dir / "stages" / "tick"))
+        ev = wait_for(lambda: [e for e in follower.poll().events if e.kind == "state"])
+        worker_pid = ev[0].data["pid"]
+        assert worker_pid != h.pid and launcher.check_alive("node1", worker_pid)
+        launcher.terminate("node1", worker_pid, signal.SIGTERM)
+        wait_for(lambda: not launcher.check_alive("node1", worker_pid) and not launcher.check_alive("node1", h.pid))
+        launcher.terminate("node1", worker_pid, signal.SIGTERM)  # gone already: a no-op, not an error
+    finally:
+        launcher.close()
