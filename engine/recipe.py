@@ -115,6 +115,22 @@ class ClusterSection(BaseModel):
     host_key_policy: Literal["reject", "accept-new"] = "reject"
     gpus_per_node: int | None = Field(None, ge=0)  # default for nodes that do not say; without nodes: the
     # number of local ranks (torchrun --standalone) of distributed stages such as calibrate
+    env: dict[str, str] = Field(default_factory=dict)  # passed explicitly to every worker (PYTHONPATH, NCCL_*)
+    known_hosts: str | None = None  # default ~/.ssh/known_hosts
+    ssh_config: str | None = None  # default ~/.ssh/config
+    master_addr: str | None = None  # the torchrun master as the nodes reach it; default: the head's host
+    connect_timeout: float = Field(10.0, gt=0, le=600)
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets_in_env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not key or not key.replace("_", "A").isalnum() or key[0].isdigit():
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if any(word in key.upper() for word in ("TOKEN", "SECRET", "PASSWORD", "_KEY")):
+                raise ValueError(f"{key} looks like a credential; recipes are copied into the run dir, so "
+                                 "set it in the nodes' own environment instead")
+        return v
 
     @model_validator(mode="after")
     def _head_is_a_node(self) -> "ClusterSection":
@@ -341,6 +357,7 @@ quant_cfg = "NVFP4_DEFAULT_CFG"  # or "deepseek-experts"
 # python = "/opt/venv/bin/python"
 # workdir = "/shared/quantdeck"  # the shared work dir as the nodes see it
 # host_key_policy = "reject"     # or "accept-new" (explicit opt-in)
+# env = {{ NCCL_NVLS_ENABLE = "0" }}  # passed to every worker explicitly (no credentials here)
 # nodes = [
 #   {{ name = "node0", host = "10.0.0.1", user = "ubuntu", port = 22, key = "~/.ssh/id_ed25519", gpus = 8 }},
 #   {{ name = "node1", host = "10.0.0.2", gpus = 8 }},

@@ -71,6 +71,8 @@ def test_init_with_samples_turns_calibration_on():
     ('[source]\npath="x"\n[push]\ntarget="/local"', "push.target", "s3://"),
     ('[source]\npath="x"\n[calibration]\nnum_samples=0', "calibration.num_samples", "greater than"),
     ('[source]\npath=""', "source.path", "empty"),
+    ('[source]\npath="x"\n[cluster]\nenv={HF_TOKEN="t"}', "cluster.env", "looks like a credential"),
+    ('[source]\npath="x"\n[cluster]\nenv={"A B"="1"}', "cluster.env", "not a valid environment variable"),
 ])
 def test_bad_recipes_name_file_and_key(text, key, words):
     with pytest.raises(RecipeError) as ei:
@@ -93,3 +95,13 @@ def test_recipe_is_frozen():
     r = loads_recipe('[source]\npath = "/ckpt"\n')
     with pytest.raises(Exception):
         r.target.format = TargetFormat.BF16  # type: ignore[misc]
+
+
+def test_cluster_env_and_ssh_settings_reach_the_cluster_spec():
+    from remote.hosts import cluster_from
+
+    r = loads_recipe('[source]\npath="x"\n[cluster]\nenv={PYTHONPATH="/opt/qd", NCCL_NVLS_ENABLE="0"}\n'
+                     'known_hosts="/k"\nmaster_addr="10.0.0.1"\nnodes=[{name="n0", host="127.0.0.1"}]')
+    spec = cluster_from(r.cluster)
+    assert spec.env == {"PYTHONPATH": "/opt/qd", "NCCL_NVLS_ENABLE": "0"}
+    assert spec.known_hosts == "/k" and spec.master_addr == "10.0.0.1"
