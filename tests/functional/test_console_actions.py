@@ -16,6 +16,7 @@ from console.screens.error import ErrorModal
 from console.screens.help import HelpScreen
 from console.screens.history import HistoryScreen
 from console.screens.logs import LogScreen
+from console.screens.new_run import NewRunModal
 from console.screens.run_detail import RunDetailScreen
 
 pytestmark = pytest.mark.slow  # the session's real run takes ~1 minute to make on two cores
@@ -118,6 +119,22 @@ async def test_history_filter_detail_and_fix_note(real_env):
         await until(pilot, lambda: isinstance(app.screen, HistoryScreen), what="history again")
         await pilot.press("escape", "escape")  # the first clears the filter, the second leaves
         await until(pilot, lambda: not isinstance(app.screen, (HistoryScreen, RunDetailScreen)), what="dashboard")
+
+
+async def test_new_run_from_a_bad_recipe_explains_itself(real_env, tmp_path):
+    bad = tmp_path / "recipe.toml"
+    bad.write_text('[source]\npath = "/nowhere/at/all"\n[target]\nformat = "nvfp5"\n')
+    app = _app(real_env)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.run_view is not None, what="the run view")
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, NewRunModal), what="the recipe prompt")
+        app.screen.query_one("Input").value = str(bad)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ErrorModal), what="the recipe error")
+        assert "recipe.toml" in app.screen.text and "format" in app.screen.text
+        await pilot.press("escape")
+        assert app.run_id == real_env.run_id  # still attached to the run it had
 
 
 async def test_export_only_then_cancel_behind_confirmation(real_env):
