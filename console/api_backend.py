@@ -210,9 +210,24 @@ class ApiBackend(Backend):
         return self.eng.export_only(run_id, launcher_factory=self._factory(run_id=run_id))
 
     def validate_only(self, run_id: str) -> str:
-        from engine.api import raise_if_problems
+        """In a child process (`quantdeck validate-only RUN --json`): its checks load torch, the console must not."""
+        import os
+        import subprocess
+        import sys
 
-        raise_if_problems(self.eng.validate_only(run_id), f"validate-only {run_id}")
+        from engine.api import raise_if_problems
+        from engine.errors import RunError
+
+        run_dir = str(self.eng.find(run_id).path)  # the child finds the run by its directory, whatever the env
+        proc = subprocess.run([sys.executable, "-m", "console", "validate-only", run_dir, "--json"],
+                              capture_output=True, text=True, env=dict(os.environ), stdin=subprocess.DEVNULL)
+        try:
+            report = json.loads(proc.stdout)
+        except ValueError:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RunError(f"validate-only {run_id} did not report: {last}", at=run_id,
+                           hint=f"run `quantdeck validate-only {run_id}` in a shell to see why") from None
+        raise_if_problems(report.get("problems", []), f"validate-only {run_id}")
         return f"validate-only {run_id}: everything saved checks out"
 
     def cancel(self, run_id: str) -> str:
