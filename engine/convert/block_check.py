@@ -1,4 +1,4 @@
-"""validate's decoder-block check: layer 0 of the output and of the source, each dequantized to fp32 and loaded
+"""validate's decoder-block check (DeepSeek V3 and V4 families): layer 0 of the output and of the source, each dequantized to fp32 and loaded
 into transformers' own decoder-layer class, run on the same random hidden states; the outputs must agree.
 
 We compare the layer's contribution Δ = layer(x) − x (the residual would hide errors):
@@ -17,6 +17,13 @@ TOKENS = 16
 
 
 def _layer_class(family: str, config: dict[str, Any]):
+    if family == "deepseek-v4":
+        from transformers import DeepseekV4Config
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as mod
+
+        cfg = DeepseekV4Config(**{k: v for k, v in config.items() if k not in ("quantization_config",)})
+        cfg._experts_implementation = "eager"
+        return cfg, mod.DeepseekV4DecoderLayer, mod.DeepseekV4RotaryEmbedding, None
     if family == "deepseek-v3":
         from transformers import DeepseekV3Config
         from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mod
@@ -52,6 +59,78 @@ def _state_dict(layer: torch.nn.Module, reader: CheckpointReader, prefix: str) -
     return sd
 
 
+_V4_EXPERT = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def _v4_renames():
+    """DeepSeek-native → transformers names, from transformers' own V4 checkpoint conversion mapping."""
+    import re
+
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    out = []
+    for rule in get_checkpoint_conversion_mapping("deepseek_v4"):
+        if type(rule).__name__ != "WeightRenaming":
+            continue
+        src = rule.source_patterns[0] if isinstance(rule.source_patterns, (list, tuple)) else rule.source_patterns
+        dst = rule.target_patterns[0] if isinstance(rule.target_patterns, (list, tuple)) else rule.target_patterns
+        out.append((re.compile(src), dst.replace("\\.", ".")))
+    return out
+
+
+def _v4_state_dict(layer: torch.nn.Module, reader: CheckpointReader) -> dict[str, torch.Tensor]:
+    from engine.convert.validate import decode_module
+
+    pre = "model.layers.0." if any(n.startswith("model.layers.0.") for n in reader.names()) else "layers.0."
+    renames = _v4_renames()
+    by_key: dict[str, str] = {}
+    for n in reader.names():
+        if not n.startswith(pre) or n.endswith((".scale", ".weight_scale", ".weight_scale_2", ".weight_global_scale",
+                                                ".weight_scale_inv", ".input_scale")):
+            continue
+        key = "." + n[len(pre):].replace(".weight_packed", ".weight")
+        for rx, dst in renames:
+            key = rx.sub(dst, key)
+        by_key[key[1:]] = n[: -len("_packed")] if n.endswith(".weight_packed") else n
+    sd: dict[str, torch.Tensor] = {}
+    for key, ref in layer.state_dict().items():
+        if key.endswith(_V4_EXPERT):
+            parts = []
+            for e in range(ref.shape[0]):
+                b = f"{pre}ffn.experts.{e}."
+                if key.endswith("gate_up_proj"):
+                    parts.append(torch.cat([decode_module(reader, b + "w1", cols=ref.shape[2]),
+                                            decode_module(reader, b + "w3", cols=ref.shape[2])]))
+                else:
+                    parts.append(decode_module(reader, b + "w2", cols=ref.shape[2]))
+            sd[key] = torch.stack(parts)
+        else:
+            n = by_key.get(key)
+            if n is None:
+                raise KeyError(f"{pre}…: no tensor for transformers' {key}")
+            if n.endswith(".weight") and ref.dim() == 2:
+                sd[key] = decode_module(reader, n[: -len(".weight")], cols=ref.shape[1])
+            else:
+                t = reader.get(n)
+                sd[key] = t.float() if ref.is_floating_point() else t.to(ref.dtype)
+        if sd[key] is None or tuple(sd[key].shape) != tuple(ref.shape):
+            raise KeyError(f"{key}: expected {list(ref.shape)}, found "
+                           f"{None if sd[key] is None else list(sd[key].shape)}")
+    return sd
+
+
+def _run_v4(layer, rotary, x: torch.Tensor, cfg) -> torch.Tensor:
+    t = x.shape[1]
+    h = x.unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
+    pos = torch.arange(t, device=x.device)[None]
+    pe = {kind: rotary(x, position_ids=pos, layer_type=kind) for kind in ("main", "compress")}
+    mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)[None, None]
+    ids = torch.randint(0, cfg.vocab_size, (1, t), generator=torch.Generator().manual_seed(1)).to(x.device)
+    with torch.no_grad():
+        out = layer(h, position_embeddings=pe, position_ids=pos, attention_mask=mask, input_ids=ids)
+    return out - h
+
+
 def _run(layer, rotary, x: torch.Tensor) -> torch.Tensor:
     t = x.shape[1]
     pos = torch.arange(t, device=x.device)[None]
@@ -69,31 +148,37 @@ def check_first_block(r: CheckpointReader, src: CheckpointReader, rep, target: s
     family = str(detect_layout(src.config, src.names()).family)
     spec = _layer_class(family, src.config)
     if spec is None:
-        rep.skip("block", f"decoder-block run implemented for the deepseek-v3 family; this is {family}")
+        rep.skip("block", f"decoder-block run implemented for the deepseek-v3 and deepseek-v4 families; this is {family}")
         return
     cfg, layer_cls, rope_cls, prefix = spec
     cfg._attn_implementation = "eager"
+    where = (prefix or "layers.0.").rstrip(".")
     dev = torch.device(device)
     try:
         torch.manual_seed(0)
         outs = []
         x = torch.randn(1, TOKENS, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(dev)
         for reader in (r, src):
+            torch.manual_seed(0)
             layer = layer_cls(cfg, 0).float()
-            layer.load_state_dict(_state_dict(layer, reader, prefix))
-            layer.to(dev).eval()
-            outs.append(_run(layer, rope_cls(cfg).to(dev), x) - x)
+            if prefix is None:  # V4: native names, hyper-connection streams, hash routing by token id
+                layer.load_state_dict(_v4_state_dict(layer, reader))
+                layer.to(dev).eval()
+                outs.append(_run_v4(layer, rope_cls(cfg).to(dev), x, cfg))
+            else:
+                layer.load_state_dict(_state_dict(layer, reader, prefix))
+                layer.to(dev).eval()
+                outs.append(_run(layer, rope_cls(cfg).to(dev), x) - x)
     except (KeyError, RuntimeError, ValueError) as e:
-        rep.fail("block", f"layer 0 cannot be built from the checkpoint: {e}", prefix.rstrip("."))
+        rep.fail("block", f"layer 0 cannot be built from the checkpoint: {e}", where)
         rep.row("block", "layer 0 not runnable")
         return
     d_out, d_src = outs
     rel = float((d_out - d_src).norm() / d_src.norm().clamp_min(1e-30))
     tol = BLOCK_TOL.get(target, 0.02)
     if not bool(torch.isfinite(d_out).all()):
-        rep.fail("block", "layer 0 output holds NaN/Inf", prefix.rstrip("."))
+        rep.fail("block", "layer 0 output holds NaN/Inf", where)
     elif rel > tol:
-        rep.fail("block", f"layer 0 output differs from the source's by {rel:.3f} (tolerance {tol})",
-                 prefix.rstrip("."))
+        rep.fail("block", f"layer 0 output differs from the source's by {rel:.3f} (tolerance {tol})", where)
     rep.row("block", f"layer 0 ({layer_cls.__name__}, {TOKENS} tokens): rel. diff {rel:.4f} <= {tol}"
             if rel <= tol else f"layer 0 rel. diff {rel:.4f} > {tol}")

@@ -8,7 +8,7 @@ Checks (each a row of the report; any failure names the tensor and makes `ok` fa
   decode      every quantized tensor decodes to finite values; no NaN/Inf in any float tensor
   source      (--against) per quantized tensor rel. error and SNR vs the dequantized source (sampled rows);
               preserved tensors equal (or BF16-close when the source was FP8)
-  block       (--against, V3 family) decoder layer 0, dequantized to fp32 and run with transformers' own
+  block       (--against, V3 and V4 families) decoder layer 0, dequantized to fp32 and run with transformers' own
               decoder-layer class, matches the source layer within BLOCK_TOL on random hidden states
 """
 
