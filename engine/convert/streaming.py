@@ -33,6 +33,20 @@ from engine.names import OutputLayout, TargetFormat
 PLAN_VERSION = 1
 
 
+def reuse_heap() -> None:
+    """Let glibc serve tensor-sized blocks (< 32 MiB) from its heap and keep them when freed, instead of a fresh
+    mmap per tensor: every read buffer of the same size then reuses warm pages (a third fewer page faults, a
+    measurable share of a 2-core machine). Memory stays bounded by the pipeline's in-flight budget."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def resolve_device(device: str) -> torch.device:
     if device in ("auto", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,6 +109,7 @@ def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q)
         from engine.formats.numba_setup import numba
 
         numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
+    reuse_heap()
     reader = CheckpointReader(src)
 
     def on_item(item: Item, notes: list[str]) -> None:
@@ -169,6 +184,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
                        sink: EventSink = NullSink()) -> dict[str, Any]:
     """Convert `src` into `dst`; returns a summary dict. Rerunning after a crash resumes (same bytes)."""
     t0 = time.monotonic()
+    reuse_heap()
     src, dst = Path(src), Path(dst)
     target = str(TargetFormat(str(to))) if str(to) in {t.value for t in TargetFormat} else None
     if target is None:
