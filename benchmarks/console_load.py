@@ -38,22 +38,10 @@ def start_run(root: Path, layers: int) -> tuple[str, dict]:
                          moe_inter=64, mtp=True)
     samples = root / "samples.json"
     samples.write_text(json.dumps([f"benchmark sample {i}: tokens for the experts" for i in range(128)]))
-    recipe = root / "recipe.toml"
-    recipe.write_text(f"""
-[run]
-workdir = {json.dumps(str(root / "work"))}
-[source]
-path = {json.dumps(str(ckpt))}
-[target]
-format = "nvfp4"
-calibrate = true
-layouts = ["modelopt"]
-output = {json.dumps(str(root / "out"))}
-[calibration]
-samples = {json.dumps(str(samples))}
-num_samples = 128
-seq_len = 64
-""")
+    from engine.recipe import write_recipe
+    from tests.functional.real_run import calibrated_recipe
+
+    recipe = write_recipe(root / "recipe.toml", calibrated_recipe(root, ckpt, samples, num_samples=128, seq_len=64))
     env = {"QUANTDECK_HOME": str(root / "home"), "QUANTDECK_WORKDIR": str(root / "work")}
     os.environ.update(env)
     return open_engine(str(root / "work")).start(str(recipe), preflight=False), env

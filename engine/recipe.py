@@ -295,6 +295,16 @@ def dump_recipe(recipe: Recipe) -> str:
     return _to_toml(data)
 
 
+def write_recipe(path: str | Path, data: dict[str, Any]) -> Path:
+    """Validate `data` (sections as in a recipe file) and write it as TOML: the one way code writes a recipe
+    (`quantdeck demo`, tests, benchmarks). Raises RecipeError naming the key, like loading does."""
+    from engine.fsutil import atomic_write_bytes
+
+    path = Path(path)
+    atomic_write_bytes(path, dump_recipe(recipe_from_dict(data, name=path.name)).encode())
+    return path
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -98,25 +98,14 @@ def prepare_demo(workspace: Path, log=lambda s: None) -> tuple[Path, bool]:
     if not calibrated:
         log(f"the calibrated pipeline is not available here ({why}): running weight-only NVFP4 instead")
     out = workspace / "out" / ("DeepSeek-V3-tiny-NVFP4" if calibrated else "DeepSeek-V3-tiny-NVFP4-weight-only")
-    recipe = workspace / "recipe.toml"
-    recipe.write_text(f"""# written by `quantdeck demo`
-[run]
-workdir = {json.dumps(str(workspace / "work"))}
+    from engine.recipe import write_recipe
 
-[source]
-path = {json.dumps(str(ckpt))}
-
-[target]
-format = "nvfp4"
-calibrate = {"true" if calibrated else "false"}
-layouts = ["modelopt", "compressed-tensors"]
-output = {json.dumps(str(out))}
-
-[calibration]
-samples = {json.dumps(str(samples))}
-num_samples = 16
-seq_len = 32
-""")
+    recipe = write_recipe(workspace / "recipe.toml", {
+        "run": {"workdir": str(workspace / "work")},
+        "source": {"path": str(ckpt)},
+        "target": {"format": "nvfp4", "calibrate": calibrated, "layouts": ["modelopt", "compressed-tensors"],
+                   "output": str(out)},
+        "calibration": {"samples": str(samples), "num_samples": 16, "seq_len": 32}})
     if out.exists():  # a fresh output each time the demo runs
         import shutil
 

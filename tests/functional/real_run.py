@@ -39,25 +39,19 @@ def env(**values: str):
                 os.environ[k] = v
 
 
+def calibrated_recipe(root: Path, ckpt: Path, samples: Path, *, num_samples: int, seq_len: int) -> dict:
+    """A calibrated W4A4 NVFP4 recipe (modelopt layout) working under `root`."""
+    return {"run": {"workdir": str(root / "work")}, "source": {"path": str(ckpt)},
+            "target": {"format": "nvfp4", "calibrate": True, "layouts": ["modelopt"], "output": str(root / "out")},
+            "calibration": {"samples": str(samples), "num_samples": num_samples, "seq_len": seq_len}}
+
+
 def write_recipe(root: Path, ckpt: Path) -> Path:
     samples = root / "samples.json"
     samples.write_text(json.dumps([f"sample {i}: experts route tokens; quantize to nvfp4." for i in range(8)]))
-    recipe = root / "recipe.toml"
-    recipe.write_text(f"""
-[run]
-workdir = {json.dumps(str(root / "work"))}
-[source]
-path = {json.dumps(str(ckpt))}
-[target]
-format = "nvfp4"
-calibrate = true
-layouts = ["modelopt"]
-output = {json.dumps(str(root / "out"))}
-[calibration]
-samples = {json.dumps(str(samples))}
-num_samples = 4
-seq_len = 16
-""")
+    from engine.recipe import write_recipe
+
+    recipe = write_recipe(root / "recipe.toml", calibrated_recipe(root, ckpt, samples, num_samples=4, seq_len=16))
     return recipe
 
 
