@@ -22,6 +22,7 @@ from engine import __version__
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
 from engine.convert.extras import copy_extras
+from engine.convert.kernels import warm_up
 from engine.convert.pipeline import ShardTask, run_tasks
 from engine.convert.plan import TO_NVFP4, ConvertPlan, Item, build_plan, check_layouts, rename_for_layout
 from engine.convert.quant_config import modelopt_hf_quant_config, output_config
@@ -194,6 +195,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     layouts = check_layouts(list(layouts), target)
     shard_size = parse_size(shard_size)
     dev = resolve_device(device)
+    warm_up(target, dev)
     reader = CheckpointReader(src)
     from engine.models import detect_layout  # engineer C's model layouts
 
