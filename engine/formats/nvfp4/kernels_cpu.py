@@ -17,8 +17,6 @@ Compiled code is cached on disk (`cache=True`) under NUMBA_CACHE_DIR (engine/for
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from engine.formats.numba_setup import njit, prange
@@ -30,20 +28,6 @@ _SMIN = np.float32(2.0**-9)
 _SMAX = np.float32(448.0)
 _B0, _B1, _B2, _B3 = np.float32(0.25), np.float32(0.75), np.float32(1.25), np.float32(1.75)
 _B4, _B5, _B6 = np.float32(2.5), np.float32(3.5), np.float32(5.0)
-
-
-@njit(cache=True, inline="always")
-def _e4m3_code(s):
-    """float8_e4m3fn byte of a float32 in [0, 448], round to nearest even (sign handled by callers)."""
-    sd = np.float64(s)
-    if sd < 0.015625:  # subnormal: k · 2^-9, k = 8 is the first normal (code 8) as well
-        return np.uint8(np.rint(sd * 512.0))
-    m, e = math.frexp(sd)  # sd = m · 2^e, m in [0.5, 1)
-    t = np.rint(m * 16.0)  # 8..16: 1.mmm with three mantissa bits
-    if t == 16.0:
-        t = 8.0
-        e += 1
-    return np.uint8(((e + 6) << 3) | (int(t) - 8))
 
 
 @njit(cache=True, inline="always")
@@ -69,7 +53,7 @@ def _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
     """Block scale and packed codes of one 16-block held in buf (float32, zero-padded).
 
     sb/sbits: a 1-element float32 scratch and its uint32 view, to round s to e4m3 on its bits
-    (same result as _e4m3_code: RNE to 3 mantissa bits above 2^-6, rint(s·512) subnormal steps below).
+    (round to nearest even to 3 mantissa bits above 2^-6, rint(s·512) subnormal steps below).
     """
     s = amax / six_s2
     if s == _F0:

@@ -8,7 +8,6 @@ import torch
 
 from engine.errors import FormatError
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
-from engine.formats.nvfp4 import kernels_cpu
 from engine.formats.nvfp4.dispatch import bf16_to_nvfp4, fp8_block_amax, fp8_block_to_nvfp4, resolve_device
 from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4, weight_amax
 
@@ -35,9 +34,15 @@ def test_e4m3_rounding_matches_torch_cast_including_ties():
     rnd = torch.exp2(torch.empty(3000, dtype=torch.float64).uniform_(-9, np.log2(448)))
     vals = torch.cat([pos, mids, torch.nextafter(mids.float(), torch.tensor(0.0)).double(), rnd]).float()
     vals = vals.clamp(2.0**-9, 448.0)
-    want = vals.to(torch.float8_e4m3fn).view(torch.uint8).tolist()
-    got = [int(kernels_cpu._e4m3_code(np.float32(v))) for v in vals.tolist()]
-    assert got == want
+    want = vals.to(torch.float8_e4m3fn).view(torch.uint8)
+    # through the CPU kernel's own block-scale rounding: with scale_2 = fp32(1/6), 6·scale_2 is exactly 1.0,
+    # so the block scale of a row whose amax is v is e4m3(v)
+    scale_2 = torch.tensor(1 / 6, dtype=torch.float32)
+    assert float(torch.tensor(6.0) * scale_2) == 1.0
+    w = torch.zeros(len(vals), 16)
+    w[:, 0] = vals
+    _, bs = bf16_to_nvfp4(w, scale_2, device="cpu")
+    assert torch.equal(bs.view(torch.uint8)[:, 0], want)
 
 
 @pytest.mark.parametrize(
