@@ -17,7 +17,8 @@ from typing import Any, Callable
 from engine.errors import PreflightError, RunError, ValidationFailedError
 from engine.events import Event, read_events
 from engine.names import StageState
-from engine.rundir import RunDir, find_run, list_run_dirs, read_status, this_host
+from engine.locks import this_host
+from engine.rundir import RunDir, find_run, list_run_dirs, read_status
 from engine.runview import RunView, StageView, _reconcile_local, _view  # noqa: F401 (re-exported)
 from engine.store import AttemptRecord, RunRecord
 
@@ -187,7 +188,8 @@ class LocalEngine(Engine):
 
     def cancel(self, run, *, launcher_factory=None):
         from engine.fsutil import read_json
-        from engine.rundir import pid_alive, set_status
+        from engine.locks import pid_alive
+        from engine.rundir import set_status
         from engine.runner import CANCEL_MARKER, sync_store
 
         rd = self.find(run)

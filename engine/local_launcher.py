@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.errors import RunError
 from engine.launcher import Launcher, WorkerHandle, WorkerSpec
-from engine.rundir import pid_alive
+from engine.locks import pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

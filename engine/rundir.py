@@ -1,4 +1,5 @@
-"""The run directory: its layout, stage status read/write under one lock, and the live-worker locks.
+"""The run directory: its layout, stage status read/write under one lock, and its live-worker locks
+(engine.locks: FileLock, pid liveness).
 
     <workdir>/runs/<run-id>/
         recipe.toml                 frozen copy of the recipe as given
@@ -25,12 +26,10 @@ A non-terminal stage whose worker pid is gone becomes FAILED_WORKER (`reconcile_
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import re
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterator
 
 from engine.errors import RunError, StageLockedError
 from engine.fsutil import atomic_write_json, read_json
+from engine.locks import FileLock, pid_alive, pid_start_time
 from engine.names import StageState
 
 RUNS_DIR = "runs"
@@ -51,10 +51,6 @@ def new_run_id(now: float | None = None) -> str:
     """`YYYYMMDD-HHMMSS-xxxx` (UTC): sorts by creation time; the suffix keeps ids unique."""
     t = time.gmtime(time.time() if now is None else now)
     return time.strftime("%Y%m%d-%H%M%S", t) + "-" + secrets.token_hex(2)
-
-
-def this_host() -> str:
-    return socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -166,45 +162,6 @@ def find_run(root: str | os.PathLike, run: str) -> RunDir:
         raise RunError(f"no run {run!r} under {root}", at=run, hint=f"recent runs: {known}")
     raise RunError(f"run id {run!r} is ambiguous ({len(hits)} runs match)", at=run,
                    hint="give more of the id: " + ", ".join(r.id for r in hits[:5]))
-
-
-# --- process liveness ------------------------------------------------------------------------------------
-
-
-def pid_start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    rest = data[data.rfind(b")") + 2:].split()
-    return rest[19].decode() if len(rest) > 19 else None
-
-
-def pid_alive(pid: int | None, pid_start: str | None = None) -> bool:
-    """Whether `pid` runs on this host (zombies count as dead; a reused pid with another start time too)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-        state = data[data.rfind(b")") + 2:].split()[0]
-        if state in (b"Z", b"X"):
-            return False
-    except OSError:
-        pass
-    if pid_start is not None:
-        now = pid_start_time(pid)
-        if now is not None and now != pid_start:
-            return False
-    return True
 
 
 # --- status ----------------------------------------------------------------------------------------------
@@ -348,63 +305,7 @@ def reconcile_stage(run: RunDir, stage: str,
                       hint=hint, **fields)
 
 
-# --- the live-worker lock --------------------------------------------------------------------------------
-
-
-class FileLock:
-    """An flock held for a process's life, recording `pid host` in the file. A dead holder's flock is
-    released by the kernel, so a stale lock clears itself; `stale` tells whether one was cleared."""
-
-    def __init__(self, path: str | os.PathLike, what: str, hint: str):
-        self.path = Path(path)
-        self.what, self.hint = what, hint
-        self.fd: int | None = None
-        self.stale: dict[str, Any] | None = None
-
-    def holder(self) -> dict[str, Any] | None:
-        try:
-            text = self.path.read_text().split()
-        except OSError:
-            return None
-        if len(text) >= 2 and text[0].isdigit():
-            return {"pid": int(text[0]), "host": text[1]}
-        return None
-
-    def acquire(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            h = self.holder() or {}
-            raise StageLockedError(f"{self.what} is already held by pid {h.get('pid', '?')} on {h.get('host', '?')}",
-                                   at=str(self.path), hint=self.hint) from None
-        prev = self.holder()
-        if prev and prev["pid"] != os.getpid():
-            self.stale = prev  # its holder died (the kernel released the flock): cleared
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {this_host()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "FileLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+# --- the live-worker locks --------------------------------------------------------------------------------
 
 
 def stage_lock(run: RunDir, stage: str) -> FileLock:

@@ -29,8 +29,9 @@ from engine.launcher import Launcher, WorkerSpec
 from engine.names import StageState
 from engine.plan import Plan, build_plan, resolve_paths, stages_to_run
 from engine.recipe import Recipe, loads_recipe, recipe_hash
-from engine.rundir import (RunDir, begin_attempt, create_run_dir, driver_lock, output_lock, pid_alive,
-                           read_status, reconcile_stage, set_status, this_host)
+from engine.locks import pid_alive, this_host
+from engine.rundir import (RunDir, begin_attempt, create_run_dir, driver_lock, output_lock, read_status,
+                           reconcile_stage, set_status)
 
 LOCAL_FACTORY = "engine.local_launcher:local_launcher_for"
 CANCEL_MARKER = "cancel-requested"

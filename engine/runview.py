@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import read_events
-from engine.rundir import RunDir, read_status, this_host
+from engine.locks import this_host
+from engine.rundir import RunDir, read_status
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from typing import Any
 from engine.errors import ExitCode, QuantdeckError, StageLockedError
 from engine.events import EventSink, JsonlSink, TeeSink
 from engine.names import StageState
-from engine.rundir import RunDir, begin_attempt, read_status, set_running, set_status, stage_lock, this_host
+from engine.locks import this_host
+from engine.rundir import RunDir, begin_attempt, read_status, set_running, set_status, stage_lock
 
 PAUSE_UNITS_ENV = "QUANTDECK_TEST_PAUSE_AFTER_UNITS"
 PAUSE_STAGE_ENV = "QUANTDECK_TEST_PAUSE_STAGE"

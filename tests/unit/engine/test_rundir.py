@@ -10,7 +10,8 @@ import pytest
 
 from engine.errors import RunError, StageLockedError
 from engine.names import StageState as S
-from engine.rundir import (RunDir, begin_attempt, create_run_dir, find_run, pid_alive, read_status,
+from engine.locks import pid_alive
+from engine.rundir import (RunDir, begin_attempt, create_run_dir, find_run, read_status,
                            reconcile_stage, set_running, set_status, stage_lock)
 
 
