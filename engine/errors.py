@@ -113,6 +113,17 @@ class DiskFullError(QuantdeckError):
     title = "disk full"
 
 
+class RankFailedError(QuantdeckError):
+    """Another rank of a stage split over torchrun ranks failed; `at` is "rank N on HOST", `error_class` the
+    failing rank's exception class name (its own message is in msg, so the root cause classifies it)."""
+
+    title = "a rank failed"
+
+    def __init__(self, msg: str, *, rank: int = -1, host: str = "", error_class: str = "", **kw):
+        super().__init__(msg, **kw)
+        self.rank, self.host, self.error_class = rank, host, error_class
+
+
 class RemoteError(QuantdeckError):
     """SSH, host keys, unreachable nodes. `at` names the host."""
 

@@ -124,6 +124,13 @@ def resolve_paths(recipe: Recipe, base: Path) -> dict[str, str]:
     return {"workdir": workdir, "source": source, "output": output, "samples": samples or ""}
 
 
+def shards_spread(recipe: Recipe) -> bool:
+    """Whether the stages that write output shards (convert, dequant, cast-fp8, export) run as torchrun ranks
+    sharing the shards (engine.convert.ranks): several nodes, or several GPUs (ranks) on a node."""
+    c = recipe.cluster
+    return len(c.nodes) > 1 or (c.gpus_per_node or 0) > 1 or any(n.gpus > 1 for n in c.nodes)
+
+
 def build_plan(recipe: Recipe, *, run_id: str, run_dir: str | Path, base: str | Path,
                recipe_hash: str = "") -> Plan:
     """Resolve `recipe` (relative paths from `base`) into the stages of run `run_id` in `run_dir`."""
@@ -144,23 +151,25 @@ def build_plan(recipe: Recipe, *, run_id: str, run_dir: str | Path, base: str | 
                             outputs={"report": str(run_dir / "stages" / "inspect" / "report.json")},
                             options={"family": family}))
     convert_opts = {**common, "layouts": layouts, "shard_mb": recipe.target.shard_mb}
+    nodes = tuple(n.name for n in recipe.cluster.nodes)
+    spread = {"distributed": True, "nodes": nodes} if shards_spread(recipe) else {}
     for name in middle_stages(recipe):
         if name == StageName.DEQUANT:
-            stages.append(StagePlan(name.value, {"src": src}, {"dst": out}, {**convert_opts, "to": "bf16"}))
+            stages.append(StagePlan(name.value, {"src": src}, {"dst": out}, {**convert_opts, "to": "bf16"}, **spread))
         elif name == StageName.CAST_FP8:
-            stages.append(StagePlan(name.value, {"src": src}, {"dst": out}, {**convert_opts, "to": "fp8-block"}))
+            stages.append(StagePlan(name.value, {"src": src}, {"dst": out}, {**convert_opts, "to": "fp8-block"},
+                                    **spread))
         elif name == StageName.CONVERT:
-            stages.append(StagePlan(name.value, {"src": src}, {"dst": out}, {**convert_opts, "to": "nvfp4"}))
+            stages.append(StagePlan(name.value, {"src": src}, {"dst": out}, {**convert_opts, "to": "nvfp4"}, **spread))
         elif name == StageName.CALIBRATE:
             c = recipe.calibration
-            nodes = tuple(n.name for n in recipe.cluster.nodes)
             stages.append(StagePlan(name.value, {"model": src, "samples": p["samples"]}, {"amax": amax},
                                     {**common, "num_samples": c.num_samples, "seq_len": c.seq_len,
                                      "batch_size": c.batch_size, "all_experts": c.all_experts,
                                      "quant_cfg": c.quant_cfg}, distributed=True, nodes=nodes))
         elif name == StageName.EXPORT:
             stages.append(StagePlan(name.value, {"src": src, "amax": amax}, {"dst": out},
-                                    {**convert_opts, "to": "nvfp4"}))
+                                    {**convert_opts, "to": "nvfp4"}, **spread))
     stages.append(StagePlan(StageName.INJECT_MTP.value, {"src": src}, {"dst": out},
                             {"family": family, "layouts": layouts}))
     stages.append(StagePlan(StageName.COPY_EXTRAS.value, {"src": src}, {"dst": out}, {"layouts": layouts}))

@@ -95,6 +95,18 @@ def _rank_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def wait_for_head(run: RunDir, stage: str, attempt: int, timeout_s: float = 30.0) -> None:
+    """A rank other than 0 whose failure the other ranks know (engine.convert.ranks sets `ranks_told` on the
+    exception) waits until rank 0 has recorded the stage's final status: torchrun stops every rank as soon as
+    one exits with an error, which could otherwise cut rank 0 off before it writes the failing rank's error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = read_status(run, stage)
+        if StageState(st["state"]).is_terminal() or int(st["attempt"]) != attempt:
+            return
+        time.sleep(0.1)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"worker received {signal.Signals(signum).name}")
 
@@ -165,6 +177,8 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
         sink.emit("state", state=final, **fields)
         print(f"quantdeck worker: stage {stage} failed: {cause.cls}: {cause.summary} (hint: {hint})",
               file=sys.stderr, flush=True)
+        if rank != 0 and getattr(e, "ranks_told", False):
+            wait_for_head(run, stage, attempt)
         if lock is not None:
             lock.release()
         if isinstance(e, KeyboardInterrupt):

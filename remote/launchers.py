@@ -234,7 +234,7 @@ class SSHLauncher(Launcher):
         while True:
             for node, pid in started.items():
                 try:
-                    if self.check_alive(node, pid):
+                    if self.is_alive(node, pid):  # a node merely unreachable for a moment has not failed
                         continue
                     rc = self.exit_status(node, pid)
                 except QuantdeckError as e:

@@ -26,6 +26,7 @@ from engine.convert.kernels import warm_up
 from engine.convert.pipeline import ShardTask, run_tasks
 from engine.convert.plan import TO_NVFP4, ConvertPlan, Item, build_plan, check_layouts, rename_for_layout
 from engine.convert.quant_config import modelopt_hf_quant_config, output_config
+from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
 from engine.errors import UsageError
 from engine.events import EventSink, NullSink, Progress
 from engine.fsutil import atomic_write_json
@@ -179,11 +180,13 @@ def _run_workers(src: str, tasks: list[ShardTask], workers: int, device: torch.d
         raise error
 
 
+@over_ranks
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "nvfp4",
                        layouts: Sequence[str] = ("modelopt",), device: str = "auto", workers: int = 1,
                        shard_size: int | str = 5 * 10**9, quantize_attention: bool = False,
-                       sink: EventSink = NullSink()) -> dict[str, Any]:
-    """Convert `src` into `dst`; returns a summary dict. Rerunning after a crash resumes (same bytes)."""
+                       sink: EventSink = NullSink(), ranks: Ranks | None = None) -> dict[str, Any]:
+    """Convert `src` into `dst`; returns a summary dict. Rerunning after a crash resumes (same bytes).
+    Under torchrun the shards are split over the ranks (engine.convert.ranks)."""
     t0 = time.monotonic()
     reuse_heap()
     src, dst = Path(src), Path(dst)
@@ -194,7 +197,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         raise UsageError("--dst must differ from --src", at="--dst", hint="write the output somewhere new")
     layouts = check_layouts(list(layouts), target)
     shard_size = parse_size(shard_size)
-    dev = resolve_device(device)
+    dev = ranks.device(resolve_device(device))
     warm_up(target, dev)
     reader = CheckpointReader(src)
     from engine.models import detect_layout  # engineer C's model layouts
@@ -208,29 +211,31 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     if len(layouts) > 1:
         dst.mkdir(parents=True, exist_ok=True)
     fingerprint = reader.fingerprint()
-    writers, plans, todo = {}, {}, {}
+    writers, plans = {}, {}
     for lay in layouts:
         args = {"to": target, "layout": lay, "quantize_attention": bool(quantize_attention),
                 "shard_size": shard_size, "plan_version": PLAN_VERSION, "quantdeck": __version__}
         plans[lay] = layout_shards(groups, lay)
         writers[lay] = CheckpointWriter(dsts[lay], plans[lay], source_fingerprint=fingerprint, args=args, sink=sink)
-        todo[lay] = {p.name for p in writers[lay].prepare()}
+    todo = prepare_writers(writers, ranks)
     tasks = []
     for i, g in enumerate(groups):
         targets = tuple((lay, str(writers[lay].partial_dir), plans[lay][i]) for lay in layouts
                         if plans[lay][i].name in todo[lay])
         if targets:
             tasks.append(ShardTask(i, tuple(g), targets))
-    n_items = sum(len(t.items) for t in tasks)
-    bytes_total = sum(it.src_bytes for t in tasks for it in t.items)
+    mine = ranks.share(tasks)
+    n_items = sum(len(t.items) for t in mine)
+    bytes_total = sum(it.src_bytes for t in mine for it in t.items)
     progress = Progress(sink, "tensors", total=n_items, bytes_total=bytes_total)
     sink.emit("log", level="info", msg=f"{src} ({plan.family}) → {target} [{', '.join(layouts)}] on {dev}: "
-              f"{len(plan.items)} items in {len(groups)} shard(s), {len(tasks)} to write")
+              f"{len(plan.items)} items in {len(groups)} shard(s), {len(tasks)} to write"
+              + (f", {len(mine)} of them by rank {ranks.rank} of {ranks.world}" if ranks.active else ""))
     v4_fp8 = plan.family == "deepseek-v4"
     notes_all: list[str] = []
     timings: dict[str, float] = {}
-    if tasks:
-        workers = max(1, min(int(workers), len(tasks)))
+    if mine:
+        workers = max(1, min(int(workers), len(mine)))
         if workers == 1:
             def on_item(item: Item, notes: list[str]) -> None:
                 progress.advance(1, item.src_bytes, label=item.key)
@@ -238,18 +243,18 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
                     notes_all.append(note)
                     sink.emit("log", level="warning", msg=note)
 
-            timings = run_tasks(reader, tasks, device=dev, v4_fp8=v4_fp8, on_item=on_item)
+            timings = run_tasks(reader, mine, device=dev, v4_fp8=v4_fp8, on_item=on_item)
         else:
-            _run_workers(str(src), tasks, workers, dev, v4_fp8, progress, sink)
+            _run_workers(str(src), mine, workers, dev, v4_fp8, progress, sink)
     progress.advance(0, force=True)
-    outputs = {}
-    for lay, w in writers.items():
-        if not w.already_complete:
-            copy_extras(src, w.partial_dir, sink=sink)
-            atomic_write_json(w.partial_dir / "config.json", output_config(reader.config, plan, lay))
-            if target == TO_NVFP4 and lay == str(OutputLayout.MODELOPT) and plan.quantized_modules:
-                atomic_write_json(w.partial_dir / "hf_quant_config.json", modelopt_hf_quant_config(plan))
-        outputs[lay] = str(w.finalize())
+
+    def write_extras(lay: str, partial: Path) -> None:
+        copy_extras(src, partial, sink=sink)
+        atomic_write_json(partial / "config.json", output_config(reader.config, plan, lay))
+        if target == TO_NVFP4 and lay == str(OutputLayout.MODELOPT) and plan.quantized_modules:
+            atomic_write_json(partial / "hf_quant_config.json", modelopt_hf_quant_config(plan))
+
+    outputs = finish_writers(writers, ranks, write_extras)
     reader.close()
     wall = time.monotonic() - t0
     return {"src": str(src), "dst": str(dst), "outputs": outputs, "target": target, "family": plan.family,

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
 from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink, Progress
 from engine.export.quant_config import w4a4_config, w4a4_hf_quant_config
@@ -96,10 +97,12 @@ class _SnapshotLayout:
                                                                     include_mtp=include_mtp)
 
 
+@over_ranks
 def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: str | os.PathLike,
                       layouts: Sequence[str] = ("modelopt",), sink: EventSink = NullSink(), device: str = "auto",
-                      shard_size: int | str = 5 * 10**9) -> dict[str, Any]:
-    """Write `dst` (or `dst/<layout>` for several layouts); resumable; returns a report."""
+                      shard_size: int | str = 5 * 10**9, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Write `dst` (or `dst/<layout>` for several layouts); resumable; returns a report. Under torchrun the
+    shards are split over the ranks (engine.convert.ranks)."""
     from engine.checkpoint.reader import CheckpointReader
     from engine.checkpoint.writer import CheckpointWriter, ShardFile
     from engine.convert.compute import compute_item
@@ -133,12 +136,12 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
             groups[it.key] = [m.out_base for m in it.members]
     sp = plan_input_scales(quantized, groups, ma)  # MTP is never calibrated, so never quantized here
     check_scales(sp)
-    dev = resolve_device(device)
+    dev = ranks.device(resolve_device(device))
     groups_items = partition(plan.items, parse_size(shard_size))
     dsts = {layouts[0]: dst} if len(layouts) == 1 else {lay: dst / lay for lay in layouts}
     if len(layouts) > 1:
         dst.mkdir(parents=True, exist_ok=True)
-    writers, shard_plans, todo = {}, {}, {}
+    writers, shard_plans = {}, {}
     from engine.checkpoint.writer import ShardPlan, shard_name
 
     for lay in layouts:
@@ -148,14 +151,15 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
         args = {"export": "w4a4", "layout": lay, "amax": origin["sha256"], "shard_size": parse_size(shard_size)}
         writers[lay] = CheckpointWriter(dsts[lay], shard_plans[lay], source_fingerprint=reader.fingerprint(),
                                         args=args, sink=sink)
-        todo[lay] = {p.name for p in writers[lay].prepare()}
-    n_items = sum(len(g) for i, g in enumerate(groups_items) if any(shard_plans[l][i].name in todo[l] for l in layouts))
-    prog = Progress(sink, "tensors", total=n_items)
+    todo = prepare_writers(writers, ranks)
+    mine = set(ranks.share([i for i in range(len(groups_items))
+                            if any(shard_plans[lay][i].name in todo[lay] for lay in layouts)]))
+    prog = Progress(sink, "tensors", total=sum(len(groups_items[i]) for i in mine))
     for i, g in enumerate(groups_items):
+        if i not in mine:
+            continue
         files = [(lay, ShardFile(writers[lay].partial_dir, shard_plans[lay][i]))
                  for lay in layouts if shard_plans[lay][i].name in todo[lay]]
-        if not files:
-            continue
         try:
             for it in g:
                 srcs = {}
@@ -179,14 +183,14 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
             for _, sf in files:
                 sf.abort()
             raise
-    outputs = {}
-    for lay, w in writers.items():
-        if not w.already_complete:
-            copy_extras(src, w.partial_dir, sink=sink)
-            atomic_write_json(w.partial_dir / "config.json", w4a4_config(reader.config, plan, lay))
-            if lay == "modelopt":
-                atomic_write_json(w.partial_dir / "hf_quant_config.json", w4a4_hf_quant_config(plan))
-        outputs[lay] = str(w.finalize())
+
+    def write_extras(lay: str, partial: Path) -> None:
+        copy_extras(src, partial, sink=sink)
+        atomic_write_json(partial / "config.json", w4a4_config(reader.config, plan, lay))
+        if lay == "modelopt":
+            atomic_write_json(partial / "hf_quant_config.json", w4a4_hf_quant_config(plan))
+
+    outputs = finish_writers(writers, ranks, write_extras)
     reader.close()
     report = {"src": str(src), "dst": str(dst), "outputs": outputs, "amax": origin, "family": plan.family,
               "quantized_modules": len(quantized), "quantize_attention": qattn,

@@ -35,7 +35,7 @@ class StageContext:
 class Stage(Registry, abc.ABC):
     registry_kind: ClassVar[str] = "stage"
     registered_name: ClassVar[str]
-    distributed: ClassVar[bool] = False  # True: started under torchrun on every node (calibrate)
+    distributed: ClassVar[bool] = False  # True: may run under torchrun on every node (calibrate; convert/export split shards)
 
     @abc.abstractmethod
     def run(self, ctx: StageContext) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 a thin adapter over engine.convert.convert_checkpoint (the function `quantdeck convert` calls).
 
 params: src, dst, to, layouts, shard_mb, device. Units: output shards (kept when in the manifest with a
-matching sha256), so a killed worker's rerun redoes only the shards that were not finished.
+matching sha256), so a killed worker's rerun redoes only the shards that were not finished. Under torchrun
+(several nodes or GPUs: the plan marks it distributed) every rank writes its share of the shards.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from engine.stages.base import Stage, StageContext
 
 class _ConvertBase(Stage):
     to: str = "nvfp4"
+    distributed = True  # with several nodes/GPUs its shards are split over torchrun ranks (engine.convert.ranks)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from engine.convert import convert_checkpoint

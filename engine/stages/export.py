@@ -15,6 +15,8 @@ from engine.stages.base import Stage, StageContext
 
 @Stage.register(StageName.EXPORT)
 class ExportStage(Stage):
+    distributed = True  # with several nodes/GPUs its shards are split over torchrun ranks (engine.convert.ranks)
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from engine.export.api import export_checkpoint
         from engine.stages._common import small

@@ -1,8 +1,10 @@
 """The weight-only NVFP4 pipeline from a recipe over the four sshd nodes: same bytes as on one machine,
-and an sshd killed under a running stage loses nothing (no failed attempt)."""
+and an sshd killed under a running stage loses nothing (no failed attempt). convert (weight-only) and export
+(calibrated) split their output shards over the four nodes' ranks."""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -19,7 +21,7 @@ HEAD = "node2"
 def recipe_text(workdir: Path, src: Path, cluster=None, samples: Path | None = None) -> str:
     layouts = '"modelopt", "compressed-tensors"' if samples is None else '"modelopt"'
     text = (f'[run]\nworkdir = "{workdir}"\n\n[source]\npath = "{src}"\n\n'
-            f'[target]\nformat = "nvfp4"\nlayouts = [{layouts}]\n')
+            f'[target]\nformat = "nvfp4"\nlayouts = [{layouts}]\nshard_mb = 0.1\n')  # 12-14 shards to share
     if samples is not None:  # calibrated W4A4: 8 samples, 2 per rank over four nodes
         text += (f'calibrate = true\n\n[calibration]\nsamples = "{samples}"\nnum_samples = 8\nseq_len = 16\n'
                  f'all_experts = true\n')
@@ -29,6 +31,17 @@ def recipe_text(workdir: Path, src: Path, cluster=None, samples: Path | None = N
             text += (f'\n[[cluster.nodes]]\nname = "{n["name"]}"\nhost = "{n["host"]}"\nport = {n["port"]}\n'
                      f'user = "{n["user"]}"\nkey = "{n["key"]}"\n')
     return text
+
+
+def hosts_that_wrote(run, stage: str) -> dict[int, str]:
+    """{rank: node} of the ranks whose events show tensors written (progress done > 0)."""
+    out = {}
+    for path in run.events_paths(stage):
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("kind") == "progress" and (e.get("done") or 0) > 0:
+                out[e["rank"]] = e["host"]
+    return out
 
 
 def output_files(workdir: Path) -> dict[str, bytes]:
@@ -88,7 +101,8 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
                                                                           poll_s=0.1)))
     driver.start()
     deadline = time.monotonic() + 120
-    while read_status(run, "convert")["state"] != StageState.RUNNING.value:
+    while read_status(run, "convert")["state"] != StageState.RUNNING.value \
+            or not run.events_path("convert", 1).exists():  # every node's torchrun has started its rank
         assert time.monotonic() < deadline and driver.is_alive(), result
         time.sleep(0.02)
     c.node(HEAD).kill()
@@ -111,6 +125,8 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
         attempts = [(a.stage, a.attempt, a.state) for a in store.attempts(run.id)]
     failed = [a for a in attempts if a[2] != StageState.SUCCEEDED.value]
     assert failed == [("inspect", 1, StageState.FAILED_WORKER.value)], attempts  # none from the lost sshd
+    # convert split its shards over the four nodes: every rank wrote some (rank 0 on the head)
+    assert hosts_that_wrote(run, "convert") == {0: HEAD, 1: "node0", 2: "node1", 3: "node3"}
 
     local, remote = output_files(tmp_path / "local-work"), output_files(c.work_dir)
     assert local.keys() == remote.keys() and any(k.endswith(".safetensors") for k in local)
@@ -156,6 +172,7 @@ def test_calibrated_pipeline_torchrun_across_four_nodes_is_byte_identical(sshd_c
     assert logs == ["log.node0.txt", "log.node1.txt", "log.node3.txt", "log.txt"], logs
     assert sorted(p.name for p in run.stage_dir("calibrate").glob("events*.jsonl")) == [
         "events.jsonl", "events.rank1.jsonl", "events.rank2.jsonl", "events.rank3.jsonl"]
+    assert hosts_that_wrote(run, "export") == {0: HEAD, 1: "node0", 2: "node1", 3: "node3"}  # shards split
     local, remote = output_files(tmp_path / "local-work"), output_files(c.work_dir)
     assert local.keys() == remote.keys() and any(k.endswith(".safetensors") for k in local)
     assert [k for k in local if local[k] != remote[k]] == []

@@ -1,0 +1,195 @@
+"""Output shards split over torchrun ranks: convert, dequant, cast-fp8 and export on every rank of every node.
+
+Under torchrun (WORLD_SIZE > 1) every rank plans the same output shards from the source (the plan is
+deterministic); rank 0 alone creates or resumes each `<dst>.partial/` (`prepare_writers`); every rank then
+writes the shards still to do at positions rank, rank + world, … of that list into the shared directory
+(each finished shard is recorded in manifest.json under its flock, so ranks never lose each other's
+entries, and a run killed anywhere keeps every recorded shard); once every rank has written its share,
+rank 0 writes config and index and renames `.partial` to the destination (`finish_writers`).
+
+Every step ends in `Ranks.sync`: an all_gather_object of each rank's outcome (rank, host, error), so a
+failure anywhere is known everywhere. The failing rank raises its own error; every other rank raises a
+RankFailedError naming the failing rank, its host and its error (rank 0 records it as the stage's error),
+and nothing is finalized. The coordination goes over a gloo group even on GPU nodes: it carries a few
+small objects, never tensors. Without torchrun (WORLD_SIZE unset or 1) nothing changes: one rank, no group,
+no collective.
+
+Test hook (documented, honest): QUANTDECK_TEST_FAIL_RANK=N makes rank N (of several) raise before it
+writes any of its shards. Nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from engine.errors import QuantdeckError, RankFailedError
+
+FAIL_RANK_ENV = "QUANTDECK_TEST_FAIL_RANK"
+TIMEOUT_ENV = "QUANTDECK_RANK_TIMEOUT_S"  # how long a rank waits for the others at a step (default 12 h)
+DEFAULT_TIMEOUT_S = 12 * 3600.0
+T = TypeVar("T")
+
+
+def _describe(exc: BaseException) -> tuple[str, str, str | None]:
+    """(class name, first line of the message, hint) of an exception, to send to the other ranks."""
+    msg = exc.one_line() if isinstance(exc, QuantdeckError) else str(exc)
+    hint = exc.hint if isinstance(exc, QuantdeckError) else None
+    return type(exc).__name__, (msg.splitlines() or [""])[0][:500], hint
+
+
+def _mark_told(exc: BaseException) -> BaseException:
+    """Every rank knows of this failure (engine.worker then lets rank 0 record it before this rank exits)."""
+    try:
+        exc.ranks_told = True  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - an exception type with __slots__
+        pass
+    return exc
+
+
+@dataclass
+class Ranks:
+    """This process's place among the ranks of a torchrun job (one rank, world 1, without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    host: str = ""
+    group: Any = None  # a gloo group made next to an existing process group (None: the default group)
+    owns_group: bool = False  # we initialized the default group and destroy it in close()
+    finished: bool = False  # a step failed somewhere: this rank takes part in no further collective
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        return cls(rank=int(os.environ.get("RANK") or 0), world=int(os.environ.get("WORLD_SIZE") or 1),
+                   local_rank=int(os.environ.get("LOCAL_RANK") or 0),
+                   host=os.environ.get("QUANTDECK_NODE") or socket.gethostname())
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def head(self) -> bool:
+        return self.rank == 0
+
+    def open(self) -> "Ranks":
+        if self.active:
+            import torch.distributed as dist
+
+            timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S))
+            if dist.is_initialized():
+                self.group = dist.new_group(backend="gloo", timeout=timeout)
+            else:
+                dist.init_process_group("gloo", timeout=timeout)
+                self.owns_group = True
+        return self
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_group = False
+
+    def device(self, dev):
+        """A bare "cuda" becomes this rank's GPU (cuda:LOCAL_RANK) when there are several ranks."""
+        if self.active and dev.type == "cuda" and dev.index is None:
+            import torch
+
+            dev = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(dev)
+        return dev
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's items: positions rank, rank + world, … (all of them on one rank)."""
+        if self.active and os.environ.get(FAIL_RANK_ENV) == str(self.rank):
+            raise RuntimeError(f"test hook {FAIL_RANK_ENV}: rank {self.rank} fails before writing its shards")
+        return list(items)[self.rank::self.world]
+
+    def sync(self, payload: Any = None) -> list[Any]:
+        """Wait for every rank to finish the step; every rank's payload, in rank order. Raises
+        RankFailedError when another rank reports a failure of this step."""
+        return self._gather(None, payload)
+
+    def report(self, exc: BaseException) -> None:
+        """This rank failed: tell the others, at the step they wait in (unless a step already failed)."""
+        if self.active and not self.finished and isinstance(exc, Exception):
+            self._gather(exc, None)
+            _mark_told(exc)
+
+    def _gather(self, exc: BaseException | None, payload: Any) -> list[Any]:
+        if not self.active:
+            return [payload]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(out, (self.rank, self.host, exc and _describe(exc), payload), group=self.group)
+        except BaseException:
+            self.finished = True
+            raise
+        failed = [o for o in out if o[2] is not None]
+        if failed:
+            self.finished = True
+            if exc is None:
+                rank, host, (cls, msg, hint), _ = failed[0]
+                others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+                err = RankFailedError(f"rank {rank} of {self.world} on {host} failed{others}: {cls}: {msg}",
+                                      at=f"rank {rank} on {host}", rank=rank, host=host, error_class=cls,
+                                      hint=hint or f"read rank {rank}'s log on {host}; finished shards are kept "
+                                                   f"and a rerun writes the rest")
+                raise _mark_told(err)
+        return [o[3] for o in out]
+
+
+def over_ranks(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: call `fn(..., ranks=Ranks)` as this process's rank (see the module doc). Under torchrun it
+    joins the group, waits at the end until rank 0 finalized, and reports a failure to the other ranks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, ranks: Ranks | None = None, **kw: Any) -> T:
+        if ranks is not None:
+            return fn(*args, ranks=ranks, **kw)
+        ranks = Ranks.from_env()
+        if not ranks.active:
+            return fn(*args, ranks=ranks, **kw)
+        ranks.open()
+        try:
+            result = fn(*args, ranks=ranks, **kw)
+            ranks.sync()  # rank 0's finalize is done (or failed) for everyone
+            return result
+        except BaseException as e:
+            ranks.report(e)
+            raise
+        finally:
+            ranks.close()
+
+    return wrapper
+
+
+def prepare_writers(writers: dict, ranks: Ranks) -> dict[str, set[str]]:
+    """Rank 0 creates or resumes every layout's `.partial` dir (CheckpointWriter.prepare); every rank learns
+    the names of the shards still to write, per layout."""
+    todo = {lay: [p.name for p in w.prepare()] for lay, w in writers.items()} if ranks.head else None
+    return {lay: set(names) for lay, names in ranks.sync(todo)[0].items()}
+
+
+def finish_writers(writers: dict, ranks: Ranks, write_extras: Callable[[str, Path], None]) -> dict[str, str]:
+    """Once every rank wrote its shards: rank 0 adds each unfinished layout's extras (`write_extras(layout,
+    partial_dir)`: config, tokenizer, …) and finalizes it (index, rename). Returns {layout: output dir}."""
+    ranks.sync()
+    if not ranks.head:
+        return {lay: str(w.dst) for lay, w in writers.items()}
+    outputs = {}
+    for lay, w in writers.items():
+        if not w.already_complete:
+            write_extras(lay, w.partial_dir)
+        outputs[lay] = str(w.finalize())
+    return outputs

@@ -1,0 +1,124 @@
+"""convert / export with the output shards split over real torchrun ranks (gloo, CPU), engine.convert.ranks:
+the bytes of one process; a rank that fails fails the stage with its error, nothing is finalized, and a rerun
+keeps the shards the other rank finished and completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.names import StageState
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("rank_share_worker.py")
+LAYOUTS = ("modelopt", "compressed-tensors")
+SHARD = "100KB"  # the tiny V3 fixture in 12-14 shards per layout
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def torchrun(nproc: int, job: dict, **env: str) -> subprocess.CompletedProcess:
+    full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
+           json.dumps(job)]
+    return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=400, cwd=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def amax_snapshot(tiny_ckpt, tmp_path_factory):
+    """A real amax snapshot of the tiny bf16 V3 fixture (8 samples, one process)."""
+    from engine.calibrate.streaming import calibrate
+
+    src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
+    d = tmp_path_factory.mktemp("rank-share-amax")
+    samples = d / "samples.json"
+    samples.write_text(json.dumps([f"sample {i}: the quick brown fox {'jumps ' * i}over the lazy dog"
+                                   for i in range(8)]))
+    calibrate(src, samples, d / "amax", num_samples=8, seq_len=16, all_experts=True, device="cpu")
+    return src, d / "amax"
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_bytes_of_one_process(tiny_ckpt, amax_snapshot, tmp_path):
+    from engine.convert import convert_checkpoint
+    from engine.export.api import export_checkpoint
+
+    fp8 = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    bf16, amax = amax_snapshot
+    one, two = tmp_path / "one", tmp_path / "two"
+    conv = convert_checkpoint(fp8, one / "convert", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
+    exp = export_checkpoint(bf16, amax, one / "export", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
+    assert conv["shards"] >= 4
+    r = torchrun(2, {"shard": SHARD, "convert": [str(fp8), str(two / "convert")],
+                     "export": [str(bf16), str(amax), str(two / "export")]})
+    assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "Warning" not in ln)[-6000:]
+    per_rank = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")),
+                      key=lambda d: d["rank"])
+    assert [d["rank"] for d in per_rank] == [0, 1]
+    # each rank wrote part of the tensors, together all of them
+    assert all(d["convert"] > 0 and d["export"] > 0 for d in per_rank), per_rank
+    assert sum(d["convert"] for d in per_rank) == conv["items"]
+    want, got = tree(one), tree(two)
+    assert want.keys() == got.keys() and any(k.endswith(".safetensors") for k in want)
+    assert [k for k in want if want[k] != got[k]] == []
+    assert not list(tmp_path.rglob("*.partial")) and exp["outputs"]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tiny_ckpt, tmp_path):
+    """The convert stage of a run as 2 local ranks ([cluster] gpus_per_node = 2): rank 1 fails (the test hook
+    QUANTDECK_TEST_FAIL_RANK) → the stage FAILED with rank 1's error, nothing finalized, rank 0's shards kept;
+    the rerun writes the rest and gives the bytes of one process."""
+    from engine.convert import convert_checkpoint
+    from engine.convert.ranks import FAIL_RANK_ENV
+    from engine.launcher import WorkerSpec
+    from engine.local_launcher import LocalLauncher
+    from engine.plan import Plan
+    from engine.rundir import begin_attempt, read_status, set_status
+    from engine.runner import create_run, wait_stage
+    from engine.checkpoint.manifest import load_manifest
+
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    out = tmp_path / "work" / "out"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[run]\nworkdir = "{tmp_path / "work"}"\n\n[source]\npath = "{src}"\n\n'
+                      f'[target]\nformat = "nvfp4"\nlayouts = ["modelopt", "compressed-tensors"]\nshard_mb = 0.1\n'
+                      f'output = "{out}"\n\n[cluster]\ngpus_per_node = 2\n')
+    run = create_run(recipe)
+    sp = Plan.from_json(run.read_plan()).stage("convert")
+    assert sp.distributed and sp.nodes == ()
+    launcher = LocalLauncher()
+
+    def run_convert(env: dict[str, str]) -> dict:
+        attempt = begin_attempt(run, "convert", launcher=launcher.name)
+        h = launcher.start(WorkerSpec(run_dir=str(run.path), stage="convert", env=env, nproc_per_node=2,
+                                      log_path=str(run.log_path("convert"))))
+        set_status(run, "convert", StageState.STARTING, attempt=attempt, host=h.host, pid=h.pid)
+        return wait_stage(run, "convert", attempt, launcher, h.host, h.pid, poll_s=0.1)
+
+    st = run_convert({FAIL_RANK_ENV: "1", "OMP_NUM_THREADS": "1"})
+    log = run.log_path("convert").read_text()
+    assert st["state"] == StageState.FAILED.value, (st, log[-3000:])
+    assert st["error"].startswith("RankFailedError: rank 1 of 2 on ") and f"test hook {FAIL_RANK_ENV}" in st["error"]
+    assert not any((out / lay).exists() for lay in LAYOUTS)  # nothing finalized
+    kept = {lay: set(load_manifest(out / f"{lay}.partial")["shards"]) for lay in LAYOUTS}
+    assert kept["modelopt"] and kept["modelopt"] == kept["compressed-tensors"]  # rank 0's share, in both layouts
+    assert "rank 1" in log and read_status(run, "convert")["attempt"] == 1
+
+    st = run_convert({"OMP_NUM_THREADS": "1"})
+    assert st["state"] == StageState.SUCCEEDED.value, (st, run.log_path("convert").read_text()[-3000:])
+    assert st["result"]["shards_kept"] == len(kept["modelopt"]) and st["result"]["shards_written"] > 0
+    events = [json.loads(line) for line in run.events_path("convert", 1).read_text().splitlines()]
+    assert any(e["kind"] == "progress" and e.get("done", 0) > 0 for e in events)  # rank 1 wrote shards
+    ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
+    assert ref["shards"] == st["result"]["shards"]
+    want, got = tree(tmp_path / "one"), tree(out)
+    assert want.keys() == got.keys() and [k for k in want if want[k] != got[k]] == []
