@@ -84,11 +84,13 @@ def _source(recipe: str | None, demo: bool, interval: float):
 
 @click.command("nodes")
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--watch", is_flag=True, help="Keep refreshing until Ctrl-C.")
+@click.option("--watch", is_flag=True, help="Keep refreshing until Ctrl-C (or --count refreshes).")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="With --watch: stop after this many tables (default: until Ctrl-C).")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print samples as JSON.")
 @click.option("--demo", is_flag=True, help="Replay recorded H100/H200 telemetry instead of reading nodes.")
-def nodes(recipe: str | None, watch: bool, interval: float, as_json: bool, demo: bool) -> None:
+def nodes(recipe: str | None, watch: bool, count: int | None, interval: float, as_json: bool, demo: bool) -> None:
     """Show each node's GPUs, RAM and free disk (the recipe's [cluster], or this machine)."""
     from engine.errors import RemoteError
 
@@ -98,13 +100,15 @@ def nodes(recipe: str | None, watch: bool, interval: float, as_json: bool, demo:
         deadline = time.monotonic() + first_wait
         while time.monotonic() < deadline and not all(src.history(n, 1) for n in src.nodes()):
             time.sleep(0.05)
+        shown = 0
         while True:
             snap = src.snapshot()
             text = samples_json(snap) if as_json else format_samples(snap)
             if watch and sys.stdout.isatty():
                 click.echo("\x1b[H\x1b[2J", nl=False)
             click.echo(text)
-            if not watch:
+            shown += 1
+            if not watch or (count is not None and shown >= count):
                 break
             time.sleep(interval)
     except KeyboardInterrupt:

@@ -43,3 +43,24 @@ def test_unknown_host_key_shows_in_the_table(sshd_cluster, tmp_path, monkeypatch
     assert main(["nodes", str(write_recipe(sshd_cluster, tmp_path))]) == 6
     out, _ = capsys.readouterr()
     assert "unknown host key for node0" in out and "SHA256:" in out
+
+
+def test_nodes_watch_refreshes_then_stops_after_count(sshd_cluster, tmp_path, monkeypatch, capsys):
+    """`--watch --count 3`: three tables of the four live nodes, then exit 0 (no Ctrl-C needed)."""
+    monkeypatch.setenv("QUANTDECK_KNOWN_HOSTS", str(sshd_cluster.known_hosts))
+    monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(sshd_cluster.ssh_config))
+    recipe = write_recipe(sshd_cluster, tmp_path)
+    assert main(["nodes", str(recipe), "--watch", "--count", "3", "--interval", "0.3", "--json"]) == 0
+    out = capsys.readouterr().out
+    tables, dec, i = [], json.JSONDecoder(), 0
+    while i < len(out):
+        if out[i].isspace():
+            i += 1
+            continue
+        obj, i = dec.raw_decode(out, i)
+        tables.append(obj)
+    assert len(tables) == 3
+    for t in tables:
+        assert [d["node"] for d in t] == ["node0", "node1", "node2", "node3"]
+        assert all(d["state"] == "no-gpu" and d["ram_total"] > 0 for d in t)
+    assert max(d["ts"] for d in tables[-1]) >= max(d["ts"] for d in tables[0])
