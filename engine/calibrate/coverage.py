@@ -55,7 +55,9 @@ class CoverageHooks:
             idx = out[-1] if isinstance(out, tuple) else out
             if idx.dtype.is_floating_point:
                 return
-            self.counts[ename] += torch.bincount(idx.reshape(-1).to(torch.long), minlength=n)[:n]
+            idx = idx.reshape(-1).to(torch.long)  # index_add_, not bincount: no device sync per batch
+            ok = (idx >= 0) & (idx < n)
+            self.counts[ename].index_add_(0, idx.clamp(0, n - 1), ok.to(torch.long))
 
         return hook
 

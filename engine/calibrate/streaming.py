@@ -28,6 +28,7 @@ from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
+from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
 from engine.calibrate.samples import Samples, load_samples, read_samples_file
 from engine.errors import CheckpointError
@@ -95,14 +96,19 @@ def _reduce_amax(ctx: DistContext, amax: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tensor], kwargs: list[dict],
-                     all_experts: bool, dev: torch.device, bufs: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
+                     all_experts: bool, dev: torch.device, bufs: list[torch.Tensor] | None = None,
+                     times: dict[str, float] | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
+    """One pass: modelopt's quantizers in calibration mode pass their inputs through unchanged, so the
+    forward that collects the amax also gives the next layer's inputs."""
     import modelopt.torch.quantization as mtq
 
     root = _Skeleton(hf_config, i, layer)
     outs: list[torch.Tensor] = []
     cov: dict[str, list[int]] = {}
+    fwd = [0.0]
 
     def loop(model):
+        t = time.monotonic()
         outs.clear()
         hooks = CoverageHooks(model.model.layers[i], all_experts=all_experts)
         try:
@@ -121,13 +127,19 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         finally:
             hooks.remove()
         cov.update({f"{family.layer_prefix(i)}{k}": v.tolist() for k, v in hooks.counts.items()})
+        fwd[0] += time.monotonic() - t
 
+    t0 = time.monotonic()
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         mtq.quantize(root, qcfg, loop)
         if not outs:  # a config that needs no forward pass (weight-only): still compute the outputs
             mtq.disable_quantizer(root, "*")
             loop(root)
-    return layer_amax(root), outs, cov
+    amax = layer_amax(root)
+    if times is not None:
+        times["forward_s"] = fwd[0]
+        times["quantize_s"] = time.monotonic() - t0 - fwd[0]  # quantizer insertion, weight amax, finishing
+    return amax, outs, cov
 
 
 def _check_resume(out: Path, manifest: dict[str, Any]) -> None:
@@ -148,116 +160,127 @@ def calibrate(model_dir: str | os.PathLike, samples: str | os.PathLike | Samples
 
     Runs as one process or under torchrun (every rank calls it). `layers` stops after that many layers
     (tests, kill-and-resume drills). Returns a summary (rank 0's view)."""
-    if not isinstance(samples, Samples):
-        read_samples_file(samples, num_samples)  # fail on a bad file before touching the model
-    ctx = init_distributed(device)
+    ph = Phases()
+    with ph("setup_s"):
+        if not isinstance(samples, Samples):
+            read_samples_file(samples, num_samples)  # fail on a bad file before touching the model
+    with ph("dist_init_s"):
+        ctx = init_distributed(device)
     try:
         return _run(ctx, Path(model_dir), samples, Path(out_dir), num_samples, seq_len, batch_size, quant_cfg,
-                    all_experts, sink, layers)
+                    all_experts, sink, layers, ph)
     finally:
         ctx.close()
 
 
-def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_cfg, all_experts, sink, stop_after):
-    t_start = time.monotonic()
-    qcfg = resolve_quant_cfg(quant_cfg)
-    src = TensorSource(model_dir, dtype=torch.bfloat16)
-    config = src.config
-    dtype = compute_dtype(config)
-    src.dtype = dtype
-    family = LayerFamily.for_config(config)
-    hf_config = family.hf_config(config)
-    hf_config._attn_implementation = family.attn_implementation()
-    hf_config._experts_implementation = "eager"
-    if not isinstance(samples, Samples):
-        samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
-    n_layers = family.num_layers(hf_config)
-    pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-    batches = plan_batches(samples.input_ids, batch_size, ctx.world_size, ctx.rank, pad_id)
-    local_tokens = sum(b.tokens for b in batches)
-    manifest = {
-        "format": snap.SNAPSHOT_FORMAT, "model": str(model_dir), "model_fingerprint": src.reader.fingerprint(),
-        "family": family.registered_name, "model_type": config.get("model_type"), "num_layers": n_layers,
-        "samples": samples.path, "samples_sha256": samples.sha256, "samples_kind": samples.kind,
-        "num_samples": len(samples.input_ids), "seq_len": seq_len, "batch_size": batch_size,
-        "tokens": samples.tokens, "truncated": samples.truncated, "world_size": ctx.world_size,
-        "quant_cfg": quant_cfg if isinstance(quant_cfg, str) else "custom", "quant_cfg_resolved": json.loads(json.dumps(qcfg, default=str)),
-        "all_experts": bool(all_experts), "dtype": str(dtype).replace("torch.", ""), "versions": _versions(),
-        "status": "running",
-    }
-    _check_resume(out, manifest)
-    start = snap.resume_point(out)
-    ctx.barrier()
-    if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / snap.MANIFEST, manifest)
-    sink.emit("log", level="info", msg=f"calibrating {n_layers} layers from layer {start}; rank {ctx.rank}/"
-              f"{ctx.world_size}: {len(batches)} batches, {local_tokens} tokens on {ctx.device}")
-    dev = ctx.device
-    rotary = family.make_rotary(hf_config, dev)
-    if start >= n_layers:
-        hidden = []
-    elif start == 0:
-        emb = src.get(family.embed_source(src.names)).to(dev, dtype)
-        with torch.no_grad():
-            hidden = [family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb)).cpu()
-                      for b in batches]
-        del emb
-    else:
-        hidden = snap.read_acts(out, ctx.rank, start - 1, len(batches))
-    hidden, bufs = _pinned(hidden, dev)
-    with torch.no_grad():
-        kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
-                                                                         device=dev)) for b in batches]
-    prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0)
-    prog.done = start
-    end = n_layers if stop_after is None else min(n_layers, start + stop_after)
-    n_samples = sum(b.input_ids.shape[0] for b in batches)
-
-    def commit(p: dict) -> None:
-        """Once this rank's activations of layer i are on disk and every rank's are: rank 0 writes the layer."""
-        t = time.monotonic()
-        p["acts"].result()
-        ctx.barrier()
-        if ctx.rank == 0:
-            snap.write_layer(out, p["i"], p["amax"], p["cov"])
-        ctx.barrier()
-        snap.prune_acts(out, ctx.rank, keep=p["i"])
-        if os.environ.get("QUANTDECK_CALIBRATE_DIE_AFTER_LAYER") == str(p["i"]):  # crash drills: die like kill -9
-            os._exit(137)
-        p["times"]["write_wait_s"] = time.monotonic() - t
-        dt = sum(p["times"].values())
-        sink.emit("metric", name="calibrate.layer", value=p["i"], tags={
-            "layer": p["i"], "layers": n_layers, "samples": n_samples, "tokens": local_tokens,
-            "tokens_per_s": local_tokens / max(p["times"]["calib_s"], 1e-9), "seconds": dt, "rank": ctx.rank,
-            **{k: round(v, 3) for k, v in p["times"].items()}})
-        prog.advance(1, label=f"layer {p['i'] + 1}/{n_layers}", force=True)
-
+def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_cfg, all_experts, sink, stop_after,
+         ph: Phases):
+    with ph("setup_s"):
+        src = TensorSource(model_dir, dtype=torch.bfloat16)
+        config = src.config
+        dtype = compute_dtype(config)
+        src.dtype = dtype
+        family = LayerFamily.for_config(config)
+        hf_config = family.hf_config(config)
+        hf_config._attn_implementation = family.attn_implementation()
+        hf_config._experts_implementation = "eager"
+        n_layers = family.num_layers(hf_config)
+        family.layer_class()  # import the modeling module here, not on the prefetch thread
+        start = snap.resume_point(out)
+        end = n_layers if stop_after is None else min(n_layers, start + stop_after)
     reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch")
     writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts")
-    pending = None
     try:
+        # the first layer's tensors are read while modelopt is imported and the samples tokenized
         nxt = reader_pool.submit(layer_tensors, family, hf_config, start, src, dtype) if start < end else None
+        with ph("import_s"):
+            qcfg = resolve_quant_cfg(quant_cfg)
+        with ph("samples_s"):
+            if not isinstance(samples, Samples):
+                samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
+            pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+            batches = plan_batches(samples.input_ids, batch_size, ctx.world_size, ctx.rank, pad_id)
+        local_tokens = sum(b.tokens for b in batches)
+        manifest = {
+            "format": snap.SNAPSHOT_FORMAT, "model": str(model_dir), "model_fingerprint": src.reader.fingerprint(),
+            "family": family.registered_name, "model_type": config.get("model_type"), "num_layers": n_layers,
+            "samples": samples.path, "samples_sha256": samples.sha256, "samples_kind": samples.kind,
+            "num_samples": len(samples.input_ids), "seq_len": seq_len, "batch_size": batch_size,
+            "tokens": samples.tokens, "truncated": samples.truncated, "world_size": ctx.world_size,
+            "quant_cfg": quant_cfg if isinstance(quant_cfg, str) else "custom",
+            "quant_cfg_resolved": json.loads(json.dumps(qcfg, default=str)),
+            "all_experts": bool(all_experts), "dtype": str(dtype).replace("torch.", ""), "versions": _versions(),
+            "status": "running",
+        }
+        with ph("setup_s"):
+            _check_resume(out, manifest)
+            ctx.barrier()
+            if ctx.rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out / snap.MANIFEST, manifest)
+        sink.emit("log", level="info", msg=f"calibrating {n_layers} layers from layer {start}; rank {ctx.rank}/"
+                  f"{ctx.world_size}: {len(batches)} batches, {local_tokens} tokens on {ctx.device}")
+        dev = ctx.device
+        with ph("embed_s"):
+            hidden = _first_hidden(family, hf_config, src, out, ctx, batches, start, end, dtype)
+            hidden, bufs = _pinned(hidden, dev)
+        with ph("kwargs_s"), torch.no_grad():
+            rotary = family.make_rotary(hf_config, dev)
+            kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
+                                                                             device=dev)) for b in batches]
+        prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0)
+        prog.done = start
+        n_samples = sum(b.input_ids.shape[0] for b in batches)
+
+        def commit(p: dict) -> None:
+            """Once this rank's activations of layer i are on disk and every rank's are: rank 0 writes the layer."""
+            t = time.monotonic()
+            if p["acts"] is not None:
+                p["acts"].result()
+            ctx.barrier()
+            if ctx.rank == 0:
+                snap.write_layer(out, p["i"], p["amax"], p["cov"])
+            ctx.barrier()
+            snap.prune_acts(out, ctx.rank, keep=p["i"])
+            if os.environ.get("QUANTDECK_CALIBRATE_DIE_AFTER_LAYER") == str(p["i"]):  # crash drills: die like kill -9
+                os._exit(137)
+            tm = p["times"]
+            tm["write_wait_s"] = time.monotonic() - t
+            ph.merge({k: v for k, v in tm.items() if k != "calib_s"})  # calib_s is the sum of its parts
+            dt = tm["read_wait_s"] + tm["build_s"] + tm["calib_s"] + tm["write_wait_s"]
+            sink.emit("metric", name="calibrate.layer", value=p["i"], tags={
+                "layer": p["i"], "layers": n_layers, "samples": n_samples, "tokens": local_tokens,
+                "tokens_per_s": local_tokens / max(p["times"]["calib_s"], 1e-9), "seconds": dt, "rank": ctx.rank,
+                **{k: round(v, 3) for k, v in p["times"].items()}})
+            prog.advance(1, label=f"layer {p['i'] + 1}/{n_layers}", force=True)
+
+        pending = None
         for i in range(start, end):
+            times: dict[str, float] = {}
             t0 = time.monotonic()
             tensors = nxt.result()
+            t1 = time.monotonic()
             nxt = reader_pool.submit(layer_tensors, family, hf_config, i + 1, src, dtype) if i + 1 < end else None
             layer = materialize_layer(family, hf_config, i, tensors, dev)
             del tensors
-            t1 = time.monotonic()
+            t2 = time.monotonic()
             amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev,
-                                               bufs)
+                                               bufs, times)
+            t3 = time.monotonic()
             layer.to_empty(device="meta")  # free its device memory now, whatever modelopt's hooks still reference
             del layer
             gc.collect(0)
+            t4 = time.monotonic()
             amax = _reduce_amax(ctx, amax)
             cov = _reduce_coverage(ctx, cov)
-            t2 = time.monotonic()
+            t5 = time.monotonic()
             if pending is not None:
                 commit(pending)
-            pending = {"i": i, "amax": amax, "cov": cov, "acts": writer_pool.submit(snap.write_acts, out, ctx.rank,
-                                                                                   i, outs),
-                       "times": {"build_s": t1 - t0, "calib_s": t2 - t1}}
+            # the last layer's outputs feed nothing (MTP layers are not calibrated): not written
+            acts = writer_pool.submit(snap.write_acts, out, ctx.rank, i, outs) if i + 1 < n_layers else None
+            times.update({"read_wait_s": t1 - t0, "build_s": t2 - t1, "free_s": t4 - t3, "reduce_s": t5 - t4,
+                          "calib_s": t5 - t2})
+            pending = {"i": i, "amax": amax, "cov": cov, "acts": acts, "times": times}
             if bufs is not None:  # double buffering: this layer's inputs (their write is done) take the next outputs
                 hidden, bufs = outs, hidden
             else:
@@ -267,14 +290,29 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
     finally:
         reader_pool.shutdown(wait=True, cancel_futures=True)
         writer_pool.shutdown(wait=True)
-    finished = snap.resume_point(out) >= n_layers
-    if finished:
-        snap.prune_acts(out, ctx.rank, keep=n_layers)  # the last layer's outputs feed nothing
-    summary = _finish(ctx, out, manifest, n_layers, finished)
-    summary.update({"layers_done": snap.resume_point(out), "started_at_layer": start,
-                    "seconds": time.monotonic() - t_start, "rank": ctx.rank})
-    src.close()
+    with ph("finish_s"):
+        finished = snap.resume_point(out) >= n_layers
+        if finished:
+            snap.prune_acts(out, ctx.rank, keep=n_layers)  # the last layer's outputs feed nothing
+        summary = _finish(ctx, out, manifest, n_layers, finished)
+        summary.update({"layers_done": snap.resume_point(out), "started_at_layer": start, "rank": ctx.rank})
+        src.close()
+    phases = ph.report()
+    summary.update({"seconds": phases["total_s"], "phases": phases})
     return summary
+
+
+def _first_hidden(family, hf_config, src, out, ctx, batches, start: int, end: int, dtype) -> list[torch.Tensor]:
+    """The activations entering layer `start`: embeddings, or the saved outputs of layer start-1."""
+    if start >= end:
+        return []
+    if start > 0:
+        return snap.read_acts(out, ctx.rank, start - 1, len(batches))
+    dev = ctx.device
+    emb = src.get(family.embed_source(src.names)).to(dev, dtype)
+    with torch.no_grad():
+        return [family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb)).cpu()
+                for b in batches]
 
 
 def _pinned(hidden: list[torch.Tensor], dev: torch.device):

@@ -1,0 +1,40 @@
+"""Where a calibration's wall time goes: seconds per named phase, summed over layers.
+
+`calibrate()` returns them as summary["phases"] (rank 0's view when under torchrun) and puts each layer's
+share in its `calibrate.layer` metric, so a benchmark or an operator can account for every second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+
+class Phases:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.monotonic()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add(name, time.monotonic() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def merge(self, other: dict[str, float]) -> None:
+        for k, v in other.items():
+            self.add(k, v)
+
+    def report(self) -> dict[str, float]:
+        """Phases rounded to ms, plus `total_s` (since construction) and `other_s` (not in any phase)."""
+        total = time.monotonic() - self._t0
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other_s"] = round(total - sum(self.seconds.values()), 3)
+        out["total_s"] = round(total, 3)
+        return out
