@@ -40,7 +40,8 @@ class _StderrSink:
 @click.option("--seq-len", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--quant-cfg", default="NVFP4_DEFAULT_CFG", show_default=True,
-              help="a modelopt config name, or deepseek-experts (MLPs and experts only)")
+              help="a modelopt config name, or deepseek-experts (experts, MLPs and attention o_proj, "
+              "as modelopt's DeepSeek example)")
 @click.option("--all-experts", is_flag=True, help="route every token through every expert (statistics only)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--layers", type=int, default=None, help="stop after this many layers (resume later)")

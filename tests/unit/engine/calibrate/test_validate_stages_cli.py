@@ -26,28 +26,47 @@ def staged(v3_dir, samples_file, tmp_path_factory):
     return d, ctx, summary
 
 
-def test_deepseek_experts_preset_calibrates_mlps_only(staged, v3_dir):
+def test_deepseek_experts_preset_calibrates_mlps_and_wo(staged, v3_dir):
+    """modelopt's DeepSeek example: experts, shared experts, dense MLPs and attention wo (o_proj); no other
+    attention quantizer, no head."""
     d, ctx, summary = staged
     amax = snap.load_amax(d / "amax")
     assert summary["finished"] and amax
-    assert not [k for k in amax if ".self_attn." in k]
+    attn = {k for k in amax if ".self_attn." in k}
+    assert attn == {f"model.layers.{i}.self_attn.o_proj.{q}_quantizer.amax" for i in range(3)
+                    for q in ("weight", "input")}
     assert "model.layers.0.mlp.down_proj.input_quantizer.amax" in amax
     assert "model.layers.2.mlp.experts.gate_up_proj_weight_quantizers.0.amax" in amax
+    assert "model.layers.1.mlp.shared_experts.up_proj.weight_quantizer.amax" in amax
+    assert not [k for k in amax if "head" in k or ".mlp.gate." in k]
     assert Stage.get("calibrate")().check_saved(ctx) == []
+    from calib_tiny_models import assert_amax_equal, reference_quantized_model
+
+    from engine.calibrate.samples import load_samples
+    from engine.calibrate.streaming import layer_amax
+
+    ids = load_samples(ctx.params["samples"], tokenizer=v3_dir, seq_len=24).input_ids
+    ref = layer_amax(reference_quantized_model(v3_dir, ids, batch_size=2, quant_cfg="deepseek-experts"))
+    assert_amax_equal(ref, amax)
 
 
-def test_export_stage_keeps_attention_for_the_preset(staged, v3_dir):
+def test_export_stage_quantizes_exactly_the_presets_modules(staged, v3_dir):
     d, _, _ = staged
     ctx = StageContext(run_dir=d, stage_dir=d / "stages" / "export", params={
         "src": str(v3_dir), "amax": str(d / "amax"), "dst": str(d / "out"), "layouts": ["modelopt"],
         "device": "cpu"})
     res = Stage.get("export")().run(ctx)
-    assert res["quantize_attention"] is False
     idx = json.loads((d / "out" / "model.safetensors.index.json").read_text())["weight_map"]
-    assert "model.layers.1.mlp.experts.0.gate_proj.input_scale" in idx
-    assert not [k for k in idx if ".self_attn." in k and k.endswith("_scale")]
+    scaled = {k[: -len(".input_scale")] for k in idx if k.endswith(".input_scale")}
+    assert "model.layers.1.mlp.experts.0.gate_proj" in scaled and "model.layers.0.mlp.down_proj" in scaled
+    assert {k for k in scaled if ".self_attn." in k} == {f"model.layers.{i}.self_attn.o_proj" for i in range(3)}
+    amax_mods = {k.rsplit(".", 2)[0] for k in snap.load_amax(d / "amax") if ".weight_quantizer." in k}
+    assert {k for k in scaled if ".experts." not in k} == {m for m in amax_mods if ".experts." not in m}
     hq = json.loads((d / "out" / "hf_quant_config.json").read_text())["quantization"]
-    assert hq["quant_algo"] == "NVFP4" and any("self_attn" in p for p in hq["exclude_modules"])
+    assert hq["quant_algo"] == "NVFP4"
+    assert "model.layers.0.self_attn.q_a_proj" in hq["exclude_modules"] and "lm_head" in hq["exclude_modules"]
+    assert not [p for p in hq["exclude_modules"] if "o_proj" in p or p.endswith("self_attn*")]
+    assert res["quantized_modules"] == len(scaled)
     assert Stage.get("export")().check_saved(ctx) == []
 
 
