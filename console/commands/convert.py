@@ -88,8 +88,16 @@ def _sink():
 def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attention, as_json):
     """Convert a checkpoint to NVFP4 (weight-only), FP8-block or BF16, streaming and resumable."""
     _quiet_openmp()
+    import gc
+
+    from engine import readahead
+
+    readahead.start(src)  # the disk reads the source while torch imports
+    gc.disable()  # no collections while torch's million objects load ...
     from engine.convert import convert_checkpoint
 
+    gc.freeze()  # ... and later ones never walk them
+    gc.enable()
     layouts = ["modelopt", "compressed-tensors"] if fmt == "both" else [fmt]
     summary = convert_checkpoint(src, dst, to=to, layouts=layouts, device=device, workers=workers,
                                  shard_size=shard_size, quantize_attention=quantize_attention, sink=_sink())

@@ -1,10 +1,11 @@
-"""manifest.json of an output checkpoint: which shards are done, their sha256, and what produced them.
+"""manifest.json of an output checkpoint: which shards are done, their digest, and what produced them.
 
 Schema (version 1):
 
     {"manifest_version": 1, "quantdeck_version": "0.1.0", "source_fingerprint": "…", "args_hash": "…",
      "args": {...}, "planned_shards": ["model-00001-of-00002.safetensors", …], "complete": false,
-     "shards": {"model-00001-of-00002.safetensors": {"sha256": "…", "size": 123, "tensors": 17}},
+     "shards": {"model-00001-of-00002.safetensors": {"digest": "…", "digest_kind": "sha256-pieces",
+                                                      "size": 123, "tensors": 17}},
      "weight_map": {"tensor.name": "model-00001-of-00002.safetensors", …}}
 
 `weight_map` holds the tensors of finished shards only. Several worker processes may finish shards at
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine import __version__
+from engine.checkpoint.digest import KIND
 from engine.fsutil import atomic_write_json, read_json
 
 MANIFEST_NAME = "manifest.json"
@@ -72,14 +74,16 @@ def locked(directory: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def record_shard(directory: str | os.PathLike, shard: str, sha256: str, size: int,
+def record_shard(directory: str | os.PathLike, shard: str, digest: str, size: int,
                  tensors: list[str]) -> None:
-    """Add a finished shard to the manifest (under the lock; atomic write)."""
+    """Add a finished shard to the manifest (under the lock; atomic write). `digest`: engine.checkpoint.digest's
+    (older manifests hold a plain "sha256" of the file instead; engine.checkpoint.digest.matches checks both)."""
     with locked(directory):
         m = load_manifest(directory)
         if m is None:  # pragma: no cover - the writer creates it before any shard
             raise RuntimeError(f"{Path(directory) / MANIFEST_NAME} vanished while writing")
-        m["shards"][shard] = {"sha256": sha256, "size": size, "tensors": len(tensors)}
+        m["shards"][shard] = {"digest": digest, "digest_kind": KIND, "size": size,
+                              "tensors": len(tensors)}
         for t in tensors:
             m["weight_map"][t] = shard
         m["weight_map"] = dict(sorted(m["weight_map"].items()))

@@ -2,12 +2,12 @@
 
 Every output tensor (name, dtype, shape) is known before any data exists, so shards are planned up front
 (`plan_shards`): each shard's header is written first and tensors are written at their offsets as they
-come. Memory is the tensors in hand, never a shard. A shard is written as `<shard>.partial`, fsynced, its
-sha256 taken (while writing where data arrives in file order, by reading back what came out of order),
-renamed into place and recorded in manifest.json. The whole checkpoint is built in `<dst>.partial/` and
+come. Memory is the tensors in hand, never a shard. A shard is written as `<shard>.partial` (tensors may be
+written from several threads at once), each piece hashed from memory as it is written (engine.checkpoint.
+digest: no read-back), fsynced, renamed into place and recorded in manifest.json with its digest. The whole checkpoint is built in `<dst>.partial/` and
 renamed to `<dst>` only when complete (`CheckpointWriter.finalize`).
 
-Resume: `CheckpointWriter.prepare()` keeps the shards whose manifest checksum matches the file and
+Resume: `CheckpointWriter.prepare()` keeps the shards whose manifest digest matches the file and
 returns the rest to redo. The plan, headers and data are deterministic, so a resumed run produces the
 same bytes as an uninterrupted one.
 """
@@ -20,12 +20,14 @@ import json
 import os
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from engine.checkpoint import digest as dg
 from engine.checkpoint import manifest as mf
 from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.safetensors_format import NAMES, TensorSpec, build_layout
@@ -34,7 +36,6 @@ from engine.events import EventSink, NullSink
 from engine.fsutil import atomic_write_json, fsync_dir
 
 DEFAULT_METADATA = {"format": "pt"}
-_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def _disk_full(e: OSError, path: Path) -> Exception:
 
 
 class ShardFile:
-    """One shard being written: header first, then tensors at their offsets, in any order."""
+    """One shard being written: header first, then tensors at their offsets, in any order, from any threads
+    (each tensor once)."""
 
     def __init__(self, directory: str | os.PathLike, plan: ShardPlan,
                  metadata: dict[str, str] | None = DEFAULT_METADATA):
@@ -109,9 +111,9 @@ class ShardFile:
         self.pending = set(self.specs)
         self.final = self.dir / plan.name
         self.path = self.dir / (plan.name + ".partial")
-        self._hash = hashlib.sha256()
-        self._frontier = 0
-        self._later: dict[int, int] = {}  # start -> end of data written past the frontier
+        self._lock = threading.Lock()
+        self._digests: dict[str, bytes] = {}  # tensor name -> sha256 of its bytes
+        self._header_digest = hashlib.sha256(self.layout.header).digest()
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
@@ -144,34 +146,12 @@ class ShardFile:
             raise _disk_full(e, self.path) from e
         if n >= WRITEBACK_BYTES:  # a big tensor: its pages start going to disk now, not all at the fsync
             _start_writeback(self.fd, start, n)
-        self._advance(start, start + n, view)
-
-    def _advance(self, start: int, end: int, view: memoryview) -> None:
-        if start != self._frontier:
-            self._later[start] = end
-            return
-        self._hash.update(view)  # in file order: hash from memory, no read-back needed
-        self._frontier = end
-
-    def _catch_up(self) -> None:
-        while self._frontier in self._later:  # hash the data that came early, reading it back
-            a = self._frontier
-            b = self._later.pop(a)
-            while a < b:
-                chunk = os.pread(self.fd, min(_CHUNK, b - a), a)
-                if not chunk:  # pragma: no cover - the file is preallocated
-                    raise CheckpointError(f"{self.path} shrank while being written", at=str(self.path))
-                self._hash.update(chunk)
-                a += len(chunk)
-            self._frontier = b
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
         if spec is None:
             raise CheckpointError(f"{name} is not planned for {self.plan.name}", at=f"{self.final}:{name}",
                                   hint="this is a bug in the conversion plan")
-        if name not in self.pending:
-            raise CheckpointError(f"{name} written twice to {self.plan.name}", at=f"{self.final}:{name}")
         got = (NAMES.get(tensor.dtype), tuple(tensor.shape))
         if got != (spec.dtype, spec.shape):
             raise CheckpointError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {got[0]}{list(got[1])}",
@@ -180,10 +160,22 @@ class ShardFile:
         if t.device.type != "cpu":
             t = t.cpu()
         raw = t.contiguous().reshape(-1).view(torch.uint8)
+        with self._lock:
+            if name not in self.pending:
+                raise CheckpointError(f"{name} written twice to {self.plan.name}", at=f"{self.final}:{name}")
+            self.pending.discard(name)
         start, _ = self.layout.offsets[name]
+        view = memoryview(raw.numpy()).cast("B") if raw.numel() else memoryview(b"")
         if raw.numel():
-            self._pwrite(memoryview(raw.numpy()).cast("B"), start)
-        self.pending.discard(name)
+            self._pwrite(view, start)
+        d = hashlib.sha256(view).digest()  # from memory (the GIL is released while hashing)
+        with self._lock:
+            self._digests[name] = d
+
+    def digest(self) -> str:
+        """The shard's digest (engine.checkpoint.digest) once every tensor is written."""
+        names = dg.piece_order(self.layout.offsets)
+        return dg.combine([self._header_digest] + [self._digests[n] for n in names])
 
     def close(self) -> tuple[str, int]:
         """fsync, rename into place, record in the manifest; returns (sha256, size)."""
@@ -191,30 +183,15 @@ class ShardFile:
             missing = sorted(self.pending)
             raise CheckpointError(f"{self.plan.name} closed with {len(missing)} tensor(s) unwritten "
                                   f"(first: {missing[0]})", at=str(self.final))
-        synced: list[BaseException | None] = []
-
-        def sync() -> None:
-            try:
-                os.fsync(self.fd)
-                synced.append(None)
-            except OSError as e:
-                synced.append(e)
-
-        flusher = threading.Thread(target=sync, name="shard-fsync", daemon=True)
-        flusher.start()  # the disk flushes while we hash what came out of order
         try:
-            self._catch_up()
-        finally:
-            flusher.join()
-        if synced and synced[0] is not None:
-            raise _disk_full(synced[0], self.path) from synced[0]
-        if self._frontier != self.layout.total_size:  # pragma: no cover - all tensors were written
-            raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
+            os.fsync(self.fd)
+        except OSError as e:
+            raise _disk_full(e, self.path) from e
         os.close(self.fd)
         self.fd = -1
         os.replace(self.path, self.final)
         fsync_dir(self.dir)
-        digest = self._hash.hexdigest()
+        digest = self.digest()
         mf.record_shard(self.dir, self.plan.name, digest, self.layout.total_size,
                         [t.name for t in self.plan.tensors])
         return digest, self.layout.total_size
@@ -226,12 +203,7 @@ class ShardFile:
         self.path.unlink(missing_ok=True)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_of = dg.sha256_file  # the plain sha256 of a file (kept for callers of the old name)
 
 
 class CheckpointWriter:
@@ -280,11 +252,14 @@ class CheckpointWriter:
                 p.unlink(missing_ok=True)
             todo: list[ShardPlan] = []
             self.kept = []
+            recs = {p.name: manifest["shards"].get(p.name) for p in self.shards}
+            with ThreadPoolExecutor(2, thread_name_prefix="verify") as ex:  # each digest is parallel inside
+                ok = dict(zip(recs, ex.map(lambda n: bool(recs[n]) and dg.matches(self.partial_dir / n, recs[n]),
+                                           recs)))
             for plan in self.shards:
-                rec = manifest["shards"].get(plan.name)
+                rec = recs[plan.name]
                 path = self.partial_dir / plan.name
-                if rec and path.exists() and path.stat().st_size == rec.get("size") \
-                        and sha256_of(path) == rec.get("sha256"):
+                if ok[plan.name]:
                     self.kept.append(plan.name)
                     continue
                 if rec:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import sys
 # Idle OpenMP threads sleep instead of spinning, leaving cycles to the reader and writer threads (before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engine.convert import convert_checkpoint  # noqa: E402
+from engine import readahead  # noqa: E402  (no torch)
 from engine.errors import QuantdeckError, exit_code_for  # noqa: E402
 from engine.events import CallbackSink  # noqa: E402
 
@@ -28,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize-attention", action="store_true")
     a = ap.parse_args(argv)
     layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
+    readahead.start(a.src)  # the disk reads the source while torch imports
+    gc.disable()  # no collections while torch's million objects load ...
+    from engine.convert import convert_checkpoint
+
+    gc.freeze()  # ... and later ones never walk them
+    gc.enable()
 
     def show(ev):
         if ev.kind == "log":

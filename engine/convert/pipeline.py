@@ -1,9 +1,13 @@
-"""Reader thread → compute → writer thread, with bounded queues, over a list of output shards.
+"""Readers → compute → writers, with a bounded number of bytes in flight, over a list of output shards.
 
-The reader thread reads each item's source tensors (positioned reads, GIL released), the calling thread
-does the math (torch / numba release the GIL too), and the writer thread writes each output tensor at its
-offset in every output layout's shard and closes a shard (fsync, sha256, rename, manifest) as soon as its
-last item is written. At most QUEUE items wait on either side, so memory is a few items, never a shard.
+Items are taken shard by shard, inside a shard in the order their source bytes lie on disk (sequential
+reads; the output does not depend on the order). A pool of reader threads reads the next items' source
+tensors (positioned reads, GIL released; page-locked buffers for CUDA) while the calling thread does the
+math on the current one (numba and CUDA release the GIL too), and a pool of writer threads writes each
+output tensor at its offset in every output layout's shard, hashing it from memory as it goes
+(engine.checkpoint.digest). A shard is closed (fsync, rename, manifest) on a closer thread as soon as its
+last item is written. Items read but not yet written hold at most INFLIGHT_BYTES, so memory is a few
+items, never a shard.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ QUEUE = 3
 _DONE = object()
 # Test hook: seconds to pause after each written item, so an integration test can kill -9 a real run mid-way.
 DELAY_ENV = "QUANTDECK_TEST_ITEM_DELAY_S"
-PREFETCH_BYTES = 256 << 20  # source bytes the kernel is asked to read ahead of the reader thread
+PREFETCH_BYTES = 256 << 20  # source bytes the kernel is asked to read ahead of the readers
 INFLIGHT_BYTES = 768 << 20  # items read but not yet written, at most (one bigger item still goes alone)
 
 
@@ -38,6 +42,32 @@ class ShardTask:
     index: int
     items: tuple[Item, ...]
     targets: tuple[tuple[str, str, ShardPlan], ...]  # (layout, partial dir, plan) still to write
+
+
+def io_threads(device: torch.device | str) -> tuple[int, int]:
+    """(readers, writers). On CUDA the math is quick and the host has cores to spare: several reads and
+    writes in flight keep a fast disk busy. On CPU the kernel wants the cores: two of each overlap I/O
+    waits without taking them. QUANTDECK_READERS / QUANTDECK_WRITERS override."""
+    cores = os.cpu_count() or 1
+    if torch.device(device).type == "cuda":
+        r, w = min(8, max(2, cores // 2)), min(4, max(2, cores // 4))
+    else:
+        r, w = 2, 2
+    env = os.environ
+    return max(1, int(env.get("QUANTDECK_READERS") or r)), max(1, int(env.get("QUANTDECK_WRITERS") or w))
+
+
+def source_names(item: Item) -> list[str]:
+    return [n for m in item.members for n in ((m.name, m.scale) if m.scale else (m.name,))]
+
+
+def read_order(reader: CheckpointReader, items: tuple[Item, ...]) -> list[Item]:
+    """`items` by where their first source tensor lies (shard, offset): reads sweep the files forward."""
+    def where(it: Item):
+        m = reader.meta(it.members[0].name)
+        return m.shard, m.start
+
+    return sorted(items, key=where)
 
 
 class _Stop(Exception):
@@ -65,56 +95,73 @@ def _get(q: queue.Queue, stop: threading.Event):
             continue
 
 
+class _Budget:
+    """Bytes of items in flight (read, not yet written); waits for room, one oversized item alone."""
+
+    def __init__(self, limit: int, stop: threading.Event):
+        self.limit, self.used, self.stop = limit, 0, stop
+        self.cv = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self.cv:
+            while self.used and self.used + n > self.limit:
+                if self.stop.is_set():
+                    raise _Stop
+                self.cv.wait(0.2)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
+
+
+def _item_bytes(item: Item) -> int:
+    return max(item.src_bytes, sum(s.nbytes for s in item.outputs))
+
+
 def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch.device | str = "cpu",
               v4_fp8: bool = False, metadata: dict[str, str] | None = None,
               on_item: Callable[[Item, list[str]], None] | None = None) -> dict[str, float]:
-    """Convert and write every task's shards; returns busy seconds per phase. Raises the first error of any
-    thread. A finished shard is closed (hash catch-up, fsync, rename, manifest) on a closer thread while the
-    writer goes on with the next one."""
-    q_in: queue.Queue = queue.Queue(QUEUE)
-    q_out: queue.Queue = queue.Queue(QUEUE)
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    """Convert and write every task's shards; returns busy seconds per phase (summed over threads). Raises
+    the first error of any thread; shards not finished are removed, finished ones stay for a resume."""
     metadata = {"format": "pt"} if metadata is None else metadata
     delay = float(os.environ.get(DELAY_ENV) or 0)
+    n_read, n_write = io_threads(device)
+    pin = torch.device(device).type == "cuda"
+    stop = threading.Event()
+    errors: list[BaseException] = []
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "close_s": 0.0}
-    closer = ThreadPoolExecutor(1, thread_name_prefix="convert-closer")
-    closing: list[Future] = []
-
-    def close(f: ShardFile) -> None:
-        t = time.monotonic()
-        f.close()
-        busy["close_s"] += time.monotonic() - t
+    lock = threading.Lock()  # busy, shard states, on_item
+    budget = _Budget(INFLIGHT_BYTES, stop)
+    q_in: queue.Queue = queue.Queue(QUEUE + n_read)
+    q_out: queue.Queue = queue.Queue(QUEUE)
+    readers = ThreadPoolExecutor(n_read, thread_name_prefix="convert-read")
+    writers = ThreadPoolExecutor(n_write, thread_name_prefix="convert-write")
+    closer = ThreadPoolExecutor(2, thread_name_prefix="convert-close")
+    pending: list[Future] = []  # write and close jobs
+    open_files: dict[int, list[ShardFile]] = {}  # task index -> its shard files, until closed
+    left: dict[int, int] = {}  # task index -> items not yet written
 
     def fail(e: BaseException) -> None:
         if not isinstance(e, _Stop):
-            errors.append(e)
+            with lock:
+                errors.append(e)
         stop.set()
 
-    pin = torch.device(device).type == "cuda"
-    flat = [(task, item) for task in tasks for item in task.items]
+    def add_busy(key: str, t0: float) -> None:
+        with lock:
+            busy[key] += time.monotonic() - t0
 
-    def names_of(item: Item) -> list[str]:
-        return [n for m in item.members for n in ((m.name, m.scale) if m.scale else (m.name,))]
+    flat = [(task, item) for task in tasks for item in read_order(reader, task.items)]
 
-    inflight = [0]
-    room = threading.Condition()
-
-    def item_bytes(item: Item) -> int:
-        return max(item.src_bytes, sum(s.nbytes for s in item.outputs))
-
-    def acquire(n: int) -> None:
-        with room:
-            while inflight[0] and inflight[0] + n > INFLIGHT_BYTES:
-                if stop.is_set():
-                    raise _Stop
-                room.wait(0.2)
-            inflight[0] += n
-
-    def release(n: int) -> None:
-        with room:
-            inflight[0] -= n
-            room.notify_all()
+    def read_item(item: Item) -> dict[str, torch.Tensor]:
+        t0 = time.monotonic()
+        if stop.is_set():
+            raise _Stop
+        src = {n: reader.get(n, pin=pin) for n in source_names(item)}
+        add_busy("read_s", t0)
+        return src
 
     def read_loop() -> None:
         ahead = 0  # items [0, ahead) have been handed to the kernel's readahead
@@ -126,83 +173,109 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                 while ahead < len(flat) and (ahead <= k or window < PREFETCH_BYTES):
                     if ahead > k:
                         window += flat[ahead][1].src_bytes
-                    for n in names_of(flat[ahead][1]):
+                    for n in source_names(flat[ahead][1]):
                         reader.prefetch(n)
                     ahead += 1
-                acquire(item_bytes(item))
-                src = {}
-                t0 = time.monotonic()
-                for n in names_of(item):
-                    src[n] = reader.get(n, pin=pin)
-                busy["read_s"] += time.monotonic() - t0
-                _put(q_in, (task, item, src), stop)
+                budget.acquire(_item_bytes(item))
+                _put(q_in, (task, item, readers.submit(read_item, item)), stop)
             _put(q_in, _DONE, stop)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             fail(e)
 
+    def close(task: ShardTask) -> None:
+        t0 = time.monotonic()
+        for f in open_files[task.index]:
+            f.close()
+        with lock:
+            del open_files[task.index]
+        add_busy("close_s", t0)
+
+    def write_item(task: ShardTask, item: Item, result) -> None:
+        try:
+            if stop.is_set():
+                return
+            t0 = time.monotonic()
+            quantized = item.action == TO_NVFP4
+            for (lay, _, _), sf in zip(task.targets, open_files[task.index]):
+                for name, t in result.tensors.items():
+                    out_name, out_t = layout_tensor(name, t, quantized, lay)
+                    sf.write(out_name, out_t)
+            add_busy("write_s", t0)
+            budget.release(_item_bytes(item))
+            with lock:
+                left[task.index] -= 1
+                last = left[task.index] == 0
+                if on_item is not None:
+                    on_item(item, result.notes)
+            if last:
+                pending.append(closer.submit(guard, close, task))
+            if delay:
+                time.sleep(delay)
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+    def guard(fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
     def write_loop() -> None:
-        open_files: list[ShardFile] = []
-        current = None
         try:
             while True:
                 msg = _get(q_out, stop)
                 if msg is _DONE:
                     break
                 task, item, result = msg
-                t0 = time.monotonic()
-                if current is not task:
-                    open_files = [ShardFile(d, plan, metadata) for _, d, plan in task.targets]
-                    current = task
-                quantized = item.action == TO_NVFP4
-                for (lay, _, _), sf in zip(task.targets, open_files):
-                    for name, t in result.tensors.items():
-                        out_name, out_t = layout_tensor(name, t, quantized, lay)
-                        sf.write(out_name, out_t)
-                if item is task.items[-1]:
-                    closing.extend(closer.submit(close, f) for f in open_files)
-                    open_files, current = [], None
-                busy["write_s"] += time.monotonic() - t0
-                release(item_bytes(item))
-                if on_item is not None:
-                    on_item(item, result.notes)
-                if delay:
-                    time.sleep(delay)
+                if task.index not in left:
+                    files = [ShardFile(d, plan, metadata) for _, d, plan in task.targets]
+                    with lock:
+                        open_files[task.index] = files
+                        left[task.index] = len(task.items)
+                pending.append(writers.submit(write_item, task, item, result))
         except BaseException as e:  # noqa: BLE001
-            for f in open_files:
-                f.abort()
             fail(e)
 
     rt = threading.Thread(target=read_loop, name="convert-reader", daemon=True)
     wt = threading.Thread(target=write_loop, name="convert-writer", daemon=True)
     rt.start()
     wt.start()
+    on_gpu = torch.device(device).type != "cpu"
     try:
         while True:
             msg = _get(q_in, stop)
             if msg is _DONE:
                 _put(q_out, _DONE, stop)
                 break
-            task, item, src = msg
+            task, item, fut = msg
+            src = fut.result()
             t0 = time.monotonic()
             result = compute_item(item, src, device, v4_fp8=v4_fp8)
-            if torch.device(device).type != "cpu":
+            if on_gpu:
                 result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
-            busy["compute_s"] += time.monotonic() - t0
-            del src
+            add_busy("compute_s", t0)
+            del src, fut
             _put(q_out, (task, item, result), stop)
     except _Stop:
         pass
     except BaseException as e:  # noqa: BLE001
         fail(e)
     wt.join()
+    while True:  # write jobs may add close jobs: wait until none is left
+        with lock:
+            jobs = [f for f in pending if not f.done()]
+        if not jobs:
+            break
+        for f in jobs:
+            f.exception()
     stop.set()
     rt.join()
-    for fut in closing:
-        try:
-            fut.result()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-    closer.shutdown()
+    for ex in (readers, writers, closer):
+        ex.shutdown(wait=True, cancel_futures=True)
     if errors:
+        for files in list(open_files.values()):
+            for f in files:
+                if f.fd >= 0:
+                    f.abort()
         raise errors[0]
     return {k: round(v, 3) for k, v in busy.items()}

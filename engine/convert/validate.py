@@ -24,7 +24,7 @@ import torch
 
 from engine.checkpoint.manifest import load_manifest
 from engine.checkpoint.reader import CheckpointReader
-from engine.checkpoint.writer import sha256_of
+from engine.checkpoint.digest import matches
 from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink, Progress
 from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block, scale_grid
@@ -129,8 +129,8 @@ def _check_index(r_dir: Path, rep: _Report) -> CheckpointReader | None:
             path = r_dir / shard
             if not path.exists():
                 rep.fail("index", f"manifest lists {shard}, which is missing", str(path))
-            elif sha256_of(path) != rec.get("sha256"):
-                rep.fail("index", f"{shard} does not match its manifest sha256", str(path))
+            elif not matches(path, rec):
+                rep.fail("index", f"{shard} does not match its manifest sha256 digest", str(path))
             else:
                 verified += 1
     rep.row("index", f"{len(r.names())} tensors in {len(r.shards())} shard(s)"

@@ -9,7 +9,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.fsutil import read_json, sha256_file
+from engine.fsutil import read_json
 
 
 def output_dirs(dst: str | Path, layouts: list[str] | tuple[str, ...] | None) -> list[Path]:
@@ -78,13 +78,15 @@ def check_checkpoint_dir(d: Path, *, hash_shards: bool = True) -> list[str]:
         if not (d / "model.safetensors.index.json").exists() and not (d / "model.safetensors").exists():
             problems.append(f"{d}: no manifest.json and no safetensors index")
         return problems
+    from engine.checkpoint.digest import matches  # (the checkpoint package loads torch)
+
     shards = man.get("shards") or {}
     for name, info in sorted(shards.items()):
         f = d / name
-        want = info.get("sha256") if isinstance(info, dict) else info
+        rec = info if isinstance(info, dict) else {"sha256": info}
         if not f.exists():
             problems.append(f"{f}: listed in the manifest but missing")
-        elif hash_shards and want and sha256_file(f) != want:
+        elif hash_shards and (rec.get("digest") or rec.get("sha256")) and not matches(f, rec):
             problems.append(f"{f}: sha256 differs from the manifest (corrupted or changed)")
     idx = read_json(d / "model.safetensors.index.json")
     if idx and d.name != partial.name:
