@@ -220,6 +220,10 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
                 atomic_write_json(out / snap.MANIFEST, manifest)
         sink.emit("log", level="info", msg=f"calibrating {n_layers} layers from layer {start}; rank {ctx.rank}/"
                   f"{ctx.world_size}: {len(batches)} batches, {local_tokens} tokens on {ctx.device}")
+        mtp = mtp_layers(config, src.names)
+        if mtp and ctx.rank == 0:
+            sink.emit("log", level="info", msg=f"MTP layer(s) {mtp} not calibrated (modelopt's flows do not load "
+                      "them either): export keeps them in BF16 and lists them as excluded")
         dev = ctx.device
         with ph("embed_s"):
             hidden = _first_hidden(family, hf_config, src, out, ctx, batches, start, end, dtype)
@@ -295,11 +299,29 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
         if finished:
             snap.prune_acts(out, ctx.rank, keep=n_layers)  # the last layer's outputs feed nothing
         summary = _finish(ctx, out, manifest, n_layers, finished)
-        summary.update({"layers_done": snap.resume_point(out), "started_at_layer": start, "rank": ctx.rank})
+        summary.update({"layers_done": snap.resume_point(out), "started_at_layer": start, "rank": ctx.rank,
+                        "mtp_layers_not_calibrated": mtp})
         src.close()
     phases = ph.report()
     summary.update({"seconds": phases["total_s"], "phases": phases})
     return summary
+
+
+def mtp_layers(config: dict, names: set[str]) -> list[str]:
+    """Indices of the checkpoint's multi-token-prediction layers (DeepSeek V3 `model.layers.<n>.`, V4 `mtp.<k>.`).
+
+    They are not calibrated: transformers' models do not load them (no module to run), modelopt's HF flow
+    and its DeepSeek example leave them out (`mtp.*` disabled, `layers.<n>*` excluded), and what feeds them
+    (the main model's last hidden states, normed by the serving engine) has no reference implementation to
+    match. Export keeps them in BF16 and excluded."""
+    import re
+
+    from engine.models import detect_layout
+
+    layout = detect_layout(config, names)
+    block = re.compile(r"^((?:model\.)?(?:layers|mtp)\.\d+)\.")
+    return sorted({m.group(1) for n in names if (m := block.match(n)) and layout.is_mtp(n)},
+                  key=lambda p: int(p.rsplit(".", 1)[1]))
 
 
 def _first_hidden(family, hf_config, src, out, ctx, batches, start: int, end: int, dtype) -> list[torch.Tensor]:
