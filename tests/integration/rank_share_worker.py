@@ -3,7 +3,8 @@ split over the ranks (engine.convert.ranks), as `convert_checkpoint` / `export_c
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/integration/rank_share_worker.py JSON
 
-JSON: {"shard": SIZE, "convert": [src, dst], "export": [src, amax, dst]} (either part optional). Each rank
+JSON: {"shard": SIZE, "device": "cpu", "convert": [src, dst], "export": [src, amax, dst]} (either part
+optional; device default cpu). Each rank
 prints one line {"rank": R, "convert": tensors it wrote, "export": tensors it wrote}.
 """
 
@@ -23,6 +24,7 @@ LAYOUTS = ("modelopt", "compressed-tensors")
 def main() -> int:
     job = json.loads(sys.argv[1])
     done: dict[str, int] = {}
+    device = job.get("device", "cpu")
 
     def counter(what: str) -> CallbackSink:
         def on(ev) -> None:
@@ -32,10 +34,10 @@ def main() -> int:
 
     if "convert" in job:
         src, dst = job["convert"]
-        convert_checkpoint(src, dst, layouts=LAYOUTS, device="cpu", shard_size=job["shard"], sink=counter("convert"))
+        convert_checkpoint(src, dst, layouts=LAYOUTS, device=device, shard_size=job["shard"], sink=counter("convert"))
     if "export" in job:
         src, amax, dst = job["export"]
-        export_checkpoint(src, amax, dst, layouts=LAYOUTS, device="cpu", shard_size=job["shard"],
+        export_checkpoint(src, amax, dst, layouts=LAYOUTS, device=device, shard_size=job["shard"],
                           sink=counter("export"))
     print(json.dumps({"rank": int(os.environ.get("RANK", "0")), **done}), flush=True)
     return 0

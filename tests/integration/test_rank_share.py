@@ -122,3 +122,27 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     assert ref["shards"] == st["result"]["shards"]
     want, got = tree(tmp_path / "one"), tree(out)
     assert want.keys() == got.keys() and [k for k in want if want[k] != got[k]] == []
+
+
+@pytest.mark.requires_gpu
+def test_two_gpu_ranks_write_the_bytes_of_one_gpu_process(tiny_ckpt, amax_snapshot, tmp_path):
+    """On a machine with two GPUs: convert and export as 2 torchrun ranks, each on its own GPU (cuda:LOCAL_RANK),
+    give the bytes of one process on one GPU."""
+    import torch
+
+    from engine.convert import convert_checkpoint
+    from engine.export.api import export_checkpoint
+
+    assert torch.cuda.device_count() >= 2, "needs two GPUs"
+    fp8 = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    bf16, amax = amax_snapshot
+    one, two = tmp_path / "one", tmp_path / "two"
+    convert_checkpoint(fp8, one / "convert", layouts=LAYOUTS, device="cuda", shard_size=SHARD)
+    export_checkpoint(bf16, amax, one / "export", layouts=LAYOUTS, device="cuda", shard_size=SHARD)
+    r = torchrun(2, {"shard": SHARD, "device": "cuda", "convert": [str(fp8), str(two / "convert")],
+                     "export": [str(bf16), str(amax), str(two / "export")]})
+    assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "Warning" not in ln)[-6000:]
+    per_rank = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(per_rank) == 2 and all(d["convert"] > 0 and d["export"] > 0 for d in per_rank), per_rank
+    want, got = tree(one), tree(two)
+    assert want.keys() == got.keys() and [k for k in want if want[k] != got[k]] == []
