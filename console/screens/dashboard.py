@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import Footer, Header, Static
 
 from console.models import NodeView, RunView
 from console.widgets import CalibPanel, FleetTable, LogTail, StageTable
@@ -82,6 +82,5 @@ class DashboardScreen(Screen):
     def selected_stage(self) -> str | None:
         return self.query_one(StageTable).selected_stage
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if isinstance(event.data_table, StageTable) and event.row_key is not None:
-            self.app.follow_stage(event.row_key.value)  # type: ignore[attr-defined]
+    def on_stage_table_highlighted(self, event: StageTable.Highlighted) -> None:
+        self.app.follow_stage(event.stage)  # type: ignore[attr-defined]

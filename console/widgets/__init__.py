@@ -1,8 +1,9 @@
 """Public widgets, grouped by area: fleet/ (nodes and GPUs) and run/ (stages, calibration, log)."""
 
 from console.widgets.fleet.fleet_table import FleetTable
+from console.widgets.line_table import LineTable
 from console.widgets.run.calib_panel import CalibPanel
 from console.widgets.run.log_tail import LogTail
 from console.widgets.run.stage_table import StageTable
 
-__all__ = ["FleetTable", "StageTable", "CalibPanel", "LogTail"]
+__all__ = ["FleetTable", "StageTable", "CalibPanel", "LogTail", "LineTable"]

@@ -74,7 +74,8 @@ def tmux():
 def test_console_in_tmux_shows_the_run_opens_history_and_quits(real_env, tmux):
     real = real_env
     tmux.start(console_command(real))
-    screen = tmux.wait_for(f"run {real.run_id}", timeout=40)
+    tmux.wait_for(f"run {real.run_id}", timeout=40)
+    screen = tmux.wait_for("calibration")  # the whole frame: a resize at start may draw it in two writes
     for stage in ("inspect", "calibrate", "export", "validate"):
         assert stage in screen
     assert "fleet" in screen and "calibration" in screen

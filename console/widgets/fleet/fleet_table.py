@@ -1,14 +1,17 @@
-"""The fleet table: one row per node × GPU (memory bar, memory history, util), host RAM, disk, state."""
+"""The fleet table: one row per node × GPU (memory bar, memory history, util), host RAM, disk, state.
+
+A LineTable (not a DataTable): ~35 rows × 8 cells for 4 nodes × 8 GPUs, re-rendered only where a sample changed.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 
 from rich.text import Text
-from textual.widgets import DataTable
 
 from console import format as fmt
 from console.models import HOST_CONNECTING, HOST_NO_GPU, HOST_OK, HOST_STALE, HOST_UNREACHABLE, NodeView
+from console.widgets.line_table import LineTable
 
 HISTORY = 40
 _STATE_STYLE = {HOST_OK: "green", HOST_NO_GPU: "cyan", HOST_STALE: "yellow", HOST_UNREACHABLE: "bold red",
@@ -19,55 +22,32 @@ def _mem_style(frac: float) -> str:
     return "red" if frac >= 0.9 else "yellow" if frac >= 0.7 else "green"
 
 
-class FleetTable(DataTable):
-    """Rows are keyed `node/gpu` (or `node/-` without GPUs) and updated cell by cell in place."""
+class FleetTable(LineTable):
+    """Rows are keyed `node/gpu` (or `node/-` without GPUs); a sample re-renders only the rows that changed."""
 
     COLUMNS = ("node", "gpu", "memory", "history", "util", "RAM", "disk", "state")
 
     def __init__(self, *, bar_width: int = 8, spark_width: int = 10, **kw) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=False, **kw)
+        super().__init__(**kw)
         self.bar_width, self.spark_width = bar_width, spark_width
         self._history: dict[str, deque[float]] = {}
-        self._rows: dict[str, tuple] = {}
-
-    def on_mount(self) -> None:
-        self._ensure_columns()
-
-    def _ensure_columns(self) -> None:
-        if not self.columns:
-            for c in self.COLUMNS:
-                self.add_column(c, key=c)
 
     def set_compact(self, compact: bool) -> None:
         """Narrow terminals get shorter bars; rows are rebuilt on the next sample."""
         widths = (6, 6) if compact else (8, 12)
         if widths != (self.bar_width, self.spark_width):
             self.bar_width, self.spark_width = widths
-            self.clear()
-            self._rows = {}
+            self.clear_rows()
 
     def show_nodes(self, nodes: tuple[NodeView, ...], now: float) -> None:
-        self._ensure_columns()
-        seen: set[str] = set()
+        rows: dict[str, tuple] = {}
         for node in nodes:
-            for key, cells in self._node_rows(node, now):
-                seen.add(key)
-                self._put(key, cells)
-        for key in [k for k in self._rows if k not in seen]:
-            self.remove_row(key)
-            del self._rows[key]
-            self._history.pop(key, None)
+            rows.update(self._node_rows(node, now))
+        for key in [k for k in self._history if k not in rows]:
+            del self._history[key]
+        self.set_rows(rows)
 
-    def _put(self, key: str, cells: tuple) -> None:
-        old = self._rows.get(key)
-        if old is None:
-            self.add_row(*cells, key=key)
-        else:
-            for col, new, prev in zip(self.COLUMNS, cells, old):
-                if str(new) != str(prev) or getattr(new, "style", None) != getattr(prev, "style", None):
-                    self.update_cell(key, col, new, update_width=True)
-        self._rows[key] = cells
-
+    # ----------------------------------------------------------------- cells
     def _node_rows(self, node: NodeView, now: float):
         state = node.state
         label = state
@@ -81,10 +61,9 @@ class FleetTable(DataTable):
         disk = fmt.size(node.disk_free) if node.disk_total or node.disk_free else "-"
         name = Text(node.name, style="bold" + (" dim" if dim else ""))
         if not node.gpus:
-            key = f"{node.name}/-"
             gpu_label = "-" if state != HOST_UNREACHABLE else "?"
-            yield key, (name, gpu_label, Text("no GPU" if state == HOST_NO_GPU else "-", style="dim"), "", "",
-                        ram, disk, state_cell)
+            yield f"{node.name}/-", (name, gpu_label, Text("no GPU" if state == HOST_NO_GPU else "-", style="dim"),
+                                     "", "", ram, disk, state_cell)
             return
         for i, g in enumerate(node.gpus):
             key = f"{node.name}/{g.index}"

@@ -1,12 +1,16 @@
-"""The run's stages: state, progress bar, done/total, rate, ETA, nodes/ranks — one row per stage, in place."""
+"""The run's stages: state, progress bar, done/total, rate, ETA, nodes/ranks — one row per stage, updated in place
+(a LineTable with a row cursor: the stage under it is the one whose log the dashboard shows)."""
 
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import DataTable
+from textual import events
+from textual.binding import Binding
+from textual.message import Message
 
 from console import format as fmt
 from console.models import RunView, StageView
+from console.widgets.line_table import LineTable
 
 STATE_STYLE = {
     "PENDING": "dim", "STARTING": "cyan", "RUNNING": "bold cyan", "SUCCEEDED": "green", "SKIPPED": "dim green",
@@ -14,65 +18,70 @@ STATE_STYLE = {
 }
 
 
-class StageTable(DataTable):
+class StageTable(LineTable):
+    """One row per stage, keyed by its name, with a row cursor: the selected stage's log is the one shown."""
+
     COLUMNS = ("stage", "state", "progress", "done", "rate", "ETA", "nodes")
+    BINDINGS = [Binding("up", "cursor_up", "Up", show=False), Binding("down", "cursor_down", "Down", show=False),
+                Binding("home", "cursor_to(0)", show=False), Binding("end", "cursor_to(-1)", show=False)]
+    show_cursor = True
+
+    class Highlighted(Message):
+        """The cursor is on stage `stage` (moved by the operator, or following the running stage)."""
+
+        def __init__(self, stage: str) -> None:
+            super().__init__()
+            self.stage = stage
 
     def __init__(self, *, bar_width: int = 8, **kw) -> None:
-        super().__init__(cursor_type="row", **kw)
+        super().__init__(**kw)
         self.bar_width = bar_width
-        self._rows: dict[str, tuple] = {}
         self._current: str | None = None
         self.auto_follow = True  # the cursor follows the running stage until the operator moves it
 
-    def on_mount(self) -> None:
-        self._ensure_columns()
-
-    def _ensure_columns(self) -> None:
-        if not self.columns:
-            for c in self.COLUMNS:
-                self.add_column(c, key=c)
-
     @property
     def selected_stage(self) -> str | None:
-        if not self._rows or self.cursor_row < 0:
-            return None
-        try:
-            return self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value
-        except Exception:  # noqa: BLE001 - an empty/refreshing table has no selection
-            return None
+        return self._keys[self.cursor] if 0 <= self.cursor < len(self._keys) else None
+
+    def move_cursor(self, row: int) -> None:
+        row = min(max(row, 0), max(len(self._keys) - 1, 0))
+        moved = row != self.cursor
+        self.cursor = row
+        self.scroll_to_row(row)
+        self.refresh()
+        if self._keys and moved:
+            self.post_message(self.Highlighted(self._keys[row]))
 
     def show_run(self, run: RunView) -> None:
-        self._ensure_columns()
         names = [s.name for s in run.stages]
-        fresh = list(self._rows) != names
-        if fresh:  # a new plan: rebuild rows
-            self.clear()
-            self._rows = {}
-        for s in run.stages:
-            cells = self._cells(s)
-            old = self._rows.get(s.name)
-            if old is None:
-                self.add_row(*cells, key=s.name)
-            else:
-                for col, new, prev in zip(self.COLUMNS, cells, old):
-                    if str(new) != str(prev) or getattr(new, "style", None) != getattr(prev, "style", None):
-                        self.update_cell(s.name, col, new, update_width=True)
-            self._rows[s.name] = cells
+        fresh = self._keys != names
+        self.set_rows({s.name: self._cells(s) for s in run.stages})
         cur = run.current.name if run.current is not None else None
-        if cur is not None and (fresh or (self.auto_follow and cur != self._current)):
-            self.move_cursor(row=names.index(cur))
+        if fresh and names:  # a new plan: the cursor starts on the current stage
+            self.cursor = names.index(cur) if cur in names else 0
+            self.scroll_to_row(self.cursor)
+            self.post_message(self.Highlighted(names[self.cursor]))
+        elif cur is not None and self.auto_follow and cur != self._current:
+            self.move_cursor(names.index(cur))
         self._current = cur
 
     def action_cursor_up(self) -> None:
         self.auto_follow = False
-        super().action_cursor_up()
+        self.move_cursor(self.cursor - 1)
 
     def action_cursor_down(self) -> None:
         self.auto_follow = False
-        super().action_cursor_down()
+        self.move_cursor(self.cursor + 1)
 
-    def on_click(self) -> None:
+    def action_cursor_to(self, row: int) -> None:
         self.auto_follow = False
+        self.move_cursor(row if row >= 0 else len(self._keys) - 1)
+
+    def on_click(self, event: events.Click) -> None:
+        self.auto_follow = False
+        row = self.row_at(event.y)
+        if row is not None:
+            self.move_cursor(row)
 
     def _cells(self, s: StageView) -> tuple:
         frac = s.done / s.total if s.total else (1.0 if s.state in ("SUCCEEDED", "SKIPPED") else 0.0)
