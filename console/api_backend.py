@@ -136,7 +136,8 @@ class ApiBackend(Backend):
     def read_run(self, run_id: str) -> RunView:
         with self._lock:
             v = self.eng.status(self._ref(run_id))
-            self._dir(v.id)
+            if v.id not in self._dirs:  # by its path: no second store lookup
+                self._dirs[v.id] = self.eng.find(v.run_dir)
             plan = self._plan(v.id)
             pstages = {ps.get("name"): ps for ps in plan.get("stages", [])}
             stages = tuple(self._stage_view(v.id, s, pstages.get(s.name, {})) for s in v.stages)

@@ -8,16 +8,19 @@ from typing import Callable
 
 from console.app import QuantdeckApp
 from console.backend import Backend
-from console.fleet import FleetFeed, LocalFleet, TelemetryFleet, replay_fleet_4x8
+from console.fleet import FleetFeed, LazyFleet, LocalFleet, TelemetryFleet, replay_fleet_4x8
 from console.keymap import load_keymap
 
 
 def default_fleet(workdir: str = ".", clock: Callable[[], float] = time.time,
-                  cluster: object | None = None) -> FleetFeed:
+                  cluster: object | Callable[[], object] | None = None) -> FleetFeed:
     """The fleet feed for a run: remote's live TelemetryMonitor over SSH for a recipe with a [cluster], this
-    machine's otherwise. QUANTDECK_FLEET=replay replays recorded nvidia-smi output of a 4×8-GPU fleet."""
+    machine's otherwise. QUANTDECK_FLEET=replay replays recorded nvidia-smi output of a 4×8-GPU fleet.
+    `cluster` may be a callable that finds it (called only when needed)."""
     if os.environ.get("QUANTDECK_FLEET") == "replay":
         return replay_fleet_4x8(interval_s=float(os.environ.get("QUANTDECK_FLEET_INTERVAL", "1.0")))
+    if callable(cluster):
+        cluster = cluster()
     try:
         from remote.monitor import TelemetryMonitor  # engineer G's live poller (NVML/nvidia-smi, RAM, disk)
 
@@ -38,6 +41,6 @@ def build_app(run: str | None = None, *, backend: Backend | None = None, fleet: 
 
         backend = ApiBackend()
     if fleet is None and use_fleet:
-        fleet = default_fleet(workdir=workdir, clock=clock)
+        fleet = LazyFleet(lambda: default_fleet(workdir=workdir, clock=clock))
     return QuantdeckApp(backend, fleet, run, clock=clock, follow_s=follow_s, keymap=load_keymap(),
                         recipe_hint=recipe_hint)

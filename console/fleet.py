@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from typing import Callable, Protocol
@@ -53,6 +54,34 @@ class TelemetryFleet:
 
     def close(self) -> None:
         self.source.stop()
+
+
+class LazyFleet:
+    """A feed built on its first poll, in the console's telemetry worker: what it takes to set up (the
+    recipe's cluster, SSH, the remote telemetry modules) stays off the console's start and its event loop."""
+
+    def __init__(self, make: Callable[[], FleetFeed], interval_s: float = 1.0):
+        self._make, self.interval_s = make, interval_s
+        self._feed: FleetFeed | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def poll(self) -> tuple[NodeView, ...]:
+        if self._feed is None:
+            feed = self._make()
+            with self._lock:
+                self._feed, closed = feed, self._closed
+            if closed:  # the console quit while the feed was being built
+                feed.close()
+                return ()
+            self.interval_s = feed.interval_s
+        return self._feed.poll()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, feed = True, self._feed
+        if feed is not None:
+            feed.close()
 
 
 class LocalFleet:

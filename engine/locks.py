@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import StageLockedError
+from engine.fsutil import read_json
 
 
 def this_host() -> str:
@@ -51,6 +52,12 @@ def pid_alive(pid: int | None, pid_start: str | None = None) -> bool:
         if now is not None and now != pid_start:
             return False
     return True
+
+
+def driver_alive(run: Any) -> bool:
+    """Whether the run's driver (its driver.json pid, on this host) lives. `run` is an engine.rundir.RunDir."""
+    d = read_json(run.driver_path) or {}
+    return d.get("host") in (None, this_host()) and pid_alive(d.get("pid"))
 
 
 class FileLock:

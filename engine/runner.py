@@ -29,7 +29,7 @@ from engine.launcher import Launcher, WorkerSpec
 from engine.names import StageState
 from engine.plan import Plan, build_plan, resolve_paths, stages_to_run
 from engine.recipe import Recipe, loads_recipe, recipe_hash
-from engine.locks import pid_alive, this_host
+from engine.locks import driver_alive, pid_alive, this_host  # noqa: F401 (driver_alive re-exported)
 from engine.rundir import (RunDir, begin_attempt, create_run_dir, driver_lock, output_lock, read_status,
                            reconcile_stage, set_status)
 
@@ -243,11 +243,6 @@ def spawn_driver(run: RunDir, mode: str = "run", launcher_factory: str | None = 
                                         "started_at": time.time(), "launcher": launcher_factory or "local",
                                         "launcher_factory": launcher_factory})
     return proc.pid
-
-
-def driver_alive(run: RunDir) -> bool:
-    d = read_json(run.driver_path) or {}
-    return d.get("host") in (None, this_host()) and pid_alive(d.get("pid"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import read_events
-from engine.locks import this_host
+from engine.locks import driver_alive, this_host
 from engine.rundir import RunDir, read_status
 
 
@@ -46,7 +46,6 @@ class RunView:
 def _reconcile_local(rd: RunDir) -> None:
     """Mark a stage FAILED_WORKER when its worker ran on this host and is gone (and no driver lives)."""
     from engine.rundir import reconcile_stage
-    from engine.runner import driver_alive
 
     if driver_alive(rd):
         return
@@ -73,7 +72,6 @@ def _latest_progress(path: Path, tail: int = 65536) -> dict[str, Any] | None:
 
 
 def _view(rd: RunDir) -> RunView:
-    from engine.runner import driver_alive
     from engine.store import run_result
 
     alive = driver_alive(rd)

@@ -38,6 +38,7 @@ def console_cmd(target: str | None, replay_fleet: bool) -> None:
     """
     from console.api_backend import ApiBackend
     from console.factory import build_app, default_fleet
+    from console.fleet import LazyFleet
 
     backend = ApiBackend()
     run = target
@@ -46,7 +47,8 @@ def console_cmd(target: str | None, replay_fleet: bool) -> None:
         click.echo(f"run {run}", err=True)
     if replay_fleet:
         os.environ["QUANTDECK_FLEET"] = "replay"
-    fleet = default_fleet(workdir=getattr(backend.eng, "workdir", "."), cluster=_cluster_of(backend.eng, target))
+    workdir = getattr(backend.eng, "workdir", ".")  # the fleet is set up in the telemetry worker, not here
+    fleet = LazyFleet(lambda: default_fleet(workdir=workdir, cluster=lambda: _cluster_of(backend.eng, target)))
     app = build_app(run, backend=backend, fleet=fleet, recipe_hint=str(target) if _is_recipe(target) else "")
     app.run()
     if app.run_id and app.run_view is not None and app.run_view.live:
