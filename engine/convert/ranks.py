@@ -38,8 +38,11 @@ T = TypeVar("T")
 
 def _describe(exc: BaseException) -> tuple[str, str, str | None]:
     """(class name, first line of the message, hint) of an exception, to send to the other ranks."""
-    msg = exc.one_line() if isinstance(exc, QuantdeckError) else str(exc)
-    hint = exc.hint if isinstance(exc, QuantdeckError) else None
+    if isinstance(exc, QuantdeckError):
+        msg = f"{exc.at}: {exc.msg}" if exc.at and exc.at not in exc.msg else exc.msg
+        hint = exc.hint
+    else:
+        msg, hint = str(exc), None
     return type(exc).__name__, (msg.splitlines() or [""])[0][:500], hint
 
 
@@ -142,7 +145,8 @@ class Ranks:
                 rank, host, (cls, msg, hint), _ = failed[0]
                 others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
                 err = RankFailedError(f"rank {rank} of {self.world} on {host} failed{others}: {cls}: {msg}",
-                                      at=f"rank {rank} on {host}", rank=rank, host=host, error_class=cls,
+                                      at=f"rank {rank} of {self.world} on {host}", rank=rank, host=host,
+                                      error_class=cls,
                                       hint=hint or f"read rank {rank}'s log on {host}; finished shards are kept "
                                                    f"and a rerun writes the rest")
                 raise _mark_told(err)
