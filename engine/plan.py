@@ -8,6 +8,9 @@ Which middle stages a run gets is decided by the target (a table, not if/elif ch
 - format = "nvfp4", calibrate = false   → convert   (weight-only NVFP4: one streaming pass, no calibration)
 - format = "nvfp4", calibrate = true    → calibrate → export (W4A4 from the amax snapshot in <run>/amax)
 `pull` only for s3:// sources (into <workdir>/sources/<bucket>/<prefix>); `push` only with [push].
+`calibrate` is always distributed (torchrun on every node); the stages that write output shards (dequant,
+cast-fp8, convert, export) are too when the recipe has several nodes or several GPUs on a node
+(`shards_spread`): each rank writes its share of the shards, rank 0 the index (engine.convert.ranks).
 
 Modes (what a call of the runner executes):
 - run / resume: every stage in order that is not done (SUCCEEDED/SKIPPED); a stage resumes from its
