@@ -116,6 +116,7 @@ def role_modelopt(a) -> None:
     from engine.calibrate.batches import plan_batches
     from engine.calibrate.samples import load_samples
     from engine.calibrate.streaming import layer_amax
+    t_import = time.monotonic() - t0
 
     kw: dict = {"dtype": torch.bfloat16}
     if a.device == "cuda":
@@ -130,16 +131,28 @@ def role_modelopt(a) -> None:
     dev = "cuda" if a.device == "cuda" else "cpu"
     batches = [b for r in range(a.ranks) for b in plan_batches(s.input_ids, a.batch_size, a.ranks, r, 0)]
 
+    fwd = [0.0]
+
     def loop(m):
+        t = time.monotonic()
         for b in batches:
             m(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        fwd[0] += time.monotonic() - t
 
+    t_s = time.monotonic()
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, loop)
+    t_q = time.monotonic() - t_s
     amax = {k: v.cpu().reshape(-1) for k, v in layer_amax(model).items()}
     wall = time.monotonic() - t0
     save_file(amax, str(Path(a.out) / "modelopt_amax.safetensors"))
-    Path(a.result).write_text(json.dumps({"wall_s": wall, "load_s": t_load, **_peaks(a.device)}))
+    phases = {"import_s": t_import, "from_pretrained_s": t_load - t_import, "samples_s": t_s - t0 - t_load,
+              "forward_s": fwd[0], "quantize_s": t_q - fwd[0], "amax_s": wall - (t_s - t0) - t_q}
+    Path(a.result).write_text(json.dumps({"wall_s": wall, "load_s": t_load, "start_s": t0 - T_PROCESS,
+                                          "phases": {k: round(v, 3) for k, v in phases.items()},
+                                          **_peaks(a.device)}))
 
 
 def _run(cmd: list[str], env: dict) -> None:
