@@ -146,3 +146,48 @@ def test_two_gpu_ranks_write_the_bytes_of_one_gpu_process(tiny_ckpt, amax_snapsh
     assert len(per_rank) == 2 and all(d["convert"] > 0 and d["export"] > 0 for d in per_rank), per_rank
     want, got = tree(one), tree(two)
     assert want.keys() == got.keys() and [k for k in want if want[k] != got[k]] == []
+
+
+@pytest.mark.slow
+def test_a_failing_rank_on_another_node_fails_the_stage_by_name(sshd_cluster, tiny_ckpt, tmp_path, monkeypatch):
+    """convert as torchrun over the four sshd nodes; rank 3 (node3) fails → the stage FAILED on the head with
+    rank 3's error naming node3, nothing finalized, the other ranks' shards kept, no torchrun left running."""
+    import time
+
+    from engine.checkpoint.manifest import load_manifest
+    from engine.convert.ranks import FAIL_RANK_ENV
+    from engine.launcher import WorkerSpec
+    from engine.plan import Plan
+    from engine.rundir import begin_attempt, set_status
+    from engine.runner import create_run, load_frozen_recipe, wait_stage
+    from remote.launchers import launcher_for
+    from tests.integration.test_remote_pipeline import HEAD, recipe_text
+
+    c = sshd_cluster
+    monkeypatch.setenv("QUANTDECK_KNOWN_HOSTS", str(c.known_hosts))
+    monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(c.ssh_config))
+    recipe = tmp_path / "remote.toml"
+    recipe.write_text(recipe_text(c.work_dir, tiny_ckpt("deepseek-v3", "fp8", mtp=True), c))
+    run = create_run(recipe)
+    sp = Plan.from_json(run.read_plan()).stage("convert")
+    assert sp.distributed and len(sp.nodes) == 4
+    launcher = launcher_for(load_frozen_recipe(run), run.path)
+    try:
+        attempt = begin_attempt(run, "convert", launcher=launcher.name)
+        h = launcher.start(WorkerSpec(run_dir=str(run.path), stage="convert", nnodes=4, env={FAIL_RANK_ENV: "3"},
+                                      log_path=str(run.log_path("convert"))))
+        set_status(run, "convert", StageState.STARTING, attempt=attempt, host=h.host, pid=h.pid)
+        st = wait_stage(run, "convert", attempt, launcher, h.host, h.pid, poll_s=0.1)
+        assert st["state"] == StageState.FAILED.value and st["host"] == HEAD, st
+        assert st["error"].startswith("RankFailedError: rank 3 of 4 on node3 failed: RuntimeError: test hook"), st
+        out = Path(sp.params["dst"])
+        assert not any((out / lay).exists() for lay in LAYOUTS)
+        man = load_manifest(out / "modelopt.partial")
+        planned = man["planned_shards"]
+        assert len(planned) >= 8 and set(man["shards"]) == {n for i, n in enumerate(planned) if i % 4 != 3}
+        deadline = time.monotonic() + 60
+        while any(launcher.check_alive(n, p) for n, p in h.node_pids.items()):  # every node's torchrun ended
+            assert time.monotonic() < deadline, h.node_pids
+            time.sleep(0.2)
+    finally:
+        launcher.close()
