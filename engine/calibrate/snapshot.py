@@ -56,6 +56,32 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
     fsync_dir(path.parent)
 
 
+def save_safetensors_streamed(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                              ) -> None:
+    """Like save_safetensors_atomic (same bytes), for large CPU tensors: the header is built here and each
+    tensor's memory goes to the file as it is, with no serialized copy; the GIL is released during each write,
+    so a writer thread does not stall the calibrating thread."""
+    from engine.checkpoint.safetensors_format import TensorSpec, build_layout
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    lay = build_layout([TensorSpec.of(k, v.dtype, v.shape) for k, v in flat.items()], metadata)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb", buffering=0) as fh:
+            fh.write(lay.header)
+            for k in sorted(flat, key=lambda n: lay.offsets[n][0]):
+                if flat[k].numel():
+                    fh.write(memoryview(flat[k].reshape(-1).view(torch.uint8).numpy()))
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
@@ -92,7 +118,7 @@ def read_layer(out: Path, i: int) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def write_acts(out: Path, rank: int, i: int, batches: list[torch.Tensor]) -> None:
-    save_safetensors_atomic(acts_path(out, rank, i), {f"b{j:05d}": b for j, b in enumerate(batches)},
+    save_safetensors_streamed(acts_path(out, rank, i), {f"b{j:05d}": b for j, b in enumerate(batches)},
                             {"format": SNAPSHOT_FORMAT, "layer": str(i), "rank": str(rank)})
 
 
