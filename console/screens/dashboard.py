@@ -6,10 +6,10 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
 from console.models import NodeView, RunView
-from console.widgets import CalibPanel, FleetTable, LogTail, StageTable
+from console.widgets import CalibPanel, FleetTable, KeyBar, LogTail, StageTable
 
 
 class DashboardScreen(Screen):
@@ -27,7 +27,7 @@ class DashboardScreen(Screen):
                 yield CalibPanel(id="calib")
         yield LogTail(id="log")
         yield Static("", id="status-line")
-        yield Footer()
+        yield KeyBar()
 
     ready = False
 
