@@ -82,3 +82,40 @@ def init_distributed(device: str = "auto") -> DistContext:
             dist.init_process_group(ctx.backend, **kw)
             ctx.owns_group = True
     return ctx
+
+
+def reduce_amax(ctx: DistContext, amax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MAX over ranks; a quantizer missing on some rank counts as 0 there (amax is never negative)."""
+    shapes = {k: tuple(v.shape) for k, v in amax.items()}
+    merged: dict[str, tuple] = {}
+    for s in ctx.all_gather_object(shapes):
+        merged.update(s)
+    keys = sorted(merged)
+    dev = next(iter(amax.values())).device if amax else ctx.device
+    if ctx.active:
+        dev = ctx.device
+    flat = torch.cat([(amax[k].reshape(-1) if k in amax else torch.zeros(max(1, int(torch.tensor(merged[k]).prod()))))
+                      .to(dev, torch.float32) for k in keys]) if keys else torch.zeros(0, device=dev)
+    ctx.all_reduce(flat, "max")
+    flat = flat.cpu()  # one copy back (one device sync), not one per quantizer
+    out, pos = {}, 0
+    for k in keys:
+        n = max(1, int(torch.tensor(merged[k]).prod())) if merged[k] else 1
+        out[k] = flat[pos:pos + n].reshape(merged[k])
+        pos += n
+    return out
+
+
+def reduce_coverage(ctx: DistContext, cov: dict[str, list[int]]) -> dict[str, list[int]]:
+    if not ctx.active or not cov:
+        return cov
+    keys = sorted(cov)
+    flat = torch.tensor([c for k in keys for c in cov[k]], dtype=torch.float64 if ctx.backend == "gloo"
+                        else torch.float32, device=ctx.device)
+    ctx.all_reduce(flat, "sum")
+    vals = [int(round(v)) for v in flat.cpu().tolist()]
+    out, pos = {}, 0
+    for k in keys:
+        out[k] = vals[pos:pos + len(cov[k])]
+        pos += len(cov[k])
+    return out

@@ -9,8 +9,6 @@ would leave them. Nothing of the layer is randomly initialized.
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import torch
 
 from engine.calibrate.family import LayerFamily
@@ -81,8 +79,9 @@ def _keep_fp32(family: type[LayerFamily], dtype: torch.dtype = torch.bfloat16) -
 
 
 def layer_tensors(family: type[LayerFamily], hf_config, i: int, src: TensorSource,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Layer `i`'s state dict, read and dequantized on the CPU in the dtypes `from_pretrained` would give.
+                  dtype: torch.dtype, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Layer `i`'s state dict, read and dequantized on the CPU in the dtypes `from_pretrained` would give;
+    in page-locked memory with `pin` (the upload to a GPU is then asynchronous and at full speed).
 
     Runs on a prefetch thread while the device calibrates the previous layer."""
     with torch.device("meta"):
@@ -97,6 +96,11 @@ def layer_tensors(family: type[LayerFamily], hf_config, i: int, src: TensorSourc
                                   hint="does config.json match the weights?")
         want = torch.float32 if any(k in pname for k in keep) else (dtype if cur_dtype.is_floating_point else cur_dtype)
         out[pname] = t.to(want).contiguous()
+        if pin:
+            try:
+                out[pname] = out[pname].pin_memory()
+            except RuntimeError:  # page-locking refused: pageable, the upload just waits
+                pin = False
     return out
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from engine.calibrate import snapshot as snap
 from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
-from engine.calibrate.dist import DistContext, init_distributed
+from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
 from engine.calibrate.phases import Phases
@@ -71,27 +72,6 @@ def layer_amax(root: torch.nn.Module) -> dict[str, torch.Tensor]:
             a = getattr(mod, "amax", None)
             if a is not None:
                 out[f"{name}.amax"] = a.detach().float()
-    return out
-
-
-def _reduce_amax(ctx: DistContext, amax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MAX over ranks; a quantizer missing on some rank counts as 0 there (amax is never negative)."""
-    if not ctx.active:
-        return {k: v.cpu() for k, v in amax.items()}
-    shapes = {k: tuple(v.shape) for k, v in amax.items()}
-    merged: dict[str, tuple] = {}
-    for s in ctx.all_gather_object(shapes):
-        merged.update(s)
-    keys = sorted(merged)
-    flat = torch.cat([(amax[k].reshape(-1) if k in amax else torch.zeros(max(1, int(torch.tensor(merged[k]).prod()))))
-                      .to(ctx.device, torch.float32) for k in keys]) if keys else torch.zeros(0, device=ctx.device)
-    ctx.all_reduce(flat, "max")
-    flat = flat.cpu()
-    out, pos = {}, 0
-    for k in keys:
-        n = max(1, int(torch.tensor(merged[k]).prod())) if merged[k] else 1
-        out[k] = flat[pos:pos + n].reshape(merged[k])
-        pos += n
     return out
 
 
@@ -164,17 +144,27 @@ def calibrate(model_dir: str | os.PathLike, samples: str | os.PathLike | Samples
     with ph("setup_s"):
         if not isinstance(samples, Samples):
             read_samples_file(samples, num_samples)  # fail on a bad file before touching the model
-    with ph("dist_init_s"):
-        ctx = init_distributed(device)
+    # the device's context is created on a thread while this one imports transformers and modelopt
+    warm = threading.Thread(target=_warm_device, args=(device,), name="calib-device-init", daemon=True)
+    warm.start()
+    holder: list[DistContext] = []
     try:
-        return _run(ctx, Path(model_dir), samples, Path(out_dir), num_samples, seq_len, batch_size, quant_cfg,
-                    all_experts, sink, layers, ph)
+        return _run(holder, warm, device, Path(model_dir), samples, Path(out_dir), num_samples, seq_len, batch_size,
+                    quant_cfg, all_experts, sink, layers, ph)
     finally:
-        ctx.close()
+        if holder:
+            holder[0].close()
 
 
-def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_cfg, all_experts, sink, stop_after,
-         ph: Phases):
+def _warm_device(device: str) -> None:
+    with contextlib.suppress(Exception):  # a real failure shows up again, with its message, in init_distributed
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.type == "cuda":
+            torch.empty(1, device=dev)
+
+
+def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, batch_size, quant_cfg, all_experts,
+         sink, stop_after, ph: Phases):
     with ph("setup_s"):
         src = TensorSource(model_dir, dtype=torch.bfloat16)
         config = src.config
@@ -192,9 +182,14 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
     writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts")
     try:
         # the first layer's tensors are read while modelopt is imported and the samples tokenized
-        nxt = reader_pool.submit(layer_tensors, family, hf_config, start, src, dtype) if start < end else None
+        pin = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cuda"
+        nxt = reader_pool.submit(layer_tensors, family, hf_config, start, src, dtype, pin) if start < end else None
         with ph("import_s"):
             qcfg = resolve_quant_cfg(quant_cfg)
+        with ph("dist_init_s"):
+            warm.join()
+            ctx = init_distributed(device)
+            holder.append(ctx)
         with ph("samples_s"):
             if not isinstance(samples, Samples):
                 samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
@@ -264,7 +259,8 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
             t0 = time.monotonic()
             tensors = nxt.result()
             t1 = time.monotonic()
-            nxt = reader_pool.submit(layer_tensors, family, hf_config, i + 1, src, dtype) if i + 1 < end else None
+            nxt = reader_pool.submit(layer_tensors, family, hf_config, i + 1, src, dtype, pin) if i + 1 < end \
+                else None
             layer = materialize_layer(family, hf_config, i, tensors, dev)
             del tensors
             t2 = time.monotonic()
@@ -275,8 +271,8 @@ def _run(ctx, model_dir, samples, out, num_samples, seq_len, batch_size, quant_c
             del layer
             gc.collect(0)
             t4 = time.monotonic()
-            amax = _reduce_amax(ctx, amax)
-            cov = _reduce_coverage(ctx, cov)
+            amax = reduce_amax(ctx, amax)
+            cov = reduce_coverage(ctx, cov)
             t5 = time.monotonic()
             if pending is not None:
                 commit(pending)
@@ -345,21 +341,6 @@ def _pinned(hidden: list[torch.Tensor], dev: torch.device):
         return [h.pin_memory() for h in hidden], [torch.empty_like(h).pin_memory() for h in hidden]
     except RuntimeError:  # pinning refused (locked-memory limits): pageable copies, synchronous
         return hidden, None
-
-
-def _reduce_coverage(ctx: DistContext, cov: dict[str, list[int]]) -> dict[str, list[int]]:
-    if not ctx.active or not cov:
-        return cov
-    keys = sorted(cov)
-    flat = torch.tensor([c for k in keys for c in cov[k]], dtype=torch.float64 if ctx.backend == "gloo"
-                        else torch.float32, device=ctx.device)
-    ctx.all_reduce(flat, "sum")
-    vals = [int(round(v)) for v in flat.cpu().tolist()]
-    out, pos = {}, 0
-    for k in keys:
-        out[k] = vals[pos:pos + len(cov[k])]
-        pos += len(cov[k])
-    return out
 
 
 def _finish(ctx, out: Path, manifest: dict, n_layers: int, finished: bool) -> dict[str, Any]:
