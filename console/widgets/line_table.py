@@ -59,6 +59,7 @@ class LineTable(ScrollView, can_focus=True):
         self._widths: tuple[int, ...] = tuple(len(c) for c in self.COLUMNS)
         self._strips: dict[str, Strip] = {}  # key → rendered row; dropped when its cells or the widths change
         self._header: Strip | None = None
+        self._styles: tuple[Style, Style, Style] | None = None  # base, header, cursor (rich_style is not cheap)
         self.cursor = 0
 
     @property
@@ -94,7 +95,14 @@ class LineTable(ScrollView, can_focus=True):
     # ----------------------------------------------------------------- rendering
     def notify_style_update(self) -> None:
         super().notify_style_update()
-        self._strips, self._header = {}, None
+        self._strips, self._header, self._styles = {}, None, None
+
+    def _get_styles(self) -> tuple[Style, Style, Style]:
+        if self._styles is None:
+            base = self.rich_style
+            self._styles = (base, base + self.get_component_rich_style("line-table--header"),
+                            base + self.get_component_rich_style("line-table--cursor"))
+        return self._styles
 
     def _line(self, cells, style: Style) -> Strip:
         get = self.app.console.get_style
@@ -118,9 +126,8 @@ class LineTable(ScrollView, can_focus=True):
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
-        base = self.rich_style
+        base, head, cursor = self._get_styles()
         if y == 0:
-            head = base + self.get_component_rich_style("line-table--header")
             if self._header is None:
                 self._header = self._line(self.COLUMNS, head)
             return self._header.crop_extend(0, width, head)
@@ -129,8 +136,7 @@ class LineTable(ScrollView, can_focus=True):
             return Strip([Segment(" " * width, base)], width)
         key = self._keys[index]
         if self.show_cursor and index == self.cursor:
-            style = base + self.get_component_rich_style("line-table--cursor")
-            return self._line(self._rows[key], style).crop_extend(0, width, style)
+            return self._line(self._rows[key], cursor).crop_extend(0, width, cursor)
         strip = self._strips.get(key)
         if strip is None:
             strip = self._strips[key] = self._line(self._rows[key], base)
