@@ -92,7 +92,7 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
 
     from engine import readahead
 
-    readahead.start(src)  # the disk reads the source while torch imports
+    readahead.start(src, device)  # on a GPU box the disk reads the source while torch imports
     gc.disable()  # no collections while torch's million objects load ...
     from engine.convert import convert_checkpoint
 

@@ -2,10 +2,10 @@
 
 Every output tensor (name, dtype, shape) is known before any data exists, so shards are planned up front
 (`plan_shards`): each shard's header is written first and tensors are written at their offsets as they
-come. Memory is the tensors in hand, never a shard. A shard is written as `<shard>.partial` (tensors may be
-written from several threads at once), each piece hashed from memory as it is written (engine.checkpoint.
-digest: no read-back), fsynced, renamed into place and recorded in manifest.json with its digest. The whole checkpoint is built in `<dst>.partial/` and
-renamed to `<dst>` only when complete (`CheckpointWriter.finalize`).
+come, from any number of threads. Memory is the tensors in hand, never a shard. A shard is written as
+`<shard>.partial`, each piece hashed from memory as it is written (engine.checkpoint.digest: nothing is
+read back), fsynced, renamed into place and recorded in manifest.json with its digest. The whole
+checkpoint is built in `<dst>.partial/` and renamed to `<dst>` only when complete (`finalize`).
 
 Resume: `CheckpointWriter.prepare()` keeps the shards whose manifest digest matches the file and
 returns the rest to redo. The plan, headers and data are deterministic, so a resumed run produces the

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize-attention", action="store_true")
     a = ap.parse_args(argv)
     layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
-    readahead.start(a.src)  # the disk reads the source while torch imports
+    readahead.start(a.src, a.device)  # on a GPU box the disk reads the source while torch imports
     gc.disable()  # no collections while torch's million objects load ...
     from engine.convert import convert_checkpoint
 

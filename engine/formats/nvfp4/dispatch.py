@@ -123,14 +123,11 @@ def fp8_block_amax(w_fp8: torch.Tensor, scale_inv: torch.Tensor, device: str = "
     o, i = w_fp8.shape
     bo, bi = blk
     go, gi = -(-o // bo), -(-i // bi)
-    rowmax = np.zeros((o, gi), np.uint8)
+    tile = np.zeros((go, gi), np.uint8)
     with KERNEL_LOCK:
-        kernels_cpu.fp8_tile_max_byte_kernel(w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy(), bi, rowmax)
-    if (rowmax == 0x7F).any():
+        kernels_cpu.fp8_tile_max_kernel(w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy(), bo, bi, tile)
+    if (tile == 0x7F).any():
         raise FormatError("FP8 weight holds NaN codes", at="fp8_block_amax", hint="the source is corrupt")
-    pad = np.zeros((go * bo, gi), np.uint8)
-    pad[:o] = rowmax
-    tile = pad.reshape(go, bo, gi).max(axis=1)
     vals = _E4M3_LUT[tile] * _scale_np(scale_inv)  # float32 × float32, as the dequant does
     return torch.tensor(vals.max(), dtype=torch.float32)
 
