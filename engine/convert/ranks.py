@@ -63,8 +63,7 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     host: str = ""
-    group: Any = None  # a gloo group made next to an existing process group (None: the default group)
-    owns_group: bool = False  # we initialized the default group and destroy it in close()
+    group: Any = None  # a gloo group made next to a default group of another backend (None: the default group)
     finished: bool = False  # a step failed somewhere: this rank takes part in no further collective
 
     @classmethod
@@ -86,20 +85,13 @@ class Ranks:
             import torch.distributed as dist
 
             timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S))
-            if dist.is_initialized():
-                self.group = dist.new_group(backend="gloo", timeout=timeout)
-            else:
+            if not dist.is_initialized():
+                # kept for the life of the process, never destroyed: a default group made again over torchrun's
+                # store (a second convert/export in one process) can read the old group's addresses and hang
                 dist.init_process_group("gloo", timeout=timeout)
-                self.owns_group = True
+            if dist.get_backend() != "gloo":
+                self.group = dist.new_group(backend="gloo", timeout=timeout)
         return self
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.owns_group = False
 
     def device(self, dev):
         """A bare "cuda" becomes this rank's GPU (cuda:LOCAL_RANK) when there are several ranks."""
@@ -172,8 +164,6 @@ def over_ranks(fn: Callable[..., T]) -> Callable[..., T]:
         except BaseException as e:
             ranks.report(e)
             raise
-        finally:
-            ranks.close()
 
     return wrapper
 

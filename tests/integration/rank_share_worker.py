@@ -39,7 +39,8 @@ def main() -> int:
         src, amax, dst = job["export"]
         export_checkpoint(src, amax, dst, layouts=LAYOUTS, device=device, shard_size=job["shard"],
                           sink=counter("export"))
-    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), **done}), flush=True)
+    sys.stdout.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), **done}) + "\n")  # one write per rank
+    sys.stdout.flush()
     return 0
 
 

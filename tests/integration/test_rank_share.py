@@ -24,6 +24,18 @@ def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def rank_lines(stdout: str) -> list[dict]:
+    """Each rank's JSON line of rank_share_worker, in rank order (torchrun merges the ranks' stdout)."""
+    found, dec = [], json.JSONDecoder()
+    for line in stdout.splitlines():
+        i = line.find('{"rank"')
+        while i >= 0:
+            obj, end = dec.raw_decode(line, i)
+            found.append(obj)
+            i = line.find('{"rank"', end)
+    return sorted(found, key=lambda d: d["rank"])
+
+
 def torchrun(nproc: int, job: dict, **env: str) -> subprocess.CompletedProcess:
     full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 **env)
@@ -60,8 +72,7 @@ def test_two_ranks_write_the_bytes_of_one_process(tiny_ckpt, amax_snapshot, tmp_
     r = torchrun(2, {"shard": SHARD, "convert": [str(fp8), str(two / "convert")],
                      "export": [str(bf16), str(amax), str(two / "export")]})
     assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "Warning" not in ln)[-6000:]
-    per_rank = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")),
-                      key=lambda d: d["rank"])
+    per_rank = rank_lines(r.stdout)
     assert [d["rank"] for d in per_rank] == [0, 1]
     # each rank wrote part of the tensors, together all of them
     assert all(d["convert"] > 0 and d["export"] > 0 for d in per_rank), per_rank
@@ -142,7 +153,7 @@ def test_two_gpu_ranks_write_the_bytes_of_one_gpu_process(tiny_ckpt, amax_snapsh
     r = torchrun(2, {"shard": SHARD, "device": "cuda", "convert": [str(fp8), str(two / "convert")],
                      "export": [str(bf16), str(amax), str(two / "export")]})
     assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "Warning" not in ln)[-6000:]
-    per_rank = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    per_rank = rank_lines(r.stdout)
     assert len(per_rank) == 2 and all(d["convert"] > 0 and d["export"] > 0 for d in per_rank), per_rank
     want, got = tree(one), tree(two)
     assert want.keys() == got.keys() and [k for k in want if want[k] != got[k]] == []
