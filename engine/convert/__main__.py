@@ -11,6 +11,7 @@ import sys
 
 # Idle OpenMP threads sleep instead of spinning, leaving cycles to the reader and writer threads (before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
 
 from engine import readahead  # noqa: E402  (no torch)
 from engine.errors import QuantdeckError, exit_code_for  # noqa: E402
