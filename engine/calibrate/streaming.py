@@ -338,7 +338,8 @@ def _pinned(hidden: list[torch.Tensor], dev: torch.device):
     if dev.type != "cuda" or not hidden:
         return hidden, None
     try:
-        return [h.pin_memory() for h in hidden], [torch.empty_like(h).pin_memory() for h in hidden]
+        return ([h.pin_memory() for h in hidden],
+                [torch.empty(h.shape, dtype=h.dtype, pin_memory=True) for h in hidden])
     except RuntimeError:  # pinning refused (locked-memory limits): pageable copies, synchronous
         return hidden, None
 
