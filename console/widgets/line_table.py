@@ -148,6 +148,8 @@ class LineTable(ScrollView, can_focus=True):
         return index if y >= 1 and index < len(self._keys) else None
 
     def scroll_to_row(self, index: int) -> None:
+        if not self.size.height:  # not laid out yet: nothing to scroll
+            return
         top, rows = self.scroll_offset.y, max(self.size.height - 1, 1)
         if index < top:
             self.scroll_to(y=index, animate=False)

@@ -75,3 +75,22 @@ async def test_a_hanging_telemetry_poll_never_freezes_the_screen(fixed_clock):
             await pilot.press("escape")
     finally:
         fleet.release.set()
+
+
+async def test_key_line_shows_impossible_keys_greyed_and_a_click_presses_a_key(fixed_clock):
+    from console.screens.history import HistoryScreen
+    from console.widgets import KeyBar
+
+    app = build_app(backend=StaticBackend(), use_fleet=False, clock=fixed_clock, follow_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: app.run_view is not None)
+        bar = app.screen.query_one(KeyBar)
+        await pilot.pause(0.1)
+        hits = {key: (start, enabled) for start, _end, key, enabled in bar._hits}
+        assert hits["r"][1] is False and hits["h"][1] is True  # a live run: resume greyed, history not
+        assert "Quit" in str(bar.render())
+        await pilot.click(KeyBar, offset=(hits["r"][0] + 1, 0))  # a greyed key does nothing
+        await pilot.pause(0.1)
+        assert not isinstance(app.screen, HistoryScreen) and not app.busy
+        await pilot.click(KeyBar, offset=(hits["h"][0] + 1, 0))
+        await _until(pilot, lambda: isinstance(app.screen, HistoryScreen))
