@@ -3,7 +3,8 @@
 Items are taken shard by shard, inside a shard in the order their source bytes lie on disk (sequential
 reads; the output does not depend on the order). A pool of reader threads reads the next items' source
 tensors (positioned reads, GIL released; page-locked buffers for CUDA) while the calling thread does the
-math on the current one (numba and CUDA release the GIL too), and a pool of writer threads writes each
+math on the current one (numba and CUDA release the GIL too; on CUDA two threads, each on its own stream,
+so that one item's host syncs overlap the other's kernels), and a pool of writer threads writes each
 output tensor at its offset in every output layout's shard, hashing it from memory as it goes
 (engine.checkpoint.digest). A shard is closed (fsync, rename, manifest) on a closer thread as soon as its
 last item is written. Items read but not yet written hold at most INFLIGHT_BYTES, so memory is a few
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+from contextlib import nullcontext
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,17 +46,19 @@ class ShardTask:
     targets: tuple[tuple[str, str, ShardPlan], ...]  # (layout, partial dir, plan) still to write
 
 
-def io_threads(device: torch.device | str) -> tuple[int, int]:
-    """(readers, writers). On CUDA the math is quick and the host has cores to spare: several reads and
-    writes in flight keep a fast disk busy. On CPU the kernel wants the cores: two of each overlap I/O
-    waits without taking them. QUANTDECK_READERS / QUANTDECK_WRITERS override."""
+def io_threads(device: torch.device | str) -> tuple[int, int, int]:
+    """(readers, computers, writers). On CUDA the math is quick and the host has cores to spare: several
+    reads and writes in flight keep a fast disk busy, two compute threads keep the GPU busy. On CPU the
+    kernel wants the cores (and runs one call at a time): two readers and writers overlap I/O waits without
+    taking them. QUANTDECK_READERS / QUANTDECK_COMPUTERS / QUANTDECK_WRITERS override."""
     cores = os.cpu_count() or 1
     if torch.device(device).type == "cuda":
-        r, w = min(8, max(2, cores // 2)), min(4, max(2, cores // 4))
+        r, c, w = min(8, max(2, cores // 2)), 2, min(4, max(2, cores // 4))
     else:
-        r, w = 2, 2
+        r, c, w = 2, 1, 2
     env = os.environ
-    return max(1, int(env.get("QUANTDECK_READERS") or r)), max(1, int(env.get("QUANTDECK_WRITERS") or w))
+    return tuple(max(1, int(env.get(f"QUANTDECK_{k}") or v))  # type: ignore[return-value]
+                 for k, v in (("READERS", r), ("COMPUTERS", c), ("WRITERS", w)))
 
 
 def source_names(item: Item) -> list[str]:
@@ -127,7 +131,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
     the first error of any thread; shards not finished are removed, finished ones stay for a resume."""
     metadata = {"format": "pt"} if metadata is None else metadata
     delay = float(os.environ.get(DELAY_ENV) or 0)
-    n_read, n_write = io_threads(device)
+    n_read, n_compute, n_write = io_threads(device)
     pin = torch.device(device).type == "cuda"
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -236,30 +240,46 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
         except BaseException as e:  # noqa: BLE001
             fail(e)
 
+    on_gpu = torch.device(device).type == "cuda"
+
+    def compute_loop() -> None:
+        stream = torch.cuda.Stream(device=device) if on_gpu and n_compute > 1 else None
+        try:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                while True:
+                    msg = _get(q_in, stop)
+                    if msg is _DONE:
+                        _put(q_in, _DONE, stop)  # for the other compute threads
+                        return
+                    task, item, fut = msg
+                    src = fut.result()
+                    t0 = time.monotonic()
+                    result = compute_item(item, src, device, v4_fp8=v4_fp8)
+                    if torch.device(device).type != "cpu":
+                        result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
+                    add_busy("compute_s", t0)
+                    del src, fut
+                    _put(q_out, (task, item, result), stop)
+        except _Stop:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
     rt = threading.Thread(target=read_loop, name="convert-reader", daemon=True)
     wt = threading.Thread(target=write_loop, name="convert-writer", daemon=True)
     rt.start()
     wt.start()
-    on_gpu = torch.device(device).type != "cpu"
+    computers = [threading.Thread(target=compute_loop, name=f"convert-compute-{k}", daemon=True)
+                 for k in range(1, n_compute)]
+    for t in computers:
+        t.start()
+    compute_loop()  # this thread is one of them
+    for t in computers:
+        t.join()
     try:
-        while True:
-            msg = _get(q_in, stop)
-            if msg is _DONE:
-                _put(q_out, _DONE, stop)
-                break
-            task, item, fut = msg
-            src = fut.result()
-            t0 = time.monotonic()
-            result = compute_item(item, src, device, v4_fp8=v4_fp8)
-            if on_gpu:
-                result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
-            add_busy("compute_s", t0)
-            del src, fut
-            _put(q_out, (task, item, result), stop)
+        _put(q_out, _DONE, stop)
     except _Stop:
         pass
-    except BaseException as e:  # noqa: BLE001
-        fail(e)
     wt.join()
     while True:  # write jobs may add close jobs: wait until none is left
         with lock:

@@ -145,3 +145,22 @@ def test_unknown_target_and_same_dst(tiny_ckpt, tmp_path):
         convert_checkpoint(src, tmp_path / "x", to="int4")
     with pytest.raises(UsageError, match="must differ"):
         convert_checkpoint(src, src, to="bf16")
+
+
+@pytest.mark.slow
+def test_thread_counts_do_not_change_the_bytes(tiny_ckpt, tmp_path, monkeypatch):
+    """One reader, compute and writer thread vs several of each (items of several shards in flight at
+    once, written from several threads, computed out of order): identical files, manifest digests too."""
+    src = tiny_ckpt("deepseek-v3", "fp8")
+    outs = []
+    for n, (r, c, w) in enumerate(((1, 1, 1), (3, 2, 3))):
+        for k, v in (("READERS", r), ("COMPUTERS", c), ("WRITERS", w)):
+            monkeypatch.setenv(f"QUANTDECK_{k}", str(v))
+        out = tmp_path / f"o{n}"
+        s = convert_checkpoint(src, out, to="nvfp4", layouts=("modelopt", "compressed-tensors"), shard_size="30KB")
+        assert s["shards"] >= 3
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
