@@ -4,7 +4,9 @@
 Builds (once, cached in --workdir) a synthetic FP8 checkpoint of about --size-gb in the DeepSeek V4
 uniform-FP8 naming that the peer reads correctly (`layers.N.ffn.experts.E.w1/w2/w3.weight` FP8 [2048, 7168]
 with UE8M0 `.scale` companions over 128×128 blocks, plus a little attention, norms and router), then times,
-each after dropping the page cache where the machine allows it (`echo 3 > /proc/sys/vm/drop_caches`):
+each after dropping the page cache where the machine allows it (`echo 3 > /proc/sys/vm/drop_caches`;
+with `--cold data`, only the source's and the outputs' pages are evicted (posix_fadvise DONTNEED after a
+sync), so python's and torch's own files stay warm as on an operator's machine after a first python run):
 
   cp        cold `cp -r SRC DST`
   quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`
@@ -19,7 +21,7 @@ getrusage(RUSAGE_CHILDREN).ru_maxrss). A second table compares the per-tensor ma
 [2048, 7168] w1/w3 expert pair (MB/s of FP8 input).
 
 Usage:  python benchmarks/convert.py [--size-gb 1.6] [--device cpu|cuda] [--workers 1] [--workdir DIR]
-                                     [--skip-peer] [--json]
+                                     [--cold all|data] [--skip-peer] [--json]
 Targets (issue 3): CPU (2 cores, ~1.6 GB): quantdeck >= 6x faster than peer+clone, peak RSS <= 2 GB, math >= 10x.
 GPU (>= 7 GB): quantdeck wall <= 0.5x the peer's and <= 1.0x the cold copy, peak RSS <= 2 GB.
 """
@@ -120,6 +122,30 @@ def build_source(path: Path, size_gb: float, seed: int = 0) -> Path:
 
 
 # -- measuring -----------------------------------------------------------------------------------------------
+def evict(root: Path) -> int:
+    """Drop the page cache of every file under `root` (after a sync): DONTNEED, file by file."""
+    n = 0
+    for p in root.rglob("*"):
+        if p.is_file():
+            try:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    n += 1
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+    return n
+
+
+def cold_data(work: Path) -> str:
+    """Evict the benchmark's data (source and outputs under `work`) from the page cache, nothing else."""
+    subprocess.run(["sync"], check=False)
+    n = evict(work)
+    return f"data evicted ({n} files)"
+
+
 def drop_caches() -> str:
     try:
         subprocess.run(["sync"], check=False)
@@ -242,6 +268,9 @@ def main() -> int:
     ap.add_argument("--shard-size", default="5GB", help="quantdeck's output shard size (default 5GB)")
     ap.add_argument("--workdir", default=None, help="where the source and outputs go (default: a temp dir)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--cold", default="all", choices=["all", "data"],
+                    help="all: drop the whole page cache before each run (as issue 3 says); data: evict only the "
+                         "source and output files, so python's and torch's files stay warm")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--peer", default=None, help="path of the peer script (default: ../shared/reference/...)")
     ap.add_argument("--entry", default="console", choices=["console", "engine.convert"],
@@ -283,8 +312,10 @@ def main() -> int:
             clone = patched_peer(tmp)
             runs.append(("peer+clone", lambda: [sys.executable, str(clone), "--src", str(src), "--dst",
                                                 str(fresh("out_peer_clone")), "--gpu", "-1"]))
+    if args.cold == "data":  # an operator's machine after a first python run: the interpreter's files are warm
+        subprocess.run([sys.executable, "-c", "import torch, numba, numpy"], check=False, env=env)
     for name, make in runs:
-        cache = drop_caches()
+        cache = drop_caches() if args.cold == "all" else cold_data(work)
         cmd = make()
         print(f"running {name} (page cache {cache}) ...", file=sys.stderr)
         results[name] = run_timed(cmd, env=env, cwd=str(REPO)) | {"page_cache": cache}
@@ -299,12 +330,13 @@ def main() -> int:
     for r in results.values():
         r["x_vs_quantdeck"] = round(r["wall_s"] / qd, 2) if qd else None
     math = math_bench(device)
-    report = {"source_gb": round(src_bytes / 1e9, 3), "device": device, "workers": args.workers,
+    report = {"source_gb": round(src_bytes / 1e9, 3), "device": device, "workers": args.workers, "cold": args.cold,
               "cores": os.cpu_count(), "runs": results, "math_mb_s": math, "workdir": str(work)}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"source {report['source_gb']} GB FP8 (V4 uniform-FP8 naming), device {device}, {os.cpu_count()} cores")
+        print(f"source {report['source_gb']} GB FP8 (V4 uniform-FP8 naming), device {device}, {os.cpu_count()} cores, "
+              f"cold {args.cold} ({'whole page cache dropped' if args.cold == 'all' else 'only source and outputs evicted'})")
         print(f"{'tool':<11} {'wall s':>8} {'vs qd':>7} {'peak RSS GB':>12} {'rc':>4}  note")
         for name, r in results.items():
             note = "" if r["rc"] == 0 else r["stderr_tail"][:90]
