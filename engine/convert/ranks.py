@@ -116,7 +116,10 @@ class Ranks:
     def report(self, exc: BaseException) -> None:
         """This rank failed: tell the others, at the step they wait in (unless a step already failed)."""
         if self.active and not self.finished and isinstance(exc, Exception):
-            self._gather(exc, None)
+            try:
+                self._gather(exc, None)
+            except Exception:  # noqa: BLE001 - the group itself broke: this rank's own error is what counts
+                return
             _mark_told(exc)
 
     def _gather(self, exc: BaseException | None, payload: Any) -> list[Any]:
