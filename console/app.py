@@ -7,6 +7,7 @@ the event loop touch widgets.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Callable, Iterable
@@ -34,6 +35,11 @@ from console.screens.run_detail import RunDetailScreen
 
 RUN_ACTIONS = ("resume", "export_only", "validate_only", "cancel", "logs")
 _FAILED = ("FAILED", "FAILED_WORKER")
+
+
+def _resume_gc() -> None:
+    gc.freeze()  # what start-up made lives as long as the app: later collections skip it
+    gc.enable()
 
 
 def _gates(run: RunView) -> tuple:
@@ -71,6 +77,8 @@ class QuantdeckApp(App):
         return DashboardScreen(id="dashboard")
 
     def on_mount(self) -> None:
+        if not gc.isenabled():  # paused by `quantdeck console` for start-up: back on once the first frames are out
+            self.set_timer(2.0, _resume_gc)
         self.sub_title = self._sub_title()
         if self.fleet is not None:
             self.poll_fleet()

@@ -36,6 +36,10 @@ def console_cmd(target: str | None, replay_fleet: bool) -> None:
     With a RECIPE (a .toml file) it starts a new run and follows it; with a RUN id it attaches to that run;
     with neither, to the live (else the latest) run. Quitting never stops a run; opening it again re-attaches.
     """
+    import gc
+
+    gc.disable()  # start-up makes ~10^6 objects and no garbage: collecting them only delays the first frame;
+    # the app collects again once it has drawn the run (QuantdeckApp.on_mount)
     from console.api_backend import ApiBackend
     from console.factory import build_app, default_fleet
     from console.fleet import LazyFleet
