@@ -3,8 +3,8 @@
 Items are taken shard by shard, inside a shard in the order their source bytes lie on disk (sequential
 reads; the output does not depend on the order). A pool of reader threads reads the next items' source
 tensors (positioned reads, GIL released; page-locked buffers for CUDA) while the calling thread does the
-math on the current one (numba and CUDA release the GIL too; on CUDA two threads, each on its own stream,
-so that one item's host syncs overlap the other's kernels), and a pool of writer threads writes each
+math on the current one (numba and CUDA release the GIL too; on CUDA three threads, each on its own
+stream, so that one item's host syncs overlap the others' kernels), and a pool of writer threads writes each
 output tensor at its offset in every output layout's shard, hashing it from memory as it goes
 (engine.checkpoint.digest). A shard is closed (fsync, rename, manifest) on a closer thread as soon as its
 last item is written. Items read but not yet written hold at most INFLIGHT_BYTES, so memory is a few
@@ -35,6 +35,7 @@ _DONE = object()
 DELAY_ENV = "QUANTDECK_TEST_ITEM_DELAY_S"
 PREFETCH_BYTES = 256 << 20  # source bytes the kernel is asked to read ahead of the readers
 INFLIGHT_BYTES = 768 << 20  # items read but not yet written, at most (one bigger item still goes alone)
+INFLIGHT_BYTES_CUDA = 512 << 20  # a CUDA process holds ~1 GB of its own (libraries, context, pinned pool)
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,12 @@ class ShardTask:
 
 def io_threads(device: torch.device | str) -> tuple[int, int, int]:
     """(readers, computers, writers). On CUDA the math is quick and the host has cores to spare: several
-    reads and writes in flight keep a fast disk busy, two compute threads keep the GPU busy. On CPU the
+    reads and writes in flight keep a fast disk busy, three compute threads keep the GPU busy. On CPU the
     kernel wants the cores (and runs one call at a time): two readers and writers overlap I/O waits without
     taking them. QUANTDECK_READERS / QUANTDECK_COMPUTERS / QUANTDECK_WRITERS override."""
     cores = os.cpu_count() or 1
     if torch.device(device).type == "cuda":
-        r, c, w = min(8, max(2, cores // 2)), 2, min(4, max(2, cores // 4))
+        r, c, w = min(8, max(2, cores // 2)), 3, min(4, max(2, cores // 4))
     else:
         r, c, w = 2, 1, 2
     env = os.environ
@@ -137,7 +138,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
     errors: list[BaseException] = []
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "close_s": 0.0}
     lock = threading.Lock()  # busy, shard states, on_item
-    budget = _Budget(INFLIGHT_BYTES, stop)
+    budget = _Budget(INFLIGHT_BYTES_CUDA if pin else INFLIGHT_BYTES, stop)
     q_in: queue.Queue = queue.Queue(QUEUE + n_read)
     q_out: queue.Queue = queue.Queue(QUEUE)
     readers = ThreadPoolExecutor(n_read, thread_name_prefix="convert-read")
