@@ -28,6 +28,7 @@ from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
 from engine.calibrate.family import LayerFamily
+from engine.calibrate.fastcollect import check_amax, deferred_checks
 from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
 from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
@@ -110,12 +111,13 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         fwd[0] += time.monotonic() - t
 
     t0 = time.monotonic()
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), deferred_checks():
         mtq.quantize(root, qcfg, loop)
         if not outs:  # a config that needs no forward pass (weight-only): still compute the outputs
             mtq.disable_quantizer(root, "*")
             loop(root)
     amax = layer_amax(root)
+    check_amax(amax)  # modelopt's per-batch NaN / inf / sign checks, once per layer
     if times is not None:
         times["forward_s"] = fwd[0]
         times["quantize_s"] = time.monotonic() - t0 - fwd[0]  # quantizer insertion, weight amax, finishing

@@ -1,0 +1,86 @@
+"""modelopt's max calibration without three host syncs per quantizer call.
+
+`MaxCalibrator.collect` checks every batch's amax for NaN, negative and inf values with three
+`assert torch.any(...)`: three device-to-host synchronizations per quantizer call. In a fused-MoE
+layer that is 12 per expert per batch (gate_up and down, input and weight), so on a GPU the small
+expert kernels wait on the host most of the time. `deferred_checks()` swaps in a `collect` that runs
+the very same tensor operations in the same order (so the running max, and every amax, is bit-for-bit
+modelopt's) without the checks; `check_amax` then does them once per layer, on the final amax, and
+names the quantizer. The swap applies only to the modelopt `collect` it was written against (checked
+by a digest of its source); any other version keeps modelopt's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import math
+from typing import Iterator
+
+import torch
+
+from engine.errors import ValidationFailedError
+
+# sha256[:16] of inspect.getsource(MaxCalibrator.collect) in the modelopt releases this mirrors (0.47)
+KNOWN_COLLECT = {"0ec3cd8409470bc6"}
+
+
+@torch.no_grad()
+def _collect(self, x):
+    from modelopt.torch.quantization import utils as quant_utils
+
+    reduce_axis = quant_utils.convert_quantization_axis_to_reduce_axis(x, self._axis)
+    local_amax = quant_utils.reduce_amax(x, axis=reduce_axis).detach()
+    if x.device.type == "meta":
+        self._calib_amax = local_amax
+        return
+    if self._calib_amax is None:
+        self._calib_amax = local_amax
+    else:
+        if local_amax.shape != self._calib_amax.shape:
+            raise RuntimeError("amax shape changed!")
+        self._calib_amax = torch.max(self._calib_amax, local_amax)
+    if self._track_amax:
+        self._amaxs.append(local_amax.cpu().numpy())
+
+
+def supported() -> bool:
+    from modelopt.torch.quantization.calib.max import MaxCalibrator
+
+    try:
+        src = inspect.getsource(MaxCalibrator.collect)
+    except (OSError, TypeError):
+        return False
+    return hashlib.sha256(src.encode()).hexdigest()[:16] in KNOWN_COLLECT
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[bool]:
+    """Within: modelopt's MaxCalibrator.collect without per-call syncs (yields whether it was swapped)."""
+    from modelopt.torch.quantization.calib.max import MaxCalibrator
+
+    if not supported():
+        yield False
+        return
+    orig = MaxCalibrator.__dict__["collect"]
+    MaxCalibrator.collect = _collect
+    try:
+        yield True
+    finally:
+        MaxCalibrator.collect = orig
+
+
+def check_amax(amax: dict[str, torch.Tensor]) -> None:
+    """What modelopt asserts per batch, once on the result: every amax finite and >= 0."""
+    if not amax:
+        return
+    keys = list(amax)
+    flat = torch.stack([amax[k].detach().float().reshape(-1).nan_to_num(nan=-1.0, posinf=-1.0, neginf=-1.0).min()
+                        for k in keys]).cpu()
+    bad = [k for k, v in zip(keys, flat.tolist()) if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValidationFailedError(f"calibration gave a NaN, infinite or negative amax for {len(bad)} quantizer(s), "
+                                    f"e.g. {bad[:3]}", at=bad[0],
+                                    hint="the model produced non-finite activations on these samples; check the "
+                                         "checkpoint (dequantization, dtype) and the samples")
