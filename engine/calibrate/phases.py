@@ -31,10 +31,35 @@ class Phases:
         for k, v in other.items():
             self.add(k, v)
 
+    @contextlib.contextmanager
+    def gc_watch(self, name: str = "gc_s") -> Iterator[None]:
+        """Count the time the garbage collector runs (any thread) under `name`; with objects that exist now
+        (imported modules, the config) frozen, so full collections do not walk them again and again."""
+        import gc
+
+        start: list[float] = []
+
+        def cb(phase, info):
+            if phase == "start":
+                start.append(time.monotonic())
+            elif start:
+                self.gc_seconds += time.monotonic() - start.pop()
+
+        self.gc_seconds = 0.0
+        gc.freeze()
+        gc.callbacks.append(cb)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(cb)
+            gc.unfreeze()
+            self.seconds[name] = self.gc_seconds
+
     def report(self) -> dict[str, float]:
         """Phases rounded to ms, plus `total_s` (since construction) and `other_s` (not in any phase)."""
         total = time.monotonic() - self._t0
         out = {k: round(v, 3) for k, v in self.seconds.items()}
-        out["other_s"] = round(total - sum(self.seconds.values()), 3)
+        # gc_s overlaps the phases it ran in: not subtracted again
+        out["other_s"] = round(total - sum(v for k, v in self.seconds.items() if k != "gc_s"), 3)
         out["total_s"] = round(total, 3)
         return out

@@ -182,6 +182,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         end = n_layers if stop_after is None else min(n_layers, start + stop_after)
     reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch")
     writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts")
+    stack = contextlib.ExitStack()
     try:
         # the first layer's tensors are read while modelopt is imported and the samples tokenized
         pin = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cuda"
@@ -256,6 +257,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             prog.advance(1, label=f"layer {p['i'] + 1}/{n_layers}", force=True)
 
         pending = None
+        stack.enter_context(ph.gc_watch())
         for i in range(start, end):
             times: dict[str, float] = {}
             t0 = time.monotonic()
@@ -290,6 +292,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         if pending is not None:
             commit(pending)
     finally:
+        stack.close()
         reader_pool.shutdown(wait=True, cancel_futures=True)
         writer_pool.shutdown(wait=True)
     with ph("finish_s"):
