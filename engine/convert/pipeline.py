@@ -128,15 +128,21 @@ def _item_bytes(item: Item) -> int:
 def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch.device | str = "cpu",
               v4_fp8: bool = False, metadata: dict[str, str] | None = None,
               on_item: Callable[[Item, list[str]], None] | None = None) -> dict[str, float]:
-    """Convert and write every task's shards; returns busy seconds per phase (summed over threads). Raises
-    the first error of any thread; shards not finished are removed, finished ones stay for a resume."""
+    """Convert and write every task's shards; returns busy seconds per phase (summed over the threads of each
+    pool), plus where the compute threads waited (`wait_read_s`: for reads, `wait_write_s`: for the writers),
+    how long the readers waited for room in the in-flight budget (`wait_budget_s`), the time to the first
+    item's math (`first_s`) and the pipeline's wall time (`wall_s`). Raises the first error of any thread;
+    shards not finished are removed, finished ones stay for a resume."""
     metadata = {"format": "pt"} if metadata is None else metadata
     delay = float(os.environ.get(DELAY_ENV) or 0)
     n_read, n_compute, n_write = io_threads(device)
     pin = torch.device(device).type == "cuda"
     stop = threading.Event()
     errors: list[BaseException] = []
-    busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "close_s": 0.0}
+    busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "close_s": 0.0,
+            "wait_read_s": 0.0, "wait_write_s": 0.0, "wait_budget_s": 0.0}
+    t_start = time.monotonic()
+    first: list[float] = []
     lock = threading.Lock()  # busy, shard states, on_item
     budget = _Budget(INFLIGHT_BYTES_CUDA if pin else INFLIGHT_BYTES, stop)
     q_in: queue.Queue = queue.Queue(QUEUE + n_read)
@@ -181,7 +187,9 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                     for n in source_names(flat[ahead][1]):
                         reader.prefetch(n)
                     ahead += 1
+                t0 = time.monotonic()
                 budget.acquire(_item_bytes(item))
+                add_busy("wait_budget_s", t0)
                 _put(q_in, (task, item, readers.submit(read_item, item)), stop)
             _put(q_in, _DONE, stop)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
@@ -248,19 +256,25 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
         try:
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 while True:
+                    t0 = time.monotonic()
                     msg = _get(q_in, stop)
                     if msg is _DONE:
                         _put(q_in, _DONE, stop)  # for the other compute threads
                         return
                     task, item, fut = msg
                     src = fut.result()
+                    add_busy("wait_read_s", t0)
                     t0 = time.monotonic()
+                    if not first:
+                        first.append(t0 - t_start)
                     result = compute_item(item, src, device, v4_fp8=v4_fp8)
                     if torch.device(device).type != "cpu":
                         result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
                     add_busy("compute_s", t0)
                     del src, fut
+                    t0 = time.monotonic()
                     _put(q_out, (task, item, result), stop)
+                    add_busy("wait_write_s", t0)
         except _Stop:
             pass
         except BaseException as e:  # noqa: BLE001
@@ -299,4 +313,6 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                 if f.fd >= 0:
                     f.abort()
         raise errors[0]
+    busy["first_s"] = first[0] if first else 0.0
+    busy["wall_s"] = time.monotonic() - t_start
     return {k: round(v, 3) for k, v in busy.items()}
