@@ -173,11 +173,13 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         dtype = compute_dtype(config)
         src.dtype = dtype
         family = LayerFamily.for_config(config)
+    with ph("import_transformers_s"):
         hf_config = family.hf_config(config)
         hf_config._attn_implementation = family.attn_implementation()
         hf_config._experts_implementation = "eager"
-        n_layers = family.num_layers(hf_config)
         family.layer_class()  # import the modeling module here, not on the prefetch thread
+    with ph("setup_s"):
+        n_layers = family.num_layers(hf_config)
         start = snap.resume_point(out)
         end = n_layers if stop_after is None else min(n_layers, start + stop_after)
     reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch")
@@ -210,7 +212,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             "all_experts": bool(all_experts), "dtype": str(dtype).replace("torch.", ""), "versions": _versions(),
             "status": "running",
         }
-        with ph("setup_s"):
+        with ph("manifest_s"):
             _check_resume(out, manifest)
             ctx.barrier()
             if ctx.rank == 0:
@@ -333,9 +335,18 @@ def _first_hidden(family, hf_config, src, out, ctx, batches, start: int, end: in
         return snap.read_acts(out, ctx.rank, start - 1, len(batches))
     dev = ctx.device
     emb = src.get(family.embed_source(src.names)).to(dev, dtype)
+    out: list[torch.Tensor] = []
     with torch.no_grad():
-        return [family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb)).cpu()
-                for b in batches]
+        for b in batches:
+            h = family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb))
+            if dev.type == "cuda":  # straight into page-locked memory (what the layer loop reads from)
+                with contextlib.suppress(RuntimeError):
+                    out.append(torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h, non_blocking=True))
+                    continue
+            out.append(h.cpu())
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
+    return out
 
 
 def _pinned(hidden: list[torch.Tensor], dev: torch.device):
