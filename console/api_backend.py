@@ -1,6 +1,6 @@
 """Backend over engine.api (the console's only engine import): run views, logs, history, actions.
 
-Called from worker threads only. Keeps per-run read offsets for the calibrate stage's metric events, so a
+Called from worker threads only. Keeps per-run, per-rank read offsets for the calibrate stage's metric events, so a
 follow tick reads only what is new.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from console.backend import Backend
+from console.format import rank_line
 from console.models import AttemptView, CalibView, HistoryRow, RunDetailView, RunView, StageView
 
 LOW_TOKENS = 8  # an expert that saw fewer tokens than this in a layer counts as under-covered
@@ -38,6 +39,12 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         return json.loads(fh.read(n)).get("__metadata__") or {}
 
 
+def _rank_parts(progress: dict) -> tuple[tuple[int, str, float, float], ...]:
+    """(rank, host, done, total) of each rank of a distributed stage's progress (engine.progress_merge's "ranks")."""
+    return tuple((int(r.get("rank") or 0), str(r.get("host") or ""), r.get("done") or 0, r.get("total") or 0)
+                 for r in progress.get("ranks") or ())
+
+
 class ApiBackend(Backend):
     def __init__(self, engine: Any | None = None):
         if engine is None:
@@ -47,7 +54,7 @@ class ApiBackend(Backend):
         self.eng = engine
         self._lock = threading.Lock()
         self._metric_off: dict[str, int] = {}
-        self._calib: dict[str, dict] = {}
+        self._calib: dict[str, dict[int, dict]] = {}  # run → rank → its latest calibrate.layer tags
         self._coverage: dict[str, dict[str, tuple[int, int]]] = {}  # run → layer file → (experts, low)
         self._plans: dict[str, dict] = {}
         self._dirs: dict[str, Any] = {}  # run id → RunDir: later reads go by path, without opening the store
@@ -80,32 +87,40 @@ class ApiBackend(Backend):
         if s.state in ("SUCCEEDED", "SKIPPED") and total and done < total:
             done = total
         nodes = tuple(plan_stage.get("nodes") or ()) if plan_stage.get("distributed") else ()
-        ranks = 0
-        try:
-            ranks = len(self._dir(run_id).events_paths(s.name))
-        except Exception:  # noqa: BLE001
-            ranks = 0
+        ranks = int(p.get("world") or 0)  # engine.progress_merge: the stage's ranks, each one's share in "ranks"
+        parts = _rank_parts(p)
         hosts = tuple(nodes) or ((s.host,) if s.host else ())
         return StageView(name=s.name, state=s.state, unit=p.get("unit") or "", done=done, total=total,
                          rate=p.get("rate"), rate_unit="B" if bytes_total else (p.get("unit") or ""),
                          eta_s=p.get("eta_s"), hosts=hosts, ranks=ranks if ranks > 1 else 0,
                          attempt=s.attempt or 0, started_at=s.started_at, ended_at=s.ended_at,
-                         error_class=s.error_class or "", error=s.error or "", label=p.get("label") or "")
+                         error_class=s.error_class or "", error=s.error or "", label=p.get("label") or "",
+                         rank_parts=parts)
 
     def _calib_view(self, run_id: str, stage: Any, amax_dir: str | None) -> CalibView:
-        evs, off = self.eng.events(self._ref(run_id), "calibrate", self._metric_off.get(run_id, 0))
-        self._metric_off[run_id] = off
-        last = self._calib.setdefault(run_id, {})
-        for ev in evs:
-            if ev.kind == "metric" and ev.data.get("name") == "calibrate.layer":
-                last.update(ev.data.get("tags") or {})
+        """Layer and ETA from the stage's progress (the slowest rank's, engine.progress_merge); samples and
+        tokens/s summed over the ranks' latest calibrate.layer metrics, each rank file read by offset."""
         p = stage.progress or {}
+        world = max(int(p.get("world") or 1), 1)
+        per_rank = self._calib.setdefault(run_id, {})
+        for rank in range(world):
+            key = f"{run_id}/{rank}"
+            evs, self._metric_off[key] = self.eng.events(self._ref(run_id), "calibrate",
+                                                         self._metric_off.get(key, 0), rank=rank)
+            for ev in evs:
+                if ev.kind == "metric" and ev.data.get("name") == "calibrate.layer":
+                    per_rank.setdefault(rank, {}).update(ev.data.get("tags") or {})
+        last = per_rank.get(0) or next(iter(per_rank.values()), {})
         layers = int(last.get("layers") or p.get("total") or 0)
         layer = int(p.get("done") or (last.get("layer", -1) + 1) or 0)
+        tps = [t["tokens_per_s"] for t in per_rank.values() if t.get("tokens_per_s") is not None]
         experts, low = self._coverage_counts(run_id, amax_dir)
-        return CalibView(layer=layer, layers=layers, samples=int(last.get("samples") or 0),
-                         tokens_per_s=last.get("tokens_per_s"), eta_s=p.get("eta_s") if stage.state == "RUNNING" else None,
-                         experts_total=experts, experts_low=low, min_tokens=LOW_TOKENS)
+        parts = _rank_parts(p)
+        return CalibView(layer=layer, layers=layers, samples=sum(int(t.get("samples") or 0) for t in per_rank.values()),
+                         tokens_per_s=sum(tps) if tps else None,
+                         eta_s=p.get("eta_s") if stage.state == "RUNNING" else None,
+                         experts_total=experts, experts_low=low, min_tokens=LOW_TOKENS,
+                         rank_line=rank_line(parts, world))
 
     def _coverage_counts(self, run_id: str, amax_dir: str | None) -> tuple[int, int]:
         """(experts seen, experts under LOW_TOKENS tokens) over the finished layers of the amax snapshot."""

@@ -112,3 +112,13 @@ def join_hosts(hosts: Iterable[str], ranks: int) -> str:
     if ranks > 1:
         s = f"{s} ×{ranks}" if s else f"×{ranks}"
     return s or "-"
+
+
+def rank_line(parts: Iterable[tuple[int, str, float, float]], world: int = 0) -> str:
+    """Each rank's share of a distributed stage: "ranks 2: r0 12/30 node0 · r1 10/28 node1" ("" for one rank, or none reported)."""
+    parts = list(parts)
+    world = max(world, len(parts))
+    if world < 2 or not parts:
+        return ""
+    return f"ranks {world}: " + " · ".join(f"r{r} {count(done, total)}" + (f" {host}" if host else "")
+                                           for r, host, done, total in parts)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from console.format import rank_line as fmt_rank_line
+
 HOST_OK = "ok"
 HOST_NO_GPU = "no GPU"
 HOST_UNREACHABLE = "unreachable"
@@ -57,6 +59,12 @@ class StageView:
     error_class: str = ""
     error: str = ""
     label: str = ""
+    rank_parts: tuple[tuple[int, str, float, float], ...] = ()  # distributed: (rank, host, done, total) each
+
+    @property
+    def rank_line(self) -> str:
+        """"ranks 2: r0 12/30 node0 · r1 10/28 node1" for a stage of several ranks ("" otherwise)."""
+        return fmt_rank_line(self.rank_parts, self.ranks)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class CalibView:
     experts_total: int = 0
     experts_low: int = 0
     min_tokens: int = 0
+    rank_line: str = ""  # calibrate on several ranks: each rank's layer and host
 
 
 @dataclass(frozen=True)

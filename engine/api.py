@@ -19,7 +19,7 @@ from engine.events import Event, read_events
 from engine.names import StageState
 from engine.locks import this_host
 from engine.rundir import RunDir, find_run, list_run_dirs, read_status
-from engine.runview import RunView, StageView, _reconcile_local, _view  # noqa: F401 (re-exported)
+from engine.runview import ProgressCache, RunView, StageView, _reconcile_local, _view  # noqa: F401 (re-exported)
 from engine.store import AttemptRecord, RunRecord
 
 DEFAULT_WORKDIR_ENV = "QUANTDECK_WORKDIR"  # where runs are looked up besides the store (default ./quantdeck-work)
@@ -57,7 +57,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def status(self, run: str) -> RunView:
-        """Every stage's state, host, pid, attempt, times, error and latest progress. Raises RunError."""
+        """Every stage's state, host, pid, attempt, times, error and latest progress (a distributed stage's
+        summed over its ranks, with a per-rank breakdown: engine.progress_merge). Raises RunError."""
 
     @abc.abstractmethod
     def runs(self) -> list[RunView]:
@@ -102,6 +103,7 @@ class LocalEngine(Engine):
 
     def __init__(self, workdir: str | None = None):
         self.workdir = workdir or os.environ.get(DEFAULT_WORKDIR_ENV) or "./quantdeck-work"
+        self._progress = ProgressCache()  # a stage's rank files read by offset across status() calls
 
     # --- lookup ----------------------------------------------------------------------------------------
 
@@ -224,7 +226,7 @@ class LocalEngine(Engine):
     # --- reading ---------------------------------------------------------------------------------------
 
     def status(self, run):
-        return _view(self.find(run))
+        return _view(self.find(run), self._progress)
 
     def runs(self):
         from engine.store import Store
@@ -236,7 +238,7 @@ class LocalEngine(Engine):
                     seen[r.id] = RunDir(Path(r.run_dir))
         for rd in list_run_dirs(self.workdir):
             seen.setdefault(rd.id, rd)
-        return [_view(rd) for _, rd in sorted(seen.items())]
+        return [_view(rd, self._progress) for _, rd in sorted(seen.items())]
 
     def plan(self, run):
         return self.find(run).read_plan()
@@ -320,7 +322,7 @@ class LocalEngine(Engine):
                     evs, offsets[path] = read_events(path, offsets.get(path, 0))
                     for ev in evs:
                         on_event(ev)
-            view = _view(rd)
+            view = _view(rd, self._progress)
             if stop is not None and stop():
                 return view
             if not view.driver_alive and view.result != "RUNNING":

@@ -7,7 +7,8 @@ An event is one JSON object on one line of `events.jsonl` (rank 0) or `events.ra
      "rate": 3.1e8, "eta_s": 28.1, "label": "model.layers.3.mlp.experts.7.w1"}
 
 kinds and their fields (besides v, ts, kind, stage, rank, host):
-- progress: unit, done, total, bytes_done, bytes_total, rate (bytes/s, or units/s without bytes), eta_s, label
+- progress: unit, done, total, bytes_done, bytes_total, rate (bytes/s, or units/s without bytes), eta_s, label,
+            and scope "all" when every rank walks every unit (else each rank's progress is its share of the stage)
 - metric:   name, value, and optional tags (dict)
 - log:      level (debug|info|warning|error), msg
 - state:    state (a StageState value), and on failure error_class, error, hint
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 SCHEMA_VERSION = 1
 KINDS = ("progress", "metric", "log", "state")
+SCOPE_ALL = "all"  # progress `scope`: every rank walks every unit (absent: each rank reports its share of the stage)
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,13 @@ def read_events(path: str | os.PathLike, offset: int = 0) -> tuple[list[Event], 
 
 
 class Progress:
-    """Counts units and bytes, and emits throttled progress events with rate and ETA."""
+    """Counts units and bytes, and emits throttled progress events with rate and ETA. `scope="all"`: every rank
+    of the stage walks every unit (calibrate's layers) rather than its share (engine.progress_merge)."""
 
     def __init__(self, sink: EventSink, unit: str, total: int, bytes_total: int = 0,
-                 interval_s: float = 0.5, clock: Callable[[], float] = time.monotonic):
+                 interval_s: float = 0.5, clock: Callable[[], float] = time.monotonic, *, scope: str | None = None):
         self.sink, self.unit, self.total, self.bytes_total = sink, unit, total, bytes_total
+        self.scope = scope
         self.done = 0
         self.bytes_done = 0
         self.interval_s = interval_s
@@ -171,8 +175,11 @@ class Progress:
             rate = self.done / elapsed
             left = max(self.total - self.done, 0)
         eta = left / rate if rate > 0 else None
-        return {"unit": self.unit, "done": self.done, "total": self.total, "bytes_done": self.bytes_done,
+        snap = {"unit": self.unit, "done": self.done, "total": self.total, "bytes_done": self.bytes_done,
                 "bytes_total": self.bytes_total, "rate": rate, "eta_s": eta, "label": label}
+        if self.scope:
+            snap["scope"] = self.scope
+        return snap
 
 
 def latest_progress(events: Iterable[Event]) -> dict[str, Any] | None:

@@ -3,11 +3,12 @@ built from the run dir, reconciling stages whose local worker vanished."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.events import read_events
+from engine.progress_merge import StageProgress
 from engine.locks import driver_alive, this_host
 from engine.rundir import RunDir, read_status
 
@@ -25,7 +26,8 @@ class StageView:
     error: str | None
     hint: str | None
     result: dict[str, Any] | None
-    progress: dict[str, Any] | None  # the latest progress event's fields (unit, done, total, rate, eta_s, …)
+    progress: dict[str, Any] | None  # the latest progress (unit, done, total, rate, eta_s, …), summed over ranks
+    # (engine.progress_merge: then also world and ranks: [{rank, host, done, total, rate, eta_s}, …])
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -55,23 +57,30 @@ def _reconcile_local(rd: RunDir) -> None:
             reconcile_stage(rd, name)
 
 
-def _latest_progress(path: Path, tail: int = 65536) -> dict[str, Any] | None:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return None
-    start = max(0, size - tail)
-    evs, _ = read_events(path, start)
-    if start:
-        evs = evs[1:]  # the first line may be cut
-    last = None
-    for ev in evs:
-        if ev.kind == "progress":
-            last = ev.data
-    return last
+class ProgressCache:
+    """The StageProgress followers of the stages viewed, kept across views (one offset per rank file), so a
+    caller viewing a run every second reads only what its event files gained. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._by_dir: dict[Path, StageProgress] = {}
+        self._lock = threading.Lock()
+
+    def stage(self, stage_dir: Path) -> StageProgress:
+        with self._lock:
+            if stage_dir not in self._by_dir:
+                self._by_dir[stage_dir] = StageProgress(stage_dir)
+            return self._by_dir[stage_dir]
 
 
-def _view(rd: RunDir) -> RunView:
+def _progress(rd: RunDir, name: str, st: dict[str, Any], cache: ProgressCache | None) -> dict[str, Any] | None:
+    """The stage's progress over all its ranks (engine.progress_merge), for its current attempt."""
+    sp = cache.stage(rd.stage_dir(name)) if cache is not None else StageProgress(rd.stage_dir(name))
+    world = st.get("world_size")
+    return sp.poll(attempt=int(st["attempt"]) or None,
+                   world=int(world) if isinstance(world, int) and world > 0 else None)
+
+
+def _view(rd: RunDir, cache: ProgressCache | None = None) -> RunView:
     from engine.store import run_result
 
     alive = driver_alive(rd)
@@ -83,7 +92,7 @@ def _view(rd: RunDir) -> RunView:
         stages.append(StageView(name=name, state=st["state"], attempt=int(st["attempt"]), host=st.get("host"),
                                 pid=st.get("pid"), started_at=st.get("started_at"), ended_at=st.get("ended_at"),
                                 error_class=st.get("error_class"), error=st.get("error"), hint=st.get("hint"),
-                                result=st.get("result"), progress=_latest_progress(rd.events_path(name)),
+                                result=st.get("result"), progress=_progress(rd, name, st, cache),
                                 attempts=list(st.get("attempts", []))))
     result = run_result([s.state for s in stages])
     if alive and result == "PENDING":

@@ -140,7 +140,10 @@ def _remote_checks(recipe_path: str) -> tuple:
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (a list without RUN).")
 def status_cmd(run, as_json):
-    """Every stage's state, host, pid and attempt of RUN (all runs without RUN)."""
+    """Every stage's state, host, pid and attempt of RUN (all runs without RUN); a running stage's progress, over
+    all its ranks (then also each rank's share)."""
+    from console.format import rank_line
+
     eng = _engine()
     if run is None:
         views = eng.runs()
@@ -159,14 +162,20 @@ def status_cmd(run, as_json):
     click.echo(f"run {v.id}: {v.result}  ({v.meta.get('model')}, {v.meta.get('target')}) {v.run_dir}")
     click.echo(f"{'STAGE':<12} {'STATE':<13} {'ATT':>3}  {'HOST':<12} {'PID':>7}  {'TIME':>7}  PROGRESS / ERROR")
     for s in v.stages:
-        prog = ""
+        prog, ranks = "", ""
         if s.progress and s.state in ("RUNNING", "STARTING"):
-            p = s.progress
+            p = s.progress  # a distributed stage's: summed over its ranks, each rank's share in p["ranks"]
             prog = f"{p.get('done')}/{p.get('total')} {p.get('unit', '')}"
+            if p.get("eta_s") is not None:
+                prog += f", ETA {p['eta_s']:.0f}s"
+            ranks = rank_line([(r.get("rank"), r.get("host"), r.get("done") or 0, r.get("total") or 0)
+                               for r in p.get("ranks") or ()], int(p.get("world") or 0))
         if s.error_class:
             prog = f"{s.error_class}: {s.error}"
         click.echo(f"{s.name:<12} {s.state:<13} {s.attempt:>3}  {str(s.host or '-'):<12} {str(s.pid or '-'):>7}  "
                    f"{_fmt_dur(s.started_at, s.ended_at) if s.started_at else '-':>7}  {prog}")
+        if ranks:
+            click.echo(f"{'':<12} {ranks}")
 
 
 @click.command("logs")

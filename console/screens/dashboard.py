@@ -65,7 +65,9 @@ class DashboardScreen(Screen):
             self.query_one(CalibPanel).show_calib(None)
             return
         box.border_title = f"run {run.run_id} · {run.state.lower()}" + (" · live" if run.live else "")
-        box.border_subtitle = " ".join(x for x in (run.model, run.target) if x)
+        cur = run.current
+        ranks = cur.rank_line if cur is not None and cur.state == "RUNNING" and cur.name != "calibrate" else ""
+        box.border_subtitle = f"{cur.name} {ranks}" if ranks else " ".join(x for x in (run.model, run.target) if x)
         self.query_one(StageTable).show_run(run)
         cal = run.stage("calibrate")
         self.query_one(CalibPanel).show_calib(run.calib, cal.state if cal else "")

@@ -34,7 +34,7 @@ from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
 from engine.calibrate.samples import Samples, load_samples, read_samples_file
 from engine.errors import CheckpointError
-from engine.events import EventSink, NullSink, Progress
+from engine.events import SCOPE_ALL, EventSink, NullSink, Progress
 from engine.fsutil import atomic_write_json
 
 RESUME_KEYS = ("samples_sha256", "num_samples", "seq_len", "batch_size", "world_size", "quant_cfg",
@@ -232,7 +232,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             rotary = family.make_rotary(hf_config, dev)
             kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
                                                                              device=dev)) for b in batches]
-        prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0)
+        prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0, scope=SCOPE_ALL)
         prog.done = start
         n_samples = sum(b.input_ids.shape[0] for b in batches)
 

@@ -36,6 +36,19 @@ def rank_lines(stdout: str) -> list[dict]:
     return sorted(found, key=lambda d: d["rank"])
 
 
+def last_progress(path: Path, attempt: int) -> dict:
+    """The last progress event a rank wrote in `attempt` (after its `state: RUNNING` event of that attempt)."""
+    last, cur = None, None
+    for line in path.read_text().splitlines():
+        e = json.loads(line)
+        if e["kind"] == "state" and e.get("state") == "RUNNING":
+            cur = e.get("attempt")
+        elif e["kind"] == "progress" and cur == attempt:
+            last = e
+    assert last is not None, f"no progress of attempt {attempt} in {path}"
+    return last
+
+
 def torchrun(nproc: int, job: dict, **env: str) -> subprocess.CompletedProcess:
     full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 **env)
@@ -129,6 +142,18 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     assert st["result"]["shards_kept"] == len(kept["modelopt"]) and st["result"]["shards_written"] > 0
     events = [json.loads(line) for line in run.events_path("convert", 1).read_text().splitlines()]
     assert any(e["kind"] == "progress" and e.get("done", 0) > 0 for e in events)  # rank 1 wrote shards
+    # the stage's progress is both ranks' (this attempt's) shares summed, each rank's share listed
+    shares = {r: last_progress(run.events_path("convert", r), attempt=2) for r in (0, 1)}
+    assert all(sh["total"] > 0 for sh in shares.values()), shares
+    from tests.integration.runs_support import qd
+
+    res = qd("status", run.path, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    prog = next(s for s in json.loads(res.stdout)["stages"] if s["name"] == "convert")["progress"]
+    assert prog["world"] == 2 and prog["total"] == sum(sh["total"] for sh in shares.values()) == prog["done"]
+    assert prog["bytes_total"] == sum(sh["bytes_total"] for sh in shares.values())
+    assert [(r["rank"], r["done"], r["total"]) for r in prog["ranks"]] == [(r, shares[r]["done"], shares[r]["total"])
+                                                                           for r in (0, 1)]
     ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
     assert ref["shards"] == st["result"]["shards"]
     want, got = tree(tmp_path / "one"), tree(out)

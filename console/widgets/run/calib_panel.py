@@ -1,4 +1,4 @@
-"""Calibration detail: layer l/L with a progress bar, samples, tokens/s, ETA, expert coverage."""
+"""Calibration detail: layer l/L with a progress bar, samples, tokens/s, ETA, expert coverage, each rank's layer."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ class CalibPanel(Vertical):
             t.append(f" saw <{calib.min_tokens} tok" if calib.min_tokens else " under-covered", style="dim")
         else:
             t.append("-")
+        if calib.rank_line:
+            t.append("\n" + calib.rank_line, style="dim")
         if state:
             t.append(f"\n{state.lower()}", style="dim")
         text.update(t)

@@ -33,3 +33,11 @@ def test_hosts_label():
     assert fmt.join_hosts(["node0"], 0) == "node0"
     assert fmt.join_hosts(["node0", "node1", "node2", "node3"], 32) == "4 nodes ×32"
     assert fmt.join_hosts([], 0) == "-"
+
+
+def test_rank_line_lists_each_rank_share():
+    from console.format import rank_line
+
+    assert rank_line([(0, "node0", 12, 30), (1, "node1", 10, 28)], 2) == "ranks 2: r0 12/30 node0 · r1 10/28 node1"
+    assert rank_line([(0, "", 3, 4)], 4) == "ranks 4: r0 3/4"  # ranks not reported yet are not listed
+    assert rank_line([(0, "node0", 3, 4)], 1) == "" and rank_line([], 8) == ""
