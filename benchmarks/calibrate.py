@@ -10,6 +10,11 @@ its own fresh process: quantdeck's `calibrate` (one process, or --ranks N under 
 Prints wall times (load included for modelopt), peak GPU memory, peak RSS, their ratios, and whether every
 amax agrees. --gpu-mem-fraction caps both with torch.cuda.set_per_process_memory_fraction (modelopt then
 loads with device_map="auto" and a max_memory that offloads the rest to CPU).
+
+Before timing, the built model is synced to disk and one untimed process imports torch, transformers and
+modelopt (--no-warmup skips it): on a fresh machine the first import compiles bytecode and reads cold files,
+which would otherwise land on whichever tool runs first. The report has each tool's phases (streaming:
+summary["phases"] of calibrate() and per-layer times; modelopt: import, from_pretrained, forward loop, quantize).
 """
 
 from __future__ import annotations
