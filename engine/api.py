@@ -19,6 +19,7 @@ from engine.events import Event, read_events
 from engine.names import StageState
 from engine.locks import this_host
 from engine.rundir import RunDir, find_run, list_run_dirs, read_status
+from engine.progress_merge import StageRanks  # noqa: F401 (re-exported: the CLI's followers)
 from engine.runview import ProgressCache, RunView, StageView, _reconcile_local, _view  # noqa: F401 (re-exported)
 from engine.store import AttemptRecord, RunRecord
 

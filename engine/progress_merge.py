@@ -144,3 +144,22 @@ class StageProgress:
                       if f.latest is not None and (world is None or r < world)
                       and (attempt is None or f.attempt is None or f.attempt == attempt)}
             return merge_progress(latest, world)
+
+
+class StageRanks:
+    """Merges a stream of followed events (engine.api follow: every stage, every rank) into each stage's whole
+    progress: `feed(ev)` returns the stage's merged progress after a progress event (None for other events).
+    A rank's `state: RUNNING` event (a new attempt) drops its earlier progress."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str | None, dict[int, Event]] = {}
+
+    def feed(self, ev: Event) -> dict[str, Any] | None:
+        latest = self._latest.setdefault(ev.stage, {})
+        if ev.kind == "state" and ev.data.get("state") == "RUNNING":
+            latest.pop(ev.rank, None)
+            return None
+        if ev.kind != "progress":
+            return None
+        latest[ev.rank] = ev
+        return merge_progress(latest)

@@ -123,11 +123,15 @@ class LinePrinter:
     """The headless console: stage states, progress (≤ 1 line/s per stage), calibration layers, errors."""
 
     def __init__(self, out=sys.stderr):
+        from engine.api import StageRanks
+
         self.out, self.last = out, {}
+        self.ranks = StageRanks()  # a distributed stage's progress over all its ranks
 
     def __call__(self, ev) -> None:
-        d = ev.data
-        tag = f"[{ev.stage}]" + (f"[r{ev.rank}]" if ev.rank else "")
+        merged = self.ranks.feed(ev)
+        d = merged or ev.data
+        tag = f"[{ev.stage}]" + (f"[r{ev.rank}]" if ev.rank and not merged else "")
         line = None
         if ev.kind == "state":
             line = f"{tag} {str(d.get('state', '')).lower()}"
@@ -139,11 +143,12 @@ class LinePrinter:
                     f"{t.get('tokens')} tokens, {float(t.get('tokens_per_s') or 0):.0f} tok/s")
         elif ev.kind == "progress":
             now = time.monotonic()
-            key = f"{ev.stage}/{ev.rank}"
+            key = str(ev.stage)
             if d.get("done") == d.get("total") or now - self.last.get(key, 0) >= 1.0:
                 self.last[key] = now
                 eta = d.get("eta_s")
                 line = (f"{tag} {d.get('done')}/{d.get('total')} {d.get('unit', '')}"
+                        + (f" ({d['world']} ranks)" if d.get("world") else "")
                         + (f"  ETA {eta:.0f}s" if eta else "") + (f"  {d['label']}" if d.get("label") else ""))
         elif ev.kind == "log" and d.get("level") in ("warning", "error"):
             line = f"{tag} {d.get('level')}: {d.get('msg')}"

@@ -34,14 +34,19 @@ def _fmt_dur(a: float | None, b: float | None) -> str:
 
 
 class _Printer:
-    """Turns followed events into stderr lines (progress at most once a second per stage)."""
+    """Turns followed events into stderr lines (progress at most once a second per stage: a distributed
+    stage's over all its ranks, engine.progress_merge)."""
 
     def __init__(self) -> None:
+        from engine.api import StageRanks
+
         self.last: dict[str, float] = {}
+        self.ranks = StageRanks()
 
     def __call__(self, ev) -> None:
-        d = ev.data
-        tag = f"[{ev.stage}{'' if not ev.rank else f' r{ev.rank}'}]"
+        merged = self.ranks.feed(ev)
+        d = merged or ev.data
+        tag = f"[{ev.stage}{'' if not ev.rank or merged else f' r{ev.rank}'}]"
         if ev.kind == "state":
             extra = f": {d.get('error_class')}: {d.get('error')}" if d.get("error_class") else ""
             hint = f" (hint: {d.get('hint')})" if d.get("hint") else ""
@@ -50,12 +55,13 @@ class _Printer:
             click.echo(f"{tag} {d.get('level')}: {d.get('msg')}", err=True)
         elif ev.kind == "progress":
             now = time.monotonic()
-            key = f"{ev.stage}/{ev.rank}"
+            key = str(ev.stage)
             if d.get("done") != d.get("total") and now - self.last.get(key, 0) < 1.0:
                 return
             self.last[key] = now
             eta = d.get("eta_s")
-            click.echo(f"{tag} {d.get('done')}/{d.get('total')} {d.get('unit', '')}"
+            ranks = f" ({d['world']} ranks)" if d.get("world") else ""
+            click.echo(f"{tag} {d.get('done')}/{d.get('total')} {d.get('unit', '')}{ranks}"
                        + (f", ETA {eta:.0f}s" if eta else "") + (f"  {d['label']}" if d.get("label") else ""),
                        err=True)
 

@@ -154,6 +154,11 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     assert prog["bytes_total"] == sum(sh["bytes_total"] for sh in shares.values())
     assert [(r["rank"], r["done"], r["total"]) for r in prog["ranks"]] == [(r, shares[r]["done"], shares[r]["total"])
                                                                            for r in (0, 1)]
+    from engine.api import StageRanks, open_engine  # what `quantdeck run` prints while following: the same sum
+
+    sr, merged = StageRanks(), {}
+    open_engine().follow(str(run.path), lambda ev: merged.update({ev.stage: sr.feed(ev) or merged.get(ev.stage)}))
+    assert (merged["convert"]["total"], merged["convert"]["world"]) == (prog["total"], 2)
     ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
     assert ref["shards"] == st["result"]["shards"]
     want, got = tree(tmp_path / "one"), tree(out)

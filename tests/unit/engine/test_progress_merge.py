@@ -70,7 +70,7 @@ def test_an_earlier_attempt_and_ranks_beyond_the_world_do_not_count(tmp_path):
     old = [rank_sink(tmp_path, r, attempt=1) for r in range(3)]
     for s in old:
         Progress(s, "tensors", total=10, interval_s=0.0, clock=clock).advance(5)
-    s0, s1 = rank_sink(tmp_path, 0, attempt=2), rank_sink(tmp_path, 1, attempt=2)  # a rerun on 2 ranks
+    s0, _ = rank_sink(tmp_path, 0, attempt=2), rank_sink(tmp_path, 1, attempt=2)  # a rerun on 2 ranks
     Progress(s0, "tensors", total=5, interval_s=0.0, clock=clock).advance(2)
     got = StageProgress(tmp_path).poll(attempt=2, world=2)
     assert (got["done"], got["total"], [r["rank"] for r in got["ranks"]]) == (2, 5, [0])
@@ -109,3 +109,23 @@ def test_scope_all_is_as_far_as_the_slowest_rank(tmp_path):
 
 def test_merge_of_nothing_is_none():
     assert merge_progress({}) is None
+
+
+def test_stage_ranks_merges_a_followed_stream_and_a_new_attempt_drops_a_rank(tmp_path):
+    """What `quantdeck run` and the headless console print: the followed events of both rank files, merged."""
+    from engine.progress_merge import StageRanks
+
+    clock = Clock()
+    s0, s1 = rank_sink(tmp_path, 0), rank_sink(tmp_path, 1)
+    Progress(s0, "tensors", total=6, interval_s=0.0, clock=clock).advance(2)
+    Progress(s1, "tensors", total=4, interval_s=0.0, clock=clock).advance(3)
+    rank_sink(tmp_path, 1, attempt=2)  # rank 1 starts again: its attempt-1 progress no longer counts
+    merged, sr = [], StageRanks()
+    for name in ("events.jsonl", "events.rank1.jsonl"):
+        for ev in read_events(tmp_path / name)[0]:
+            m = sr.feed(ev)
+            if m is not None:
+                merged.append((m["done"], m["total"], m.get("world")))
+    assert merged == [(2, 6, None), (5, 10, 2)]
+    last0 = read_events(tmp_path / "events.jsonl")[0][-1]
+    assert sr.feed(last0) == last0.data  # rank 1 dropped (attempt 2): rank 0 alone, its event unchanged
