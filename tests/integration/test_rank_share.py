@@ -159,6 +159,11 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     sr, merged = StageRanks(), {}
     open_engine().follow(str(run.path), lambda ev: merged.update({ev.stage: sr.feed(ev) or merged.get(ev.stage)}))
     assert (merged["convert"]["total"], merged["convert"]["world"]) == (prog["total"], 2)
+    from console.api_backend import ApiBackend  # the console's stage row and ranks line
+
+    row = ApiBackend(open_engine()).read_run(str(run.path)).stage("convert")
+    assert (row.done, row.total, row.ranks) == (prog["total"], prog["total"], 2)
+    assert row.rank_line.startswith(f"ranks 2: r0 {shares[0]['done']}/{shares[0]['total']} ")
     ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
     assert ref["shards"] == st["result"]["shards"]
     want, got = tree(tmp_path / "one"), tree(out)
