@@ -150,7 +150,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
     readers = ThreadPoolExecutor(n_read, thread_name_prefix="convert-read")
     writers = ThreadPoolExecutor(n_write, thread_name_prefix="convert-write")
     closer = ThreadPoolExecutor(2, thread_name_prefix="convert-close")
-    pending: list[Future] = []  # write and close jobs
+    pending: list[Future] = []  # write and close jobs not known to be done (under `lock`)
     open_files: dict[int, list[ShardFile]] = {}  # task index -> its shard files, until closed
     left: dict[int, int] = {}  # task index -> items not yet written
 
@@ -221,11 +221,17 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                 if on_item is not None:
                     on_item(item, result.notes)
             if last:
-                pending.append(closer.submit(guard, close, task))
+                track(closer.submit(guard, close, task))
             if delay:
                 time.sleep(delay)
         except BaseException as e:  # noqa: BLE001
             fail(e)
+
+    def track(fut: Future) -> None:
+        with lock:
+            if len(pending) >= 256:  # forget finished jobs: a long run holds only those in flight
+                pending[:] = [f for f in pending if not f.done()]
+            pending.append(fut)
 
     def guard(fn, *args) -> None:
         try:
@@ -245,7 +251,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                     with lock:
                         open_files[task.index] = files
                         left[task.index] = len(task.items)
-                pending.append(writers.submit(write_item, task, item, result))
+                track(writers.submit(write_item, task, item, result))
         except BaseException as e:  # noqa: BLE001
             fail(e)
 
