@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from console.backend import Backend
-from console.format import rank_line
 from console.models import AttemptView, CalibView, HistoryRow, RunDetailView, RunView, StageView
 
 LOW_TOKENS = 8  # an expert that saw fewer tokens than this in a layer counts as under-covered
@@ -120,7 +119,7 @@ class ApiBackend(Backend):
                          tokens_per_s=sum(tps) if tps else None,
                          eta_s=p.get("eta_s") if stage.state == "RUNNING" else None,
                          experts_total=experts, experts_low=low, min_tokens=LOW_TOKENS,
-                         rank_line=rank_line(parts, world))
+                         ranks=world if world > 1 else 0, rank_parts=parts)
 
     def _coverage_counts(self, run_id: str, amax_dir: str | None) -> tuple[int, int]:
         """(experts seen, experts under LOW_TOKENS tokens) over the finished layers of the amax snapshot."""

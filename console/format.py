@@ -114,11 +114,21 @@ def join_hosts(hosts: Iterable[str], ranks: int) -> str:
     return s or "-"
 
 
-def rank_line(parts: Iterable[tuple[int, str, float, float]], world: int = 0) -> str:
-    """Each rank's share of a distributed stage: "ranks 2: r0 12/30 node0 · r1 10/28 node1" ("" for one rank, or none reported)."""
-    parts = list(parts)
+def rank_line(parts: Iterable[tuple[int, str, float, float]], world: int = 0, width: int = 0) -> str:
+    """Each rank's share of a distributed stage: "ranks 2: r0 12/30 node0 · r1 10/28 node1" ("" for one rank, or
+    none reported). Consecutive ranks at the same point on the same host read as one ("r8-15 17/61 node1");
+    `width` > 0 cuts the line there with "…"."""
+    parts = sorted(parts)
     world = max(world, len(parts))
     if world < 2 or not parts:
         return ""
-    return f"ranks {world}: " + " · ".join(f"r{r} {count(done, total)}" + (f" {host}" if host else "")
-                                           for r, host, done, total in parts)
+    groups: list[list] = []  # [first rank, last rank, host, done, total]
+    for r, host, done, total in parts:
+        g = groups[-1] if groups else None
+        if g is not None and g[1] == r - 1 and (g[2], g[3], g[4]) == (host, done, total):
+            g[1] = r
+        else:
+            groups.append([r, r, host, done, total])
+    text = f"ranks {world}: " + " · ".join(f"r{a}" + (f"-{b}" if b > a else "") + f" {count(done, total)}"
+                                           + (f" {host}" if host else "") for a, b, host, done, total in groups)
+    return ellipsize(text, width) if width > 0 else text

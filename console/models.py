@@ -77,7 +77,8 @@ class CalibView:
     experts_total: int = 0
     experts_low: int = 0
     min_tokens: int = 0
-    rank_line: str = ""  # calibrate on several ranks: each rank's layer and host
+    ranks: int = 0  # calibrate on several ranks: how many, and each one's (rank, host, layer, layers)
+    rank_parts: tuple[tuple[int, str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Header, Static
 
+from console.format import rank_line
 from console.models import NodeView, RunView
 from console.widgets import CalibPanel, FleetTable, KeyBar, LogTail, StageTable
 
@@ -65,8 +66,9 @@ class DashboardScreen(Screen):
             self.query_one(CalibPanel).show_calib(None)
             return
         box.border_title = f"run {run.run_id} · {run.state.lower()}" + (" · live" if run.live else "")
-        cur = run.current
-        ranks = cur.rank_line if cur is not None and cur.state == "RUNNING" and cur.name != "calibrate" else ""
+        cur = run.current  # a running distributed stage: each rank's share under the stages (calibrate's: right)
+        ranks = rank_line(cur.rank_parts, cur.ranks, width=max(box.size.width - 8 - len(cur.name), 20)) \
+            if cur is not None and cur.state == "RUNNING" and cur.name != "calibrate" else ""
         box.border_subtitle = f"{cur.name} {ranks}" if ranks else " ".join(x for x in (run.model, run.target) if x)
         self.query_one(StageTable).show_run(run)
         cal = run.stage("calibrate")

@@ -35,8 +35,9 @@ class CalibPanel(Vertical):
             t.append(f" saw <{calib.min_tokens} tok" if calib.min_tokens else " under-covered", style="dim")
         else:
             t.append("-")
-        if calib.rank_line:
-            t.append("\n" + calib.rank_line, style="dim")
+        ranks = fmt.rank_line(calib.rank_parts, calib.ranks, width=2 * max(self.size.width, 20) - 8)  # ≤ 2 lines
+        if ranks:
+            t.append("\n" + ranks, style="dim")
         if state:
             t.append(f"\n{state.lower()}", style="dim")
         text.update(t)

@@ -41,3 +41,7 @@ def test_rank_line_lists_each_rank_share():
     assert rank_line([(0, "node0", 12, 30), (1, "node1", 10, 28)], 2) == "ranks 2: r0 12/30 node0 · r1 10/28 node1"
     assert rank_line([(0, "", 3, 4)], 4) == "ranks 4: r0 3/4"  # ranks not reported yet are not listed
     assert rank_line([(0, "node0", 3, 4)], 1) == "" and rank_line([], 8) == ""
+    lockstep = [(r, f"node{r // 8}", 17 if r != 9 else 16, 61) for r in range(32)]  # 32 ranks on 4 nodes
+    assert rank_line(lockstep, 32) == ("ranks 32: r0-7 17/61 node0 · r8 17/61 node1 · r9 16/61 node1 · "
+                                       "r10-15 17/61 node1 · r16-23 17/61 node2 · r24-31 17/61 node3")
+    assert rank_line(lockstep, 32, width=40) == "ranks 32: r0-7 17/61 node0 · r8 17/61 n…"
