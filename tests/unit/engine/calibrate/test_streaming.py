@@ -41,6 +41,7 @@ def test_amax_equals_whole_model_modelopt(v3_dir, samples_file, reference, tmp_p
     assert moe["tokens"] > 0 and moe["tokens"] % 2 == 0  # every routed row picks top-2 experts
     progress = [d for k, d in events if k == "progress"]
     assert [p["done"] for p in progress] == [1, 2, 3] and progress[-1]["total"] == 3
+    assert {p["scope"] for p in progress} == {"all"}  # every rank walks every layer: merged as the slowest rank
     assert not list((out / "acts").rglob("*.safetensors"))  # finished: no activations left behind
 
 
