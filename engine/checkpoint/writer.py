@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from engine.checkpoint import digest as dg
+from engine.checkpoint.direct import DirectWriter
 from engine.checkpoint import manifest as mf
 from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.safetensors_format import NAMES, TensorSpec, build_layout
@@ -118,8 +119,10 @@ class ShardFile:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise _disk_full(e, self.path) from e
+        self._direct: DirectWriter | None = None
         try:
             self._reserve(self.layout.total_size)
+            self._direct = DirectWriter.open(self.path, self.layout.total_size)  # None: page cache
             self._pwrite(memoryview(self.layout.header), 0)
         except BaseException:
             self.abort()
@@ -140,6 +143,9 @@ class ShardFile:
     def _pwrite(self, view: memoryview, offset: int) -> None:
         start, done, n = offset, 0, len(view)
         try:
+            if self._direct is not None:
+                self._direct.write(view, offset)
+                return
             while done < n:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
@@ -184,6 +190,11 @@ class ShardFile:
             raise CheckpointError(f"{self.plan.name} closed with {len(missing)} tensor(s) unwritten "
                                   f"(first: {missing[0]})", at=str(self.final))
         try:
+            if self._direct is not None:
+                if self._direct.unfinished():  # pragma: no cover - every byte was written
+                    raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
+                self._direct.close()
+                os.ftruncate(self.fd, self.layout.total_size)  # the last block went out padded
             os.fsync(self.fd)
         except OSError as e:
             raise _disk_full(e, self.path) from e
@@ -197,6 +208,8 @@ class ShardFile:
         return digest, self.layout.total_size
 
     def abort(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
