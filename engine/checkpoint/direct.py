@@ -22,6 +22,7 @@ import threading
 
 ALIGN = 4096
 BOUNCE = 8 << 20
+_tls = threading.local()  # each thread's bounce buffer, reused across files (warm pages)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -41,7 +42,6 @@ class DirectWriter:
         self.size = size
         self._edges: dict[int, list] = {}  # block offset -> [4096-byte aligned buffer, bytes filled]
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     @classmethod
     def open(cls, path: str | os.PathLike, size: int) -> "DirectWriter | None":
@@ -60,10 +60,11 @@ class DirectWriter:
             return None
         return cls(fd, size)
 
-    def _bounce(self) -> mmap.mmap:
-        buf = getattr(self._local, "buf", None)
+    @staticmethod
+    def _bounce() -> mmap.mmap:
+        buf = getattr(_tls, "buf", None)
         if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, BOUNCE)  # page-aligned, reused by this thread
+            buf = _tls.buf = mmap.mmap(-1, BOUNCE)  # page-aligned, reused by this thread
         return buf
 
     def write(self, view: memoryview, offset: int) -> None:
