@@ -2,7 +2,7 @@
 
 A GPU conversion is bound by the disk, and its process spends its first seconds importing torch and
 creating the CUDA context while the disk sits idle. `start(src, device)` reads the source's index, and on
-a background thread (idle I/O priority where the scheduler has one) asks the kernel to read ahead
+a background thread (normal I/O priority; QUANTDECK_READAHEAD_IDLE=1: idle) asks the kernel to read ahead
 (`posix_fadvise(WILLNEED)`) the first shards up to a budget — what the pipeline reads first — so that
 those seconds are spent reading. A hint only: nothing is read into our memory (page cache is not RSS),
 errors are ignored, and the converter reads correctly without it. Not on CPU: there the conversion is
@@ -66,7 +66,7 @@ def gpu_likely(device: str | None) -> bool:
 
 
 def _idle_io() -> None:
-    try:  # ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE): the import's own reads go first
+    try:  # ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE): the import's own reads first
         import ctypes
 
         nr = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
@@ -77,7 +77,8 @@ def _idle_io() -> None:
 
 
 def _willneed(paths: list[str], budget: int) -> None:
-    _idle_io()
+    if os.environ.get("QUANTDECK_READAHEAD_IDLE") == "1":
+        _idle_io()
     left = budget
     for p in paths:
         if left <= 0:

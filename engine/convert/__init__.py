@@ -1,21 +1,23 @@
 """Streaming checkpoint conversion (NVFP4 weight-only, FP8-block, BF16), MTP injection, extras, validation.
 
     from engine.convert import convert_checkpoint, validate_checkpoint, inject_mtp, copy_extras
+
+Everything is imported on first use: importing the package (as `python -m engine.convert` does before its
+__main__ runs) loads no torch, so the entry point can start reading the source first.
 """
 
-from engine.convert.extras import copy_extras
-from engine.convert.streaming import convert_checkpoint, parse_size
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["convert_checkpoint", "copy_extras", "parse_size", "inject_mtp", "validate_checkpoint"]
 
+_WHERE = {"convert_checkpoint": "engine.convert.streaming", "parse_size": "engine.convert.streaming",
+          "copy_extras": "engine.convert.extras", "validate_checkpoint": "engine.convert.validate",
+          "inject_mtp": "engine.convert.mtp"}
 
-def __getattr__(name):  # lazy: validate pulls in transformers
-    if name == "validate_checkpoint":
-        from engine.convert.validate import validate_checkpoint
 
-        return validate_checkpoint
-    if name == "inject_mtp":
-        from engine.convert.mtp import inject_mtp
-
-        return inject_mtp
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(name)

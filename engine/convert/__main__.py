@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
 
-from engine import readahead  # noqa: E402  (no torch)
+from engine import readahead, timeline  # noqa: E402  (no torch)
 from engine.errors import QuantdeckError, exit_code_for  # noqa: E402
 from engine.events import CallbackSink  # noqa: E402
 
@@ -30,12 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize-attention", action="store_true")
     a = ap.parse_args(argv)
     layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
+    timeline.mark("main")
     readahead.start(a.src, a.device)  # on a GPU box the disk reads the source while torch imports
     gc.disable()  # no collections while torch's million objects load ...
     from engine.convert import convert_checkpoint
 
     gc.freeze()  # ... and later ones never walk them
     gc.enable()
+    timeline.mark("imported")
 
     def show(ev):
         if ev.kind == "log":

@@ -53,6 +53,9 @@ def warm_up(target: str, device: torch.device | str) -> None:
                 torch.empty(1, pin_memory=True)
             except Exception:  # noqa: BLE001
                 pass
+            from engine import timeline
+
+            timeline.mark("cuda_ready")
     elif target == "nvfp4":
         def warm() -> None:
             try:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from engine import timeline
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.writer import ShardFile, ShardPlan
 from engine.convert.compute import compute_item
@@ -54,7 +55,7 @@ def io_threads(device: torch.device | str) -> tuple[int, int, int]:
     taking them. QUANTDECK_READERS / QUANTDECK_COMPUTERS / QUANTDECK_WRITERS override."""
     cores = os.cpu_count() or 1
     if torch.device(device).type == "cuda":
-        r, c, w = min(8, max(2, cores // 2)), 3, min(4, max(2, cores // 4))
+        r, c, w = min(8, max(2, cores // 2)), 3, min(8, max(2, cores // 2))
     else:
         r, c, w = 2, 1, 2
     env = os.environ
@@ -172,6 +173,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
             raise _Stop
         src = {n: reader.get(n, pin=pin) for n in source_names(item)}
         add_busy("read_s", t0)
+        timeline.mark("first_read")
         return src
 
     def read_loop() -> None:
@@ -277,6 +279,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device: torch
                     if torch.device(device).type != "cpu":
                         result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
                     add_busy("compute_s", t0)
+                    timeline.mark("first_computed")
                     del src, fut
                     t0 = time.monotonic()
                     _put(q_out, (task, item, result), stop)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from engine import __version__
+from engine import __version__, timeline
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
 from engine.convert.extras import copy_extras
@@ -198,6 +198,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     layouts = check_layouts(list(layouts), target)
     shard_size = parse_size(shard_size)
     dev = ranks.device(resolve_device(device))
+    timeline.mark("convert")
     warm_up(target, dev)
     reader = CheckpointReader(src)
     from engine.models import detect_layout  # engineer C's model layouts
@@ -243,7 +244,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
                     notes_all.append(note)
                     sink.emit("log", level="warning", msg=note)
 
+            timeline.mark("pipeline")
             timings = run_tasks(reader, mine, device=dev, v4_fp8=v4_fp8, on_item=on_item)
+            timeline.mark("pipeline_done")
         else:
             _run_workers(str(src), mine, workers, dev, v4_fp8, progress, sink)
     progress.advance(0, force=True)
@@ -256,10 +259,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
 
     outputs = finish_writers(writers, ranks, write_extras)
     reader.close()
+    timeline.mark("finalized")
     wall = time.monotonic() - t0
     return {"src": str(src), "dst": str(dst), "outputs": outputs, "target": target, "family": plan.family,
             "device": str(dev), "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
             "shards_kept": len(groups) - len(tasks), "quantized_modules": len(plan.quantized_modules),
             "kept_modules": plan.kept_modules, "mtp_modules": plan.mtp_modules, "notes": notes_all,
-            "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings,
+            "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings, "timeline_s": timeline.since_start(),
             "read_mb_s": round(bytes_total / wall / 1e6, 1) if wall > 0 else None}
