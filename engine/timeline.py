@@ -30,5 +30,12 @@ def mark(name: str) -> None:
     _marks.setdefault(name, time.monotonic())
 
 
+def begin(name: str, keep: tuple[str, ...] = ("main", "imported")) -> None:
+    """A new run in this process: forget the marks of an earlier one (but the process's own `keep`)."""
+    for k in [k for k in _marks if k not in keep]:
+        del _marks[k]
+    mark(name)
+
+
 def since_start() -> dict[str, float]:
     return {k: round(v - _START, 3) for k, v in sorted(_marks.items(), key=lambda kv: kv[1])}

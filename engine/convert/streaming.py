@@ -198,7 +198,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     layouts = check_layouts(list(layouts), target)
     shard_size = parse_size(shard_size)
     dev = ranks.device(resolve_device(device))
-    timeline.mark("convert")
+    timeline.begin("convert")
     warm_up(target, dev)
     reader = CheckpointReader(src)
     from engine.models import detect_layout  # engineer C's model layouts
@@ -265,5 +265,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
             "device": str(dev), "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
             "shards_kept": len(groups) - len(tasks), "quantized_modules": len(plan.quantized_modules),
             "kept_modules": plan.kept_modules, "mtp_modules": plan.mtp_modules, "notes": notes_all,
-            "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings, "timeline_s": timeline.since_start(),
+            "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings,
+            "timeline_s": timeline.since_start(),
             "read_mb_s": round(bytes_total / wall / 1e6, 1) if wall > 0 else None}
