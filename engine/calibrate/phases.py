@@ -59,7 +59,8 @@ class Phases:
         """Phases rounded to ms, plus `total_s` (since construction) and `other_s` (not in any phase)."""
         total = time.monotonic() - self._t0
         out = {k: round(v, 3) for k, v in self.seconds.items()}
-        # gc_s overlaps the phases it ran in: not subtracted again
-        out["other_s"] = round(total - sum(v for k, v in self.seconds.items() if k != "gc_s"), 3)
+        # gc_s and *_bg_s (background threads) overlap other phases: not subtracted again
+        out["other_s"] = round(total - sum(v for k, v in self.seconds.items()
+                                           if k != "gc_s" and not k.endswith("_bg_s")), 3)
         out["total_s"] = round(total, 3)
         return out

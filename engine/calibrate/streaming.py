@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import os
 import platform
@@ -162,6 +163,7 @@ def _warm_device(device: str) -> None:
     with contextlib.suppress(Exception):  # a real failure shows up again, with its message, in init_distributed
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         if dev.type == "cuda":
+            torch.cuda.set_device(dev)
             torch.empty(1, device=dev)
 
 
@@ -182,24 +184,33 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         n_layers = family.num_layers(hf_config)
         start = snap.resume_point(out)
         end = n_layers if stop_after is None else min(n_layers, start + stop_after)
-    reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch")
-    writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts")
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    # helper threads work on this rank's GPU (a thread's current CUDA device is its own: left at 0, page-locking
+    # or a kernel there would open a context on another rank's GPU)
+    init = (dict(initializer=torch.cuda.set_device, initargs=(dev,)) if dev.type == "cuda" else {})
+    reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch", **init)
+    writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts", **init)
     stack = contextlib.ExitStack()
     try:
-        # the first layer's tensors are read while modelopt is imported and the samples tokenized
-        pin = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cuda"
-        nxt = reader_pool.submit(layer_tensors, family, hf_config, start, src, dtype, pin) if start < end else None
+        # the first layer's tensors are read, and the first activations and the layer arguments computed, while
+        # modelopt is imported (torch.distributed is joined after: RANK / WORLD_SIZE give the batches)
+        nxt = reader_pool.submit(layer_tensors, family, hf_config, start, src, dtype, dev.type == "cuda") \
+            if start < end else None
+        with ph("samples_s"):
+            if not isinstance(samples, Samples):
+                samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
+            pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+            world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+            batches = plan_batches(samples.input_ids, batch_size, world, rank, pad_id)
+            importlib.import_module("transformers.masking_utils")  # imported here, not on the inputs thread
+        inputs = writer_pool.submit(_prepare_inputs, family, hf_config, src, out, rank, batches, start, end, dtype, dev,
+                                    warm)
         with ph("import_s"):
             qcfg = resolve_quant_cfg(quant_cfg)
         with ph("dist_init_s"):
             warm.join()
             ctx = init_distributed(device)
             holder.append(ctx)
-        with ph("samples_s"):
-            if not isinstance(samples, Samples):
-                samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
-            pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-            batches = plan_batches(samples.input_ids, batch_size, ctx.world_size, ctx.rank, pad_id)
         local_tokens = sum(b.tokens for b in batches)
         manifest = {
             "format": snap.SNAPSHOT_FORMAT, "model": str(model_dir), "model_fingerprint": src.reader.fingerprint(),
@@ -224,14 +235,9 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         if mtp and ctx.rank == 0:
             sink.emit("log", level="info", msg=f"MTP layer(s) {mtp} not calibrated (modelopt's flows do not load "
                       "them either): export keeps them in BF16 and lists them as excluded")
-        dev = ctx.device
-        with ph("embed_s"):
-            hidden = _first_hidden(family, hf_config, src, out, ctx, batches, start, end, dtype)
-            hidden, bufs = _pinned(hidden, dev)
-        with ph("kwargs_s"), torch.no_grad():
-            rotary = family.make_rotary(hf_config, dev)
-            kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
-                                                                             device=dev)) for b in batches]
+        with ph("inputs_wait_s"):
+            hidden, bufs, kwargs, t_inputs = inputs.result()
+            ph.add("inputs_bg_s", t_inputs)  # overlapped with the imports
         prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0, scope=SCOPE_ALL)
         prog.done = start
         n_samples = sum(b.input_ids.shape[0] for b in batches)
@@ -265,8 +271,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             t0 = time.monotonic()
             tensors = nxt.result()
             t1 = time.monotonic()
-            nxt = reader_pool.submit(layer_tensors, family, hf_config, i + 1, src, dtype, pin) if i + 1 < end \
-                else None
+            nxt = reader_pool.submit(layer_tensors, family, hf_config, i + 1, src, dtype, dev.type == "cuda") \
+                if i + 1 < end else None
             layer = materialize_layer(family, hf_config, i, tensors, dev)
             del tensors
             t2 = time.monotonic()
@@ -327,13 +333,28 @@ def mtp_layers(config: dict, names: set[str]) -> list[str]:
                   key=lambda p: int(p.rsplit(".", 1)[1]))
 
 
-def _first_hidden(family, hf_config, src, out, ctx, batches, start: int, end: int, dtype) -> list[torch.Tensor]:
+def _prepare_inputs(family, hf_config, src, out, rank: int, batches, start: int, end: int, dtype, dev, warm):
+    """(activations entering layer `start` and a second buffer set, per-batch layer arguments, seconds taken)."""
+    t = time.monotonic()
+    warm.join()
+    hidden = _first_hidden(family, hf_config, src, out, rank, batches, start, end, dtype, dev)
+    hidden, bufs = _pinned(hidden, dev)
+    with torch.no_grad():
+        rotary = family.make_rotary(hf_config, dev)
+        kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
+                                                                         device=dev)) for b in batches]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return hidden, bufs, kwargs, time.monotonic() - t
+
+
+def _first_hidden(family, hf_config, src, out, rank: int, batches, start: int, end: int, dtype,
+                  dev: torch.device) -> list[torch.Tensor]:
     """The activations entering layer `start`: embeddings, or the saved outputs of layer start-1."""
     if start >= end:
         return []
     if start > 0:
-        return snap.read_acts(out, ctx.rank, start - 1, len(batches))
-    dev = ctx.device
+        return snap.read_acts(out, rank, start - 1, len(batches))
     emb = src.get(family.embed_source(src.names)).to(dev, dtype)
     out: list[torch.Tensor] = []
     with torch.no_grad():
