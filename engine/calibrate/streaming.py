@@ -30,6 +30,7 @@ from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.fastcollect import check_amax, deferred_checks
+from engine.calibrate.inputs import prepare_inputs
 from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
 from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
@@ -203,7 +204,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
             batches = plan_batches(samples.input_ids, batch_size, world, rank, pad_id)
             importlib.import_module("transformers.masking_utils")  # imported here, not on the inputs thread
-        inputs = writer_pool.submit(_prepare_inputs, family, hf_config, src, out, rank, batches, start, end, dtype, dev,
+        inputs = writer_pool.submit(prepare_inputs, family, hf_config, src, out, rank, batches, start, end, dtype, dev,
                                     warm)
         with ph("import_s"):
             qcfg = resolve_quant_cfg(quant_cfg)
@@ -246,14 +247,15 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             """Once this rank's activations of layer i are on disk and every rank's are: rank 0 writes the layer."""
             t = time.monotonic()
             if p["acts"] is not None:
-                p["acts"].result()
-            ctx.barrier()
-            if ctx.rank == 0:
-                snap.write_layer(out, p["i"], p["amax"], p["cov"])
-            ctx.barrier()
-            snap.prune_acts(out, ctx.rank, keep=p["i"])
-            if os.environ.get("QUANTDECK_CALIBRATE_DIE_AFTER_LAYER") == str(p["i"]):  # crash drills: die like kill -9
-                os._exit(137)
+                p["acts"].result()  # also: its buffers may take the next layer's outputs
+            if ctx.active:
+                ctx.barrier()
+                if ctx.rank == 0:
+                    snap.write_layer(out, p["i"], p["amax"], p["cov"])
+                ctx.barrier()
+                _after_layer(out, ctx.rank, p["i"])
+            else:  # one rank: the layer file is written on the writer thread, after the activations (in order)
+                layer_jobs.append(writer_pool.submit(_write_layer_job, out, p["i"], p["amax"], p["cov"]))
             tm = p["times"]
             tm["write_wait_s"] = time.monotonic() - t
             ph.merge({k: v for k, v in tm.items() if k != "calib_s"})  # calib_s is the sum of its parts
@@ -265,6 +267,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             prog.advance(1, label=f"layer {p['i'] + 1}/{n_layers}", force=True)
 
         pending = None
+        layer_jobs: list = []
         stack.enter_context(ph.gc_watch())
         for i in range(start, end):
             times: dict[str, float] = {}
@@ -299,6 +302,9 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
                 hidden = outs
         if pending is not None:
             commit(pending)
+        with ph("write_wait_s"):
+            for job in layer_jobs:
+                job.result()
     finally:
         stack.close()
         reader_pool.shutdown(wait=True, cancel_futures=True)
@@ -333,52 +339,15 @@ def mtp_layers(config: dict, names: set[str]) -> list[str]:
                   key=lambda p: int(p.rsplit(".", 1)[1]))
 
 
-def _prepare_inputs(family, hf_config, src, out, rank: int, batches, start: int, end: int, dtype, dev, warm):
-    """(activations entering layer `start` and a second buffer set, per-batch layer arguments, seconds taken)."""
-    t = time.monotonic()
-    warm.join()
-    hidden = _first_hidden(family, hf_config, src, out, rank, batches, start, end, dtype, dev)
-    hidden, bufs = _pinned(hidden, dev)
-    with torch.no_grad():
-        rotary = family.make_rotary(hf_config, dev)
-        kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
-                                                                         device=dev)) for b in batches]
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return hidden, bufs, kwargs, time.monotonic() - t
+def _after_layer(out: Path, rank: int, i: int) -> None:
+    snap.prune_acts(out, rank, keep=i)
+    if os.environ.get("QUANTDECK_CALIBRATE_DIE_AFTER_LAYER") == str(i):  # crash drills: die like kill -9
+        os._exit(137)
 
 
-def _first_hidden(family, hf_config, src, out, rank: int, batches, start: int, end: int, dtype,
-                  dev: torch.device) -> list[torch.Tensor]:
-    """The activations entering layer `start`: embeddings, or the saved outputs of layer start-1."""
-    if start >= end:
-        return []
-    if start > 0:
-        return snap.read_acts(out, rank, start - 1, len(batches))
-    emb = src.get(family.embed_source(src.names)).to(dev, dtype)
-    out: list[torch.Tensor] = []
-    with torch.no_grad():
-        for b in batches:
-            h = family.initial_hidden(hf_config, torch.nn.functional.embedding(b.input_ids.to(dev), emb))
-            if dev.type == "cuda":  # straight into page-locked memory (what the layer loop reads from)
-                with contextlib.suppress(RuntimeError):
-                    out.append(torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h, non_blocking=True))
-                    continue
-            out.append(h.cpu())
-        if dev.type == "cuda":
-            torch.cuda.current_stream(dev).synchronize()
-    return out
-
-
-def _pinned(hidden: list[torch.Tensor], dev: torch.device):
-    """On CUDA: the activations in pinned host memory, plus a second pinned set for each layer's outputs."""
-    if dev.type != "cuda" or not hidden:
-        return hidden, None
-    try:
-        return ([h.pin_memory() for h in hidden],
-                [torch.empty(h.shape, dtype=h.dtype, pin_memory=True) for h in hidden])
-    except RuntimeError:  # pinning refused (locked-memory limits): pageable copies, synchronous
-        return hidden, None
+def _write_layer_job(out: Path, i: int, amax: dict, cov: dict) -> None:
+    snap.write_layer(out, i, amax, cov)
+    _after_layer(out, 0, i)
 
 
 def _finish(ctx, out: Path, manifest: dict, n_layers: int, finished: bool) -> dict[str, Any]:
