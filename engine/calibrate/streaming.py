@@ -255,6 +255,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
                 ctx.barrier()
                 _after_layer(out, ctx.rank, p["i"])
             else:  # one rank: the layer file is written on the writer thread, after the activations (in order)
+                for job in [j for j in layer_jobs if j.done()]:  # a failed write (disk full) stops us here
+                    job.result()
                 layer_jobs.append(writer_pool.submit(_write_layer_job, out, p["i"], p["amax"], p["cov"]))
             tm = p["times"]
             tm["write_wait_s"] = time.monotonic() - t
