@@ -49,11 +49,12 @@ class DashboardScreen(Screen):
         narrow = self.size.width < 110 or self.size.height < 30
         self.set_class(narrow, "narrow")
         self.query_one(FleetTable).set_compact(self.size.width < 110)
+        # the poll already shown, redrawn at the new width: not a new point of its history
         if self.app.nodes:  # type: ignore[attr-defined]
-            self.show_fleet(self.app.nodes, self.app.clock())  # type: ignore[attr-defined]
+            self.show_fleet(self.app.nodes, self.app.clock(), record=False)  # type: ignore[attr-defined]
 
-    def show_fleet(self, nodes: tuple[NodeView, ...], now: float) -> None:
-        self.query_one(FleetTable).show_nodes(nodes, now)
+    def show_fleet(self, nodes: tuple[NodeView, ...], now: float, record: bool = True) -> None:
+        self.query_one(FleetTable).show_nodes(nodes, now, record)
         box = self.query_one("#fleet-box")
         gpus = sum(len(n.gpus) for n in nodes)
         bad = sum(1 for n in nodes if n.state in ("stale", "unreachable"))

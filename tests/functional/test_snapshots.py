@@ -18,6 +18,10 @@ def _feed(app, clock, polls: int = 12):
     feed = replay_fleet_4x8(clock=clock, start=False)
 
     async def run_before(pilot):
+        # the polls go to a dashboard that exists: one posted before it mounted would be handled and not drawn
+        # (it draws only the newest on mount), and how many that are depends on timing, not on the app
+        while app.dashboard is None:
+            await pilot.pause(0.02)
         for _ in range(polls):
             feed.source.advance()
             app.post_message(FleetSampled(feed.poll()))

@@ -39,16 +39,18 @@ class FleetTable(LineTable):
             self.bar_width, self.spark_width = widths
             self.clear_rows()
 
-    def show_nodes(self, nodes: tuple[NodeView, ...], now: float) -> None:
+    def show_nodes(self, nodes: tuple[NodeView, ...], now: float, record: bool = True) -> None:
+        """Draw a poll's nodes; `record=False` redraws a poll already shown (a resize) without adding it to the
+        history again, so the history has one point per poll whatever the number of redraws."""
         rows: dict[str, tuple] = {}
         for node in nodes:
-            rows.update(self._node_rows(node, now))
+            rows.update(self._node_rows(node, now, record))
         for key in [k for k in self._history if k not in rows]:
             del self._history[key]
         self.set_rows(rows)
 
     # ----------------------------------------------------------------- cells
-    def _node_rows(self, node: NodeView, now: float):
+    def _node_rows(self, node: NodeView, now: float, record: bool = True):
         state = node.state
         label = state
         if state == HOST_STALE:
@@ -69,7 +71,7 @@ class FleetTable(LineTable):
             key = f"{node.name}/{g.index}"
             frac = g.mem_used_mib / g.mem_total_mib if g.mem_total_mib else 0.0
             hist = self._history.setdefault(key, deque(maxlen=HISTORY))
-            if not dim:
+            if record and not dim:
                 hist.append(frac)
             style = "dim" if dim else _mem_style(frac)
             mem = Text.assemble((fmt.bar(frac, self.bar_width), style),

@@ -16,6 +16,12 @@ class CalibPanel(Vertical):
         yield Static("no calibration in this run", id="calib-text")
         yield ProgressBar(total=1, show_eta=False, id="calib-bar")
 
+    def on_resize(self) -> None:
+        # the bar rounds its fill to the half cells of the width it has when set: a value set before the layout
+        # gave it its width is drawn again at that width, so the fill never depends on when the run was read
+        progress = self.query_one("#calib-bar", ProgressBar)
+        progress.query_one("#bar").percentage = progress.percentage  # type: ignore[attr-defined]
+
     def show_calib(self, calib: CalibView | None, state: str = "") -> None:
         text = self.query_one("#calib-text", Static)
         bar = self.query_one("#calib-bar", ProgressBar)

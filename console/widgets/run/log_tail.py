@@ -10,6 +10,11 @@ class LogTail(Log):
         super().__init__(max_lines=500, auto_scroll=True, **kw)
         self.stage: str | None = None
 
+    def on_mount(self) -> None:
+        # anchored: the layout keeps the newest line in view (lines written before the widget has its size
+        # included) until the operator scrolls up; at the end again, it follows again
+        self.anchor()
+
     def show_lines(self, stage: str, lines: list[str], reset: bool) -> None:
         if reset or stage != self.stage:
             self.clear()
