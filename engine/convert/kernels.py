@@ -38,7 +38,8 @@ def float_to_nvfp4(w: torch.Tensor, scale_2: torch.Tensor, device: torch.device 
 def warm_up(target: str, device: torch.device | str) -> None:
     """Get the slow one-time set-ups going on a background thread, so that they overlap planning and the
     first reads instead of stalling the first tensor: on CPU, import numba and load the cached kernels
-    (~0.8 s on 2 cores); on CUDA, create the device context (and the pinned-memory allocator). Where the
+    (~0.8 s on 2 cores); on CUDA, create the device context (and the pinned-memory allocator), import
+    Triton and load its fused kernel (up to ~1-2 s, which the first FP8 item otherwise waits for). Where the
     process froze its objects out of the garbage collector's full passes (the converter's entry points do,
     after importing torch), numba's are frozen too (a full pass over them costs ~0.25 s on 2 cores). A
     failure here is ignored: the real call raises it with its context."""
@@ -48,14 +49,22 @@ def warm_up(target: str, device: torch.device | str) -> None:
     dev = torch.device(device)
     if dev.type == "cuda":
         def warm() -> None:
+            from engine import timeline
+
             try:
                 torch.empty(1, device=dev)
                 torch.empty(1, pin_memory=True)
+                timeline.mark("cuda_ready")
+                if target == "nvfp4":  # import Triton, load (or compile) the fused kernel's specializations:
+                    one = torch.tensor(1.0)  # column tiles a multiple of 16 or not ([2048, 7168] and [7168, 2048])
+                    for i in (1024, 2048):
+                        w = torch.zeros(128, i, dtype=torch.float8_e4m3fn, device=dev)
+                        s = torch.ones(1, i // 128, device=dev)
+                        dispatch.fp8_block_amax(w, s, str(dev), block=(128, 128))
+                        dispatch.fp8_block_to_nvfp4(w, s, one, str(dev), block=(128, 128))
+                    timeline.mark("cuda_kernels_ready")
             except Exception:  # noqa: BLE001
                 pass
-            from engine import timeline
-
-            timeline.mark("cuda_ready")
     elif target == "nvfp4":
         def warm() -> None:
             try:
