@@ -13,6 +13,7 @@ by a digest of its source); any other version keeps modelopt's own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import math
@@ -26,10 +27,12 @@ from engine.errors import ValidationFailedError
 KNOWN_COLLECT = {"0ec3cd8409470bc6"}
 
 
+_QU = None  # modelopt.torch.quantization.utils, bound by deferred_checks (no import statement per call)
+
+
 @torch.no_grad()
 def _collect(self, x):
-    from modelopt.torch.quantization import utils as quant_utils
-
+    quant_utils = _QU
     reduce_axis = quant_utils.convert_quantization_axis_to_reduce_axis(x, self._axis)
     local_amax = quant_utils.reduce_amax(x, axis=reduce_axis).detach()
     if x.device.type == "meta":
@@ -45,6 +48,7 @@ def _collect(self, x):
         self._amaxs.append(local_amax.cpu().numpy())
 
 
+@functools.lru_cache(maxsize=1)
 def supported() -> bool:
     from modelopt.torch.quantization.calib.max import MaxCalibrator
 
@@ -58,11 +62,14 @@ def supported() -> bool:
 @contextlib.contextmanager
 def deferred_checks() -> Iterator[bool]:
     """Within: modelopt's MaxCalibrator.collect without per-call syncs (yields whether it was swapped)."""
+    global _QU
+    from modelopt.torch.quantization import utils as quant_utils
     from modelopt.torch.quantization.calib.max import MaxCalibrator
 
     if not supported():
         yield False
         return
+    _QU = quant_utils
     orig = MaxCalibrator.__dict__["collect"]
     MaxCalibrator.collect = _collect
     try:
