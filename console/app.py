@@ -235,8 +235,9 @@ class QuantdeckApp(App):
         self.log_lines = (self.log_lines + msg.lines)[-500:]
         if self.dashboard:
             self.dashboard.show_log(msg.stage, msg.lines, msg.reset)
-        if isinstance(self.screen, LogScreen):
-            self.screen.append(msg.stage, msg.lines)
+        top = self.screen_stack[-1] if self.screen_stack else None  # a read can land before the first screen
+        if isinstance(top, LogScreen):
+            top.append(msg.stage, msg.lines)
 
     def on_history_loaded(self, msg: HistoryLoaded) -> None:
         for s in self.screen_stack:

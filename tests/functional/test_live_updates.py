@@ -28,8 +28,10 @@ async def test_failed_stage_and_finished_run_are_notified(fixed_clock):
     backend = StaticBackend()
     app = build_app(backend=backend, use_fleet=False, clock=fixed_clock, follow_s=0.05)
     async with app.run_test(size=(120, 40)) as pilot:
-        await _until(pilot, lambda: app.run_view is not None)
-        table = app.screen.query_one(StageTable)
+        # the first run read can come before the dashboard is mounted (then no row is drawn yet): wait for the rows
+        await _until(pilot, lambda: app.run_view is not None and app.dashboard is not None
+                     and app.dashboard.query_one(StageTable).row_count == len(backend.run.stages))
+        table = app.dashboard.query_one(StageTable)
         rows_before = table.row_count
         st = list(backend.run.stages)
         st[2] = replace(st[2], state="FAILED", error_class="cuda-oom", error="CUDA out of memory")
