@@ -61,8 +61,9 @@ async def test_killed_stage_is_shown_and_impossible_actions_are_disabled(real_en
         await pilot.pause(0.2)
         assert not isinstance(app.screen, ConfirmModal)
         # the stage table shows the failure; the log tail follows the selected stage
-        await until(pilot, lambda: app.log_stage == "export", what="the export log")
-        assert any("export" in line for line in app.log_lines)
+        # the first read of a newly followed stage may come before its lines: wait for both
+        await until(pilot, lambda: app.log_stage == "export" and any("export" in line for line in app.log_lines),
+                    what="the export log")
         await pilot.press("?")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
         await pilot.press("escape")
