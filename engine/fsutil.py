@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from engine.errors import DiskFullError
 
@@ -27,24 +28,34 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a sibling temp file and a rename: readers see old or new, never half."""
+@contextmanager
+def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a sibling temp path to write; on success rename it over `path` and fsync the directory, on any
+    error remove it: readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a sibling temp file and a rename: readers see old or new, never half."""
+    try:
+        with atomic_replace(path) as tmp, open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         if e.errno == 28:  # ENOSPC
             raise DiskFullError(f"no space left writing {path}", at=str(path),
                                 hint="free space on that filesystem, then resume") from e
         raise
-    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from engine.errors import CheckpointError
-from engine.fsutil import fsync_dir, read_json
+from engine.fsutil import atomic_replace, read_json
 
 LAYER_RE = re.compile(r"^layer_(\d{3,})\.safetensors$")
 MANIFEST = "manifest.json"
@@ -42,18 +42,10 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
     """safetensors.save_file into a sibling temp file, fsync, rename."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
+    with atomic_replace(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def save_safetensors_streamed(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
@@ -63,23 +55,14 @@ def save_safetensors_streamed(path: Path, tensors: dict[str, torch.Tensor], meta
     so a writer thread does not stall the calibrating thread."""
     from engine.checkpoint.safetensors_format import TensorSpec, build_layout
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     lay = build_layout([TensorSpec.of(k, v.dtype, v.shape) for k, v in flat.items()], metadata)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb", buffering=0) as fh:
-            fh.write(lay.header)
-            for k in sorted(flat, key=lambda n: lay.offsets[n][0]):
-                if flat[k].numel():
-                    fh.write(memoryview(flat[k].reshape(-1).view(torch.uint8).numpy()))
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_replace(path) as tmp, open(tmp, "wb", buffering=0) as fh:
+        fh.write(lay.header)
+        for k in sorted(flat, key=lambda n: lay.offsets[n][0]):
+            if flat[k].numel():
+                fh.write(memoryview(flat[k].reshape(-1).view(torch.uint8).numpy()))
+        os.fsync(fh.fileno())
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

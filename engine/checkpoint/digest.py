@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
+from engine.fsutil import HASH_CHUNK as _CHUNK, sha256_file
+
 KIND = "sha256-pieces"
-_CHUNK = 8 << 20
 
 
 def combine(piece_digests: Iterable[bytes]) -> str:
@@ -84,14 +85,6 @@ def file_digest(path: str | os.PathLike, threads: int | None = None) -> str:
         return combine(_hash_range(path, a, b) for a, b in pieces)
     with ThreadPoolExecutor(n, thread_name_prefix="digest") as ex:
         return combine(ex.map(lambda p: _hash_range(path, *p), pieces))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def matches(path: str | os.PathLike, rec: dict) -> bool:
