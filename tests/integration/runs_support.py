@@ -136,3 +136,10 @@ def tree_state(root: Path) -> dict[str, tuple[int, int, str]]:
             st = p.stat()
             out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
+
+
+def output_files(workdir: Path) -> dict[str, bytes]:
+    """relative path → bytes of every file under `workdir/outputs` but the manifests (they hold timestamps)."""
+    root = workdir / "outputs"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from tests.integration.runs_support import output_files
+
 pytestmark = pytest.mark.requires_gpu
 
 
@@ -82,10 +84,5 @@ def test_calibrated_pipeline_on_local_gpu_ranks_equals_one_process(tiny_ckpt, tm
         assert read_status(multi, s)["state"] == StageState.SUCCEEDED.value
         assert len(events[s]) == n, events
 
-    def outputs(w):
-        root = w / "outputs"
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-                if p.is_file() and p.name != "manifest.json"}
-
-    a, b = outputs(tmp_path / "work1"), outputs(tmp_path / f"work{n}")
+    a, b = output_files(tmp_path / "work1"), output_files(tmp_path / f"work{n}")
     assert a and a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []

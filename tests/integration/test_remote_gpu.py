@@ -16,6 +16,7 @@ from remote.hosts import cluster_from
 from remote.launchers import TorchrunLauncher
 from remote.monitor import LocalProbe, TelemetryMonitor
 from remote.telemetry import NodeState
+from tests.integration.runs_support import output_files
 from tests.integration.sshd import start_cluster
 
 pytestmark = pytest.mark.requires_gpu
@@ -129,10 +130,5 @@ def test_calibrated_pipeline_two_gpu_ranks_nccl_equals_one_rank(gpu_node, tiny_c
               f"calibrate events {ranks}; status {st['state']} on {st['host']}")
     assert st["state"] == StageState.SUCCEEDED.value and len(ranks) == n
 
-    def outputs(w):
-        root = w / "outputs"
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-                if p.is_file() and p.name != "manifest.json"}
-
-    a, b = outputs(tmp_path / "local-work"), outputs(cluster.work_dir)
+    a, b = output_files(tmp_path / "local-work"), output_files(cluster.work_dir)
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []

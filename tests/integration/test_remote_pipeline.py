@@ -14,6 +14,7 @@ import pytest
 
 from engine.names import StageState
 from engine.rundir import read_status
+from tests.integration.runs_support import output_files
 
 HEAD = "node2"
 
@@ -42,12 +43,6 @@ def hosts_that_wrote(run, stage: str) -> dict[int, str]:
             if e.get("kind") == "progress" and (e.get("done") or 0) > 0:
                 out[e["rank"]] = e["host"]
     return out
-
-
-def output_files(workdir: Path) -> dict[str, bytes]:
-    root = workdir / "outputs"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
 
 
 @pytest.mark.slow
