@@ -20,6 +20,7 @@ writes any of its shards. Nothing else reads it.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import socket
@@ -34,6 +35,16 @@ FAIL_RANK_ENV = "QUANTDECK_TEST_FAIL_RANK"
 TIMEOUT_ENV = "QUANTDECK_RANK_TIMEOUT_S"  # how long a rank waits for the others at a step (default 12 h)
 DEFAULT_TIMEOUT_S = 12 * 3600.0
 T = TypeVar("T")
+
+
+def _destroy_default_group() -> None:
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - at exit, a group that cannot be torn down is the OS's to clean up
+        pass
 
 
 def _describe(exc: BaseException) -> tuple[str, str, str | None]:
@@ -86,9 +97,12 @@ class Ranks:
 
             timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S))
             if not dist.is_initialized():
-                # kept for the life of the process, never destroyed: a default group made again over torchrun's
-                # store (a second convert/export in one process) can read the old group's addresses and hang
+                # kept for the life of the process: a default group made again over torchrun's store (a second
+                # convert/export in one process) can read the old group's addresses and hang. Destroyed at exit,
+                # before the interpreter tears down: gloo's threads left joinable then abort the process (SIGABRT,
+                # "terminate called without an active exception") after its work is done.
                 dist.init_process_group("gloo", timeout=timeout)
+                atexit.register(_destroy_default_group)
             if dist.get_backend() != "gloo":
                 self.group = dist.new_group(backend="gloo", timeout=timeout)
         return self
