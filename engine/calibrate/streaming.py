@@ -30,6 +30,7 @@ from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.fastcollect import check_amax, deferred_checks
+from engine.calibrate.fastexperts import one_sync_experts
 from engine.calibrate.inputs import prepare_inputs
 from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
 from engine.calibrate.phases import Phases
@@ -93,20 +94,22 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
     def loop(model):
         t = time.monotonic()
         outs.clear()
-        hooks = CoverageHooks(model.model.layers[i], all_experts=all_experts)
+        layer_i = model.model.layers[i]
+        hooks = CoverageHooks(layer_i, all_experts=all_experts)
         try:
-            for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # activations live on the CPU, a batch at a time
-                cache = family.fresh_cache(hf_config)
-                if cache is not None:
-                    kw = dict(kw, past_key_values=cache)
-                o = model.model.layers[i](h.to(dev, non_blocking=True), **kw)
-                o = o[0] if isinstance(o, tuple) else o
-                if bufs is not None:  # pinned buffers: the copy back does not stall the device
-                    outs.append(bufs[j].copy_(o, non_blocking=True))
-                else:
-                    outs.append(o.to("cpu"))
-            if dev.type == "cuda":
-                torch.cuda.current_stream(dev).synchronize()
+            with one_sync_experts(layer_i):  # same ops, same bits as eager; one host sync per batch
+                for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # activations live on the CPU, a batch at a time
+                    cache = family.fresh_cache(hf_config)
+                    if cache is not None:
+                        kw = dict(kw, past_key_values=cache)
+                    o = layer_i(h.to(dev, non_blocking=True), **kw)
+                    o = o[0] if isinstance(o, tuple) else o
+                    if bufs is not None:  # pinned buffers: the copy back does not stall the device
+                        outs.append(bufs[j].copy_(o, non_blocking=True))
+                    else:
+                        outs.append(o.to("cpu"))
+                if dev.type == "cuda":
+                    torch.cuda.current_stream(dev).synchronize()
         finally:
             hooks.remove()
         cov.update({f"{family.layer_prefix(i)}{k}": v.tolist() for k, v in hooks.counts.items()})

@@ -1,0 +1,112 @@
+"""transformers' eager fused-MoE forward with one host sync per call instead of two per expert.
+
+The eager forward of `DeepseekV3Experts` / `DeepseekV4Experts` walks the experts hit by a batch with
+`for expert_idx in hit` (a device tensor: its comparison with `num_experts` syncs the host) and finds each
+expert's tokens with `torch.where` (a sync, its size being data-dependent). With 64-256 experts that is
+130-500 syncs per batch and layer: on a GPU the host waits for the device before every expert, and the
+device waits for the host's next launches, so neither works while the other does.
+
+`one_sync_forward` makes the very same calls on the very same tensors in the very same order — `F.linear` on
+`hidden_states[token_idx]` and the `gate_up_proj[e]` view (which modelopt's `_QuantFusedExperts` intercepts,
+by storage offset), the same gate, the same weighting, one `index_add_` per expert in ascending order — but
+finds every expert's tokens at once: a stable sort of the (position, token) pairs by expert lists each
+expert's pairs in the order `torch.where` gives them, and one `bincount(...).tolist()` (the one sync) gives
+where each expert's run starts. So each layer's output, and every amax, is bit-for-bit the eager forward's.
+
+It is registered as a transformers experts implementation (`ExpertsInterface`, key `KEY`); `one_sync_experts`
+switches a layer's config to it for a calibration forward, only for the expert classes whose eager forward
+it was written against (a digest of their source; any other class or version keeps its own forward).
+QUANTDECK_EAGER_EXPERTS=1 turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import os
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+KEY = "quantdeck_one_sync"
+OFF_ENV = "QUANTDECK_EAGER_EXPERTS"
+# sha256[:16] of inspect.getsource(<class>.forward.__wrapped__) in the transformers releases this mirrors (5.23)
+KNOWN_FORWARD = {
+    "DeepseekV3Experts": {"1c60625a2da2dfba"},
+    "DeepseekV4Experts": {"191cb7c8511c163a"},
+}
+
+
+def one_sync_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    final = torch.zeros_like(hidden_states)
+    n_tokens = top_k_index.shape[0]
+    with torch.no_grad():
+        pairs = top_k_index.t().reshape(-1)  # index p * n_tokens + t: torch.where's (position, token) order
+        order = torch.argsort(pairs, stable=True)  # grouped by expert, that order kept inside each group
+        counts = torch.bincount(pairs, minlength=self.num_experts + 1).tolist()  # the one host sync
+        top_k_pos_all = order // n_tokens
+        token_idx_all = order % n_tokens
+    start = 0
+    for expert_idx, n in enumerate(counts[:self.num_experts]):  # the last bin: tokens sent to no expert
+        if n == 0:
+            continue
+        top_k_pos = top_k_pos_all[start:start + n]
+        token_idx = token_idx_all[start:start + n]
+        start += n
+        current = self._apply_gate(F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]))
+        current = F.linear(current, self.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, current.to(final.dtype))
+    return final
+
+
+def _register() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(KEY, one_sync_forward)
+
+
+def _digest(fn) -> str | None:
+    try:
+        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def supported(cls: type) -> bool:
+    """Is `cls` (or the transformers class it wraps, e.g. modelopt's quantized subclass) an experts class whose
+    eager forward `one_sync_forward` reproduces?"""
+    from transformers.integrations import moe
+
+    for base in cls.__mro__:
+        if base.__name__ in KNOWN_FORWARD and base.__module__.startswith("transformers."):
+            eager = getattr(base.__dict__.get("forward"), "__wrapped__", None)
+            if eager is None or _digest(eager) not in KNOWN_FORWARD[base.__name__]:
+                return False
+            # DeepseekV3's forward inlines the default gate (chunk, act_fn(gate) * up); V4 calls its own _apply_gate
+            return base.__name__ != "DeepseekV3Experts" or base._apply_gate is moe._default_apply_gate
+    return False
+
+
+@contextlib.contextmanager
+def one_sync_experts(layer: torch.nn.Module) -> Iterator[int]:
+    """Within: the supported experts modules of `layer` run `one_sync_forward` (yields how many)."""
+    mods = [] if os.environ.get(OFF_ENV) == "1" else \
+        [m for m in layer.modules() if hasattr(m, "gate_up_proj") and supported(type(m))]
+    configs = {id(m.config): m.config for m in mods if hasattr(m, "config")}
+    if not configs:
+        yield 0
+        return
+    _register()
+    old = {k: c._experts_implementation for k, c in configs.items()}
+    for c in configs.values():
+        c._experts_implementation = KEY
+    try:
+        yield len(mods)
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation = old[k]
