@@ -9,6 +9,7 @@ with `--cold data`, only the source's and the outputs' pages are evicted (posix_
 sync), so python's and torch's own files stay warm as on an operator's machine after a first python run):
 
   cp        cold `cp -r SRC DST`
+  cp+sync   the same, then `sync`: the copy made durable, as quantdeck's fsynced shards are when it returns
   quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`
   peer      `python /work/shared/reference/seed_fp8_to_nvfp4_streaming.py --src --dst --gpu G`
             (on CPU, --gpu -1, it crashes: its writer buffers the same weight_scale_2 tensor under two names
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -297,7 +299,11 @@ def main() -> int:
         shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
         return out
 
-    runs = [("cp", lambda: ["cp", "-r", str(src), str(fresh("out_cp"))])]
+    runs = [("cp", lambda: ["cp", "-r", str(src), str(fresh("out_cp"))]),
+            # quantdeck's shards are fsynced before it returns; cp's pages may still be dirty: this row is the copy
+            # made as durable (everything else was synced before the cache drop, so `sync` flushes only cp's data)
+            ("cp+sync", lambda: ["sh", "-c", f"cp -r {shlex.quote(str(src))} {shlex.quote(str(fresh('out_cps')))} "
+                                             "&& sync"])]
     entry = ["-m", "console", "convert"] if args.entry == "console" else ["-m", "engine.convert"]
     runs.append(("quantdeck", lambda: [sys.executable, *entry, "--src", str(src), "--dst",
                                        str(fresh("out_qd")), "--to", "nvfp4", "--device", device,
