@@ -218,3 +218,76 @@ def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypat
     r = CheckpointReader(outs[1])
     for k, v in t.items():
         assert torch.equal(_raw(r.get(k)), _raw(v))
+
+
+def test_write_modes_fsync_only_when_durable_same_bytes(tmp_path, monkeypatch):
+    """WriteMode: a durable writer fsyncs every shard before recording it; a non-durable one fsyncs no shard (the
+    page cache takes the writes) and writes the same bytes. The converter's choice per device and QUANTDECK_FSYNC."""
+    from engine.checkpoint.writer import WriteMode
+
+    t = _tensors(5)
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    outs = {}
+    for durable in (True, False):
+        synced.clear()
+        units = [[TensorSpec.of(k, v.dtype, v.shape)] for k, v in sorted(t.items())]
+        w = CheckpointWriter(tmp_path / f"d{durable}", plan_shards(units, 64), source_fingerprint="", args={},
+                             mode=WriteMode(direct=durable, durable=durable))
+        shards = w.prepare()
+        for plan in shards:
+            sf = w.open_shard(plan)
+            for spec in plan.tensors:
+                sf.write(spec.name, t[spec.name])
+            sf.close()
+        outs[durable] = w.finalize()
+        shard_syncs = [f for f in synced if f.endswith(".safetensors.partial")]  # (small json files aside)
+        assert len(shard_syncs) == (len(shards) if durable else 0) and len(shards) >= 3
+        assert (load_manifest(outs[durable])["unsynced_boot"] is None) is durable
+    for f in sorted(os.listdir(outs[True])):
+        if f.endswith(".safetensors"):
+            assert (outs[True] / f).read_bytes() == (outs[False] / f).read_bytes(), f
+    monkeypatch.delenv("QUANTDECK_FSYNC", raising=False)
+    assert WriteMode.for_device("cpu") == WriteMode(direct=True, durable=False)
+    assert WriteMode.for_device("cuda") == WriteMode(direct=False, durable=False)
+    monkeypatch.setenv("QUANTDECK_FSYNC", "1")
+    assert WriteMode.for_device("cuda") == WriteMode(direct=True, durable=True)
+
+
+def test_unsynced_output_is_rehashed_after_a_reboot(tmp_path, monkeypatch):
+    """Finished without fsync, then the machine rebooted (another boot id): a rerun checks every shard's digest
+    before calling the output complete, and names a shard that lost its pages."""
+    from engine.checkpoint import writer as wmod
+    from engine.checkpoint.writer import WriteMode
+
+    t = _tensors(6)
+    units = [[TensorSpec.of(k, v.dtype, v.shape)] for k, v in sorted(t.items())]
+
+    def run():
+        w = CheckpointWriter(tmp_path / "o", plan_shards(units, 64), source_fingerprint="", args={},
+                             mode=WriteMode(direct=False, durable=False))
+        for plan in w.prepare():
+            sf = w.open_shard(plan)
+            for spec in plan.tensors:
+                sf.write(spec.name, t[spec.name])
+            sf.close()
+        w.finalize()
+        return w
+
+    monkeypatch.setattr(wmod, "boot_id", lambda: "boot-1")
+    run()
+    assert load_manifest(tmp_path / "o")["unsynced_boot"] == "boot-1"
+    assert run().already_complete  # same boot: the page cache still holds everything
+    monkeypatch.setattr(wmod, "boot_id", lambda: "boot-2")
+    shard = sorted((tmp_path / "o").glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x5A  # what a lost page looks like after the reboot
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rebooted") as ei:
+        run()
+    assert ei.value.at.endswith(shard.name) and "QUANTDECK_FSYNC=1" in ei.value.hint
+    data[-1] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    assert run().already_complete  # verified after the reboot: recorded as on the disk
+    assert load_manifest(tmp_path / "o")["unsynced_boot"] is None
