@@ -11,7 +11,6 @@ sync), so python's and torch's own files stay warm as on an operator's machine a
   cp        cold `cp -r SRC DST`
   cp+sync   the same, then `sync`: the copy made durable, as quantdeck's fsynced shards are when it returns
   quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`
-  qd+fsync  the same with QUANTDECK_FSYNC=1: every shard fsynced before it returns (compare with cp+sync)
   peer      `python /work/shared/reference/seed_fp8_to_nvfp4_streaming.py --src --dst --gpu G`
             (on CPU, --gpu -1, it crashes: its writer buffers the same weight_scale_2 tensor under two names
             and safetensors refuses to save shared tensors — the run is recorded with its error)
@@ -306,14 +305,10 @@ def main() -> int:
             ("cp+sync", lambda: ["sh", "-c", f"cp -r {shlex.quote(str(src))} {shlex.quote(str(fresh('out_cps')))} "
                                              "&& sync"])]
     entry = ["-m", "console", "convert"] if args.entry == "console" else ["-m", "engine.convert"]
-    def qd(out: str) -> list[str]:
-        return [sys.executable, *entry, "--src", str(src), "--dst", str(fresh(out)), "--to", "nvfp4", "--device",
-                device, "--workers", str(args.workers), "--shard-size", args.shard_size] \
-            + (["--json"] if args.entry == "console" else [])
-
-    runs.append(("quantdeck", lambda: qd("out_qd")))
-    # QUANTDECK_FSYNC=1: every shard fsynced before the command returns (to compare with cp+sync)
-    runs.append(("qd+fsync", lambda: ["env", "QUANTDECK_FSYNC=1", *qd("out_qd_fsync")]))
+    runs.append(("quantdeck", lambda: [sys.executable, *entry, "--src", str(src), "--dst",
+                                       str(fresh("out_qd")), "--to", "nvfp4", "--device", device,
+                                       "--workers", str(args.workers), "--shard-size", args.shard_size]
+                                      + (["--json"] if args.entry == "console" else [])))
     tmp = Path(tempfile.mkdtemp(prefix="qd-peer-"))
     if not args.skip_peer:
         gpu = "0" if device == "cuda" else "-1"

@@ -4,15 +4,12 @@ Every output tensor (name, dtype, shape) is known before any data exists, so sha
 (`plan_shards`): each shard's header is written first and tensors are written at their offsets as they
 come, from any number of threads. Memory is the tensors in hand, never a shard. A shard is written as
 `<shard>.partial`, each piece hashed from memory as it is written (engine.checkpoint.digest: nothing is
-read back), fsynced when the write mode is durable (`WriteMode`), renamed into place and recorded in
-manifest.json with its digest. The whole checkpoint is built in `<dst>.partial/` and renamed to `<dst>` only
-when complete (`finalize`).
+read back), fsynced, renamed into place and recorded in manifest.json with its digest. The whole
+checkpoint is built in `<dst>.partial/` and renamed to `<dst>` only when complete (`finalize`).
 
 Resume: `CheckpointWriter.prepare()` keeps the shards whose manifest digest matches the file and
 returns the rest to redo. The plan, headers and data are deterministic, so a resumed run produces the
-same bytes as an uninterrupted one. A checkpoint finished without fsync records the boot it was written in;
-after a reboot (a power loss may have dropped pages the kernel had not written back yet), a rerun of the
-same command re-hashes its shards before calling it complete.
+same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -40,30 +37,6 @@ from engine.events import EventSink, NullSink
 from engine.fsutil import atomic_write_json, fsync_dir
 
 DEFAULT_METADATA = {"format": "pt"}
-FSYNC_ENV = "QUANTDECK_FSYNC"  # 1: every shard fsynced before it is recorded (durable when the command returns)
-
-
-@dataclass(frozen=True)
-class WriteMode:
-    """How a shard's bytes reach the disk.
-
-    direct: O_DIRECT where the filesystem allows it (engine.checkpoint.direct): ~10x less CPU per GB than the
-    page cache, for runs bound by their cores. durable: each shard is fsynced before it is recorded, so the
-    output is on the disk when the command returns (as `cp && sync`). Neither is needed for a correct resume:
-    `CheckpointWriter.prepare()` re-hashes every recorded shard and redoes any that a crash left short.
-    """
-
-    direct: bool = True
-    durable: bool = True
-
-    @classmethod
-    def for_device(cls, device_type: str) -> "WriteMode":
-        """The converter's choice: O_DIRECT when the CPU computes (its cycles are the bottleneck) or when the
-        output must be durable anyway (nothing left for the fsync); on a GPU run, the page cache takes the writes
-        and the kernel writes them back behind the run, like `cp` and every other checkpoint writer.
-        QUANTDECK_FSYNC=1 makes it durable; QUANTDECK_DIRECT_IO=0 turns O_DIRECT off."""
-        durable = os.environ.get(FSYNC_ENV, "0") == "1"
-        return cls(direct=device_type == "cpu" or durable, durable=durable)
 
 
 @dataclass(frozen=True)
@@ -76,15 +49,6 @@ class ShardPlan:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
-
-
-def boot_id() -> str | None:
-    """This boot of the machine (Linux), or None."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip() or None
-    except OSError:
-        return None
 
 
 def shard_name(i: int, n: int) -> str:
@@ -140,9 +104,8 @@ class ShardFile:
     (each tensor once)."""
 
     def __init__(self, directory: str | os.PathLike, plan: ShardPlan,
-                 metadata: dict[str, str] | None = DEFAULT_METADATA, mode: WriteMode = WriteMode()):
+                 metadata: dict[str, str] | None = DEFAULT_METADATA):
         self.dir = Path(directory)
-        self.mode = mode
         self.plan = plan
         self.layout = build_layout(list(plan.tensors), metadata)
         self.specs = {t.name: t for t in plan.tensors}
@@ -159,8 +122,7 @@ class ShardFile:
         self._direct: DirectWriter | None = None
         try:
             self._reserve(self.layout.total_size)
-            if mode.direct:
-                self._direct = DirectWriter.open(self.path, self.layout.total_size)  # None: page cache
+            self._direct = DirectWriter.open(self.path, self.layout.total_size)  # None: page cache
             self._pwrite(memoryview(self.layout.header), 0)
         except BaseException:
             self.abort()
@@ -188,7 +150,7 @@ class ShardFile:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
             raise _disk_full(e, self.path) from e
-        if n >= WRITEBACK_BYTES and self.mode.durable:  # a big tensor: its pages go to disk now, not at the fsync
+        if n >= WRITEBACK_BYTES:  # a big tensor: its pages start going to disk now, not all at the fsync
             _start_writeback(self.fd, start, n)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -222,7 +184,7 @@ class ShardFile:
         return dg.combine([self._header_digest] + [self._digests[n] for n in names])
 
     def close(self) -> tuple[str, int]:
-        """fsync (when durable), rename into place, record in the manifest; returns (sha256, size)."""
+        """fsync, rename into place, record in the manifest; returns (sha256, size)."""
         if self.pending:
             missing = sorted(self.pending)
             raise CheckpointError(f"{self.plan.name} closed with {len(missing)} tensor(s) unwritten "
@@ -233,15 +195,13 @@ class ShardFile:
                     raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
                 self._direct.close()
                 os.ftruncate(self.fd, self.layout.total_size)  # the last block went out padded
-            if self.mode.durable:
-                os.fsync(self.fd)
+            os.fsync(self.fd)
         except OSError as e:
             raise _disk_full(e, self.path) from e
         os.close(self.fd)
         self.fd = -1
         os.replace(self.path, self.final)
-        if self.mode.durable:
-            fsync_dir(self.dir)
+        fsync_dir(self.dir)
         digest = self.digest()
         mf.record_shard(self.dir, self.plan.name, digest, self.layout.total_size,
                         [t.name for t in self.plan.tensors])
@@ -264,9 +224,8 @@ class CheckpointWriter:
 
     def __init__(self, dst: str | os.PathLike, shards: list[ShardPlan], *, source_fingerprint: str,
                  args: dict[str, Any], metadata: dict[str, str] | None = DEFAULT_METADATA,
-                 sink: EventSink = NullSink(), mode: WriteMode = WriteMode()):
+                 sink: EventSink = NullSink()):
         self.dst = Path(dst)
-        self.mode = mode
         self.partial_dir = self.dst.with_name(self.dst.name + ".partial")
         self.shards = list(shards)
         self.by_name = {s.name: s for s in self.shards}
@@ -286,7 +245,6 @@ class CheckpointWriter:
         if self.dst.exists():
             m = mf.load_manifest(self.dst)
             if m and m.get("complete") and mf.same_job(m, self.source_fingerprint, self.args, self.planned):
-                self._check_after_reboot(m)
                 self.already_complete = True
                 self.sink.emit("log", level="info", msg=f"{self.dst} is already complete; nothing to do")
                 return []
@@ -334,24 +292,9 @@ class CheckpointWriter:
                 continue
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
-    def _check_after_reboot(self, m: dict[str, Any]) -> None:
-        """A checkpoint finished without fsync, and the machine rebooted since: are its shards all there?"""
-        written_in = m.get("unsynced_boot")
-        if not written_in or written_in == boot_id():
-            return
-        bad = [n for n in self.planned if not dg.matches(self.dst / n, m["shards"].get(n) or {})]
-        if bad:
-            raise CheckpointError(f"{self.dst} was finished without fsync and the machine rebooted since: "
-                                  f"{len(bad)} shard(s) no longer match their digest (first: {bad[0]})",
-                                  at=str(self.dst / bad[0]),
-                                  hint=f"remove {self.dst} and run the same command again "
-                                       f"({FSYNC_ENV}=1 makes the output durable when the command returns)")
-        m["unsynced_boot"] = None  # verified: on the disk now
-        mf.save_manifest(self.dst, m)
-
     def open_shard(self, plan: ShardPlan | str) -> ShardFile:
         plan = self.by_name[plan] if isinstance(plan, str) else plan
-        return ShardFile(self.partial_dir, plan, self.metadata, self.mode)
+        return ShardFile(self.partial_dir, plan, self.metadata)
 
     def index(self) -> dict[str, Any]:
         weight_map = {t.name: s.name for s in self.shards for t in s.tensors}
@@ -369,7 +312,6 @@ class CheckpointWriter:
                                   at=str(self.partial_dir / missing[0]), hint="run the same command again")
         atomic_write_json(self.partial_dir / INDEX_NAME, self.index())
         m["complete"] = True
-        m["unsynced_boot"] = None if self.mode.durable else boot_id()
         mf.save_manifest(self.partial_dir, m)
         (self.partial_dir / mf.LOCK_NAME).unlink(missing_ok=True)
         try:
@@ -377,8 +319,7 @@ class CheckpointWriter:
         except OSError as e:
             raise CheckpointError(f"cannot rename {self.partial_dir} to {self.dst}: {e.strerror}",
                                   at=str(self.dst), hint="remove whatever is at the destination") from e
-        if self.mode.durable:
-            fsync_dir(self.dst.parent)
+        fsync_dir(self.dst.parent)
         return self.dst
 
 

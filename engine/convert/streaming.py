@@ -20,7 +20,7 @@ import torch
 
 from engine import __version__, timeline
 from engine.checkpoint.reader import CheckpointReader
-from engine.checkpoint.writer import CheckpointWriter, ShardPlan, WriteMode, shard_name
+from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
 from engine.convert.extras import copy_extras
 from engine.convert.kernels import warm_up
 from engine.convert.pipeline import ShardTask, run_tasks
@@ -217,8 +217,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         args = {"to": target, "layout": lay, "quantize_attention": bool(quantize_attention),
                 "shard_size": shard_size, "plan_version": PLAN_VERSION, "quantdeck": __version__}
         plans[lay] = layout_shards(groups, lay)
-        writers[lay] = CheckpointWriter(dsts[lay], plans[lay], source_fingerprint=fingerprint, args=args, sink=sink,
-                                        mode=WriteMode.for_device(dev.type))
+        writers[lay] = CheckpointWriter(dsts[lay], plans[lay], source_fingerprint=fingerprint, args=args, sink=sink)
     todo = prepare_writers(writers, ranks)
     tasks = []
     for i, g in enumerate(groups):
@@ -266,7 +265,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
             "device": str(dev), "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
             "shards_kept": len(groups) - len(tasks), "quantized_modules": len(plan.quantized_modules),
             "kept_modules": plan.kept_modules, "mtp_modules": plan.mtp_modules, "notes": notes_all,
-            "durable": next(iter(writers.values())).mode.durable, "bytes_read": bytes_total,
-            "wall_s": round(wall, 3), "busy_s": timings,
+            "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings,
             "timeline_s": timeline.since_start(),
             "read_mb_s": round(bytes_total / wall / 1e6, 1) if wall > 0 else None}

@@ -142,7 +142,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     if len(layouts) > 1:
         dst.mkdir(parents=True, exist_ok=True)
     writers, shard_plans = {}, {}
-    from engine.checkpoint.writer import ShardPlan, WriteMode, shard_name
+    from engine.checkpoint.writer import ShardPlan, shard_name
 
     for lay in layouts:
         shard_plans[lay] = [ShardPlan(shard_name(i + 1, len(groups_items)),
@@ -150,7 +150,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
                             for i, g in enumerate(groups_items)]
         args = {"export": "w4a4", "layout": lay, "amax": origin["sha256"], "shard_size": parse_size(shard_size)}
         writers[lay] = CheckpointWriter(dsts[lay], shard_plans[lay], source_fingerprint=reader.fingerprint(),
-                                        args=args, sink=sink, mode=WriteMode.for_device(dev.type))
+                                        args=args, sink=sink)
     todo = prepare_writers(writers, ranks)
     mine = set(ranks.share([i for i in range(len(groups_items))
                             if any(shard_plans[lay][i].name in todo[lay] for lay in layouts)]))
