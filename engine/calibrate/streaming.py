@@ -29,7 +29,7 @@ from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
 from engine.calibrate.family import LayerFamily
-from engine.calibrate.fastcollect import check_amax, deferred_checks
+from engine.calibrate.fastcollect import WeightsOnce, check_amax, deferred_checks
 from engine.calibrate.fastexperts import one_sync_experts
 from engine.calibrate.inputs import prepare_inputs
 from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
@@ -96,6 +96,7 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         outs.clear()
         layer_i = model.model.layers[i]
         hooks = CoverageHooks(layer_i, all_experts=all_experts)
+        weights = WeightsOnce(layer_i)  # each weight's amax collected once, not once per batch
         try:
             with one_sync_experts(layer_i):  # same ops, same bits as eager; one host sync per batch
                 for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # activations live on the CPU, a batch at a time
@@ -108,9 +109,11 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
                         outs.append(bufs[j].copy_(o, non_blocking=True))
                     else:
                         outs.append(o.to("cpu"))
+                    weights.after_batch()
                 if dev.type == "cuda":
                     torch.cuda.current_stream(dev).synchronize()
         finally:
+            weights.restore()
             hooks.remove()
         cov.update({f"{family.layer_prefix(i)}{k}": v.tolist() for k, v in hooks.counts.items()})
         fwd[0] += time.monotonic() - t
