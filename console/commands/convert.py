@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -112,27 +113,71 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
                f"{summary['wall_s']:.1f}s on {summary['device']}")
 
 
-# `--amax DIR` also checks a calibration amax snapshot (engine.calibrate.validate.validate_amax)
-# against the model (the --against source when given) and merges its report (engine.convert.validate).
+# `--amax DIR` also checks a calibration amax snapshot (engine.calibrate.validate.validate_amax) against the model
+# (--model, else the --against source, else the checkpoint) and merges its report (engine.convert.validate).
+# Without a checkpoint (`quantdeck validate --amax AMAX [--model CKPT]`, or a snapshot given as DIRECTORY) only the
+# snapshot is checked: nothing heavy runs.
 @click.command("validate")
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False), required=False)
 @click.option("--against", type=click.Path(file_okay=False), default=None,
               help="the source checkpoint: report rel. error / SNR and run the first decoder block against it")
 @click.option("--amax", type=click.Path(file_okay=False), default=None,
-              help="an amax snapshot directory to cross-check (calibrated exports)")
+              help="an amax snapshot directory to check (alone, or to cross-check a calibrated export)")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="with --amax: the checkpoint it was calibrated from (layer count, expected quantizers)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--device", default="cpu", show_default=True, help="where the decoder-block check runs")
-def validate_cmd(directory, against, amax, as_json, device):
-    """Check a produced checkpoint; exits non-zero naming the tensor on any failure."""
-    from engine.convert.validate import format_report, validate_checkpoint
+def validate_cmd(directory, against, amax, model, as_json, device):
+    """Check a produced checkpoint (DIRECTORY), or an amax snapshot (--amax); exits non-zero naming the tensor or
+    quantizer on any failure."""
     from engine.errors import ValidationFailedError
 
-    report = validate_checkpoint(directory, against=against, amax=amax, device=device, sink=_sink())
+    if directory is not None and amax is None and _is_snapshot(directory):
+        directory, amax = None, directory
+    if directory is None:
+        if amax is None:
+            raise click.UsageError("give a checkpoint DIRECTORY to validate, or --amax AMAX_DIR [--model CKPT]")
+        from engine.calibrate.validate import validate_amax
+
+        rep = validate_amax(amax, model_dir=model or against)
+        click.echo(json.dumps(rep, indent=2, default=str) if as_json else _format_amax(rep))
+        if not rep["ok"]:
+            raise ValidationFailedError(f"amax snapshot {amax}: {rep['problems'][0]}", at=str(amax),
+                                        hint="resume the calibration, or recalibrate into a fresh --out")
+        return
+    from engine.convert.validate import format_report, validate_checkpoint
+
+    report = validate_checkpoint(directory, against=against, amax=amax, device=device, sink=_sink(),
+                                 amax_model=model)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
     if not report["ok"]:
         first = report["failures"][0]
         raise ValidationFailedError(f"{len(report['failures'])} check(s) failed; first: {first['msg']}",
                                     at=first.get("at"), hint="see the report above")
+
+
+def _is_snapshot(directory: str) -> bool:
+    """A calibration's amax snapshot (layer files, its manifest), not a checkpoint."""
+    d = Path(directory)
+    try:
+        fmt = json.loads((d / "manifest.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(fmt, str) and fmt.startswith("quantdeck-amax/")
+
+
+def _format_amax(rep: dict) -> str:
+    lines = [f"amax snapshot {rep['amax_dir']}  [{rep.get('kind')}]"]
+    if rep.get("kind") == "quantdeck-snapshot":
+        lines.append(f"layers   {rep.get('layers_done')} of {rep.get('num_layers')} calibrated, "
+                     f"status {rep.get('status')}, config {rep.get('quant_cfg')}")
+    else:
+        lines.append(f"files    {rep.get('files')} amax_dict file(s)")
+    lines.append(f"amax     {rep.get('quantizers', 0)} quantizers" + (
+        f", {rep['experts_without_tokens']} expert(s) without tokens" if "experts_without_tokens" in rep else ""))
+    lines += [f"FAIL amax: {p}" for p in rep["problems"]]
+    lines.append("OK" if rep["ok"] else f"FAILED ({len(rep['problems'])})")
+    return "\n".join(lines)
 
 
 @click.command("inject-mtp")

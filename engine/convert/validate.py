@@ -305,8 +305,9 @@ def _check_source(r: CheckpointReader, src: CheckpointReader, rep: _Report, nv: 
 
 def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike | None = None, *,
                         amax: str | os.PathLike | None = None, device: str = "cpu",
-                        sink: EventSink = NullSink()) -> dict[str, Any]:
-    """Validate `directory`; returns the report dict (`ok`, `checks`, `failures`, `tensors`)."""
+                        sink: EventSink = NullSink(), amax_model: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validate `directory`; returns the report dict (`ok`, `checks`, `failures`, `tensors`). With `amax`, the
+    snapshot is checked against `amax_model` (default: `against`, else `directory`)."""
     directory = Path(directory)
     rep = _Report(directory)
     r = _check_index(directory, rep)
@@ -337,7 +338,8 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
         else:
             rep.skip("source", "no --against source given")
     if amax is not None:
-        _check_amax(directory, amax, rep, model_dir=against if against is not None else directory)
+        _check_amax(directory, amax, rep,
+                    model_dir=amax_model if amax_model is not None else against if against is not None else directory)
     ok = not rep.failures
     sink.emit("log", level="info" if ok else "error",
               msg=f"validate {directory}: {'ok' if ok else f'{len(rep.failures)} failure(s)'}")

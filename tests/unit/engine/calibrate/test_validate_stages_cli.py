@@ -124,3 +124,26 @@ def test_cli_validate_with_amax_checks_the_snapshot(staged, v3_dir, tmp_path):
     shutil.copytree(d / "amax", bad)
     snap.layer_path(bad, 2).unlink()
     assert main(["validate", str(out), "--amax", str(bad), "--json"]) == 4
+
+
+def test_cli_validate_a_snapshot_alone(staged, v3_dir, tmp_path, capsys):
+    """`quantdeck validate --amax AMAX [--model CKPT]` (and a snapshot given as the directory) checks the snapshot
+    alone: layers, quantizers the model expects, values; a short snapshot fails naming it; no argument is a usage
+    error."""
+    import shutil
+
+    from console.cli import main
+
+    d, _, _ = staged
+    assert main(["validate", "--amax", str(d / "amax"), "--model", str(v3_dir), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] and rep["layers_done"] == rep["num_layers"] == 3 and rep["missing"] == [] and rep["quantizers"]
+    assert main(["validate", str(d / "amax")]) == 0
+    assert "3 of 3 calibrated" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(d / "amax", bad)
+    snap.layer_path(bad, 1).unlink()
+    assert main(["validate", "--amax", str(bad), "--model", str(v3_dir)]) == 4
+    out = capsys.readouterr()
+    assert "layer files are not contiguous" in out.out and str(bad) in out.err
+    assert main(["validate"]) == 2
