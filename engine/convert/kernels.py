@@ -8,6 +8,8 @@ temporaries) runs at 600-950 MB/s: the conversion becomes I/O bound.
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 
 from engine.formats.nvfp4 import dispatch
@@ -79,4 +81,19 @@ def warm_up(target: str, device: torch.device | str) -> None:
                 gc.freeze()
     else:
         return
-    threading.Thread(target=warm, name="convert-warm-up", daemon=True).start()
+    t = threading.Thread(target=warm, name="convert-warm-up", daemon=True)
+    t.start()
+    _WARMING.append(t)
+    if len(_WARMING) == 1:
+        atexit.register(_join_warm_ups)
+
+
+_WARMING: list = []
+
+
+def _join_warm_ups() -> None:
+    """At exit (an error can end the run within a second): wait for a warm-up still inside numba or CUDA. A daemon
+    thread left running native code while the interpreter tears down aborts the process ("terminate called
+    without an active exception", exit code 134) after the real error was printed."""
+    for t in _WARMING:
+        t.join(timeout=60)

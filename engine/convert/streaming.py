@@ -199,8 +199,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     shard_size = parse_size(shard_size)
     dev = ranks.device(resolve_device(device))
     timeline.begin("convert")
+    reader = CheckpointReader(src)  # a missing or unreadable source fails here, before anything starts
     warm_up(target, dev)
-    reader = CheckpointReader(src)
     from engine.models import detect_layout  # engineer C's model layouts
 
     layout = detect_layout(reader.config, reader.names())
