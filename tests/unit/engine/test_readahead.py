@@ -1,0 +1,53 @@
+"""engine.readahead: a GPU run's source read into the page cache, in the pipeline's order, up to a budget."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from engine import readahead
+
+
+def _ckpt(tmp_path, sizes):
+    names = [f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors" for i in range(len(sizes))]
+    for n, size in zip(names, sizes):
+        (tmp_path / n).write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    wm = {f"t{i}": n for i, n in enumerate(reversed(names))}
+    (tmp_path / readahead.INDEX).write_text(json.dumps({"weight_map": wm}))
+    return [str(tmp_path / n) for n in names]
+
+
+def test_reads_the_shards_in_order_up_to_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(readahead, "STEP", 1000)
+    paths = _ckpt(tmp_path, [5000, 3333, 7000])
+    assert readahead.source_shards(tmp_path) == paths  # the converter's order (sorted), not the index's
+    seen: list[tuple[str, int]] = []
+    t = readahead.ReadAhead(paths, budget=9000, threads=3)
+    real = t._chunks
+    t._chunks = lambda: ((p, o, n) for p, o, n in real() if not seen.append((p, o)))
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive() and t.bytes_read == 9000
+    assert seen[0] == (paths[0], 0) and seen[-1] == (paths[2], 0) and len(seen) == 5 + 4 + 1
+    everything = readahead.ReadAhead(paths, budget=10 ** 9, threads=2)
+    everything.run()
+    assert everything.bytes_read == 5000 + 3333 + 7000
+
+
+def test_only_for_gpu_runs_once_per_directory_and_switchable(tmp_path, monkeypatch):
+    _ckpt(tmp_path, [2048])
+    assert readahead.start(tmp_path, "cpu") is None
+    monkeypatch.setenv("QUANTDECK_NO_READAHEAD", "1")
+    assert readahead.start(tmp_path / ".", "cuda") is None  # turned off (and now counted as started)
+    monkeypatch.delenv("QUANTDECK_NO_READAHEAD")
+    other = tmp_path / "b"
+    other.mkdir()
+    _ckpt(other, [4096, 100])
+    t = readahead.start(other, "cuda:0")
+    assert isinstance(t, threading.Thread)
+    t.join(timeout=30)
+    assert t.bytes_read == 4196
+    assert readahead.start(other, "cuda") is None  # once per directory per process
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert readahead.start(empty, "cuda") is None
