@@ -13,7 +13,7 @@ cold one), and one reading thread reaches only 0.8 GB/s where four reach the dis
 
 Not on CPU: there the conversion is bound by the cores, and reading early only slows the interpreter's own
 (cold) import (measured on 2 cores: torch's cold import ~1 s slower beside it). QUANTDECK_NO_READAHEAD=1
-turns it off.
+turns it off; QUANTDECK_READAHEAD_THREADS=N sets the readers (default 4).
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def start(src: str | os.PathLike, device: str | None = "auto", budget: int | Non
     paths = source_shards(src)
     if not paths:
         return None
-    t = ReadAhead(paths, default_budget() if budget is None else int(budget))
+    threads = int(os.environ.get("QUANTDECK_READAHEAD_THREADS") or THREADS)
+    t = ReadAhead(paths, default_budget() if budget is None else int(budget), threads=threads)
     t.start()
     return t
