@@ -51,3 +51,24 @@ def test_only_for_gpu_runs_once_per_directory_and_switchable(tmp_path, monkeypat
     empty = tmp_path / "empty"
     empty.mkdir()
     assert readahead.start(empty, "cuda") is None
+
+
+def test_page_cache_probe_and_no_read_ahead_beside_a_cold_import(tmp_path, monkeypatch):
+    import os
+
+    import torch  # noqa: F401 - imported: its files are in the page cache
+
+    f = tmp_path / "blob"
+    f.write_bytes(b"q" * (1 << 20))
+    fd = os.open(f, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if readahead._page_cached(str(f)) is not None:  # None: the filesystem cannot tell (then nothing is skipped)
+        assert readahead._page_cached(str(f)) is False
+        f.read_bytes()
+        assert readahead._page_cached(str(f), 4096 * 100) is True
+    assert readahead.interpreter_cold() is False  # this process imported torch
+    _ckpt(tmp_path, [4096])
+    monkeypatch.setattr(readahead, "interpreter_cold", lambda: True)
+    assert readahead.start(tmp_path, "cuda") is None  # the import needs the disk itself: no read-ahead
