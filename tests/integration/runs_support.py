@@ -143,3 +143,20 @@ def output_files(workdir: Path) -> dict[str, bytes]:
     root = workdir / "outputs"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "manifest.json"}
+
+
+def calibration_samples(tmp_path: Path) -> Path:
+    """The 8 short samples the calibrated pipeline tests use (a JSON list of strings)."""
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([f"sample {i}: the quick brown fox {'jumps ' * i}over the lazy dog"
+                                   for i in range(8)]))
+    return samples
+
+
+def calibrated_recipe_text(workdir: Path | str, src: Path | str, samples: Path, layouts: list[str],
+                           shard_mb: float | None = None) -> str:
+    """A calibrated NVFP4 recipe of the tiny checkpoint `src` (8 samples × 16 tokens, all experts)."""
+    lays = ", ".join(f'"{lay}"' for lay in layouts)
+    return (f'[run]\nworkdir = "{workdir}"\n[source]\npath = "{src}"\n[target]\nformat = "nvfp4"\n'
+            f'calibrate = true\nlayouts = [{lays}]\n' + (f"shard_mb = {shard_mb}\n" if shard_mb is not None else "")
+            + f'[calibration]\nsamples = "{samples}"\nnum_samples = 8\nseq_len = 16\nall_experts = true\n')

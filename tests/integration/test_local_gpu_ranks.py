@@ -7,13 +7,12 @@ Carries requires_gpu (CI has no GPU and deselects it). Run on a lent two-GPU mac
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 
 import pytest
 
-from tests.integration.runs_support import output_files
+from tests.integration.runs_support import calibrated_recipe_text, calibration_samples, output_files
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -52,14 +51,10 @@ def test_calibrated_pipeline_on_local_gpu_ranks_equals_one_process(tiny_ckpt, tm
 
     n = _gpus()
     src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
-    samples = tmp_path / "samples.json"
-    samples.write_text(json.dumps([f"sample {i}: the quick brown fox {'jumps ' * i}over the lazy dog"
-                                   for i in range(8)]))
+    samples = calibration_samples(tmp_path)
 
     def recipe(workdir, ranks):
-        text = (f'[run]\nworkdir = "{workdir}"\n[source]\npath = "{src}"\n[target]\nformat = "nvfp4"\n'
-                f'calibrate = true\nlayouts = ["modelopt", "compressed-tensors"]\nshard_mb = 0.1\n'
-                f'[calibration]\nsamples = "{samples}"\nnum_samples = 8\nseq_len = 16\nall_experts = true\n')
+        text = calibrated_recipe_text(workdir, src, samples, ["modelopt", "compressed-tensors"], shard_mb=0.1)
         if ranks > 1:
             text += f'[cluster]\ngpus_per_node = {ranks}\n'
         p = tmp_path / f"r{ranks}.toml"

@@ -16,7 +16,7 @@ from remote.hosts import cluster_from
 from remote.launchers import TorchrunLauncher
 from remote.monitor import LocalProbe, TelemetryMonitor
 from remote.telemetry import NodeState
-from tests.integration.runs_support import output_files
+from tests.integration.runs_support import calibrated_recipe_text, calibration_samples, output_files
 from tests.integration.sshd import start_cluster
 
 pytestmark = pytest.mark.requires_gpu
@@ -96,14 +96,10 @@ def test_calibrated_pipeline_two_gpu_ranks_nccl_equals_one_rank(gpu_node, tiny_c
 
     cluster, d, n = gpu_node
     src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
-    samples = tmp_path / "samples.json"
-    samples.write_text(json.dumps([f"sample {i}: the quick brown fox {'jumps ' * i}over the lazy dog"
-                                   for i in range(8)]))
+    samples = calibration_samples(tmp_path)
 
     def recipe(workdir, with_cluster):
-        text = (f'[run]\nworkdir = "{workdir}"\n[source]\npath = "{src}"\n[target]\nformat = "nvfp4"\n'
-                f'calibrate = true\nlayouts = ["modelopt"]\n[calibration]\nsamples = "{samples}"\n'
-                f'num_samples = 8\nseq_len = 16\nall_experts = true\n')
+        text = calibrated_recipe_text(workdir, src, samples, ["modelopt"])
         if with_cluster:
             nd = d["nodes"][0]
             text += (f'[cluster]\npython = "{d["python"]}"\n[[cluster.nodes]]\nname = "{nd["name"]}"\n'
