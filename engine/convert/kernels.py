@@ -20,15 +20,17 @@ def _dev(device: torch.device | str) -> str:
     return "cpu" if d.type == "cpu" else (f"cuda:{d.index}" if d.index is not None else "cuda")
 
 
-_CUDA_WARM: list = []  # the Event of a CUDA warm-up in progress (at most one per process is waited for)
+_WARMING: list = []  # (device type, thread) of the warm-ups started in this process and not yet seen finished
 
 
 def _after_cuda_warm_up(dev: str) -> str:
     """On CUDA, wait until the warm-up compiled the Triton kernel: a compute thread that calls it first would
     compile it again beside the warm-up (on a machine with a cold Triton cache, each concurrent compile holds
     hundreds of MB to GBs: measured 6.6 GB peak RSS with three compute threads, 1.7 GB once cached)."""
-    if dev != "cpu" and _CUDA_WARM:
-        _CUDA_WARM[0].wait(timeout=600)
+    if dev != "cpu":
+        for kind, t in list(_WARMING):
+            if kind == "cuda":
+                t.join(timeout=600)
     return dev
 
 
@@ -62,10 +64,6 @@ def warm_up(target: str, device: torch.device | str) -> None:
 
     dev = torch.device(device)
     if dev.type == "cuda":
-        done = threading.Event()
-        if not _CUDA_WARM or _CUDA_WARM[0].is_set():
-            _CUDA_WARM[:] = [done]
-
         def warm() -> None:
             from engine import timeline
 
@@ -83,8 +81,6 @@ def warm_up(target: str, device: torch.device | str) -> None:
                     timeline.mark("cuda_kernels_ready")
             except Exception:  # noqa: BLE001
                 pass
-            finally:
-                done.set()
     elif target == "nvfp4":
         def warm() -> None:
             try:
@@ -100,18 +96,15 @@ def warm_up(target: str, device: torch.device | str) -> None:
     else:
         return
     t = threading.Thread(target=warm, name="convert-warm-up", daemon=True)
-    t.start()
-    _WARMING.append(t)
-    if len(_WARMING) == 1:
+    if not _WARMING:
         atexit.register(_join_warm_ups)
-
-
-_WARMING: list = []
+    t.start()
+    _WARMING[:] = [w for w in _WARMING if w[1].is_alive()] + [(dev.type, t)]
 
 
 def _join_warm_ups() -> None:
     """At exit (an error can end the run within a second): wait for a warm-up still inside numba or CUDA. A daemon
     thread left running native code while the interpreter tears down aborts the process ("terminate called
     without an active exception", exit code 134) after the real error was printed."""
-    for t in _WARMING:
+    for _, t in list(_WARMING):
         t.join(timeout=60)

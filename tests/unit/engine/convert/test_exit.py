@@ -1,4 +1,5 @@
-"""A convert that fails within its first second exits with its own error code, not SIGABRT.
+"""The kernels warm-up thread: a convert that fails within its first second exits with its own error code, not
+SIGABRT; CUDA compute waits for the warm-up's compile.
 
 The kernels' warm-up thread (numba loading its cached kernels) can still be in native code when an early error
 ends the process; left running while the interpreter tears down, it aborted the process ("terminate called
@@ -32,3 +33,19 @@ def test_cli_convert_of_a_missing_source_names_it(tmp_path):
     p = subprocess.run([sys.executable, "-m", "console", "convert", "--src", str(tmp_path / "nope"), "--dst",
                         str(tmp_path / "out"), "--to", "nvfp4"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "nope does not exist" in p.stderr and "terminate" not in p.stderr
+
+
+def test_cuda_compute_waits_for_the_cuda_warm_up_cpu_does_not(monkeypatch):
+    """The compute threads of a CUDA run wait for the warm-up's Triton compile instead of compiling beside it."""
+    import threading
+
+    from engine.convert import kernels
+
+    release = threading.Event()
+    t = threading.Thread(target=release.wait, daemon=True)
+    t.start()
+    monkeypatch.setattr(kernels, "_WARMING", [("cuda", t)])
+    assert kernels._after_cuda_warm_up("cpu") == "cpu" and t.is_alive()  # CPU work does not wait
+    threading.Timer(0.3, release.set).start()
+    assert kernels._after_cuda_warm_up("cuda:0") == "cuda:0"
+    assert not t.is_alive()  # returned only once the warm-up had finished
