@@ -158,12 +158,13 @@ def validate_cmd(directory, against, amax, model, as_json, device):
 
 def _is_snapshot(directory: str) -> bool:
     """A calibration's amax snapshot (layer files, its manifest), not a checkpoint."""
-    d = Path(directory)
+    from engine.calibrate import snapshot as snap
+
     try:
-        fmt = json.loads((d / "manifest.json").read_text()).get("format")
+        fmt = (snap.read_manifest(Path(directory)) or {}).get("format")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(fmt, str) and fmt.startswith("quantdeck-amax/")
+    return isinstance(fmt, str) and fmt.split("/")[0] == snap.SNAPSHOT_FORMAT.split("/")[0]
 
 
 def _format_amax(rep: dict) -> str:

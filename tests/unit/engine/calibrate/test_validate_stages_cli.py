@@ -147,3 +147,4 @@ def test_cli_validate_a_snapshot_alone(staged, v3_dir, tmp_path, capsys):
     out = capsys.readouterr()
     assert "layer files are not contiguous" in out.out and str(bad) in out.err
     assert main(["validate"]) == 2
+    assert "give a checkpoint DIRECTORY to validate, or --amax AMAX_DIR [--model CKPT]" in capsys.readouterr().err
