@@ -23,6 +23,8 @@ import json
 import os
 import threading
 
+from engine import meminfo
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 STEP = 4 << 20  # one read
@@ -31,17 +33,6 @@ IMPORT_LIBS = ("libtorch_cpu.so", "libtorch_cuda.so", "libtorch_python.so")  # l
 CAP = 8 << 30  # never ask for more than this up front (the pipeline's own readahead takes over)
 _started: set[str] = set()
 _lock = threading.Lock()
-
-
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def source_shards(src: str | os.PathLike) -> list[str]:
@@ -57,7 +48,7 @@ def source_shards(src: str | os.PathLike) -> list[str]:
 
 
 def default_budget() -> int:
-    avail = _mem_available()
+    avail = meminfo.available()
     return min(CAP, avail // 4) if avail else 1 << 30
 
 

@@ -114,23 +114,6 @@ def parse_nvidia_smi_csv(text: str) -> list[GpuSample]:
     return gpus
 
 
-def parse_meminfo(text: str) -> tuple[int, int] | None:
-    """(used, total) bytes from /proc/meminfo; used = MemTotal - MemAvailable (as `free` counts it)."""
-    vals: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            vals[key.strip()] = int(parts[0]) * KIB
-    total = vals.get("MemTotal")
-    if not total:
-        return None
-    avail = vals.get("MemAvailable")
-    if avail is None:
-        avail = vals.get("MemFree", 0) + vals.get("Buffers", 0) + vals.get("Cached", 0)
-    return total - avail, total
-
-
 def parse_df_free(text: str) -> int | None:
     """Free bytes from `df -P -k PATH` (POSIX format: 1024-byte blocks; the 4th column of the last line)."""
     lines = [ln for ln in text.splitlines() if ln.strip()]

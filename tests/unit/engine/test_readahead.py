@@ -72,3 +72,12 @@ def test_page_cache_probe_and_no_read_ahead_beside_a_cold_import(tmp_path, monke
     _ckpt(tmp_path, [4096])
     monkeypatch.setattr(readahead, "interpreter_cold", lambda: True)
     assert readahead.start(tmp_path, "cuda") is None  # the import needs the disk itself: no read-ahead
+
+
+def test_budget_is_a_quarter_of_this_machines_available_memory_capped():
+    from engine import meminfo
+
+    avail = meminfo.available()
+    assert avail > 0  # /proc/meminfo through the same parser remote.telemetry uses for the nodes
+    # memory moves a little between the two reads of /proc/meminfo
+    assert abs(readahead.default_budget() - min(readahead.CAP, avail // 4)) < (64 << 20)

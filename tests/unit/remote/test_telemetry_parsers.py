@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.meminfo import parse_meminfo
 from remote.recorded import RECORDINGS
-from remote.telemetry import (MIB, NodeState, parse_df_free, parse_meminfo, parse_nvidia_smi_csv,
-                              split_sections)
+from remote.telemetry import MIB, NodeState, parse_df_free, parse_nvidia_smi_csv, split_sections
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "nvidia-smi"
 
