@@ -285,11 +285,14 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     src = build_source(work / "src", args.size_gb)
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    device = args.device
-    if device == "auto":
-        import torch
+    import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.is_available()
+    device = args.device  # quantdeck gets it as asked; "auto" resolves as quantdeck resolves it (for the math row)
+    if device == "auto":
+        from engine.convert.device import choose_device
+
+        device = choose_device("auto", "nvfp4").device
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results: dict[str, dict] = {}
 
@@ -306,15 +309,15 @@ def main() -> int:
                                              "&& sync"])]
     entry = ["-m", "console", "convert"] if args.entry == "console" else ["-m", "engine.convert"]
     runs.append(("quantdeck", lambda: [sys.executable, *entry, "--src", str(src), "--dst",
-                                       str(fresh("out_qd")), "--to", "nvfp4", "--device", device,
+                                       str(fresh("out_qd")), "--to", "nvfp4", "--device", args.device,
                                        "--workers", str(args.workers), "--shard-size", args.shard_size]
                                       + (["--json"] if args.entry == "console" else [])))
     tmp = Path(tempfile.mkdtemp(prefix="qd-peer-"))
     if not args.skip_peer:
-        gpu = "0" if device == "cuda" else "-1"
+        # the peer on its best path: its GPU one wherever there is a GPU (its CPU path crashes)
         runs.append(("peer", lambda: [sys.executable, str(PEER), "--src", str(src), "--dst", str(fresh("out_peer")),
-                                      "--gpu", gpu]))
-        if device == "cpu":
+                                      "--gpu", "0" if gpu else "-1"]))
+        if not gpu:
             clone = patched_peer(tmp)
             runs.append(("peer+clone", lambda: [sys.executable, str(clone), "--src", str(src), "--dst",
                                                 str(fresh("out_peer_clone")), "--gpu", "-1"]))
@@ -341,7 +344,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"source {report['source_gb']} GB FP8 (V4 uniform-FP8 naming), device {device}, {os.cpu_count()} cores, "
+        print(f"source {report['source_gb']} GB FP8 (V4 uniform-FP8 naming), --device {args.device} ({device}), "
+              f"{os.cpu_count()} cores, GPU {'yes' if gpu else 'no'}, "
               f"cold {args.cold} ({'whole page cache dropped' if args.cold == 'all' else 'only source and outputs evicted'})")
         print(f"{'tool':<11} {'wall s':>8} {'vs qd':>7} {'peak RSS GB':>12} {'rc':>4}  note")
         for name, r in results.items():

@@ -12,8 +12,8 @@ It reads, rather than asking the kernel with `posix_fadvise(WILLNEED)`: measured
 cold one), and one reading thread reaches only 0.8 GB/s where four reach the disk's 1.5 GB/s.
 
 Not while torch's own libraries are cold (`interpreter_cold`): the import then needs the disk itself. Not on
-CPU: there the conversion is bound by the cores, and reading early only slows the interpreter's own
-(cold) import (measured on 2 cores: torch's cold import ~1 s slower beside it). QUANTDECK_NO_READAHEAD=1
+CPU with few cores: there the conversion is bound by the cores, and reading early only slows the
+interpreter's own (cold) imports (measured on 2 cores: torch's cold import ~1 s slower beside it). QUANTDECK_NO_READAHEAD=1
 turns it off; QUANTDECK_READAHEAD_THREADS=N sets the readers (default 4).
 """
 
@@ -157,6 +157,37 @@ def _page_cached(path: str, offset: int = 0) -> bool | None:
         os.close(fd)
 
 
+# the torch-free CPU path's main native libraries: (package, folder, file name prefix)
+CPU_IMPORTS = (("numpy", "_core", "_multiarray_umath"), ("llvmlite", "binding", "libllvmlite"))
+
+
+def _native_lib(package: str, sub: str, prefix: str) -> str | None:
+    """The shared library `package/sub/prefix*.so*` (found, not imported), or None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    d = os.path.join(os.path.dirname(spec.origin), sub)
+    try:
+        libs = sorted(n for n in os.listdir(d) if n.startswith(prefix) and ".so" in n)
+    except OSError:
+        return None
+    return os.path.join(d, libs[0]) if libs else None
+
+
+def cpu_imports_cold() -> bool:
+    """Are the CPU path's own libraries (numpy's core, llvmlite's LLVM) out of the page cache? As for torch, the
+    imports then need the disk themselves (measured on the H100 box, cache dropped: imports done at 2.6 s
+    beside the read-ahead)."""
+    files = [p for p in (_native_lib(*lib) for lib in CPU_IMPORTS) if p]
+    seen = [c for c in (_page_cached(p) for p in files) if c is not None]
+    return bool(seen) and not all(seen)
+
+
 def interpreter_cold() -> bool:
     """Are torch's own files out of the page cache (a first run after boot, or a dropped cache)? Then its import
     reads GBs from the disk, and reading the source beside it only slows the import down: measured on an H100 box
@@ -182,18 +213,21 @@ def interpreter_cold() -> bool:
     return bool(seen) and not all(seen)
 
 
-def start(src: str | os.PathLike, device: str | None = "auto", budget: int | None = None) -> threading.Thread | None:
-    """For a GPU run, begin reading ahead `src`'s first shards (up to `budget` bytes; default: min(8 GiB, a
+def start(src: str | os.PathLike, device: str | None = "auto", budget: int | None = None,
+          cpu_ok: bool = False) -> threading.Thread | None:
+    """For a GPU run (or a CPU run with `cpu_ok`: a many-core machine, where the torch-free CPU path is bound
+    by the disk too), begin reading ahead `src`'s first shards (up to `budget` bytes; default: min(8 GiB, a
     quarter of the available memory)) on daemon threads; once per directory per process. Returns the
     ReadAhead thread, or None (CPU run, turned off, nothing to read)."""
-    if not gpu_likely(device):
+    gpu = gpu_likely(device)
+    if not gpu and not (cpu_ok and str(device) == "cpu"):
         return None
     key = os.path.realpath(os.fspath(src))
     with _lock:
         if key in _started:
             return None
         _started.add(key)
-    if os.environ.get("QUANTDECK_NO_READAHEAD") or interpreter_cold():
+    if os.environ.get("QUANTDECK_NO_READAHEAD") or (interpreter_cold() if gpu else cpu_imports_cold()):
         return None
     paths = source_shards(src)
     if not paths:

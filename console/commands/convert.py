@@ -92,11 +92,10 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
     _quiet_openmp()
     import gc
 
-    from engine import cuda_preinit, readahead
+    from engine.convert.device import start_early
 
-    readahead.start(src, device)  # on a GPU box the disk reads the source while torch imports
-    cuda_preinit.start(device)  # ... and the CUDA driver starts its context
-    gc.disable()  # no collections while torch's million objects load ...
+    start_early(src, device, to)  # the disk reads the source (and CUDA starts) while the imports run
+    gc.disable()  # no collections while (torch's) million objects load ...
     from engine.convert import convert_checkpoint
 
     gc.freeze()  # ... and later ones never walk them

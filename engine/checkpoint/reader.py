@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
+import numpy as np
 
-from engine.checkpoint.safetensors_format import DTYPES, ITEMSIZE, parse_header
+from engine.checkpoint.host import HostArray
+from engine.checkpoint.safetensors_format import ITEMSIZE, parse_header
 from engine.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,7 +42,10 @@ class TensorMeta:
         return self.end - self.start
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self):
+        """The torch dtype (imports torch)."""
+        from engine.checkpoint.safetensors_format import DTYPES
+
         return DTYPES[self.dtype_name]
 
     def __iter__(self):  # so `dtype, shape, shard = reader.meta(name)` works
@@ -166,11 +170,11 @@ class CheckpointReader:
                 self._problem(CheckpointError(f"malformed header entry for {name} in {path.name} ({e})",
                                               at=f"{path}:{name}", hint="the shard is damaged; fetch it again"))
                 continue
-            if dt not in DTYPES:
+            if dt not in ITEMSIZE:
                 self._problem(CheckpointError(
                     f"unsupported dtype {dt} for {name} in {path.name}",
                     at=f"{path}:{name}",
-                    hint=f"quantdeck reads {', '.join(sorted(DTYPES))}; convert that tensor first"))
+                    hint=f"quantdeck reads {', '.join(sorted(ITEMSIZE))}; convert that tensor first"))
                 continue
             n = ITEMSIZE[dt]
             for d in shape:
@@ -267,32 +271,46 @@ class CheckpointReader:
         except (OSError, AttributeError):  # pragma: no cover - not Linux
             pass
 
-    def read_bytes(self, name: str, pin: bool = False) -> torch.Tensor:
-        """The raw bytes of a tensor as a uint8 tensor (a private copy, not a mapping); `pin` puts them in
-        page-locked memory for a fast asynchronous upload to a GPU."""
+    def _read_into(self, m: TensorMeta, view: memoryview) -> None:
+        fd = self._fd(m.shard)
+        got = 0
+        while got < m.nbytes:
+            n = os.preadv(fd, [view[got:]], m.start + got)
+            if n <= 0:
+                raise CheckpointError(f"{m.name}: {m.shard} ended early at byte {m.start + got}",
+                                      at=f"{self.dir / m.shard}:{m.name}", hint="the shard is truncated")
+            got += n
+
+    def read_bytes(self, name: str, pin: bool = False):
+        """The raw bytes of a tensor as a uint8 torch tensor (a private copy, not a mapping); `pin` puts them
+        in page-locked memory for a fast asynchronous upload to a GPU."""
+        import torch
+
         m = self.meta(name)
         buf = torch.empty(m.nbytes, dtype=torch.uint8, pin_memory=pin)
         if m.nbytes:
-            view = memoryview(buf.numpy()).cast("B")
-            fd = self._fd(m.shard)
-            got = 0
-            while got < m.nbytes:
-                n = os.preadv(fd, [view[got:]], m.start + got)
-                if n <= 0:
-                    raise CheckpointError(f"{name}: {m.shard} ended early at byte {m.start + got}",
-                                          at=f"{self.dir / m.shard}:{name}", hint="the shard is truncated")
-                got += n
+            self._read_into(m, memoryview(buf.numpy()).cast("B"))
         return buf
 
-    def get(self, name: str, pin: bool = False) -> torch.Tensor:
-        """One tensor, on CPU (page-locked with `pin`), with its stored dtype and shape."""
+    def get(self, name: str, pin: bool = False):
+        """One tensor as a torch tensor, on CPU (page-locked with `pin`), with its stored dtype and shape."""
+        import torch
+
         m = self.meta(name)
         raw = self.read_bytes(name, pin=pin)
         if m.nbytes == 0:
             return torch.empty(m.shape, dtype=m.dtype)
         return raw.view(m.dtype).reshape(m.shape)
 
-    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def get_host(self, name: str) -> HostArray:
+        """One tensor as a HostArray (numpy storage; no torch), read into a private buffer."""
+        m = self.meta(name)
+        buf = np.empty(m.nbytes, np.uint8)
+        if m.nbytes:
+            self._read_into(m, memoryview(buf))
+        return HostArray.from_bytes(m.dtype_name, m.shape, buf)
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
         for name in names if names is not None else self.names():
             yield name, self.get(name)
 

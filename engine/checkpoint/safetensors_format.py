@@ -12,24 +12,41 @@ import json
 import struct
 from dataclasses import dataclass
 
-import torch
-
-# safetensors dtype name -> torch dtype (what torch can hold).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+# Bytes per element of every safetensors dtype quantdeck reads (no torch: the planner and the CPU converter
+# run without it).
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
 }
-NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # Largest rank first, as measured against safetensors 0.8's writer (tests re-check it).
 RANK_ORDER = ["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
               "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"]
 _RANK = {name: i for i, name in enumerate(RANK_ORDER)}
+_TORCH: dict[str, dict] = {}
 
-ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+def _torch_tables() -> dict[str, dict]:
+    """DTYPES (safetensors name -> torch dtype) and NAMES (its inverse), built on first use."""
+    if not _TORCH:
+        import torch
+
+        dtypes = {
+            "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+            "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+            "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+        }
+        _TORCH.update({"DTYPES": dtypes, "NAMES": {v: k for k, v in dtypes.items()}})  # both at once
+    return _TORCH
+
+
+def __getattr__(name: str):  # DTYPES / NAMES import torch only when asked for
+    if name in ("DTYPES", "NAMES"):
+        return _torch_tables()[name]
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -48,12 +65,14 @@ class TensorSpec:
         return n
 
     @classmethod
-    def of(cls, name: str, dtype: torch.dtype, shape) -> "TensorSpec":
-        return cls(name, NAMES[dtype], tuple(int(d) for d in shape))
+    def of(cls, name: str, dtype, shape) -> "TensorSpec":
+        """From a torch dtype."""
+        return cls(name, dtype_name(dtype), tuple(int(d) for d in shape))
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return NAMES[dtype]
+def dtype_name(dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    return _torch_tables()["NAMES"][dtype]
 
 
 def file_order(specs: list[TensorSpec]) -> list[TensorSpec]:

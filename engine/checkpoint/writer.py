@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
-
 from engine.checkpoint import digest as dg
 from engine.checkpoint.direct import DirectWriter
 from engine.checkpoint import manifest as mf
 from engine.checkpoint.reader import INDEX_NAME
-from engine.checkpoint.safetensors_format import NAMES, TensorSpec, build_layout
+from engine.checkpoint.host import HostArray
+from engine.checkpoint.safetensors_format import TensorSpec, build_layout, dtype_name
 from engine.errors import CheckpointError, DiskFullError
 from engine.events import EventSink, NullSink
 from engine.fsutil import atomic_write_json, fsync_dir
@@ -89,6 +88,14 @@ def _writeback_starter():
 
 _start_writeback = _writeback_starter()
 WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk right away
+
+
+def _name_of(dtype) -> str | None:
+    """safetensors name of a torch dtype; None for one safetensors cannot hold."""
+    try:
+        return dtype_name(dtype)
+    except KeyError:
+        return None
 
 
 def _disk_full(e: OSError, path: Path) -> Exception:
@@ -153,26 +160,33 @@ class ShardFile:
         if n >= WRITEBACK_BYTES:  # a big tensor: its pages start going to disk now, not all at the fsync
             _start_writeback(self.fd, start, n)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
+        """Write one planned tensor (a torch tensor or an engine.checkpoint.host.HostArray) at its offset."""
         spec = self.specs.get(name)
         if spec is None:
             raise CheckpointError(f"{name} is not planned for {self.plan.name}", at=f"{self.final}:{name}",
                                   hint="this is a bug in the conversion plan")
-        got = (NAMES.get(tensor.dtype), tuple(tensor.shape))
+        host = isinstance(tensor, HostArray)
+        got = (tensor.dtype if host else _name_of(tensor.dtype), tuple(tensor.shape))
         if got != (spec.dtype, spec.shape):
             raise CheckpointError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {got[0]}{list(got[1])}",
                                   at=f"{self.final}:{name}", hint="this is a bug in the conversion plan")
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        if host:
+            raw = tensor.raw()
+        else:
+            import torch
+
+            t = tensor.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
         with self._lock:
             if name not in self.pending:
                 raise CheckpointError(f"{name} written twice to {self.plan.name}", at=f"{self.final}:{name}")
             self.pending.discard(name)
         start, _ = self.layout.offsets[name]
-        view = memoryview(raw.numpy()).cast("B") if raw.numel() else memoryview(b"")
-        if raw.numel():
+        view = memoryview(raw).cast("B") if raw.size else memoryview(b"")
+        if raw.size:
             self._pwrite(view, start)
         d = hashlib.sha256(view).digest()  # from memory (the GIL is released while hashing)
         with self._lock:
@@ -323,7 +337,7 @@ class CheckpointWriter:
         return self.dst
 
 
-def write_checkpoint(dst: str | os.PathLike, tensors: dict[str, torch.Tensor], shard_size: int = 5 * 10**9,
+def write_checkpoint(dst: str | os.PathLike, tensors: dict, shard_size: int = 5 * 10**9,
                      source_fingerprint: str = "", args: dict[str, Any] | None = None) -> Path:
     """Small helper: write a whole dict of tensors as a sharded checkpoint (tests, fixtures, tiny models)."""
     units = [[TensorSpec.of(k, v.dtype, v.shape)] for k, v in sorted(tensors.items())]

@@ -13,7 +13,8 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
 
-from engine import cuda_preinit, readahead, timeline  # noqa: E402  (no torch)
+from engine import timeline  # noqa: E402  (no torch)
+from engine.convert.device import start_early  # noqa: E402
 from engine.errors import QuantdeckError, exit_code_for  # noqa: E402
 from engine.events import CallbackSink  # noqa: E402
 
@@ -31,9 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
     timeline.mark("main")
-    readahead.start(a.src, a.device)  # on a GPU box the disk reads the source while torch imports
-    cuda_preinit.start(a.device)  # ... and the CUDA driver starts its context
-    gc.disable()  # no collections while torch's million objects load ...
+    start_early(a.src, a.device, a.to)  # the disk reads the source (and CUDA starts) while the imports run
+    gc.disable()  # no collections while (torch's) million objects load ...
     from engine.convert import convert_checkpoint
 
     gc.freeze()  # ... and later ones never walk them

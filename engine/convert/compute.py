@@ -8,24 +8,17 @@ never cross a row, so row slabs give the same bytes as the whole tensor, with bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from engine.convert import kernels
-from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, Member
+from engine.convert.compute_host import check_finite
+from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
 from engine.errors import FormatError
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block
 from engine.formats.mxfp4.helpers import dequant_mxfp4, mxfp4_to_nvfp4
 from engine.formats.nvfp4.helpers import global_scale
 
 E4M3_POW2_MIN = -9
-
-
-@dataclass
-class ItemResult:
-    tensors: dict[str, torch.Tensor]
-    notes: list[str] = field(default_factory=list)
 
 
 def _fp32(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -47,12 +40,6 @@ def _amax(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torc
         w, s = src[m.name], src[m.scale]
         return kernels.fp8_block_amax(w, s, infer_block(tuple(w.shape), tuple(s.shape)), device)
     return _fp32(m, src, device).abs().amax().cpu()
-
-
-def _check_finite(name: str, amax: torch.Tensor) -> None:
-    if not bool(torch.isfinite(amax)):
-        raise FormatError(f"{name} holds inf or NaN (amax {float(amax)})", at=name,
-                          hint="the source tensor is corrupt; check it with `quantdeck inspect`")
 
 
 def _nvfp4_member(m: Member, src: dict[str, torch.Tensor], s2: torch.Tensor, device: torch.device):
@@ -120,7 +107,7 @@ def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device 
     amaxes = []
     for m in item.members:
         a = _amax(m, src, device).to(torch.float32)
-        _check_finite(m.name, a)
+        check_finite(m.name, a)
         amaxes.append(a)
     s2 = global_scale(torch.stack(amaxes).amax().cpu())
     out: dict[str, torch.Tensor] = {}

@@ -1,5 +1,6 @@
-"""The converter's hot loops, delegated to engineer A's kernels (engine.formats.nvfp4.dispatch: numba on CPU,
-torch on CUDA; bytes identical to the torch reference). Results are CPU tensors.
+"""The converter's hot loops for torch tensors, delegated to engineer A's kernels (engine.formats.nvfp4.dispatch:
+numba on CPU, torch on CUDA; bytes identical to the torch reference). Results are CPU tensors. The torch-free
+CPU path calls the same numba kernels through engine.formats.nvfp4.host. torch is imported on first use.
 
 Why numba on CPU: on 2 cores the bit-exact vectorized torch path measured ~38 MB/s of FP8 input (the peer's
 speed), while the fused numba kernel (dequant + block amax + E2M1 rounding + packing in one pass, no
@@ -10,14 +11,9 @@ from __future__ import annotations
 
 import atexit
 
-import torch
 
-from engine.formats.nvfp4 import dispatch
-
-
-def _dev(device: torch.device | str) -> str:
-    d = torch.device(device)
-    return "cpu" if d.type == "cpu" else (f"cuda:{d.index}" if d.index is not None else "cuda")
+def _dev(device) -> str:
+    return str(device)  # "cpu", "cuda", "cuda:N" (a torch.device prints the same)
 
 
 _WARMING: list = []  # (device type, thread) of the warm-ups started in this process and not yet seen finished
@@ -34,40 +30,49 @@ def _after_cuda_warm_up(dev: str) -> str:
     return dev
 
 
-def fp8_block_amax(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+def fp8_block_amax(w, scale, block: tuple[int, int], device="cpu"):
     """max |fp32(code) · scale| of an FP8-block weight, without materializing it."""
+    from engine.formats.nvfp4 import dispatch
+
     return dispatch.fp8_block_amax(w, scale, _after_cuda_warm_up(_dev(device)), block=block)
 
 
-def fp8_block_to_nvfp4(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], scale_2: torch.Tensor,
-                       device: torch.device | str = "cpu"):
+def fp8_block_to_nvfp4(w, scale, block: tuple[int, int], scale_2, device="cpu"):
     """(packed uint8, block_scale e4m3) of an FP8-block weight quantized with `scale_2` (fused, one pass)."""
+    from engine.formats.nvfp4 import dispatch
+
     return dispatch.fp8_block_to_nvfp4(w, scale, scale_2, _after_cuda_warm_up(_dev(device)), block=block)
 
 
-def float_to_nvfp4(w: torch.Tensor, scale_2: torch.Tensor, device: torch.device | str = "cpu"):
+def float_to_nvfp4(w, scale_2, device="cpu"):
     """(packed uint8, block_scale e4m3) of a 2-D float weight."""
+    from engine.formats.nvfp4 import dispatch
+
     return dispatch.bf16_to_nvfp4(w, scale_2, _dev(device))
 
 
-def warm_up(target: str, device: torch.device | str) -> None:
+def warm_up(target: str, device) -> None:
     """Get the slow one-time set-ups going on a background thread, so that they overlap planning and the
     first reads instead of stalling the first tensor: on CPU, import numba and load the cached kernels
     (~0.8 s on 2 cores); on CUDA, create the device context (and the pinned-memory allocator), import
     Triton and load its fused kernel (up to ~1-2 s, which the first FP8 item otherwise waits for). Where the
     process froze its objects out of the garbage collector's full passes (the converter's entry points do,
-    after importing torch), numba's are frozen too (a full pass over them costs ~0.25 s on 2 cores). A
+    after their imports), numba's are frozen too (a full pass over them costs ~0.25 s on 2 cores). A
     failure here is ignored: the real call raises it with its context."""
     import gc
     import threading
 
-    dev = torch.device(device)
-    if dev.type == "cuda":
+    kind = str(device).split(":", 1)[0]
+    if kind == "cuda":
         def warm() -> None:
             from engine import timeline
 
             try:
+                import torch
+
+                from engine.formats.nvfp4 import dispatch
+
+                dev = torch.device(device)
                 torch.empty(1, device=dev)
                 torch.empty(1, pin_memory=True)
                 timeline.mark("cuda_ready")
@@ -84,11 +89,14 @@ def warm_up(target: str, device: torch.device | str) -> None:
     elif target == "nvfp4":
         def warm() -> None:
             try:
-                w = torch.zeros(16, 32, dtype=torch.float8_e4m3fn)
-                s, one = torch.ones(1, 1), torch.tensor(1.0)
-                dispatch.fp8_block_amax(w, s, "cpu", block=(128, 128))
-                dispatch.fp8_block_to_nvfp4(w, s, one, "cpu", block=(128, 128))
-                dispatch.bf16_to_nvfp4(torch.zeros(16, 32, dtype=torch.bfloat16), one, "cpu")
+                import numpy as np
+
+                from engine.formats.nvfp4 import host
+
+                w, s = np.zeros((16, 32), np.uint8), np.ones((1, 1), np.float32)
+                host.fp8_block_amax(w, s, (128, 128))
+                host.fp8_block_to_nvfp4(w, s, (128, 128), 1.0)
+                host.float_to_nvfp4(np.zeros((16, 32), np.float32), 1.0)
             except Exception:  # noqa: BLE001
                 pass
             if gc.get_freeze_count():
@@ -99,7 +107,7 @@ def warm_up(target: str, device: torch.device | str) -> None:
     if not _WARMING:
         atexit.register(_join_warm_ups)
     t.start()
-    _WARMING[:] = [w for w in _WARMING if w[1].is_alive()] + [(dev.type, t)]
+    _WARMING[:] = [w for w in _WARMING if w[1].is_alive()] + [(kind, t)]
 
 
 def _join_warm_ups() -> None:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
 
+from engine.checkpoint.host import HostArray
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
 from engine.errors import CheckpointError, UsageError
-from engine.formats.fp8_block.helpers import scale_grid
-from engine.formats.nvfp4.helpers import packed_cols
+from engine.formats.grid import packed_cols, scale_grid
 from engine.names import OutputLayout, TargetFormat
 
 FLOAT = "float"  # BF16 / F16 / F32 values
@@ -49,6 +50,15 @@ class Item:
     @property
     def key(self) -> str:
         return self.members[0].name
+
+
+@dataclass
+class ItemResult:
+    """An item's canonical output tensors (torch tensors, or HostArrays on the torch-free CPU path), and
+    notes for the operator."""
+
+    tensors: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -190,13 +200,21 @@ def rename_for_layout(spec: TensorSpec, quantized: bool, layout: str) -> TensorS
     return spec
 
 
-def layout_tensor(name: str, t: torch.Tensor, quantized: bool, layout: str) -> tuple[str, torch.Tensor]:
-    """Convert one canonical output tensor to `layout` (the value side of rename_for_layout)."""
+def layout_tensor(name: str, t, quantized: bool, layout: str):
+    """Convert one canonical output tensor (torch or HostArray) to `layout` (the value side of
+    rename_for_layout): compressed-tensors stores 1 / weight_scale_2 (float32, shape [1]) and names the packed
+    weight `weight_packed`."""
     if layout == str(OutputLayout.MODELOPT) or not quantized:
         return name, t
+    host = isinstance(t, HostArray)
     if name.endswith(".weight_scale_2"):
+        if host:
+            inv = np.float32(1.0) / t.data.astype(np.float32)  # one float32 division, as torch's
+            return name[: -len("_scale_2")] + "_global_scale", HostArray("F32", inv.reshape(1))
+        import torch
+
         return name[: -len("_scale_2")] + "_global_scale", (1.0 / t.to(torch.float32)).reshape(1)
-    if name.endswith(".weight") and t.dtype == torch.uint8:
+    if name.endswith(".weight") and (t.dtype == "U8" if host else str(t.dtype) == "torch.uint8"):
         return name + "_packed", t
     return name, t
 

@@ -4,7 +4,8 @@ Plan (engine.convert.plan) → output shards planned up front → per output lay
 `<dst>.partial/` → the shards still to write, run by the reader/compute/writer pipeline in this process or
 split round-robin over `workers` processes (one GPU each, round-robin, on CUDA) → extras copied, config
 written → renamed to `<dst>`. With two layouts (`--format both`) the math runs once and both
-`<dst>/modelopt` and `<dst>/compressed-tensors` are written.
+`<dst>/modelopt` and `<dst>/compressed-tensors` are written. A CPU run imports no torch unless an item needs
+it (engine.convert.compute_host); the device is chosen by engine.convert.device.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
-
-import torch
 
 from engine import __version__, timeline
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
 from engine.convert.extras import copy_extras
+from engine.convert.device import choose_device
 from engine.convert.kernels import warm_up
-from engine.convert.pipeline import ShardTask, run_tasks
+from engine.convert.pipeline import ShardTask, device_type, run_tasks
 from engine.convert.plan import TO_NVFP4, ConvertPlan, Item, build_plan, check_layouts, rename_for_layout
 from engine.convert.quant_config import modelopt_hf_quant_config, output_config
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
@@ -49,7 +50,10 @@ def reuse_heap() -> None:
         pass
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str):
+    """torch.device for `device` ("auto": CUDA when torch sees it); for the torch-based paths (export)."""
+    import torch
+
     if device in ("auto", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -106,7 +110,9 @@ def layout_shards(groups: list[list[Item]], layout: str) -> list[ShardPlan]:
 def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q) -> None:
     """Entry of a `--workers N` child process: convert its share of the shards, report each item."""
     share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1"))))
-    torch.set_num_threads(share)
+    os.environ["OMP_NUM_THREADS"] = str(share)  # torch's pool, should an item import it
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(share)
     if device == "cpu":  # N processes share the cores: each kernel gets its share of threads
         from engine.formats.numba_setup import numba
 
@@ -135,11 +141,15 @@ def _picklable(e: BaseException) -> bool:
         return False
 
 
-def _run_workers(src: str, tasks: list[ShardTask], workers: int, device: torch.device, v4_fp8: bool,
+def _run_workers(src: str, tasks: list[ShardTask], workers: int, device, v4_fp8: bool,
                  progress: Progress, sink: EventSink) -> None:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
+    n_gpu = 0
+    if device_type(device) == "cuda":
+        import torch
+
+        n_gpu = torch.cuda.device_count()
     procs = []
     os.environ["QD_CONVERT_WORKERS"] = str(workers)
     for k in range(workers):
@@ -180,6 +190,21 @@ def _run_workers(src: str, tasks: list[ShardTask], workers: int, device: torch.d
         raise error
 
 
+def _pick_device(device: str, target: str, ranks: Ranks):
+    """(device, why auto chose it): "cpu" (a string: no torch) or a torch.device for CUDA."""
+    choice = choose_device(device, target)
+    if choice.device == "cpu":
+        return "cpu", choice.reason if choice.asked == "auto" else ""
+    import torch
+
+    if not torch.cuda.is_available():
+        if choice.asked == "auto":
+            return "cpu", "torch sees no CUDA device"
+        raise UsageError(f"--device {choice.asked} asked, but torch sees no CUDA device", at="--device",
+                         hint="use --device cpu or auto")
+    return ranks.device(torch.device(choice.device)), choice.reason if choice.asked == "auto" else ""
+
+
 @over_ranks
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "nvfp4",
                        layouts: Sequence[str] = ("modelopt",), device: str = "auto", workers: int = 1,
@@ -197,7 +222,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         raise UsageError("--dst must differ from --src", at="--dst", hint="write the output somewhere new")
     layouts = check_layouts(list(layouts), target)
     shard_size = parse_size(shard_size)
-    dev = ranks.device(resolve_device(device))
+    dev, why = _pick_device(device, target, ranks)
     timeline.begin("convert")
     reader = CheckpointReader(src)  # a missing or unreadable source fails here, before anything starts
     warm_up(target, dev)
@@ -231,6 +256,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     progress = Progress(sink, "tensors", total=n_items, bytes_total=bytes_total)
     sink.emit("log", level="info", msg=f"{src} ({plan.family}) → {target} [{', '.join(layouts)}] on {dev}: "
               f"{len(plan.items)} items in {len(groups)} shard(s), {len(tasks)} to write"
+              + (f" (device auto: {why})" if why else "")
               + (f", {len(mine)} of them by rank {ranks.rank} of {ranks.world}" if ranks.active else ""))
     v4_fp8 = plan.family == "deepseek-v4"
     notes_all: list[str] = []

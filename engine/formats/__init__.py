@@ -1,14 +1,22 @@
 """Numerics (FP8 block-128, UE8M0, MXFP4, NVFP4) and the registered output layouts.
 
-Importing this package registers every layout by name (`Layout.get("modelopt")`, `"compressed-tensors"`,
-`"fp8-block"`, `"fp8-block-ue8m0"`, `"bf16"`); see engine/formats/layout.py.
+`from engine.formats import Layout` (or ConfigPieces, TensorSpec, layout_for) registers every layout by name
+(`Layout.get("modelopt")`, `"compressed-tensors"`, `"fp8-block"`, `"fp8-block-ue8m0"`, `"bf16"`); see
+engine/formats/layout.py. Importing the package alone loads nothing (no torch): the CPU converter imports
+its torch-free submodules (engine.formats.grid, engine.formats.nvfp4.host) through it.
 """
 
-from engine.formats.layout import ConfigPieces, Layout, TensorSpec, layout_for
+from __future__ import annotations
 
-from engine.formats.bf16 import layout as _bf16  # noqa: F401,E402  (registers "bf16")
-from engine.formats.compressed_tensors import layout as _ct  # noqa: F401,E402  (registers "compressed-tensors")
-from engine.formats.fp8_block import layout as _fp8  # noqa: F401,E402  (registers "fp8-block", "fp8-block-ue8m0")
-from engine.formats.modelopt import layout as _mo  # noqa: F401,E402  (registers "modelopt")
+import importlib
 
 __all__ = ["ConfigPieces", "Layout", "TensorSpec", "layout_for"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        layout = importlib.import_module("engine.formats.layout")
+        for sub in ("bf16", "compressed_tensors", "fp8_block", "modelopt"):  # register the layouts
+            importlib.import_module(f"engine.formats.{sub}.layout")
+        return getattr(layout, name)
+    raise AttributeError(name)

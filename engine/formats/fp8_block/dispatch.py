@@ -17,6 +17,7 @@ from engine.formats.fp8_block.helpers import (
     scale_to_fp32,
     scales_from_amax,
 )
+from engine.formats.fp8_block import host
 from engine.formats.nvfp4.dispatch import _E4M3_LUT, resolve_device
 
 __all__ = ["cast_fp8_block_fast", "dequant_fp8_block_fast"]
@@ -68,15 +69,12 @@ def dequant_fp8_block_fast(
     from engine.formats.numba_setup import KERNEL_LOCK
 
     wb = w_fp8.detach().cpu().contiguous().view(torch.uint8)
+    s = scale_to_fp32(scale).detach().cpu().contiguous()
+    if dtype == torch.bfloat16:  # fused: fp32 product rounded to bf16 in the same pass
+        return torch.from_numpy(host.dequant_bf16(wb.numpy(), s.numpy(), blk)).view(torch.bfloat16)
     if bool(((wb & 0x7F) == 0x7F).any()):
         raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
-    s = scale_to_fp32(scale).detach().cpu().contiguous()
     o, i = wb.shape
-    if dtype == torch.bfloat16:  # fused: fp32 product rounded to bf16 in the same pass
-        out16 = np.empty((o, i), np.uint16)
-        with KERNEL_LOCK:
-            kernels_cpu.dequant_bf16_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], _E4M3_LUT, out16)
-        return torch.from_numpy(out16).view(torch.bfloat16)
     out = np.empty((o, i), np.float32)
     with KERNEL_LOCK:
         kernels_cpu.dequant_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], _E4M3_LUT, out)

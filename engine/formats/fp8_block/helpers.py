@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from engine.errors import FormatError
+from engine.formats.grid import infer_block, scale_grid
 
 FP8_MAX = 448.0
 E8M0_BIAS = 127
@@ -39,13 +40,6 @@ __all__ = [
     "scale_to_fp32",
     "scales_from_amax",
 ]
-
-
-def scale_grid(shape: tuple[int, int], block: tuple[int, int] = (128, 128)) -> tuple[int, int]:
-    """Shape of the block-scale tensor for a weight of `shape`."""
-    o, i = shape
-    bo, bi = block
-    return (-(-o // bo), -(-i // bi))
 
 
 def _check_2d(w: torch.Tensor, what: str) -> None:
@@ -154,25 +148,3 @@ def dequant_fp8_block(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int
         )
     s = scale_to_fp32(scale)
     return w_fp8.to(torch.float32) * _expand(s, tuple(w_fp8.shape), block)
-
-
-def infer_block(weight_shape: tuple[int, int], scale_shape: tuple[int, ...]) -> tuple[int, int]:
-    """The tile size that maps `weight_shape` onto `scale_shape` (128×128 when that fits, as DeepSeek ships)."""
-    o, i = weight_shape
-    if len(scale_shape) != 2 or scale_shape[0] <= 0 or scale_shape[1] <= 0:
-        raise FormatError(
-            f"block scale must be 2-D, got shape {tuple(scale_shape)} for weight {tuple(weight_shape)}",
-            at="scale",
-            hint="per-tensor or per-channel FP8 scales are not DeepSeek block format",
-        )
-    so, si = scale_shape
-    if scale_grid((o, i), (128, 128)) == (so, si):
-        return (128, 128)
-    block = (-(-o // so), -(-i // si))
-    if scale_grid((o, i), block) != (so, si):
-        raise FormatError(
-            f"no block size maps weight {tuple(weight_shape)} onto scale {tuple(scale_shape)}",
-            at="scale",
-            hint="the scale companion does not belong to this weight",
-        )
-    return block

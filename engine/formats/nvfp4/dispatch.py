@@ -11,7 +11,7 @@ import torch
 
 from engine.errors import FormatError
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
-from engine.formats.nvfp4.helpers import as_scale_2, packed_cols
+from engine.formats.nvfp4.helpers import as_scale_2
 
 __all__ = [
     "bf16_to_nvfp4",
@@ -22,7 +22,8 @@ __all__ = [
     "resolve_device",
 ]
 
-_E4M3_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+from engine.formats.nvfp4 import host  # noqa: E402  (the CPU branches: numba kernels on numpy arrays)
+from engine.formats.nvfp4.host import E4M3_LUT as _E4M3_LUT  # noqa: E402
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -67,19 +68,9 @@ def fp8_block_to_nvfp4(
         _scale_np(scale_inv)  # validates (a small host copy)
 
         return fp8_block_to_nvfp4_cuda(w_fp8, scale_inv, blk, scale_2, dev)
-    from engine.formats.nvfp4 import kernels_cpu
-    from engine.formats.numba_setup import KERNEL_LOCK
-
     s2 = np.float32(as_scale_2(scale_2).item())
-    o, i = w_fp8.shape
     wb = w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy()
-    packed = np.empty((o, packed_cols(i)), np.uint8)
-    bs = np.empty((o, -(-i // 16)), np.uint8)
-    bad = np.zeros(o, np.uint8)
-    with KERNEL_LOCK:
-        kernels_cpu.fp8_block_to_nvfp4_kernel(wb, _scale_np(scale_inv), blk[0], blk[1], s2, _E4M3_LUT, packed, bs, bad)
-    if bad.any():
-        raise FormatError(f"FP8 weight holds NaN codes (row {int(bad.argmax())})", at="fp8_block_to_nvfp4")
+    packed, bs = host.fp8_block_to_nvfp4(wb, _scale_np(scale_inv), blk, s2)
     return torch.from_numpy(packed), torch.from_numpy(bs).view(torch.float8_e4m3fn)
 
 
@@ -92,18 +83,8 @@ def bf16_to_nvfp4(w: torch.Tensor, scale_2, device: str = "auto") -> tuple[torch
         from engine.formats.nvfp4.kernels_cuda import bf16_to_nvfp4_cuda
 
         return bf16_to_nvfp4_cuda(w, scale_2, dev)
-    from engine.formats.nvfp4 import kernels_cpu
-    from engine.formats.numba_setup import KERNEL_LOCK
-
     s2 = np.float32(as_scale_2(scale_2).item())
-    x = w.detach().cpu().to(torch.float32).contiguous()
-    if not bool(torch.isfinite(x).all()):
-        raise FormatError("weight holds inf or NaN", at="bf16_to_nvfp4", hint="fix the source weight first")
-    o, i = x.shape
-    packed = np.empty((o, packed_cols(i)), np.uint8)
-    bs = np.empty((o, -(-i // 16)), np.uint8)
-    with KERNEL_LOCK:
-        kernels_cpu.fp32_to_nvfp4_kernel(x.numpy(), s2, _E4M3_LUT, packed, bs)
+    packed, bs = host.float_to_nvfp4(w.detach().cpu().to(torch.float32).contiguous().numpy(), s2)
     return torch.from_numpy(packed), torch.from_numpy(bs).view(torch.float8_e4m3fn)
 
 
@@ -117,19 +98,8 @@ def fp8_block_amax(w_fp8: torch.Tensor, scale_inv: torch.Tensor, device: str = "
         _scale_np(scale_inv)
 
         return fp8_block_amax_cuda(w_fp8, scale_inv, blk, dev)
-    from engine.formats.nvfp4 import kernels_cpu
-    from engine.formats.numba_setup import KERNEL_LOCK
-
-    o, i = w_fp8.shape
-    bo, bi = blk
-    go, gi = -(-o // bo), -(-i // bi)
-    tile = np.zeros((go, gi), np.uint8)
-    with KERNEL_LOCK:
-        kernels_cpu.fp8_tile_max_kernel(w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy(), bo, bi, tile)
-    if (tile == 0x7F).any():
-        raise FormatError("FP8 weight holds NaN codes", at="fp8_block_amax", hint="the source is corrupt")
-    vals = _E4M3_LUT[tile] * _scale_np(scale_inv)  # float32 × float32, as the dequant does
-    return torch.tensor(vals.max(), dtype=torch.float32)
+    wb = w_fp8.detach().cpu().contiguous().view(torch.uint8).numpy()
+    return torch.tensor(host.fp8_block_amax(wb, _scale_np(scale_inv), blk), dtype=torch.float32)
 
 
 def float_amax(w: torch.Tensor) -> torch.Tensor:

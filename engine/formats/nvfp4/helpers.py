@@ -22,9 +22,7 @@ import torch
 
 from engine.errors import FormatError
 from engine.formats.e2m1 import E2M1_MAX, decode_e2m1, e2m1_codes, pack_nibbles, unpack_nibbles
-
-BLOCK = 16
-E4M3_MAX = 448.0
+from engine.formats.grid import E4M3_MAX, NVFP4_BLOCK as BLOCK, packed_cols
 E4M3_MIN_SCALE = 2.0**-9
 
 __all__ = [
@@ -38,11 +36,6 @@ __all__ = [
     "quantize_nvfp4",
     "weight_amax",
 ]
-
-
-def packed_cols(i: int) -> int:
-    """Columns of the packed uint8 tensor for `i` inputs (modelopt pads the last 16-block)."""
-    return -(-i // BLOCK) * (BLOCK // 2)
 
 
 def weight_amax(*tensors: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ def test_reads_the_shards_in_order_up_to_the_budget(tmp_path, monkeypatch):
 
 
 def test_only_for_gpu_runs_once_per_directory_and_switchable(tmp_path, monkeypatch):
+    monkeypatch.setattr(readahead, "interpreter_cold", lambda: False)  # whatever the page cache holds now
     _ckpt(tmp_path, [2048])
     assert readahead.start(tmp_path, "cpu") is None
     monkeypatch.setenv("QUANTDECK_NO_READAHEAD", "1")
@@ -81,3 +82,21 @@ def test_budget_is_a_quarter_of_this_machines_available_memory_capped():
     assert avail > 0  # /proc/meminfo through the same parser remote.telemetry uses for the nodes
     # memory moves a little between the two reads of /proc/meminfo
     assert abs(readahead.default_budget() - min(readahead.CAP, avail // 4)) < (64 << 20)
+
+
+def test_cpu_runs_read_ahead_only_on_many_cores_with_their_libraries_warm(tmp_path, monkeypatch):
+    import numpy  # noqa: F401 - imported: numpy's core library is in the page cache
+
+    _ckpt(tmp_path, [4096])
+    assert readahead.start(tmp_path, "cpu", cpu_ok=False) is None  # a few cores: the kernels want them
+    assert all(readahead._native_lib(*lib) for lib in readahead.CPU_IMPORTS)  # the probe finds its files
+    monkeypatch.setattr(readahead, "cpu_imports_cold", lambda: True)
+    assert readahead.start(tmp_path, "cpu", cpu_ok=True) is None  # numpy / LLVM must load from disk first
+    monkeypatch.setattr(readahead, "cpu_imports_cold", lambda: False)
+    other = tmp_path / "b"
+    other.mkdir()
+    _ckpt(other, [4096, 100])
+    t = readahead.start(other, "cpu", cpu_ok=True)
+    assert isinstance(t, threading.Thread)
+    t.join(timeout=30)
+    assert t.bytes_read == 4196

@@ -1,0 +1,94 @@
+"""The math of one work item on host arrays (engine.checkpoint.host), without torch: the CPU converter's.
+
+NVFP4 from FP8-block and float sources — what a DeepSeek conversion is made of — runs here on the numba
+kernels (engine.formats.nvfp4.host), with the same rules and the same bytes as engine.convert.compute (the
+torch path, which CUDA uses): the group's amax from dequantized values, one shared `weight_scale_2`, every
+member quantized with it. FP8-block weights kept in BF16 (attention, MTP) are dequantized by
+engine.formats.fp8_block.host; preserved tensors pass through untouched. The rest (MXFP4 sources, float
+weights cast to BF16, the FP8-block target) goes through engine.convert.compute on torch views of the same
+memory; torch is imported then, on the first such item.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.checkpoint.host import HostArray
+from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, ItemResult, Member
+from engine.errors import FormatError
+from engine.formats.fp8_block import host as fb
+from engine.formats.grid import infer_block
+from engine.formats.nvfp4 import host as nv
+
+
+def check_finite(name: str, amax) -> None:
+    """A member's amax must be finite: inf or NaN anywhere in the weight is a corrupt source."""
+    if not math.isfinite(float(amax)):
+        raise FormatError(f"{name} holds inf or NaN (amax {float(amax)})", at=name,
+                          hint="the source tensor is corrupt; check it with `quantdeck inspect`")
+
+
+def native(item: Item) -> bool:
+    """Does this item run here (True), or through torch (False)?"""
+    if item.action == COPY:
+        return True
+    if item.action == TO_BF16:  # attention and MTP weights of an FP8 source, kept in BF16
+        return all(m.encoding == FP8 and m.scale is not None for m in item.members)
+    return item.action == TO_NVFP4 and all(m.encoding == FLOAT or m.encoding == FP8 for m in item.members)
+
+
+def _block(src: dict[str, HostArray], m: Member) -> tuple[int, int]:
+    return infer_block(src[m.name].shape, src[m.scale].shape)
+
+
+def _values(m: Member, src: dict[str, HostArray]) -> np.ndarray:
+    """float32 values of a member that is not FP8-with-scale (float weights; FP8 codes without a scale)."""
+    w = src[m.name]
+    if m.encoding == FP8:
+        return nv.E4M3_LUT[w.data]
+    return nv.float32_of(w.data, w.dtype)
+
+
+def _amax(m: Member, src: dict[str, HostArray]) -> np.float32:
+    if m.encoding == FP8 and m.scale is not None:
+        s = src[m.scale]
+        return nv.fp8_block_amax(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m))
+    return np.float32(np.abs(_values(m, src)).max())  # NaN stays NaN
+
+
+def _quantize(m: Member, src: dict[str, HostArray], s2: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    if m.encoding == FP8 and m.scale is not None:
+        s = src[m.scale]
+        return nv.fp8_block_to_nvfp4(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m), s2)
+    return nv.float_to_nvfp4(_values(m, src), s2)
+
+
+def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False) -> ItemResult:
+    """The canonical outputs of `item` (modelopt names for NVFP4): HostArrays, or torch tensors for an item
+    that needs torch (see `native`)."""
+    if item.action == COPY:
+        return ItemResult({s.name: src[s.name] for s in item.outputs})
+    if not native(item):
+        from engine.convert.compute import compute_item as torch_compute
+
+        return torch_compute(item, {k: v.torch() for k, v in src.items()}, "cpu", v4_fp8=v4_fp8)
+    if item.action == TO_BF16:
+        m = item.members[0]
+        s = src[m.scale]
+        bits = fb.dequant_bf16(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m))
+        return ItemResult({m.name: HostArray("BF16", bits)})
+    amax = np.float32(0.0)
+    for m in item.members:
+        a = _amax(m, src)
+        check_finite(m.name, a)
+        amax = max(amax, a)
+    s2 = nv.global_scale(amax)
+    out: dict[str, HostArray] = {}
+    for m in item.members:
+        packed, bs = _quantize(m, src, s2)
+        out[m.out_base + ".weight"] = HostArray("U8", packed)
+        out[m.out_base + ".weight_scale"] = HostArray("F8_E4M3", bs)
+        out[m.out_base + ".weight_scale_2"] = HostArray("F32", np.array(s2, np.float32))
+    return ItemResult(out)

@@ -1,0 +1,57 @@
+"""FP8 block-scaled weights on the CPU from numpy arrays, without torch: scale decoding and the fused
+dequantization to BF16 (the numba kernel of engine.formats.fp8_block.kernels_cpu, with its checks).
+
+engine.formats.fp8_block.dispatch's CPU branch calls these for torch tensors; the CPU converter for host arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import FormatError
+from engine.formats.grid import scale_grid
+from engine.formats.nvfp4.host import E4M3_LUT
+
+E8M0_BIAS = 127
+
+
+def block_scales_fp32(data: np.ndarray, dtype: str) -> np.ndarray:
+    """Block scales as float32 multipliers (exact), from their storage: E8M0 (or U8) bytes 2^(b-127), BF16
+    as uint16 bits, F16, F32. Rejects the E8M0 NaN byte, and inf, NaN or negative values."""
+    if dtype in ("F8_E8M0", "U8"):
+        if (data == 255).any():
+            raise FormatError("E8M0 scale holds the NaN byte 0xFF", at="scale", hint="the source scale tensor is corrupt")
+        # 2^(b-127) is exact in float32 for b in [1, 254]; b == 0 is 2^-127, a float32 subnormal, also exact.
+        return np.ldexp(np.ones(data.shape, np.float32), data.astype(np.int32) - E8M0_BIAS)
+    if dtype == "BF16":
+        s = (data.astype(np.uint32) << 16).view(np.float32)
+    elif dtype in ("F32", "F16", "F64"):
+        s = data.astype(np.float32)
+    else:
+        raise FormatError(f"unsupported block-scale dtype {dtype}", at="scale",
+                          hint="expected float32, bfloat16, float8_e8m0fnu or uint8 (E8M0 bytes)")
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")
+    return np.ascontiguousarray(s)
+
+
+
+def dequant_bf16(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """BF16 bits (uint16 [o, i]) of fp32(e4m3(wb) × scale) rounded to nearest even, in one pass: the values of
+    `dequant_fp8_block(w, s).to(torch.bfloat16)`. Rejects NaN codes."""
+    from engine.formats.fp8_block import kernels_cpu
+    from engine.formats.numba_setup import kernel_call
+
+    if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
+        raise FormatError(f"expected a 2-D FP8 weight, got {wb.dtype} {tuple(wb.shape)}", at="dequant")
+    want = scale_grid(tuple(wb.shape), tuple(block))
+    if tuple(scale.shape) != want:
+        raise FormatError(f"scale shape {tuple(scale.shape)} does not match weight {tuple(wb.shape)} with block "
+                          f"{tuple(block)}: expected {want}", at="scale", hint="check the weight's scale companion")
+    if ((wb & 0x7F) == 0x7F).any():
+        raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
+    out = np.empty(wb.shape, np.uint16)
+    with kernel_call():
+        kernels_cpu.dequant_bf16_kernel(np.ascontiguousarray(wb), np.ascontiguousarray(scale, np.float32),
+                                        int(block[0]), int(block[1]), E4M3_LUT, out)
+    return out
