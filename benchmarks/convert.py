@@ -308,10 +308,16 @@ def main() -> int:
             ("cp+sync", lambda: ["sh", "-c", f"cp -r {shlex.quote(str(src))} {shlex.quote(str(fresh('out_cps')))} "
                                              "&& sync"])]
     entry = ["-m", "console", "convert"] if args.entry == "console" else ["-m", "engine.convert"]
-    runs.append(("quantdeck", lambda: [sys.executable, *entry, "--src", str(src), "--dst",
-                                       str(fresh("out_qd")), "--to", "nvfp4", "--device", args.device,
-                                       "--workers", str(args.workers), "--shard-size", args.shard_size]
-                                      + (["--json"] if args.entry == "console" else [])))
+
+    def quantdeck(out: str):
+        return lambda: ([sys.executable, *entry, "--src", str(src), "--dst", str(fresh(out)), "--to", "nvfp4",
+                         "--device", args.device, "--workers", str(args.workers), "--shard-size", args.shard_size]
+                        + (["--json"] if args.entry == "console" else []))
+
+    runs.append(("quantdeck", quantdeck("out_qd")))
+    # like for like with `cp -r`: shards through the page cache, no fsync (engine.checkpoint.writer.FSYNC_ENV)
+    runs.append(("qd-nosync", quantdeck("out_qd_nosync")))
+    run_env = {"qd-nosync": {"QUANTDECK_DIRECT_IO": "0", "QUANTDECK_FSYNC": "0"}}
     tmp = Path(tempfile.mkdtemp(prefix="qd-peer-"))
     if not args.skip_peer:
         # the peer on its best path: its GPU one wherever there is a GPU (its CPU path crashes)
@@ -327,7 +333,7 @@ def main() -> int:
         cache = drop_caches() if args.cold == "all" else cold_data(work)
         cmd = make()
         print(f"running {name} (page cache {cache}) ...", file=sys.stderr)
-        results[name] = run_timed(cmd, env=env, cwd=str(REPO)) | {"page_cache": cache}
+        results[name] = run_timed(cmd, env=env | run_env.get(name, {}), cwd=str(REPO)) | {"page_cache": cache}
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         results["quantdeck"]["summary"] = json.loads(results["quantdeck"].get("stdout_tail_full") or "{}")
@@ -351,6 +357,12 @@ def main() -> int:
         for name, r in results.items():
             note = "" if r["rc"] == 0 else r["stderr_tail"][:90]
             print(f"{name:<11} {r['wall_s']:>8.2f} {r['x_vs_quantdeck']:>6.2f}x {r['peak_rss_gb']:>12.3f} {r['rc']:>4}  {note}")
+        def ratio(a: str, b: str) -> str:
+            ra, rb = results.get(a), results.get(b)
+            return f"{ra['wall_s'] / rb['wall_s']:.2f}x" if ra and rb and rb["wall_s"] else "-"
+
+        print(f"targets: quantdeck/peer {ratio('quantdeck', 'peer')}, quantdeck/cp {ratio('quantdeck', 'cp')}, "
+              f"quantdeck/(cp+sync) {ratio('quantdeck', 'cp+sync')}, qd-nosync/cp {ratio('qd-nosync', 'cp')}")
         qs = results["quantdeck"].get("summary") or {}
         if qs:
             print(f"quantdeck inside: convert {qs.get('wall_s')} s of {results['quantdeck']['wall_s']} s wall "

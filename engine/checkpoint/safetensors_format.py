@@ -66,8 +66,8 @@ class TensorSpec:
 
     @classmethod
     def of(cls, name: str, dtype, shape) -> "TensorSpec":
-        """From a torch dtype."""
-        return cls(name, dtype_name(dtype), tuple(int(d) for d in shape))
+        """From a torch dtype, or a safetensors dtype name (a HostArray's)."""
+        return cls(name, dtype if isinstance(dtype, str) else dtype_name(dtype), tuple(int(d) for d in shape))
 
 
 def dtype_name(dtype) -> str:

@@ -88,6 +88,11 @@ def _writeback_starter():
 
 _start_writeback = _writeback_starter()
 WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk right away
+# QUANTDECK_FSYNC=0 (with QUANTDECK_DIRECT_IO=0: writes through the page cache) skips each shard's fsync and the
+# early writeback, as `cp` does: the run then ends with its data still on its way to the disk. A killed process loses nothing
+# (the page cache outlives it); a crashed machine can leave a shard torn, which a resume finds by its digest
+# and writes again. Off by default: a shard is on the disk when the manifest records it.
+FSYNC_ENV = "QUANTDECK_FSYNC"
 
 
 def _name_of(dtype) -> str | None:
@@ -127,6 +132,7 @@ class ShardFile:
         except OSError as e:
             raise _disk_full(e, self.path) from e
         self._direct: DirectWriter | None = None
+        self._sync = os.environ.get(FSYNC_ENV) != "0"
         try:
             self._reserve(self.layout.total_size)
             self._direct = DirectWriter.open(self.path, self.layout.total_size)  # None: page cache
@@ -157,7 +163,7 @@ class ShardFile:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
             raise _disk_full(e, self.path) from e
-        if n >= WRITEBACK_BYTES:  # a big tensor: its pages start going to disk now, not all at the fsync
+        if n >= WRITEBACK_BYTES and self._sync:  # a big tensor: its pages go to disk now, not all at the fsync
             _start_writeback(self.fd, start, n)
 
     def write(self, name: str, tensor) -> None:
@@ -209,7 +215,8 @@ class ShardFile:
                     raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
                 self._direct.close()
                 os.ftruncate(self.fd, self.layout.total_size)  # the last block went out padded
-            os.fsync(self.fd)
+            if self._sync:
+                os.fsync(self.fd)
         except OSError as e:
             raise _disk_full(e, self.path) from e
         os.close(self.fd)

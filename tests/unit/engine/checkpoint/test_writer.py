@@ -218,3 +218,30 @@ def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypat
     r = CheckpointReader(outs[1])
     for k, v in t.items():
         assert torch.equal(_raw(r.get(k)), _raw(v))
+
+
+def test_no_fsync_mode_skips_only_the_shard_fsync_and_writes_the_same_files(tmp_path, monkeypatch):
+    """QUANTDECK_FSYNC=0 (the benchmark's like-for-like with `cp`): no fsync of the shards, the same bytes and
+    manifest; HostArray tensors are written like torch ones."""
+    import numpy as np
+
+    from engine.checkpoint.host import HostArray
+
+    tensors = _tensors()
+    host = {k: HostArray.from_bytes(TensorSpec.of(k, v.dtype, v.shape).dtype, tuple(v.shape),
+                                    _raw(v).numpy() if v.numel() else np.zeros(0, np.uint8))
+            for k, v in tensors.items()}
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    monkeypatch.setenv("QUANTDECK_DIRECT_IO", "0")
+    a = write_checkpoint(tmp_path / "synced", tensors, shard_size=200)
+    synced = [c for c in calls if c.endswith(".safetensors.partial")]
+    calls.clear()
+    monkeypatch.setenv("QUANTDECK_FSYNC", "0")
+    b = write_checkpoint(tmp_path / "not-synced", host, shard_size=200)
+    assert len(synced) >= 2 and not [c for c in calls if c.endswith(".safetensors.partial")]
+    for p in sorted(a.iterdir()):
+        if p.name != "manifest.json":
+            assert (b / p.name).read_bytes() == p.read_bytes(), p.name
+    assert load_manifest(a)["shards"] == load_manifest(b)["shards"]
