@@ -14,13 +14,16 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.safetensors_format import ITEMSIZE, parse_header
 from engine.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

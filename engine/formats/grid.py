@@ -46,3 +46,11 @@ def infer_block(weight_shape: tuple[int, int], scale_shape: tuple[int, ...]) -> 
 def packed_cols(i: int) -> int:
     """Columns of the packed uint8 tensor for `i` inputs (modelopt pads the last 16-block)."""
     return -(-i // NVFP4_BLOCK) * (NVFP4_BLOCK // 2)
+
+
+def check_scale_grid(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int]) -> None:
+    """FormatError unless `scale_shape` is the grid of `weight_shape` with tiles of `block`."""
+    want = scale_grid(tuple(weight_shape), tuple(block))
+    if tuple(scale_shape) != want:
+        raise FormatError(f"scale shape {tuple(scale_shape)} does not match weight {tuple(weight_shape)} with block "
+                          f"{tuple(block)}: expected {want}", at="scale", hint="check the weight's scale companion")

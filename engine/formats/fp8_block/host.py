@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import FormatError
-from engine.formats.grid import scale_grid
+from engine.formats.grid import check_scale_grid
 from engine.formats.nvfp4.host import E4M3_LUT
 
 E8M0_BIAS = 127
@@ -44,10 +44,7 @@ def dequant_bf16(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> n
 
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
         raise FormatError(f"expected a 2-D FP8 weight, got {wb.dtype} {tuple(wb.shape)}", at="dequant")
-    want = scale_grid(tuple(wb.shape), tuple(block))
-    if tuple(scale.shape) != want:
-        raise FormatError(f"scale shape {tuple(scale.shape)} does not match weight {tuple(wb.shape)} with block "
-                          f"{tuple(block)}: expected {want}", at="scale", hint="check the weight's scale companion")
+    check_scale_grid(wb.shape, scale.shape, block)
     if ((wb & 0x7F) == 0x7F).any():
         raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
     out = np.empty(wb.shape, np.uint16)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import FormatError
-from engine.formats.grid import E2M1_MAX, E4M3_MAX, packed_cols, scale_grid
+from engine.formats.grid import E2M1_MAX, E4M3_MAX, check_scale_grid, packed_cols
 
 
 def _e4m3_table() -> np.ndarray:
@@ -52,10 +52,7 @@ def global_scale(amax) -> np.float32:
 def _check_fp8(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> None:
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
         raise FormatError(f"expected non-empty 2-D FP8 bytes, got {wb.dtype} {tuple(wb.shape)}", at="fp8_block_to_nvfp4")
-    want = scale_grid(tuple(wb.shape), tuple(block))
-    if tuple(scale.shape) != want:
-        raise FormatError(f"scale shape {tuple(scale.shape)} does not match weight {tuple(wb.shape)} with block "
-                          f"{tuple(block)}: expected {want}", at="scale", hint="check the weight's scale companion")
+    check_scale_grid(wb.shape, scale.shape, block)
 
 
 def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.float32:
