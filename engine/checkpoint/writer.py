@@ -89,9 +89,12 @@ def _writeback_starter():
 _start_writeback = _writeback_starter()
 WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk right away
 # QUANTDECK_FSYNC=0 (with QUANTDECK_DIRECT_IO=0: writes through the page cache) skips each shard's fsync and the
-# early writeback, as `cp` does: the run then ends with its data still on its way to the disk. A killed process loses nothing
-# (the page cache outlives it); a crashed machine can leave a shard torn, which a resume finds by its digest
-# and writes again. Off by default: a shard is on the disk when the manifest records it.
+# early writeback, as `cp` does: the run then ends with its data still on its way to the disk. A killed process
+# loses nothing (the page cache outlives it). A crashed machine can leave a shard torn: a resume of an unfinished
+# run finds it by its digest and writes it again, but a finished output is taken as complete, so check it with
+# `quantdeck validate` (which re-reads every digest). Off by default: a shard is on the disk when the manifest
+# records it.
+
 FSYNC_ENV = "QUANTDECK_FSYNC"
 
 

@@ -14,7 +14,7 @@ from engine.convert import kernels
 from engine.convert.compute_host import check_finite
 from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
 from engine.errors import FormatError
-from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block
+from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block, scale_to_fp32
 from engine.formats.mxfp4.helpers import dequant_mxfp4, mxfp4_to_nvfp4
 from engine.formats.nvfp4.helpers import global_scale
 
@@ -29,10 +29,22 @@ def _fp32(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torc
         if m.scale is None:
             return w.to(torch.float32)
         s = src[m.scale].to(device)
+        _check_fp8_source(m, w, s)
         return dequant_fp8_block(w, s, infer_block(tuple(w.shape), tuple(s.shape)))
     if m.encoding == MXFP4:
         return dequant_mxfp4(w, src[m.scale].to(device))
     raise FormatError(f"cannot decode {m.name} ({m.encoding})", at=m.name)
+
+
+def _check_fp8_source(m: Member, w: torch.Tensor, s: torch.Tensor) -> None:
+    """NaN codes or a non-finite / negative block scale: a corrupt source (the host path's checks, so both
+    paths refuse the same tensors)."""
+    if bool(((w.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        raise FormatError(f"{m.name}: FP8 weight holds NaN codes", at=m.name, hint="the source is corrupt")
+    sf = scale_to_fp32(s)
+    if not bool(torch.isfinite(sf).all()) or bool((sf < 0).any()):
+        raise FormatError(f"{m.scale}: FP8 block scale holds inf, NaN or a negative value", at=m.scale,
+                          hint="the source is corrupt")
 
 
 def _amax(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:

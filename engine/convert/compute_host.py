@@ -77,7 +77,10 @@ def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False) ->
     if item.action == TO_BF16:
         m = item.members[0]
         s = src[m.scale]
-        bits = fb.dequant_bf16(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m))
+        try:
+            bits = fb.dequant_bf16(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m))
+        except FormatError as e:
+            raise FormatError(f"{m.name}: {e.msg}", at=m.name, hint=e.hint) from None
         return ItemResult({m.name: HostArray("BF16", bits)})
     amax = np.float32(0.0)
     for m in item.members:

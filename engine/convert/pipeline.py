@@ -3,13 +3,15 @@
 Items are taken shard by shard, inside a shard in the order their source bytes lie on disk (sequential
 reads; the output does not depend on the order). A pool of reader threads reads the next items' source
 tensors (positioned reads, GIL released; page-locked buffers for CUDA) while the calling thread does the
-math on the current one (numba and CUDA release the GIL too). On CPU the data are host arrays and the math
-is engine.convert.compute_host's, so the process never imports torch for it; on CUDA (three threads, each on its own
+math on the current one (numba and CUDA release the GIL too; on CUDA three threads, each on its own
 stream, so that one item's host syncs overlap the others' kernels), and a pool of writer threads writes each
 output tensor at its offset in every output layout's shard, hashing it from memory as it goes
 (engine.checkpoint.digest). A shard is closed (fsync, rename, manifest) on a closer thread as soon as its
 last item is written. Items read but not yet written hold at most INFLIGHT_BYTES, so memory is a few
 items, never a shard.
+
+On CPU the data are host arrays (engine.checkpoint.host) and the math is engine.convert.compute_host's: the
+process imports no torch for it. On CUDA they are torch tensors and the math is engine.convert.compute's.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def io_threads(device) -> tuple[int, int, int]:
     waits without taking them; from 8 cores the kernel outruns the disk and the I/O threads are what keep it
     busy (H100 box, 16 cores, data evicted: 2 writers 8.5 s, 4 writers 7.6 s).
     QUANTDECK_READERS / QUANTDECK_COMPUTERS / QUANTDECK_WRITERS override."""
-    cores = os.cpu_count() or 1
+    from engine.convert.device import usable_cores
+
+    cores = usable_cores()
     io = min(8, max(2, cores // 2))
     if device_type(device) == "cuda":
         r, c, w = io, 3, io

@@ -15,6 +15,7 @@ import os
 import queue
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,8 @@ from engine import __version__, timeline
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
 from engine.convert.extras import copy_extras
-from engine.convert.device import choose_device
+from engine.convert.compute_host import native
+from engine.convert.device import choose_device, needs_gpu_after_all
 from engine.convert.kernels import warm_up
 from engine.convert.pipeline import ShardTask, device_type, run_tasks
 from engine.convert.plan import TO_NVFP4, ConvertPlan, Item, build_plan, check_layouts, rename_for_layout
@@ -190,9 +192,13 @@ def _run_workers(src: str, tasks: list[ShardTask], workers: int, device, v4_fp8:
         raise error
 
 
-def _pick_device(device: str, target: str, ranks: Ranks):
-    """(device, why auto chose it): "cpu" (a string: no torch) or a torch.device for CUDA."""
-    choice = choose_device(device, target)
+def _pick_device(device: str, target: str, ranks: Ranks, workers: int = 1):
+    """(device, why auto chose it, the choice): "cpu" (a string: no torch) or a torch.device for CUDA."""
+    choice = choose_device(device, target, split=max(ranks.world if ranks.active else 1, int(workers)))
+    return _device_for(choice, ranks) + (choice,)
+
+
+def _device_for(choice, ranks: Ranks):
     if choice.device == "cpu":
         return "cpu", choice.reason if choice.asked == "auto" else ""
     import torch
@@ -222,7 +228,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         raise UsageError("--dst must differ from --src", at="--dst", hint="write the output somewhere new")
     layouts = check_layouts(list(layouts), target)
     shard_size = parse_size(shard_size)
-    dev, why = _pick_device(device, target, ranks)
+    dev, why, choice = _pick_device(device, target, ranks, workers)
     timeline.begin("convert")
     reader = CheckpointReader(src)  # a missing or unreadable source fails here, before anything starts
     warm_up(target, dev)
@@ -230,6 +236,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
 
     layout = detect_layout(reader.config, reader.names())
     plan = build_plan(reader, layout, target, quantize_attention=quantize_attention)
+    torch_bytes = sum(it.src_bytes for it in plan.items if not native(it))
+    if dev == "cpu" and needs_gpu_after_all(choice, torch_bytes, sum(it.src_bytes for it in plan.items)):
+        gpu = replace(choice, device="cuda", gpu=False,
+                      reason=f"NVIDIA GPU present and {torch_bytes / 1e9:.2f} GB of the source needs torch's math "
+                             "(e.g. MXFP4 experts)")
+        dev, why = _device_for(gpu, ranks)
+        warm_up(target, dev)
     for note in plan.notes:
         sink.emit("log", level="warning", msg=note)
     groups = partition(plan.items, shard_size)

@@ -39,12 +39,14 @@ _THREADS = int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
 
 
 @contextmanager
-def kernel_call():
-    """Hold around each parallel kernel call: one call at a time, chunked scheduling (see CHUNK_ROWS)."""
+def kernel_call(chunk: int | None = None):
+    """Hold around each parallel kernel call: one call at a time, chunked scheduling (CHUNK_ROWS iterations
+    of the parallel loop per chunk; `chunk` for a loop whose iterations are bigger than a row, e.g. 1 for a
+    loop over 128-row tiles)."""
     with KERNEL_LOCK:
         if _THREADS:
             numba.set_num_threads(max(1, min(_THREADS, numba.config.NUMBA_NUM_THREADS)))
-        prev = numba.set_parallel_chunksize(CHUNK_ROWS)
+        prev = numba.set_parallel_chunksize(CHUNK_ROWS if chunk is None or not CHUNK_ROWS else chunk)
         try:
             yield
         finally:

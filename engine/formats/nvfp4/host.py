@@ -62,7 +62,7 @@ def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) ->
 
     _check_fp8(wb, scale, block)
     tile = np.zeros(scale.shape, np.uint8)
-    with kernel_call():
+    with kernel_call(chunk=1):  # its parallel loop runs over 128-row tiles
         kernels_cpu.fp8_tile_max_kernel(np.ascontiguousarray(wb), int(block[0]), int(block[1]), tile)
     if (tile == 0x7F).any():
         raise FormatError("FP8 weight holds NaN codes", at="fp8_block_amax", hint="the source is corrupt")

@@ -12,7 +12,7 @@ from engine.checkpoint.host import HostArray
 from engine.checkpoint.safetensors_format import dtype_name
 from engine.convert import compute_host
 from engine.convert.compute import compute_item as torch_compute
-from engine.convert.plan import FLOAT, FP8, TO_NVFP4, Item, Member, build_plan, layout_tensor
+from engine.convert.plan import FLOAT, FP8, TO_BF16, TO_NVFP4, Item, Member, build_plan, layout_tensor
 from engine.errors import FormatError
 from engine.formats.fp8_block.helpers import cast_fp8_block, scale_to_fp32
 from engine.formats.fp8_block import host as fb
@@ -144,3 +144,20 @@ def test_host_array_round_trips_through_torch():
     assert torch.equal(h.torch(), t)
     with pytest.raises(TypeError, match="F32 is stored as float32"):
         HostArray.of("F32", np.zeros(3, np.float16))
+
+
+@pytest.mark.parametrize("corrupt", ["nan-code", "inf-scale", "negative-scale"])
+def test_both_paths_refuse_a_corrupt_fp8_weight_kept_in_bf16(corrupt):
+    q, s = cast_fp8_block(torch.randn(16, 32))
+    raw, s = q.view(torch.uint8).clone(), s.clone()
+    if corrupt == "nan-code":
+        raw[2, 3] = 0xFF
+    else:
+        s[0, 0] = float("inf") if corrupt == "inf-scale" else -1.0
+    w = raw.view(torch.float8_e4m3fn)
+    item = Item(TO_BF16, (_fp8_member("model.layers.0.self_attn.kv_a_proj_with_mqa", (16, 32)),), (), 0)
+    src = {item.members[0].name: w, item.members[0].scale: s}
+    with pytest.raises(FormatError, match="kv_a_proj_with_mqa"):
+        torch_compute(item, src, "cpu")
+    with pytest.raises(FormatError, match="kv_a_proj_with_mqa"):
+        compute_host.compute_item(item, {k: _host(v) for k, v in src.items()})

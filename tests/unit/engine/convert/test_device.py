@@ -48,6 +48,42 @@ def test_auto_prefers_the_cpu_kernels_on_many_cores_for_nvfp4(monkeypatch):
     assert dv.choose_device("auto", "fp8-block", cores=64).device == "cuda"  # its CPU math is torch's
 
 
+def test_auto_takes_the_gpus_for_split_runs_and_torch_heavy_sources(monkeypatch):
+    monkeypatch.setattr(dv, "nvidia_gpu_present", lambda: True)
+    assert dv.choose_device("auto", "nvfp4", cores=64, split=8).device == "cuda"  # 8 ranks: a GPU each
+    cpu = dv.choose_device("auto", "nvfp4", cores=64)
+    assert cpu.device == "cpu" and cpu.gpu
+    assert dv.needs_gpu_after_all(cpu, torch_bytes=600, total_bytes=1000)  # e.g. V4's MXFP4 experts
+    assert not dv.needs_gpu_after_all(cpu, torch_bytes=50, total_bytes=1000)
+    assert not dv.needs_gpu_after_all(dv.choose_device("cpu"), torch_bytes=600, total_bytes=1000)  # asked for
+    monkeypatch.setattr(dv, "nvidia_gpu_present", lambda: False)
+    assert not dv.needs_gpu_after_all(dv.choose_device("auto", cores=64), torch_bytes=600, total_bytes=1000)
+
+
+def test_cores_are_the_ones_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(dv.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(dv.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(dv, "nvidia_gpu_present", lambda: True)
+    assert dv.usable_cores() == 4
+    assert dv.choose_device("auto", "nvfp4").device == "cuda"  # a 4-CPU cpuset on a 64-core GPU node
+
+
+def test_a_torch_heavy_plan_turns_auto_back_to_the_gpu(tiny_ckpt, tmp_path, monkeypatch):
+    """V4 as released (MXFP4 experts) on a many-core GPU machine: the plan sends auto to CUDA. torch here has
+    no CUDA, so the run stays on the CPU and says why."""
+    from engine.convert import convert_checkpoint
+    from engine.events import CallbackSink
+
+    monkeypatch.setattr(dv, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(dv, "usable_cores", lambda: 64)
+    logs = []
+    sink = CallbackSink(lambda ev: logs.append(ev.data.get("msg", "")) if ev.kind == "log" else None)
+    src = tiny_ckpt("deepseek-v4", "fp8", hidden=320, experts=8, moe_inter=128)
+    s = convert_checkpoint(src, tmp_path / "o", to="nvfp4", sink=sink)
+    assert s["device"] == "cpu"
+    assert any("device auto: torch sees no CUDA device" in m for m in logs), logs
+
+
 def test_a_cpu_nvfp4_conversion_never_imports_torch(tiny_ckpt, tmp_path):
     from engine.convert import convert_checkpoint
 
