@@ -5,6 +5,7 @@ amax snapshot, without calibrating again. Real processes; the kill points are th
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -27,6 +28,9 @@ def test_export_only_after_a_failed_export(tmp_path, tiny_ckpt):  # noqa: F811
     rid = run_id_of(r)
     amax = run_dir(work, rid) / "amax"
     wait_paused(work, rid, "calibrate")
+    deadline = time.monotonic() + 60  # one rank writes each layer file on its writer thread, after the progress
+    while not list(amax.glob("layer_000*")) and time.monotonic() < deadline:  # event the pause hook parks on
+        time.sleep(0.1)
     first_layer = {p.name: p.read_bytes() for p in amax.glob("layer_000*")}
     assert first_layer, sorted(p.name for p in amax.iterdir())
     kill_paused_worker(work, rid, "calibrate")
