@@ -59,10 +59,9 @@ def gpu_likely(device: str | None) -> bool:
         return True
     if d != "auto":
         return False
-    try:
-        return bool(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return os.path.exists("/dev/nvidia0")
+    from engine.convert.device import nvidia_gpu_present
+
+    return nvidia_gpu_present()
 
 
 def _idle_io() -> None:
@@ -157,6 +156,12 @@ def _page_cached(path: str, offset: int = 0) -> bool | None:
         os.close(fd)
 
 
+def _some_cold(files: list[str]) -> bool:
+    """Is the first page of any of `files` out of the page cache (where the kernel can tell)?"""
+    seen = [c for c in (_page_cached(p) for p in files) if c is not None]
+    return bool(seen) and not all(seen)
+
+
 # the torch-free CPU path's main native libraries: (package, folder, file name prefix)
 CPU_IMPORTS = (("numpy", "_core", "_multiarray_umath"), ("llvmlite", "binding", "libllvmlite"))
 
@@ -183,9 +188,7 @@ def cpu_imports_cold() -> bool:
     """Are the CPU path's own libraries (numpy's core, llvmlite's LLVM) out of the page cache? As for torch, the
     imports then need the disk themselves (measured on the H100 box, cache dropped: imports done at 2.6 s
     beside the read-ahead)."""
-    files = [p for p in (_native_lib(*lib) for lib in CPU_IMPORTS) if p]
-    seen = [c for c in (_page_cached(p) for p in files) if c is not None]
-    return bool(seen) and not all(seen)
+    return _some_cold([p for p in (_native_lib(*lib) for lib in CPU_IMPORTS) if p])
 
 
 def interpreter_cold() -> bool:
@@ -209,8 +212,7 @@ def interpreter_cold() -> bool:
         module = spec.origin
     files = [module if os.path.exists(module) else spec.origin]
     files += [os.path.join(pkg, "lib", n) for n in IMPORT_LIBS if os.path.exists(os.path.join(pkg, "lib", n))]
-    seen = [c for c in (_page_cached(p) for p in files) if c is not None]
-    return bool(seen) and not all(seen)
+    return _some_cold(files)
 
 
 def start(src: str | os.PathLike, device: str | None = "auto", budget: int | None = None,

@@ -51,17 +51,24 @@ def _values(m: Member, src: dict[str, HostArray]) -> np.ndarray:
     return nv.float32_of(w.data, w.dtype)
 
 
-def _amax(m: Member, src: dict[str, HostArray]) -> np.float32:
-    if m.encoding == FP8 and m.scale is not None:
-        s = src[m.scale]
-        return nv.fp8_block_amax(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m))
+def _scales(m: Member, src: dict[str, HostArray]) -> np.ndarray | None:
+    """An FP8 member's block scales as float32 (checked), decoded once for its amax and its quantization."""
+    if m.encoding != FP8 or m.scale is None:
+        return None
+    s = src[m.scale]
+    return fb.block_scales_fp32(s.data, s.dtype)
+
+
+def _amax(m: Member, src: dict[str, HostArray], scale: np.ndarray | None) -> np.float32:
+    if scale is not None:
+        return nv.fp8_block_amax(src[m.name].data, scale, _block(src, m))
     return np.float32(np.abs(_values(m, src)).max())  # NaN stays NaN
 
 
-def _quantize(m: Member, src: dict[str, HostArray], s2: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    if m.encoding == FP8 and m.scale is not None:
-        s = src[m.scale]
-        return nv.fp8_block_to_nvfp4(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m), s2)
+def _quantize(m: Member, src: dict[str, HostArray], scale: np.ndarray | None,
+              s2: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    if scale is not None:
+        return nv.fp8_block_to_nvfp4(src[m.name].data, scale, _block(src, m), s2)
     return nv.float_to_nvfp4(_values(m, src), s2)
 
 
@@ -76,21 +83,21 @@ def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False) ->
         return torch_compute(item, {k: v.torch() for k, v in src.items()}, "cpu", v4_fp8=v4_fp8)
     if item.action == TO_BF16:
         m = item.members[0]
-        s = src[m.scale]
         try:
-            bits = fb.dequant_bf16(src[m.name].data, fb.block_scales_fp32(s.data, s.dtype), _block(src, m))
+            bits = fb.dequant_bf16(src[m.name].data, _scales(m, src), _block(src, m))
         except FormatError as e:
             raise FormatError(f"{m.name}: {e.msg}", at=m.name, hint=e.hint) from None
         return ItemResult({m.name: HostArray("BF16", bits)})
+    scales = [_scales(m, src) for m in item.members]
     amax = np.float32(0.0)
-    for m in item.members:
-        a = _amax(m, src)
+    for m, sc in zip(item.members, scales):
+        a = _amax(m, src, sc)
         check_finite(m.name, a)
         amax = max(amax, a)
     s2 = nv.global_scale(amax)
     out: dict[str, HostArray] = {}
-    for m in item.members:
-        packed, bs = _quantize(m, src, s2)
+    for m, sc in zip(item.members, scales):
+        packed, bs = _quantize(m, src, sc, s2)
         out[m.out_base + ".weight"] = HostArray("U8", packed)
         out[m.out_base + ".weight_scale"] = HostArray("F8_E4M3", bs)
         out[m.out_base + ".weight_scale_2"] = HostArray("F32", np.array(s2, np.float32))

@@ -148,8 +148,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
     metadata = {"format": "pt"} if metadata is None else metadata
     delay = float(os.environ.get(DELAY_ENV) or 0)
     n_read, n_compute, n_write = io_threads(device)
-    on_gpu = device_type(device) == "cuda"
-    pin = on_gpu
+    on_gpu = device_type(device) == "cuda"  # torch tensors, page-locked reads
     stop = threading.Event()
     errors: list[BaseException] = []
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "close_s": 0.0,
@@ -157,7 +156,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
     t_start = time.monotonic()
     first: list[float] = []
     lock = threading.Lock()  # busy, shard states, on_item
-    budget = _Budget(INFLIGHT_BYTES_CUDA if pin else INFLIGHT_BYTES, stop)
+    budget = _Budget(INFLIGHT_BYTES_CUDA if on_gpu else INFLIGHT_BYTES, stop)
     q_in: queue.Queue = queue.Queue(QUEUE + n_read)
     q_out: queue.Queue = queue.Queue(QUEUE)
     readers = ThreadPoolExecutor(n_read, thread_name_prefix="convert-read")
@@ -184,7 +183,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
         if stop.is_set():
             raise _Stop
         if on_gpu:
-            src = {n: reader.get(n, pin=pin) for n in source_names(item)}
+            src = {n: reader.get(n, pin=True) for n in source_names(item)}
         else:
             src = {n: reader.get_host(n) for n in source_names(item)}
         add_busy("read_s", t0)
