@@ -68,6 +68,18 @@ def test_cores_are_the_ones_this_process_may_use(monkeypatch):
     assert dv.choose_device("auto", "nvfp4").device == "cuda"  # a 4-CPU cpuset on a 64-core GPU node
 
 
+def test_cuda_asked_where_torch_sees_none_is_a_usage_error(tiny_ckpt, tmp_path):
+    import torch
+
+    from engine.convert import convert_checkpoint
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the GPU boxes; CI has none, so it runs there
+    with pytest.raises(UsageError, match="--device cuda asked, but torch sees no CUDA device") as e:
+        convert_checkpoint(tiny_ckpt("deepseek-v3", "fp8"), tmp_path / "o", device="cuda")
+    assert e.value.hint == "use --device cpu or auto" and not (tmp_path / "o.partial").exists()
+
+
 def test_a_torch_heavy_plan_turns_auto_back_to_the_gpu(tiny_ckpt, tmp_path, monkeypatch):
     """V4 as released (MXFP4 experts) on a many-core GPU machine: the plan sends auto to CUDA. torch here has
     no CUDA, so the run stays on the CPU and says why."""
