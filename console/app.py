@@ -58,6 +58,7 @@ class QuantdeckApp(App):
         self.backend, self.fleet, self.run_id = backend, fleet, run_id
         self.clock, self.follow_s, self.recipe_hint = clock, follow_s, recipe_hint
         self.run_view: RunView | None = None
+        self.nothing_attached = False  # the follow worker found no run: the dashboard shows its empty state
         self.nodes: tuple[NodeView, ...] = ()
         self.told: list[str] = []  # every notification given, in order (tests and the tmux capture read it)
         self.log_stage: str | None = None
@@ -104,6 +105,7 @@ class QuantdeckApp(App):
         """Follow `run_id` (None: the live or latest run, found by a worker)."""
         self.run_id = run_id
         self.run_view = None
+        self.nothing_attached = False
         self.followed_stage = None
         self.follow_run(run_id)
 
@@ -260,6 +262,8 @@ class QuantdeckApp(App):
 
     def on_action_failed(self, msg: ActionFailed) -> None:
         if msg.action == "attach":
+            # kept on the app too: the worker can answer before the dashboard has mounted (a race CI saw)
+            self.nothing_attached = True
             if self.dashboard:
                 self.dashboard.show_run(None)
             return

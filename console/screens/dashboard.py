@@ -41,6 +41,8 @@ class DashboardScreen(Screen):
             self.show_fleet(app.nodes, app.clock())  # type: ignore[attr-defined]
         if getattr(app, "run_view", None) is not None:
             self.show_run(app.run_view)  # type: ignore[attr-defined]
+        elif getattr(app, "nothing_attached", False):  # told before this screen existed
+            self.show_run(None)
         if getattr(app, "log_stage", None):
             self.show_log(app.log_stage, app.log_lines, True)  # type: ignore[attr-defined]
         self.query_one(StageTable).focus()

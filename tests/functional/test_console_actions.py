@@ -176,3 +176,35 @@ async def test_resume_after_killed_stage_restarts_it(real_env):
         assert any("Resume" in n for n in _notes(app))
         assert app.check_action("cancel", ()) is True and app.check_action("resume", ()) is None
     assert real_env.engine().status(real_env.run_id).driver_alive  # quitting the console left the run running
+
+
+async def test_empty_state_shown_when_told_before_the_dashboard_mounted(tmp_path):
+    """The follow worker can find no run before the dashboard has mounted (CI saw it on loaded cores): the
+    answer is kept, and the dashboard shows the empty state when it comes up. The dashboard here waits until
+    the worker has answered and the app has had time to handle it, which forces that order."""
+    import threading
+
+    from console.screens.dashboard import DashboardScreen
+    from engine.api import open_engine
+
+    answered = threading.Event()
+
+    class Backend(ApiBackend):
+        def attach_target(self):
+            try:
+                return super().attach_target()
+            finally:
+                answered.set()
+
+    class LateDashboard(DashboardScreen):
+        async def on_mount(self) -> None:  # runs before DashboardScreen.on_mount (Textual walks the MRO)
+            await asyncio.to_thread(answered.wait, 20)
+            await asyncio.sleep(0.5)  # the app's message queue handles the answer meanwhile
+
+    app = build_app(backend=Backend(open_engine(str(tmp_path / "work"))), use_fleet=False, follow_s=0.3)
+    app.get_default_screen = lambda: LateDashboard(id="dashboard")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.dashboard is not None, what="the dashboard")
+        assert answered.is_set()
+        await until(pilot, lambda: "none attached" in str(app.screen.query_one("#stages-box").border_title),
+                    timeout=5, what="the empty state")
