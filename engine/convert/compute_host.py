@@ -72,9 +72,26 @@ def _quantize(m: Member, src: dict[str, HostArray], scale: np.ndarray | None,
     return nv.float_to_nvfp4(_values(m, src), s2)
 
 
-def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False) -> ItemResult:
+# An item at most this big runs its kernels on the calling thread when the converter computes several items at
+# once (`item_parallel`); a bigger one runs them over every core, so that a lone big weight (a dense MLP of
+# 18432 × 7168, 132 MB of FP8, takes ~0.5 s on one core) does not keep the run waiting on one thread.
+SERIAL_MAX_BYTES = 192 << 20
+
+
+def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False,
+                 item_parallel: bool = False) -> ItemResult:
     """The canonical outputs of `item` (modelopt names for NVFP4): HostArrays, or torch tensors for an item
-    that needs torch (see `native`)."""
+    that needs torch (see `native`). `item_parallel`: other threads compute other items meanwhile, so this
+    one's kernels run on this thread (engine.formats.numba_setup.serial_kernels) unless it is big."""
+    if item_parallel and item.action != COPY and sum(a.nbytes for a in src.values()) <= SERIAL_MAX_BYTES:
+        from engine.formats.numba_setup import serial_kernels
+
+        with serial_kernels():
+            return _compute(item, src, v4_fp8)
+    return _compute(item, src, v4_fp8)
+
+
+def _compute(item: Item, src: dict[str, HostArray], v4_fp8: bool) -> ItemResult:
     if item.action == COPY:
         return ItemResult({s.name: src[s.name] for s in item.outputs})
     if not native(item):

@@ -56,10 +56,11 @@ def device_type(device) -> str:
 
 def io_threads(device) -> tuple[int, int, int]:
     """(readers, computers, writers). On CUDA the math is quick and the host has cores to spare: several
-    reads and writes in flight keep a fast disk busy, three compute threads keep the GPU busy. On CPU the
-    kernel wants the cores (and runs one call at a time): on a few cores two readers and writers overlap I/O
-    waits without taking them; from 8 cores the kernel outruns the disk and the I/O threads are what keep it
-    busy (H100 box, 16 cores, data evicted: 2 writers 8.5 s, 4 writers 7.6 s).
+    reads and writes in flight keep a fast disk busy, three compute threads keep the GPU busy. On CPU one
+    compute thread per core, each item's kernels on its own thread (engine.convert.compute_host: no barrier
+    per call for a busy reader or writer thread to hold up); on a few cores two readers and writers overlap
+    I/O waits without taking them; from 8 cores the kernels outrun the disk and the I/O threads are what keep
+    them busy (H100 box, 16 cores, data evicted: 2 writers 8.5 s, 4 writers 7.6 s).
     QUANTDECK_READERS / QUANTDECK_COMPUTERS / QUANTDECK_WRITERS override."""
     from engine.convert.device import usable_cores
 
@@ -68,7 +69,7 @@ def io_threads(device) -> tuple[int, int, int]:
     if device_type(device) == "cuda":
         r, c, w = io, 3, io
     else:
-        r, c, w = (io, 1, io) if cores >= 8 else (2, 1, 2)
+        r, c, w = (io, cores, io) if cores >= 8 else (2, cores, 2)
     env = os.environ
     return tuple(max(1, int(env.get(f"QUANTDECK_{k}") or v))  # type: ignore[return-value]
                  for k, v in (("READERS", r), ("COMPUTERS", c), ("WRITERS", w)))
@@ -278,7 +279,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
 
     def compute(item: Item, src: dict):
         if not on_gpu:
-            return compute_host.compute_item(item, src, v4_fp8=v4_fp8)
+            return compute_host.compute_item(item, src, v4_fp8=v4_fp8, item_parallel=n_compute > 1)
         result = compute_item(item, src, device, v4_fp8=v4_fp8)
         result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
         return result

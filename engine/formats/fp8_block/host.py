@@ -39,8 +39,8 @@ def block_scales_fp32(data: np.ndarray, dtype: str) -> np.ndarray:
 def dequant_bf16(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """BF16 bits (uint16 [o, i]) of fp32(e4m3(wb) × scale) rounded to nearest even, in one pass: the values of
     `dequant_fp8_block(w, s).to(torch.bfloat16)`. Rejects NaN codes."""
-    from engine.formats.fp8_block import kernels_cpu
-    from engine.formats.numba_setup import kernel_call
+    from engine.formats.fp8_block import kernels_cpu as k
+    from engine.formats.numba_setup import run_kernel
 
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
         raise FormatError(f"expected a 2-D FP8 weight, got {wb.dtype} {tuple(wb.shape)}", at="dequant")
@@ -48,7 +48,6 @@ def dequant_bf16(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> n
     if ((wb & 0x7F) == 0x7F).any():
         raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
     out = np.empty(wb.shape, np.uint16)
-    with kernel_call():
-        kernels_cpu.dequant_bf16_kernel(np.ascontiguousarray(wb), np.ascontiguousarray(scale, np.float32),
-                                        int(block[0]), int(block[1]), E4M3_LUT, out)
+    run_kernel(k.dequant_bf16_kernel, k.dequant_bf16_serial, np.ascontiguousarray(wb),
+               np.ascontiguousarray(scale, np.float32), int(block[0]), int(block[1]), E4M3_LUT, out)
     return out

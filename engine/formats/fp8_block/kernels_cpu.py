@@ -69,21 +69,35 @@ def dequant_kernel(wb, sc, bo, bi, lut, out):
                 out[r, c] = lut[wb[r, c]] * sv
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, inline="always")
+def _bf16_row(wb, sc, r, bo, bi, lut, out, tmp, bits):
+    """Row r of dequant_bf16 (tmp: bi float32 of scratch, bits: its uint32 view)."""
+    i = wb.shape[1]
+    tr = r // bo
+    for t in range((i + bi - 1) // bi):
+        sv = sc[tr, t]
+        c0 = t * bi
+        n = min(i, c0 + bi) - c0
+        for j in range(n):
+            tmp[j] = lut[wb[r, c0 + j]] * sv
+        for j in range(n):
+            u = bits[j]
+            out[r, c0 + j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(parallel=True, cache=True, nogil=True)
 def dequant_bf16_kernel(wb, sc, bo, bi, lut, out):
-    """out[r, c] = bf16 bits of fp32(lut[wb[r, c]] × sc[tile]), rounded to nearest even (no NaN inputs)."""
-    o, i = wb.shape
-    gi = (i + bi - 1) // bi
-    for r in prange(o):
-        tr = r // bo
+    """out[r, c] = bf16 bits of fp32(lut[wb[r, c]] × sc[tile]), rounded to nearest even (no NaN inputs).
+    Rows in parallel."""
+    for r in prange(wb.shape[0]):
         tmp = np.empty(bi, np.float32)
-        bits = tmp.view(np.uint32)
-        for t in range(gi):
-            sv = sc[tr, t]
-            c0 = t * bi
-            n = min(i, c0 + bi) - c0
-            for j in range(n):
-                tmp[j] = lut[wb[r, c0 + j]] * sv
-            for j in range(n):
-                u = bits[j]
-                out[r, c0 + j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        _bf16_row(wb, sc, r, bo, bi, lut, out, tmp, tmp.view(np.uint32))
+
+
+@njit(cache=True, nogil=True)
+def dequant_bf16_serial(wb, sc, bo, bi, lut, out):
+    """dequant_bf16_kernel on the calling thread alone (engine.formats.numba_setup.run_kernel)."""
+    tmp = np.empty(bi, np.float32)
+    bits = tmp.view(np.uint32)
+    for r in range(wb.shape[0]):
+        _bf16_row(wb, sc, r, bo, bi, lut, out, tmp, bits)

@@ -57,13 +57,13 @@ def _check_fp8(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> Non
 
 def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.float32:
     """max |e4m3(wb) · scale| over the weight, from the largest magnitude byte of each tile (no dequant)."""
-    from engine.formats.numba_setup import kernel_call
-    from engine.formats.nvfp4 import kernels_cpu
+    from engine.formats.numba_setup import run_kernel
+    from engine.formats.nvfp4 import kernels_cpu as k
 
     _check_fp8(wb, scale, block)
     tile = np.zeros(scale.shape, np.uint8)
-    with kernel_call(chunk=1):  # its parallel loop runs over 128-row tiles
-        kernels_cpu.fp8_tile_max_kernel(np.ascontiguousarray(wb), int(block[0]), int(block[1]), tile)
+    run_kernel(k.fp8_tile_max_kernel, k.fp8_tile_max_serial, np.ascontiguousarray(wb), int(block[0]), int(block[1]),
+               tile, chunk=1)  # its parallel loop runs over 128-row tiles
     if (tile == 0x7F).any():
         raise FormatError("FP8 weight holds NaN codes", at="fp8_block_amax", hint="the source is corrupt")
     return np.float32((E4M3_LUT[tile] * scale).max())  # float32 × float32, as the dequant does
@@ -71,18 +71,17 @@ def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) ->
 
 def fp8_block_to_nvfp4(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int], scale_2) -> tuple[np.ndarray, np.ndarray]:
     """(packed, block-scale bytes) of FP8-block bytes quantized with `scale_2`: dequant + NVFP4 in one pass."""
-    from engine.formats.numba_setup import kernel_call
-    from engine.formats.nvfp4 import kernels_cpu
+    from engine.formats.numba_setup import run_kernel
+    from engine.formats.nvfp4 import kernels_cpu as k
 
     _check_fp8(wb, scale, block)
     o, i = wb.shape
     packed = np.empty((o, packed_cols(i)), np.uint8)
     bs = np.empty((o, -(-i // 16)), np.uint8)
     bad = np.zeros(o, np.uint8)
-    with kernel_call():
-        kernels_cpu.fp8_block_to_nvfp4_kernel(np.ascontiguousarray(wb), np.ascontiguousarray(scale, np.float32),
-                                              int(block[0]), int(block[1]), np.float32(scale_2), E4M3_LUT,
-                                              packed, bs, bad)
+    run_kernel(k.fp8_block_to_nvfp4_kernel, k.fp8_block_to_nvfp4_serial, np.ascontiguousarray(wb),
+               np.ascontiguousarray(scale, np.float32), int(block[0]), int(block[1]), np.float32(scale_2), E4M3_LUT,
+               packed, bs, bad)
     if bad.any():
         raise FormatError(f"FP8 weight holds NaN codes (row {int(bad.argmax())})", at="fp8_block_to_nvfp4")
     return packed, bs
@@ -90,8 +89,8 @@ def fp8_block_to_nvfp4(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]
 
 def float_to_nvfp4(x: np.ndarray, scale_2) -> tuple[np.ndarray, np.ndarray]:
     """(packed, block-scale bytes) of a finite float32 weight [o, i]."""
-    from engine.formats.numba_setup import kernel_call
-    from engine.formats.nvfp4 import kernels_cpu
+    from engine.formats.numba_setup import run_kernel
+    from engine.formats.nvfp4 import kernels_cpu as k
 
     if x.ndim != 2 or x.size == 0:
         raise FormatError(f"expected a non-empty 2-D float weight, got {tuple(x.shape)}", at="bf16_to_nvfp4")
@@ -101,6 +100,5 @@ def float_to_nvfp4(x: np.ndarray, scale_2) -> tuple[np.ndarray, np.ndarray]:
     o, i = x.shape
     packed = np.empty((o, packed_cols(i)), np.uint8)
     bs = np.empty((o, -(-i // 16)), np.uint8)
-    with kernel_call():
-        kernels_cpu.fp32_to_nvfp4_kernel(x, np.float32(scale_2), E4M3_LUT, packed, bs)
+    run_kernel(k.fp32_to_nvfp4_kernel, k.fp32_to_nvfp4_serial, x, np.float32(scale_2), E4M3_LUT, packed, bs)
     return packed, bs

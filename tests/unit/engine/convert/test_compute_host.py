@@ -36,7 +36,12 @@ def _dtype(t) -> str:
 
 def _same_results(item: Item, src: dict[str, torch.Tensor], v4: bool = False) -> None:
     want = torch_compute(item, src, "cpu", v4_fp8=v4)
-    got = compute_host.compute_item(item, {k: _host(v) for k, v in src.items()}, v4_fp8=v4)
+    for item_parallel in (False, True):  # the parallel kernels, then their serial twins on this thread
+        _same_result(item, want, compute_host.compute_item(item, {k: _host(v) for k, v in src.items()}, v4_fp8=v4,
+                                                           item_parallel=item_parallel))
+
+
+def _same_result(item: Item, want, got) -> None:
     assert set(got.tensors) == set(want.tensors), item.key
     assert got.notes == want.notes
     for layout in ("modelopt", "compressed-tensors"):
@@ -161,3 +166,27 @@ def test_both_paths_refuse_a_corrupt_fp8_weight_kept_in_bf16(corrupt):
         torch_compute(item, src, "cpu")
     with pytest.raises(FormatError, match="kv_a_proj_with_mqa"):
         compute_host.compute_item(item, {k: _host(v) for k, v in src.items()})
+
+
+def test_item_parallel_runs_small_items_on_the_serial_kernels_and_big_ones_over_every_core(monkeypatch):
+    from engine.formats import numba_setup
+
+    seen = []
+    real = numba_setup.run_kernel
+
+    def spy(parallel, serial, *args, chunk=None):
+        seen.append(getattr(numba_setup._mode, "serial", False))
+        real(parallel, serial, *args, chunk=chunk)
+
+    monkeypatch.setattr(numba_setup, "run_kernel", spy)
+    q, s = cast_fp8_block(torch.randn(130, 200), block=(128, 128))
+    src = {"w.weight": _host(q), "w.weight_scale_inv": _host(s)}
+    item = _item(_fp8_member("w", q.shape))
+    for item_parallel, limit, want in ((False, 1 << 30, False), (True, 1 << 30, True), (True, 100, False)):
+        monkeypatch.setattr(compute_host, "SERIAL_MAX_BYTES", limit)
+        seen.clear()
+        a = compute_host.compute_item(item, src, item_parallel=item_parallel)
+        assert seen == [want, want], (item_parallel, limit)  # the amax pass and the quantization
+        assert not getattr(numba_setup._mode, "serial", False)  # the mode ends with the item
+        b = compute_host.compute_item(item, src)
+        assert all(_bytes(a.tensors[k]) == _bytes(b.tensors[k]) for k in b.tensors)

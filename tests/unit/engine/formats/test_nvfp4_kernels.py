@@ -11,6 +11,18 @@ from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 from engine.formats.nvfp4.dispatch import bf16_to_nvfp4, fp8_block_amax, fp8_block_to_nvfp4, resolve_device
 from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4, weight_amax
 
+@pytest.fixture(params=["parallel", "serial"], autouse=True)
+def kernel_mode(request):
+    """Every CPU check runs twice: the parallel kernels, and their serial twins (numba_setup.serial_kernels)."""
+    if request.param == "parallel":
+        yield request.param
+        return
+    from engine.formats.numba_setup import serial_kernels
+
+    with serial_kernels():
+        yield request.param
+
+
 def requires_gpu(fn):
     """CUDA-only: CI deselects these (-m "not requires_gpu"); elsewhere without a GPU they skip."""
     no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
