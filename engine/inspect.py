@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,9 +25,9 @@ from engine.checkpoint import CheckpointReader
 from engine.events import EventSink, NullSink
 from engine.models import Kind, ModelLayout, Role, collapse_indices, config_mismatches, detect_layout
 from engine.models.base import config_experts, config_layers
+from engine.models.scales import check_scales, companion, logical_shape
 
 PACKED_FP4 = (torch.int8, torch.uint8)
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 WIDE = (torch.float32, torch.float64)
 
 
@@ -152,66 +152,9 @@ def _pattern_key(item):
     return ("{MTP}" in p, "{L}" in p, p)
 
 
-def _logical_shape(m, has_scale: bool) -> tuple[int, ...]:
-    """The unpacked shape: an int8/uint8 weight with a scale is packed FP4, two values a byte."""
-    if has_scale and m.dtype in PACKED_FP4 and len(m.shape) == 2:
-        return (m.shape[0], m.shape[1] * 2)
-    return tuple(m.shape)
-
-
 def _block_formats(layout: ModelLayout, names, metas) -> tuple[Counter, list[Anomaly]]:
-    from engine.formats.fp8_block.helpers import infer_block
-
-    present = set(names)
-    blocks: Counter[str] = Counter()
-    out: list[Anomaly] = []
-    for n in names:
-        m = metas[n]
-        w = layout.weight_of_scale(n)
-        if w is not None:
-            if w not in present:
-                out.append(Anomaly("error", "scale-orphan", f"scale {n} has no weight {w}", f"{m.shard}:{n}",
-                                   "a shard is missing or the index is wrong"))
-            continue
-        if not n.endswith((".weight", ".weight_packed")) or len(m.shape) != 2:
-            continue
-        quantized = m.dtype in FP8 or (m.dtype in PACKED_FP4 and layout.classify(n).kind is not Kind.OTHER)
-        s = _companion(layout, n, present)
-        if s is None:
-            if quantized:
-                out.append(Anomaly("error", "scale-missing", f"{m.dtype_name} weight {n} has no scale companion "
-                                   f"({layout.scale_name(n)})", f"{m.shard}:{n}", "its values cannot be decoded; "
-                                   "re-download that shard and the index"))
-            continue
-        sm = metas[s]
-        o, i = _logical_shape(m, True)
-        try:
-            if m.dtype in PACKED_FP4:
-                if len(sm.shape) != 2 or sm.shape[0] != o or sm.shape[1] == 0 or i % sm.shape[1]:
-                    raise ValueError
-                fmt = "nvfp4" if sm.dtype_name == "F8_E4M3" else "mxfp4"
-                key = f"{fmt} 1x{i // sm.shape[1]} (scale {sm.dtype_name})"
-            else:
-                bo, bi = infer_block((o, i), sm.shape)
-                if bo & (bo - 1) or bi & (bi - 1):  # block formats use power-of-two tiles
-                    raise ValueError
-                key = f"{'fp8' if m.dtype in FP8 else m.dtype_name.lower()} {bo}x{bi} (scale {sm.dtype_name})"
-        except Exception:
-            out.append(Anomaly("error", "scale-shape", f"scale {s} {list(sm.shape)} does not fit weight {n} "
-                               f"{list(m.shape)} ({m.dtype_name})", f"{sm.shard}:{s}",
-                               "the scale companion belongs to another tensor or the shard is damaged"))
-            continue
-        blocks[key] += 1
-    return blocks, out
-
-
-def _companion(layout: ModelLayout, name: str, present: set[str]) -> str | None:
-    """The block-scale tensor next to a weight: the layout's own name first, then the other known spellings."""
-    stem = name.rsplit(".", 1)[0]
-    for s in (layout.scale_name(name), stem + ".weight_scale_inv", stem + ".scale", stem + ".weight_scale"):
-        if s in present and s != name:
-            return s
-    return None
+    blocks, problems = check_scales(layout, names, metas)
+    return blocks, [Anomaly("error", p.what, p.msg, p.at, p.hint) for p in problems]
 
 
 def _counts(layout: ModelLayout, names, infos) -> dict[str, int]:
@@ -243,8 +186,7 @@ def _estimates(layout: ModelLayout, names, metas, infos) -> dict[str, int]:
         info, m = infos[n], metas[n]
         if info.role is Role.SCALE:
             continue
-        has_scale = _companion(layout, n, present) is not None
-        shape = _logical_shape(m, has_scale)
+        shape = logical_shape(m.shape, m.dtype_name) if companion(layout, n, present) else tuple(m.shape)
         numel = math.prod(shape)
         kept = numel * (m.dtype.itemsize if m.dtype in WIDE or not m.dtype.is_floating_point and m.dtype not in
                         PACKED_FP4 else 2)

@@ -18,8 +18,9 @@ import numpy as np
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
-from engine.errors import CheckpointError, UsageError
+from engine.errors import CheckpointError, FormatError, UsageError
 from engine.formats.grid import packed_cols, scale_grid
+from engine.models.scales import check_scales, companion
 from engine.names import OutputLayout, TargetFormat
 
 FLOAT = "float"  # BF16 / F16 / F32 values
@@ -81,6 +82,16 @@ def _base(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _refuse_scale_problems(reader: CheckpointReader, layout, names: list[str]) -> None:
+    """A weight without its scale, or with one that does not fit, would convert to wrong values without an error:
+    refuse it as `quantdeck inspect` reports it (engine.models.scales)."""
+    _, problems = check_scales(layout, names, {n: reader.meta(n) for n in names})
+    if problems:
+        p = problems[0]
+        more = f" (and {len(problems) - 1} more: `quantdeck inspect SRC` lists them)" if len(problems) > 1 else ""
+        raise FormatError(f"{p.msg}{more}", at=p.at, hint=p.hint)
+
+
 def _encoding(reader: CheckpointReader, name: str, scale: str | None) -> tuple[str, tuple[int, ...]]:
     m = reader.meta(name)
     if m.dtype_name in ("BF16", "F16", "F32", "F64"):
@@ -116,14 +127,8 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
     names = reader.names()
     present = set(names)
     v4 = str(layout.family) == "deepseek-v4"
-    scale_of: dict[str, str] = {}
-    for n in names:
-        if not n.endswith(".weight"):
-            continue
-        for cand in (layout.scale_name(n), _base(n) + ".weight_scale_inv", _base(n) + ".scale"):
-            if cand in present and cand != n:
-                scale_of[n] = cand
-                break
+    _refuse_scale_problems(reader, layout, names)
+    scale_of = {n: s for n in names if n.endswith(".weight") and (s := companion(layout, n, present))}
     companions = set(scale_of.values())
     groups: dict[str, list[Member]] = {}
     items: list[Item] = []
@@ -140,7 +145,14 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
         enc, shape = _encoding(reader, n, scale)
         info = layout.classify(n, shape, quantize_attention=quantize_attention)
         mem = Member(n, scale, enc, tuple(shape), _base(n))
-        gemm = info.gemm and len(shape) == 2 and enc in (FLOAT, FP8, MXFP4)
+        if info.gemm and len(shape) == 2 and enc not in (FLOAT, FP8, MXFP4):
+            m = reader.meta(n)
+            raise FormatError(f"dtype {m.dtype_name} of this weight{f' (scale {scale})' if scale else ''} is not an encoding "
+                              "quantdeck converts: BF16/F16/F32, F8_E4M3 with a block scale, or V4's MXFP4 (packed "
+                              "I8/U8 with E8M0 scales)", at=f"{m.shard}:{n}",
+                              hint="the shard is damaged, or the checkpoint is not a DeepSeek FP8/BF16 release; "
+                                   "`quantdeck inspect SRC` shows its tensors")
+        gemm = info.gemm and len(shape) == 2
         if info.mtp and gemm:
             mtp_mods.add(mem.out_base)
         if target == TO_NVFP4 and gemm and layout.should_quantize(n, shape, quantize_attention=quantize_attention):

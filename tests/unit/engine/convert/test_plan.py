@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
 from engine.checkpoint import CheckpointReader
+from engine.errors import FormatError
 from engine.convert.plan import COPY, TO_BF16, TO_FP8, TO_NVFP4, build_plan
 from engine.convert.quant_config import exclude_patterns
 from engine.models import detect_layout
+from tests.fixtures_ckpt import copy_ckpt
 
 
 def _plan(path, target="nvfp4", **kw):
@@ -49,3 +57,51 @@ def test_fp8_block_and_bf16_targets(tiny_ckpt):
     _, plan = _plan(tiny_ckpt("deepseek-v4", "fp8"), "bf16")
     assert {it.action for it in plan.items} <= {COPY, TO_BF16}
     assert all(s.dtype != "F8_E4M3" for it in plan.items for s in it.outputs)
+
+
+def _edited(src, tmp_path, name, edit):
+    """A copy of checkpoint `src` whose tensor `name` is replaced by edit(tensor) (None: dropped, and taken out
+    of the index)."""
+    dst = copy_ckpt(src, tmp_path, "edited")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"][name]
+    tensors = load_file(shard)
+    new = edit(tensors[name])
+    if new is None:
+        del tensors[name], index["weight_map"][name]
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        tensors[name] = new
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return dst
+
+
+def _refused(path, target, *words):
+    with pytest.raises(FormatError) as e:
+        _plan(path, target)
+    text = e.value.one_line()
+    assert all(w in text for w in words), text
+
+
+def test_a_weight_without_its_scale_or_with_one_that_does_not_fit_is_refused_for_every_target(tiny_ckpt, tmp_path):
+    """Decoded without its scale, or with another tensor's, a weight converts to wrong values and nothing says
+    so: the plan refuses what `quantdeck inspect` reports, naming the tensor."""
+    src = tiny_ckpt("deepseek-v3", "fp8", layers=2, experts=4, hidden=320, moe_inter=64)
+    w = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    dropped = _edited(src, tmp_path / "a", w + "_scale_inv", lambda t: None)
+    squashed = _edited(src, tmp_path / "b", w + "_scale_inv", lambda t: t[:1, :1].clone())
+    e5m2 = _edited(src, tmp_path / "c", w, lambda t: t.to(torch.float32).to(torch.float8_e5m2))
+    for target in ("nvfp4", "bf16", "fp8-block"):
+        _refused(dropped, target, w, "has no scale companion")
+        _refused(squashed, target, w + "_scale_inv", "does not fit")
+        _refused(e5m2, target, w, "F8_E5M2", "not an encoding")
+    _plan(src, "nvfp4")  # the unedited source plans
+
+
+def test_v4_mxfp4_expert_without_its_scale_is_refused(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("deepseek-v4", "fp8", layers=2, experts=4, hidden=128, moe_inter=64, v4_experts="mxfp4")
+    names = CheckpointReader(src).names()
+    scale = next(n for n in names if ".experts.0.w1." in n and n.endswith(".scale"))
+    dropped = _edited(src, tmp_path, scale, lambda t: None)
+    for target in ("nvfp4", "bf16", "fp8-block"):
+        _refused(dropped, target, scale.rsplit(".", 1)[0] + ".weight", "no scale companion")
