@@ -7,7 +7,9 @@ into an error modal. Anything that is not a QuantdeckError is a bug and keeps it
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import IntEnum
+from typing import Iterator
 
 
 class ExitCode(IntEnum):
@@ -69,6 +71,22 @@ class FormatError(QuantdeckError):
 
     title = "format error"
     exit_code = ExitCode.INPUT
+
+
+CORRUPT_SOURCE = "the source tensor is corrupt: re-download its shard (`quantdeck inspect` reads headers only)"
+
+
+@contextmanager
+def about(tensor: str) -> Iterator[None]:
+    """Name `tensor` as the thing at fault in a FormatError raised inside: the numerics see arrays, and their
+    errors name the function (`fp8_block_amax`), which tells an operator nothing."""
+    try:
+        yield
+    except FormatError as e:
+        if not e.at or tensor not in e.at:
+            e.at = tensor
+            e.hint = e.hint or CORRUPT_SOURCE
+        raise
 
 
 class SamplesError(QuantdeckError):

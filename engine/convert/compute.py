@@ -13,7 +13,7 @@ import torch
 from engine.convert import kernels
 from engine.convert.compute_host import check_finite
 from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
-from engine.errors import FormatError
+from engine.errors import FormatError, about
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block, scale_to_fp32
 from engine.formats.mxfp4.helpers import dequant_mxfp4, mxfp4_to_nvfp4
 from engine.formats.nvfp4.helpers import global_scale
@@ -97,15 +97,20 @@ def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device 
     """The canonical outputs of `item` (modelopt names for NVFP4), on `device`."""
     device = torch.device(device)
     if item.action == COPY:
+        for m in item.members:  # FP8 kept as it is (the FP8-block target): refuse what decoding would refuse
+            if m.encoding == FP8 and m.scale is not None:
+                _check_fp8_source(m, src[m.name], src[m.scale])
         return ItemResult({s.name: src[s.name] for s in item.outputs})
     if device.type == "cuda":  # upload the item once: amax and quantization both read it on the device
         src = {k: v.to(device, non_blocking=True) for k, v in src.items()}
     if item.action == TO_BF16:
         m = item.members[0]
-        return ItemResult({m.name: _fp32(m, src, device).to(torch.bfloat16)})
+        with about(m.name):
+            return ItemResult({m.name: _fp32(m, src, device).to(torch.bfloat16)})
     if item.action == TO_FP8:
         m = item.members[0]
-        q, s = cast_fp8_block(_fp32(m, src, device), ue8m0=v4_fp8)
+        with about(m.name):
+            q, s = cast_fp8_block(_fp32(m, src, device), ue8m0=v4_fp8)
         return ItemResult({m.out_base + ".weight": q, m.out_base + (".scale" if v4_fp8 else ".weight_scale_inv"): s})
     if item.action != TO_NVFP4:  # pragma: no cover - plan only makes the four actions
         raise FormatError(f"unknown action {item.action}", at=item.key)
@@ -118,13 +123,15 @@ def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device 
                  for m in item.members]
     amaxes = []
     for m in item.members:
-        a = _amax(m, src, device).to(torch.float32)
+        with about(m.name):
+            a = _amax(m, src, device).to(torch.float32)
         check_finite(m.name, a)
         amaxes.append(a)
     s2 = global_scale(torch.stack(amaxes).amax().cpu())
     out: dict[str, torch.Tensor] = {}
     for m in item.members:
-        packed, bs = _nvfp4_member(m, src, s2, device)
+        with about(m.name):
+            packed, bs = _nvfp4_member(m, src, s2, device)
         out[m.out_base + ".weight"] = packed
         out[m.out_base + ".weight_scale"] = bs
         out[m.out_base + ".weight_scale_2"] = s2.clone()

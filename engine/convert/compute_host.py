@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.checkpoint.host import HostArray
 from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, ItemResult, Member
-from engine.errors import FormatError
+from engine.errors import CORRUPT_SOURCE, FormatError, about
 from engine.formats.fp8_block import host as fb
 from engine.formats.grid import infer_block
 from engine.formats.nvfp4 import host as nv
@@ -26,8 +26,7 @@ from engine.formats.nvfp4 import host as nv
 def check_finite(name: str, amax) -> None:
     """A member's amax must be finite: inf or NaN anywhere in the weight is a corrupt source."""
     if not math.isfinite(float(amax)):
-        raise FormatError(f"{name} holds inf or NaN (amax {float(amax)})", at=name,
-                          hint="the source tensor is corrupt; check it with `quantdeck inspect`")
+        raise FormatError(f"{name} holds inf or NaN (amax {float(amax)})", at=name, hint=CORRUPT_SOURCE)
 
 
 def native(item: Item) -> bool:
@@ -93,6 +92,13 @@ def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False,
 
 def _compute(item: Item, src: dict[str, HostArray], v4_fp8: bool) -> ItemResult:
     if item.action == COPY:
+        for m in item.members:  # FP8 kept as it is (the FP8-block target): refuse what decoding would refuse
+            if m.encoding == FP8 and m.scale is not None:
+                with about(m.name):
+                    if ((src[m.name].data & 0x7F) == 0x7F).any():
+                        raise FormatError("FP8 weight holds NaN codes", at=m.name, hint=CORRUPT_SOURCE)
+                with about(m.scale):
+                    _scales(m, src)
         return ItemResult({s.name: src[s.name] for s in item.outputs})
     if not native(item):
         from engine.convert.compute import compute_item as torch_compute
@@ -100,21 +106,22 @@ def _compute(item: Item, src: dict[str, HostArray], v4_fp8: bool) -> ItemResult:
         return torch_compute(item, {k: v.torch() for k, v in src.items()}, "cpu", v4_fp8=v4_fp8)
     if item.action == TO_BF16:
         m = item.members[0]
-        try:
+        with about(m.name):
             bits = fb.dequant_bf16(src[m.name].data, _scales(m, src), _block(src, m))
-        except FormatError as e:
-            raise FormatError(f"{m.name}: {e.msg}", at=m.name, hint=e.hint) from None
         return ItemResult({m.name: HostArray("BF16", bits)})
-    scales = [_scales(m, src) for m in item.members]
+    scales = []
     amax = np.float32(0.0)
-    for m, sc in zip(item.members, scales):
-        a = _amax(m, src, sc)
+    for m in item.members:
+        with about(m.name):
+            scales.append(_scales(m, src))
+            a = _amax(m, src, scales[-1])
         check_finite(m.name, a)
         amax = max(amax, a)
     s2 = nv.global_scale(amax)
     out: dict[str, HostArray] = {}
     for m, sc in zip(item.members, scales):
-        packed, bs = _quantize(m, src, sc, s2)
+        with about(m.name):
+            packed, bs = _quantize(m, src, sc, s2)
         out[m.out_base + ".weight"] = HostArray("U8", packed)
         out[m.out_base + ".weight_scale"] = HostArray("F8_E4M3", bs)
         out[m.out_base + ".weight_scale_2"] = HostArray("F32", np.array(s2, np.float32))

@@ -12,7 +12,8 @@ from engine.checkpoint.host import HostArray
 from engine.checkpoint.safetensors_format import dtype_name
 from engine.convert import compute_host
 from engine.convert.compute import compute_item as torch_compute
-from engine.convert.plan import FLOAT, FP8, TO_BF16, TO_NVFP4, Item, Member, build_plan, layout_tensor
+from engine.checkpoint.safetensors_format import TensorSpec
+from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, Member, build_plan, layout_tensor
 from engine.errors import FormatError
 from engine.formats.fp8_block.helpers import cast_fp8_block, scale_to_fp32
 from engine.formats.fp8_block import host as fb
@@ -152,7 +153,10 @@ def test_host_array_round_trips_through_torch():
 
 
 @pytest.mark.parametrize("corrupt", ["nan-code", "inf-scale", "negative-scale"])
-def test_both_paths_refuse_a_corrupt_fp8_weight_kept_in_bf16(corrupt):
+@pytest.mark.parametrize("action", [TO_BF16, COPY, TO_NVFP4])
+def test_both_paths_refuse_a_corrupt_fp8_weight_and_name_it(corrupt, action):
+    """Kept in BF16 (attention), kept as FP8 (the FP8-block target copies it) or quantized: both paths refuse a
+    NaN code or a bad block scale, and the error names the tensor, not the function that found it."""
     q, s = cast_fp8_block(torch.randn(16, 32))
     raw, s = q.view(torch.uint8).clone(), s.clone()
     if corrupt == "nan-code":
@@ -160,8 +164,10 @@ def test_both_paths_refuse_a_corrupt_fp8_weight_kept_in_bf16(corrupt):
     else:
         s[0, 0] = float("inf") if corrupt == "inf-scale" else -1.0
     w = raw.view(torch.float8_e4m3fn)
-    item = Item(TO_BF16, (_fp8_member("model.layers.0.self_attn.kv_a_proj_with_mqa", (16, 32)),), (), 0)
-    src = {item.members[0].name: w, item.members[0].scale: s}
+    m = _fp8_member("model.layers.0.self_attn.kv_a_proj_with_mqa", (16, 32))
+    outs = (TensorSpec(m.name, "F8_E4M3", (16, 32)), TensorSpec(m.scale, "F32", tuple(s.shape))) if action == COPY else ()
+    item = Item(action, (m,), outs, 0)
+    src = {m.name: w, m.scale: s}
     with pytest.raises(FormatError, match="kv_a_proj_with_mqa"):
         torch_compute(item, src, "cpu")
     with pytest.raises(FormatError, match="kv_a_proj_with_mqa"):
