@@ -113,7 +113,12 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     """Run one stage in this process; returns the exit code (0 = SUCCEEDED)."""
+    from engine.checkpoint.writer import FSYNC_ENV
     from engine.plan import Plan
+
+    # A run skips a stage it has recorded as done, so the checkpoints a stage writes are on the disk before that
+    # (engine.checkpoint.writer: durable shards), unless the operator says otherwise.
+    os.environ.setdefault(FSYNC_ENV, "1")
     from engine.rootcause import classify
     from engine.stages.base import StageContext
 

@@ -5,7 +5,7 @@ Schema (version 1):
     {"manifest_version": 1, "quantdeck_version": "0.1.0", "source_fingerprint": "…", "args_hash": "…",
      "args": {...}, "planned_shards": ["model-00001-of-00002.safetensors", …], "complete": false,
      "shards": {"model-00001-of-00002.safetensors": {"digest": "…", "digest_kind": "sha256-pieces",
-                                                      "size": 123, "tensors": 17}},
+                                                      "size": 123, "tensors": 17, "synced": false}},
      "weight_map": {"tensor.name": "model-00001-of-00002.safetensors", …}}
 
 `weight_map` holds the tensors of finished shards only. Several worker processes may finish shards at
@@ -75,7 +75,7 @@ def locked(directory: str | os.PathLike) -> Iterator[None]:
 
 
 def record_shard(directory: str | os.PathLike, shard: str, digest: str, size: int,
-                 tensors: list[str]) -> None:
+                 tensors: list[str], synced: bool = True) -> None:
     """Add a finished shard to the manifest (under the lock; atomic write). `digest`: engine.checkpoint.digest's
     (older manifests hold a plain "sha256" of the file instead; engine.checkpoint.digest.matches checks both)."""
     with locked(directory):
@@ -83,7 +83,7 @@ def record_shard(directory: str | os.PathLike, shard: str, digest: str, size: in
         if m is None:  # pragma: no cover - the writer creates it before any shard
             raise RuntimeError(f"{Path(directory) / MANIFEST_NAME} vanished while writing")
         m["shards"][shard] = {"digest": digest, "digest_kind": KIND, "size": size,
-                              "tensors": len(tensors)}
+                              "tensors": len(tensors), "synced": synced}
         for t in tensors:
             m["weight_map"][t] = shard
         m["weight_map"] = dict(sorted(m["weight_map"].items()))

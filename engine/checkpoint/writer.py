@@ -88,14 +88,20 @@ def _writeback_starter():
 
 _start_writeback = _writeback_starter()
 WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk right away
-# QUANTDECK_FSYNC=0 (with QUANTDECK_DIRECT_IO=0: writes through the page cache) skips each shard's fsync and the
-# early writeback, as `cp` does: the run then ends with its data still on its way to the disk. A killed process
-# loses nothing (the page cache outlives it). A crashed machine can leave a shard torn: a resume of an unfinished
-# run finds it by its digest and writes it again, but a finished output is taken as complete, so check it with
-# `quantdeck validate` (which re-reads every digest). Off by default: a shard is on the disk when the manifest
-# records it.
-
+# How shards reach the disk. By default as `cp`, `safetensors.save_file` and the peer write: through the page
+# cache, no fsync, no early writeback (the run ends with its data on its way to the disk). A killed process
+# loses nothing (the page cache outlives it). A machine that goes down can leave a shard torn: a resume finds it
+# by its digest and writes it again, and a finished output written this way (`"synced": false` per shard in its
+# manifest) has its shards' digests checked when the same command runs again, which moves it back to
+# `.partial` and rewrites any shard that does not match. QUANTDECK_FSYNC=1: durable shards, written with
+# O_DIRECT (QUANTDECK_DIRECT_IO=0: through the page cache) and fsynced before the manifest records them; the
+# stages of a run use it (engine.worker), since a run skips a stage it has recorded as done.
 FSYNC_ENV = "QUANTDECK_FSYNC"
+
+
+def durable() -> bool:
+    """Are shards fsynced before the manifest records them? (QUANTDECK_FSYNC=1; see above.)"""
+    return os.environ.get(FSYNC_ENV) == "1"
 
 
 def _name_of(dtype) -> str | None:
@@ -135,10 +141,11 @@ class ShardFile:
         except OSError as e:
             raise _disk_full(e, self.path) from e
         self._direct: DirectWriter | None = None
-        self._sync = os.environ.get(FSYNC_ENV) != "0"
+        self._sync = durable()
         try:
             self._reserve(self.layout.total_size)
-            self._direct = DirectWriter.open(self.path, self.layout.total_size)  # None: page cache
+            if self._sync:
+                self._direct = DirectWriter.open(self.path, self.layout.total_size)  # None: page cache
             self._pwrite(memoryview(self.layout.header), 0)
         except BaseException:
             self.abort()
@@ -228,7 +235,7 @@ class ShardFile:
         fsync_dir(self.dir)
         digest = self.digest()
         mf.record_shard(self.dir, self.plan.name, digest, self.layout.total_size,
-                        [t.name for t in self.plan.tensors])
+                        [t.name for t in self.plan.tensors], synced=self._sync)
         return digest, self.layout.total_size
 
     def abort(self) -> None:
@@ -268,12 +275,16 @@ class CheckpointWriter:
         """Create or resume `<dst>.partial/`; returns the shards still to write (all, some, or none)."""
         if self.dst.exists():
             m = mf.load_manifest(self.dst)
-            if m and m.get("complete") and mf.same_job(m, self.source_fingerprint, self.args, self.planned):
+            if not (m and m.get("complete") and mf.same_job(m, self.source_fingerprint, self.args, self.planned)):
+                raise CheckpointError(f"destination {self.dst} already exists", at=str(self.dst),
+                                      hint="remove it or choose another --dst")
+            if self._unsynced_intact(m):
                 self.already_complete = True
                 self.sink.emit("log", level="info", msg=f"{self.dst} is already complete; nothing to do")
                 return []
-            raise CheckpointError(f"destination {self.dst} already exists", at=str(self.dst),
-                                  hint="remove it or choose another --dst")
+            m["complete"] = False  # a shard written without fsync did not survive: resume it as unfinished
+            mf.save_manifest(self.dst, m)
+            os.rename(self.dst, self.partial_dir)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         with mf.locked(self.partial_dir):
             old = mf.load_manifest(self.partial_dir)
@@ -309,6 +320,34 @@ class CheckpointWriter:
             self.sink.emit("log", level="info",
                            msg=f"resuming: kept {len(self.kept)} finished shard(s), {len(todo)} to write")
         return todo
+
+    def _unsynced_intact(self, m: dict[str, Any]) -> bool:
+        """Do the finished output's shards written without fsync still match their digests? Those that do are
+        fsynced and recorded as synced, so the next run does not read them again."""
+        todo = [n for n, rec in m["shards"].items() if not rec.get("synced", True)]
+        if not todo:
+            return True
+        self.sink.emit("log", level="info", msg=f"{self.dst}: checking the digests of {len(todo)} shard(s) written "
+                                                "without fsync")
+        bad = [n for n in todo if not dg.matches(self.dst / n, m["shards"][n])]
+        if bad:
+            self.sink.emit("log", level="warning", msg=f"{self.dst}: {len(bad)} shard(s) written without fsync do not "
+                                                        f"match their digest (first: {bad[0]}; the machine went down "
+                                                        "before they reached the disk?): writing them again")
+            return False
+        for n in todo:
+            fd = os.open(self.dst / n, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with mf.locked(self.dst):
+            m = mf.load_manifest(self.dst) or m
+            for n in todo:
+                m["shards"][n]["synced"] = True
+            mf.save_manifest(self.dst, m)
+        (self.dst / mf.LOCK_NAME).unlink(missing_ok=True)
+        return True
 
     def _clear(self) -> None:
         for p in self.partial_dir.iterdir():

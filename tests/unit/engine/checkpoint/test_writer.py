@@ -220,9 +220,10 @@ def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypat
         assert torch.equal(_raw(r.get(k)), _raw(v))
 
 
-def test_no_fsync_mode_skips_only_the_shard_fsync_and_writes_the_same_files(tmp_path, monkeypatch):
-    """QUANTDECK_FSYNC=0 (the benchmark's like-for-like with `cp`): no fsync of the shards, the same bytes and
-    manifest; HostArray tensors are written like torch ones."""
+def test_durable_mode_fsyncs_each_shard_and_the_default_writes_the_same_files_without(tmp_path, monkeypatch):
+    """By default shards go through the page cache without fsync (as `cp` writes); QUANTDECK_FSYNC=1 fsyncs
+    each before the manifest records it. The same bytes either way; the manifest says which (`synced`).
+    HostArray tensors are written like torch ones."""
     import numpy as np
 
     from engine.checkpoint.host import HostArray
@@ -234,14 +235,39 @@ def test_no_fsync_mode_skips_only_the_shard_fsync_and_writes_the_same_files(tmp_
     calls = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
-    monkeypatch.setenv("QUANTDECK_DIRECT_IO", "0")
+    monkeypatch.setenv("QUANTDECK_FSYNC", "1")
     a = write_checkpoint(tmp_path / "synced", tensors, shard_size=200)
     synced = [c for c in calls if c.endswith(".safetensors.partial")]
     calls.clear()
-    monkeypatch.setenv("QUANTDECK_FSYNC", "0")
+    monkeypatch.delenv("QUANTDECK_FSYNC")
     b = write_checkpoint(tmp_path / "not-synced", host, shard_size=200)
     assert len(synced) >= 2 and not [c for c in calls if c.endswith(".safetensors.partial")]
     for p in sorted(a.iterdir()):
         if p.name != "manifest.json":
             assert (b / p.name).read_bytes() == p.read_bytes(), p.name
-    assert load_manifest(a)["shards"] == load_manifest(b)["shards"]
+    ma, mb = load_manifest(a)["shards"], load_manifest(b)["shards"]
+    assert {r["synced"] for r in ma.values()} == {True} and {r["synced"] for r in mb.values()} == {False}
+    assert {n: {k: v for k, v in r.items() if k != "synced"} for n, r in ma.items()} == \
+        {n: {k: v for k, v in r.items() if k != "synced"} for n, r in mb.items()}
+
+
+def test_a_finished_output_written_without_fsync_is_checked_on_a_rerun_and_a_torn_shard_rewritten(tmp_path):
+    """The machine went down before the page cache reached the disk: a shard of the finished output no longer
+    matches its digest. The same command finds it, moves the output back to `.partial`, writes that shard
+    again and ends with the bytes of the first run; an intact output is fsynced once and recorded as synced."""
+    tensors = _tensors()
+    out = write_checkpoint(tmp_path / "o", tensors, shard_size=200)
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
+    write_checkpoint(tmp_path / "o", tensors, shard_size=200)  # intact: checked, fsynced, now synced
+    assert {r["synced"] for r in load_manifest(out)["shards"].values()} == {True}
+    m = load_manifest(out)
+    torn = sorted(m["shards"])[1]
+    for rec in m["shards"].values():
+        rec["synced"] = False
+    (out / "manifest.json").write_text(json.dumps(m))
+    data = bytearray((out / torn).read_bytes())
+    data[-1] ^= 0xFF  # what a lost page looks like to the digest
+    (out / torn).write_bytes(bytes(data))
+    write_checkpoint(tmp_path / "o", tensors, shard_size=200)
+    assert not (tmp_path / "o.partial").exists() and load_manifest(out)["complete"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"} == first
