@@ -9,8 +9,11 @@ with `--cold data`, only the source's and the outputs' pages are evicted (posix_
 sync), so python's and torch's own files stay warm as on an operator's machine after a first python run):
 
   cp        cold `cp -r SRC DST`
-  cp+sync   the same, then `sync`: the copy made durable, as quantdeck's fsynced shards are when it returns
-  quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`
+  cp+sync   the same, then `sync`: the copy made durable
+  quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`, writing as cp
+            and the peer do (page cache, no fsync: the default)
+  qd-durable the same with QUANTDECK_FSYNC=1: every shard fsynced before it is recorded (as a run's stages
+            write), to compare with cp+sync
   peer      `python /work/shared/reference/seed_fp8_to_nvfp4_streaming.py --src --dst --gpu G`
             (on CPU, --gpu -1, it crashes: its writer buffers the same weight_scale_2 tensor under two names
             and safetensors refuses to save shared tensors — the run is recorded with its error)
@@ -303,8 +306,8 @@ def main() -> int:
         return out
 
     runs = [("cp", lambda: ["cp", "-r", str(src), str(fresh("out_cp"))]),
-            # quantdeck's shards are fsynced before it returns; cp's pages may still be dirty: this row is the copy
-            # made as durable (everything else was synced before the cache drop, so `sync` flushes only cp's data)
+            # the copy made durable, to compare with qd-durable (everything else was synced before the cache drop,
+            # so `sync` flushes only cp's data)
             ("cp+sync", lambda: ["sh", "-c", f"cp -r {shlex.quote(str(src))} {shlex.quote(str(fresh('out_cps')))} "
                                              "&& sync"])]
     entry = ["-m", "console", "convert"] if args.entry == "console" else ["-m", "engine.convert"]
@@ -314,10 +317,11 @@ def main() -> int:
                          "--device", args.device, "--workers", str(args.workers), "--shard-size", args.shard_size]
                         + (["--json"] if args.entry == "console" else []))
 
+    # the default writes as cp and the peer do (page cache, no fsync); qd-durable fsyncs every shard, as a run's
+    # stages do (QUANTDECK_FSYNC=1, engine.checkpoint.writer), to compare with cp+sync
     runs.append(("quantdeck", quantdeck("out_qd")))
-    # like for like with `cp -r`: shards through the page cache, no fsync (engine.checkpoint.writer.FSYNC_ENV)
-    runs.append(("qd-nosync", quantdeck("out_qd_nosync")))
-    run_env = {"qd-nosync": {"QUANTDECK_DIRECT_IO": "0", "QUANTDECK_FSYNC": "0"}}
+    runs.append(("qd-durable", quantdeck("out_qd_durable")))
+    run_env = {"quantdeck": {"QUANTDECK_FSYNC": "0"}, "qd-durable": {"QUANTDECK_FSYNC": "1"}}
     tmp = Path(tempfile.mkdtemp(prefix="qd-peer-"))
     if not args.skip_peer:
         # the peer on its best path: its GPU one wherever there is a GPU (its CPU path crashes)
@@ -361,8 +365,9 @@ def main() -> int:
             ra, rb = results.get(a), results.get(b)
             return f"{ra['wall_s'] / rb['wall_s']:.2f}x" if ra and rb and rb["wall_s"] else "-"
 
-        print(f"targets: quantdeck/peer {ratio('quantdeck', 'peer')}, quantdeck/cp {ratio('quantdeck', 'cp')}, "
-              f"quantdeck/(cp+sync) {ratio('quantdeck', 'cp+sync')}, qd-nosync/cp {ratio('qd-nosync', 'cp')}")
+        print(f"targets: quantdeck/peer {ratio('quantdeck', 'peer')}, quantdeck/cp {ratio('quantdeck', 'cp')}; "
+              f"durable: qd-durable/(cp+sync) {ratio('qd-durable', 'cp+sync')}, qd-durable/peer "
+              f"{ratio('qd-durable', 'peer')}")
         qs = results["quantdeck"].get("summary") or {}
         if qs:
             print(f"quantdeck inside: convert {qs.get('wall_s')} s of {results['quantdeck']['wall_s']} s wall "
