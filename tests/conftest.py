@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -36,3 +38,27 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def make_unwritable() -> Iterator[Callable[[Path], Path]]:
+    """Factory: `make_unwritable(dir)` makes an existing directory unwritable for this process, for real (its
+    contents stay readable): a read-only bind mount (EROFS) as root, whom mode bits do not stop, else mode 0555
+    (EACCES). Undone after the test."""
+    undo: list[Callable[[], object]] = []
+
+    def make(path: Path) -> Path:
+        if os.geteuid() != 0:
+            mode = path.stat().st_mode
+            path.chmod(0o555)
+            undo.append(lambda: path.chmod(mode))
+            return path
+        if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode:
+            pytest.skip("running as root without the right to mount: no way to make a directory unwritable")
+        undo.append(lambda: subprocess.run(["umount", str(path)], check=True))
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path), str(path)], check=True, capture_output=True)
+        return path
+
+    yield make
+    for fn in reversed(undo):
+        fn()

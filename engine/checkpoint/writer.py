@@ -23,13 +23,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 from engine.checkpoint import digest as dg
 from engine.checkpoint.direct import DirectWriter
 from engine.checkpoint import manifest as mf
 from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.host import HostArray
+from engine.checkpoint.paths import partial_path
 from engine.checkpoint.safetensors_format import TensorSpec, build_layout, dtype_name
 from engine.errors import CheckpointError, DiskFullError
 from engine.events import EventSink, NullSink
@@ -120,6 +121,39 @@ def _disk_full(e: OSError, path: Path) -> Exception:
     return e
 
 
+_NOT_WRITABLE = {errno.EROFS: "its filesystem is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
+def _write_error(e: OSError, path: Path, doing: str = "create") -> Exception:
+    """Our error for an OSError met creating or writing `path` (or the file the error names): a place this
+    process cannot write, a full disk (_disk_full), else `e` itself."""
+    why = _NOT_WRITABLE.get(e.errno)
+    if why is None:
+        return _disk_full(e, path)
+    where = Path(e.filename) if isinstance(e.filename, (str, os.PathLike)) else path
+    return CheckpointError(f"cannot {doing} {where}: {why}", at=str(where),
+                           hint="choose an output (--dst) on a writable filesystem, or make that directory writable "
+                                "for this user; then run the same command again")
+
+
+def _raise_write_error(e: OSError, path: Path, doing: str = "create") -> NoReturn:
+    err = _write_error(e, path, doing)
+    if err is e:
+        raise e
+    raise err from e
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """`mkdir -p path` for an output; a place this process cannot write raises CheckpointError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _raise_write_error(e, path)
+    return path
+
+
 class ShardFile:
     """One shard being written: header first, then tensors at their offsets, in any order, from any threads
     (each tensor once)."""
@@ -139,7 +173,7 @@ class ShardFile:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            raise _disk_full(e, self.path) from e
+            _raise_write_error(e, self.path)
         self._direct: DirectWriter | None = None
         self._sync = durable()
         try:
@@ -161,7 +195,7 @@ class ShardFile:
                 os.ftruncate(self.fd, size)  # filesystems without fallocate
             except OSError as e2:
                 if e2.errno != errno.EINVAL:  # EINVAL: not a regular file (a device); writes will tell
-                    raise _disk_full(e2, self.path) from e2
+                    _raise_write_error(e2, self.path, "write")
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         start, done, n = offset, 0, len(view)
@@ -172,7 +206,7 @@ class ShardFile:
             while done < n:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
-            raise _disk_full(e, self.path) from e
+            _raise_write_error(e, self.path, "write")
         if n >= WRITEBACK_BYTES and self._sync:  # a big tensor: its pages go to disk now, not all at the fsync
             _start_writeback(self.fd, start, n)
 
@@ -228,7 +262,7 @@ class ShardFile:
             if self._sync:
                 os.fsync(self.fd)
         except OSError as e:
-            raise _disk_full(e, self.path) from e
+            _raise_write_error(e, self.path, "write")
         os.close(self.fd)
         self.fd = -1
         os.replace(self.path, self.final)
@@ -257,7 +291,7 @@ class CheckpointWriter:
                  args: dict[str, Any], metadata: dict[str, str] | None = DEFAULT_METADATA,
                  sink: EventSink = NullSink()):
         self.dst = Path(dst)
-        self.partial_dir = self.dst.with_name(self.dst.name + ".partial")
+        self.partial_dir = partial_path(self.dst)
         self.shards = list(shards)
         self.by_name = {s.name: s for s in self.shards}
         self.source_fingerprint = source_fingerprint
@@ -272,7 +306,14 @@ class CheckpointWriter:
         return [s.name for s in self.shards]
 
     def prepare(self) -> list[ShardPlan]:
-        """Create or resume `<dst>.partial/`; returns the shards still to write (all, some, or none)."""
+        """Create or resume `<dst>.partial/`; returns the shards still to write (all, some, or none). A
+        destination this process cannot write raises CheckpointError naming it."""
+        try:
+            return self._prepare()
+        except OSError as e:
+            _raise_write_error(e, self.partial_dir)
+
+    def _prepare(self) -> list[ShardPlan]:
         if self.dst.exists():
             m = mf.load_manifest(self.dst)
             if not (m and m.get("complete") and mf.same_job(m, self.source_fingerprint, self.args, self.planned)):
@@ -285,7 +326,7 @@ class CheckpointWriter:
             m["complete"] = False  # a shard written without fsync did not survive: resume it as unfinished
             mf.save_manifest(self.dst, m)
             os.rename(self.dst, self.partial_dir)
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(self.partial_dir)
         with mf.locked(self.partial_dir):
             old = mf.load_manifest(self.partial_dir)
             if old is not None and not mf.same_job(old, self.source_fingerprint, self.args, self.planned):

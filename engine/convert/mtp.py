@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from engine.checkpoint.paths import refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
 from engine.checkpoint.writer import CheckpointWriter, plan_shards
 from engine.convert.extras import copy_extras
-from engine.errors import CheckpointError, UsageError
+from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink, Progress
 from engine.fsutil import atomic_write_json
 
@@ -83,9 +84,7 @@ def inject_mtp(src: str | os.PathLike, dst: str | os.PathLike, *, mtp_from: str 
                sink: EventSink = NullSink()) -> dict[str, Any]:
     """Write `dst` = `src` + the MTP tensors it lacks; returns {"injected": [...], "dst": ...}."""
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise UsageError("inject-mtp writes a new checkpoint: DST must differ from SRC", at=str(dst),
-                         hint="pick a new output directory")
+    refuse_overlap(src, dst, src_name="SRC", dst_name="DST")  # inject-mtp writes a new checkpoint
     reader = CheckpointReader(src)
     names = set(reader.names())
     origin = CheckpointReader(mtp_from) if mtp_from else None

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine import __version__, timeline
+from engine.checkpoint.paths import layout_dirs, refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
-from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
+from engine.checkpoint.writer import CheckpointWriter, ShardPlan, make_output_dir, shard_name
 from engine.convert.extras import copy_extras
 from engine.convert.compute_host import native
 from engine.convert.device import choose_device, needs_gpu_after_all
@@ -34,6 +35,7 @@ from engine.errors import UsageError
 from engine.events import EventSink, NullSink, Progress
 from engine.fsutil import atomic_write_json
 from engine.names import OutputLayout, TargetFormat
+from engine.parent_watch import die_with_parent
 
 PLAN_VERSION = 1
 
@@ -113,8 +115,10 @@ def layout_shards(groups: list[list[Item]], layout: str) -> list[ShardPlan]:
             for i, g in enumerate(groups)]
 
 
-def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q) -> None:
-    """Entry of a `--workers N` child process: convert its share of the shards, report each item."""
+def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q, parent: int) -> None:
+    """Entry of a `--workers N` child process: convert its share of the shards, report each item. It dies with
+    `parent` (its pid): an orphan would write on into `<dst>.partial/` beside the parent's next run."""
+    die_with_parent(parent)
     from engine.convert.device import usable_cores
 
     share = max(1, usable_cores() // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1"))))
@@ -166,7 +170,8 @@ def _run_workers(src: str, tasks: list[ShardTask], workers: int, device, v4_fp8:
         if not share:
             continue
         dev = f"cuda:{k % n_gpu}" if n_gpu else str(device)
-        p = ctx.Process(target=_worker_main, args=(src, share, dev, v4_fp8, q), name=f"convert-worker-{k}")
+        p = ctx.Process(target=_worker_main, args=(src, share, dev, v4_fp8, q, os.getpid()),
+                        name=f"convert-worker-{k}")
         p.start()
         procs.append(p)
     alive = len(procs)
@@ -231,9 +236,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     target = str(TargetFormat(str(to))) if str(to) in {t.value for t in TargetFormat} else None
     if target is None:
         raise UsageError(f"unknown target {to!r}", at="--to", hint="nvfp4, fp8-block or bf16")
-    if src.resolve() == dst.resolve():
-        raise UsageError("--dst must differ from --src", at="--dst", hint="write the output somewhere new")
     layouts = check_layouts(list(layouts), target)
+    dsts = layout_dirs(dst, layouts)
+    refuse_overlap(src, dst, dsts.values())
     shard_size = parse_size(shard_size)
     dev, why, choice = _pick_device(device, target, ranks, workers)
     timeline.begin("convert")
@@ -253,9 +258,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     for note in plan.notes:
         sink.emit("log", level="warning", msg=note)
     groups = partition(plan.items, shard_size)
-    dsts = {layouts[0]: dst} if len(layouts) == 1 else {lay: dst / lay for lay in layouts}
     if len(layouts) > 1:
-        dst.mkdir(parents=True, exist_ok=True)
+        make_output_dir(dst)
     fingerprint = reader.fingerprint()
     writers, plans = {}, {}
     for lay in layouts:

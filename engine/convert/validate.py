@@ -96,6 +96,22 @@ def decode_module(r: CheckpointReader, base: str, rows: torch.Tensor | None = No
     return t[rows] if rows is not None and t.dim() >= 1 else t
 
 
+def _is_nvfp4(r: CheckpointReader, base: str) -> bool:
+    return base + ".weight_scale_2" in r or base + ".weight_global_scale" in r
+
+
+def logical_shape(r: CheckpointReader, base: str) -> tuple[int, ...] | None:
+    """The shape module `base` decodes to, from the header alone (NVFP4 and MXFP4 pack two values a byte; NVFP4
+    includes the padding of its last 16-value block); None: no such module."""
+    nvfp4 = _is_nvfp4(r, base)
+    w = base + ".weight_packed" if nvfp4 and base + ".weight" not in r else base + ".weight"
+    if w not in r:
+        return None
+    shape = tuple(r.meta(w).shape)
+    packed = nvfp4 or (base + ".scale" in r and r.meta(w).dtype_name in ("U8", "I8"))
+    return shape[:-1] + (shape[-1] * 2,) if packed and shape else shape
+
+
 def _nvfp4_bases(names: list[str]) -> list[str]:
     out = []
     for n in names:
@@ -256,14 +272,41 @@ def _snr_db(err: float, ref: float) -> float:
     return float("inf") if err == 0 else 10 * math.log10(max(ref, 1e-30) / err)
 
 
+def _fits(r: CheckpointReader, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """The output's shape `got` holds the source's `want`: equal, or NVFP4's padding of its last 16-value block."""
+    return got == want or (bool(want) and _is_nvfp4(r, name) and got == want[:-1] + (2 * packed_cols(want[-1]),))
+
+
+def _shape_mismatches(r: CheckpointReader, src: CheckpointReader, rep: _Report, quantized: set[str]) -> set[str]:
+    """Each quantized module and kept float tensor whose shape differs from the source's, as a `source` failure
+    (before anything is decoded: the values cannot be compared); returns their names."""
+    pairs = [(base, logical_shape(r, base), logical_shape(src, base)) for base in sorted(quantized)]
+    for n in r.names():
+        base = n[: -len(".weight")] if n.endswith(".weight") else None
+        if base in quantized or n not in src or r.meta(n).dtype_name not in FLOATS:
+            continue
+        pairs.append((n, tuple(r.meta(n).shape), logical_shape(src, base) if base else tuple(src.meta(n).shape)))
+    bad = {name for name, got, want in pairs if got is not None and want is not None and not _fits(r, name, got, want)}
+    for name, got, want in pairs:
+        if name in bad:
+            rep.fail("source", f"{name}: shape {list(got)} differs from the source's {list(want)} in {src.dir}; "
+                     "is --against the checkpoint this one was converted from?", name)
+    return bad
+
+
 def _check_source(r: CheckpointReader, src: CheckpointReader, rep: _Report, nv: list[str], fp8: list[str],
-                  target: str, progress: Progress) -> None:
+                  target: str, progress: Progress) -> set[str]:
+    """The `source` check; returns the tensors whose shapes differ from the source's (not compared)."""
     quant = [(b, "nvfp4") for b in nv] + [(b, "fp8-block") for b in fp8]
     worst = 0.0
+    misshapen = _shape_mismatches(r, src, rep, set(nv) | set(fp8))
     for base, enc in quant:
         w = base + ".weight"
         if w not in src:
             rep.fail("source", f"{base} has no source weight {w} in {src.dir}", base)
+            continue
+        if base in misshapen:
+            progress.advance(1, label=base)
             continue
         sm = src.meta(w)
         cols = sm.shape[1] * (2 if sm.dtype_name in ("U8", "I8") else 1)
@@ -286,7 +329,7 @@ def _check_source(r: CheckpointReader, src: CheckpointReader, rep: _Report, nv: 
     compared = 0
     for n in r.names():
         base = n[: -len(".weight")] if n.endswith(".weight") else None
-        if base in quantized or n not in src or r.meta(n).dtype_name not in FLOATS:
+        if base in quantized or n not in src or r.meta(n).dtype_name not in FLOATS or n in misshapen:
             continue
         om, sm = r.meta(n), src.meta(n)
         compared += 1
@@ -300,7 +343,8 @@ def _check_source(r: CheckpointReader, src: CheckpointReader, rep: _Report, nv: 
             if rel > REL_TOL["bf16"]:
                 rep.fail("source", f"{n}: {om.dtype_name} copy differs from the source by {rel:.4f}", n)
     rep.row("source", f"{len(quant)} quantized modules (worst rel. error {worst:.3f}), {compared} kept tensors "
-            f"compared against {src.dir}")
+            f"compared against {src.dir}" + (f"; {len(misshapen)} differ in shape" if misshapen else ""))
+    return misshapen
 
 
 def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike | None = None, *,
@@ -330,8 +374,9 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
             except CheckpointError as e:
                 rep.fail("source", e.msg, e.at)
                 src = None
-            if src is not None:
-                _check_source(r, src, rep, nv, fp8, target, progress)
+            if src is not None and _check_source(r, src, rep, nv, fp8, target, progress):
+                rep.skip("block", "not run: tensor shapes differ from the source's")
+            elif src is not None:
                 from engine.convert.block_check import check_first_block
 
                 check_first_block(r, src, rep, target, device)

@@ -103,8 +103,9 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
                       shard_size: int | str = 5 * 10**9, ranks: Ranks | None = None) -> dict[str, Any]:
     """Write `dst` (or `dst/<layout>` for several layouts); resumable; returns a report. Under torchrun the
     shards are split over the ranks (engine.convert.ranks)."""
+    from engine.checkpoint.paths import layout_dirs, refuse_overlap
     from engine.checkpoint.reader import CheckpointReader
-    from engine.checkpoint.writer import CheckpointWriter, ShardFile
+    from engine.checkpoint.writer import CheckpointWriter, ShardFile, make_output_dir
     from engine.convert.compute import compute_item
     from engine.convert.extras import copy_extras
     from engine.convert.plan import TO_NVFP4, build_plan, check_layouts
@@ -113,8 +114,10 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
 
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
-    amax, origin = load_any_amax(amax_dir, src)
     layouts = check_layouts(list(layouts), "nvfp4")
+    dsts = layout_dirs(dst, layouts)
+    refuse_overlap(src, dst, dsts.values())
+    amax, origin = load_any_amax(amax_dir, src)
     reader = CheckpointReader(src)
     ma = to_checkpoint_names(module_amax(amax), reader.config, set(reader.names()))
     layout = _SnapshotLayout(detect_layout(reader.config, reader.names()), set(ma.weight))
@@ -138,9 +141,8 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     check_scales(sp)
     dev = ranks.device(resolve_device(device))
     groups_items = partition(plan.items, parse_size(shard_size))
-    dsts = {layouts[0]: dst} if len(layouts) == 1 else {lay: dst / lay for lay in layouts}
     if len(layouts) > 1:
-        dst.mkdir(parents=True, exist_ok=True)
+        make_output_dir(dst)
     writers, shard_plans = {}, {}
     from engine.checkpoint.writer import ShardPlan, shard_name
 

@@ -53,3 +53,33 @@ def test_convert_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     src = tiny_ckpt("deepseek-v3", "bf16")
     assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "o"), "--to", "bf16",
                  "--shard-size", "lots"]) == ExitCode.USAGE
+
+
+def test_unwritable_dst_and_dst_inside_src_are_one_line_errors(tiny_ckpt, tmp_path, capsys, make_unwritable):
+    src = tiny_ckpt("deepseek-v3", "bf16")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    make_unwritable(ro)
+    for dst, fmt in ((ro / "out", "modelopt"), (ro / "out", "both")):
+        assert main(["convert", "--src", str(src), "--dst", str(dst), "--to", "nvfp4", "--format", fmt,
+                     "--device", "cpu"]) == ExitCode.INPUT
+        err = capsys.readouterr().err
+        assert err.startswith("quantdeck: error: cannot create") and str(ro / "out") in err and "hint:" in err
+        assert "Traceback" not in err
+    assert list(ro.iterdir()) == []
+    assert main(["convert", "--src", str(src), "--dst", str(src / "out"), "--to", "nvfp4", "--device", "cpu"]) \
+        == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "inside the source directory" in err and "outside the source directory" in err
+    assert not (src / "out").exists() and not (src / "out.partial").exists()
+
+
+def test_validate_against_a_different_model_names_the_tensor(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", "--src", str(tiny_ckpt("deepseek-v3", "bf16")), "--dst", str(out), "--to", "nvfp4",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out), "--against", str(tiny_ckpt("deepseek-v3", "bf16", hidden=256))]) \
+        == ExitCode.VALIDATION
+    err = capsys.readouterr().err
+    assert "differs from the source's" in err and "--against" in err and "Traceback" not in err

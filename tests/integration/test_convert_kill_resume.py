@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from engine.convert import convert_checkpoint
@@ -54,11 +55,73 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(tiny_ckpt, tmp_path):
     summary = json.loads(res.stdout)
     assert summary["shards_kept"] >= 2 and summary["shards_written"] == ref["shards"] - summary["shards_kept"]
     assert not (tmp_path / "out.partial").exists()
-    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    _assert_same_output(tmp_path / "ref", dst)
+
+
+def _assert_same_output(ref, dst):
+    """Every file byte-identical; the manifests record the same shards and weight map."""
+    names = sorted(p.name for p in ref.iterdir())
     assert names == sorted(p.name for p in dst.iterdir())
     for name in names:
         if name == "manifest.json":
             continue
-        assert (tmp_path / "ref" / name).read_bytes() == (dst / name).read_bytes(), name
-    a, b = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "ref", dst))
+        assert (ref / name).read_bytes() == (dst / name).read_bytes(), name
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (ref, dst))
     assert a["shards"] == b["shards"] and a["weight_map"] == b["weight_map"]
+
+
+def _recorded_shards(partial) -> int:
+    try:
+        return len(json.loads((partial / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _live(pids) -> list[int]:
+    """Those of `pids` still running (a zombie waiting for a reaper runs nothing)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_parent_takes_its_workers_along_and_a_rerun_is_byte_identical(tiny_ckpt, tmp_path):
+    """`--workers 2`, parent killed with SIGKILL: its worker processes die with it instead of writing on into
+    DST.partial/ beside the next run; running the same command again gives the clean run's bytes."""
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
+    ref = convert_checkpoint(src, tmp_path / "ref", to="nvfp4", shard_size="30KB")
+    dst, partial = tmp_path / "out", tmp_path / "out.partial"
+    cmd = _cmd(src, dst) + ["--workers", "2"]
+    # one writer thread a worker, 0.3 s after each item: the workers have many seconds of work left at the kill
+    env = subprocess_env(QUANTDECK_TEST_ITEM_DELAY_S="0.3", QUANTDECK_WRITERS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parent = psutil.Process(proc.pid)
+    workers: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = [c.pid for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+        if len(workers) == 2 and _recorded_shards(partial) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and len(workers) == 2, proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while _live(workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphans = _live(workers)
+    for pid in orphans:  # a failing run must not leave them writing on
+        os.kill(pid, signal.SIGKILL)
+    assert orphans == [], "convert workers outlived their parent"
+    done = _recorded_shards(partial)
+    assert 1 <= done < ref["shards"] and not dst.exists()
+
+    res = subprocess.run(cmd + ["--json"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["shards_kept"] >= done
+    _assert_same_output(tmp_path / "ref", dst)

@@ -189,6 +189,28 @@ def test_disk_full_names_the_file(tmp_path):
     assert ei.value.at.endswith(plan.name + ".partial") and "no space left" in ei.value.msg
 
 
+def test_unwritable_destination_names_the_path_and_touches_nothing(tmp_path, make_unwritable):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    make_unwritable(ro)
+    with pytest.raises(CheckpointError) as ei:
+        write_checkpoint(ro / "out", _tensors())
+    assert ei.value.at == str(ro / "out.partial") and ei.value.hint and "--dst" in ei.value.hint
+    assert "cannot create" in ei.value.msg and ("read-only" in ei.value.msg or "permission denied" in ei.value.msg)
+    assert list(ro.iterdir()) == []
+
+
+def test_unwritable_partial_dir_fails_the_shard_open_naming_the_shard(tmp_path, make_unwritable):
+    t = _tensors()
+    w = CheckpointWriter(tmp_path / "out", plan_shards([[TensorSpec.of(k, v.dtype, v.shape)] for k, v in t.items()],
+                                                       10**9), source_fingerprint="", args={})
+    plan = w.prepare()[0]
+    make_unwritable(w.partial_dir)
+    with pytest.raises(CheckpointError) as ei:
+        w.open_shard(plan)
+    assert ei.value.at == str(w.partial_dir / (plan.name + ".partial")) and "cannot create" in ei.value.msg
+
+
 def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypatch):
     """O_DIRECT (aligned middles through a bounce buffer, partial edge blocks assembled in memory, last block
     padded then truncated) and plain page-cache writes: the same bytes, tensors of odd sizes from 4 threads."""

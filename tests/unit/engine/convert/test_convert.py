@@ -147,6 +147,21 @@ def test_unknown_target_and_same_dst(tiny_ckpt, tmp_path):
         convert_checkpoint(src, src, to="bf16")
 
 
+def test_dst_inside_or_around_the_source_is_refused_before_anything_is_written(tiny_ckpt, tmp_path):
+    """A --dst inside --src had its own half-built output copied into it as an "extra file" of the source."""
+    from engine.errors import UsageError
+    from tests.fixtures_ckpt import copy_ckpt
+
+    src = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16"), tmp_path, "src")  # writable, as an operator's would be
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for dst, layouts in ((src / "out", ("modelopt",)), (src / "out", ("modelopt", "compressed-tensors")),
+                         (tmp_path, ("modelopt",))):
+        with pytest.raises(UsageError) as ei:
+            convert_checkpoint(src, dst, to="nvfp4", layouts=layouts, device="cpu")
+        assert ei.value.at == "--dst" and "outside the source directory" in ei.value.hint
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 @pytest.mark.slow
 def test_thread_counts_do_not_change_the_bytes(tiny_ckpt, tmp_path, monkeypatch):
     """One reader, compute and writer thread vs several of each (items of several shards in flight at

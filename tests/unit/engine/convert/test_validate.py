@@ -97,6 +97,18 @@ def test_block_check_catches_a_wrong_layer(converted, tmp_path):
     _fails(rep, "block", "model.layers.0")
 
 
+@pytest.mark.parametrize("hidden", [64, 256])  # smaller and larger than the output's 128
+def test_against_a_different_model_names_the_tensor_whose_shape_differs(converted, tiny_ckpt, hidden):
+    src, out = converted
+    other = tiny_ckpt("deepseek-v3", "bf16", hidden=hidden)
+    rep = validate_checkpoint(out, against=other)
+    hit = _fails(rep, "source", "model.layers.0.self_attn.o_proj")
+    assert "differs from the source's" in hit["msg"] and "--against" in hit["msg"]
+    _fails(rep, "source", "lm_head.weight")
+    assert {c["check"]: c["status"] for c in rep["checks"]}["block"] == "skipped"
+    assert validate_checkpoint(out, against=src)["ok"]  # NVFP4's padded columns are no mismatch
+
+
 def test_inject_mtp_copies_shared_embedding_and_head(tiny_ckpt, tmp_path):
     src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
     n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
@@ -113,6 +125,16 @@ def test_inject_mtp_copies_shared_embedding_and_head(tiny_ckpt, tmp_path):
     assert (tmp_path / "final" / "tokenizer.json").exists()
     again = inject_mtp(tmp_path / "final", tmp_path / "final2")
     assert again["injected"] == []
+
+
+def test_inject_mtp_refuses_a_dst_inside_its_source(tiny_ckpt, tmp_path):
+    from engine.errors import UsageError
+    from tests.fixtures_ckpt import copy_ckpt
+
+    src = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16", mtp=True), tmp_path, "src")
+    with pytest.raises(UsageError, match="inside the source directory") as ei:
+        inject_mtp(src, src / "final")
+    assert ei.value.at == "DST" and not list(src.glob("final*"))
 
 
 def test_inject_mtp_v4_from_original(tiny_ckpt, tmp_path):

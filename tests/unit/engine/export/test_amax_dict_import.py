@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from calib_tiny_models import build_v3
 from engine.calibrate.validate import validate_amax
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, UsageError
 from engine.export.amax_dict import load_amax_dict, native_to_hf
 from engine.export.api import export_checkpoint
 
@@ -76,3 +76,10 @@ def test_export_from_amax_dict_fills_empty_experts_and_keeps_attention(amax_dict
 def test_not_an_amax_dir(tmp_path):
     with pytest.raises(CheckpointError, match="neither layer_NNN"):
         export_checkpoint(build_v3(tmp_path / "m", seed=4, num_hidden_layers=1), tmp_path, tmp_path / "o")
+
+
+def test_dst_inside_the_source_is_refused(tmp_path):
+    model = build_v3(tmp_path / "m", seed=4, num_hidden_layers=1)
+    with pytest.raises(UsageError, match="inside the source directory"):
+        export_checkpoint(model, tmp_path / "amax", model / "out")
+    assert not (model / "out").exists() and not (model / "out.partial").exists()
