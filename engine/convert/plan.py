@@ -28,6 +28,7 @@ FP8 = "fp8"  # float8_e4m3fn codes with a block scale companion
 MXFP4 = "mxfp4"  # E2M1 packed two per byte with an E8M0 scale per 32 inputs
 
 COPY, TO_BF16, TO_NVFP4, TO_FP8 = "copy", "bf16", "nvfp4", "fp8-block"
+NVFP4_GROUP = 16  # input values per NVFP4 block scale: a weight's in_features must be a multiple to be quantized
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
     groups: dict[str, list[Member]] = {}
     items: list[Item] = []
     kept, quantized, mtp_mods = set(), set(), set()
+    unaligned: list[str] = []
 
     def add(action: str, members: list[Member], outputs: list[TensorSpec]) -> None:
         nbytes = sum(reader.meta(m.name).nbytes + (reader.meta(m.scale).nbytes if m.scale else 0) for m in members)
@@ -155,7 +157,10 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
         gemm = info.gemm and len(shape) == 2
         if info.mtp and gemm:
             mtp_mods.add(mem.out_base)
-        if target == TO_NVFP4 and gemm and layout.should_quantize(n, shape, quantize_attention=quantize_attention):
+        nvfp4 = target == TO_NVFP4 and gemm and layout.should_quantize(n, shape, quantize_attention=quantize_attention)
+        if nvfp4 and shape[1] % NVFP4_GROUP:
+            unaligned.append(f"{n} {list(shape)}")
+        elif nvfp4:
             quantized.add(mem.out_base)
             if info.fused_group:
                 groups.setdefault(info.fused_group, []).append(mem)
@@ -188,6 +193,10 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
     if not items:
         raise CheckpointError(f"{reader.dir} holds no tensors", at=str(reader.dir))
     notes = []
+    if unaligned:
+        notes.append(f"{len(unaligned)} weight(s) whose in_features is not a multiple of {NVFP4_GROUP} stay in BF16 "
+                     f"(first: {unaligned[0]}): NVFP4 packs whole {NVFP4_GROUP}-value groups, and vLLM and transformers "
+                     "load only those")
     if target == TO_NVFP4 and not quantized:
         notes.append("no tensor qualifies for NVFP4 quantization; the output only re-encodes")
     return ConvertPlan(items, target, str(layout.family), sorted(kept, key=natural_key),

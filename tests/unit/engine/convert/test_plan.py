@@ -105,3 +105,19 @@ def test_v4_mxfp4_expert_without_its_scale_is_refused(tiny_ckpt, tmp_path):
     dropped = _edited(src, tmp_path, scale, lambda t: None)
     for target in ("nvfp4", "bf16", "fp8-block"):
         _refused(dropped, target, scale.rsplit(".", 1)[0] + ".weight", "no scale companion")
+
+
+def test_weights_whose_in_features_is_not_a_multiple_of_16_stay_in_bf16_and_are_excluded(tiny_ckpt, tmp_path):
+    """NVFP4 packs whole 16-value groups; a padded last group loads in neither vLLM nor transformers (an
+    exploratory run's compressed-tensors output failed `from_pretrained`). Such a weight is kept, listed in the
+    exclusions, and the plan says so."""
+    src = tiny_ckpt("deepseek-v3", "bf16", layers=2, experts=4, hidden=128, moe_inter=64)
+    w = "model.layers.1.mlp.experts.2.down_proj.weight"
+    odd = _edited(src, tmp_path, w, lambda t: t[:, :40].clone())
+    _, plan = _plan(odd, "nvfp4")
+    item = next(it for it in plan.items if it.members[0].name == w)
+    assert item.action == COPY and "model.layers.1.mlp.experts.2.down_proj" in plan.kept_modules
+    assert "model.layers.1.mlp.experts.2.down_proj" not in plan.quantized_modules
+    assert any("not a multiple of 16" in n and w in n for n in plan.notes), plan.notes
+    _, fine = _plan(src, "nvfp4")
+    assert not fine.notes and "model.layers.1.mlp.experts.2.down_proj" in fine.quantized_modules
