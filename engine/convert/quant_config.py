@@ -87,7 +87,7 @@ def compressed_tensors_quantization_config(plan: ConvertPlan) -> dict[str, Any]:
 def deepseek_fp8_quantization_config(family: str) -> dict[str, Any]:
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     if family == "deepseek-v4":
-        qc["scale_fmt"] = "ue8m0"
+        qc.update(scale_fmt="ue8m0", expert_dtype="fp8")  # every routed expert is FP8 block-128 now
     return qc
 
 
@@ -96,6 +96,7 @@ def output_config(src_config: dict[str, Any], plan: ConvertPlan, layout: str) ->
     cfg = copy.deepcopy(src_config)
     cfg.pop("quantization_config", None)
     cfg.pop("compression_config", None)
+    cfg.pop("expert_dtype", None)  # V4 ships its experts' encoding at the top too; transformers moves it in
     if plan.target == TO_NVFP4 and plan.quantized_modules:
         cfg["quantization_config"] = (modelopt_quantization_config(plan) if layout == str(OutputLayout.MODELOPT)
                                       else compressed_tensors_quantization_config(plan))

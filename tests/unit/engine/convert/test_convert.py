@@ -179,3 +179,23 @@ def test_thread_counts_do_not_change_the_bytes(tiny_ckpt, tmp_path, monkeypatch)
     assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_v4_experts_encoding_in_the_config_follows_the_output(tiny_ckpt, tmp_path):
+    """V4 as released says `expert_dtype: fp4` at the top of config.json, and transformers moves it into the
+    quantization config: kept as it was, an FP8-block or BF16 output was labelled FP4 experts."""
+    from transformers import AutoConfig
+
+    from tests.fixtures_ckpt import copy_ckpt
+
+    src = copy_ckpt(tiny_ckpt("deepseek-v4", "fp8"), tmp_path, "v4top")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["expert_dtype"] = cfg["quantization_config"].pop("expert_dtype", "fp4")
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(src, tmp_path / "f8", to="fp8-block")
+    convert_checkpoint(src, tmp_path / "b16", to="bf16")
+    f8 = json.loads((tmp_path / "f8" / "config.json").read_text())
+    b16 = json.loads((tmp_path / "b16" / "config.json").read_text())
+    assert "expert_dtype" not in f8 and f8["quantization_config"]["expert_dtype"] == "fp8"
+    assert "expert_dtype" not in b16 and "quantization_config" not in b16
+    assert AutoConfig.from_pretrained(tmp_path / "f8").quantization_config["expert_dtype"] == "fp8"
