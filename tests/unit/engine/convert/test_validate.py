@@ -148,3 +148,38 @@ def test_inject_mtp_v4_from_original(tiny_ckpt, tmp_path):
     mtp = [n for n in out.names() if n.startswith(("mtp.", "model.mtp."))]
     assert mtp and set(res["injected"]) == set(mtp)
     assert all(out.meta(n).dtype_name not in ("F8_E4M3", "U8", "I8") for n in mtp)  # kept BF16
+
+
+def test_labels_that_disagree_with_the_tensors_fail_the_config_check(tiny_ckpt, tmp_path):
+    """A loader trusts the label: an edited quant_algo, a missing hf_quant_config.json, a compressed-tensors
+    format or a quantization_config on an unquantized output each fail, naming the file."""
+    import shutil
+
+    src = tiny_ckpt("deepseek-v3", "fp8")
+    convert_checkpoint(src, tmp_path / "o", to="nvfp4", layouts=["modelopt", "compressed-tensors"])
+    convert_checkpoint(src, tmp_path / "b", to="bf16")
+
+    def failures(d):
+        rep = validate_checkpoint(d)
+        return [f for f in rep["failures"] if f["check"] == "config"]
+
+    def edit(path, fn):
+        obj = json.loads(path.read_text())
+        fn(obj)
+        path.write_text(json.dumps(obj))
+
+    for d in ("o/modelopt", "o/compressed-tensors", "b"):
+        assert not failures(tmp_path / d), d
+    cases = {"algo": ("modelopt", lambda d: edit(d / "config.json", lambda c: c["quantization_config"].update(
+                 quant_algo="FP8")), "quant_algo 'FP8'"),
+             "hfq": ("modelopt", lambda d: (d / "hf_quant_config.json").unlink(), "hf_quant_config.json is missing"),
+             "ct": ("compressed-tensors", lambda d: edit(d / "config.json", lambda c: c["quantization_config"].update(
+                 format="float-quantized")), "'float-quantized'"),
+             "bf": (None, lambda d: edit(d / "config.json", lambda c: c.update(quantization_config={
+                 "quant_method": "fp8"})), "no tensor is quantized")}
+    for name, (lay, break_it, words) in cases.items():
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "o" / lay if lay else tmp_path / "b", d)
+        break_it(d)
+        got = failures(d)
+        assert len(got) == 1 and words in got[0]["msg"], (name, got)
