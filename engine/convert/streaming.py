@@ -28,7 +28,7 @@ from engine.convert.compute_host import native
 from engine.convert.device import choose_device, needs_gpu_after_all
 from engine.convert.kernels import warm_up
 from engine.convert.pipeline import ShardTask, device_type, run_tasks
-from engine.convert.plan import TO_NVFP4, ConvertPlan, Item, build_plan, check_layouts, rename_for_layout
+from engine.convert.plan import TO_NVFP4, Item, build_plan, check_layouts, rename_for_layout
 from engine.convert.quant_config import modelopt_hf_quant_config, output_config
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
 from engine.errors import UsageError
@@ -73,7 +73,14 @@ def resolve_device(device: str):
 
 
 def parse_size(text: str | int | float) -> int:
-    """'5GB' / '500MB' / '5e9' / 5000000000 → bytes (decimal units; GiB/MiB binary)."""
+    """'5GB' / '500MB' / '5e9' / 5000000000 → bytes (decimal units; GiB/MiB binary); more than 0."""
+    n = _size(text)
+    if n <= 0:
+        raise UsageError(f"shard size must be more than 0, got {text!r}", at="--shard-size", hint="e.g. 5GB")
+    return n
+
+
+def _size(text: str | int | float) -> int:
     if isinstance(text, (int, float)):
         return int(text)
     s = str(text).strip().upper().replace(" ", "")
@@ -236,7 +243,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     target = str(TargetFormat(str(to))) if str(to) in {t.value for t in TargetFormat} else None
     if target is None:
         raise UsageError(f"unknown target {to!r}", at="--to", hint="nvfp4, fp8-block or bf16")
-    layouts = check_layouts(list(layouts), target)
+    asked = [str(x) for x in layouts]
+    layouts = check_layouts(asked, target)
+    if set(asked) - set(layouts):
+        sink.emit("log", level="warning", msg=f"--format {'/'.join(sorted(set(asked) - set(layouts)))} applies to "
+                                               f"--to nvfp4 only: a {target} output has one layout, written to {dst}")
     dsts = layout_dirs(dst, layouts)
     refuse_overlap(src, dst, dsts.values())
     shard_size = parse_size(shard_size)

@@ -199,3 +199,19 @@ def test_v4_experts_encoding_in_the_config_follows_the_output(tiny_ckpt, tmp_pat
     assert "expert_dtype" not in f8 and f8["quantization_config"]["expert_dtype"] == "fp8"
     assert "expert_dtype" not in b16 and "quantization_config" not in b16
     assert AutoConfig.from_pretrained(tmp_path / "f8").quantization_config["expert_dtype"] == "fp8"
+
+
+def test_a_shard_size_of_zero_or_less_is_refused_and_a_layout_that_does_not_apply_is_said(tiny_ckpt, tmp_path):
+    from engine.errors import UsageError
+    from engine.events import CallbackSink
+
+    src = tiny_ckpt("deepseek-v3", "bf16")
+    for bad in ("0", "-5GB", 0):
+        with pytest.raises(UsageError, match="more than 0"):
+            convert_checkpoint(src, tmp_path / "z", to="nvfp4", shard_size=bad)
+    assert not (tmp_path / "z").exists() and not (tmp_path / "z.partial").exists()
+    said = []
+    convert_checkpoint(src, tmp_path / "f8", to="fp8-block", layouts=["modelopt", "compressed-tensors"],
+                       sink=CallbackSink(lambda ev: said.append(ev.data.get("msg", ""))))
+    assert any("--format compressed-tensors applies to --to nvfp4 only" in m for m in said), said
+    assert (tmp_path / "f8" / "config.json").exists()  # one layout, in --dst itself
