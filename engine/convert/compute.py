@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.convert import kernels
-from engine.convert.compute_host import check_finite
+from engine.convert.compute_host import check_finite, spread_notes
 from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
 from engine.errors import FormatError, about
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block, scale_to_fp32
@@ -128,6 +128,7 @@ def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device 
         check_finite(m.name, a)
         amaxes.append(a)
     s2 = global_scale(torch.stack(amaxes).amax().cpu())
+    notes += spread_notes(item, [float(a) for a in amaxes])
     out: dict[str, torch.Tensor] = {}
     for m in item.members:
         with about(m.name):

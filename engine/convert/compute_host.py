@@ -29,6 +29,20 @@ def check_finite(name: str, amax) -> None:
         raise FormatError(f"{name} holds inf or NaN (amax {float(amax)})", at=name, hint=CORRUPT_SOURCE)
 
 
+SPREAD_WARN = 1e-4  # a fused member whose max is below this share of the group's keeps little NVFP4 precision
+
+
+def spread_notes(item: Item, amaxes: list[float]) -> list[str]:
+    """Notes for fused members whose own max is tiny beside the group's: with the shared `weight_scale_2` their
+    block scales fall to E4M3's smallest and most of their values to 0 (a huge value in a partner, say)."""
+    top = max(amaxes, default=0.0)
+    if len(amaxes) < 2 or not top:
+        return []
+    return [f"{m.name}: max {a:.3g} is {a / top:.1e} of its fused group's ({top:.3g}); with the shared "
+            "weight_scale_2 most of its values round to 0 (check the group's weights)"
+            for m, a in zip(item.members, amaxes) if a / top < SPREAD_WARN]
+
+
 def native(item: Item) -> bool:
     """Does this item run here (True), or through torch (False)?"""
     if item.action == COPY:
@@ -109,15 +123,13 @@ def _compute(item: Item, src: dict[str, HostArray], v4_fp8: bool) -> ItemResult:
         with about(m.name):
             bits = fb.dequant_bf16(src[m.name].data, _scales(m, src), _block(src, m))
         return ItemResult({m.name: HostArray("BF16", bits)})
-    scales = []
-    amax = np.float32(0.0)
+    scales, amaxes = [], []
     for m in item.members:
         with about(m.name):
             scales.append(_scales(m, src))
-            a = _amax(m, src, scales[-1])
-        check_finite(m.name, a)
-        amax = max(amax, a)
-    s2 = nv.global_scale(amax)
+            amaxes.append(_amax(m, src, scales[-1]))
+        check_finite(m.name, amaxes[-1])
+    s2 = nv.global_scale(max(amaxes))
     out: dict[str, HostArray] = {}
     for m, sc in zip(item.members, scales):
         with about(m.name):
@@ -125,4 +137,4 @@ def _compute(item: Item, src: dict[str, HostArray], v4_fp8: bool) -> ItemResult:
         out[m.out_base + ".weight"] = HostArray("U8", packed)
         out[m.out_base + ".weight_scale"] = HostArray("F8_E4M3", bs)
         out[m.out_base + ".weight_scale_2"] = HostArray("F32", np.array(s2, np.float32))
-    return ItemResult(out)
+    return ItemResult(out, spread_notes(item, [float(a) for a in amaxes]))

@@ -196,3 +196,16 @@ def test_item_parallel_runs_small_items_on_the_serial_kernels_and_big_ones_over_
         assert not getattr(numba_setup._mode, "serial", False)  # the mode ends with the item
         b = compute_host.compute_item(item, src)
         assert all(_bytes(a.tensors[k]) == _bytes(b.tensors[k]) for k in b.tensors)
+
+
+def test_a_fused_member_dwarfed_by_its_partner_is_named_in_a_note_by_both_paths():
+    """gate holds one 1e30: up, 30 orders of magnitude smaller, shares its weight_scale_2 and rounds to 0."""
+    gate, up = torch.randn(16, 32), torch.randn(16, 32) * 0.02
+    gate[0, 0] = 1e30
+    src = {"g.weight": gate.to(torch.bfloat16), "u.weight": up.to(torch.bfloat16)}
+    item = _item(Member("g.weight", None, FLOAT, (16, 32), "g"), Member("u.weight", None, FLOAT, (16, 32), "u"))
+    want = torch_compute(item, src, "cpu")
+    got = compute_host.compute_item(item, {k: _host(v) for k, v in src.items()})
+    assert got.notes == want.notes and len(got.notes) == 1 and got.notes[0].startswith("u.weight: max")
+    calm = {"g.weight": up.to(torch.bfloat16), "u.weight": up.to(torch.bfloat16)}
+    assert compute_host.compute_item(item, {k: _host(v) for k, v in calm.items()}).notes == []
