@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 from contextlib import nullcontext
-from typing import Callable
 
 
 def _dev(device) -> str:
@@ -53,15 +52,14 @@ def float_to_nvfp4(w, scale_2, device="cpu"):
     return dispatch.bf16_to_nvfp4(w, scale_2, _dev(device))
 
 
-def warm_up(target: str, device, then: Callable[[], object] | None = None) -> None:
+def warm_up(target: str, device) -> None:
     """Get the slow one-time set-ups going on a background thread, so that they overlap planning and the
     first reads instead of stalling the first tensor: on CPU, import numba and load the cached kernels
     (~0.8 s on 2 cores); on CUDA, create the device context (and the pinned-memory allocator), import
     Triton and load its fused kernel (up to ~1-2 s, which the first FP8 item otherwise waits for). Where the
     process froze its objects out of the garbage collector's full passes (the converter's entry points do,
     after their imports), numba's are frozen too (a full pass over them costs ~0.25 s on 2 cores). A
-    failure here is ignored: the real call raises it with its context. `then` runs after the CPU kernels are
-    loaded (the CPU converter starts a read-ahead that a cold machine skipped at start-up)."""
+    failure here is ignored: the real call raises it with its context."""
     import gc
     import threading
 
@@ -106,8 +104,6 @@ def warm_up(target: str, device, then: Callable[[], object] | None = None) -> No
                         host.float_to_nvfp4(np.zeros((16, 32), np.float32), 1.0)
             except Exception:  # noqa: BLE001
                 pass
-            if then is not None:
-                then()
             if gc.get_freeze_count():
                 gc.freeze()
     else:

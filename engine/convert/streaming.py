@@ -230,17 +230,6 @@ def _device_for(choice, ranks: Ranks):
     return ranks.device(torch.device(choice.device)), choice.reason if choice.asked == "auto" else ""
 
 
-def _late_readahead(src):
-    """What the CPU warm-up runs once the kernels are loaded: on a cold machine, the read-ahead that start_early
-    skipped (it would have slowed the cold imports) begins then."""
-    def start() -> None:
-        from engine import readahead
-        from engine.convert.device import AUTO_CPU_CORES, usable_cores
-
-        readahead.start(src, "cpu", cpu_ok=usable_cores() >= AUTO_CPU_CORES, imported=True)
-    return start
-
-
 @over_ranks
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "nvfp4",
                        layouts: Sequence[str] = ("modelopt",), device: str = "auto", workers: int = 1,
@@ -265,7 +254,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     dev, why, choice = _pick_device(device, target, ranks, workers)
     timeline.begin("convert")
     reader = CheckpointReader(src)  # a missing or unreadable source fails here, before anything starts
-    warm_up(target, dev, then=_late_readahead(src) if int(workers) <= 1 and not ranks.active else None)
+    warm_up(target, dev)
     from engine.models import detect_layout  # engineer C's model layouts
 
     layout = detect_layout(reader.config, reader.names())

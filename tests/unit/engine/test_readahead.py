@@ -117,18 +117,3 @@ def test_cpu_runs_read_ahead_only_on_many_cores_with_their_libraries_warm(tmp_pa
     t.join(timeout=30)
     assert t.bytes_read == 4196
 
-
-def test_a_read_ahead_skipped_beside_cold_imports_starts_once_they_are_done(tmp_path, monkeypatch):
-    """On a cold machine start_early skips the CPU read-ahead (it would slow the imports); the converter asks
-    again once its kernels are loaded (`imported`), and that one starts it — once, and not when turned off."""
-    _ckpt(tmp_path, [4096, 100])
-    monkeypatch.setattr(readahead, "cpu_imports_cold", lambda: True)
-    assert readahead.start(tmp_path, "cpu", cpu_ok=True) is None
-    monkeypatch.setenv("QUANTDECK_LATE_READAHEAD", "0")
-    assert readahead.start(tmp_path, "cpu", cpu_ok=True, imported=True) is None
-    monkeypatch.delenv("QUANTDECK_LATE_READAHEAD")
-    t = readahead.start(tmp_path, "cpu", cpu_ok=True, imported=True)
-    assert isinstance(t, threading.Thread)
-    t.join(timeout=30)
-    assert t.bytes_read == 4196
-    assert readahead.start(tmp_path, "cpu", cpu_ok=True, imported=True) is None  # once per directory
