@@ -97,7 +97,7 @@ def test_two_ranks_write_the_bytes_of_one_process(tiny_ckpt, amax_snapshot, tmp_
 
 
 @pytest.mark.slow
-def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tiny_ckpt, tmp_path):
+def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tiny_ckpt, tmp_path, monkeypatch):
     """The convert stage of a run as 2 local ranks ([cluster] gpus_per_node = 2): rank 1 fails (the test hook
     QUANTDECK_TEST_FAIL_RANK) → the stage FAILED with rank 1's error, nothing finalized, rank 0's shards kept;
     the rerun writes the rest and gives the bytes of one process."""
@@ -164,6 +164,7 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     row = ApiBackend(open_engine()).read_run(str(run.path)).stage("convert")
     assert (row.done, row.total, row.ranks) == (prog["total"], prog["total"], 2)
     assert row.rank_line.startswith(f"ranks 2: r0 {shares[0]['done']}/{shares[0]['total']} ")
+    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.worker)
     ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
     assert ref["shards"] == st["result"]["shards"]
     want, got = tree(tmp_path / "one"), tree(out)

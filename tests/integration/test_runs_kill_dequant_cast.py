@@ -15,7 +15,7 @@ from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, kill_pause
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, fmt, src_dtype", [("dequant", "bf16", "fp8"), ("cast-fp8", "fp8-block", "bf16")])
-def test_kill_conversion_stage_then_resume(tmp_path, tiny_ckpt, stage, fmt, src_dtype):  # noqa: F811
+def test_kill_conversion_stage_then_resume(tmp_path, tiny_ckpt, stage, fmt, src_dtype, monkeypatch):  # noqa: F811
     src = tiny_ckpt("deepseek-v3", src_dtype)
     work, out = tmp_path / "work", tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, out, fmt=fmt, shard_mb=0.05)
@@ -35,6 +35,7 @@ def test_kill_conversion_stage_then_resume(tmp_path, tiny_ckpt, stage, fmt, src_
     from engine.convert import convert_checkpoint
 
     ref = tmp_path / "ref"
+    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.worker)
     convert_checkpoint(src, ref, to=fmt, device="cpu", shard_size=int(0.05 * 10**6))
     assert tree_digest(out) == tree_digest(ref)
     atts = [(a["attempt"], a["state"], a["error_class"], a["pid"])

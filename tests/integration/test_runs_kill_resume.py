@@ -24,7 +24,7 @@ CHAIN = [("inspect", 0), ("convert", 30), ("inject-mtp", 0), ("copy-extras", 0),
 
 
 @pytest.mark.slow
-def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt):  # noqa: F811
+def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     work = tmp_path / "work"
     ref_out, out = tmp_path / "ref-out", tmp_path / "out"
@@ -65,6 +65,7 @@ def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt):  # noqa: F811
 
     from engine.convert import convert_checkpoint  # the uninterrupted reference, in one go
 
+    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.worker)
     convert_checkpoint(src, ref_out, to="nvfp4", layouts=("modelopt",), device="cpu", shard_size=int(0.1 * 10**6))
     assert tree_digest(out) == tree_digest(ref_out)
     assert not (tmp_path / "out.partial").exists()
