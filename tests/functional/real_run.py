@@ -83,6 +83,9 @@ def make_killed_run(root: Path, ckpt: Path) -> RealRun:
             return e.pid if e.state == "RUNNING" and e.pid else None
 
         pid = wait(export_pid, 240, "the export stage to run")
+        # its first log line ("stage export of run ...") comes just after it records its pid: killed between the
+        # two (CI saw it on loaded cores), the console tests would find an empty export log
+        wait(lambda: "stage export" in eng.log(run_id, "export")[0], 120, "the export stage's first log line")
         os.kill(pid, signal.SIGKILL)
         wait(lambda: (lambda v: not v.driver_alive and v.result != "RUNNING")(eng.status(run_id)), 60,
              "the driver to record the killed export")
