@@ -183,3 +183,20 @@ def test_labels_that_disagree_with_the_tensors_fail_the_config_check(tiny_ckpt, 
         break_it(d)
         got = failures(d)
         assert len(got) == 1 and words in got[0]["msg"], (name, got)
+
+
+def test_a_config_the_reference_layer_cannot_run_skips_the_block_check_instead_of_blaming_the_output(tiny_ckpt,
+                                                                                                     tmp_path):
+    """A config transformers' layer cannot run for the source itself (an exploratory run's one-expert model:
+    top-k out of range; here layer 0 made a routed layer with more experts per token than experts): the check is
+    skipped with the reason, not failed as if the converted checkpoint were broken."""
+    from tests.fixtures_ckpt import copy_ckpt
+
+    src = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16", experts=2), tmp_path, "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_experts_per_tok"], cfg["first_k_dense_replace"] = cfg["n_routed_experts"] + 2, 0  # layer 0 routes
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(src, tmp_path / "o", to="bf16")
+    rep = validate_checkpoint(tmp_path / "o", against=src)
+    block = next(c for c in rep["checks"] if c["check"] == "block")
+    assert rep["ok"] and block["status"] == "skipped" and "cannot run layer 0 of the source" in block["detail"], rep
