@@ -95,7 +95,7 @@ class QuantdeckApp(App):
     def dashboard(self) -> DashboardScreen | None:
         """The dashboard once its widgets exist (a message may arrive before it composed)."""
         dash = self.screen_stack[0] if self.screen_stack else None
-        return dash if isinstance(dash, DashboardScreen) and dash.ready else None
+        return dash if isinstance(dash, DashboardScreen) and dash.composed else None
 
     def _sub_title(self) -> str:
         rid = self.run_id or "no run"

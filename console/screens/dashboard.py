@@ -32,6 +32,12 @@ class DashboardScreen(Screen):
 
     ready = False
 
+    @property
+    def composed(self) -> bool:
+        """Mounted and not torn down: a read that lands while the app closes finds no widgets to show it in
+        (CI saw a log read arrive after the dashboard's widgets were gone)."""
+        return self.ready and bool(self.query(LogTail))
+
     def on_mount(self) -> None:
         self.query_one(LogTail).border_title = "log"
         self.query_one("#status-line").display = False

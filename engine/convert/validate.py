@@ -368,11 +368,11 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
         target = "nvfp4" if nv else "fp8-block" if fp8 else "bf16"
         progress = Progress(sink, "modules", total=(len(nv) + len(fp8)) * (2 if against else 1))
         _check_layout(r, rep, nv, fp8)
-        labels = label_problems(directory, r.config, set(r.names()), nv, fp8)
+        _check_scales_and_decode(r, rep, nv, fp8, layout, progress)
+        labels = label_problems(directory, r.config, set(r.names()), nv, fp8)  # after the tensors: theirs come first
         for msg, at in labels:
             rep.fail("config", msg, at)
         rep.row("config", "labels agree with the tensors" if not labels else f"{len(labels)} disagreement(s)")
-        _check_scales_and_decode(r, rep, nv, fp8, layout, progress)
         if against is not None:
             try:
                 src = CheckpointReader(against)

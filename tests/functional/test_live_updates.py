@@ -96,3 +96,21 @@ async def test_key_line_shows_impossible_keys_greyed_and_a_click_presses_a_key(f
         assert not isinstance(app.screen, HistoryScreen) and not app.busy
         await pilot.click(KeyBar, offset=(hits["h"][0] + 1, 0))
         await _until(pilot, lambda: isinstance(app.screen, HistoryScreen))
+
+
+async def test_a_read_that_lands_while_the_dashboard_is_torn_down_is_dropped(fixed_clock):
+    """The follow worker can post a log read after the closing app removed the dashboard's widgets (CI saw
+    NoMatches for LogTail): the read is kept on the app and nothing is drawn."""
+    from console.messages import LogLinesRead
+    from console.widgets import LogTail
+
+    app = build_app(backend=StaticBackend(), use_fleet=False, clock=fixed_clock, follow_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: app.dashboard is not None)
+        dash = app.dashboard
+        await dash.query_one(LogTail).remove()
+        assert app.dashboard is None
+        app.post_message(LogLinesRead("calibrate", ["late line"], reset=True))
+        await pilot.pause(0.5)
+        assert "late line" in app.log_lines or app.log_stage != "calibrate"  # kept on the app (or a newer read)
+        assert app.return_code is None and app.screen is dash  # no crash, no error screen

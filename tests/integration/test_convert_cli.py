@@ -33,7 +33,8 @@ def test_convert_validate_inject_cli(tiny_ckpt, tmp_path, capsys):
     tensors[bad_name] = torch.tensor(float("nan"))
     bad = tmp_path / "bad"
     write_checkpoint(bad, tensors)
-    (bad / "config.json").write_text((out / "config.json").read_text())
+    for f in ("config.json", "hf_quant_config.json"):
+        (bad / f).write_text((out / f).read_text())
     code = main(["validate", str(bad)])
     cap = capsys.readouterr()
     assert code == ExitCode.VALIDATION
