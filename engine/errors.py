@@ -73,7 +73,8 @@ class FormatError(QuantdeckError):
     exit_code = ExitCode.INPUT
 
 
-CORRUPT_SOURCE = "the source tensor is corrupt: re-download its shard (`quantdeck inspect` reads headers only)"
+CORRUPT_SOURCE = ("check this tensor in the source; a damaged shard is re-downloaded (`quantdeck inspect` reads "
+                  "headers only)")
 
 
 @contextmanager

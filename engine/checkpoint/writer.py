@@ -323,9 +323,11 @@ class CheckpointWriter:
                 self.already_complete = True
                 self.sink.emit("log", level="info", msg=f"{self.dst} is already complete; nothing to do")
                 return []
-            m["complete"] = False  # a shard written without fsync did not survive: resume it as unfinished
-            mf.save_manifest(self.dst, m)
-            os.rename(self.dst, self.partial_dir)
+            if self.partial_dir.exists():
+                raise CheckpointError(f"{self.dst} has shards to write again, but {self.partial_dir} exists too",
+                                      at=str(self.partial_dir), hint="remove one of the two, then run the same "
+                                                                     "command again")
+            os.rename(self.dst, self.partial_dir)  # unfinished again: the resume below redoes what does not match
         make_output_dir(self.partial_dir)
         with mf.locked(self.partial_dir):
             old = mf.load_manifest(self.partial_dir)
@@ -335,6 +337,7 @@ class CheckpointWriter:
                 self._clear()
                 old = None
             manifest = old or mf.new_manifest(self.source_fingerprint, self.args, self.planned)
+            manifest["complete"] = False  # (a finished output moved back here to rewrite a torn shard said True)
             for p in self.partial_dir.glob("*.partial"):
                 p.unlink()
             for p in self.partial_dir.glob(".*.tmp.*"):  # an atomic write (manifest, index) killed before its rename
@@ -376,18 +379,18 @@ class CheckpointWriter:
                                                         f"match their digest (first: {bad[0]}; the machine went down "
                                                         "before they reached the disk?): writing them again")
             return False
-        for n in todo:
-            fd = os.open(self.dst / n, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        with mf.locked(self.dst):
-            m = mf.load_manifest(self.dst) or m
+        try:  # on the disk now: the next run need not read them again (where this output can be written)
+            for n in todo:
+                fd = os.open(self.dst / n, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             for n in todo:
                 m["shards"][n]["synced"] = True
-            mf.save_manifest(self.dst, m)
-        (self.dst / mf.LOCK_NAME).unlink(missing_ok=True)
+            mf.save_manifest(self.dst, m)  # atomic; no lock file left in a finished output
+        except OSError:
+            pass
         return True
 
     def _clear(self) -> None:

@@ -43,6 +43,15 @@ def spread_notes(item: Item, amaxes: list[float]) -> list[str]:
             for m, a in zip(item.members, amaxes) if a / top < SPREAD_WARN]
 
 
+def workspace_bytes(item: Item) -> int:
+    """Memory an item's math holds beyond its inputs and outputs: float32 values (and their magnitudes, for
+    the amax) of members that are not FP8 with a block scale; the pipeline counts it in its in-flight budget,
+    since one compute thread per core would otherwise hold several times the budget (BF16 sources)."""
+    if item.action == COPY:
+        return 0
+    return sum(2 * 4 * math.prod(m.shape) for m in item.members if not (m.encoding == FP8 and m.scale is not None))
+
+
 def native(item: Item) -> bool:
     """Does this item run here (True), or through torch (False)?"""
     if item.action == COPY:
@@ -96,7 +105,7 @@ def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False,
     """The canonical outputs of `item` (modelopt names for NVFP4): HostArrays, or torch tensors for an item
     that needs torch (see `native`). `item_parallel`: other threads compute other items meanwhile, so this
     one's kernels run on this thread (engine.formats.numba_setup.serial_kernels) unless it is big."""
-    if item_parallel and item.action != COPY and sum(a.nbytes for a in src.values()) <= SERIAL_MAX_BYTES:
+    if item_parallel and item.action != COPY and native(item) and sum(a.nbytes for a in src.values()) <= SERIAL_MAX_BYTES:
         from engine.formats.numba_setup import serial_kernels
 
         with serial_kernels():

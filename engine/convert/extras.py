@@ -49,6 +49,8 @@ def copy_extras(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
         try:
             shutil.copy2(src / rel, tmp)
             os.chmod(tmp, os.stat(tmp).st_mode | 0o200)  # the output is the operator's: keep it writable
+            with open(tmp, "rb") as fh:  # small files, on the disk before the output is complete (no digest of theirs)
+                os.fsync(fh.fileno())
             os.replace(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)

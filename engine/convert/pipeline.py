@@ -134,8 +134,11 @@ class _Budget:
             self.cv.notify_all()
 
 
-def _item_bytes(item: Item) -> int:
-    return max(item.src_bytes, sum(s.nbytes for s in item.outputs))
+def _item_bytes(item: Item, on_gpu: bool) -> int:
+    """What an item holds in host memory in flight: its inputs or outputs, whichever is more, and on CPU its
+    math's workspace."""
+    return max(item.src_bytes, sum(s.nbytes for s in item.outputs)) + (0 if on_gpu else
+                                                                          compute_host.workspace_bytes(item))
 
 
 def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
@@ -205,7 +208,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
                         reader.prefetch(n)
                     ahead += 1
                 t0 = time.monotonic()
-                budget.acquire(_item_bytes(item))
+                budget.acquire(_item_bytes(item, on_gpu))
                 add_busy("wait_budget_s", t0)
                 _put(q_in, (task, item, readers.submit(read_item, item)), stop)
             _put(q_in, _DONE, stop)
@@ -231,7 +234,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
                     out_name, out_t = layout_tensor(name, t, quantized, lay)
                     sf.write(out_name, out_t)
             add_busy("write_s", t0)
-            budget.release(_item_bytes(item))
+            budget.release(_item_bytes(item, on_gpu))
             with lock:
                 left[task.index] -= 1
                 last = left[task.index] == 0

@@ -131,6 +131,7 @@ def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q,
     share = max(1, usable_cores() // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1"))))
     os.environ["OMP_NUM_THREADS"] = str(share)  # torch's pool, should an item import it
     os.environ.setdefault("QUANTDECK_COMPUTERS", str(share))  # CPU: one compute thread per core of its share
+    os.environ.setdefault("QUANTDECK_KERNEL_THREADS", str(share))  # and a big item's parallel kernel, per call
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(share)
     if device == "cpu":  # N processes share the cores: each kernel gets its share of threads

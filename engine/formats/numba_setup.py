@@ -35,7 +35,9 @@ CHUNK_ROWS = int(os.environ.get("QUANTDECK_KERNEL_CHUNK") or 8)
 
 # Threads per kernel call (0: every core). Leaving cores to the reader and writer threads measured within the
 # run-to-run noise on a 16-core box (12 vs 16 threads: 7.8 vs 9.2 s on one machine, 8.1 vs 7.1 s on another).
-_THREADS = int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
+def _threads() -> int:
+    """QUANTDECK_KERNEL_THREADS, read per call (a `--workers` child sets it after its imports)."""
+    return int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
 
 
 _mode = threading.local()
@@ -73,8 +75,8 @@ def kernel_call(chunk: int | None = None):
     of the parallel loop per chunk; `chunk` for a loop whose iterations are bigger than a row, e.g. 1 for a
     loop over 128-row tiles)."""
     with KERNEL_LOCK:
-        if _THREADS:
-            numba.set_num_threads(max(1, min(_THREADS, numba.config.NUMBA_NUM_THREADS)))
+        if _threads():
+            numba.set_num_threads(max(1, min(_threads(), numba.config.NUMBA_NUM_THREADS)))
         prev = numba.set_parallel_chunksize(CHUNK_ROWS if chunk is None or not CHUNK_ROWS else chunk)
         try:
             yield

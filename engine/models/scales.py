@@ -49,7 +49,7 @@ def _block_key(shape, dtype: str, sshape, sdtype: str) -> str:
     try:
         bo, bi = infer_block((o, i), tuple(sshape))
     except Exception as e:  # noqa: BLE001 - FormatError: no block maps the weight onto the scale
-        raise ValueError from e
+        raise ValueError(getattr(e, "hint", None) or "") from e
     if bo & (bo - 1) or bi & (bi - 1):  # block formats use power-of-two tiles
         raise ValueError
     return f"{'fp8' if dtype in FP8_DTYPES else dtype.lower()} {bo}x{bi} (scale {sdtype})"
@@ -84,8 +84,9 @@ def check_scales(layout: ModelLayout, names: Iterable[str], metas: Mapping[str, 
         sm = metas[s]
         try:
             blocks[_block_key(m.shape, m.dtype_name, sm.shape, sm.dtype_name)] += 1
-        except ValueError:
+        except ValueError as e:
             out.append(ScaleProblem("scale-shape", f"scale {s} {list(sm.shape)} does not fit weight {n} "
                                     f"{list(m.shape)} ({m.dtype_name})", f"{sm.shard}:{s}",
-                                    "the scale companion belongs to another tensor or the shard is damaged"))
+                                    str(e) or "the scale companion belongs to another tensor or the shard is "
+                                              "damaged"))
     return blocks, out

@@ -293,3 +293,30 @@ def test_a_finished_output_written_without_fsync_is_checked_on_a_rerun_and_a_tor
     write_checkpoint(tmp_path / "o", tensors, shard_size=200)
     assert not (tmp_path / "o.partial").exists() and load_manifest(out)["complete"]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"} == first
+
+
+def test_a_finished_unsynced_output_on_a_read_only_filesystem_is_still_complete(tmp_path, make_unwritable):
+    """The rerun checks the digests and would record the shards as synced; where the output cannot be written
+    it says `already complete` all the same, and leaves no lock file behind."""
+    tensors = _tensors()
+    out = write_checkpoint(tmp_path / "o", tensors, shard_size=200)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    make_unwritable(out)
+    write_checkpoint(tmp_path / "o", tensors, shard_size=200)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_torn_finished_output_beside_a_partial_dir_is_refused_naming_both(tmp_path):
+    from engine.errors import CheckpointError
+
+    tensors = _tensors()
+    out = write_checkpoint(tmp_path / "o", tensors, shard_size=200)
+    m = load_manifest(out)
+    torn = sorted(m["shards"])[0]
+    data = bytearray((out / torn).read_bytes())
+    data[-1] ^= 0xFF
+    (out / torn).write_bytes(bytes(data))
+    (tmp_path / "o.partial").mkdir()
+    with pytest.raises(CheckpointError, match="o.partial exists too"):
+        write_checkpoint(tmp_path / "o", tensors, shard_size=200)
+    assert load_manifest(out)["complete"] and (out / torn).read_bytes() == bytes(data)  # nothing touched

@@ -209,3 +209,13 @@ def test_a_fused_member_dwarfed_by_its_partner_is_named_in_a_note_by_both_paths(
     assert got.notes == want.notes and len(got.notes) == 1 and got.notes[0].startswith("u.weight: max")
     calm = {"g.weight": up.to(torch.bfloat16), "u.weight": up.to(torch.bfloat16)}
     assert compute_host.compute_item(item, {k: _host(v) for k, v in calm.items()}).notes == []
+
+
+def test_workspace_counts_the_float32_copies_of_members_that_are_not_fp8_with_a_scale():
+    """One compute thread per core: the in-flight budget (engine.convert.pipeline) counts what an item's math
+    holds beyond its inputs, or BF16 sources would hold several times the budget."""
+    bf = _item(Member("a.weight", None, FLOAT, (16, 32), "a"), Member("b.weight", None, FLOAT, (16, 32), "b"))
+    f8 = _item(_fp8_member("c", (16, 32)))
+    assert compute_host.workspace_bytes(bf) == 2 * (2 * 4 * 16 * 32)
+    assert compute_host.workspace_bytes(f8) == 0
+    assert compute_host.workspace_bytes(_item(_fp8_member("d", (16, 32), scale=False))) == 2 * 4 * 16 * 32
