@@ -417,9 +417,12 @@ class CheckpointWriter:
         if missing:
             raise CheckpointError(f"{len(missing)} shard(s) not written (first: {missing[0]})",
                                   at=str(self.partial_dir / missing[0]), hint="run the same command again")
-        atomic_write_json(self.partial_dir / INDEX_NAME, self.index())
-        m["complete"] = True
-        mf.save_manifest(self.partial_dir, m)
+        try:
+            atomic_write_json(self.partial_dir / INDEX_NAME, self.index())
+            m["complete"] = True
+            mf.save_manifest(self.partial_dir, m)
+        except OSError as e:
+            _raise_write_error(e, self.partial_dir / INDEX_NAME, "write")
         (self.partial_dir / mf.LOCK_NAME).unlink(missing_ok=True)
         try:
             os.rename(self.partial_dir, self.dst)

@@ -53,11 +53,16 @@ def copy_extras(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only filesystem refuses even that
+                pass
             if e.errno == 28:
                 raise DiskFullError(f"no space left copying {rel} to {dst}", at=str(target),
                                     hint="free space, then run again") from e
-            raise
+            raise CheckpointError(f"cannot copy {src / rel} to {target}: {e.strerror or e}", at=str(target),
+                                  hint="check that the source file can be read and the output written, then run "
+                                       "the same command again") from e
         copied.append(str(rel))
     if copied:
         sink.emit("log", level="info", msg=f"copied {len(copied)} extra file(s) from {src}")

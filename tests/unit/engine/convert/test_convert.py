@@ -215,3 +215,18 @@ def test_a_shard_size_of_zero_or_less_is_refused_and_a_layout_that_does_not_appl
                        sink=CallbackSink(lambda ev: said.append(ev.data.get("msg", ""))))
     assert any("--format compressed-tensors applies to --to nvfp4 only" in m for m in said), said
     assert (tmp_path / "f8" / "config.json").exists()  # one layout, in --dst itself
+
+
+def test_extras_that_cannot_be_written_are_a_checkpoint_error_naming_the_file(tiny_ckpt, tmp_path, make_unwritable):
+    """A permission problem met while copying the source's other files (tokenizer, generation config) names the
+    file and says what to do, instead of a bare OSError."""
+    from engine.convert import copy_extras
+    from engine.errors import CheckpointError
+
+    src = tiny_ckpt("deepseek-v3", "bf16")
+    out = tmp_path / "o"
+    out.mkdir()
+    make_unwritable(out)
+    with pytest.raises(CheckpointError, match="cannot copy") as e:
+        copy_extras(src, out)
+    assert str(out) in e.value.one_line() and e.value.hint
