@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NoReturn
+from typing import Any, Iterable
 
 from engine.checkpoint import digest as dg
 from engine.checkpoint.direct import DirectWriter
@@ -32,7 +32,8 @@ from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.paths import partial_path
 from engine.checkpoint.safetensors_format import TensorSpec, build_layout, dtype_name
-from engine.errors import CheckpointError, DiskFullError
+from engine.checkpoint.write_errors import disk_full, make_output_dir, raise_write_error
+from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink
 from engine.fsutil import atomic_write_json, fsync_dir
 
@@ -113,47 +114,6 @@ def _name_of(dtype) -> str | None:
         return None
 
 
-def _disk_full(e: OSError, path: Path) -> Exception:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"no space left on device writing {path}", at=str(path),
-                             hint="free space on that filesystem (or pick another --dst), then run the same "
-                                  "command again: finished shards are kept")
-    return e
-
-
-_NOT_WRITABLE = {errno.EROFS: "its filesystem is read-only", errno.EACCES: "permission denied",
-                 errno.EPERM: "operation not permitted"}
-
-
-def _write_error(e: OSError, path: Path, doing: str = "create") -> Exception:
-    """Our error for an OSError met creating or writing `path` (or the file the error names): a place this
-    process cannot write, a full disk (_disk_full), else `e` itself."""
-    why = _NOT_WRITABLE.get(e.errno)
-    if why is None:
-        return _disk_full(e, path)
-    where = Path(e.filename) if isinstance(e.filename, (str, os.PathLike)) else path
-    return CheckpointError(f"cannot {doing} {where}: {why}", at=str(where),
-                           hint="choose an output (--dst) on a writable filesystem, or make that directory writable "
-                                "for this user; then run the same command again")
-
-
-def _raise_write_error(e: OSError, path: Path, doing: str = "create") -> NoReturn:
-    err = _write_error(e, path, doing)
-    if err is e:
-        raise e
-    raise err from e
-
-
-def make_output_dir(path: str | os.PathLike) -> Path:
-    """`mkdir -p path` for an output; a place this process cannot write raises CheckpointError naming it."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _raise_write_error(e, path)
-    return path
-
-
 class ShardFile:
     """One shard being written: header first, then tensors at their offsets, in any order, from any threads
     (each tensor once)."""
@@ -173,7 +133,7 @@ class ShardFile:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            _raise_write_error(e, self.path)
+            raise_write_error(e, self.path)
         self._direct: DirectWriter | None = None
         self._sync = durable()
         try:
@@ -189,13 +149,14 @@ class ShardFile:
         try:
             os.posix_fallocate(self.fd, 0, size) if size else None
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full(e, self.path) from e
+            full = disk_full(e, self.path)
+            if full is not e:
+                raise full from e
             try:
                 os.ftruncate(self.fd, size)  # filesystems without fallocate
             except OSError as e2:
                 if e2.errno != errno.EINVAL:  # EINVAL: not a regular file (a device); writes will tell
-                    _raise_write_error(e2, self.path, "write")
+                    raise_write_error(e2, self.path, "write")
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         start, done, n = offset, 0, len(view)
@@ -206,7 +167,7 @@ class ShardFile:
             while done < n:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
-            _raise_write_error(e, self.path, "write")
+            raise_write_error(e, self.path, "write")
         if n >= WRITEBACK_BYTES and self._sync:  # a big tensor: its pages go to disk now, not all at the fsync
             _start_writeback(self.fd, start, n)
 
@@ -262,7 +223,7 @@ class ShardFile:
             if self._sync:
                 os.fsync(self.fd)
         except OSError as e:
-            _raise_write_error(e, self.path, "write")
+            raise_write_error(e, self.path, "write")
         os.close(self.fd)
         self.fd = -1
         os.replace(self.path, self.final)
@@ -311,7 +272,7 @@ class CheckpointWriter:
         try:
             return self._prepare()
         except OSError as e:
-            _raise_write_error(e, self.partial_dir)
+            raise_write_error(e, self.partial_dir)
 
     def _prepare(self) -> list[ShardPlan]:
         if self.dst.exists():
@@ -422,7 +383,7 @@ class CheckpointWriter:
             m["complete"] = True
             mf.save_manifest(self.partial_dir, m)
         except OSError as e:
-            _raise_write_error(e, self.partial_dir / INDEX_NAME, "write")
+            raise_write_error(e, self.partial_dir / INDEX_NAME, "write")
         (self.partial_dir / mf.LOCK_NAME).unlink(missing_ok=True)
         try:
             os.rename(self.partial_dir, self.dst)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from engine.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
 from engine.checkpoint.reader import INDEX_NAME
-from engine.errors import CheckpointError, DiskFullError
+from engine.checkpoint.write_errors import disk_full
+from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink
 
 SKIP = {INDEX_NAME, MANIFEST_NAME, LOCK_NAME, "hf_quant_config.json"}
@@ -57,9 +58,9 @@ def copy_extras(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
                 tmp.unlink(missing_ok=True)
             except OSError:  # a read-only filesystem refuses even that
                 pass
-            if e.errno == 28:
-                raise DiskFullError(f"no space left copying {rel} to {dst}", at=str(target),
-                                    hint="free space, then run again") from e
+            full = disk_full(e, target)
+            if full is not e:
+                raise full from e
             raise CheckpointError(f"cannot copy {src / rel} to {target}: {e.strerror or e}", at=str(target),
                                   hint="check that the source file can be read and the output written, then run "
                                        "the same command again") from e

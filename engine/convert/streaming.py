@@ -22,7 +22,8 @@ from typing import Any, Sequence
 from engine import __version__, timeline
 from engine.checkpoint.paths import layout_dirs, refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
-from engine.checkpoint.writer import CheckpointWriter, ShardPlan, make_output_dir, shard_name
+from engine.checkpoint.write_errors import make_output_dir
+from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
 from engine.convert.extras import copy_extras
 from engine.convert.compute_host import native
 from engine.convert.device import choose_device, needs_gpu_after_all

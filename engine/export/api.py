@@ -105,7 +105,8 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     shards are split over the ranks (engine.convert.ranks)."""
     from engine.checkpoint.paths import layout_dirs, refuse_overlap
     from engine.checkpoint.reader import CheckpointReader
-    from engine.checkpoint.writer import CheckpointWriter, ShardFile, make_output_dir
+    from engine.checkpoint.write_errors import make_output_dir
+    from engine.checkpoint.writer import CheckpointWriter, ShardFile
     from engine.convert.compute import compute_item
     from engine.convert.extras import copy_extras
     from engine.convert.plan import TO_NVFP4, build_plan, check_layouts
