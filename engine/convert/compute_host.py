@@ -118,8 +118,7 @@ def _compute(item: Item, src: dict[str, HostArray], v4_fp8: bool) -> ItemResult:
         for m in item.members:  # FP8 kept as it is (the FP8-block target): refuse what decoding would refuse
             if m.encoding == FP8 and m.scale is not None:
                 with about(m.name):
-                    if ((src[m.name].data & 0x7F) == 0x7F).any():
-                        raise FormatError("FP8 weight holds NaN codes", at=m.name, hint=CORRUPT_SOURCE)
+                    fb.check_codes(src[m.name].data)
                 with about(m.scale):
                     _scales(m, src)
         return ItemResult({s.name: src[s.name] for s in item.outputs})

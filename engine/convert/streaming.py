@@ -247,9 +247,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         raise UsageError(f"unknown target {to!r}", at="--to", hint="nvfp4, fp8-block or bf16")
     asked = [str(x) for x in layouts]
     layouts = check_layouts(asked, target)
-    if set(asked) - set(layouts):
-        sink.emit("log", level="warning", msg=f"--format {'/'.join(sorted(set(asked) - set(layouts)))} applies to "
-                                               f"--to nvfp4 only: a {target} output has one layout, written to {dst}")
+    dropped = sorted(set(asked) - set(layouts))
+    if dropped:
+        sink.emit("log", level="warning", msg=f"--format {'/'.join(dropped)} applies to --to nvfp4 only: a {target} "
+                                               f"output has one layout, written to {dst}")
     dsts = layout_dirs(dst, layouts)
     refuse_overlap(src, dst, dsts.values())
     shard_size = parse_size(shard_size)

@@ -75,8 +75,9 @@ def kernel_call(chunk: int | None = None):
     of the parallel loop per chunk; `chunk` for a loop whose iterations are bigger than a row, e.g. 1 for a
     loop over 128-row tiles)."""
     with KERNEL_LOCK:
-        if _threads():
-            numba.set_num_threads(max(1, min(_threads(), numba.config.NUMBA_NUM_THREADS)))
+        threads = _threads()
+        if threads:
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         prev = numba.set_parallel_chunksize(CHUNK_ROWS if chunk is None or not CHUNK_ROWS else chunk)
         try:
             yield

@@ -36,6 +36,12 @@ def block_scales_fp32(data: np.ndarray, dtype: str) -> np.ndarray:
 
 
 
+def check_codes(wb: np.ndarray) -> None:
+    """FP8 E4M3 bytes must hold no NaN code (0x7F / 0xFF): a corrupt source."""
+    if ((wb & 0x7F) == 0x7F).any():
+        raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
+
+
 def dequant_bf16(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """BF16 bits (uint16 [o, i]) of fp32(e4m3(wb) × scale) rounded to nearest even, in one pass: the values of
     `dequant_fp8_block(w, s).to(torch.bfloat16)`. Rejects NaN codes."""
@@ -45,8 +51,7 @@ def dequant_bf16(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> n
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
         raise FormatError(f"expected a 2-D FP8 weight, got {wb.dtype} {tuple(wb.shape)}", at="dequant")
     check_scale_grid(wb.shape, scale.shape, block)
-    if ((wb & 0x7F) == 0x7F).any():
-        raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
+    check_codes(wb)
     out = np.empty(wb.shape, np.uint16)
     run_kernel(k.dequant_bf16_kernel, k.dequant_bf16_serial, np.ascontiguousarray(wb),
                np.ascontiguousarray(scale, np.float32), int(block[0]), int(block[1]), E4M3_LUT, out)
