@@ -102,6 +102,9 @@ def warm_up(target: str, device) -> None:
                         host.fp8_block_amax(w, s, (128, 128))
                         host.fp8_block_to_nvfp4(w, s, (128, 128), 1.0)
                         host.float_to_nvfp4(np.zeros((16, 32), np.float32), 1.0)
+                from engine import timeline
+
+                timeline.mark("cpu_kernels_ready")
             except Exception:  # noqa: BLE001
                 pass
             if gc.get_freeze_count():
