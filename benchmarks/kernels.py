@@ -30,7 +30,7 @@ def load_peer(path: Path):
 
 
 def best_time(fn, repeat: int) -> float:
-    fn()  # warm-up (numba loads its cache / compiles here; CUDA initializes)
+    fn()  # warm-up (kernels load or build here; CUDA initializes)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -74,8 +74,20 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ours()
     first = time.perf_counter() - t0
-    if device == "cpu":
-        results["quantdeck (numba)"] = best_time(ours, args.repeat)
+    if device == "cpu":  # both CPU kernel technologies (engine.formats.cpu_kernels), over every core and on one
+        import os
+
+        from engine.formats.kernel_mode import serial_kernels
+
+        def one_thread():
+            with serial_kernels():
+                ours()
+
+        for tech in ("c", "numba"):
+            os.environ["QUANTDECK_KERNELS"] = tech
+            results[f"quantdeck ({tech}, every core)"] = best_time(ours, args.repeat)
+            results[f"quantdeck ({tech}, one thread)"] = best_time(one_thread, args.repeat)
+        os.environ.pop("QUANTDECK_KERNELS")
     else:
         import os
 
@@ -118,7 +130,7 @@ def main(argv=None) -> int:
     if "peer" in outputs:
         diff = (outputs["ours"][0] != outputs["peer"][0]).float().mean().item()
         print(f"packed bytes differing from the peer's: {diff:.4%} (the peer rounds E2M1 ties away from even)")
-    print(f"first call (includes numba cache load / compile): {first:.2f} s")
+    print(f"first call (includes loading or building the kernels): {first:.2f} s")
     peer_t = results.get(peer_name) if peer_name else None
     print(f"{'contender':40s} {'best s':>9s} {'MB/s':>9s} {'× peer':>8s}")
     for name, t in results.items():
@@ -130,9 +142,10 @@ def main(argv=None) -> int:
 
 
 def _fp8_block_table(w, q, s, repeat: int) -> None:
-    """FP8 block-128 cast (BF16 in) and dequant to BF16 (FP8 in): numba vs the torch reference."""
+    """FP8 block-128 cast (BF16 in: numba) and dequant to BF16 (FP8 in: C, else numba) vs the torch reference."""
     import torch
 
+    from engine.formats import cpu_kernels
     from engine.formats.fp8_block.dispatch import cast_fp8_block_fast, dequant_fp8_block_fast
     from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 
@@ -140,7 +153,8 @@ def _fp8_block_table(w, q, s, repeat: int) -> None:
     rows = {
         "fp8-block cast, numba (BF16 in)": (lambda: cast_fp8_block_fast(wb, device="cpu"), wb.numel() * 2),
         "fp8-block cast, torch (BF16 in)": (lambda: cast_fp8_block(wb), wb.numel() * 2),
-        "dequant to BF16, numba (FP8 in)": (lambda: dequant_fp8_block_fast(q, s, device="cpu", dtype=torch.bfloat16), q.numel()),
+        f"dequant to BF16, {cpu_kernels.backend()} (FP8 in)": (
+            lambda: dequant_fp8_block_fast(q, s, device="cpu", dtype=torch.bfloat16), q.numel()),
         "dequant to BF16, torch (FP8 in)": (lambda: dequant_fp8_block(q, s).to(torch.bfloat16), q.numel()),
     }
     print(f"{'fp8-block kernels':40s} {'best s':>9s} {'MB/s':>9s}")

@@ -162,8 +162,9 @@ def _some_cold(files: list[str]) -> bool:
     return bool(seen) and not all(seen)
 
 
-# the torch-free CPU path's main native libraries: (package, folder, file name prefix)
-CPU_IMPORTS = (("numpy", "_core", "_multiarray_umath"), ("llvmlite", "binding", "libllvmlite"))
+# the torch-free CPU path's main native library: (package, folder, file name prefix). Its kernels are C
+# (engine.formats.native: a small library); numba's LLVM is loaded only where they cannot be built.
+CPU_IMPORTS = (("numpy", "_core", "_multiarray_umath"),)
 
 
 def _native_lib(package: str, sub: str, prefix: str) -> str | None:
@@ -185,7 +186,7 @@ def _native_lib(package: str, sub: str, prefix: str) -> str | None:
 
 
 def cpu_imports_cold() -> bool:
-    """Are the CPU path's own libraries (numpy's core, llvmlite's LLVM) out of the page cache? As for torch, the
+    """Is the CPU path's own library (numpy's core) out of the page cache? As for torch, the
     imports then need the disk themselves (measured on the H100 box, cache dropped: imports done at 2.6 s
     beside the read-ahead)."""
     return _some_cold([p for p in (_native_lib(*lib) for lib in CPU_IMPORTS) if p])

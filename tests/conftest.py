@@ -22,6 +22,14 @@ def _quantdeck_home(tmp_path_factory, monkeypatch):
     yield home
 
 
+@pytest.fixture(params=["c", "numba"])
+def cpu_kernels(request, monkeypatch):
+    """Run a test with each CPU kernel technology (engine.formats.cpu_kernels): the C kernels (built here: CI has
+    a compiler, QUANTDECK_KERNELS=c refuses to fall back) and the numba ones."""
+    monkeypatch.setenv("QUANTDECK_KERNELS", request.param)
+    yield request.param
+
+
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable

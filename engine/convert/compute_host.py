@@ -104,9 +104,9 @@ def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False,
                  item_parallel: bool = False) -> ItemResult:
     """The canonical outputs of `item` (modelopt names for NVFP4): HostArrays, or torch tensors for an item
     that needs torch (see `native`). `item_parallel`: other threads compute other items meanwhile, so this
-    one's kernels run on this thread (engine.formats.numba_setup.serial_kernels) unless it is big."""
+    one's kernels run on this thread (engine.formats.kernel_mode.serial_kernels) unless it is big."""
     if item_parallel and item.action != COPY and native(item) and sum(a.nbytes for a in src.values()) <= SERIAL_MAX_BYTES:
-        from engine.formats.numba_setup import serial_kernels
+        from engine.formats.kernel_mode import serial_kernels
 
         with serial_kernels():
             return _compute(item, src, v4_fp8)

@@ -54,8 +54,9 @@ def float_to_nvfp4(w, scale_2, device="cpu"):
 
 def warm_up(target: str, device) -> None:
     """Get the slow one-time set-ups going on a background thread, so that they overlap planning and the
-    first reads instead of stalling the first tensor: on CPU, import numba and load the cached kernels
-    (~0.8 s on 2 cores); on CUDA, create the device context (and the pinned-memory allocator), import
+    first reads instead of stalling the first tensor: on CPU, load the C kernels (built once per machine,
+    engine.formats.native.build), or where they cannot be built import numba and load its cached kernels
+    (~0.8 s on 2 cores, 2.5 s on a cold 16-core box); on CUDA, create the device context (and the pinned-memory allocator), import
     Triton and load its fused kernel (up to ~1-2 s, which the first FP8 item otherwise waits for). Where the
     process froze its objects out of the garbage collector's full passes (the converter's entry points do,
     after their imports), numba's are frozen too (a full pass over them costs ~0.25 s on 2 cores). A
@@ -87,23 +88,14 @@ def warm_up(target: str, device) -> None:
                     timeline.mark("cuda_kernels_ready")
             except Exception:  # noqa: BLE001
                 pass
-    elif target == "nvfp4":
+    elif target in ("nvfp4", "bf16"):
         def warm() -> None:
             try:
-                import numpy as np
-
-                from engine.formats.nvfp4 import host
-
-                from engine.formats.numba_setup import serial_kernels
-
-                w, s = np.zeros((16, 32), np.uint8), np.ones((1, 1), np.float32)
-                for serial in (False, True):  # the parallel kernels and their serial twins (engine.convert.pipeline)
-                    with serial_kernels() if serial else nullcontext():
-                        host.fp8_block_amax(w, s, (128, 128))
-                        host.fp8_block_to_nvfp4(w, s, (128, 128), 1.0)
-                        host.float_to_nvfp4(np.zeros((16, 32), np.float32), 1.0)
                 from engine import timeline
+                from engine.formats import cpu_kernels
 
+                if cpu_kernels.backend() == "numba":  # no C compiler: import numba and load its cached kernels
+                    _warm_numba()
                 timeline.mark("cpu_kernels_ready")
             except Exception:  # noqa: BLE001
                 pass
@@ -116,6 +108,23 @@ def warm_up(target: str, device) -> None:
         atexit.register(_join_warm_ups)
     t.start()
     _WARMING[:] = [w for w in _WARMING if w[1].is_alive()] + [(kind, t)]
+
+
+def _warm_numba() -> None:
+    """Load the numba kernels the CPU converter calls: the parallel ones and their serial twins."""
+    import numpy as np
+
+    from engine.formats.fp8_block import host as fb
+    from engine.formats.kernel_mode import serial_kernels
+    from engine.formats.nvfp4 import host
+
+    w, s = np.zeros((16, 32), np.uint8), np.ones((1, 1), np.float32)
+    for serial in (False, True):  # the parallel kernels and their serial twins (engine.convert.pipeline)
+        with serial_kernels() if serial else nullcontext():
+            host.fp8_block_amax(w, s, (128, 128))
+            host.fp8_block_to_nvfp4(w, s, (128, 128), 1.0)
+            host.float_to_nvfp4(np.zeros((16, 32), np.float32), 1.0)
+            fb.dequant_bf16(w, s, (128, 128))
 
 
 def _join_warm_ups() -> None:

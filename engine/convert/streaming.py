@@ -123,6 +123,17 @@ def layout_shards(groups: list[list[Item]], layout: str) -> list[ShardPlan]:
             for i, g in enumerate(groups)]
 
 
+def _cpu_kernels(sink: EventSink) -> str:
+    """Which CPU kernels ran ("c" or "numba"); where the C ones could not be built, says why, once."""
+    from engine.formats import cpu_kernels
+    from engine.formats.native import build
+
+    tech = cpu_kernels.backend()
+    if tech == "numba" and build.unavailable():
+        sink.emit("log", level="info", msg=f"CPU kernels: numba (the C kernels could not be built: {build.unavailable()})")
+    return tech
+
+
 def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q, parent: int) -> None:
     """Entry of a `--workers N` child process: convert its share of the shards, report each item. It dies with
     `parent` (its pid): an orphan would write on into `<dst>.partial/` beside the parent's next run."""
@@ -135,8 +146,10 @@ def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q,
     os.environ.setdefault("QUANTDECK_KERNEL_THREADS", str(share))  # and a big item's parallel kernel, per call
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(share)
-    if device == "cpu":  # N processes share the cores: each kernel gets its share of threads
-        from engine.formats.numba_setup import numba
+    from engine.formats import cpu_kernels
+
+    if device == "cpu" and cpu_kernels.backend() == "numba":  # N processes share the cores: each numba kernel gets
+        from engine.formats.numba_setup import numba  # its share (the C kernels read QUANTDECK_KERNEL_THREADS)
 
         numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
     reuse_heap()
@@ -324,9 +337,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     outputs = finish_writers(writers, ranks, write_extras)
     reader.close()
     timeline.mark("finalized")
+    kernels = _cpu_kernels(sink) if mine and str(dev) == "cpu" else None
     wall = time.monotonic() - t0
     return {"src": str(src), "dst": str(dst), "outputs": outputs, "target": target, "family": plan.family,
-            "device": str(dev), "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
+            "device": str(dev), "cpu_kernels": kernels, "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
             "shards_kept": len(groups) - len(tasks), "quantized_modules": len(plan.quantized_modules),
             "kept_modules": plan.kept_modules, "mtp_modules": plan.mtp_modules, "notes": notes_all,
             "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings,

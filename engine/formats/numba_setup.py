@@ -40,30 +40,14 @@ def _threads() -> int:
     return int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
 
 
-_mode = threading.local()
+# Which way a thread runs kernels is engine.formats.kernel_mode's (shared with the C kernels).
+from engine.formats.kernel_mode import serial, serial_kernels  # noqa: E402
 
 
-@contextmanager
-def serial_kernels():
-    """Within this block, this thread runs each kernel's `*_serial` twin on itself, without KERNEL_LOCK.
-
-    The CPU converter computes one weight per thread, on as many threads as cores (engine.convert.pipeline):
-    a parallel kernel ends each call at a barrier, so one of its threads held up by the converter's own reader
-    and writer threads holds up the call, and each call is short (a few ms per expert weight). Measured on a
-    16-core H200 box, one [2048, 7168] FP8 weight after another: parallel kernels 3.7 GB/s alone, 0.8 GB/s
-    beside 8 reading and 8 writing threads; serial kernels on 16 threads 4.2 GB/s alone, 2.3 GB/s beside them."""
-    prev = getattr(_mode, "serial", False)
-    _mode.serial = True
-    try:
-        yield
-    finally:
-        _mode.serial = prev
-
-
-def run_kernel(parallel, serial, *args, chunk: int | None = None) -> None:
-    """Call `serial(*args)` inside `serial_kernels()`, else `parallel(*args)` under `kernel_call(chunk)`."""
-    if getattr(_mode, "serial", False):
-        serial(*args)
+def run_kernel(parallel, serial_fn, *args, chunk: int | None = None) -> None:
+    """Call `serial_fn(*args)` inside `serial_kernels()`, else `parallel(*args)` under `kernel_call(chunk)`."""
+    if serial():
+        serial_fn(*args)
         return
     with kernel_call(chunk):
         parallel(*args)

@@ -1,5 +1,5 @@
 """FP8 block-scaled weights on the CPU from numpy arrays, without torch: scale decoding and the fused
-dequantization to BF16 (the numba kernel of engine.formats.fp8_block.kernels_cpu, with its checks).
+dequantization to BF16 (engine.formats.cpu_kernels: C, else numba; with its checks).
 
 engine.formats.fp8_block.dispatch's CPU branch calls these for torch tensors; the CPU converter for host arrays.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import FormatError
+from engine.formats import cpu_kernels
 from engine.formats.grid import check_scale_grid
 from engine.formats.nvfp4.host import E4M3_LUT
 
@@ -45,14 +46,11 @@ def check_codes(wb: np.ndarray) -> None:
 def dequant_bf16(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """BF16 bits (uint16 [o, i]) of fp32(e4m3(wb) × scale) rounded to nearest even, in one pass: the values of
     `dequant_fp8_block(w, s).to(torch.bfloat16)`. Rejects NaN codes."""
-    from engine.formats.fp8_block import kernels_cpu as k
-    from engine.formats.numba_setup import run_kernel
-
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
         raise FormatError(f"expected a 2-D FP8 weight, got {wb.dtype} {tuple(wb.shape)}", at="dequant")
     check_scale_grid(wb.shape, scale.shape, block)
     check_codes(wb)
     out = np.empty(wb.shape, np.uint16)
-    run_kernel(k.dequant_bf16_kernel, k.dequant_bf16_serial, np.ascontiguousarray(wb),
-               np.ascontiguousarray(scale, np.float32), int(block[0]), int(block[1]), E4M3_LUT, out)
+    cpu_kernels.fp8_dequant_bf16(np.ascontiguousarray(wb), np.ascontiguousarray(scale, np.float32), int(block[0]),
+                                 int(block[1]), E4M3_LUT, out)
     return out

@@ -1,4 +1,5 @@
-"""NVFP4 on the CPU from numpy arrays, without torch: the numba kernels (kernels_cpu) with their checks.
+"""NVFP4 on the CPU from numpy arrays, without torch: the CPU kernels (engine.formats.cpu_kernels: C, else numba)
+with their checks.
 
 engine.formats.nvfp4.dispatch's CPU branch calls these for torch tensors; the CPU converter calls them for
 the host arrays it reads (engine.checkpoint.host). Inputs: FP8 E4M3 weights as uint8 bytes [o, i], block
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import FormatError
+from engine.formats import cpu_kernels
 from engine.formats.grid import E2M1_MAX, E4M3_MAX, check_scale_grid, packed_cols
 
 
@@ -57,13 +59,9 @@ def _check_fp8(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> Non
 
 def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.float32:
     """max |e4m3(wb) · scale| over the weight, from the largest magnitude byte of each tile (no dequant)."""
-    from engine.formats.numba_setup import run_kernel
-    from engine.formats.nvfp4 import kernels_cpu as k
-
     _check_fp8(wb, scale, block)
     tile = np.zeros(scale.shape, np.uint8)
-    run_kernel(k.fp8_tile_max_kernel, k.fp8_tile_max_serial, np.ascontiguousarray(wb), int(block[0]), int(block[1]),
-               tile, chunk=1)  # its parallel loop runs over 128-row tiles
+    cpu_kernels.fp8_tile_max(np.ascontiguousarray(wb), int(block[0]), int(block[1]), tile)
     if (tile == 0x7F).any():
         raise FormatError("FP8 weight holds NaN codes", at="fp8_block_amax", hint="the source is corrupt")
     return np.float32((E4M3_LUT[tile] * scale).max())  # float32 × float32, as the dequant does
@@ -71,17 +69,13 @@ def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) ->
 
 def fp8_block_to_nvfp4(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int], scale_2) -> tuple[np.ndarray, np.ndarray]:
     """(packed, block-scale bytes) of FP8-block bytes quantized with `scale_2`: dequant + NVFP4 in one pass."""
-    from engine.formats.numba_setup import run_kernel
-    from engine.formats.nvfp4 import kernels_cpu as k
-
     _check_fp8(wb, scale, block)
     o, i = wb.shape
     packed = np.empty((o, packed_cols(i)), np.uint8)
     bs = np.empty((o, -(-i // 16)), np.uint8)
     bad = np.zeros(o, np.uint8)
-    run_kernel(k.fp8_block_to_nvfp4_kernel, k.fp8_block_to_nvfp4_serial, np.ascontiguousarray(wb),
-               np.ascontiguousarray(scale, np.float32), int(block[0]), int(block[1]), np.float32(scale_2), E4M3_LUT,
-               packed, bs, bad)
+    cpu_kernels.fp8_block_to_nvfp4(np.ascontiguousarray(wb), np.ascontiguousarray(scale, np.float32), int(block[0]),
+                                   int(block[1]), np.float32(scale_2), E4M3_LUT, packed, bs, bad)
     if bad.any():
         raise FormatError(f"FP8 weight holds NaN codes (row {int(bad.argmax())})", at="fp8_block_to_nvfp4")
     return packed, bs
@@ -89,9 +83,6 @@ def fp8_block_to_nvfp4(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]
 
 def float_to_nvfp4(x: np.ndarray, scale_2) -> tuple[np.ndarray, np.ndarray]:
     """(packed, block-scale bytes) of a finite float32 weight [o, i]."""
-    from engine.formats.numba_setup import run_kernel
-    from engine.formats.nvfp4 import kernels_cpu as k
-
     if x.ndim != 2 or x.size == 0:
         raise FormatError(f"expected a non-empty 2-D float weight, got {tuple(x.shape)}", at="bf16_to_nvfp4")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -100,5 +91,5 @@ def float_to_nvfp4(x: np.ndarray, scale_2) -> tuple[np.ndarray, np.ndarray]:
     o, i = x.shape
     packed = np.empty((o, packed_cols(i)), np.uint8)
     bs = np.empty((o, -(-i // 16)), np.uint8)
-    run_kernel(k.fp32_to_nvfp4_kernel, k.fp32_to_nvfp4_serial, x, np.float32(scale_2), E4M3_LUT, packed, bs)
+    cpu_kernels.fp32_to_nvfp4(x, np.float32(scale_2), E4M3_LUT, packed, bs)
     return packed, bs

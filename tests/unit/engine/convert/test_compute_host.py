@@ -21,6 +21,12 @@ from engine.formats.nvfp4 import host as nv
 from engine.models import detect_layout
 
 
+@pytest.fixture(autouse=True)
+def _both_kernels(cpu_kernels):
+    """Every check here runs with the C kernels and with the numba ones (tests/conftest.py)."""
+    yield cpu_kernels
+
+
 def _host(t: torch.Tensor) -> HostArray:
     return HostArray.from_bytes(dtype_name(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
@@ -175,16 +181,15 @@ def test_both_paths_refuse_a_corrupt_fp8_weight_and_name_it(corrupt, action):
 
 
 def test_item_parallel_runs_small_items_on_the_serial_kernels_and_big_ones_over_every_core(monkeypatch):
-    from engine.formats import numba_setup
+    from engine.formats import cpu_kernels, kernel_mode
 
     seen = []
-    real = numba_setup.run_kernel
+    for name in ("fp8_tile_max", "fp8_block_to_nvfp4"):
+        def spy(*args, _real=getattr(cpu_kernels, name)):
+            seen.append(kernel_mode.serial())
+            _real(*args)
 
-    def spy(parallel, serial, *args, chunk=None):
-        seen.append(getattr(numba_setup._mode, "serial", False))
-        real(parallel, serial, *args, chunk=chunk)
-
-    monkeypatch.setattr(numba_setup, "run_kernel", spy)
+        monkeypatch.setattr(cpu_kernels, name, spy)
     q, s = cast_fp8_block(torch.randn(130, 200), block=(128, 128))
     src = {"w.weight": _host(q), "w.weight_scale_inv": _host(s)}
     item = _item(_fp8_member("w", q.shape))
@@ -193,7 +198,7 @@ def test_item_parallel_runs_small_items_on_the_serial_kernels_and_big_ones_over_
         seen.clear()
         a = compute_host.compute_item(item, src, item_parallel=item_parallel)
         assert seen == [want, want], (item_parallel, limit)  # the amax pass and the quantization
-        assert not getattr(numba_setup._mode, "serial", False)  # the mode ends with the item
+        assert not kernel_mode.serial()  # the mode ends with the item
         b = compute_host.compute_item(item, src)
         assert all(_bytes(a.tensors[k]) == _bytes(b.tensors[k]) for k in b.tensors)
 

@@ -1,4 +1,5 @@
-"""Fast FP8 block cast/dequant (numba on CPU) give the bytes and values of the torch reference."""
+"""Fast FP8 block cast/dequant (numba on CPU; the BF16 dequant in C too) give the bytes and values of the torch
+reference."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 @pytest.mark.parametrize("ue8m0", [False, True])
 @pytest.mark.parametrize("shape,block", [((256, 384), (128, 128)), ((200, 330), (128, 128)), ((1, 7), (128, 128)),
                                          ((70, 100), (32, 48))])
-def test_fast_cast_and_dequant_equal_reference(shape, block, ue8m0):
+def test_fast_cast_and_dequant_equal_reference(shape, block, ue8m0, cpu_kernels):
     g = torch.Generator().manual_seed(shape[1])
     w = torch.randn(shape, generator=g) * torch.logspace(-6, 3, shape[1])
     w[0, :3] = torch.tensor([-0.0, 0.0, -1e-30])  # negative zero and an underflow to -0 keep their sign

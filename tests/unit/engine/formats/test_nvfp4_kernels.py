@@ -1,4 +1,4 @@
-"""Fast NVFP4 kernels (numba CPU, torch CUDA) produce the bytes of the torch reference."""
+"""Fast NVFP4 kernels (C and numba on CPU, torch/Triton on CUDA) produce the bytes of the torch reference."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from engine.formats.nvfp4.dispatch import bf16_to_nvfp4, fp8_block_amax, fp8_blo
 from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4, weight_amax
 
 @pytest.fixture(params=["parallel", "serial"], autouse=True)
-def kernel_mode(request):
-    """Every CPU check runs twice: the parallel kernels, and their serial twins (numba_setup.serial_kernels)."""
+def kernel_mode(request, cpu_kernels):
+    """Every CPU check runs four times: C and numba kernels (tests/conftest.py), each over every core and on the
+    calling thread alone (kernel_mode.serial_kernels)."""
     if request.param == "parallel":
         yield request.param
         return
-    from engine.formats.numba_setup import serial_kernels
+    from engine.formats.kernel_mode import serial_kernels
 
     with serial_kernels():
         yield request.param

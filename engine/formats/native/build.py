@@ -1,0 +1,156 @@
+"""Build quantdeck's C kernels (kernels.c) once per machine and load them with ctypes.
+
+Why C beside numba: a converter that imports numba spends its first seconds there. Measured on the lent H200
+box (16 cores, page cache dropped): `import numba` 1.97 s, its cached kernels loaded at 2.46 s, and in a
+7.2 GB conversion no tensor was computed before 3-4 s while the disk sat idle behind a full in-flight budget.
+A shared library of the same row bodies loads in milliseconds. It is compiled at first use with the
+machine's C compiler (`$CC`, else cc, gcc or clang; the compiler Triton needs too) into the user's cache
+directory, keyed by the source, the compiler and the CPU (it is built with -march=native), and reused after.
+Where none can be built (no compiler, a failed build) the numba kernels are used, with the reason kept in
+`unavailable()`; QUANTDECK_KERNELS=numba asks for them, QUANTDECK_KERNELS=c refuses to fall back.
+
+Flags: -O3 -march=native -ffp-contract=off (no fused multiply-add: every product is rounded to float32
+first, as in the reference) and no -ffast-math, so the float32 operations are IEEE's, in the source's order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
+ABI = 1  # qd_abi_version() of kernels.c
+ENV = "QUANTDECK_KERNELS"  # "c", "numba" or unset (c where it builds)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library, "why": why there is none
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def compiler() -> str | None:
+    """The C compiler's path: $CC, else the first of cc, gcc, clang on PATH."""
+    cc = os.environ.get("CC")
+    for name in ([cc] if cc else []) + ["cc", "gcc", "clang"]:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def cache_dir() -> Path:
+    """`<user cache dir>/quantdeck/native` (QUANTDECK_NATIVE_CACHE overrides)."""
+    env = os.environ.get("QUANTDECK_NATIVE_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("quantdeck")) / "native"
+
+
+def _cpu() -> str:
+    """What -march=native depends on: the machine and its CPU's model and feature flags."""
+    seen: list[str] = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and line not in seen:
+                    seen.append(line)
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return "".join(seen)
+
+
+def library_path(cc: str) -> Path:
+    """Where the library built by `cc` for this source and CPU lives."""
+    real = os.path.realpath(cc)
+    try:
+        st = os.stat(real)
+        stamp = f"{real}:{st.st_size}:{int(st.st_mtime)}"
+    except OSError:
+        stamp = real
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), stamp.encode(), _cpu().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / f"kernels-{h.hexdigest()[:20]}.so"
+
+
+def build(cc: str, dst: Path) -> None:
+    """Compile kernels.c into `dst` (atomically: a temp file renamed over it). BuildError with the compiler's
+    output on failure."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dst.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise BuildError(f"{os.path.basename(cc)} failed on {SOURCE.name}: {(r.stderr or r.stdout).strip()[-800:]}")
+        os.replace(tmp, dst)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"could not run {cc}: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.qd_abi_version() != ABI:
+        raise BuildError(f"{path} has ABI {lib.qd_abi_version()}, expected {ABI}")
+    return lib
+
+
+def _load() -> ctypes.CDLL:
+    cc = compiler()
+    if cc is None:
+        raise BuildError("no C compiler (cc, gcc or clang; or set CC)")
+    path = library_path(cc)
+    if path.exists():
+        try:
+            return _open(path)
+        except OSError:  # a torn or foreign file: build it again
+            pass
+    build(cc, path)
+    return _open(path)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded C kernels, built on first use; None where the numba kernels are to be used (see
+    `unavailable()`). Thread-safe; the result is kept for the process."""
+    want = (os.environ.get(ENV) or "").strip().lower()
+    if want == "numba":
+        return None
+    with _lock:
+        if "lib" not in _state and "why" not in _state:
+            try:
+                _state["lib"] = _load()
+            except (BuildError, OSError) as e:
+                _state["why"] = str(e)
+        if "why" in _state and want == "c":
+            raise BuildError(f"{ENV}=c, but the C kernels cannot be built: {_state['why']}")
+        return _state.get("lib")  # type: ignore[return-value]
+
+
+def unavailable() -> str | None:
+    """Why `library()` returned None (None while it has not been asked, or when it has the library)."""
+    return _state.get("why")  # type: ignore[return-value]
+
+
+def forget() -> None:
+    """Drop the kept result (tests)."""
+    with _lock:
+        _state.clear()

@@ -1,0 +1,187 @@
+/* quantdeck's CPU kernels in C: the row bodies of engine/formats/nvfp4/kernels_cpu.py and
+ * engine/formats/fp8_block/kernels_cpu.py (numba), the same float32 operations in the same order, so the same
+ * bytes as the torch reference (modelopt's NVFP4QTensor rules).
+ *
+ * Built once per machine by engine/formats/native/build.py with -ffp-contract=off (no fused multiply-adds:
+ * every product is rounded to float32 before it is used, as in the reference) and without -ffast-math.
+ * Every function works on rows [r0, r1) (tile rows for qd_fp8_tile_max), so that Python can split one big
+ * weight over threads (engine/formats/native/calls.py); each call is single-threaded and reentrant.
+ *
+ * Arrays are C-contiguous. wb: FP8 E4M3 bytes [o, i]; sc: float32 tile scales [ceil(o/bo), ceil(i/bi)];
+ * lut: the float32 value of each E4M3 byte (NaN at 0x7F / 0xFF).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define F_SMIN 0.001953125f /* 2^-9: the smallest block scale (e4m3's smallest subnormal) */
+#define F_SMAX 448.0f       /* e4m3's largest value */
+
+int qd_abi_version(void) { return 1; }
+
+static inline float fmaxf_(float a, float b) { return a > b ? a : b; }
+static inline float fminf_(float a, float b) { return a < b ? a : b; }
+
+/* E2M1 code of a float32: ties to even, saturating at 6, sign = x < 0. */
+static inline uint8_t e2m1(float x) {
+    float a = fabsf(x);
+    uint8_t m = (uint8_t)((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) +
+                          (a > 5.0f));
+    if (x < 0.0f) m |= 8;
+    return m;
+}
+
+/* e4m3 code of a block scale s in [2^-9, 448]: round to nearest even to 3 mantissa bits above 2^-6, rint(s·512)
+ * subnormal steps below. */
+static inline uint8_t e4m3_code(float s) {
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    if (u < 0x3C800000u) return (uint8_t)rintf(s * 512.0f);
+    return (uint8_t)(((u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20) - 960u);
+}
+
+/* The block scale of a 16-block whose amax is given: amax / (6·s2), 1 for a zero block, clamped to e4m3. */
+static inline float block_scale(float amax, float six_s2) {
+    float s = amax / six_s2;
+    if (s == 0.0f) s = 1.0f;
+    s = fmaxf_(s, F_SMIN);
+    return fminf_(s, F_SMAX);
+}
+
+/* Scale bytes, E2M1 codes and packed nibbles of nb 16-blocks held (zero-padded) in xf. */
+static void quant_row(const float *xf, int64_t nb, float s2, float six_s2, const float *lut, uint8_t *packed_row,
+                      uint8_t *bs_row, uint8_t *cd, float *den) {
+    for (int64_t b = 0; b < nb; b++) {
+        /* max |x| of the block on the bits: |x| of a non-NaN float orders as its bits do, and an integer max
+         * vectorizes where a float one may not without -ffast-math (a NaN row is refused by the caller) */
+        const uint32_t *u = (const uint32_t *)(const void *)(xf + b * 16);
+        uint32_t m = 0;
+        for (int j = 0; j < 16; j++) {
+            uint32_t v = u[j] & 0x7FFFFFFFu;
+            m = v > m ? v : m;
+        }
+        float amax;
+        memcpy(&amax, &m, 4);
+        uint8_t code = e4m3_code(block_scale(amax, six_s2));
+        bs_row[b] = code;
+        den[b] = lut[code] * s2;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        float d = den[b];
+        for (int j = 0; j < 16; j++) cd[b * 16 + j] = e2m1(xf[b * 16 + j] / d);
+    }
+    for (int64_t k = 0; k < nb * 8; k++) packed_row[k] = (uint8_t)(cd[2 * k] | (cd[2 * k + 1] << 4));
+}
+
+/* FP8-block dequant → NVFP4 in one pass, rows [r0, r1). bad[r] = 1 where row r holds a NaN code.
+ * Returns 0, or -1 when scratch memory could not be had. */
+int qd_fp8_block_to_nvfp4(const uint8_t *wb, const float *sc, int64_t o, int64_t i, int64_t bo, int64_t bi, float s2,
+                          const float *lut, uint8_t *packed, uint8_t *bs, uint8_t *bad, int64_t r0, int64_t r1) {
+    (void)o;
+    int64_t nb = (i + 15) / 16, gi = (i + bi - 1) / bi;
+    float six_s2 = 6.0f * s2;
+    float *xf = malloc(sizeof(float) * (size_t)(nb * 16 + nb));
+    uint8_t *cd = malloc((size_t)(nb * 16));
+    if (!xf || !cd) {
+        free(xf);
+        free(cd);
+        return -1;
+    }
+    float *den = xf + nb * 16;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = wb + r * i;
+        const float *srow = sc + (r / bo) * gi;
+        uint8_t mb = 0;
+        for (int64_t c = 0; c < i; c++) {
+            uint8_t v = row[c] & 0x7F;
+            mb = v > mb ? v : mb;
+        }
+        if (mb == 0x7F) bad[r] = 1;
+        for (int64_t t = 0; t < gi; t++) {
+            float sv = srow[t];
+            int64_t end = (t + 1) * bi < i ? (t + 1) * bi : i;
+            for (int64_t c = t * bi; c < end; c++) xf[c] = lut[row[c]] * sv;
+        }
+        for (int64_t c = i; c < nb * 16; c++) xf[c] = 0.0f;
+        quant_row(xf, nb, s2, six_s2, lut, packed + r * nb * 8, bs + r * nb, cd, den);
+    }
+    free(xf);
+    free(cd);
+    return 0;
+}
+
+/* float32 [o, i] (finite) → NVFP4, rows [r0, r1). Returns 0, or -1 without scratch memory. */
+int qd_fp32_to_nvfp4(const float *w, int64_t o, int64_t i, float s2, const float *lut, uint8_t *packed, uint8_t *bs,
+                     int64_t r0, int64_t r1) {
+    (void)o;
+    int64_t nb = (i + 15) / 16;
+    float six_s2 = 6.0f * s2;
+    float *xf = malloc(sizeof(float) * (size_t)(nb * 16 + nb));
+    uint8_t *cd = malloc((size_t)(nb * 16));
+    if (!xf || !cd) {
+        free(xf);
+        free(cd);
+        return -1;
+    }
+    float *den = xf + nb * 16;
+    for (int64_t r = r0; r < r1; r++) {
+        memcpy(xf, w + r * i, sizeof(float) * (size_t)i);
+        for (int64_t c = i; c < nb * 16; c++) xf[c] = 0.0f;
+        quant_row(xf, nb, s2, six_s2, lut, packed + r * nb * 8, bs + r * nb, cd, den);
+    }
+    free(xf);
+    free(cd);
+    return 0;
+}
+
+/* out[tr, t] = the largest magnitude byte (b & 0x7F) of the bo×bi tile (tr, t), tile rows [t0, t1). */
+int qd_fp8_tile_max(const uint8_t *wb, int64_t o, int64_t i, int64_t bo, int64_t bi, uint8_t *out, int64_t t0,
+                    int64_t t1) {
+    int64_t gi = (i + bi - 1) / bi;
+    uint8_t *acc = malloc((size_t)i);
+    if (!acc) return -1;
+    for (int64_t tr = t0; tr < t1; tr++) {
+        memset(acc, 0, (size_t)i);
+        int64_t rend = (tr + 1) * bo < o ? (tr + 1) * bo : o;
+        for (int64_t r = tr * bo; r < rend; r++) {
+            const uint8_t *row = wb + r * i;
+            for (int64_t c = 0; c < i; c++) {
+                uint8_t v = row[c] & 0x7F;
+                acc[c] = v > acc[c] ? v : acc[c];
+            }
+        }
+        for (int64_t t = 0; t < gi; t++) {
+            uint8_t m = 0;
+            int64_t end = (t + 1) * bi < i ? (t + 1) * bi : i;
+            for (int64_t c = t * bi; c < end; c++) m = acc[c] > m ? acc[c] : m;
+            out[tr * gi + t] = m;
+        }
+    }
+    free(acc);
+    return 0;
+}
+
+/* out[r, c] = BF16 bits of fp32(lut[wb[r, c]] × tile scale), rounded to nearest even, rows [r0, r1)
+ * (no NaN codes: the caller checks). */
+int qd_fp8_dequant_bf16(const uint8_t *wb, const float *sc, int64_t o, int64_t i, int64_t bo, int64_t bi,
+                        const float *lut, uint16_t *out, int64_t r0, int64_t r1) {
+    (void)o;
+    int64_t gi = (i + bi - 1) / bi;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = wb + r * i;
+        const float *srow = sc + (r / bo) * gi;
+        uint16_t *orow = out + r * i;
+        for (int64_t t = 0; t < gi; t++) {
+            float sv = srow[t];
+            int64_t end = (t + 1) * bi < i ? (t + 1) * bi : i;
+            for (int64_t c = t * bi; c < end; c++) {
+                float v = lut[row[c]] * sv;
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                orow[c] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+    }
+    return 0;
+}

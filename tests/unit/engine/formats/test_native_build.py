@@ -1,0 +1,77 @@
+"""The C kernels are built once per machine, rebuilt when their cached library is torn, and where they cannot be
+built the numba kernels take over, with the reason kept (QUANTDECK_KERNELS=c refuses to fall back)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.formats import cpu_kernels
+from engine.formats.native import build
+from engine.formats.nvfp4 import host
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTDECK_NATIVE_CACHE", str(tmp_path / "native"))
+    monkeypatch.delenv("QUANTDECK_KERNELS", raising=False)
+    build.forget()
+    yield tmp_path / "native"
+    build.forget()
+
+
+def _quantize():
+    w = np.arange(-64, 64, dtype=np.float32).reshape(4, 32) / 7
+    return host.float_to_nvfp4(w, host.global_scale(np.abs(w).max()))
+
+
+def test_built_once_then_loaded_from_the_cache(fresh):
+    assert cpu_kernels.backend() == "c"
+    libs = list(fresh.glob("kernels-*.so"))
+    assert len(libs) == 1 and not list(fresh.glob(".build-*"))  # the temp file was renamed into place
+    first = libs[0].stat().st_mtime_ns
+    build.forget()
+    assert cpu_kernels.backend() == "c" and libs[0].stat().st_mtime_ns == first  # not built again
+
+
+def test_a_torn_cached_library_is_built_again(fresh):
+    assert cpu_kernels.backend() == "c"
+    lib = next(fresh.glob("kernels-*.so"))
+    torn = lib.with_name("torn")
+    torn.write_bytes(lib.read_bytes()[:100])  # a crash mid-copy, a full disk
+    os.replace(torn, lib)  # a new file: this process keeps the library it has mapped
+    code = ("from engine.formats import cpu_kernels; from engine.formats.nvfp4 import host; import numpy as np; "
+            "p, s = host.float_to_nvfp4(np.ones((2, 32), np.float32), 1.0); print(cpu_kernels.backend(), p.shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "QUANTDECK_KERNELS": "c"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["c", "(2,", "16)"]
+    assert lib.stat().st_size > 1000
+
+
+def test_without_a_compiler_the_numba_kernels_give_the_same_bytes(fresh, monkeypatch):
+    want = _quantize() if cpu_kernels.backend() == "c" else pytest.fail("C kernels should build here")
+    build.forget()
+    monkeypatch.setenv("PATH", str(fresh))  # no cc, gcc or clang
+    monkeypatch.delenv("CC", raising=False)
+    assert cpu_kernels.backend() == "numba"
+    assert "no C compiler" in build.unavailable()
+    got = _quantize()
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    monkeypatch.setenv("QUANTDECK_KERNELS", "c")
+    with pytest.raises(build.BuildError, match="QUANTDECK_KERNELS=c.*no C compiler"):
+        cpu_kernels.backend()
+
+
+def test_a_failing_compiler_is_reported_with_its_output(fresh, tmp_path, monkeypatch):
+    cc = tmp_path / "badcc"
+    cc.write_text("#!/bin/sh\necho 'kernels.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert cpu_kernels.backend() == "numba"
+    assert "badcc failed on kernels.c" in build.unavailable() and "this compiler is broken" in build.unavailable()
+    assert not list(fresh.glob("*.so")) and not list(fresh.glob(".build-*"))  # nothing half-built left
