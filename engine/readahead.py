@@ -232,7 +232,8 @@ def start(src: str | os.PathLike, device: str | None = "auto", budget: int | Non
         if key in _started:
             return None
         _started.add(key)
-    if os.environ.get("QUANTDECK_NO_READAHEAD") or (interpreter_cold() if gpu else cpu_imports_cold()):
+    forced = os.environ.get("QUANTDECK_READAHEAD") == "always"  # even beside cold imports (measurements)
+    if os.environ.get("QUANTDECK_NO_READAHEAD") or (not forced and (interpreter_cold() if gpu else cpu_imports_cold())):
         return None
     paths = source_shards(src)
     if not paths:
