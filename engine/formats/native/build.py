@@ -49,12 +49,15 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    """`<user cache dir>/quantdeck/native` (QUANTDECK_NATIVE_CACHE overrides)."""
+    """`<user cache dir>/quantdeck/native` (QUANTDECK_NATIVE_CACHE overrides; without platformdirs,
+    $XDG_CACHE_HOME or ~/.cache)."""
     env = os.environ.get("QUANTDECK_NATIVE_CACHE")
     if env:
         return Path(env)
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError:  # a machine with only torch, numpy and safetensors (python -m engine.convert)
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantdeck" / "native"
     return Path(platformdirs.user_cache_dir("quantdeck")) / "native"
 
 
@@ -138,8 +141,8 @@ def library() -> ctypes.CDLL | None:
         if "lib" not in _state and "why" not in _state:
             try:
                 _state["lib"] = _load()
-            except (BuildError, OSError) as e:
-                _state["why"] = str(e)
+            except Exception as e:  # noqa: BLE001 - any failure to build or load: numba's kernels do the work
+                _state["why"] = str(e) if isinstance(e, (BuildError, OSError)) else f"{type(e).__name__}: {e}"
         if "why" in _state and want == "c":
             raise BuildError(f"{ENV}=c, but the C kernels cannot be built: {_state['why']}")
         return _state.get("lib")  # type: ignore[return-value]

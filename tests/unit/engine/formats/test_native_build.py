@@ -75,3 +75,12 @@ def test_a_failing_compiler_is_reported_with_its_output(fresh, tmp_path, monkeyp
     assert cpu_kernels.backend() == "numba"
     assert "badcc failed on kernels.c" in build.unavailable() and "this compiler is broken" in build.unavailable()
     assert not list(fresh.glob("*.so")) and not list(fresh.glob(".build-*"))  # nothing half-built left
+
+
+def test_without_platformdirs_the_cache_is_under_xdg_cache_home(fresh, tmp_path, monkeypatch):
+    """`python -m engine.convert` on a machine with only torch, numpy and safetensors still gets the C kernels."""
+    monkeypatch.delenv("QUANTDECK_NATIVE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # import fails
+    assert build.cache_dir() == tmp_path / "xdg" / "quantdeck" / "native"
+    assert cpu_kernels.backend() == "c" and list((tmp_path / "xdg" / "quantdeck" / "native").glob("kernels-*.so"))
