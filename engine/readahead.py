@@ -23,7 +23,7 @@ import json
 import os
 import threading
 
-from engine import meminfo
+from engine import meminfo, startfiles
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -78,13 +78,21 @@ def _idle_io() -> None:
 class ReadAhead(threading.Thread):
     """Reads `paths` (in order, up to `budget` bytes) into the page cache with `threads` readers; `bytes_read`."""
 
-    def __init__(self, paths: list[str], budget: int, threads: int = THREADS):
+    def __init__(self, paths: list[str], budget: int, threads: int = THREADS, first: list[str] | None = None):
         super().__init__(name="readahead", daemon=True)
         self.paths, self.budget, self.threads = paths, budget, threads
+        self.first = list(first or [])  # read whole before `paths`, outside the budget (engine.startfiles)
         self.bytes_read = 0
         self._lock = threading.Lock()
 
     def _chunks(self):
+        for p in self.first:
+            try:
+                size = os.path.getsize(p)
+            except OSError:
+                continue
+            for off in range(0, size, STEP):
+                yield p, off, min(STEP, size - off)
         left = self.budget
         for p in self.paths:
             try:
@@ -217,13 +225,16 @@ def interpreter_cold() -> bool:
 
 
 def start(src: str | os.PathLike, device: str | None = "auto", budget: int | None = None,
-          cpu_ok: bool = False) -> threading.Thread | None:
+          cpu_ok: bool = False, entry: str | None = None) -> threading.Thread | None:
     """For a GPU run (or a CPU run with `cpu_ok`: a many-core machine, where the torch-free CPU path is bound
     by the disk too), begin reading ahead `src`'s first shards (up to `budget` bytes; default: min(8 GiB, a
     quarter of the available memory)) on daemon threads; once per directory per process. Returns the
     ReadAhead thread, or None (CPU run, turned off, nothing to read). Skipped on a cold machine, it is not
     started later either: begun once the CPU kernels had loaded, it measured no faster (H200 box, 7.2 GB, cache
-    dropped: 8.55 / 7.25 / 7.57 s against 6.65 / 7.67 / 8.00 s without)."""
+    dropped: 8.55 / 7.25 / 7.57 s against 6.65 / 7.67 / 8.00 s without).
+
+    A CPU run whose `entry` point recorded the files its start reads (engine.startfiles) reads those first, in
+    one burst, then the source, cold machine or not: the imports then find their files in the page cache."""
     gpu = gpu_likely(device)
     if not gpu and not (cpu_ok and str(device) == "cpu"):
         return None
@@ -232,13 +243,16 @@ def start(src: str | os.PathLike, device: str | None = "auto", budget: int | Non
         if key in _started:
             return None
         _started.add(key)
+    if os.environ.get("QUANTDECK_NO_READAHEAD"):
+        return None
+    first = startfiles.listed(entry) if entry and not gpu else []
     forced = os.environ.get("QUANTDECK_READAHEAD") == "always"  # even beside cold imports (measurements)
-    if os.environ.get("QUANTDECK_NO_READAHEAD") or (not forced and (interpreter_cold() if gpu else cpu_imports_cold())):
+    if not first and not forced and (interpreter_cold() if gpu else cpu_imports_cold()):
         return None
     paths = source_shards(src)
     if not paths:
         return None
     threads = int(os.environ.get("QUANTDECK_READAHEAD_THREADS") or THREADS)
-    t = ReadAhead(paths, default_budget() if budget is None else int(budget), threads=threads)
+    t = ReadAhead(paths, default_budget() if budget is None else int(budget), threads=threads, first=first)
     t.start()
     return t

@@ -74,6 +74,9 @@ def _sink():
     return CallbackSink(_StderrProgress(), stage="convert")
 
 
+START_FILES = "quantdeck-convert"  # this entry's list of the files its start reads (engine.startfiles)
+
+
 @click.command("convert")
 @click.option("--src", required=True, type=click.Path(file_okay=False), help="source checkpoint directory")
 @click.option("--dst", required=True, type=click.Path(file_okay=False), help="output directory (built in DST.partial)")
@@ -94,7 +97,7 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
 
     from engine.convert.device import start_early
 
-    start_early(src, device, to)  # the disk reads the source (and CUDA starts) while the imports run
+    start_early(src, device, to, entry=START_FILES)  # the disk reads the source (and CUDA starts) while the imports run
     gc.disable()  # no collections while (torch's) million objects load ...
     from engine.convert import convert_checkpoint
 
@@ -103,6 +106,10 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
     layouts = ["modelopt", "compressed-tensors"] if fmt == "both" else [fmt]
     summary = convert_checkpoint(src, dst, to=to, layouts=layouts, device=device, workers=workers,
                                  shard_size=shard_size, quantize_attention=quantize_attention, sink=_sink())
+    if summary.get("device") == "cpu":  # what this start read, for the next cold one (engine.startfiles)
+        from engine import startfiles
+
+        startfiles.record(START_FILES)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return

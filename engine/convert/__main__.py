@@ -19,6 +19,9 @@ from engine.errors import QuantdeckError, exit_code_for  # noqa: E402
 from engine.events import CallbackSink  # noqa: E402
 
 
+START_FILES = "engine.convert"  # this entry's list of the files its start reads (engine.startfiles)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.convert", description=__doc__.split("\n")[0])
     ap.add_argument("--src", required=True)
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
     timeline.mark("main")
-    start_early(a.src, a.device, a.to)  # the disk reads the source (and CUDA starts) while the imports run
+    start_early(a.src, a.device, a.to, entry=START_FILES)  # the disk reads the source (and CUDA starts) while the
+    # imports run
     gc.disable()  # no collections while (torch's) million objects load ...
     from engine.convert import convert_checkpoint
 
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except QuantdeckError as e:
         print(f"quantdeck: error: {e.one_line()}", file=sys.stderr)
         return exit_code_for(e)
+    if s.get("device") == "cpu":  # what this start read, for the next cold one (engine.startfiles)
+        from engine import startfiles
+
+        startfiles.record(START_FILES)
     print(json.dumps({k: v for k, v in s.items() if k != "kept_modules"}, default=str))
     return 0
 

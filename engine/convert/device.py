@@ -74,7 +74,7 @@ def needs_gpu_after_all(choice: DeviceChoice, torch_bytes: int, total_bytes: int
     return choice.asked == "auto" and choice.gpu and total_bytes > 0 and torch_bytes > TORCH_SHARE * total_bytes
 
 
-def start_early(src, device: str | None, target: str) -> DeviceChoice | None:
+def start_early(src, device: str | None, target: str, entry: str | None = None) -> DeviceChoice | None:
     """What the entry points do before their heavy imports: choose the device, then start reading the source
     ahead (engine.readahead) and, for CUDA, the driver's context (engine.cuda_preinit). None (and nothing
     started) for a device that cannot be used: the conversion reports that error itself."""
@@ -84,6 +84,6 @@ def start_early(src, device: str | None, target: str) -> DeviceChoice | None:
         choice = choose_device(device, target)
     except UsageError:
         return None
-    readahead.start(src, choice.device, cpu_ok=usable_cores() >= AUTO_CPU_CORES)
+    readahead.start(src, choice.device, cpu_ok=usable_cores() >= AUTO_CPU_CORES, entry=entry)
     cuda_preinit.start(choice.device)
     return choice

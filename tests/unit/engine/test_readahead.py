@@ -107,7 +107,7 @@ def test_cpu_runs_read_ahead_only_on_many_cores_with_their_libraries_warm(tmp_pa
     assert readahead.start(tmp_path, "cpu", cpu_ok=False) is None  # a few cores: the kernels want them
     assert all(readahead._native_lib(*lib) for lib in readahead.CPU_IMPORTS)  # the probe finds its files
     monkeypatch.setattr(readahead, "cpu_imports_cold", lambda: True)
-    assert readahead.start(tmp_path, "cpu", cpu_ok=True) is None  # numpy / LLVM must load from disk first
+    assert readahead.start(tmp_path, "cpu", cpu_ok=True) is None  # numpy must load from disk first
     monkeypatch.setattr(readahead, "cpu_imports_cold", lambda: False)
     other = tmp_path / "b"
     other.mkdir()
@@ -117,3 +117,28 @@ def test_cpu_runs_read_ahead_only_on_many_cores_with_their_libraries_warm(tmp_pa
     t.join(timeout=30)
     assert t.bytes_read == 4196
 
+
+
+def test_a_cold_cpu_start_reads_its_recorded_start_files_first_then_the_source(tmp_path, monkeypatch):
+    from engine import startfiles
+
+    monkeypatch.setattr(readahead, "cpu_imports_cold", lambda: True)
+    paths = _ckpt(tmp_path, [4096, 100])
+    assert readahead.start(tmp_path, "cpu", cpu_ok=True, entry="test-entry") is None  # nothing recorded yet
+    assert startfiles.record("test-entry")
+    files = startfiles.listed("test-entry")
+    seen: list[str] = []
+    real = readahead.ReadAhead._chunks
+    monkeypatch.setattr(readahead.ReadAhead, "_chunks", lambda self: ((p, o, n) for p, o, n in real(self)
+                                                                     if not seen.append(p)))
+    other = tmp_path / "b"
+    other.mkdir()
+    paths = _ckpt(other, [4096, 100])
+    t = readahead.start(other, "cpu", cpu_ok=True, entry="test-entry")
+    assert isinstance(t, threading.Thread)
+    t.join(timeout=60)
+    listed_bytes = sum(Path(f).stat().st_size for f in files)
+    assert t.bytes_read == listed_bytes + 4196  # every start file whole (outside the budget), then the source
+    first_src = seen.index(paths[0])
+    nonempty = {f for f in files if Path(f).stat().st_size}
+    assert set(seen[:first_src]) == nonempty and seen[first_src:] == paths  # the start files, then the source
