@@ -55,10 +55,11 @@ static void quant_row(const float *xf, int64_t nb, float s2, float six_s2, const
     for (int64_t b = 0; b < nb; b++) {
         /* max |x| of the block on the bits: |x| of a non-NaN float orders as its bits do, and an integer max
          * vectorizes where a float one may not without -ffast-math (a NaN row is refused by the caller) */
-        const uint32_t *u = (const uint32_t *)(const void *)(xf + b * 16);
         uint32_t m = 0;
         for (int j = 0; j < 16; j++) {
-            uint32_t v = u[j] & 0x7FFFFFFFu;
+            uint32_t v;
+            memcpy(&v, xf + b * 16 + j, 4); /* the bits, without breaking strict aliasing */
+            v &= 0x7FFFFFFFu;
             m = v > m ? v : m;
         }
         float amax;
