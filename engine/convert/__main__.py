@@ -1,5 +1,6 @@
 """`python -m engine.convert --src S --dst D --to nvfp4 ...`: the converter without the CLI's dependencies
-(for machines that only have torch, numba and safetensors). Same function, same output as `quantdeck convert`."""
+(for machines with numpy and a C compiler or numba, and torch for the items that need it). Same function, same
+output as `quantdeck convert`."""
 
 from __future__ import annotations
 

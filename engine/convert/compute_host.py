@@ -1,7 +1,7 @@
 """The math of one work item on host arrays (engine.checkpoint.host), without torch: the CPU converter's.
 
-NVFP4 from FP8-block and float sources — what a DeepSeek conversion is made of — runs here on the numba
-kernels (engine.formats.nvfp4.host), with the same rules and the same bytes as engine.convert.compute (the
+NVFP4 from FP8-block and float sources — what a DeepSeek conversion is made of — runs here on the CPU
+kernels (engine.formats.nvfp4.host: C, else numba), with the same rules and the same bytes as engine.convert.compute (the
 torch path, which CUDA uses): the group's amax from dequantized values, one shared `weight_scale_2`, every
 member quantized with it. FP8-block weights kept in BF16 (attention, MTP) are dequantized by
 engine.formats.fp8_block.host; preserved tensors pass through untouched. The rest (MXFP4 sources, float

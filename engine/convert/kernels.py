@@ -1,10 +1,11 @@
 """The converter's hot loops for torch tensors, delegated to engineer A's kernels (engine.formats.nvfp4.dispatch:
-numba on CPU, torch on CUDA; bytes identical to the torch reference). Results are CPU tensors. The torch-free
-CPU path calls the same numba kernels through engine.formats.nvfp4.host. torch is imported on first use.
+C (else numba) on CPU, Triton or torch on CUDA; bytes identical to the torch reference). Results are CPU tensors.
+The torch-free CPU path calls the same CPU kernels through engine.formats.nvfp4.host. torch is imported on first
+use.
 
-Why numba on CPU: on 2 cores the bit-exact vectorized torch path measured ~38 MB/s of FP8 input (the peer's
-speed), while the fused numba kernel (dequant + block amax + E2M1 rounding + packing in one pass, no
-temporaries) runs at 600-950 MB/s: the conversion becomes I/O bound.
+Why compiled kernels on CPU: on 2 cores the bit-exact vectorized torch path measured ~38 MB/s of FP8 input (the
+peer's speed), while one fused kernel (dequant + block amax + E2M1 rounding + packing in one pass, no
+temporaries) runs at 600-1300 MB/s: the conversion becomes I/O bound. Why C first: engine.formats.native.build.
 """
 
 from __future__ import annotations

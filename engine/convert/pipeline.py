@@ -3,7 +3,7 @@
 Items are taken shard by shard, inside a shard in the order their source bytes lie on disk (sequential
 reads; the output does not depend on the order). A pool of reader threads reads the next items' source
 tensors (positioned reads, GIL released; page-locked buffers for CUDA) while the calling thread does the
-math on the current one (numba and CUDA release the GIL too; on CUDA three threads, each on its own
+math on the current one (the C and numba kernels and CUDA release the GIL too; on CUDA three threads, each on its own
 stream, so that one item's host syncs overlap the others' kernels), and a pool of writer threads writes each
 output tensor at its offset in every output layout's shard, hashing it from memory as it goes
 (engine.checkpoint.digest). A shard is closed (fsync, rename, manifest) on a closer thread as soon as its

@@ -1,4 +1,4 @@
-"""Pick the NVFP4 kernel for a device: numba on CPU, torch on CUDA. Same bytes either way.
+"""Pick the NVFP4 kernel for a device: C (else numba) on CPU, Triton or torch on CUDA. Same bytes either way.
 
 `device`: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N". Inputs may live anywhere;
 results are host (CPU) tensors: packed uint8 [o, ceil(i/16)·8] and block_scale float8_e4m3fn [o, ceil(i/16)].
@@ -22,7 +22,7 @@ __all__ = [
     "resolve_device",
 ]
 
-from engine.formats.nvfp4 import host  # noqa: E402  (the CPU branches: numba kernels on numpy arrays)
+from engine.formats.nvfp4 import host  # noqa: E402  (the CPU branches: C / numba kernels on numpy arrays)
 from engine.formats.nvfp4.host import E4M3_LUT as _E4M3_LUT  # noqa: E402
 
 

@@ -119,7 +119,7 @@ def dequant_nvfp4(
 
 
 def fp8_block_to_nvfp4(w_fp8: torch.Tensor, scale_inv: torch.Tensor, scale_2, device: str = "auto", block=None):
-    """Fused fast path (numba on CPU, torch on CUDA); see engine.formats.nvfp4.dispatch. Same bytes as
+    """Fused fast path (C or numba on CPU, Triton or torch on CUDA); see engine.formats.nvfp4.dispatch. Same bytes as
     `quantize_nvfp4(dequant_fp8_block(w_fp8, scale_inv), scale_2)`."""
     from engine.formats.nvfp4.dispatch import fp8_block_to_nvfp4 as fast
 
