@@ -125,7 +125,7 @@ def _load() -> ctypes.CDLL:
     if path.exists():
         try:
             return _open(path)
-        except OSError:  # a torn or foreign file: build it again
+        except (OSError, BuildError):  # a torn or foreign file: build it again
             pass
     build(cc, path)
     return _open(path)
