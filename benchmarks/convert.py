@@ -371,7 +371,7 @@ def main() -> int:
         qs = results["quantdeck"].get("summary") or {}
         if qs:
             print(f"quantdeck inside: convert {qs.get('wall_s')} s of {results['quantdeck']['wall_s']} s wall "
-                  f"(the rest is interpreter, torch and numba start), busy {qs.get('busy_s')}")
+                  f"(the rest is the interpreter's start and the imports), busy {qs.get('busy_s')}")
             if qs.get("timeline_s"):
                 print(f"quantdeck timeline (s since process start): {qs['timeline_s']}")
         print(f"math on one [2048, 7168] w1/w3 pair: quantdeck {math['quantdeck']} MB/s, peer {math['peer']} MB/s "

@@ -84,3 +84,13 @@ def free_bytes(path: str | os.PathLike) -> int:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """`<user cache dir>/quantdeck/<parts>`: platformdirs' answer where it is installed, else $XDG_CACHE_HOME or
+    ~/.cache (a machine with only numpy and torch running `python -m engine.convert`)."""
+    try:
+        import platformdirs
+    except ImportError:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "quantdeck", *parts)
+    return Path(platformdirs.user_cache_dir("quantdeck"), *parts)

@@ -86,13 +86,18 @@ class ReadAhead(threading.Thread):
         self._lock = threading.Lock()
 
     def _chunks(self):
-        for p in self.first:
+        first_left = startfiles.MAX_BYTES
+        for p in self.first:  # one job per file, opened and closed by its reader (never a descriptor per file held)
             try:
                 size = os.path.getsize(p)
             except OSError:
                 continue
-            for off in range(0, size, STEP):
-                yield p, off, min(STEP, size - off)
+            if size > first_left:
+                break
+            if not size:
+                continue
+            first_left -= size
+            yield p, 0, -size  # a negative length: the whole file
         left = self.budget
         for p in self.paths:
             try:
@@ -120,6 +125,11 @@ class ReadAhead(threading.Thread):
                 if job is None:
                     return
                 p, off, n = job
+                if n < 0:
+                    got = _read_whole(p, buf)
+                    with self._lock:
+                        self.bytes_read += got
+                    continue
                 try:
                     if p not in fds:
                         fds[p] = os.open(p, os.O_RDONLY)
@@ -141,6 +151,25 @@ class ReadAhead(threading.Thread):
             t.start()
         for t in readers:
             t.join()
+
+
+def _read_whole(path: str, buf: memoryview) -> int:
+    """Read `path` through `buf` (into the page cache), then close it; bytes read (0 on any error)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    got = 0
+    try:
+        while True:
+            n = os.preadv(fd, [buf], got)
+            if n <= 0:
+                return got
+            got += n
+    except OSError:
+        return got
+    finally:
+        os.close(fd)
 
 
 def _page_cached(path: str, offset: int = 0) -> bool | None:

@@ -22,18 +22,14 @@ import os
 import sys
 from pathlib import Path
 
+from engine.fsutil import user_cache_dir
+
 MAX_BYTES = 1 << 30  # a list never asks for more than this (a process that imported torch's CUDA libraries)
 
 
 def _dir() -> Path:
     env = os.environ.get("QUANTDECK_START_FILES")
-    if env:
-        return Path(env)
-    try:
-        import platformdirs
-    except ImportError:
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantdeck" / "start-files"
-    return Path(platformdirs.user_cache_dir("quantdeck")) / "start-files"
+    return Path(env) if env else user_cache_dir("start-files")
 
 
 def list_path(kind: str) -> Path:
@@ -48,7 +44,11 @@ def loaded_files() -> list[str]:
     shared libraries it has mapped; the interpreter's own binary. Sorted, no duplicates, at most MAX_BYTES."""
     seen: set[str] = set()
     for mod in list(sys.modules.values()):
-        for f in (getattr(mod, "__cached__", None), getattr(mod, "__file__", None)):  # an import reads the bytecode
+        try:
+            found = (getattr(mod, "__cached__", None), getattr(mod, "__file__", None))  # an import reads the bytecode
+        except Exception:  # noqa: BLE001 - a module's own __getattr__
+            continue
+        for f in found:
             if isinstance(f, str) and os.path.isfile(f):
                 seen.add(os.path.realpath(f))
                 break
@@ -64,23 +64,27 @@ def loaded_files() -> list[str]:
         pass
     if sys.executable and os.path.isfile(sys.executable):
         seen.add(os.path.realpath(sys.executable))
-    out, total = [], 0
-    for p in sorted(seen):
+    sizes = {}
+    for p in seen:
         try:
-            total += os.path.getsize(p)
+            sizes[p] = os.path.getsize(p)
         except OSError:
-            continue
+            pass
+    out, total = [], 0
+    for p in sorted(sizes, key=lambda p: (sizes[p], p)):  # over MAX_BYTES the largest files are left out
+        total += sizes[p]
         if total > MAX_BYTES:
             break
         out.append(p)
-    return out
+    return sorted(p for p in out if p.isprintable())  # one path per line: no newlines in a name
 
 
 def listed(kind: str) -> list[str]:
-    """The recorded list for `kind` (paths that may since have gone), or []."""
+    """The recorded list for `kind` (paths that may since have gone), or []. Not stat'ed here: on a cold machine
+    that is disk reads too (the reader skips what is gone and stops at MAX_BYTES, whatever the file says)."""
     try:
-        text = list_path(kind).read_text()
-    except (OSError, UnicodeDecodeError):
+        text = list_path(kind).read_text(errors="surrogateescape")
+    except OSError:
         return []
     return [line for line in text.splitlines() if line.startswith("/")]
 
@@ -88,6 +92,7 @@ def listed(kind: str) -> list[str]:
 def record(kind: str) -> bool:
     """Write this process's `loaded_files()` as `kind`'s list, unless the same list is there; True if written.
     Never raises: the list only makes a later cold start faster."""
+    tmp = None
     try:
         files = loaded_files()
         if not files or files == listed(kind):
@@ -95,8 +100,13 @@ def record(kind: str) -> bool:
         path = list_path(kind)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(files) + "\n")
+        tmp.write_text("\n".join(files) + "\n", errors="surrogateescape")
         os.replace(tmp, path)
         return True
-    except OSError:
+    except Exception:  # noqa: BLE001 - an odd module or path, a full disk: the conversion has succeeded
+        if tmp is not None:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
         return False

@@ -123,12 +123,12 @@ def layout_shards(groups: list[list[Item]], layout: str) -> list[ShardPlan]:
             for i, g in enumerate(groups)]
 
 
-def _cpu_kernels(sink: EventSink) -> str:
-    """Which CPU kernels ran ("c" or "numba"); where the C ones could not be built, says why, once."""
-    from engine.formats import cpu_kernels
+def _cpu_kernels(sink: EventSink) -> str | None:
+    """Which CPU kernels this process has run ("c", "numba"; None: none, e.g. every shard was kept, or
+    `--workers` children did the math); where the C ones could not be built, says why. Builds nothing."""
     from engine.formats.native import build
 
-    tech = cpu_kernels.backend()
+    tech = build.used()
     if tech == "numba" and build.unavailable():
         sink.emit("log", level="info", msg=f"CPU kernels: numba (the C kernels could not be built: {build.unavailable()})")
     return tech

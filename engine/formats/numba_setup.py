@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 if "NUMBA_CACHE_DIR" not in os.environ:  # must be set before numba reads its config
-    import platformdirs
+    from engine.fsutil import user_cache_dir
 
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(platformdirs.user_cache_dir("quantdeck"), "numba")
+    os.environ["NUMBA_CACHE_DIR"] = str(user_cache_dir("numba"))
 
 import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402

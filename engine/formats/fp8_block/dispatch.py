@@ -65,13 +65,13 @@ def dequant_fp8_block_fast(
     dev = resolve_device(device)
     if dev != "cpu":
         return dequant_fp8_block(w_fp8.to(dev), scale.to(dev), blk).to(dtype).cpu()
+    wb = w_fp8.detach().cpu().contiguous().view(torch.uint8)
+    s = scale_to_fp32(scale).detach().cpu().contiguous()
+    if dtype == torch.bfloat16:  # fused: fp32 product rounded to bf16 in the same pass (C, else numba)
+        return torch.from_numpy(host.dequant_bf16(wb.numpy(), s.numpy(), blk)).view(torch.bfloat16)
     from engine.formats.fp8_block import kernels_cpu
     from engine.formats.numba_setup import KERNEL_LOCK
 
-    wb = w_fp8.detach().cpu().contiguous().view(torch.uint8)
-    s = scale_to_fp32(scale).detach().cpu().contiguous()
-    if dtype == torch.bfloat16:  # fused: fp32 product rounded to bf16 in the same pass
-        return torch.from_numpy(host.dequant_bf16(wb.numpy(), s.numpy(), blk)).view(torch.bfloat16)
     if bool(((wb & 0x7F) == 0x7F).any()):
         raise FormatError("FP8 weight holds NaN codes", at="dequant_fp8_block", hint="the source is corrupt")
     o, i = wb.shape

@@ -19,11 +19,16 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
+
+from engine.formats.native import calls
+from engine.fsutil import user_cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
@@ -38,13 +43,16 @@ class BuildError(RuntimeError):
     pass
 
 
-def compiler() -> str | None:
-    """The C compiler's path: $CC, else the first of cc, gcc, clang on PATH."""
-    cc = os.environ.get("CC")
-    for name in ([cc] if cc else []) + ["cc", "gcc", "clang"]:
+def compiler() -> list[str] | None:
+    """The C compiler's command: $CC (which may carry arguments, e.g. "ccache gcc"), else the first of cc, gcc,
+    clang on PATH."""
+    env = shlex.split(os.environ.get("CC") or "")
+    if env and shutil.which(env[0]):
+        return [shutil.which(env[0]), *env[1:]]  # type: ignore[list-item]
+    for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
     return None
 
 
@@ -52,13 +60,7 @@ def cache_dir() -> Path:
     """`<user cache dir>/quantdeck/native` (QUANTDECK_NATIVE_CACHE overrides; without platformdirs,
     $XDG_CACHE_HOME or ~/.cache)."""
     env = os.environ.get("QUANTDECK_NATIVE_CACHE")
-    if env:
-        return Path(env)
-    try:
-        import platformdirs
-    except ImportError:  # a machine with only torch, numpy and safetensors (python -m engine.convert)
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantdeck" / "native"
-    return Path(platformdirs.user_cache_dir("quantdeck")) / "native"
+    return Path(env) if env else user_cache_dir("native")
 
 
 def _cpu() -> str:
@@ -77,12 +79,12 @@ def _cpu() -> str:
     return "".join(seen)
 
 
-def library_path(cc: str) -> Path:
+def library_path(cc: list[str]) -> Path:
     """Where the library built by `cc` for this source and CPU lives."""
-    real = os.path.realpath(cc)
+    real = " ".join([os.path.realpath(cc[0]), *cc[1:]])
     try:
-        st = os.stat(real)
-        stamp = f"{real}:{st.st_size}:{int(st.st_mtime)}"
+        st = os.stat(cc[0])
+        stamp = f"{real}:{st.st_size}:{int(st.st_mtime)}"  # (of the command's first word)
     except OSError:
         stamp = real
     h = hashlib.sha256()
@@ -92,29 +94,46 @@ def library_path(cc: str) -> Path:
     return cache_dir() / f"kernels-{h.hexdigest()[:20]}.so"
 
 
-def build(cc: str, dst: Path) -> None:
+def build(cc: list[str], dst: Path) -> None:
     """Compile kernels.c into `dst` (atomically: a temp file renamed over it). BuildError with the compiler's
     output on failure."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dst.parent)
     os.close(fd)
+    name = os.path.basename(cc[-1] if len(cc) > 1 else cc[0])
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise BuildError(f"{os.path.basename(cc)} failed on {SOURCE.name}: {(r.stderr or r.stdout).strip()[-800:]}")
+            raise BuildError(f"{name} failed on {SOURCE.name}: {(r.stderr or r.stdout).strip()[-800:]}")
         os.replace(tmp, dst)
     except (OSError, subprocess.SubprocessError) as e:
-        raise BuildError(f"could not run {cc}: {e}") from e
+        raise BuildError(f"could not run {' '.join(cc)}: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.qd_abi_version() != ABI:
-        raise BuildError(f"{path} has ABI {lib.qd_abi_version()}, expected {ABI}")
-    return lib
+    """Load `path` and check it is kernels.c's ABI; BuildError otherwise."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        abi = lib.qd_abi_version()
+    except (OSError, AttributeError) as e:
+        raise BuildError(f"{path} does not load as quantdeck's kernels: {e}") from e
+    if abi != ABI:
+        raise BuildError(f"{path} has ABI {abi}, expected {ABI}")
+    return calls.typed(lib)
+
+
+def _open_fresh(path: Path) -> ctypes.CDLL:
+    """Load a just rebuilt `path` under a name of its own: the dynamic loader hands back the library it already
+    mapped for a path it has seen (a bad library's), whatever the file now holds."""
+    link = path.with_name(f".load-{os.getpid()}-{threading.get_ident()}-{path.name}")
+    os.link(path, link)
+    try:
+        return _open(link)
+    finally:
+        os.unlink(link)  # the mapping stays
 
 
 def _load() -> ctypes.CDLL:
@@ -122,13 +141,14 @@ def _load() -> ctypes.CDLL:
     if cc is None:
         raise BuildError("no C compiler (cc, gcc or clang; or set CC)")
     path = library_path(cc)
-    if path.exists():
-        try:
-            return _open(path)
-        except (OSError, BuildError):  # a torn or foreign file: build it again
-            pass
-    build(cc, path)
-    return _open(path)
+    if not path.exists():
+        build(cc, path)
+        return _open(path)
+    try:
+        return _open(path)
+    except BuildError:  # a torn or foreign file: build it again
+        build(cc, path)
+        return _open_fresh(path)
 
 
 def library() -> ctypes.CDLL | None:
@@ -146,6 +166,16 @@ def library() -> ctypes.CDLL | None:
         if "why" in _state and want == "c":
             raise BuildError(f"{ENV}=c, but the C kernels cannot be built: {_state['why']}")
         return _state.get("lib")  # type: ignore[return-value]
+
+
+def used() -> str | None:
+    """What this process's CPU kernels have been: "c", "numba", or None while none has been asked for. Builds
+    nothing (a conversion's summary, after the fact)."""
+    if (os.environ.get(ENV) or "").strip().lower() == "numba":
+        return "numba" if "numba" in sys.modules else None
+    if "lib" in _state:
+        return "c"
+    return "numba" if "why" in _state else None
 
 
 def unavailable() -> str | None:

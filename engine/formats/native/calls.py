@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -26,16 +26,14 @@ CHUNKS_PER_THREAD = 4  # a weight split over the pool: chunks handed out as thre
 
 _pool: list[ThreadPoolExecutor] = []
 _pool_lock = threading.Lock()
-_typed: set[int] = set()
 
 
-def _fn(lib: ctypes.CDLL, name: str):
-    if id(lib) not in _typed:
-        for n, args in SIGNATURES.items():
-            f = getattr(lib, n)
-            f.argtypes, f.restype = args, ctypes.c_int
-        _typed.add(id(lib))
-    return getattr(lib, name)
+def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give `lib`'s kernels their C signatures (engine.formats.native.build calls this as it loads it)."""
+    for n, args in SIGNATURES.items():
+        f = getattr(lib, n)
+        f.argtypes, f.restype = args, ctypes.c_int
+    return lib
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -53,7 +51,14 @@ def _run(fn, head: tuple, rows: int) -> None:
     if len(spans) == 1:
         codes = [fn(*head, *spans[0])]
     else:
-        codes = list(_executor().map(lambda s: fn(*head, *s), spans))
+        futures = [_executor().submit(fn, *head, *span) for span in spans]
+        try:
+            codes = [f.result() for f in futures]
+        except BaseException:  # Ctrl-C here: the other chunks still write into the caller's arrays; let them end
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            raise
     if any(codes):
         raise MemoryError(f"{fn.__name__}: no memory for the kernel's scratch rows")
 
@@ -64,20 +69,20 @@ def _p(a: np.ndarray) -> int:
 
 def fp8_block_to_nvfp4(lib, wb, sc, bo: int, bi: int, s2, lut, packed, bs, bad) -> None:
     o, i = wb.shape
-    _run(_fn(lib, "qd_fp8_block_to_nvfp4"), (_p(wb), _p(sc), o, i, bo, bi, float(s2), _p(lut), _p(packed), _p(bs),
+    _run(lib.qd_fp8_block_to_nvfp4, (_p(wb), _p(sc), o, i, bo, bi, float(s2), _p(lut), _p(packed), _p(bs),
                                               _p(bad)), o)
 
 
 def fp32_to_nvfp4(lib, w, s2, lut, packed, bs) -> None:
     o, i = w.shape
-    _run(_fn(lib, "qd_fp32_to_nvfp4"), (_p(w), o, i, float(s2), _p(lut), _p(packed), _p(bs)), o)
+    _run(lib.qd_fp32_to_nvfp4, (_p(w), o, i, float(s2), _p(lut), _p(packed), _p(bs)), o)
 
 
 def fp8_tile_max(lib, wb, bo: int, bi: int, out) -> None:
     o, i = wb.shape
-    _run(_fn(lib, "qd_fp8_tile_max"), (_p(wb), o, i, bo, bi, _p(out)), out.shape[0])
+    _run(lib.qd_fp8_tile_max, (_p(wb), o, i, bo, bi, _p(out)), out.shape[0])
 
 
 def fp8_dequant_bf16(lib, wb, sc, bo: int, bi: int, lut, out) -> None:
     o, i = wb.shape
-    _run(_fn(lib, "qd_fp8_dequant_bf16"), (_p(wb), _p(sc), o, i, bo, bi, _p(lut), _p(out)), o)
+    _run(lib.qd_fp8_dequant_bf16, (_p(wb), _p(sc), o, i, bo, bi, _p(lut), _p(out)), o)

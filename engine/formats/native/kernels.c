@@ -10,10 +10,15 @@
  * Arrays are C-contiguous. wb: FP8 E4M3 bytes [o, i]; sc: float32 tile scales [ceil(o/bo), ceil(i/bi)];
  * lut: the float32 value of each E4M3 byte (NaN at 0x7F / 0xFF).
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "float math must be done in float (x87 excess precision would change the bytes): build with SSE"
+#endif
 
 #define F_SMIN 0.001953125f /* 2^-9: the smallest block scale (e4m3's smallest subnormal) */
 #define F_SMAX 448.0f       /* e4m3's largest value */
@@ -23,11 +28,13 @@ int qd_abi_version(void) { return 1; }
 static inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 static inline float fminf_(float a, float b) { return a < b ? a : b; }
 
-/* E2M1 code of a float32: ties to even, saturating at 6, sign = x < 0. */
+/* E2M1 code of a float32: ties to even, saturating at 6, sign = x < 0. NaN (0/0: a block divisor that
+ * underflowed to zero, weights of subnormal size) is code 7, as torch.searchsorted places it in the reference. */
 static inline uint8_t e2m1(float x) {
     float a = fabsf(x);
     uint8_t m = (uint8_t)((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) +
                           (a > 5.0f));
+    if (a != a) m = 7;
     if (x < 0.0f) m |= 8;
     return m;
 }
@@ -54,7 +61,8 @@ static void quant_row(const float *xf, int64_t nb, float s2, float six_s2, const
                       uint8_t *bs_row, uint8_t *cd, float *den) {
     for (int64_t b = 0; b < nb; b++) {
         /* max |x| of the block on the bits: |x| of a non-NaN float orders as its bits do, and an integer max
-         * vectorizes where a float one may not without -ffast-math (a NaN row is refused by the caller) */
+         * vectorizes where a float one may not without -ffast-math. No NaN gets here: callers refuse NaN codes,
+         * non-finite weights and scales, and a scale_2 whose 6·448·scale_2 overflows (nvfp4/host.py). */
         uint32_t m = 0;
         for (int j = 0; j < 16; j++) {
             uint32_t v;

@@ -51,10 +51,24 @@ def global_scale(amax) -> np.float32:
     return s if s > 0 else np.float32(1.0)
 
 
+# global_scale's largest answer (amax = the largest float32): beyond it 6·448·scale_2 overflows
+MAX_SCALE_2 = np.float32(np.finfo(np.float32).max) / np.float32(E2M1_MAX * E4M3_MAX)
+
+
+def _check_scale_2(scale_2) -> np.float32:
+    s = np.float32(scale_2)
+    if not (np.isfinite(s) and np.float32(0) < s <= MAX_SCALE_2):
+        raise FormatError(f"weight_scale_2 must be finite, > 0 and at most {float(MAX_SCALE_2):.4g}, got {float(s)}",
+                          at="scale_2", hint="compute it with global_scale(amax)")
+    return s
+
+
 def _check_fp8(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> None:
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
         raise FormatError(f"expected non-empty 2-D FP8 bytes, got {wb.dtype} {tuple(wb.shape)}", at="fp8_block_to_nvfp4")
     check_scale_grid(wb.shape, scale.shape, block)
+    if not np.isfinite(scale).all() or (scale < 0).any():
+        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")
 
 
 def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.float32:
@@ -75,7 +89,7 @@ def fp8_block_to_nvfp4(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]
     bs = np.empty((o, -(-i // 16)), np.uint8)
     bad = np.zeros(o, np.uint8)
     cpu_kernels.fp8_block_to_nvfp4(np.ascontiguousarray(wb), np.ascontiguousarray(scale, np.float32), int(block[0]),
-                                   int(block[1]), np.float32(scale_2), E4M3_LUT, packed, bs, bad)
+                                   int(block[1]), _check_scale_2(scale_2), E4M3_LUT, packed, bs, bad)
     if bad.any():
         raise FormatError(f"FP8 weight holds NaN codes (row {int(bad.argmax())})", at="fp8_block_to_nvfp4")
     return packed, bs
@@ -91,5 +105,5 @@ def float_to_nvfp4(x: np.ndarray, scale_2) -> tuple[np.ndarray, np.ndarray]:
     o, i = x.shape
     packed = np.empty((o, packed_cols(i)), np.uint8)
     bs = np.empty((o, -(-i // 16)), np.uint8)
-    cpu_kernels.fp32_to_nvfp4(x, np.float32(scale_2), E4M3_LUT, packed, bs)
+    cpu_kernels.fp32_to_nvfp4(x, _check_scale_2(scale_2), E4M3_LUT, packed, bs)
     return packed, bs

@@ -15,6 +15,7 @@ engine.formats.numba_setup says when), both around one shared row body:
 Every float op is the same float32 op, in the same order, as the reference (modelopt's), so bytes match.
 
 Compiled code is cached on disk (`cache=True`) under NUMBA_CACHE_DIR (engine/formats/numba_setup.py).
+error_model="numpy": a division by zero gives inf / NaN as in torch, not Python's ZeroDivisionError.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _B0, _B1, _B2, _B3 = np.float32(0.25), np.float32(0.75), np.float32(1.25), np.fl
 _B4, _B5, _B6 = np.float32(2.5), np.float32(3.5), np.float32(5.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _e2m1(x):
     """E2M1 code of a float32 (modelopt rule: ties to even, saturating at 6, sign = x < 0)."""
     a = abs(x)
@@ -45,12 +46,14 @@ def _e2m1(x):
         + np.uint8(a >= _B5)
         + np.uint8(a > _B6)
     )
+    if a != a:  # NaN (0/0: a block divisor that underflowed, subnormal weights): 7, as the reference's searchsorted
+        m = np.uint8(7)
     if x < _F0:
         m |= np.uint8(8)
     return m
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _e4m3_code(u, s):
     """e4m3 code of a block scale s (a float32 in [2^-9, 448]) from its bits u: round to nearest even to 3
     mantissa bits above 2^-6, rint(s·512) subnormal steps below."""
@@ -59,7 +62,7 @@ def _e4m3_code(u, s):
     return sub if u < np.uint32(0x3C800000) else nor
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b):
     """Block scale and packed codes of one 16-block held in buf (float32, zero-padded).
 
@@ -82,7 +85,7 @@ def _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
         packed[r, b * 8 + j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _fp8_row(wb, sc, r, bo, bi, s2, six_s2, lut, packed, bs, bad, xf, cd, den, sarr, sbits):
     """Row r of fp8_block_to_nvfp4 (xf, cd, den, sarr/sbits: the row's scratch, nb·16 / nb long).
 
@@ -123,7 +126,7 @@ def _fp8_row(wb, sc, r, bo, bi, s2, six_s2, lut, packed, bs, bad, xf, cd, den, s
         packed[r, k] = cd[2 * k] | (cd[2 * k + 1] << np.uint8(4))
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def fp8_block_to_nvfp4_kernel(wb, sc, bo, bi, s2, lut, packed, bs, bad):
     """wb uint8 [o, i] fp8 bytes, sc float32 tile scales, s2 float32; writes packed, bs (uint8), bad[r] on NaN.
     Rows in parallel (every core on one weight). Same float32 ops as the reference, so the same bytes."""
@@ -138,7 +141,7 @@ def fp8_block_to_nvfp4_kernel(wb, sc, bo, bi, s2, lut, packed, bs, bad):
         _fp8_row(wb, sc, r, bo, bi, s2, six_s2, lut, packed, bs, bad, xf, cd, den, sarr, sarr.view(np.uint32))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def fp8_block_to_nvfp4_serial(wb, sc, bo, bi, s2, lut, packed, bs, bad):
     """fp8_block_to_nvfp4_kernel on the calling thread alone (one weight per thread: see numba_setup)."""
     o, i = wb.shape
@@ -153,7 +156,7 @@ def fp8_block_to_nvfp4_serial(wb, sc, bo, bi, s2, lut, packed, bs, bad):
         _fp8_row(wb, sc, r, bo, bi, s2, six_s2, lut, packed, bs, bad, xf, cd, den, sarr, sbits)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _fp32_row(w, r, s2, six_s2, lut, packed, bs, buf, codes, sb, sbits):
     i = w.shape[1]
     for b in range((i + 15) // 16):
@@ -167,7 +170,7 @@ def _fp32_row(w, r, s2, six_s2, lut, packed, bs, buf, codes, sb, sbits):
         _quant_block(buf, codes, sb, sbits, amax, s2, six_s2, lut, packed, bs, r, b)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def fp32_to_nvfp4_kernel(w, s2, lut, packed, bs):
     """w float32 [o, i] (finite), s2 float32; writes packed and bs (uint8). Rows in parallel."""
     six_s2 = _F6 * s2
@@ -178,7 +181,7 @@ def fp32_to_nvfp4_kernel(w, s2, lut, packed, bs):
         _fp32_row(w, r, s2, six_s2, lut, packed, bs, buf, codes, sb, sb.view(np.uint32))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def fp32_to_nvfp4_serial(w, s2, lut, packed, bs):
     """fp32_to_nvfp4_kernel on the calling thread alone."""
     six_s2 = _F6 * s2
@@ -190,7 +193,7 @@ def fp32_to_nvfp4_serial(w, s2, lut, packed, bs):
         _fp32_row(w, r, s2, six_s2, lut, packed, bs, buf, codes, sb, sbits)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _tile_max(wb, tr, bo, bi, out, acc):
     """out[tr, :]: first the element-wise max of |byte| down the tile row's rows (long vector loops), then
     over each bi-wide slice."""
@@ -207,7 +210,7 @@ def _tile_max(wb, tr, bo, bi, out, acc):
         out[tr, t] = m
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def fp8_tile_max_kernel(wb, bo, bi, out):
     """out[tr, t] = max magnitude byte (b & 0x7F) of fp8 bytes wb over the bo×bi tile (tr, t). Tile rows in
     parallel."""
@@ -215,7 +218,7 @@ def fp8_tile_max_kernel(wb, bo, bi, out):
         _tile_max(wb, tr, bo, bi, out, np.empty(wb.shape[1], np.uint8))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def fp8_tile_max_serial(wb, bo, bi, out):
     """fp8_tile_max_kernel on the calling thread alone."""
     acc = np.empty(wb.shape[1], np.uint8)

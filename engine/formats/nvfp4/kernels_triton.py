@@ -65,6 +65,7 @@ if triton is not None:
             + (a >= 3.5).to(tl.uint8)
             + (a > 5.0).to(tl.uint8)
         )
+        m = tl.where(a != a, 7, m).to(tl.uint8)  # NaN (0/0, a divisor that underflowed): 7, as the reference
         m = m | tl.where(q < 0.0, 8, 0).to(tl.uint8)
         lo, hi = tl.split(tl.reshape(m, (BLOCK_R, BLOCK_C // 2, 2)))
         packed = lo | (hi << 4)

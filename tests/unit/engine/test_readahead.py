@@ -142,3 +142,45 @@ def test_a_cold_cpu_start_reads_its_recorded_start_files_first_then_the_source(t
     first_src = seen.index(paths[0])
     nonempty = {f for f in files if Path(f).stat().st_size}
     assert set(seen[:first_src]) == nonempty and seen[first_src:] == paths  # the start files, then the source
+
+
+def test_start_files_are_read_one_open_file_per_reader_and_capped(tmp_path, monkeypatch):
+    """A list of a thousand files (a run that imported torch) once held a descriptor per file until the source
+    was read too: past `ulimit -n` the converter's own opens failed."""
+    import os
+
+    from engine import startfiles
+
+    files = []
+    for k in range(300):
+        f = tmp_path / f"f{k}"
+        f.write_bytes(b"m" * (100 + k))
+        files.append(str(f))
+    (tmp_path / "empty").write_bytes(b"")
+    files.append(str(tmp_path / "empty"))
+    files.append(str(tmp_path / "gone"))  # listed, since removed
+    open_now, peak = [0], [0]
+    real_open, real_close = os.open, os.close
+
+    def counting_open(*a, **k):
+        fd = real_open(*a, **k)
+        open_now[0] += 1
+        peak[0] = max(peak[0], open_now[0])
+        return fd
+
+    def counting_close(fd):
+        open_now[0] -= 1
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "close", counting_close)
+    (tmp_path / "src").mkdir()
+    paths = _ckpt(tmp_path / "src", [4096])
+    t = readahead.ReadAhead(paths, budget=10 ** 9, threads=4, first=files)
+    t.run()
+    assert t.bytes_read == sum(100 + k for k in range(300)) + 4096
+    assert peak[0] <= 4 + 1 and open_now[0] == 0  # at most one start file per reader, plus the source shard
+    monkeypatch.setattr(startfiles, "MAX_BYTES", 1000)
+    capped = readahead.ReadAhead([], budget=0, threads=2, first=files)
+    capped.run()
+    assert capped.bytes_read == 100 + 101 + 102 + 103 + 104 + 105 + 106 + 107 + 108  # whole files, up to the cap

@@ -38,3 +38,16 @@ def test_a_broken_or_unwritable_list_costs_nothing(tmp_path, monkeypatch):
         assert startfiles.record("a") is False and not path.exists()
     finally:
         path.parent.chmod(0o700)
+
+
+def test_an_odd_module_never_fails_the_record(monkeypatch):
+    """A module whose own __getattr__ raises, or a path with a newline in it: the conversion has succeeded."""
+    import types
+
+    class Odd(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError("lazy module exploded")
+
+    monkeypatch.setitem(sys.modules, "odd_module_for_test", Odd("odd_module_for_test"))
+    assert startfiles.record("odd") is True
+    assert all("\n" not in f for f in startfiles.listed("odd"))

@@ -84,3 +84,41 @@ def test_without_platformdirs_the_cache_is_under_xdg_cache_home(fresh, tmp_path,
     monkeypatch.setitem(sys.modules, "platformdirs", None)  # import fails
     assert build.cache_dir() == tmp_path / "xdg" / "quantdeck" / "native"
     assert cpu_kernels.backend() == "c" and list((tmp_path / "xdg" / "quantdeck" / "native").glob("kernels-*.so"))
+
+
+def test_a_foreign_library_at_the_cached_path_is_rebuilt_and_loaded_in_the_same_process(fresh, tmp_path):
+    """The loader hands back a library it has mapped for a path: the rebuilt one is loaded under its own name."""
+    fake = tmp_path / "fake.c"
+    fake.write_text("int qd_abi_version(void) { return 99; }\n")
+    cc = build.compiler()
+    path = build.library_path(cc)
+    path.parent.mkdir(parents=True)
+    subprocess.run([*cc, "-shared", "-fPIC", "-o", str(path), str(fake)], check=True)
+    assert cpu_kernels.backend() == "c"  # the foreign library was loaded, refused, rebuilt, loaded afresh
+    packed, bs = _quantize()
+    build.forget()
+    assert cpu_kernels.backend() == "c" and all(np.array_equal(a, b) for a, b in zip(_quantize(), (packed, bs)))
+    assert not list(fresh.glob(".load-*")) and not list(fresh.glob(".build-*"))
+
+
+def test_every_kernel_has_its_c_signature_on_each_load(fresh):
+    from engine.formats.native import calls
+
+    for _ in range(3):
+        lib = build.library()
+        for name, args in calls.SIGNATURES.items():
+            assert getattr(lib, name).argtypes == args
+        build.forget()
+
+
+def test_a_compiler_command_with_arguments(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "env cc")  # as "ccache gcc" would be
+    assert build.compiler()[1:] == ["cc"] and build.compiler()[0].endswith("env")
+    assert cpu_kernels.backend() == "c"
+
+
+def test_used_says_what_ran_without_building(fresh, monkeypatch):
+    assert build.used() is None
+    assert not list(fresh.glob("*.so"))  # asking built nothing
+    cpu_kernels.backend()
+    assert build.used() == "c"

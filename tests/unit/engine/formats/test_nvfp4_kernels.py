@@ -181,3 +181,41 @@ def test_cuda_fused_group_equals_cpu():
     assert torch.equal(s2c, s2g.cpu())
     for a, b in zip(cpu, gpu):
         _same(a, b)
+
+
+def test_a_block_divisor_that_underflows_to_zero_gives_the_reference_codes():
+    """Weights of subnormal size: s_e4m3 · scale_2 rounds to 0 and x / 0 is ±inf or NaN; the reference's
+    searchsorted puts both at code 7, and so must every kernel (a NaN once fell through every comparison to 0)."""
+    from engine.formats.nvfp4 import host
+
+    x = torch.zeros(2, 40)
+    x[0, 0], x[0, 16], x[1, 3], x[1, 33] = 9e-40, 1.4e-45, -9e-40, -1.4e-45
+    s2 = global_scale(weight_amax(x))
+    want = quantize_nvfp4(x, s2)
+    got = host.float_to_nvfp4(x.numpy(), float(s2))
+    assert torch.equal(torch.from_numpy(got[0]), want[0])
+    assert torch.equal(torch.from_numpy(got[1]), want[1].view(torch.uint8))
+    q = torch.tensor([[0x08] + [0] * 15 + [0x01] + [0] * 15], dtype=torch.uint8)  # FP8 bytes 2^-6 and 2^-9
+    sc = torch.full((1, 1), 1e-30)
+    tiny = torch.tensor(1e-44)  # a scale_2 given by the caller: every divisor underflows
+    want = quantize_nvfp4(dequant_fp8_block(q.view(torch.float8_e4m3fn), sc, (128, 128)), tiny)
+    got = host.fp8_block_to_nvfp4(q.numpy(), sc.numpy(), (128, 128), float(tiny))
+    assert torch.equal(torch.from_numpy(got[0]), want[0])
+    assert torch.equal(torch.from_numpy(got[1]), want[1].view(torch.uint8))
+
+
+def test_host_kernels_refuse_a_scale_2_or_block_scale_they_cannot_use():
+    from engine.formats.nvfp4 import host
+
+    w, s = np.zeros((2, 32), np.uint8), np.ones((1, 1), np.float32)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), float(host.MAX_SCALE_2) * 2):
+        with pytest.raises(FormatError, match="weight_scale_2 must be"):
+            host.fp8_block_to_nvfp4(w, s, (128, 128), bad)
+        with pytest.raises(FormatError, match="weight_scale_2 must be"):
+            host.float_to_nvfp4(np.ones((2, 32), np.float32), bad)
+    host.fp8_block_to_nvfp4(w, s, (128, 128), host.MAX_SCALE_2)  # global_scale's largest answer is fine
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(FormatError, match="block scale holds inf, NaN or a negative"):
+            host.fp8_block_to_nvfp4(w, np.full((1, 1), bad, np.float32), (128, 128), 1.0)
+        with pytest.raises(FormatError, match="block scale holds inf, NaN or a negative"):
+            host.fp8_block_amax(w, np.full((1, 1), bad, np.float32), (128, 128))
