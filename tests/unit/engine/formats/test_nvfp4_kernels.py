@@ -204,6 +204,18 @@ def test_a_block_divisor_that_underflows_to_zero_gives_the_reference_codes():
     assert torch.equal(torch.from_numpy(got[1]), want[1].view(torch.uint8))
 
 
+@requires_gpu
+@pytest.mark.parametrize("triton", ["1", "0"])
+def test_cuda_block_divisor_underflow_equals_the_reference(triton, monkeypatch):
+    """The divisor-underflow case above on CUDA (Triton's comparisons met a NaN too)."""
+    monkeypatch.setenv("QUANTDECK_NO_TRITON", "0" if triton == "1" else "1")
+    q = torch.tensor([[0x08] + [0] * 15 + [0x01] + [0] * 15] * 3, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    sc = torch.full((1, 1), 1e-30)
+    tiny = torch.tensor(1e-44)
+    want = quantize_nvfp4(dequant_fp8_block(q, sc, (128, 128)), tiny)
+    _same(fp8_block_to_nvfp4(q, sc, tiny, device="cuda", block=(128, 128)), want)
+
+
 def test_host_kernels_refuse_a_scale_2_or_block_scale_they_cannot_use():
     from engine.formats.nvfp4 import host
 
