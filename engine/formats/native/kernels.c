@@ -28,15 +28,15 @@ int qd_abi_version(void) { return 1; }
 static inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 static inline float fminf_(float a, float b) { return a < b ? a : b; }
 
-/* E2M1 code of a float32: ties to even, saturating at 6, sign = x < 0. NaN (0/0: a block divisor that
- * underflowed to zero, weights of subnormal size) is code 7, as torch.searchsorted places it in the reference. */
+/* E2M1 code of a float32: ties to even, saturating at 6, sign = x < 0. Each bound is counted as "not at or
+ * below it" (for a number the same as "above it"), so that NaN (0/0: a block divisor that underflowed to zero,
+ * weights of subnormal size) counts all seven and is code 7, where torch.searchsorted places it in the reference;
+ * no branch, so the loop stays vectorized. */
 static inline uint8_t e2m1(float x) {
     float a = fabsf(x);
-    uint8_t m = (uint8_t)((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) +
-                          (a > 5.0f));
-    if (a != a) m = 7;
-    if (x < 0.0f) m |= 8;
-    return m;
+    uint8_t m = (uint8_t)(!(a <= 0.25f) + !(a < 0.75f) + !(a <= 1.25f) + !(a < 1.75f) + !(a <= 2.5f) +
+                          !(a < 3.5f) + !(a <= 5.0f));
+    return (uint8_t)(m | ((x < 0.0f) << 3));
 }
 
 /* e4m3 code of a block scale s in [2^-9, 448]: round to nearest even to 3 mantissa bits above 2^-6, rint(s·512)
