@@ -33,6 +33,7 @@ GPU (>= 7 GB): quantdeck wall <= 0.5x the peer's and <= 1.0x the cold copy, peak
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
@@ -271,7 +272,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--shard-size", default="5GB", help="quantdeck's output shard size (default 5GB)")
-    ap.add_argument("--workdir", default=None, help="where the source and outputs go (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the source and outputs go, kept for the next run (default: a temp dir, removed at exit)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--cold", default="all", choices=["all", "data"],
                     help="all: drop the whole page cache before each run (as issue 3 says); data: evict only the "
@@ -286,6 +288,8 @@ def main() -> int:
         globals()["PEER"] = Path(args.peer).resolve()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if not args.workdir:  # a temp dir holds ~4.5× --size-gb at the end: removed at exit (--workdir keeps it)
+        atexit.register(shutil.rmtree, work, True)
     src = build_source(work / "src", args.size_gb)
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     import torch
