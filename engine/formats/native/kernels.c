@@ -56,9 +56,37 @@ static inline float block_scale(float amax, float six_s2) {
     return fminf_(s, F_SMAX);
 }
 
-/* Scale bytes, E2M1 codes and packed nibbles of nb 16-blocks held (zero-padded) in xf. */
-static void quant_row(const float *xf, int64_t nb, float s2, float six_s2, const float *lut, uint8_t *packed_row,
-                      uint8_t *bs_row, uint8_t *cd, float *den) {
+/* A row's scratch: xf (its float32 values, padded to whole 16-blocks), den (a divisor per block), cd (codes). */
+typedef struct {
+    float *xf, *den;
+    uint8_t *cd;
+} scratch_t;
+
+static int scratch_get(scratch_t *t, int64_t nb) {
+    t->xf = malloc(sizeof(float) * (size_t)(nb * 16 + nb));
+    t->cd = malloc((size_t)(nb * 16));
+    if (!t->xf || !t->cd) {
+        free(t->xf);
+        free(t->cd);
+        return -1;
+    }
+    t->den = t->xf + nb * 16;
+    return 0;
+}
+
+static void scratch_put(scratch_t *t) {
+    free(t->xf);
+    free(t->cd);
+}
+
+/* Scale bytes, E2M1 codes and packed nibbles of a row of i values held in t->xf (padded here with zeros to
+ * nb = ceil(i/16) blocks). */
+static void quant_row(scratch_t *t, int64_t i, float s2, float six_s2, const float *lut, uint8_t *packed_row,
+                      uint8_t *bs_row) {
+    int64_t nb = (i + 15) / 16;
+    float *xf = t->xf, *den = t->den;
+    uint8_t *cd = t->cd;
+    for (int64_t c = i; c < nb * 16; c++) xf[c] = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         /* max |x| of the block on the bits: |x| of a non-NaN float orders as its bits do, and an integer max
          * vectorizes where a float one may not without -ffast-math. No NaN gets here: callers refuse NaN codes,
@@ -90,14 +118,8 @@ int qd_fp8_block_to_nvfp4(const uint8_t *wb, const float *sc, int64_t o, int64_t
     (void)o;
     int64_t nb = (i + 15) / 16, gi = (i + bi - 1) / bi;
     float six_s2 = 6.0f * s2;
-    float *xf = malloc(sizeof(float) * (size_t)(nb * 16 + nb));
-    uint8_t *cd = malloc((size_t)(nb * 16));
-    if (!xf || !cd) {
-        free(xf);
-        free(cd);
-        return -1;
-    }
-    float *den = xf + nb * 16;
+    scratch_t t;
+    if (scratch_get(&t, nb)) return -1;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = wb + r * i;
         const float *srow = sc + (r / bo) * gi;
@@ -107,16 +129,14 @@ int qd_fp8_block_to_nvfp4(const uint8_t *wb, const float *sc, int64_t o, int64_t
             mb = v > mb ? v : mb;
         }
         if (mb == 0x7F) bad[r] = 1;
-        for (int64_t t = 0; t < gi; t++) {
-            float sv = srow[t];
-            int64_t end = (t + 1) * bi < i ? (t + 1) * bi : i;
-            for (int64_t c = t * bi; c < end; c++) xf[c] = lut[row[c]] * sv;
+        for (int64_t g = 0; g < gi; g++) {
+            float sv = srow[g];
+            int64_t end = (g + 1) * bi < i ? (g + 1) * bi : i;
+            for (int64_t c = g * bi; c < end; c++) t.xf[c] = lut[row[c]] * sv;
         }
-        for (int64_t c = i; c < nb * 16; c++) xf[c] = 0.0f;
-        quant_row(xf, nb, s2, six_s2, lut, packed + r * nb * 8, bs + r * nb, cd, den);
+        quant_row(&t, i, s2, six_s2, lut, packed + r * nb * 8, bs + r * nb);
     }
-    free(xf);
-    free(cd);
+    scratch_put(&t);
     return 0;
 }
 
@@ -125,22 +145,13 @@ int qd_fp32_to_nvfp4(const float *w, int64_t o, int64_t i, float s2, const float
                      int64_t r0, int64_t r1) {
     (void)o;
     int64_t nb = (i + 15) / 16;
-    float six_s2 = 6.0f * s2;
-    float *xf = malloc(sizeof(float) * (size_t)(nb * 16 + nb));
-    uint8_t *cd = malloc((size_t)(nb * 16));
-    if (!xf || !cd) {
-        free(xf);
-        free(cd);
-        return -1;
-    }
-    float *den = xf + nb * 16;
+    scratch_t t;
+    if (scratch_get(&t, nb)) return -1;
     for (int64_t r = r0; r < r1; r++) {
-        memcpy(xf, w + r * i, sizeof(float) * (size_t)i);
-        for (int64_t c = i; c < nb * 16; c++) xf[c] = 0.0f;
-        quant_row(xf, nb, s2, six_s2, lut, packed + r * nb * 8, bs + r * nb, cd, den);
+        memcpy(t.xf, w + r * i, sizeof(float) * (size_t)i);
+        quant_row(&t, i, s2, 6.0f * s2, lut, packed + r * nb * 8, bs + r * nb);
     }
-    free(xf);
-    free(cd);
+    scratch_put(&t);
     return 0;
 }
 
