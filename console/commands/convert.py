@@ -97,7 +97,8 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
 
     from engine.convert.device import start_early
 
-    start_early(src, device, to, entry=START_FILES)  # the disk reads the source (and CUDA starts) while the imports run
+    # the disk reads the start's files and the source (and CUDA starts) while the imports run
+    start_early(src, device, to, entry=START_FILES)
     gc.disable()  # no collections while (torch's) million objects load ...
     from engine.convert import convert_checkpoint
 

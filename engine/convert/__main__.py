@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
     timeline.mark("main")
-    start_early(a.src, a.device, a.to, entry=START_FILES)  # the disk reads the source (and CUDA starts) while the
-    # imports run
+    # the disk reads the start's files and the source (and CUDA starts) while the imports run
+    start_early(a.src, a.device, a.to, entry=START_FILES)
     gc.disable()  # no collections while (torch's) million objects load ...
     from engine.convert import convert_checkpoint
 
