@@ -1,7 +1,7 @@
 """A streaming, resumable, sharded safetensors writer.
 
 Every output tensor (name, dtype, shape) is known before any data exists, so shards are planned up front
-(`plan_shards`): each shard's header is written first and tensors are written at their offsets as they
+(engine.checkpoint.shard_plan): each shard's header is written first and tensors are written at their offsets as they
 come, from any number of threads. Memory is the tensors in hand, never a shard. A shard is written as
 `<shard>.partial`, each piece hashed from memory as it is written (engine.checkpoint.digest: nothing is
 read back), fsynced, renamed into place and recorded in manifest.json with its digest. The whole
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from engine.checkpoint import digest as dg
 from engine.checkpoint.direct import DirectWriter
@@ -32,46 +30,13 @@ from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.paths import partial_path
 from engine.checkpoint.safetensors_format import TensorSpec, build_layout, dtype_name
+from engine.checkpoint.shard_plan import ShardPlan, plan_shards
 from engine.checkpoint.write_errors import disk_full, make_output_dir, raise_write_error
 from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink
 from engine.fsutil import atomic_write_json, fsync_dir
 
 DEFAULT_METADATA = {"format": "pt"}
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """One output shard: its file name and every tensor it will hold."""
-
-    name: str
-    tensors: tuple[TensorSpec, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"model-{i:05d}-of-{n:05d}.safetensors"
-
-
-def plan_shards(units: Iterable[list[TensorSpec]], shard_size: int) -> list[ShardPlan]:
-    """Fill shards greedily in the given order; a unit (e.g. one fused group) is never split."""
-    groups: list[list[TensorSpec]] = []
-    cur: list[TensorSpec] = []
-    cur_bytes = 0
-    for unit in units:
-        size = sum(t.nbytes for t in unit)
-        if cur and cur_bytes + size > shard_size:
-            groups.append(cur)
-            cur, cur_bytes = [], 0
-        cur.extend(unit)
-        cur_bytes += size
-    if cur or not groups:
-        groups.append(cur)
-    n = len(groups)
-    return [ShardPlan(shard_name(i + 1, n), tuple(g)) for i, g in enumerate(groups)]
 
 
 def _writeback_starter():
@@ -406,8 +371,3 @@ def write_checkpoint(dst: str | os.PathLike, tensors: dict, shard_size: int = 5 
             sf.write(spec.name, tensors[spec.name])
         sf.close()
     return writer.finalize()
-
-
-def index_json(weight_map: dict[str, str], total_size: int) -> str:
-    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
-                      indent=2)

@@ -18,7 +18,8 @@ import torch
 from engine.checkpoint.paths import refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
-from engine.checkpoint.writer import CheckpointWriter, plan_shards
+from engine.checkpoint.shard_plan import plan_shards
+from engine.checkpoint.writer import CheckpointWriter
 from engine.convert.extras import copy_extras
 from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink, Progress

@@ -27,7 +27,8 @@ from typing import Callable
 
 from engine import timeline
 from engine.checkpoint.reader import CheckpointReader
-from engine.checkpoint.writer import ShardFile, ShardPlan
+from engine.checkpoint.shard_plan import ShardPlan
+from engine.checkpoint.writer import ShardFile
 from engine.convert import compute_host
 from engine.convert.plan import TO_NVFP4, Item, layout_tensor
 

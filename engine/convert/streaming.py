@@ -23,7 +23,8 @@ from engine import __version__, timeline
 from engine.checkpoint.paths import layout_dirs, refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.write_errors import make_output_dir
-from engine.checkpoint.writer import CheckpointWriter, ShardPlan, shard_name
+from engine.checkpoint.shard_plan import ShardPlan, shard_name
+from engine.checkpoint.writer import CheckpointWriter
 from engine.convert.extras import copy_extras
 from engine.convert.compute_host import native
 from engine.convert.device import choose_device, needs_gpu_after_all

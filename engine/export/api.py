@@ -145,7 +145,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     if len(layouts) > 1:
         make_output_dir(dst)
     writers, shard_plans = {}, {}
-    from engine.checkpoint.writer import ShardPlan, shard_name
+    from engine.checkpoint.shard_plan import ShardPlan, shard_name
 
     for lay in layouts:
         shard_plans[lay] = [ShardPlan(shard_name(i + 1, len(groups_items)),
