@@ -54,3 +54,11 @@ def check_scale_grid(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]
     if tuple(scale_shape) != want:
         raise FormatError(f"scale shape {tuple(scale_shape)} does not match weight {tuple(weight_shape)} with block "
                           f"{tuple(block)}: expected {want}", at="scale", hint="check the weight's scale companion")
+
+
+def check_scale_values(scale) -> None:
+    """FormatError unless every block scale (a float32 numpy array) is finite and >= 0."""
+    import numpy as np
+
+    if not np.isfinite(scale).all() or (scale < 0).any():
+        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")

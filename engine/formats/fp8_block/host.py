@@ -10,7 +10,7 @@ import numpy as np
 
 from engine.errors import FormatError
 from engine.formats import cpu_kernels
-from engine.formats.grid import check_scale_grid
+from engine.formats.grid import check_scale_grid, check_scale_values
 from engine.formats.nvfp4.host import E4M3_LUT
 
 E8M0_BIAS = 127
@@ -31,8 +31,7 @@ def block_scales_fp32(data: np.ndarray, dtype: str) -> np.ndarray:
     else:
         raise FormatError(f"unsupported block-scale dtype {dtype}", at="scale",
                           hint="expected float32, bfloat16, float8_e8m0fnu or uint8 (E8M0 bytes)")
-    if not np.isfinite(s).all() or (s < 0).any():
-        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")
+    check_scale_values(s)
     return np.ascontiguousarray(s)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from engine.errors import FormatError
+from engine.formats.grid import check_scale_values
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
 from engine.formats.nvfp4.helpers import as_scale_2
 
@@ -50,10 +51,9 @@ def _check_fp8(w_fp8: torch.Tensor, scale: torch.Tensor, block) -> tuple[int, in
 
 
 def _scale_np(scale: torch.Tensor) -> np.ndarray:
-    s = scale_to_fp32(scale).detach().cpu().contiguous()
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")
-    return s.numpy()
+    s = scale_to_fp32(scale).detach().cpu().contiguous().numpy()
+    check_scale_values(s)
+    return s
 
 
 def fp8_block_to_nvfp4(

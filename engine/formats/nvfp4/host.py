@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.errors import FormatError
 from engine.formats import cpu_kernels
-from engine.formats.grid import E2M1_MAX, E4M3_MAX, check_scale_grid, packed_cols
+from engine.formats.grid import E2M1_MAX, E4M3_MAX, check_scale_grid, check_scale_values, packed_cols
 
 
 def _e4m3_table() -> np.ndarray:
@@ -67,8 +67,7 @@ def _check_fp8(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> Non
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
         raise FormatError(f"expected non-empty 2-D FP8 bytes, got {wb.dtype} {tuple(wb.shape)}", at="fp8_block_to_nvfp4")
     check_scale_grid(wb.shape, scale.shape, block)
-    if not np.isfinite(scale).all() or (scale < 0).any():
-        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")
+    check_scale_values(scale)
 
 
 def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.float32:
