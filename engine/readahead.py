@@ -97,7 +97,7 @@ class ReadAhead(threading.Thread):
             if not size:
                 continue
             first_left -= size
-            yield p, 0, -size  # a negative length: the whole file
+            yield p, 0, None  # no length: the whole file
         left = self.budget
         for p in self.paths:
             try:
@@ -125,7 +125,7 @@ class ReadAhead(threading.Thread):
                 if job is None:
                     return
                 p, off, n = job
-                if n < 0:
+                if n is None:
                     got = _read_whole(p, buf)
                     with self._lock:
                         self.bytes_read += got

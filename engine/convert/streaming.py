@@ -144,15 +144,9 @@ def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q,
     share = max(1, usable_cores() // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1"))))
     os.environ["OMP_NUM_THREADS"] = str(share)  # torch's pool, should an item import it
     os.environ.setdefault("QUANTDECK_COMPUTERS", str(share))  # CPU: one compute thread per core of its share
-    os.environ.setdefault("QUANTDECK_KERNEL_THREADS", str(share))  # and a big item's parallel kernel, per call
+    os.environ.setdefault("QUANTDECK_KERNEL_THREADS", str(share))  # and a big item's parallel kernel (C or numba)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(share)
-    from engine.formats import cpu_kernels
-
-    if device == "cpu" and cpu_kernels.backend() == "numba":  # N processes share the cores: each numba kernel gets
-        from engine.formats.numba_setup import numba  # its share (the C kernels read QUANTDECK_KERNEL_THREADS)
-
-        numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
     reuse_heap()
     reader = CheckpointReader(src)
 
@@ -341,7 +335,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     kernels = _cpu_kernels(sink) if mine and str(dev) == "cpu" else None
     wall = time.monotonic() - t0
     return {"src": str(src), "dst": str(dst), "outputs": outputs, "target": target, "family": plan.family,
-            "device": str(dev), "cpu_kernels": kernels, "items": len(plan.items), "shards": len(groups), "shards_written": len(tasks),
+            "device": str(dev), "cpu_kernels": kernels, "items": len(plan.items), "shards": len(groups),
+            "shards_written": len(tasks),
             "shards_kept": len(groups) - len(tasks), "quantized_modules": len(plan.quantized_modules),
             "kept_modules": plan.kept_modules, "mtp_modules": plan.mtp_modules, "notes": notes_all,
             "bytes_read": bytes_total, "wall_s": round(wall, 3), "busy_s": timings,

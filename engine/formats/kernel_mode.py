@@ -34,10 +34,15 @@ def serial() -> bool:
     return getattr(_mode, "serial", False)
 
 
+def threads_asked() -> int:
+    """QUANTDECK_KERNEL_THREADS, 0 where unset (read per call: a `--workers` child sets it after its imports)."""
+    return int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
+
+
 def kernel_threads() -> int:
-    """Threads for one kernel call over every core: QUANTDECK_KERNEL_THREADS (read per call: a `--workers`
-    child sets it after its imports), else the cores this process may use."""
-    env = int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
+    """Threads for one kernel call over every core: QUANTDECK_KERNEL_THREADS, else the cores this process may
+    use."""
+    env = threads_asked()
     if env > 0:
         return env
     try:

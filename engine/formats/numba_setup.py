@@ -33,15 +33,11 @@ KERNEL_LOCK = threading.Lock()
 # hold up the whole call. QUANTDECK_KERNEL_CHUNK=0: numba's static shares.
 CHUNK_ROWS = int(os.environ.get("QUANTDECK_KERNEL_CHUNK") or 8)
 
-# Threads per kernel call (0: every core). Leaving cores to the reader and writer threads measured within the
-# run-to-run noise on a 16-core box (12 vs 16 threads: 7.8 vs 9.2 s on one machine, 8.1 vs 7.1 s on another).
-def _threads() -> int:
-    """QUANTDECK_KERNEL_THREADS, read per call (a `--workers` child sets it after its imports)."""
-    return int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
-
-
-# Which way a thread runs kernels is engine.formats.kernel_mode's (shared with the C kernels).
-from engine.formats.kernel_mode import serial, serial_kernels  # noqa: E402
+# Which way a thread runs kernels, and how many threads a parallel call asks for (QUANTDECK_KERNEL_THREADS, 0: every
+# core), are engine.formats.kernel_mode's (shared with the C kernels). Leaving cores to the reader and writer
+# threads measured within the run-to-run noise on a 16-core box (12 vs 16 threads: 7.8 vs 9.2 s on one machine,
+# 8.1 vs 7.1 s on another).
+from engine.formats.kernel_mode import serial, serial_kernels, threads_asked  # noqa: E402
 
 
 def run_kernel(parallel, serial_fn, *args, chunk: int | None = None) -> None:
@@ -59,7 +55,7 @@ def kernel_call(chunk: int | None = None):
     of the parallel loop per chunk; `chunk` for a loop whose iterations are bigger than a row, e.g. 1 for a
     loop over 128-row tiles)."""
     with KERNEL_LOCK:
-        threads = _threads()
+        threads = threads_asked()
         if threads:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         prev = numba.set_parallel_chunksize(CHUNK_ROWS if chunk is None or not CHUNK_ROWS else chunk)

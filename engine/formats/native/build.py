@@ -151,12 +151,21 @@ def _load() -> ctypes.CDLL:
         return _open_fresh(path)
 
 
+def _wanted() -> str:
+    """QUANTDECK_KERNELS: "c", "numba" or "" (c where it builds)."""
+    return (os.environ.get(ENV) or "").strip().lower()
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded C kernels, built on first use; None where the numba kernels are to be used (see
-    `unavailable()`). Thread-safe; the result is kept for the process."""
-    want = (os.environ.get(ENV) or "").strip().lower()
+    `unavailable()`). Thread-safe; the result is kept for the process (once loaded, no lock: every kernel call
+    asks)."""
+    want = _wanted()
     if want == "numba":
         return None
+    lib = _state.get("lib")
+    if lib is not None:
+        return lib  # type: ignore[return-value]
     with _lock:
         if "lib" not in _state and "why" not in _state:
             try:
@@ -171,7 +180,7 @@ def library() -> ctypes.CDLL | None:
 def used() -> str | None:
     """What this process's CPU kernels have been: "c", "numba", or None while none has been asked for. Builds
     nothing (a conversion's summary, after the fact)."""
-    if (os.environ.get(ENV) or "").strip().lower() == "numba":
+    if _wanted() == "numba":
         return "numba" if "numba" in sys.modules else None
     if "lib" in _state:
         return "c"
