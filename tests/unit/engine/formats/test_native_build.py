@@ -122,3 +122,16 @@ def test_used_says_what_ran_without_building(fresh, monkeypatch):
     assert not list(fresh.glob("*.so"))  # asking built nothing
     cpu_kernels.backend()
     assert build.used() == "c"
+
+
+def test_a_conversion_says_why_it_fell_back_to_numba(fresh, monkeypatch):
+    from engine.convert.streaming import _cpu_kernels
+    from engine.events import CallbackSink
+
+    monkeypatch.setenv("PATH", str(fresh))  # no compiler
+    monkeypatch.delenv("CC", raising=False)
+    assert cpu_kernels.backend() == "numba"
+    seen = []
+    assert _cpu_kernels(CallbackSink(seen.append)) == "numba"
+    assert [e.data["msg"] for e in seen] == [
+        "CPU kernels: numba (the C kernels could not be built: no C compiler (cc, gcc or clang; or set CC))"]
