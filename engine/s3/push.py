@@ -46,8 +46,9 @@ def local_files(src: Path, skip: set[Path]) -> list[tuple[str, Path]]:
 
 
 def check_bucket(sess: S3Session, u: S3Url) -> None:
+    """The bucket exists and may be listed (s3:ListBucket, which a push needs anyway to resume)."""
     try:
-        sess.client.head_bucket(Bucket=u.bucket)
+        sess.client.list_objects_v2(Bucket=u.bucket, MaxKeys=1)
     except Exception as e:
         raise translate(e, sess, at=f"s3://{u.bucket}", op="check bucket") from e
 

@@ -9,11 +9,12 @@ from engine.s3.url import parse_url
 
 def check_reachable(url: str, endpoint_url: str | None = None, *, need_objects: bool = False,
                     profile: str | None = None) -> None:
-    """One HeadBucket (plus one ListObjectsV2 of a single key when `need_objects`); raises TransferError."""
+    """One ListObjectsV2 of at most one key (the IAM action s3:ListBucket, which HeadBucket needs too, and what every
+    pull and push asks for first), and one under the URL's prefix when `need_objects`; raises TransferError."""
     u = parse_url(url)
     sess = make_session(endpoint_url, profile=profile, attempts=2, connect_timeout=5.0, read_timeout=15.0)
     try:
-        sess.client.head_bucket(Bucket=u.bucket)
+        sess.client.list_objects_v2(Bucket=u.bucket, MaxKeys=1)
     except Exception as e:
         raise translate(e, sess, at=f"s3://{u.bucket}", op="check bucket") from e
     if not need_objects:

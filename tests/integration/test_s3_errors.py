@@ -94,8 +94,8 @@ def test_each_error_gives_its_message(s3, tmp_path, monkeypatch):
 
     iam = boto3.client("iam", endpoint_url=server.url, region_name="us-east-1")
     keys = {}
-    for user, actions in (("qd-lister", ["s3:ListBucket", "s3:HeadBucket"]),
-                          ("qd-reader", ["s3:ListBucket", "s3:HeadBucket", "s3:GetObject"])):
+    for user, actions in (("qd-lister", ["s3:ListBucket"]),
+                          ("qd-reader", ["s3:ListBucket", "s3:GetObject"])):
         iam.create_user(UserName=user)
         iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
