@@ -160,6 +160,12 @@ class TransferError(QuantdeckError):
     title = "transfer failed"
 
 
+class KernelsUnavailableError(QuantdeckError):
+    """Neither CPU kernel technology can run: the C kernels did not build and numba is not installed."""
+
+    title = "no CPU kernels"
+
+
 class RegistryError(QuantdeckError):
     title = "unknown name"
     exit_code = ExitCode.USAGE

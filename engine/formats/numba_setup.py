@@ -13,8 +13,19 @@ if "NUMBA_CACHE_DIR" not in os.environ:  # must be set before numba reads its co
 
     os.environ["NUMBA_CACHE_DIR"] = str(user_cache_dir("numba"))
 
-import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402
+try:
+    import numba
+    from numba import njit, prange
+except ImportError as e:  # the C kernels are the default; numba is the optional fallback (quantdeck[numba])
+    from engine.errors import KernelsUnavailableError
+    from engine.formats.native import build
+
+    why = build.unavailable() or "QUANTDECK_KERNELS=numba asks for them"
+    raise KernelsUnavailableError(
+        f"the C kernels cannot be used ({why}) and numba, the fallback, is not installed",
+        at="engine.formats.native",
+        hint="install a C compiler (Debian: apt-get install gcc libc6-dev) so the C kernels build, or the "
+             "fallback with pip install 'quantdeck[numba]'") from e
 
 if not getattr(numba.config, "CACHE_DIR", ""):  # numba was imported before us: point it at the same place
     numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]

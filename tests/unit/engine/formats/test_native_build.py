@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,31 @@ def test_a_conversion_says_why_it_fell_back_to_numba(fresh, monkeypatch):
     assert _cpu_kernels(CallbackSink(seen.append)) == "numba"
     assert [e.data["msg"] for e in seen] == [
         "CPU kernels: numba (the C kernels could not be built: no C compiler (cc, gcc or clang; or set CC))"]
+
+
+def test_without_a_compiler_or_numba_the_error_says_how_to_get_either(fresh, tmp_path):
+    """numba is an optional extra: where the C kernels cannot build and numba is absent, one clear error."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoNumba:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'numba' or name.startswith('numba.'):\n"
+        "            raise ImportError('No module named numba')\n"
+        "sys.meta_path.insert(0, _NoNumba())\n")
+    code = ("from engine.errors import KernelsUnavailableError\n"
+            "import numpy as np\n"
+            "from engine.formats.nvfp4 import host\n"
+            "try:\n"
+            "    host.float_to_nvfp4(np.ones((2, 32), np.float32), 1.0)\n"
+            "except KernelsUnavailableError as e:\n"
+            "    print(e.one_line())\n")
+    env = {**os.environ, "PATH": str(fresh), "QUANTDECK_NATIVE_CACHE": str(fresh),
+           "PYTHONPATH": os.pathsep.join([str(hide), str(Path(__file__).resolve().parents[4])])}
+    env.pop("CC", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert "the C kernels cannot be used (no C compiler" in line and "numba, the fallback, is not installed" in line
+    assert "pip install 'quantdeck[numba]'" in line and "apt-get install gcc" in line
