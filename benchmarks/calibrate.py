@@ -128,7 +128,7 @@ def role_modelopt(a) -> None:
     from engine.calibrate.streaming import layer_amax
     t_import = time.monotonic() - t0
 
-    kw: dict = {"dtype": torch.bfloat16}
+    kw: dict = {"dtype": torch.bfloat16, "use_kernels": False, "local_files_only": True}  # no hub, ever
     if a.device == "cuda":
         if a.gpu_mem_fraction:
             cap = int(torch.cuda.get_device_properties(0).total_memory * a.gpu_mem_fraction * 0.8)

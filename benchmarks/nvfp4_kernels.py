@@ -1,6 +1,6 @@
 """Per-tensor NVFP4 math: quantdeck's kernels vs the peer converter's functions, side by side in one run.
 
-    python benchmarks/kernels.py [--rows 2048] [--cols 7168] [--repeat 5] [--device cpu|cuda|auto]
+    python benchmarks/nvfp4_kernels.py [--rows 2048] [--cols 7168] [--repeat 5] [--device cpu|cuda|auto]
                                  [--peer ../shared/reference/seed_fp8_to_nvfp4_streaming.py]
 
 Input: a synthetic DeepSeek FP8 expert weight ([2048, 7168] float8_e4m3fn + 128×128 float32 scales).
