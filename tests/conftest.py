@@ -10,6 +10,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+import engine  # noqa: E402,F401  (sets the offline variables before any test imports transformers)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

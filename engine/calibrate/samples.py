@@ -185,7 +185,7 @@ def _load_tokenizer(tokenizer: Any):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(tokenizer))
+        return AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
     except (OSError, ValueError) as e:
         raise SamplesError(f"cannot load the tokenizer from {tokenizer}: {e}", at=str(tokenizer),
                            hint="the checkpoint needs tokenizer files (tokenizer.json / tokenizer_config.json)") from e
