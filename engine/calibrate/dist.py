@@ -13,6 +13,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
     device: torch.device = torch.device("cpu")
     backend: str = ""  # "" = not distributed
     owns_group: bool = False  # we initialized the process group and destroy it at the end
@@ -72,7 +73,8 @@ def init_distributed(device: str = "auto") -> DistContext:
     dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, device=dev)
     if world > 1:
         import torch.distributed as dist
 

@@ -3,24 +3,21 @@
 A `LayerFamily` knows, for one model family: the transformers config / decoder-layer / rotary classes,
 how to turn a batch of token ids into what the first layer receives (embeddings) and the keyword
 arguments every layer receives (rotary position embeddings, the causal mask, position ids), and
-which checkpoint tensors fill each parameter of layer i (fused experts are stacked here, FP8
-weights are dequantized by the loader). It mirrors what `<Family>Model.forward` does before its
-layer loop, so a layer fed this way sees exactly what it sees inside the whole model.
+which checkpoint tensors fill each parameter of layer i (`source_map`; engine.calibrate.layer_plan turns
+it into the pieces of each parameter, fused experts included). It mirrors what `<Family>Model.forward`
+does before its layer loop, so a layer fed this way sees exactly what it sees inside the whole model.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from engine.errors import CheckpointError
 from engine.registry import Registry
-
-GetTensor = Callable[[str], torch.Tensor]  # checkpoint name -> tensor in the compute dtype
-
 
 @dataclass
 class Batch:
@@ -124,9 +121,7 @@ class LayerFamily(Registry):
         renamings = cls.renamings()
         plain: dict[str, str] = {}
         experts: dict[tuple[int, str], str] = {}
-        for n in names:
-            if not pat.match(n):
-                continue
+        for n in cls._layer_names(names).get(i, ()):
             m = pat.match(apply_renamings(n, renamings))
             if not m:
                 continue
@@ -139,26 +134,17 @@ class LayerFamily(Registry):
         return plain, experts
 
     @classmethod
-    def load_param(cls, i: int, pname: str, get: GetTensor, names: set[str]) -> torch.Tensor:
-        """The tensor for parameter `pname` (relative to layer i) from the checkpoint; fused experts stacked
-        as transformers' converters do (gate_up_proj[e] = cat(gate, up), down_proj[e])."""
-        plain, experts = cls.source_map(i, names)
-        if pname in plain:
-            return get(plain[pname])
-        m = re.match(r"^(.*experts)\.(gate_up_proj|down_proj)$", pname)
-        if m and experts:
-            n = 1 + max(e for e, _ in experts)
-            try:
-                if m.group(2) == "down_proj":
-                    return torch.stack([get(experts[(e, "down")]) for e in range(n)])
-                return torch.stack([torch.cat([get(experts[(e, "gate")]), get(experts[(e, "up")])], dim=0)
-                                    for e in range(n)])
-            except KeyError as err:
-                raise CheckpointError(f"layer {i}: expert weight {err} missing", at=f"{cls.layer_prefix(i)}{pname}",
-                                      hint="is the checkpoint complete?") from None
-        full = cls.layer_prefix(i) + pname
-        raise CheckpointError(f"tensor for {full} not found in the checkpoint", at=full,
-                              hint="is this the checkpoint the config describes?")
+    def _layer_names(cls, names: set[str]) -> dict[int, list[str]]:
+        """The checkpoint's names by decoder layer index (`model.layers.<i>.` or `layers.<i>.`), one pass."""
+        key = ("by-layer", id(names), len(names))
+        if key not in cls._maps:
+            by: dict[int, list[str]] = {}
+            pat = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+            for n in names:
+                if m := pat.match(n):
+                    by.setdefault(int(m.group(1)), []).append(n)
+            cls._maps[key] = by
+        return cls._maps[key]
 
     @classmethod
     def embed_source(cls, names: set[str]) -> str:

@@ -1,9 +1,10 @@
-"""Build one transformers decoder layer on a device from checkpoint tensors, dequantizing on the fly.
+"""A decoder layer's surroundings: the checkpoint's tensors by name, the compute dtype, the tensors kept in
+fp32, and the transformers layer module put around a built state dict.
 
-FP8 block weights (`weight` float8_e4m3fn + `weight_scale_inv`) are dequantized exactly with
-engine.formats; everything lands in the compute dtype except the tensors transformers keeps in fp32
+Everything lands in the compute dtype except the tensors transformers keeps in fp32
 (`_keep_in_fp32_modules[_strict]`, e.g. the router's `e_score_correction_bias`), as `from_pretrained`
-would leave them. Nothing of the layer is randomly initialized.
+would leave them. The layer's tensors themselves are read and built by engine.calibrate.layer_reader;
+nothing of the layer is randomly initialized.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if has
 
 
 class TensorSource:
-    """Checkpoint tensors by name, dequantized to the compute dtype (B's CheckpointReader underneath)."""
+    """Checkpoint tensors by name (the embedding, for one), FP8 / MXFP4 dequantized on the host."""
 
     def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype):
         from engine.checkpoint.reader import CheckpointReader
@@ -69,38 +70,12 @@ def compute_dtype(config: dict) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _keep_fp32(family: type[LayerFamily], dtype: torch.dtype = torch.bfloat16) -> list[str]:
+def keep_fp32(family: type[LayerFamily], dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """What from_pretrained keeps in fp32: the strict list always, the other only for float16 models."""
     mc = family.model_class()
     out = list(getattr(mc, "_keep_in_fp32_modules_strict", None) or [])
     if dtype == torch.float16:
         out += list(getattr(mc, "_keep_in_fp32_modules", None) or [])
-    return out
-
-
-def layer_tensors(family: type[LayerFamily], hf_config, i: int, src: TensorSource,
-                  dtype: torch.dtype, pin: bool = False) -> dict[str, torch.Tensor]:
-    """Layer `i`'s state dict, read and dequantized on the CPU in the dtypes `from_pretrained` would give;
-    in page-locked memory with `pin` (the upload to a GPU is then asynchronous and at full speed).
-
-    Runs on a prefetch thread while the device calibrates the previous layer."""
-    with torch.device("meta"):
-        shapes = {k: (tuple(v.shape), v.dtype) for k, v in family.layer_class()(hf_config, i).state_dict().items()}
-    keep = _keep_fp32(family, dtype)
-    out: dict[str, torch.Tensor] = {}
-    for pname, (shape, cur_dtype) in shapes.items():
-        t = family.load_param(i, pname, src.get, src.names)
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{family.layer_prefix(i)}{pname}: checkpoint shape {tuple(t.shape)} "
-                                  f"!= model shape {shape}", at=family.layer_prefix(i) + pname,
-                                  hint="does config.json match the weights?")
-        want = torch.float32 if any(k in pname for k in keep) else (dtype if cur_dtype.is_floating_point else cur_dtype)
-        out[pname] = t.to(want).contiguous()
-        if pin:
-            try:
-                out[pname] = out[pname].pin_memory()
-            except RuntimeError:  # page-locking refused: pageable, the upload just waits
-                pin = False
     return out
 
 
@@ -123,9 +98,3 @@ def materialize_layer(family: type[LayerFamily], hf_config, i: int, tensors: dic
             dst_mod._buffers[attr] = src_mod._buffers[attr]
         del real
     return layer.eval()
-
-
-def build_layer(family: type[LayerFamily], hf_config, i: int, src: TensorSource, device: torch.device,
-                dtype: torch.dtype) -> torch.nn.Module:
-    """Layer `i` of the model, on `device`, its tensors from the checkpoint."""
-    return materialize_layer(family, hf_config, i, layer_tensors(family, hf_config, i, src, dtype), device)

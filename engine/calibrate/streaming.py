@@ -32,7 +32,8 @@ from engine.calibrate.family import LayerFamily
 from engine.calibrate.fastcollect import WeightsOnce, check_amax, deferred_checks
 from engine.calibrate.fastexperts import one_sync_experts
 from engine.calibrate.inputs import prepare_inputs
-from engine.calibrate.layer import TensorSource, compute_dtype, layer_tensors, materialize_layer
+from engine.calibrate.layer import TensorSource, compute_dtype, materialize_layer
+from engine.calibrate.layer_reader import LayerReader, ReadShare
 from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
 from engine.calibrate.samples import Samples, load_samples, read_samples_file
@@ -197,17 +198,18 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
     init = (dict(initializer=torch.cuda.set_device, initargs=(dev,)) if dev.type == "cuda" else {})
     reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch", **init)
     writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts", **init)
+    layers = LayerReader(src.reader, family, hf_config, dtype, dev, range(start, end))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     stack = contextlib.ExitStack()
     try:
-        # the first layer's tensors are read, and the first activations and the layer arguments computed, while
-        # modelopt is imported (torch.distributed is joined after: RANK / WORLD_SIZE give the batches)
-        nxt = reader_pool.submit(layer_tensors, family, hf_config, start, src, dtype, dev.type == "cuda") \
-            if start < end else None
+        # one rank: the first layer is read, and the first activations and the layer arguments computed, while
+        # modelopt is imported (torch.distributed is joined after: RANK / WORLD_SIZE give the batches); several
+        # ranks share the reads, so theirs starts once the group is joined
+        nxt = reader_pool.submit(layers.read, start) if start < end and world == 1 else None
         with ph("samples_s"):
             if not isinstance(samples, Samples):
                 samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
             pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-            world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
             batches = plan_batches(samples.input_ids, batch_size, world, rank, pad_id)
             importlib.import_module("transformers.masking_utils")  # imported here, not on the inputs thread
         inputs = writer_pool.submit(prepare_inputs, family, hf_config, src, out, rank, batches, start, end, dtype, dev,
@@ -218,6 +220,9 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             warm.join()
             ctx = init_distributed(device)
             holder.append(ctx)
+            if ctx.active:
+                layers.share_reads(ReadShare.for_node(ctx))
+                nxt = reader_pool.submit(layers.read, start) if start < end else None
         local_tokens = sum(b.tokens for b in batches)
         manifest = {
             "format": snap.SNAPSHOT_FORMAT, "model": str(model_dir), "model_fingerprint": src.reader.fingerprint(),
@@ -267,8 +272,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             tm = p["times"]
             tm["write_wait_s"] = time.monotonic() - t
             ph.merge({k: v for k, v in tm.items() if k != "calib_s"})  # calib_s is the sum of its parts
-            dt = tm["read_wait_s"] + tm["build_s"] + tm["calib_s"] + tm["write_wait_s"]
-            sink.emit("metric", name="calibrate.layer", value=p["i"], tags={
+            dt = tm["read_wait_s"] + tm["assemble_s"] + tm["build_s"] + tm["calib_s"] + tm["write_wait_s"]
+            sink.emit("metric", name="calibrate.layer", value=p["i"], tags={"bytes_read": p["bytes_read"],
                 "layer": p["i"], "layers": n_layers, "samples": n_samples, "tokens": local_tokens,
                 "tokens_per_s": local_tokens / max(p["times"]["calib_s"], 1e-9), "seconds": dt, "rank": ctx.rank,
                 **{k: round(v, 3) for k, v in p["times"].items()}})
@@ -280,12 +285,16 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         for i in range(start, end):
             times: dict[str, float] = {}
             t0 = time.monotonic()
-            tensors = nxt.result()
+            raw = nxt.result()
             t1 = time.monotonic()
-            nxt = reader_pool.submit(layer_tensors, family, hf_config, i + 1, src, dtype, dev.type == "cuda") \
-                if i + 1 < end else None
+            tensors = layers.assemble(raw)  # the previous layer is freed: at most one layer on the device
+            times.update(raw.times)
+            times["assemble_s"] = time.monotonic() - t1
+            nxt = reader_pool.submit(layers.read, i + 1) if i + 1 < end else None  # into the buffer just freed
+            t1b = time.monotonic()
             layer = materialize_layer(family, hf_config, i, tensors, dev)
-            del tensors
+            raw_bytes = raw.bytes_read
+            del tensors, raw
             t2 = time.monotonic()
             amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev,
                                                bufs, times)
@@ -301,9 +310,9 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
                 commit(pending)
             # the last layer's outputs feed nothing (MTP layers are not calibrated): not written
             acts = writer_pool.submit(snap.write_acts, out, ctx.rank, i, outs) if i + 1 < n_layers else None
-            times.update({"read_wait_s": t1 - t0, "build_s": t2 - t1, "free_s": t4 - t3, "reduce_s": t5 - t4,
+            times.update({"read_wait_s": t1 - t0, "build_s": t2 - t1b, "free_s": t4 - t3, "reduce_s": t5 - t4,
                           "calib_s": t5 - t2})
-            pending = {"i": i, "amax": amax, "cov": cov, "acts": acts, "times": times}
+            pending = {"i": i, "amax": amax, "cov": cov, "acts": acts, "times": times, "bytes_read": raw_bytes}
             if bufs is not None:  # double buffering: this layer's inputs (their write is done) take the next outputs
                 hidden, bufs = outs, hidden
             else:
@@ -317,13 +326,16 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         stack.close()
         reader_pool.shutdown(wait=True, cancel_futures=True)
         writer_pool.shutdown(wait=True)
+        layers.close()
     with ph("finish_s"):
         finished = snap.resume_point(out) >= n_layers
         if finished:
             snap.prune_acts(out, ctx.rank, keep=n_layers)  # the last layer's outputs feed nothing
+        bytes_per_rank = ctx.all_gather_object(layers.bytes_read)
         summary = _finish(ctx, out, manifest, n_layers, finished)
         summary.update({"layers_done": snap.resume_point(out), "started_at_layer": start, "rank": ctx.rank,
-                        "mtp_layers_not_calibrated": mtp})
+                        "mtp_layers_not_calibrated": mtp, "bytes_read": layers.bytes_read,
+                        "bytes_read_per_rank": bytes_per_rank, "layer_source_bytes": layers.source_bytes})
         src.close()
     phases = ph.report()
     summary.update({"seconds": phases["total_s"], "phases": phases})

@@ -284,6 +284,19 @@ class CheckpointReader:
                                       at=f"{self.dir / m.shard}:{m.name}", hint="the shard is truncated")
             got += n
 
+    def read_range(self, shard: str, offset: int, view: memoryview, what: str) -> int:
+        """Fill `view` with the bytes of `shard` from `offset` (positioned reads: threads may share the reader);
+        `what` names the tensors there in the error a short read raises. Returns the bytes read."""
+        fd = self._fd(shard)
+        got, n = 0, len(view)
+        while got < n:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k <= 0:
+                raise CheckpointError(f"{shard} ended early at byte {offset + got} while reading {what}",
+                                      at=f"{self.dir / shard}:{what}", hint="the shard is truncated; fetch it again")
+            got += k
+        return got
+
     def read_bytes(self, name: str, pin: bool = False):
         """The raw bytes of a tensor as a uint8 torch tensor (a private copy, not a mapping); `pin` puts them
         in page-locked memory for a fast asynchronous upload to a GPU."""

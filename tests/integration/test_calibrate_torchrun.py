@@ -51,6 +51,9 @@ def test_two_ranks_under_torchrun_match_modelopt(model_and_samples, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["finished"]
+    per_rank = summary["bytes_read_per_rank"]  # one read per node: each rank read about half of every layer
+    assert len(per_rank) == 2 and abs(per_rank[0] - per_rank[1]) <= 0.02 * sum(per_rank)
+    assert 0.99 * summary["layer_source_bytes"] <= sum(per_rank) <= 1.05 * summary["layer_source_bytes"]
     man = json.loads((out / "manifest.json").read_text())
     assert man["world_size"] == 2
     s = load_samples(samples, tokenizer=model, seq_len=24)

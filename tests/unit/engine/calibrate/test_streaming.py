@@ -29,6 +29,10 @@ def test_amax_equals_whole_model_modelopt(v3_dir, samples_file, reference, tmp_p
     out = tmp_path / "amax"
     summary = calibrate(v3_dir, samples_file, out, seq_len=24, batch_size=2, device="cpu", sink=Sink())
     assert summary["finished"] and summary["layers"] == 3
+    # every stored byte of the layers read once (plain pieces straight into the parameters on a host build)
+    assert summary["bytes_read_per_rank"] == [summary["bytes_read"]]
+    assert summary["layer_source_bytes"] <= summary["bytes_read"] <= 1.05 * summary["layer_source_bytes"]
+    assert {"read_bg_s", "read_wait_s", "assemble_s", "build_s"} <= set(summary["phases"])
     assert_amax_equal(reference, snap.load_amax(out))
     assert any(k.endswith("gate_up_proj_weight_quantizers.7.amax") for k in reference)
     man = json.loads((out / "manifest.json").read_text())

@@ -1,0 +1,161 @@
+"""Fill a layer's parameters on the compute device from its raw stored bytes (a `LayerPlan`'s buffer).
+
+The parameters are allocated once, in their final dtypes, on the device. Plain pieces are copied byte for
+byte when stored in the parameter's dtype (an asynchronous upload from page-locked memory on a GPU), else
+cast on the device. FP8-block and MXFP4 pieces are staged on the device in runs of consecutive experts
+(bounded staging memory), dequantized there in float32 with the maths of
+engine.formats.fp8_block.helpers.dequant_fp8_block and engine.formats.mxfp4.helpers.dequant_mxfp4 (the
+same float32 operations, batched over experts) and cast into the parameter slices, gate‖up straight into
+`gate_up_proj[e]`. The result is bit for bit what dequantizing each tensor on the host and stacking gives.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from engine.calibrate.layer_plan import Encoding, LayerPlan, Piece
+from engine.errors import CheckpointError, about
+from engine.formats.e2m1 import decode_e2m1, unpack_nibbles
+from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
+from engine.formats.mxfp4.helpers import MX_BLOCK, mxfp4_exponents
+
+# staging bytes per decoded element (codes, float32 values, index / exponent temporaries)
+_COST = {Encoding.FP8_BLOCK: 9, Encoding.MXFP4: 29}
+STAGING_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # per run of experts decoded at once
+
+ReadDirect = Callable[[list[Piece], dict[str, torch.Tensor]], None]
+
+
+def assemble_layer(plan: LayerPlan, raw: torch.Tensor, device: torch.device, where: Callable[[Piece], str],
+                   read_direct: ReadDirect | None = None) -> dict[str, torch.Tensor]:
+    """Layer `plan.index`'s state dict on `device`, built from `raw` (the filled layer buffer, host or device).
+
+    `where(piece)` names a piece's file and tensor in errors; `read_direct` reads the plan's direct pieces
+    straight into their parameter slices."""
+    params = {name: torch.empty(shape, dtype=dt, device=device) for name, (shape, dt) in plan.params.items()}
+    direct = [p for p in plan.pieces if p.direct]
+    if direct:
+        if read_direct is None:
+            raise ValueError("the plan has direct pieces but no reader for them")
+        read_direct(direct, params)
+    runs: list[list[Piece]] = []
+    for p in plan.pieces:
+        if p.direct:
+            continue
+        if p.source.encoding is Encoding.PLAIN:
+            with about(where(p)):
+                _copy_plain(p, raw, plan.offsets, params, device)
+        elif runs and _extends(runs[-1], p, device):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    for run in runs:
+        with about(where(run[0])):
+            _decode_run(run, raw, plan.offsets, params, device, where)
+    return params
+
+
+def dest_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view (what a raw copy or read fills)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _copy_plain(p: Piece, raw: torch.Tensor, offsets: dict[str, int], params: dict[str, torch.Tensor],
+                device: torch.device) -> None:
+    m = p.source.meta
+    dest = p.dest(params)
+    if dest.numel() == 0:
+        return
+    b = raw[offsets[m.name]:offsets[m.name] + m.nbytes]
+    if m.dtype == dest.dtype:
+        dest_bytes(dest).copy_(b, non_blocking=True)
+    else:
+        dest.copy_(_typed(b, m.dtype, m.shape, device))
+
+
+def _typed(b: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Raw bytes as a `dtype` tensor of `shape` on `device` (copied where they are elsewhere or misaligned)."""
+    if b.device != device:
+        b = b.to(device, non_blocking=True)
+    elif b.storage_offset() % dtype.itemsize:
+        b = b.clone()
+    return b.view(dtype).view(shape)
+
+
+def _extends(run: list[Piece], p: Piece, device: torch.device) -> bool:
+    """Whether `p` decodes in one batch with `run`: the next expert of the same role, within the staging budget."""
+    last = run[-1]
+    if p.expert is None or last.expert is None or p.batch_key() != last.batch_key() or p.expert != last.expert + 1:
+        return False
+    elems = 1
+    for d in p.source.value_shape:
+        elems *= d
+    budget = STAGING_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return (len(run) + 1) * elems * _COST[p.source.encoding] <= budget
+
+
+def _stage(metas, raw: torch.Tensor, offsets: dict[str, int], device: torch.device) -> torch.Tensor:
+    """The stored bytes of `metas` (equal sizes) stacked into one new [n, nbytes] uint8 tensor on `device`."""
+    nbytes = metas[0].nbytes
+    out = torch.empty((len(metas), nbytes), dtype=torch.uint8, device=device)
+    for k, m in enumerate(metas):
+        out[k].copy_(raw[offsets[m.name]:offsets[m.name] + nbytes], non_blocking=True)
+    return out
+
+
+def _run_dest(run: list[Piece], params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The parameter slices a run fills, with a leading dimension of one entry per piece."""
+    first = run[0]
+    if first.expert is None:
+        return first.dest(params).unsqueeze(0)
+    t = params[first.param][first.expert:first.expert + len(run)]
+    return t if first.rows is None else t[:, first.rows[0]:first.rows[1]]
+
+
+def _decode_run(run: list[Piece], raw: torch.Tensor, offsets: dict[str, int], params: dict[str, torch.Tensor],
+                device: torch.device, where: Callable[[Piece], str]) -> None:
+    src = run[0].source
+    n = len(run)
+    codes = _stage([p.source.meta for p in run], raw, offsets, device).view(n, *src.meta.shape)
+    scale = _stage([p.source.scale for p in run], raw, offsets, device).view(src.scale.dtype)
+    scale = scale.view(n, *src.scale.shape)
+    if src.encoding is Encoding.FP8_BLOCK:
+        vals = fp8_block_values(codes, scale, src.meta.dtype_name, where(run[0]))
+    else:
+        vals = mxfp4_values(codes, scale, where(run[0]))
+    _run_dest(run, params).copy_(vals)
+
+
+def fp8_block_values(codes: torch.Tensor, scale: torch.Tensor, dtype_name: str, at: str) -> torch.Tensor:
+    """float32 values of n stacked FP8-block tensors: codes uint8 [n, o, i], scales [n, go, gi] as stored.
+
+    The float32 product fp32(code) × fp32(scale) of dequant_fp8_block, tile by tile."""
+    if dtype_name != "F8_E4M3":
+        raise CheckpointError(f"FP8 block weights must be float8_e4m3fn, {at} is {dtype_name}", at=at,
+                              hint="re-convert the checkpoint to DeepSeek's E4M3 block format")
+    n, o, i = codes.shape
+    bo, bi = infer_block((o, i), tuple(scale.shape[1:]))
+    s = scale_to_fp32(scale)
+    x = codes.view(torch.float8_e4m3fn).to(torch.float32)
+    go, gi = s.shape[1:]
+    if o % bo == 0 and i % bi == 0:
+        x.view(n, go, bo, gi, bi).mul_(s.view(n, go, 1, gi, 1))
+    else:
+        x.mul_(s.repeat_interleave(bo, dim=1)[:, :o].repeat_interleave(bi, dim=2)[:, :, :i])
+    return x
+
+
+def mxfp4_values(packed: torch.Tensor, scale: torch.Tensor, at: str) -> torch.Tensor:
+    """float32 values of n stacked MXFP4 tensors: packed uint8 [n, o, i/2], E8M0 scales [n, o, ceil(i/32)].
+
+    The maths of dequant_mxfp4: e2m1(code) × 2^k, as torch.ldexp."""
+    n, o, c = packed.shape
+    i = 2 * c
+    if tuple(scale.shape) != (n, o, -(-i // MX_BLOCK)):
+        raise CheckpointError(f"MXFP4 scale {tuple(scale.shape[1:])} does not fit packed weight {(o, c)} at {at}",
+                              at=at, hint="expected packed [o, i/2] and scale [o, ceil(i/32)]")
+    k = mxfp4_exponents(scale)
+    vals = decode_e2m1(unpack_nibbles(packed))
+    return torch.ldexp(vals, k.repeat_interleave(MX_BLOCK, dim=-1)[..., :i])
