@@ -1,20 +1,29 @@
-"""Benchmark: quantdeck's layer-streaming calibration vs modelopt's whole-model flow, in one run.
+"""Benchmark: quantdeck's layer-streaming calibration beside modelopt's whole-model flow and modelopt's own
+layer-by-layer calibration, in one run.
 
-    python benchmarks/calibrate.py --device cuda --size mid [--samples 128 --seq-len 512 --batch-size 8]
-                                   [--ranks 2] [--gpu-mem-fraction 0.25] [--work DIR]
+    python benchmarks/calibrate.py --device cuda --size real --layers 2 --source fp8 [--samples 128 --seq-len 512
+                                   --batch-size 8] [--ranks 2] [--gpu-mem-fraction 0.25] [--work DIR]
+    python benchmarks/calibrate.py --device cpu --size mid-cpu --source fp8
 
-Builds (once, cached in --work) a synthetic DeepSeek V3 checkpoint in BF16 with transformers (random
-weights, real byte-level tokenizer) and a samples file of random text (one byte = one token). Then, each in
-its own fresh process: quantdeck's `calibrate` (one process, or --ranks N under torchrun), and modelopt's flow
-(`from_pretrained` onto the GPU, then `mtq.quantize(model, NVFP4_DEFAULT_CFG, loop)` over the same batches).
-Prints wall times (load included for modelopt), peak GPU memory, peak RSS, their ratios, and whether every
-amax agrees. --gpu-mem-fraction caps both with torch.cuda.set_per_process_memory_fraction (modelopt then
-loads with device_map="auto" and a max_memory that offloads the rest to CPU).
+Builds (once, cached in --work) a synthetic DeepSeek V3 checkpoint with transformers (random weights, real
+byte-level tokenizer) and a samples file of random text (one byte = one token). `--size real` has DeepSeek-V3's
+widths (hidden 7168, intermediate 18432, 256 routed experts of 2048 + 1 shared, top-8, 128 heads, q_lora 1536,
+kv_lora 512; `--layers N` decoder layers, the first dense). Sources: the random BF16 model is cast to FP8-block by
+`quantdeck convert --to fp8-block` (as DeepSeek releases it), and that FP8 model decoded back to BF16 with
+`quantdeck convert --to bf16`: `--source bf16` calibrates the decoded one, so both sources hold the same weights and
+the modelopt peers (which load BF16) give amax comparable to either.
+
+Then, each in its own fresh process: quantdeck's `calibrate` (one process, or --ranks N under torchrun), modelopt's
+whole-model flow (`from_pretrained` onto the GPU, then `mtq.quantize(model, NVFP4_DEFAULT_CFG, loop)` over the same
+batches) and modelopt's layerwise flow (the same with `"layerwise": {"enable": true}` in the algorithm). Prints one
+table: wall (process start included), per-layer read and forward, peak GPU memory, peak RSS, bytes read per rank, the
+read floor (`cat` of the same shards, page cache dropped where allowed, and warm), and whether every amax agrees.
+--gpu-mem-fraction caps every tool with torch.cuda.set_per_process_memory_fraction (modelopt then loads with
+device_map="auto" and a max_memory that offloads the rest to CPU).
 
 Before timing, the built model is synced to disk and one untimed process imports torch, transformers and
 modelopt (--no-warmup skips it): on a fresh machine the first import compiles bytecode and reads cold files,
-which would otherwise land on whichever tool runs first. The report has each tool's phases (streaming:
-summary["phases"] of calibrate() and per-layer times; modelopt: import, from_pretrained, forward loop, quantize).
+which would otherwise land on whichever tool runs first.
 """
 
 from __future__ import annotations
@@ -33,12 +42,20 @@ T_PROCESS = time.monotonic()  # (this module's import: after the interpreter sta
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "unit" / "engine" / "calibrate"))
+import engine  # noqa: E402,F401  (offline: no hub downloads or hub kernels, before transformers is imported)
 
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
                  n_routed_experts=16, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, vocab_size=1024),
     "mid": dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=704, num_hidden_layers=8,
                 n_routed_experts=64, num_attention_heads=16, q_lora_rank=768, kv_lora_rank=256, vocab_size=32000),
+    # 2 cores in a few minutes: an FP8 MoE layer of ~0.6 GB
+    "mid-cpu": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=3,
+                    n_routed_experts=64, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=128, vocab_size=8192),
+    # DeepSeek-V3's own widths
+    "real": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=2,
+                 n_routed_experts=256, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                 vocab_size=129280),
 }
 
 
@@ -47,32 +64,83 @@ WARMUP = ("import torch, safetensors.torch, transformers, modelopt.torch.quantiz
           "from transformers import AutoModelForCausalLM, AutoTokenizer")
 
 
-def build(work: Path, size: str, n: int, seq_len: int, device: str) -> tuple[Path, Path]:
-    model_dir, samples = work / f"v3-{size}", work / f"samples-{n}x{seq_len}.json"
-    if not (model_dir / "config.json").exists():
-        import torch
-        from calib_tiny_models import save_tokenizer, v3_config
-        from transformers import DeepseekV3ForCausalLM
+def _convert(*args: str) -> None:
+    """`quantdeck convert` through its dependency-light entry (no CLI or console packages needed)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "engine.convert", *args], env=env, stdout=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise SystemExit(f"quantdeck convert {' '.join(args)} failed ({r.returncode})")
 
-        cfg = v3_config(**SIZES[size], num_key_value_heads=SIZES[size]["num_attention_heads"], n_group=8,
-                        topk_group=4, num_experts_per_tok=8, first_k_dense_replace=1, qk_rope_head_dim=64,
-                        qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=4096)
-        torch.manual_seed(0)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)  # built in BF16: half the memory of fp32-then-cast
-        try:
-            with torch.device(device if device != "auto" else "cpu"):
-                model = DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
-        finally:
-            torch.set_default_dtype(prev)
-        model.save_pretrained(str(model_dir), max_shard_size="2GB")
-        save_tokenizer(model_dir)
-        del model
+
+def build(work: Path, size: str, layers: int | None, n: int, seq_len: int, device: str) -> tuple[dict, Path]:
+    """{"bf16": dir, "fp8": dir} of one model (the BF16 one decoded from the FP8 one), and the samples file."""
+    spec = dict(SIZES[size], **({"num_hidden_layers": layers} if layers else {}))
+    tag = f"v3-{size}-L{spec['num_hidden_layers']}"
+    dirs = {"fp8": work / f"{tag}-fp8", "bf16": work / f"{tag}-bf16"}
+    samples = work / f"samples-{n}x{seq_len}.json"
+    if not (dirs["bf16"] / "config.json").exists():
+        raw = work / f"{tag}-random"
+        if not (dirs["fp8"] / "config.json").exists():
+            if not (raw / "config.json").exists():
+                _build_random(raw, spec, device)
+            _convert("--src", str(raw), "--dst", str(dirs["fp8"]), "--to", "fp8-block", "--device", device)
+        import shutil
+
+        shutil.rmtree(raw, ignore_errors=True)  # the disk holds the FP8 and the decoded BF16, not a third model
+        _convert("--src", str(dirs["fp8"]), "--dst", str(dirs["bf16"]), "--to", "bf16", "--device", device)
     if not samples.exists():
         rng = random.Random(0)
         alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-"
         samples.write_text(json.dumps(["".join(rng.choice(alphabet) for _ in range(seq_len)) for _ in range(n)]))
-    return model_dir, samples
+    return dirs, samples
+
+
+def _build_random(out: Path, spec: dict, device: str) -> None:
+    import torch
+    from calib_tiny_models import save_tokenizer, v3_config
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg = v3_config(**spec, num_key_value_heads=spec["num_attention_heads"], n_group=8, topk_group=4,
+                    num_experts_per_tok=8, first_k_dense_replace=1, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                    v_head_dim=128, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in BF16: half the memory of fp32-then-cast
+    try:
+        with torch.device(device if device != "auto" else "cpu"):
+            model = DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
+    finally:
+        torch.set_default_dtype(prev)
+    model.save_pretrained(str(out), max_shard_size="5GB")
+    save_tokenizer(out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=False)
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_floor(model_dir: Path) -> dict:
+    """GB/s of `cat` over the checkpoint's shards, with the page cache dropped (where allowed) and warm."""
+    shards = sorted(str(p) for p in model_dir.glob("*.safetensors"))
+    size = sum(os.path.getsize(p) for p in shards)
+    out: dict = {"bytes": size}
+    for kind in ("cold", "warm"):
+        if kind == "cold" and not drop_caches():
+            out["cold_gbps"] = None
+            continue
+        t = time.monotonic()
+        subprocess.run(["cat", *shards], stdout=subprocess.DEVNULL, check=True)
+        out[f"{kind}_gbps"] = size / (time.monotonic() - t) / 1e9
+    return out
 
 
 def _peaks(device: str) -> dict:
@@ -114,6 +182,7 @@ def role_streaming(a) -> None:
 
 def role_modelopt(a) -> None:
     import contextlib
+    import copy
 
     import torch
 
@@ -151,13 +220,17 @@ def role_modelopt(a) -> None:
             torch.cuda.synchronize()
         fwd[0] += time.monotonic() - t
 
+    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    if a.layerwise:  # modelopt's own layer-by-layer calibration
+        algo = cfg.get("algorithm") or "max"
+        cfg["algorithm"] = dict(algo if isinstance(algo, dict) else {"method": algo}, layerwise={"enable": True})
     t_s = time.monotonic()
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, loop)
+        mtq.quantize(model, cfg, loop)
     t_q = time.monotonic() - t_s
     amax = {k: v.cpu().reshape(-1) for k, v in layer_amax(model).items()}
     wall = time.monotonic() - t0
-    save_file(amax, str(Path(a.out) / "modelopt_amax.safetensors"))
+    save_file(amax, str(Path(a.out) / f"modelopt{'-layerwise' if a.layerwise else ''}_amax.safetensors"))
     phases = {"import_s": t_import, "from_pretrained_s": t_load - t_import, "samples_s": t_s - t0 - t_load,
               "forward_s": fwd[0], "quantize_s": t_q - fwd[0], "amax_s": wall - (t_s - t0) - t_q}
     Path(a.result).write_text(json.dumps({"wall_s": wall, "load_s": t_load, "start_s": t0 - T_PROCESS,
@@ -185,22 +258,53 @@ def compare(stream_dir: Path, ref_file: Path) -> dict:
         if rel > worst:
             worst, worst_key = rel, k
     return {"quantizers": len(ref), "missing": len(set(ref) - set(ours)), "extra": len(set(ours) - set(ref)),
-            "max_rel_diff": worst, "worst": worst_key, "equal_1e-5": worst <= 1e-5 and set(ref) == set(ours)}
+            "max_rel_diff": worst, "worst": worst_key, "equal": worst == 0.0 and set(ref) == set(ours)}
+
+
+def _table(report: dict) -> str:
+    rows = [("tool", "wall s", "per MoE layer read / fwd s", "peak GPU GB", "peak RSS GB", "GB read/rank", "amax")]
+    s = report["streaming"]
+    moe = [x for x in s["per_layer_rank0"] or [] if x.get("layer", 0) >= 1] or s["per_layer_rank0"] or [{}]
+    rd = sum(x.get("read_s", x.get("read_wait_s", 0)) for x in moe) / max(len(moe), 1)
+    fw = sum(x.get("forward_s", 0) for x in moe) / max(len(moe), 1)
+    rows.append(("quantdeck", f"{s['wall_s']:.1f}", f"{rd:.2f} / {fw:.2f}", f"{s['peak_gpu_gb']:.1f}",
+                 f"{s['peak_rss_gb']:.1f}", f"{s['bytes_read_per_rank_gb']:.1f}", "-"))
+    for key, name in (("modelopt", "modelopt whole-model"), ("modelopt_layerwise", "modelopt layerwise")):
+        m = report.get(key)
+        if m:
+            rows.append((name, f"{m['wall_with_process_s']:.1f}", "-", f"{m.get('peak_gpu_gb', 0):.1f}",
+                         f"{m['peak_rss_gb']:.1f}", "-", "equal" if m["amax"]["equal"] else
+                         f"max rel diff {m['amax']['max_rel_diff']:.2e}"))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    f = report["read_floor"]
+    cold = f"{f['cold_gbps']:.2f} GB/s" if f.get("cold_gbps") else "not measured (page cache not droppable)"
+    lines.append(f"read floor (cat of the {report['source']} shards, {f['bytes'] / 1e9:.1f} GB): cold {cold}, "
+                 f"warm {f['warm_gbps']:.2f} GB/s")
+    for key in ("modelopt", "modelopt_layerwise"):
+        if key in report:
+            lines.append(f"quantdeck / {key}: wall {report['streaming']['wall_s'] / report[key]['wall_with_process_s']:.2f}x")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--size", default="mid", choices=sorted(SIZES))
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the size's)")
+    p.add_argument("--source", default="bf16", choices=["bf16", "fp8"], help="what quantdeck calibrates from")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--gpu-mem-fraction", type=float, default=None)
     p.add_argument("--work", default=os.environ.get("QD_BENCH_WORK", "/tmp/qd-bench-calibrate"))
-    p.add_argument("--skip-modelopt", action="store_true")
+    p.add_argument("--skip-modelopt", action="store_true", help="run neither modelopt flow")
+    p.add_argument("--skip-layerwise", action="store_true", help="skip modelopt's layerwise flow")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed import warm-up process")
+    p.add_argument("--json", help="also write the whole report to this file")
     p.add_argument("--role", choices=["streaming", "modelopt"], help=argparse.SUPPRESS)
+    p.add_argument("--layerwise", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--samples-file", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -213,58 +317,73 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
-    model, samples = build(work, a.size, a.samples, a.seq_len, a.device)
+    dirs, samples = build(work, a.size, a.layers, a.samples, a.seq_len, a.device)
     os.sync()  # the fresh model's dirty pages reach the disk now, not during whichever tool runs first
-    print(f"[bench] model {model} ready ({time.monotonic() - t:.1f}s)", file=sys.stderr)
+    print(f"[bench] models {dirs['fp8'].name}, {dirs['bf16'].name} ready ({time.monotonic() - t:.1f}s)",
+          file=sys.stderr)
     if not a.no_warmup:  # first imports on a fresh machine (bytecode compile, cold files) hit neither tool
         t = time.monotonic()
         subprocess.run([sys.executable, "-c", WARMUP], check=False,
                        env=dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"[bench] import warm-up, not timed ({time.monotonic() - t:.1f}s)", file=sys.stderr)
-    tag = f"{a.size}-r{a.ranks}-f{a.gpu_mem_fraction or 1}"
+    floor = read_floor(dirs[a.source])  # ends warm: every tool below reads from the page cache
+    tag = f"{dirs[a.source].name}-r{a.ranks}-f{a.gpu_mem_fraction or 1}"
     out = work / f"amax-{tag}"
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    common = ["--model", str(model), "--samples-file", str(samples), "--out", str(out), "--seq-len", str(a.seq_len),
+    common = ["--samples-file", str(samples), "--out", str(out), "--seq-len", str(a.seq_len),
               "--batch-size", str(a.batch_size), "--device", a.device, "--ranks", str(a.ranks)]
     if a.gpu_mem_fraction:
         common += ["--gpu-mem-fraction", str(a.gpu_mem_fraction)]
     me = str(Path(__file__).resolve())
     res_s = work / f"streaming-{tag}.json"
     t0 = time.monotonic()
+    src = ["--model", str(dirs[a.source])]
     if a.ranks > 1:
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.ranks), me, "--role",
-              "streaming", "--result", str(res_s), *common], env)
+              "streaming", "--result", str(res_s), *src, *common], env)
     else:
-        _run([sys.executable, me, "--role", "streaming", "--result", str(res_s), *common], env)
+        _run([sys.executable, me, "--role", "streaming", "--result", str(res_s), *src, *common], env)
     stream_wall = time.monotonic() - t0
     ranks = [json.loads(res_s.with_suffix(f".rank{r}.json").read_text()) for r in range(a.ranks)]
-    report: dict = {"size": a.size, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
-                    "ranks": a.ranks, "gpu_mem_fraction": a.gpu_mem_fraction,
+    report: dict = {"size": a.size, "layers": a.layers, "source": a.source, "samples": a.samples,
+                    "seq_len": a.seq_len, "batch_size": a.batch_size, "ranks": a.ranks,
+                    "gpu_mem_fraction": a.gpu_mem_fraction, "read_floor": floor,
                     "streaming": {"wall_s": stream_wall, "calib_s": max(r["wall_s"] for r in ranks),
                                   "imports_before_calibrate_s": round(ranks[0].get("start_s", 0), 3),
                                   "phases_rank0": ranks[0].get("phases"),
                                   "per_layer_rank0": ranks[0].get("per_layer"),
+                                  "bytes_read_per_rank_gb": max(float(r["summary"].get("bytes_read", 0))
+                                                                for r in ranks) / 1e9,
                                   "peak_gpu_gb": max(r.get("peak_gpu_gb", 0) for r in ranks),
                                   "peak_rss_gb": max(r["peak_rss_gb"] for r in ranks)}}
-    if not a.skip_modelopt:
-        res_m = work / f"modelopt-{tag}.json"
+    peers = [] if a.skip_modelopt else [("modelopt", [])] + ([] if a.skip_layerwise else
+                                                           [("modelopt_layerwise", ["--layerwise"])])
+    for key, flags in peers:
+        res_m = work / f"{key}-{tag}.json"
         t0 = time.monotonic()
-        _run([sys.executable, me, "--role", "modelopt", "--result", str(res_m), *common], env)
+        _run([sys.executable, me, "--role", "modelopt", "--result", str(res_m), "--model", str(dirs["bf16"]),
+              *flags, *common], env)
         mo = json.loads(res_m.read_text())
         mo["wall_with_process_s"] = time.monotonic() - t0
-        report["modelopt"] = mo
-        s = report["streaming"]
+        ref = out / f"{key.replace('_', '-')}_amax.safetensors"
+        mo["amax"] = compare(out, ref)
+        report[key] = mo
+    if "modelopt" in report:
+        mo, s = report["modelopt"], report["streaming"]
         report["wall_ratio"] = s["wall_s"] / mo["wall_with_process_s"]
         if mo.get("peak_gpu_gb"):
             report["gpu_mem_ratio"] = s["peak_gpu_gb"] / mo["peak_gpu_gb"]
         report["rss_ratio"] = s["peak_rss_gb"] / mo["peak_rss_gb"]
-        report["amax"] = compare(out, out / "modelopt_amax.safetensors")
+        report["amax"] = mo["amax"]
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
+    print(_table(report))
 
 
 if __name__ == "__main__":
