@@ -164,7 +164,10 @@ def validate_cmd(directory, against, amax, model, as_json, device):
 
 
 def _is_snapshot(directory: str) -> bool:
-    """A calibration's amax snapshot (layer files, its manifest), not a checkpoint."""
+    """A calibration's amax snapshot (layer files, its manifest), not a checkpoint. A directory that holds no
+    manifest.json is answered without importing torch (engine.calibrate.snapshot imports it)."""
+    if not (Path(directory) / "manifest.json").is_file():
+        return False
     from engine.calibrate import snapshot as snap
 
     try:

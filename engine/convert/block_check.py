@@ -3,13 +3,22 @@ into transformers' own decoder-layer class, run on the same random hidden states
 
 We compare the layer's contribution Δ = layer(x) − x (the residual would hide errors):
 rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ BLOCK_TOL[target] (validate.py states the numbers).
+
+Only layer 0's tensors are read, and the layer is built on the meta device and given them (as the calibration's
+layer reader builds its layers): nothing is randomly initialized first. Importing torch and transformers takes
+seconds, longer than the rest of a validate on a small checkpoint, so `start_first_block` runs the check in a child
+process (`python -m engine.convert.block_check`) beside the rest where this process has not imported transformers
+yet, and `BlockRun.finish` writes its findings into the report.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from engine.checkpoint.reader import CheckpointReader
 
@@ -33,7 +42,9 @@ def _layer_class(family: str, config: dict[str, Any]):
     return None
 
 
-def _state_dict(layer: torch.nn.Module, reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
+def _state_dict(layer, reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
+    import torch
+
     from engine.convert.validate import decode_module
 
     sd: dict[str, torch.Tensor] = {}
@@ -78,7 +89,9 @@ def _v4_renames():
     return out
 
 
-def _v4_state_dict(layer: torch.nn.Module, reader: CheckpointReader) -> dict[str, torch.Tensor]:
+def _v4_state_dict(layer, reader: CheckpointReader) -> dict[str, torch.Tensor]:
+    import torch
+
     from engine.convert.validate import decode_module
 
     pre = "model.layers.0." if any(n.startswith("model.layers.0.") for n in reader.names()) else "layers.0."
@@ -119,7 +132,9 @@ def _v4_state_dict(layer: torch.nn.Module, reader: CheckpointReader) -> dict[str
     return sd
 
 
-def _run_v4(layer, rotary, x: torch.Tensor, cfg) -> torch.Tensor:
+def _run_v4(layer, rotary, x, cfg):
+    import torch
+
     t = x.shape[1]
     h = x.unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
     pos = torch.arange(t, device=x.device)[None]
@@ -131,7 +146,9 @@ def _run_v4(layer, rotary, x: torch.Tensor, cfg) -> torch.Tensor:
     return out - h
 
 
-def _run(layer, rotary, x: torch.Tensor) -> torch.Tensor:
+def _run(layer, rotary, x):
+    import torch
+
     t = x.shape[1]
     pos = torch.arange(t, device=x.device)[None]
     cos, sin = rotary(x, pos)
@@ -141,7 +158,31 @@ def _run(layer, rotary, x: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _materialize(layer_cls, cfg, sd: dict, dev):
+    """transformers' layer holding `sd` (fp32), built on the meta device: no random initialization, no copy.
+    Buffers the state dict does not hold (non-persistent ones) are built for real."""
+    import torch
+
+    with torch.device("meta"):
+        layer = layer_cls(cfg, 0)
+    layer.load_state_dict(sd, assign=True)
+    leftovers = [n for n, b in layer.named_buffers() if b.is_meta]
+    if leftovers:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            real = layer_cls(cfg, 0)
+        for n in leftovers:
+            mod, _, attr = n.rpartition(".")
+            (layer.get_submodule(mod) if mod else layer)._buffers[attr] = \
+                (real.get_submodule(mod) if mod else real)._buffers[attr]
+        del real
+    return layer.float().to(dev).eval()
+
+
 def check_first_block(r: CheckpointReader, src: CheckpointReader, rep, target: str, device: str = "cpu") -> None:
+    import torch
+
     from engine.convert.validate import BLOCK_TOL
     from engine.models import detect_layout
 
@@ -158,13 +199,12 @@ def check_first_block(r: CheckpointReader, src: CheckpointReader, rep, target: s
 
     def run_block(reader: CheckpointReader) -> torch.Tensor:
         torch.manual_seed(0)
-        layer = layer_cls(cfg, 0).float()
+        with torch.device("meta"):
+            shape_of = layer_cls(cfg, 0)
         if prefix is None:  # V4: native names, hyper-connection streams, hash routing by token id
-            layer.load_state_dict(_v4_state_dict(layer, reader))
-            layer.to(dev).eval()
+            layer = _materialize(layer_cls, cfg, _v4_state_dict(shape_of, reader), dev)
             return _run_v4(layer, rope_cls(cfg).to(dev), x, cfg)
-        layer.load_state_dict(_state_dict(layer, reader, prefix))
-        layer.to(dev).eval()
+        layer = _materialize(layer_cls, cfg, _state_dict(shape_of, reader, prefix), dev)
         return _run(layer, rope_cls(cfg).to(dev), x) - x
 
     try:  # the source first: a config the reference layer cannot run is no fault of the output
@@ -187,3 +227,76 @@ def check_first_block(r: CheckpointReader, src: CheckpointReader, rep, target: s
         rep.fail("block", f"layer 0 output differs from the source's by {rel:.3f} (tolerance {tol})", where)
     rep.row("block", f"layer 0 ({layer_cls.__name__}, {TOKENS} tokens): rel. diff {rel:.4f} <= {tol}"
             if rel <= tol else f"layer 0 rel. diff {rel:.4f} > {tol}")
+
+
+# -- beside the rest of validate ----------------------------------------------------------------------------------------
+class _Recorder:
+    """The report calls of check_first_block, kept to be replayed into the parent's report."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+
+    def fail(self, check: str, msg: str, at: str | None = None) -> None:
+        self.calls.append(["fail", check, msg, at])
+
+    def row(self, check: str, detail: str) -> None:
+        self.calls.append(["row", check, detail])
+
+    def skip(self, check: str, why: str) -> None:
+        self.calls.append(["skip", check, why])
+
+
+class BlockRun:
+    """The decoder-block check, started early: in a child process (`proc`), or here at `finish` (proc None)."""
+
+    def __init__(self, out_dir: Path, src_dir: Path, target: str, device: str, proc: subprocess.Popen | None):
+        self.out_dir, self.src_dir, self.target, self.device, self.proc = out_dir, src_dir, target, device, proc
+
+    def finish(self, r: CheckpointReader, src: CheckpointReader, rep) -> None:
+        if self.proc is None:
+            check_first_block(r, src, rep, self.target, self.device)
+            return
+        out, err = self.proc.communicate()
+        self.proc = None
+        lines = out.strip().splitlines()
+        try:
+            calls = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            calls = None
+        if calls is None:  # a bug in the check: its traceback, as if it had run here
+            raise RuntimeError(f"validate's decoder-block check of {self.out_dir} failed:\n{err.strip()[-4000:]}")
+        for kind, *args in calls:
+            getattr(rep, kind)(*args)
+
+    def cancel(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def start_first_block(out_dir: Path, src_dir: Path, target: str, device: str = "cpu") -> BlockRun:
+    """Start the decoder-block check of `out_dir` against `src_dir`: in a child process where transformers is not
+    imported here yet (its import then overlaps the rest of validate), else later, in this process."""
+    if "transformers.modeling_utils" in sys.modules:
+        return BlockRun(out_dir, src_dir, target, device, None)
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.convert.block_check", str(out_dir), str(src_dir), target,
+                             device], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, env=env, cwd=root)
+    return BlockRun(out_dir, src_dir, target, device, proc)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m engine.convert.block_check OUT SRC TARGET DEVICE`: the report calls as one JSON line on stdout."""
+    out_dir, src_dir, target, device = argv
+    rec = _Recorder()
+    check_first_block(CheckpointReader(out_dir, strict=False), CheckpointReader(src_dir), rec, target, device)
+    sys.stdout.write(json.dumps(rec.calls) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

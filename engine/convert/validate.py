@@ -10,6 +10,12 @@ Checks (each a row of the report; any failure names the tensor and makes `ok` fa
               preserved tensors equal (or BF16-close when the source was FP8)
   block       (--against, V3 and V4 families) decoder layer 0, dequantized to fp32 and run with transformers' own
               decoder-layer class, matches the source layer within BLOCK_TOL on random hidden states
+
+How: the output is read once, every tensor whole, on a pool of threads that hash each piece for the manifest
+digest as it arrives and check and decode it with numpy (engine.convert.validate_read); of the source only the
+sampled rows and the kept tensors are read. The decoder-block check imports torch and transformers, seconds of a
+short run: where this process has not imported transformers yet, it runs in a child process started first, beside
+the rest. A module the host path does not decode goes through the torch references below, as before.
 """
 
 from __future__ import annotations
@@ -17,26 +23,26 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from engine.convert.validate_config import label_problems
 from engine.checkpoint.manifest import load_manifest
 from engine.checkpoint.reader import CheckpointReader
-from engine.checkpoint.digest import matches
+from engine.convert import validate_read as host
+from engine.convert.validate_config import label_problems
 from engine.errors import CheckpointError
 from engine.events import EventSink, NullSink, Progress
-from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block, scale_grid
-from engine.formats.nvfp4.helpers import dequant_nvfp4
+from engine.formats.grid import infer_block, scale_grid
 
 # Relative-error ceilings per encoding (random Gaussian weights give ~0.09 for NVFP4, ~0.02 for FP8).
 REL_TOL = {"nvfp4": 0.2, "fp8-block": 0.06, "bf16": 0.01}
 # Decoder block: ||Δ_out − Δ_src|| / ||Δ_src|| with Δ = layer(x) − x.
 BLOCK_TOL = {"nvfp4": 0.2, "fp8-block": 0.1, "bf16": 0.02, "none": 0.02}
-SAMPLE_ROWS = 256
-FLOATS = ("F32", "F16", "BF16", "F64")
+SAMPLE_ROWS = host.SAMPLE_ROWS
+FLOATS = host.FLOAT_DTYPES
 
 
 class _Report:
@@ -45,6 +51,7 @@ class _Report:
         self.failures: list[dict[str, Any]] = []
         self.tensors: list[dict[str, Any]] = []
         self.dir = directory
+        self.target = "none"
 
     def fail(self, check: str, msg: str, at: str | None = None) -> None:
         self.failures.append({"check": check, "msg": msg, "at": at})
@@ -57,15 +64,21 @@ class _Report:
         self.checks.append({"check": check, "status": "skipped", "failures": 0, "detail": why})
 
 
-def _rows(n: int) -> torch.Tensor:
-    if n <= SAMPLE_ROWS:
-        return torch.arange(n)
-    return torch.linspace(0, n - 1, SAMPLE_ROWS).round().long().unique()
+def _rows(n: int):
+    """The sampled rows (engine.convert.validate_read.sample_rows) as a torch index."""
+    import torch
+
+    return torch.from_numpy(host.sample_rows(n))
 
 
-def decode_module(r: CheckpointReader, base: str, rows: torch.Tensor | None = None,
-                  cols: int | None = None) -> torch.Tensor | None:
-    """fp32 values of module `base` in any encoding quantdeck reads or writes (None: no such module)."""
+def decode_module(r: CheckpointReader, base: str, rows=None, cols: int | None = None):
+    """fp32 values of module `base` in any encoding quantdeck reads or writes (None: no such module); the torch
+    reference of validate's host decoders."""
+    import torch
+
+    from engine.formats.fp8_block.helpers import dequant_fp8_block
+    from engine.formats.nvfp4.helpers import dequant_nvfp4
+
     w = base + ".weight"
     if base + ".weight_scale_2" in r or base + ".weight_global_scale" in r:
         packed = r.get(w if w in r else base + ".weight_packed")
@@ -114,29 +127,32 @@ def _fp8_bases(r: CheckpointReader) -> list[str]:
     return out
 
 
-def _check_index(r_dir: Path, rep: _Report) -> CheckpointReader | None:
+def _open_output(r_dir: Path, rep: _Report) -> CheckpointReader | None:
     try:
-        r = CheckpointReader(r_dir, strict=False)
+        return CheckpointReader(r_dir, strict=False)
     except CheckpointError as e:
         rep.fail("index", e.msg, e.at)
         rep.row("index", "cannot open")
         return None
+
+
+def _check_index(r: CheckpointReader, rep: _Report, man: dict | None, digests: host.Digests,
+                 files: host.Files) -> None:
+    """The reader's problems, then each shard of the manifest against its digest (recorded as the pass read it)."""
     for p in r.problems:
         rep.fail("index", p.msg, p.at)
-    man = load_manifest(r_dir)
     verified = 0
     if man:
         for shard, rec in (man.get("shards") or {}).items():
-            path = r_dir / shard
+            path = r.dir / shard
             if not path.exists():
                 rep.fail("index", f"manifest lists {shard}, which is missing", str(path))
-            elif not matches(path, rec):
+            elif not digests.matches(path, rec, files):
                 rep.fail("index", f"{shard} does not match its manifest sha256 digest", str(path))
             else:
                 verified += 1
     rep.row("index", f"{len(r.names())} tensors in {len(r.shards())} shard(s)"
             + (f", {verified} sha256 verified" if man else ", no manifest"))
-    return r
 
 
 def _ignore_list(config: dict) -> list[str] | None:
@@ -201,56 +217,264 @@ def _check_layout(r: CheckpointReader, rep: _Report, nv: list[str], fp8: list[st
             + ("" if ignore is None else f", ignore list of {len(ignore)}"))
 
 
-def _check_scales_and_decode(r: CheckpointReader, rep: _Report, nv: list[str], fp8: list[str], layout,
-                             progress: Progress) -> None:
+# -- scales and decode ------------------------------------------------------------------------------------------------
+# A module's findings are a list of events in the order the checks meet them: ("scales" | "decode", msg, at), and
+# ("group", global scale, its tensor) where the fused-group rule is checked against the modules before it.
+
+def _s2_name(r: CheckpointReader, base: str) -> str:
+    return base + ".weight_scale_2" if base + ".weight_scale_2" in r else base + ".weight_global_scale"
+
+
+def _nvfp4_events_torch(r: CheckpointReader, base: str) -> list[tuple]:
+    """The reference: one NVFP4 module's scale and decode findings, decoded with torch."""
+    import torch
+
+    ev: list[tuple] = []
+    try:
+        s2n = _s2_name(r, base)
+        s2 = r.get(s2n).float().reshape(-1)[0]
+        if not bool(torch.isfinite(s2)) or float(s2) <= 0:
+            return [("scales", f"{s2n} is {float(s2)}: must be finite and > 0", s2n)]
+        bs = r.get(base + ".weight_scale").float()
+        if not bool(torch.isfinite(bs).all()) or bool((bs <= 0).any()):
+            bad = int((~torch.isfinite(bs) | (bs <= 0)).sum())
+            ev.append(("scales", f"{base}.weight_scale has {bad} block scale(s) that are not finite and > 0",
+                       base + ".weight_scale"))
+        ev.append(("group", float(s2) if s2n.endswith("_scale_2") else 1.0 / float(s2), s2n))
+        if not bool(torch.isfinite(decode_module(r, base)).all()):
+            ev.append(("decode", f"{base} decodes to non-finite values", base))
+    except Exception as e:  # noqa: BLE001 - a broken tensor is a finding, not a crash
+        ev.append(("decode", f"{base}: cannot decode ({e})", base))
+    return ev
+
+
+def _fp8_events_torch(r: CheckpointReader, base: str) -> list[tuple]:
+    """The reference: one FP8-block module's scale and decode findings, decoded with torch."""
+    import torch
+
+    sc = next((s for s in (base + ".weight_scale_inv", base + ".scale") if s in r), None)
+    if sc is None:
+        return []
+    ev: list[tuple] = []
+    sf = r.get(sc).float()
+    if not bool(torch.isfinite(sf).all()) or bool((sf <= 0).any()):
+        ev.append(("scales", f"{sc} holds scales that are not finite and > 0", sc))
+    try:
+        if not bool(torch.isfinite(decode_module(r, base)).all()):
+            ev.append(("decode", f"{base} decodes to non-finite values", base))
+    except Exception as e:  # noqa: BLE001
+        ev.append(("decode", f"{base}: cannot decode ({e})", base))
+    return ev
+
+
+def _nvfp4_parts(r: CheckpointReader, base: str) -> tuple[str, str, str]:
+    """(packed weight, block scales, global scale) names of a well-formed NVFP4 module; Unsupported otherwise."""
+    w = base + ".weight" if base + ".weight" in r else base + ".weight_packed"
+    bsn, s2n = base + ".weight_scale", _s2_name(r, base)
+    if w not in r or bsn not in r or s2n not in r:
+        raise host.Unsupported(base)
+    pm, sm, s2m = r.meta(w), r.meta(bsn), r.meta(s2n)
+    if (pm.dtype_name != "U8" or len(pm.shape) != 2 or pm.shape[1] % 8 or sm.dtype_name != "F8_E4M3"
+            or sm.shape != (pm.shape[0], pm.shape[1] // 8) or s2m.dtype_name != "F32" or math.prod(s2m.shape) < 1):
+        raise host.Unsupported(base)
+    return w, bsn, s2n
+
+
+def nvfp4_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, bool], tuple | None]:
+    """One NVFP4 module read whole and checked on the host: (events as _nvfp4_events_torch gives them, finiteness of
+    its float tensors, (packed, block scales, float32 scale_2) for the source comparison, or None where the
+    reference must decode it)."""
+    r = out.r
+    w, bsn, s2n = _nvfp4_parts(r, base)
+    packed = out.full(w, slot="packed").reshape(r.meta(w).shape)
+    bs = out.full(bsn, slot="scales").reshape(r.meta(bsn).shape)
+    s2raw = out.full(s2n).view(np.float32)
+    floats = {s2n: bool(np.isfinite(s2raw).all())}
+    s2 = s2raw.reshape(-1)[0]
+    if not np.isfinite(s2) or s2 <= 0:
+        return [("scales", f"{s2n} is {float(s2)}: must be finite and > 0", s2n)], floats, None
+    with np.errstate(all="ignore"):
+        s2_dec = s2 if s2n.endswith("_scale_2") else np.float32(1.0) / s2  # as decode_module divides
+    if not (np.isfinite(s2_dec) and s2_dec > 0):
+        raise host.Unsupported(base)  # the reference raises from as_scale_2: its message, not ours
+    ev: list[tuple] = []
+    mag = host.Scratch.get("magnitude", bs.shape)
+    np.bitwise_and(bs, 0x7F, out=mag)  # E4M3 magnitude bits: 0x7F is NaN, 0 is zero
+    nan = int(np.count_nonzero(mag == 0x7F))
+    bad = int(np.count_nonzero(mag == 0)) + int(np.count_nonzero(bs >= 0x80)) + nan \
+        - int(np.count_nonzero(bs == 0xFF)) - int(np.count_nonzero(bs == 0x80))  # NaN, zero, negative
+    if bad:
+        ev.append(("scales", f"{base}.weight_scale has {bad} block scale(s) that are not finite and > 0", bsn))
+    ev.append(("group", float(s2) if s2n.endswith("_scale_2") else 1.0 / float(s2), s2n))
+    if nan:
+        finite = False
+    elif bs.size == 0:
+        finite = True
+    else:  # |value| <= 6 · fl(max|scale| · scale_2): finite when that is (rounding is monotone); else decode it all
+        with np.errstate(all="ignore"):
+            top = np.float32(6) * (host.E4M3_LUT[int(mag.max())] * s2_dec)
+        finite = bool(np.isfinite(top)) or bool(np.isfinite(host.nvfp4_values(packed, bs, s2_dec, None)).all())
+    if not finite:
+        ev.append(("decode", f"{base} decodes to non-finite values", base))
+    return ev, floats, (packed, bs, s2_dec)
+
+
+def fp8_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, bool], tuple | None]:
+    """One FP8-block module read whole and checked on the host (as nvfp4_host; the third item is (codes, float32
+    scales, block))."""
+    r = out.r
+    sc = next((s for s in (base + ".weight_scale_inv", base + ".scale") if s in r), None)
+    if sc is None:
+        raise host.Unsupported(base)
+    wm, smeta = r.meta(base + ".weight"), r.meta(sc)
+    if len(wm.shape) != 2 or not wm.nbytes or smeta.dtype_name not in ("F32", "BF16", "F16", "F8_E8M0"):
+        raise host.Unsupported(base)
+    try:
+        block = infer_block(wm.shape, smeta.shape)
+    except Exception:  # noqa: BLE001 - the reference names it
+        raise host.Unsupported(base) from None
+    codes = out.full(base + ".weight", slot="packed").reshape(wm.shape)
+    raw = out.full(sc)
+    s32 = host.scale_values(raw, smeta.dtype_name, smeta.shape)
+    floats = {sc: host.all_finite(raw, smeta.dtype_name)} if smeta.dtype_name in FLOATS else {}
+    ev: list[tuple] = []
+    with np.errstate(invalid="ignore"):
+        if not np.isfinite(s32).all() or bool((s32 <= 0).any()):
+            ev.append(("scales", f"{sc} holds scales that are not finite and > 0", sc))
+        if bool(((codes & 0x7F) == 0x7F).any()) or not np.isfinite(s32).all():
+            finite = False
+        else:
+            top = np.float32(448) * np.float32(np.abs(s32).max())
+            finite = bool(np.isfinite(top)) or bool(np.isfinite(
+                host.fp8_values(codes, np.arange(wm.shape[0]), s32, block, wm.shape[1])).all())
+    if not finite:
+        ev.append(("decode", f"{base} decodes to non-finite values", base))
+    return ev, floats, (codes, s32, block)
+
+
+def _emit_scales_and_decode(r: CheckpointReader, rep: _Report, nv: list[str], fp8: list[str], layout,
+                            events: dict[str, list[tuple] | None], floats: dict[str, bool]) -> None:
     group_s2: dict[str, tuple[float, str]] = {}
     for base in nv:
-        try:
-            s2n = base + ".weight_scale_2" if base + ".weight_scale_2" in r else base + ".weight_global_scale"
-            s2 = r.get(s2n).float().reshape(-1)[0]
-            if not bool(torch.isfinite(s2)) or float(s2) <= 0:
-                rep.fail("scales", f"{s2n} is {float(s2)}: must be finite and > 0", s2n)
+        ev = events.get(base)
+        for kind, a, b in ev if ev is not None else _nvfp4_events_torch(r, base):
+            if kind != "group":
+                rep.fail(kind, a, b)
                 continue
-            bs = r.get(base + ".weight_scale").float()
-            if not bool(torch.isfinite(bs).all()) or bool((bs <= 0).any()):
-                bad = int((~torch.isfinite(bs) | (bs <= 0)).sum())
-                rep.fail("scales", f"{base}.weight_scale has {bad} block scale(s) that are not finite and > 0",
-                         base + ".weight_scale")
-            s2v = float(s2) if s2n.endswith("_scale_2") else 1.0 / float(s2)
-            key = layout.classify(base + ".weight", quantize_attention=True).fused_group if layout else None
+            try:
+                key = layout.classify(base + ".weight", quantize_attention=True).fused_group if layout else None
+            except Exception as e:  # noqa: BLE001 - as the reference, inside its try
+                rep.fail("decode", f"{base}: cannot decode ({e})", base)
+                break
             if key:
-                if key in group_s2 and group_s2[key][0] != s2v:
+                if key in group_s2 and group_s2[key][0] != a:
                     rep.fail("scales", f"{base} and {group_s2[key][1]} are one fused group but have global scales "
-                             f"{s2v!r} and {group_s2[key][0]!r}", s2n)
-                group_s2.setdefault(key, (s2v, base))
-            vals = decode_module(r, base)
-            if not bool(torch.isfinite(vals).all()):
-                rep.fail("decode", f"{base} decodes to non-finite values", base)
-        except Exception as e:  # noqa: BLE001 - a broken tensor is a finding, not a crash
-            rep.fail("decode", f"{base}: cannot decode ({e})", base)
-        progress.advance(1, label=base)
+                             f"{a!r} and {group_s2[key][0]!r}", b)
+                group_s2.setdefault(key, (a, base))
     for base in fp8:
-        sc = next((s for s in (base + ".weight_scale_inv", base + ".scale") if s in r), None)
-        if sc is None:
-            continue
-        s = r.get(sc)
-        sf = s.float() if s.dtype != torch.float8_e8m0fnu else s.float()
-        if not bool(torch.isfinite(sf).all()) or bool((sf <= 0).any()):
-            rep.fail("scales", f"{sc} holds scales that are not finite and > 0", sc)
-        try:
-            if not bool(torch.isfinite(decode_module(r, base)).all()):
-                rep.fail("decode", f"{base} decodes to non-finite values", base)
-        except Exception as e:  # noqa: BLE001
-            rep.fail("decode", f"{base}: cannot decode ({e})", base)
-        progress.advance(1, label=base)
+        ev = events.get(base)
+        for kind, a, b in ev if ev is not None else _fp8_events_torch(r, base):
+            rep.fail(kind, a, b)
     n_float = 0
     for n in r.names():
         if r.meta(n).dtype_name in FLOATS:
             n_float += 1
-            if not bool(torch.isfinite(r.get(n).float()).all()):
+            ok = floats.get(n)
+            if ok is None:
+                ok = host.all_finite(r.get_host(n).raw(), r.meta(n).dtype_name)
+            if not ok:
                 rep.fail("decode", f"{n} holds NaN or Inf", n)
     rep.row("scales", f"{len(nv) + len(fp8)} scale sets, {len(group_s2)} fused groups share their global scale")
     rep.row("decode", f"{len(nv) + len(fp8)} quantized modules decode, {n_float} float tensors finite")
+
+
+# -- the pass ---------------------------------------------------------------------------------------------------------
+class _Pass:
+    """Everything validate reads, on a pool of threads: each module and tensor of the output once (hashed when a
+    manifest has digests), and of the source what the comparison needs. Results are kept per name; the report is
+    written afterwards, in the order of the checks."""
+
+    def __init__(self, r: CheckpointReader, src: CheckpointReader | None, nv: list[str], fp8: list[str],
+                 compare: set[str], kept: dict[str, str | None], hashing: bool, progress: Progress):
+        self.files = host.Files()
+        self.digests = host.Digests()
+        self.out = host.HostReader(r, self.files, self.digests if hashing else None)
+        self.src = host.HostReader(src, self.files) if src is not None else None
+        self.r, self.nv, self.fp8, self.compare, self.kept = r, nv, fp8, compare, kept
+        self.progress = progress
+        self.events: dict[str, list[tuple] | None] = {}
+        self.floats: dict[str, bool] = {}
+        self.source: dict[str, dict | None] = {}  # module -> its comparison (None: the reference decodes it)
+        self.kept_res: dict[str, dict | None] = {}
+        self.hashing = hashing
+
+    def _module(self, base: str, enc: str) -> tuple[int, str]:
+        from engine.convert.validate_source import compare_host
+
+        try:
+            ev, floats, decoded = (nvfp4_host if enc == "nvfp4" else fp8_host)(self.out, base)
+            self.events[base] = ev
+            self.floats.update(floats)
+        except (host.Unsupported, OSError):
+            self.events[base], decoded = None, None
+        if base in self.compare:
+            try:
+                if decoded is None:
+                    raise host.Unsupported(base)
+                self.source[base] = compare_host(self.src, base, enc, decoded)
+            except (host.Unsupported, OSError, CheckpointError):
+                self.source[base] = None
+        return 2 if base in self.compare else 1, base
+
+    def _tensor(self, name: str) -> tuple[int, str]:
+        from engine.convert.validate_source import kept_host
+
+        m = self.r.meta(name)
+        try:
+            data = self.out.full(name, slot="tensor")
+        except (host.Unsupported, OSError):
+            return 0, name
+        if m.dtype_name in FLOATS:
+            self.floats[name] = host.all_finite(data, m.dtype_name)
+        if name in self.kept:
+            try:
+                self.kept_res[name] = kept_host(self.src, self.r, name, self.kept[name], data)
+            except (host.Unsupported, OSError, CheckpointError):
+                self.kept_res[name] = None
+        return 0, name
+
+    def run(self) -> "_Pass":
+        owned: set[str] = set()
+        jobs = []
+        for enc, bases in (("nvfp4", self.nv), ("fp8-block", self.fp8)):
+            for base in bases:
+                try:
+                    if enc == "nvfp4":
+                        owned.update(_nvfp4_parts(self.r, base))
+                    else:
+                        owned.update({base + ".weight", base + ".weight_scale_inv", base + ".scale"})
+                except host.Unsupported:
+                    pass
+                jobs.append((self._module, base, enc))
+        for n in self.r.names():
+            if n not in owned and (self.hashing or self.r.meta(n).dtype_name in FLOATS):
+                jobs.append((self._tensor, n))
+        jobs.sort(key=lambda j: -self._size(j))  # the largest first: the pool ends together
+        with ThreadPoolExecutor(host.worker_count(), thread_name_prefix="validate") as ex:
+            for f in as_completed([ex.submit(*j) for j in jobs]):
+                units, label = f.result()
+                if units:  # events leave from this thread only
+                    self.progress.advance(units, label=label)
+        return self
+
+    def _size(self, job) -> int:
+        name = job[1]
+        if job[0] != self._tensor:
+            name = next((n for n in (name + ".weight", name + ".weight_packed") if n in self.r), None)
+        return self.r.meta(name).nbytes if name else 0
+
+    def close(self) -> None:
+        self.files.close()
 
 
 def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike | None = None, *,
@@ -260,40 +484,11 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
     snapshot is checked against `amax_model` (default: `against`, else `directory`)."""
     directory = Path(directory)
     rep = _Report(directory)
-    r = _check_index(directory, rep)
+    r = _open_output(directory, rep)
     target = "none"
     if r is not None:
-        from engine.models import detect_layout
-
-        try:
-            layout = detect_layout(r.config, r.names())
-        except Exception:  # noqa: BLE001
-            layout = None
-        nv, fp8 = _nvfp4_bases(r.names()), _fp8_bases(r)
-        target = "nvfp4" if nv else "fp8-block" if fp8 else "bf16"
-        progress = Progress(sink, "modules", total=(len(nv) + len(fp8)) * (2 if against else 1))
-        _check_layout(r, rep, nv, fp8)
-        _check_scales_and_decode(r, rep, nv, fp8, layout, progress)
-        labels = label_problems(directory, r.config, set(r.names()), nv, fp8)  # after the tensors: theirs come first
-        for msg, at in labels:
-            rep.fail("config", msg, at)
-        rep.row("config", "labels agree with the tensors" if not labels else f"{len(labels)} disagreement(s)")
-        if against is not None:
-            try:
-                src = CheckpointReader(against)
-            except CheckpointError as e:
-                rep.fail("source", e.msg, e.at)
-                src = None
-            from engine.convert.validate_source import check_source
-
-            if src is not None and check_source(r, src, rep, nv, fp8, progress):
-                rep.skip("block", "not run: tensor shapes differ from the source's")
-            elif src is not None:
-                from engine.convert.block_check import check_first_block
-
-                check_first_block(r, src, rep, target, device)
-        else:
-            rep.skip("source", "no --against source given")
+        _validate_open(r, rep, against, device, sink)
+        target = rep.target
     if amax is not None:
         _check_amax(directory, amax, rep,
                     model_dir=amax_model if amax_model is not None else against if against is not None else directory)
@@ -302,6 +497,64 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
               msg=f"validate {directory}: {'ok' if ok else f'{len(rep.failures)} failure(s)'}")
     return {"dir": str(directory), "against": str(against) if against else None, "format": target, "ok": ok,
             "checks": rep.checks, "failures": rep.failures, "tensors": rep.tensors}
+
+
+def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink: EventSink) -> None:
+    from engine.convert.validate_source import emit_source, kept_floats, shape_mismatches
+    from engine.models import detect_layout
+
+    try:
+        layout = detect_layout(r.config, r.names())
+    except Exception:  # noqa: BLE001
+        layout = None
+    nv, fp8 = _nvfp4_bases(r.names()), _fp8_bases(r)
+    rep.target = "nvfp4" if nv else "fp8-block" if fp8 else "bf16"
+    progress = Progress(sink, "modules", total=(len(nv) + len(fp8)) * (2 if against else 1))
+    src = src_error = block = None
+    shape_fails: list[tuple[str, str]] = []
+    misshapen: set[str] = set()
+    if against is not None:
+        try:
+            src = CheckpointReader(against)
+        except CheckpointError as e:
+            src_error = e
+    quantized = set(nv) | set(fp8)
+    if src is not None:
+        shape_fails, misshapen = shape_mismatches(r, src, quantized)
+        if not misshapen:  # started first: it runs beside the pass
+            from engine.convert.block_check import start_first_block
+
+            block = start_first_block(r.dir, src.dir, rep.target, device)
+    compare = {b for b in nv + fp8 if src is not None and b + ".weight" in src and b not in misshapen}
+    kept = {n: base for n, base in kept_floats(r, src, quantized) if n not in misshapen} if src is not None else {}
+    man = load_manifest(r.dir)
+    hashing = bool(man) and any(isinstance(rec, dict) and rec.get("digest")
+                                for rec in (man.get("shards") or {}).values())
+    run = _Pass(r, src, nv, fp8, compare, kept, hashing, progress)
+    try:
+        run.run()
+        _check_index(r, rep, man, run.digests, run.files)
+        _check_layout(r, rep, nv, fp8)
+        _emit_scales_and_decode(r, rep, nv, fp8, layout, run.events, run.floats)
+        labels = label_problems(r.dir, r.config, set(r.names()), nv, fp8)  # after the tensors: theirs come first
+        for msg, at in labels:
+            rep.fail("config", msg, at)
+        rep.row("config", "labels agree with the tensors" if not labels else f"{len(labels)} disagreement(s)")
+        if against is None:
+            rep.skip("source", "no --against source given")
+        elif src is None:
+            rep.fail("source", src_error.msg, src_error.at)
+        else:
+            emit_source(r, src, rep, nv, fp8, shape_fails, misshapen, run.source, run.kept_res)
+            if misshapen:
+                rep.skip("block", "not run: tensor shapes differ from the source's")
+            else:
+                block.finish(r, src, rep)
+                block = None
+    finally:
+        run.close()
+        if block is not None:
+            block.cancel()
 
 
 def _check_amax(directory: Path, amax: str | os.PathLike, rep: _Report, model_dir: str | os.PathLike) -> None:

@@ -1,0 +1,282 @@
+"""validate's host path: the bytes of the checkpoints read once, on threads, and decoded with numpy — no torch.
+
+Every tensor of the output is read whole, once, with one positioned read, and hashed as it arrives (the manifest's
+pieces digest, engine.checkpoint.digest, is a digest over each tensor's own sha256, so no shard is read a second
+time for its checksum). Of the source, only what validate compares is read: the sampled rows of each quantized
+weight (with its small scale grid) and the tensors kept as they are. Reads, hashing and numpy release the GIL, so a
+pool of threads keeps the disk and every core busy.
+
+The decoders here give the float32 values of the torch references bit for bit (engine.formats.nvfp4.helpers
+`dequant_nvfp4`, engine.formats.fp8_block.helpers `dequant_fp8_block`): a product of two float32 values is one
+correctly rounded multiplication in either library. What they do not cover (MXFP4, scales in unusual dtypes,
+malformed tensors) raises `Unsupported`, and validate takes the torch reference path for that module, so its
+findings and their messages stay those of the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from engine.checkpoint.digest import KIND, combine, pieces_of
+from engine.checkpoint.reader import CheckpointReader
+from engine.formats.nvfp4.host import E4M3_LUT
+
+SAMPLE_ROWS = 256
+READ_CHUNK = 64 << 20  # one pread at most this long (the kernel splits larger ones anyway)
+SPARSE_STRIDE = 256 << 10  # sampled rows further apart than this are read one by one, nearer ones in one read
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_E2M1 = np.array((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0), np.float32)
+_BYTES = np.arange(256)
+PAIR_LUT = np.stack([_E2M1[_BYTES & 0xF], _E2M1[_BYTES >> 4]], axis=1)  # a packed byte -> its two values, low first
+ABS_E4M3 = np.abs(E4M3_LUT)
+
+
+class Unsupported(Exception):
+    """The host path does not decode this tensor: validate uses the torch reference for it."""
+
+
+def sample_rows(n: int) -> np.ndarray:
+    """The rows validate compares: all of them up to SAMPLE_ROWS, else SAMPLE_ROWS evenly spaced ones (first and
+    last included)."""
+    if n <= SAMPLE_ROWS:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.round(np.linspace(0, n - 1, SAMPLE_ROWS)).astype(np.int64))
+
+
+def worker_count() -> int:
+    """Reader threads: twice the cores (half of them wait on the disk at any time), at least 4, at most 32."""
+    return max(4, min(32, 2 * (os.cpu_count() or 2)))
+
+
+class Scratch:
+    """Each thread's reusable buffers, by slot: a fresh large numpy array costs a page fault per 4 KiB when first
+    written (a third of the time of a decode on a small VM); a buffer reused from one tensor to the next does not."""
+
+    _tls = threading.local()
+
+    @classmethod
+    def get(cls, slot: str, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        bufs = getattr(cls._tls, "bufs", None)
+        if bufs is None:
+            bufs = cls._tls.bufs = {}
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = bufs.get(slot)
+        if buf is None or buf.nbytes < n:
+            buf = bufs[slot] = np.empty(max(n, 1 << 16), np.uint8)
+        return buf[:n].view(dtype).reshape(shape)
+
+
+class Files:
+    """One read-only descriptor per file, shared by every thread (pread needs no position)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
+    view = memoryview(buf).cast("B")
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got: got + READ_CHUNK]], offset + got)
+        if n <= 0:
+            raise Unsupported(f"{what}: the file ended early")
+        got += n
+
+
+class Digests:
+    """The sha256 of each piece of the output's shards, recorded as the pieces are read (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[str, int, int], bytes] = {}
+        self._lock = threading.Lock()
+
+    def add(self, shard: str, start: int, end: int, data: np.ndarray) -> None:
+        d = hashlib.sha256(memoryview(data).cast("B")).digest()
+        with self._lock:
+            self._d[(shard, start, end)] = d
+
+    def shard_digest(self, path: Path, files: Files) -> str:
+        """The pieces digest of shard `path` ("" if it is not safetensors), hashing from disk only the pieces that
+        no check read (the header, and bytes no tensor of the index owns)."""
+        try:
+            pieces = pieces_of(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+        out = []
+        for a, b in pieces:
+            d = self._d.get((path.name, a, b))
+            if d is None:
+                h = hashlib.sha256()
+                fd = files.fd(path)
+                pos = a
+                while pos < b:
+                    chunk = os.pread(fd, min(READ_CHUNK, b - pos), pos)
+                    if not chunk:
+                        break  # a short file: the digest will not match
+                    h.update(chunk)
+                    pos += len(chunk)
+                d = h.digest()
+            out.append(d)
+        return combine(out)
+
+    def matches(self, path: Path, rec: dict, files: Files) -> bool:
+        """engine.checkpoint.digest.matches, from the digests recorded here."""
+        from engine.checkpoint.digest import matches
+
+        try:
+            if not path.exists() or ("size" in rec and path.stat().st_size != rec["size"]):
+                return False
+        except OSError:
+            return False
+        if rec.get("digest"):
+            return rec.get("digest_kind", KIND) == KIND and self.shard_digest(path, files) == rec["digest"]
+        return matches(path, rec)  # a plain sha256 (older manifests): the file read once more
+
+
+class HostReader:
+    """Reads tensors of one checkpoint as numpy bytes: whole (hashed into `digests` when given) or sampled rows."""
+
+    def __init__(self, reader: CheckpointReader, files: Files, digests: Digests | None = None):
+        self.r = reader
+        self.files = files
+        self.digests = digests
+
+    def full(self, name: str, slot: str | None = None) -> np.ndarray:
+        """The tensor's bytes, flat uint8 (in this thread's scratch buffer `slot`, valid until its next use)."""
+        m = self.r.meta(name)
+        buf = Scratch.get(slot, (m.nbytes,)) if slot else np.empty(m.nbytes, np.uint8)
+        if m.nbytes:
+            _pread_into(self.files.fd(self.r.dir / m.shard), buf, m.start, name)
+        if self.digests is not None:
+            self.digests.add(m.shard, m.start, m.end, buf)
+        return buf
+
+    def rows(self, name: str, rows: np.ndarray, slot: str | None = None) -> np.ndarray:
+        """Rows `rows` (ascending) of a 2-D tensor, as uint8 [len(rows), bytes per row]; never hashed."""
+        m = self.r.meta(name)
+        if len(m.shape) != 2:
+            raise Unsupported(f"{name} is not 2-D")
+        n, per = m.shape[0], m.nbytes // max(1, m.shape[0])
+        fd = self.files.fd(self.r.dir / m.shard)
+        out = Scratch.get(slot, (len(rows), per)) if slot else np.empty((len(rows), per), np.uint8)
+        if len(rows) == n:  # every row: one read
+            if m.nbytes:
+                _pread_into(fd, out, m.start, name)
+            return out
+        if m.nbytes < len(rows) * SPARSE_STRIDE:  # rows close together: one large read beats many small ones
+            whole = Scratch.get(f"{slot}-whole", (n, per)) if slot else np.empty((n, per), np.uint8)
+            _pread_into(fd, whole, m.start, name)
+            np.take(whole, rows, axis=0, out=out)
+            return out
+        for j, r in enumerate(rows.tolist()):
+            _pread_into(fd, out[j], m.start + r * per, name)
+        return out
+
+
+# -- decoders (bit-exact with the torch references) ------------------------------------------------------------------
+def float32_values(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float tensor's bytes as float32 values (`tensor.float()`)."""
+    if dtype == "BF16":
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if dtype == "F32":
+        return data.view(np.float32).reshape(shape)
+    if dtype == "F16":
+        return data.view(np.float16).astype(np.float32).reshape(shape)
+    if dtype == "F64":
+        return data.view(np.float64).astype(np.float32).reshape(shape)
+    raise Unsupported(f"not a float tensor: {dtype}")
+
+
+def all_finite(data: np.ndarray, dtype: str) -> bool:
+    """No NaN or Inf among a float tensor's values (`torch.isfinite(t.float()).all()`)."""
+    if dtype == "BF16":
+        return not bool(((data.view(np.uint16) & 0x7F80) == 0x7F80).any())
+    if dtype == "F32":
+        return bool(np.isfinite(data.view(np.float32)).all())
+    if dtype == "F16":
+        return bool(np.isfinite(data.view(np.float16)).all())
+    if dtype == "F64":
+        return bool(np.isfinite(data.view(np.float64).astype(np.float32)).all())
+    raise Unsupported(f"not a float tensor: {dtype}")
+
+
+def scale_values(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """FP8 block scales as float32 multipliers (`scale_to_fp32`); the E8M0 NaN byte is left to the reference."""
+    if dtype == "F8_E8M0":
+        b = data.reshape(shape)
+        if (b == 255).any():
+            raise Unsupported("E8M0 NaN byte")
+        return np.ldexp(np.ones(shape, np.float32), b.astype(np.int32) - 127)
+    if dtype in FLOAT_DTYPES:
+        return float32_values(data, dtype, shape)
+    raise Unsupported(f"block scales stored as {dtype}")
+
+
+def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, block: tuple[int, int] | None,
+               cols: int, slot: str | None = None) -> np.ndarray:
+    """float32 values of FP8 E4M3 rows `rows` of a weight ([k, cols] bytes), each multiplied by its tile's scale."""
+    vals = Scratch.get(slot, codes.shape, np.float32) if slot else np.empty(codes.shape, np.float32)
+    np.take(E4M3_LUT, codes, out=vals)
+    if scale32 is None:
+        return vals
+    bo, bi = block
+    s = scale32[rows // bo]  # [k, tiles across]
+    if cols % bi == 0:
+        v = vals.reshape(len(rows), cols // bi, bi)
+        np.multiply(v, s[:, :, None], out=v)
+        return vals
+    full = cols // bi * bi
+    if full:
+        v = vals[:, :full].reshape(len(rows), cols // bi, bi)
+        np.multiply(v, s[:, : cols // bi, None], out=v)
+    vals[:, full:] *= s[:, -1:]
+    return vals
+
+
+_PAIR64 = PAIR_LUT.copy().view(np.uint64).reshape(-1)  # the two float32 values of a byte as one 8-byte item
+
+
+def nvfp4_values(packed: np.ndarray, bs: np.ndarray, s2: np.float32, cols: int | None, rows: np.ndarray | None = None,
+                 slot: str | None = None) -> np.ndarray:
+    """float32 values of NVFP4 rows (`rows` of, or all): packed [o, p] bytes, E4M3 block-scale bytes [o, 2p/16],
+    float32 scale_2; `cols` cuts the padding of the last 16-value block."""
+    if rows is not None:
+        packed, bs = packed[rows], bs[rows]
+    k, p = packed.shape
+    nb = bs.shape[1]
+    per_block = np.take(E4M3_LUT, bs)
+    per_block *= np.float32(s2)
+    pairs = Scratch.get(slot, (k, p), np.uint64) if slot else np.empty((k, p), np.uint64)
+    np.take(_PAIR64, packed, out=pairs)
+    vals = pairs.view(np.float32).reshape(k, nb, 16)
+    np.multiply(vals, per_block[:, :, None], out=vals)
+    vals = vals.reshape(k, 2 * p)
+    return vals if cols is None or cols == 2 * p else vals[:, :cols]
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(Σ(a-b)², Σb²) of two float32 arrays of one shape (`a` is overwritten with a-b)."""
+    bb = np.ascontiguousarray(b).reshape(-1)
+    ref = float(np.dot(bb, bb))
+    np.subtract(a, b, out=a)
+    d = a.reshape(-1)
+    return float(np.dot(d, d)), ref
