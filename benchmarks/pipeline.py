@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""Benchmark: the weight-only pipeline's stages, each in a fresh process, beside the I/O floor of its bytes.
+
+Builds (once, cached in --workdir) a DeepSeek-V3 checkpoint, then runs, each in its own process:
+
+  convert   `quantdeck convert --src SRC --dst OUT --to nvfp4` (weight-only NVFP4)
+  validate  `quantdeck validate OUT --against SRC`
+  run       `quantdeck run recipe.toml` on the same source: the whole weight-only pipeline (inspect, convert,
+            inject-mtp, copy-extras, validate) with preflight off, into its own work dir
+
+and prints each one's wall, bytes read and written (/proc/<pid>/io of the process tree, polled), peak RSS of the
+tree (and peak GPU memory where CUDA exists), and the floor: `cat` of the inputs it reads and `dd` of the outputs
+it writes, on the same disk, page cache as for the stage; then validate/convert and run/convert.
+
+Sizes:
+  mid-cpu  (default; for 2 cores) V3, 3 layers (layer 0 dense), 64 routed experts of 1536, hidden 2048: 1.2 GB FP8,
+           built with `quantdeck fixture` (transformers' own model, random weights)
+  real     DeepSeek-V3's widths: hidden 7168, intermediate 18432, 256 routed experts of 2048 + 1 shared, top-8,
+           128 heads, q_lora 1536, kv_lora 512, 2 layers (layer 0 dense), written tensor by tensor (no model is
+           built: ~13 GB FP8, ~26 GB BF16)
+--source fp8 (DeepSeek's FP8 block-128 release format) or bf16.
+
+Page cache: --cold data (default) evicts the benchmark's checkpoints before each stage (posix_fadvise DONTNEED
+after a sync), leaving python's and torch's files warm as on an operator's machine; --cold none keeps everything
+warm; --cold all drops the whole page cache (root only).
+
+Usage:  python benchmarks/pipeline.py [--size mid-cpu|real] [--source fp8|bf16] [--workdir DIR] [--cold data]
+                                      [--skip run] [--json]
+Target: validate <= 1.0x convert; the weight-only run <= 2x convert (mid-cpu), <= 1.3x at real width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = {
+    "mid-cpu": dict(layers=3, experts=64, hidden=2048, moe_inter=1536),
+    "real": dict(hidden=7168, intermediate=18432, experts=256, moe_inter=2048, shared=1, top_k=8, heads=128,
+                 q_lora=1536, kv_lora=512, layers=2, vocab=32000),
+}
+
+
+# -- the sources ----------------------------------------------------------------------------------------------------
+def _real_config(s: dict, dtype: str) -> dict:
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": s["vocab"],
+           "hidden_size": s["hidden"], "intermediate_size": s["intermediate"], "moe_intermediate_size": s["moe_inter"],
+           "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"],
+           "n_shared_experts": s["shared"], "n_routed_experts": s["experts"], "num_experts_per_tok": s["top_k"],
+           "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+           "topk_method": "noaux_tc", "norm_topk_prob": True, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+           "q_lora_rank": s["q_lora"], "kv_lora_rank": s["kv_lora"], "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+           "v_head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+           "rope_theta": 10000, "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+           "eos_token_id": 1, "tie_word_embeddings": False, "num_nextn_predict_layers": 0, "dtype": "bfloat16",
+           "initializer_range": 0.02, "use_cache": True}
+    if dtype == "fp8":
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [128, 128]}
+    return cfg
+
+
+def _real_tensors(s: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) of every tensor: 'gemm' (FP8 in an fp8 source), 'bf16', 'norm', 'f32'."""
+    h, qk = s["hidden"], 128 + 64
+    out = [("model.embed_tokens.weight", (s["vocab"], h), "bf16"), ("model.norm.weight", (h,), "norm"),
+           ("lm_head.weight", (s["vocab"], h), "bf16")]
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,), "norm"), (p + "post_attention_layernorm.weight", (h,), "norm"),
+                (p + "self_attn.q_a_proj.weight", (s["q_lora"], h), "gemm"),
+                (p + "self_attn.q_a_layernorm.weight", (s["q_lora"],), "norm"),
+                (p + "self_attn.q_b_proj.weight", (s["heads"] * qk, s["q_lora"]), "gemm"),
+                (p + "self_attn.kv_a_proj_with_mqa.weight", (s["kv_lora"] + 64, h), "gemm"),
+                (p + "self_attn.kv_a_layernorm.weight", (s["kv_lora"],), "norm"),
+                (p + "self_attn.kv_b_proj.weight", (s["heads"] * (128 + 128), s["kv_lora"]), "gemm"),
+                (p + "self_attn.o_proj.weight", (h, s["heads"] * 128), "gemm")]
+        if i == 0:
+            mlps = [(p + "mlp.", s["intermediate"])]
+        else:
+            out += [(p + "mlp.gate.weight", (s["experts"], h), "bf16"),
+                    (p + "mlp.gate.e_score_correction_bias", (s["experts"],), "f32")]
+            mlps = [(f"{p}mlp.experts.{e}.", s["moe_inter"]) for e in range(s["experts"])]
+            mlps.append((p + "mlp.shared_experts.", s["moe_inter"] * s["shared"]))
+        for q, inter in mlps:
+            out += [(q + "gate_proj.weight", (inter, h), "gemm"), (q + "up_proj.weight", (inter, h), "gemm"),
+                    (q + "down_proj.weight", (h, inter), "gemm")]
+    return out
+
+
+def build_real(path: Path, dtype: str) -> Path:
+    """A real-width V3 checkpoint written tensor by tensor (random N(0, 0.02) values; FP8 cast per 128×128 tile)."""
+    import torch
+
+    from engine.checkpoint import CheckpointWriter, TensorSpec, plan_shards
+    from engine.fixtures.tokenizer import build_tokenizer
+    from engine.formats.fp8_block.helpers import cast_fp8_block
+
+    s = SIZES["real"]
+    tensors = _real_tensors(s)
+    units = []
+    for name, shape, kind in tensors:
+        if kind == "gemm" and dtype == "fp8":
+            grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+            units.append([TensorSpec(name, "F8_E4M3", shape),
+                          TensorSpec(name[: -len("weight")] + "weight_scale_inv", "F32", grid)])
+        else:
+            units.append([TensorSpec(name, "F32" if kind == "f32" else "BF16", shape)])
+    w = CheckpointWriter(path, plan_shards(units, shard_size=int(5e9)), source_fingerprint="bench",
+                         args={"size": "real", "dtype": dtype})
+    kinds = {n: k for n, _, k in tensors}
+    gen = torch.Generator().manual_seed(0)
+    print(f"building the real-width V3 {dtype} source at {path} ...", file=sys.stderr)
+    for plan in w.prepare():
+        sf = w.open_shard(plan)
+        for spec in plan.tensors:
+            if spec.name.endswith("weight_scale_inv"):
+                continue
+            kind = kinds[spec.name]
+            if kind == "norm":
+                sf.write(spec.name, torch.ones(spec.shape, dtype=torch.bfloat16))
+            elif kind == "f32":
+                sf.write(spec.name, torch.zeros(spec.shape, dtype=torch.float32))
+            else:
+                t = torch.randn(spec.shape, generator=gen) * 0.02
+                if kind == "gemm" and dtype == "fp8":
+                    q, sc = cast_fp8_block(t)
+                    sf.write(spec.name, q)
+                    sf.write(spec.name[: -len("weight")] + "weight_scale_inv", sc)
+                else:
+                    sf.write(spec.name, t.to(torch.bfloat16))
+        sf.close()
+    w.finalize()
+    (path / "manifest.json").unlink()
+    (path / "config.json").write_text(json.dumps(_real_config(s, dtype), indent=2))
+    build_tokenizer(path)
+    return path
+
+
+def build_source(work: Path, size: str, dtype: str) -> Path:
+    path = work / f"src-{size}-{dtype}"
+    stamp = path / ".bench_source.json"
+    want = {"size": size, "dtype": dtype, "v": 1}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    if size == "real":
+        build_real(path, dtype)
+    else:
+        s = SIZES[size]
+        subprocess.run([sys.executable, "-m", "console", "fixture", "--family", "deepseek-v3", "--dtype", dtype,
+                        "--out", str(path), "--layers", str(s["layers"]), "--experts", str(s["experts"]),
+                        "--hidden", str(s["hidden"]), "--moe-inter", str(s["moe_inter"])], check=True, cwd=REPO)
+    stamp.write_text(json.dumps(want))
+    return path
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------------
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def evict(*roots: Path) -> None:
+    subprocess.run(["sync"], check=False)
+    for root in roots:
+        for p in _files(root):
+            try:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+
+
+def drop_all() -> None:
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def _tree(pid: int):
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return [p] + p.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def run_stage(cmd: list[str], env: dict) -> dict:
+    """Run `cmd`: wall, peak RSS of its process tree, bytes read / written (each process's last /proc io seen)."""
+    import psutil
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, io, stop = 0, {}, threading.Event()
+
+    def poll():
+        nonlocal peak
+        while not stop.is_set():
+            rss = 0
+            for q in _tree(proc.pid):
+                try:
+                    rss += q.memory_info().rss
+                    c = q.io_counters()
+                    io[q.pid] = (c.read_chars, c.write_chars, c.read_bytes, c.write_bytes)
+                except psutil.Error:
+                    pass
+            peak = max(peak, rss)
+            time.sleep(0.05)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    wall = time.monotonic() - t0
+    stop.set()
+    th.join()
+    tot = [sum(v[i] for v in io.values()) for i in range(4)]
+    return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3), "read_gb": round(tot[0] / 1e9, 3),
+            "written_gb": round(tot[1] / 1e9, 3), "disk_read_gb": round(tot[2] / 1e9, 3), "rc": proc.returncode,
+            "err_tail": err.strip().splitlines()[-1] if err.strip() else "", "out": out}
+
+
+def floor(inputs: list[Path], out_bytes: int, tmp: Path, cold: str) -> dict:
+    """`cat` of the inputs (page cache as the stage had it) and `dd` of as many bytes as the stage wrote."""
+    files = [str(p) for root in inputs for p in _files(root) if p.suffix == ".safetensors"]
+    if cold == "data":
+        evict(*inputs)
+    elif cold == "all":
+        drop_all()
+    t0 = time.monotonic()
+    subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], check=True)
+    read_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    target = tmp / "dd.out"
+    mb = max(1, out_bytes // (1 << 20))
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "status=none"], check=True)
+    write_s = time.monotonic() - t0
+    target.unlink()
+    return {"cat_s": round(read_s, 2), "dd_s": round(write_s, 2), "floor_s": round(max(read_s, write_s), 2)}
+
+
+def _size(root: Path) -> int:
+    return sum(p.stat().st_size for p in _files(root))
+
+
+def _gpu_poller():
+    """Peak GPU memory used (MiB) over the next stage, from nvidia-smi; None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    peak = [0]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                peak[0] = max(peak[0], sum(int(x) for x in out.split() if x.strip().isdigit()))
+            except (OSError, subprocess.SubprocessError):
+                pass
+            time.sleep(0.2)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    return lambda: (stop.set(), th.join(), peak[0])[2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="mid-cpu", choices=sorted(SIZES))
+    ap.add_argument("--source", default="fp8", choices=["fp8", "bf16"])
+    ap.add_argument("--workdir", default=None, help="where the source and outputs go (default: a temp dir, removed)")
+    ap.add_argument("--cold", default="data", choices=["data", "none", "all"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--skip", action="append", default=[], choices=["convert", "validate", "run"])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qd-pipeline-")).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    src = build_source(work, args.size, args.source)
+    out, runwork = work / "out", work / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", "import torch, transformers, numpy"], check=False, env=env)  # warm imports
+    qd = [sys.executable, "-m", "console"]
+    stages = {
+        "convert": (lambda: [*qd, "convert", "--src", str(src), "--dst", str(out), "--to", "nvfp4",
+                             "--device", args.device], [src], lambda: _size(out)),
+        "validate": (lambda: [*qd, "validate", str(out), "--against", str(src)], [src, out], lambda: 0),
+        "run": (lambda: [*qd, "run", str(_recipe(work, src, runwork, args.device)), "--no-preflight"], [src],
+                lambda: _size(runwork / "outputs")),
+    }
+    results: dict[str, dict] = {}
+    for name, (make, inputs, written) in stages.items():
+        if name in args.skip or (name == "validate" and not out.exists()):
+            continue
+        if name == "convert":
+            shutil.rmtree(out, ignore_errors=True)
+        if name == "run":
+            shutil.rmtree(runwork, ignore_errors=True)
+        if args.cold == "data":
+            evict(src, out)
+        elif args.cold == "all":
+            drop_all()
+        gpu = _gpu_poller()
+        print(f"running {name} ...", file=sys.stderr)
+        res = run_stage(make(), env)
+        res["gpu_peak_mib"] = gpu() if gpu else None
+        res |= floor(inputs, written(), work, args.cold)
+        res.pop("out", None)
+        results[name] = res
+    conv = results.get("convert", {}).get("wall_s")
+    for name in ("validate", "run"):
+        if conv and name in results:
+            results[name]["x_convert"] = round(results[name]["wall_s"] / conv, 2)
+    report = {"size": args.size, "source": args.source, "source_gb": round(_size(src) / 1e9, 3),
+              "cores": os.cpu_count(), "cold": args.cold, "stages": results}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.size} V3 {args.source} source {report['source_gb']} GB, {os.cpu_count()} cores, cold {args.cold}")
+    print(f"{'stage':<9} {'wall s':>7} {'x conv':>7} {'read GB':>8} {'written GB':>10} {'peak RSS GB':>11} "
+          f"{'GPU MiB':>8} {'cat s':>6} {'dd s':>6} {'rc':>3}")
+    for name, r in results.items():
+        print(f"{name:<9} {r['wall_s']:>7.2f} {r.get('x_convert', 1.0):>7.2f} {r['read_gb']:>8.3f} "
+              f"{r['written_gb']:>10.3f} {r['peak_rss_gb']:>11.3f} {str(r['gpu_peak_mib'] or '-'):>8} "
+              f"{r['cat_s']:>6.2f} {r['dd_s']:>6.2f} {r['rc']:>3}" + (f"  {r['err_tail'][:80]}" if r["rc"] else ""))
+    return 0
+
+
+def _recipe(work: Path, src: Path, runwork: Path, device: str) -> Path:
+    path = work / "recipe.toml"
+    path.write_text(f'[run]\nworkdir = "{runwork}"\ndevice = "{device}"\npreflight = false\n\n'
+                    f'[source]\npath = "{src}"\n\n[target]\nformat = "nvfp4"\ncalibrate = false\n'
+                    'layouts = ["modelopt"]\n')
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
