@@ -169,7 +169,8 @@ def role_streaming(a) -> None:
     class Sink:
         def emit(self, kind, **d):
             if kind == "metric" and d.get("name") == "calibrate.layer":
-                layers.append({k: v for k, v in d["tags"].items() if k.endswith("_s") and k != "tokens_per_s"})
+                layers.append({k: v for k, v in d["tags"].items() if k.endswith("_s") and k != "tokens_per_s"}
+                              | {"layer": d["tags"].get("layer"), "bytes_read": d["tags"].get("bytes_read")})
 
     t0 = time.monotonic()
     summary = calibrate(a.model, a.samples_file, a.out, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
@@ -265,7 +266,7 @@ def _table(report: dict) -> str:
     rows = [("tool", "wall s", "per MoE layer read / fwd s", "peak GPU GB", "peak RSS GB", "GB read/rank", "amax")]
     s = report["streaming"]
     moe = [x for x in s["per_layer_rank0"] or [] if x.get("layer", 0) >= 1] or s["per_layer_rank0"] or [{}]
-    rd = sum(x.get("read_s", x.get("read_wait_s", 0)) for x in moe) / max(len(moe), 1)
+    rd = sum(x.get("read_bg_s", x.get("read_wait_s", 0)) for x in moe) / max(len(moe), 1)
     fw = sum(x.get("forward_s", 0) for x in moe) / max(len(moe), 1)
     rows.append(("quantdeck", f"{s['wall_s']:.1f}", f"{rd:.2f} / {fw:.2f}", f"{s['peak_gpu_gb']:.1f}",
                  f"{s['peak_rss_gb']:.1f}", f"{s['bytes_read_per_rank_gb']:.1f}", "-"))
