@@ -49,9 +49,9 @@ SIZES = {
                  n_routed_experts=16, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, vocab_size=1024),
     "mid": dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=704, num_hidden_layers=8,
                 n_routed_experts=64, num_attention_heads=16, q_lora_rank=768, kv_lora_rank=256, vocab_size=32000),
-    # 2 cores in a few minutes: an FP8 MoE layer of ~0.6 GB
-    "mid-cpu": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=3,
-                    n_routed_experts=64, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=128, vocab_size=8192),
+    # 2 cores in a few minutes: an FP8 MoE layer of 0.6 GB (64 experts of 1536), 1.2 GB in all
+    "mid-cpu": dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1536, num_hidden_layers=3,
+                    n_routed_experts=64, num_attention_heads=16, q_lora_rank=768, kv_lora_rank=256, vocab_size=32000),
     # DeepSeek-V3's own widths
     "real": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=2,
                  n_routed_experts=256, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
@@ -143,10 +143,20 @@ def read_floor(model_dir: Path) -> dict:
     return out
 
 
+def _vm_hwm_gb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux keeps that across exec, so a role started by a parent
+    that had just built a model would report the parent's peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _peaks(device: str) -> dict:
     import torch
 
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"peak_rss_gb": _vm_hwm_gb()}
     if device == "cuda" and torch.cuda.is_available():
         out["peak_gpu_gb"] = torch.cuda.max_memory_reserved() / 2**30
         out["peak_gpu_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
