@@ -91,7 +91,8 @@ START_FILES = "quantdeck-convert"  # this entry's list of the files its start re
 @click.option("--quantize-attention", is_flag=True, help="quantize attention GEMMs too (default: kept BF16)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attention, as_json):
-    """Convert a checkpoint to NVFP4 (weight-only), FP8-block or BF16, streaming and resumable."""
+    """Convert a checkpoint to NVFP4 (weight-only), FP8-block or BF16, streaming and resumable. An NVFP4 source
+    (either layout) is decoded for --to bf16 and re-laid as it is (same codes and scales) for --to nvfp4."""
     _quiet_openmp()
     import gc
 
@@ -136,7 +137,7 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
 @click.option("--device", default="cpu", show_default=True, help="where the decoder-block check runs")
 def validate_cmd(directory, against, amax, model, as_json, device):
     """Check a produced checkpoint (DIRECTORY), or an amax snapshot (--amax); exits non-zero naming the tensor or
-    quantizer on any failure."""
+    quantizer on any failure. Warnings (what a loader gets wrong with a valid checkpoint) do not fail it."""
     from engine.errors import ValidationFailedError
 
     if directory is not None and amax is None and _is_snapshot(directory):
@@ -154,6 +155,10 @@ def validate_cmd(directory, against, amax, model, as_json, device):
         return
     from engine.convert.validate import format_report, validate_checkpoint
 
+    if against is not None:
+        from engine.checkpoint.consistency import refuse_other_model
+
+        refuse_other_model(directory, against)  # another family or shape: say so before reading a tensor
     report = validate_checkpoint(directory, against=against, amax=amax, device=device, sink=_sink(),
                                  amax_model=model)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))

@@ -12,11 +12,13 @@ import torch
 
 from engine.convert import kernels
 from engine.convert.compute_host import check_finite, spread_notes
-from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
+from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, NVFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
 from engine.errors import FormatError, about
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block, scale_to_fp32
 from engine.formats.mxfp4.helpers import dequant_mxfp4, mxfp4_to_nvfp4
 from engine.formats.nvfp4.helpers import global_scale
+from engine.formats.nvfp4.names import NVFP4_NAMES, StoredNames
+from engine.formats.nvfp4.stored import StoredNvfp4, read_nvfp4
 
 E4M3_POW2_MIN = -9
 
@@ -33,7 +35,31 @@ def _fp32(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> torc
         return dequant_fp8_block(w, s, infer_block(tuple(w.shape), tuple(s.shape)))
     if m.encoding == MXFP4:
         return dequant_mxfp4(w, src[m.scale].to(device))
+    if m.encoding == NVFP4:
+        return _stored(m, src, device).decode()
     raise FormatError(f"cannot decode {m.name} ({m.encoding})", at=m.name)
+
+
+def _stored(m: Member, src: dict[str, torch.Tensor], device: torch.device) -> StoredNvfp4:
+    """An NVFP4 member as stored (either layout), its tensors on `device`."""
+    names = next(lay for lay in NVFP4_NAMES if m.global_scale.endswith("." + lay.global_scale))
+    stored = StoredNames(names, m.out_base, m.name, m.scale, m.global_scale, m.input_scale)
+    return read_nvfp4(stored, lambda n: src[n].to(device))
+
+
+def _relay_nvfp4(item: Item, src: dict[str, torch.Tensor]) -> ItemResult:
+    """NVFP4 members re-laid as they are: codes and block scales byte for byte, global (and input) scales as
+    multipliers (compressed-tensors' reciprocals inverted once in float32); the writer lays them out."""
+    out: dict[str, torch.Tensor] = {}
+    for m in item.members:
+        with about(m.name):
+            t = _stored(m, src, torch.device("cpu"))
+        out[m.out_base + ".weight"] = t.packed
+        out[m.out_base + ".weight_scale"] = t.block_scale
+        out[m.out_base + ".weight_scale_2"] = t.scale_2
+        if t.input_scale is not None:
+            out[m.out_base + ".input_scale"] = t.input_scale
+    return ItemResult(out)
 
 
 def _check_fp8_source(m: Member, w: torch.Tensor, s: torch.Tensor) -> None:
@@ -106,7 +132,7 @@ def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device 
     if item.action == TO_BF16:
         m = item.members[0]
         with about(m.name):
-            return ItemResult({m.name: _fp32(m, src, device).to(torch.bfloat16)})
+            return ItemResult({m.out_base + ".weight": _fp32(m, src, device).to(torch.bfloat16)})
     if item.action == TO_FP8:
         m = item.members[0]
         with about(m.name):
@@ -115,6 +141,8 @@ def compute_item(item: Item, src: dict[str, torch.Tensor], device: torch.device 
     if item.action != TO_NVFP4:  # pragma: no cover - plan only makes the four actions
         raise FormatError(f"unknown action {item.action}", at=item.key)
     notes: list[str] = []
+    if all(m.encoding == NVFP4 for m in item.members):
+        return _relay_nvfp4(item, {k: v.cpu() for k, v in src.items()})
     if all(m.encoding == MXFP4 for m in item.members):
         res = _nvfp4_mxfp4_group(item, src, device)
         if res is not None:

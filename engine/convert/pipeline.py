@@ -77,7 +77,7 @@ def io_threads(device) -> tuple[int, int, int]:
 
 
 def source_names(item: Item) -> list[str]:
-    return [n for m in item.members for n in ((m.name, m.scale) if m.scale else (m.name,))]
+    return [n for m in item.members for n in m.sources]
 
 
 def read_order(reader: CheckpointReader, items: tuple[Item, ...]) -> list[Item]:

@@ -2,7 +2,9 @@
 
 An `Item` is the unit of compute: one fused group (members share one NVFP4 global scale), one weight, or
 one preserved tensor. Every output tensor's name, dtype and shape is fixed here, before any data is
-read, so the writer can plan its shards and headers up front. The plan depends only on the source's
+read, so the writer can plan its shards and headers up front. An NVFP4 source module (either layout,
+engine.formats.nvfp4.names) is decoded for `bf16` / `fp8-block` and re-laid as it is for `nvfp4`: its codes,
+block scales, global scale and input scale carried over, so either output layout holds the same bytes. The plan depends only on the source's
 names, dtypes, shapes and config and on the options: it is deterministic, which makes resumed runs
 byte-identical.
 """
@@ -20,12 +22,14 @@ from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
 from engine.errors import CheckpointError, FormatError, UsageError
 from engine.formats.grid import packed_cols, scale_grid
+from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
 from engine.models.scales import check_scales, companion
 from engine.names import OutputLayout, TargetFormat
 
 FLOAT = "float"  # BF16 / F16 / F32 values
 FP8 = "fp8"  # float8_e4m3fn codes with a block scale companion
 MXFP4 = "mxfp4"  # E2M1 packed two per byte with an E8M0 scale per 32 inputs
+NVFP4 = "nvfp4"  # E2M1 packed two per byte, an E4M3 scale per 16 inputs and a global scale (either NVFP4 layout)
 
 COPY, TO_BF16, TO_NVFP4, TO_FP8 = "copy", "bf16", "nvfp4", "fp8-block"
 NVFP4_GROUP = 16  # input values per NVFP4 block scale: a weight's in_features must be a multiple to be quantized
@@ -40,6 +44,13 @@ class Member:
     encoding: str  # FLOAT | FP8 | MXFP4
     shape: tuple[int, ...]  # logical [out, in] (MXFP4: unpacked)
     out_base: str  # output module name (name without `.weight`)
+    global_scale: str | None = None  # NVFP4: the stored global scale (`weight_scale_2` / `weight_global_scale`)
+    input_scale: str | None = None  # NVFP4 W4A4: the stored input scale (`input_scale` / `input_global_scale`)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every source tensor this member reads."""
+        return tuple(n for n in (self.name, self.scale, self.global_scale, self.input_scale) if n)
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class ConvertPlan:
     mtp_modules: list[str]
     fp8_scale_suffix: str = ".weight_scale_inv"
     notes: list[str] = field(default_factory=list)
+    w4a4: bool = False  # NVFP4 re-laid from a calibrated (W4A4) source: input scales carried over
 
 
 def natural_key(name: str) -> tuple:
@@ -80,7 +92,10 @@ def natural_key(name: str) -> tuple:
 
 
 def _base(name: str) -> str:
-    return name[: -len(".weight")] if name.endswith(".weight") else name
+    for suf in (".weight", ".weight_packed"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
 
 
 def _refuse_scale_problems(reader: CheckpointReader, layout, names: list[str]) -> None:
@@ -91,6 +106,16 @@ def _refuse_scale_problems(reader: CheckpointReader, layout, names: list[str]) -
         p = problems[0]
         more = f" (and {len(problems) - 1} more: `quantdeck inspect SRC` lists them)" if len(problems) > 1 else ""
         raise FormatError(f"{p.msg}{more}", at=p.at, hint=p.hint)
+
+
+def _stored_nvfp4(reader: CheckpointReader, name: str, present: set[str]) -> StoredNames | None:
+    """`name` as the codes of a stored NVFP4 module (either layout; engine.formats.nvfp4.names), else None."""
+    base = nvfp4_base(name)
+    found = find_nvfp4(base, present) if base else None
+    if found is None or found.packed != name:
+        return None
+    m = reader.meta(name)
+    return found if m.dtype_name in ("U8", "I8") and len(m.shape) == 2 else None
 
 
 def _encoding(reader: CheckpointReader, name: str, scale: str | None) -> tuple[str, tuple[int, ...]]:
@@ -104,6 +129,8 @@ def _encoding(reader: CheckpointReader, name: str, scale: str | None) -> tuple[s
         cols = m.shape[1] * 2
         if s.dtype_name in ("F8_E8M0", "U8") and s.shape == (m.shape[0], -(-cols // 32)):
             return MXFP4, (m.shape[0], cols)
+        if s.dtype_name == "F8_E4M3" and s.shape == (m.shape[0], cols // NVFP4_GROUP) and not cols % NVFP4_GROUP:
+            return NVFP4, (m.shape[0], cols)
     return "other", m.shape
 
 
@@ -115,11 +142,12 @@ def _fp8_outputs(base: str, shape, v4: bool) -> list[TensorSpec]:
             TensorSpec(base + ".weight_scale_inv", "F32", grid)]
 
 
-def _nvfp4_outputs(base: str, shape) -> list[TensorSpec]:
+def _nvfp4_outputs(base: str, shape, input_scale: bool = False) -> list[TensorSpec]:
     o, i = shape
     return [TensorSpec(base + ".weight", "U8", (o, packed_cols(i))),
             TensorSpec(base + ".weight_scale", "F8_E4M3", (o, -(-i // 16))),
-            TensorSpec(base + ".weight_scale_2", "F32", ())]
+            TensorSpec(base + ".weight_scale_2", "F32", ())] + (
+        [TensorSpec(base + ".input_scale", "F32", ())] if input_scale else [])
 
 
 def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attention: bool = False) -> ConvertPlan:
@@ -129,15 +157,17 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
     present = set(names)
     v4 = str(layout.family) == "deepseek-v4"
     _refuse_scale_problems(reader, layout, names)
+    stored = {n: found for n in names if (found := _stored_nvfp4(reader, n, present))}
     scale_of = {n: s for n in names if n.endswith(".weight") and (s := companion(layout, n, present))}
-    companions = set(scale_of.values())
+    scale_of.update({n: found.block_scale for n, found in stored.items()})
+    companions = set(scale_of.values()) | {x for found in stored.values() for x in found.all[2:]}
     groups: dict[str, list[Member]] = {}
     items: list[Item] = []
     kept, quantized, mtp_mods = set(), set(), set()
     unaligned: list[str] = []
 
     def add(action: str, members: list[Member], outputs: list[TensorSpec]) -> None:
-        nbytes = sum(reader.meta(m.name).nbytes + (reader.meta(m.scale).nbytes if m.scale else 0) for m in members)
+        nbytes = sum(reader.meta(n).nbytes for m in members for n in m.sources)
         items.append(Item(action, tuple(members), tuple(outputs), nbytes))
 
     for n in names:
@@ -146,26 +176,33 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
         scale = scale_of.get(n)
         enc, shape = _encoding(reader, n, scale)
         info = layout.classify(n, shape, quantize_attention=quantize_attention)
-        mem = Member(n, scale, enc, tuple(shape), _base(n))
-        if info.gemm and len(shape) == 2 and enc not in (FLOAT, FP8, MXFP4):
+        nv = stored.get(n) if enc == NVFP4 else None
+        if enc == NVFP4 and nv is None:
+            enc = "other"  # E4M3 block scales but no global scale: refused below as any unknown encoding
+        mem = Member(n, scale, enc, tuple(shape), _base(n), nv.global_scale if nv else None,
+                     nv.input_scale if nv else None)
+        if (info.gemm or n in stored) and len(shape) == 2 and enc not in (FLOAT, FP8, MXFP4, NVFP4):
             m = reader.meta(n)
             raise FormatError(f"dtype {m.dtype_name} of this weight{f' (scale {scale})' if scale else ''} is not an encoding "
-                              "quantdeck converts: BF16/F16/F32, F8_E4M3 with a block scale, or V4's MXFP4 (packed "
-                              "I8/U8 with E8M0 scales)", at=f"{m.shard}:{n}",
-                              hint="the shard is damaged, or the checkpoint is not a DeepSeek FP8/BF16 release; "
-                                   "`quantdeck inspect SRC` shows its tensors")
+                              "quantdeck converts: BF16/F16/F32, F8_E4M3 with a block scale, V4's MXFP4 (packed "
+                              "I8/U8 with E8M0 scales) or NVFP4 (packed U8 with an E4M3 scale per 16 inputs and a "
+                              "global scale, modelopt or compressed-tensors names)", at=f"{m.shard}:{n}",
+                              hint="the shard is damaged, or the checkpoint is not a DeepSeek FP8/BF16/NVFP4 "
+                                   "checkpoint; `quantdeck inspect SRC` shows its tensors")
         gemm = info.gemm and len(shape) == 2
         if info.mtp and gemm:
             mtp_mods.add(mem.out_base)
-        nvfp4 = target == TO_NVFP4 and gemm and layout.should_quantize(n, shape, quantize_attention=quantize_attention)
+        # NVFP4 already: re-laid as it is (same codes and scales), whatever the layout would quantize
+        nvfp4 = target == TO_NVFP4 and len(shape) == 2 and (enc == NVFP4 or (
+            gemm and layout.should_quantize(n, shape, quantize_attention=quantize_attention)))
         if nvfp4 and shape[1] % NVFP4_GROUP:
             unaligned.append(f"{n} {list(shape)}")
         elif nvfp4:
             quantized.add(mem.out_base)
-            if info.fused_group:
+            if info.fused_group and gemm:
                 groups.setdefault(info.fused_group, []).append(mem)
             else:
-                add(TO_NVFP4, [mem], _nvfp4_outputs(mem.out_base, shape))
+                add(TO_NVFP4, [mem], _nvfp4_outputs(mem.out_base, shape, mem.input_scale is not None))
             continue
         if target == TO_FP8 and gemm:
             quantized.add(mem.out_base)
@@ -174,19 +211,24 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
             else:
                 add(TO_FP8, [mem], _fp8_outputs(mem.out_base, shape, v4))
             continue
-        if n.endswith(".weight") and len(shape) == 2 and str(info.kind) not in ("norm", "scale"):
+        if (n.endswith(".weight") or enc == NVFP4) and len(shape) == 2 and str(info.kind) not in ("norm", "scale"):
             kept.add(mem.out_base)  # a Linear / Embedding left unquantized: it goes in ignore / exclude lists
         if target == TO_FP8 and enc == FP8 and scale is not None:
             add(COPY, [mem], [_spec(reader, n), _spec(reader, scale)])
-        elif enc in (FP8, MXFP4):
-            add(TO_BF16, [mem], [TensorSpec(n, "BF16", tuple(shape))])
+        elif enc in (FP8, MXFP4, NVFP4):
+            add(TO_BF16, [mem], [TensorSpec(mem.out_base + ".weight", "BF16", tuple(shape))])
         else:
             outs = [_spec(reader, n)] + ([_spec(reader, scale)] if scale else [])
             add(COPY, [mem], outs)
 
     for key, members in groups.items():
         members.sort(key=lambda m: natural_key(m.name))
-        outs = [s for m in members for s in _nvfp4_outputs(m.out_base, m.shape)]
+        encs = {m.encoding == NVFP4 for m in members}
+        if len(encs) > 1:
+            raise FormatError(f"fused group {key} mixes NVFP4 and other weights ({', '.join(m.name for m in members)})",
+                              at=members[0].name, hint="its members share one global scale: a checkpoint holds them "
+                                                       "all in NVFP4 or none; `quantdeck inspect SRC` shows them")
+        outs = [s for m in members for s in _nvfp4_outputs(m.out_base, m.shape, m.input_scale is not None)]
         add(TO_NVFP4, members, outs)
 
     items.sort(key=lambda it: natural_key(it.key))
@@ -199,9 +241,14 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
                      "load only those")
     if target == TO_NVFP4 and not quantized:
         notes.append("no tensor qualifies for NVFP4 quantization; the output only re-encodes")
+    relaid = [m for it in items if it.action == TO_NVFP4 for m in it.members if m.encoding == NVFP4]
+    with_input = sum(m.input_scale is not None for m in relaid)
+    if with_input and with_input != len(relaid):
+        notes.append(f"{with_input} of {len(relaid)} NVFP4 module(s) carry an input scale: the output keeps them "
+                     "as they are, but its label says W4A4 for all")
     return ConvertPlan(items, target, str(layout.family), sorted(kept, key=natural_key),
                        sorted(quantized, key=natural_key), sorted(mtp_mods, key=natural_key),
-                       ".scale" if v4 else ".weight_scale_inv", notes)
+                       ".scale" if v4 else ".weight_scale_inv", notes, w4a4=with_input > 0)
 
 
 def _spec(reader: CheckpointReader, name: str) -> TensorSpec:
@@ -216,6 +263,8 @@ def rename_for_layout(spec: TensorSpec, quantized: bool, layout: str) -> TensorS
         return spec
     if spec.name.endswith(".weight_scale_2"):
         return TensorSpec(spec.name[: -len("_scale_2")] + "_global_scale", "F32", (1,))
+    if spec.name.endswith(".input_scale"):
+        return TensorSpec(spec.name[: -len("_scale")] + "_global_scale", "F32", (1,))
     if spec.name.endswith(".weight") and spec.dtype == "U8":
         return TensorSpec(spec.name + "_packed", spec.dtype, spec.shape)
     return spec
@@ -228,13 +277,15 @@ def layout_tensor(name: str, t, quantized: bool, layout: str):
     if layout == str(OutputLayout.MODELOPT) or not quantized:
         return name, t
     host = isinstance(t, HostArray)
-    if name.endswith(".weight_scale_2"):
+    for suf in ("_scale_2", "_scale") if name.endswith((".weight_scale_2", ".input_scale")) else ():
+        if not name.endswith(suf):
+            continue
         if host:
             inv = np.float32(1.0) / t.data.astype(np.float32)  # one float32 division, as torch's
-            return name[: -len("_scale_2")] + "_global_scale", HostArray("F32", inv.reshape(1))
+            return name[: -len(suf)] + "_global_scale", HostArray("F32", inv.reshape(1))
         import torch
 
-        return name[: -len("_scale_2")] + "_global_scale", (1.0 / t.to(torch.float32)).reshape(1)
+        return name[: -len(suf)] + "_global_scale", (1.0 / t.to(torch.float32)).reshape(1)
     if name.endswith(".weight") and (t.dtype == "U8" if host else str(t.dtype) == "torch.uint8"):
         return name + "_packed", t
     return name, t

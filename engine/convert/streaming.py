@@ -325,9 +325,15 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
 
     def write_extras(lay: str, partial: Path) -> None:
         copy_extras(src, partial, sink=sink)
-        atomic_write_json(partial / "config.json", output_config(reader.config, plan, lay))
+        if plan.w4a4:  # an NVFP4 W4A4 source re-laid: labelled as quantdeck's export labels W4A4
+            from engine.export.quant_config import w4a4_config, w4a4_hf_quant_config
+
+            config, hf_quant = w4a4_config(reader.config, plan, lay), w4a4_hf_quant_config
+        else:
+            config, hf_quant = output_config(reader.config, plan, lay), modelopt_hf_quant_config
+        atomic_write_json(partial / "config.json", config)
         if target == TO_NVFP4 and lay == str(OutputLayout.MODELOPT) and plan.quantized_modules:
-            atomic_write_json(partial / "hf_quant_config.json", modelopt_hf_quant_config(plan))
+            atomic_write_json(partial / "hf_quant_config.json", hf_quant(plan))
 
     outputs = finish_writers(writers, ranks, write_extras)
     reader.close()

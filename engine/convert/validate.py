@@ -10,6 +10,9 @@ Checks (each a row of the report; any failure names the tensor and makes `ok` fa
               preserved tensors equal (or BF16-close when the source was FP8)
   block       (--against, V3 and V4 families) decoder layer 0, dequantized to fp32 and run with transformers' own
               decoder-layer class, matches the source layer within BLOCK_TOL on random hidden states
+Warnings (`warnings`, never a failure) name what a loader gets wrong with a valid checkpoint
+(engine.convert.validate_loaders): routed experts of a compressed-tensors NVFP4 MoE that transformers loads as
+their packed bytes.
 
 How: the output is read once, every tensor whole, on a pool of threads that hash each piece for the manifest
 digest as it arrives and check and decode it with numpy (engine.convert.validate_read); of the source only the
@@ -49,12 +52,16 @@ class _Report:
     def __init__(self, directory: Path):
         self.checks: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
+        self.warnings: list[dict[str, Any]] = []
         self.tensors: list[dict[str, Any]] = []
         self.dir = directory
         self.target = "none"
 
     def fail(self, check: str, msg: str, at: str | None = None) -> None:
         self.failures.append({"check": check, "msg": msg, "at": at})
+
+    def warn(self, check: str, msg: str, at: str | None, hint: str) -> None:
+        self.warnings.append({"check": check, "msg": msg, "at": at, "hint": hint})
 
     def row(self, check: str, detail: str) -> None:
         n = sum(1 for f in self.failures if f["check"] == check)
@@ -495,8 +502,10 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
     ok = not rep.failures
     sink.emit("log", level="info" if ok else "error",
               msg=f"validate {directory}: {'ok' if ok else f'{len(rep.failures)} failure(s)'}")
+    for w in rep.warnings:
+        sink.emit("log", level="warning", msg=f"validate {directory}: {w['msg']} (hint: {w['hint']})")
     return {"dir": str(directory), "against": str(against) if against else None, "format": target, "ok": ok,
-            "checks": rep.checks, "failures": rep.failures, "tensors": rep.tensors}
+            "checks": rep.checks, "failures": rep.failures, "warnings": rep.warnings, "tensors": rep.tensors}
 
 
 def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink: EventSink) -> None:
@@ -540,6 +549,10 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
         for msg, at in labels:
             rep.fail("config", msg, at)
         rep.row("config", "labels agree with the tensors" if not labels else f"{len(labels)} disagreement(s)")
+        from engine.convert.validate_loaders import loader_warnings
+
+        for w in loader_warnings(r.dir, r.config, set(r.names()), nv, layout):
+            rep.warn("loaders", w.msg, w.at, w.hint)
         if against is None:
             rep.skip("source", "no --against source given")
         elif src is None:
@@ -578,6 +591,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("worst tensors vs source:")
         for t in worst:
             lines.append(f"  {t['tensor']:<60} rel {t['rel_err']:.4f}  SNR {t['snr_db']:.1f} dB")
+    for w in report.get("warnings") or []:
+        lines.append(f"WARN {w['check']}: {w['msg']} (hint: {w['hint']})")
     for f in report["failures"][:20]:
         lines.append(f"FAIL {f['check']}: {f['msg']}")
     if len(report["failures"]) > 20:
