@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CheckpointReader
+from engine.checkpoint.consistency import hidden_size_disagreements
 from engine.events import EventSink, NullSink
 from engine.models import Kind, ModelLayout, Role, collapse_indices, config_mismatches, detect_layout
 from engine.models.base import config_experts, config_layers
@@ -101,6 +102,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, sink: EventSink = NullSink())
     blocks, block_anoms = _block_formats(layout, names, metas)
     anomalies += block_anoms
     anomalies += [Anomaly("error", "config", m.msg, m.at, m.hint) for m in config_mismatches(layout, names)]
+    anomalies += [Anomaly("error", "config", e.msg, e.at or str(cfg_path), e.hint or "")
+                  for e in hidden_size_disagreements(config, metas, str(cfg_path))]
     other = [n for n in names if infos[n].kind is Kind.OTHER]
     if other and layout.family.value != "generic":
         anomalies.append(Anomaly("warning", "unrecognized",

@@ -11,25 +11,34 @@ import hashlib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from engine.errors import RecipeError
 from engine.names import Family, OutputLayout, TargetFormat
+from engine.rundir import DEFAULT_STALL_AFTER_S
 
 _CFG = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
 DEFAULT_WORKDIR = "./quantdeck-work"
 
+# A string key that must say something: "" and whitespace are refused with the key named.
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=False, pattern=r"\S")]
+
 
 class RunSection(BaseModel):
     model_config = _CFG
-    workdir: str = DEFAULT_WORKDIR  # run dirs live in <workdir>/runs/<run-id>/
+    workdir: NonEmpty = DEFAULT_WORKDIR  # run dirs live in <workdir>/runs/<run-id>/
     name: str | None = None  # a label shown in history (defaults to the source's basename)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     preflight: bool = True  # run preflight automatically before `run`
-    disk_margin: float = Field(0.10, ge=0.0, le=10.0)  # free disk needed = estimate × (1 + margin)
+    # free disk needed = estimate × (1 + margin)
+    disk_margin: float = Field(0.10, ge=0.0, le=10.0, allow_inf_nan=False)
+    # a RUNNING stage whose ranks wrote no event this long is shown as stalled; a collective waiting this long
+    # (torch.distributed's process-group timeout) fails the stage with a timeout that resume recovers from
+    stall_after_s: float = Field(DEFAULT_STALL_AFTER_S, gt=0)
 
 
 class SourceSection(BaseModel):
@@ -60,7 +69,7 @@ class TargetSection(BaseModel):
     calibrate: bool = False  # nvfp4 only: true = W4A4 with calibrated activation scales; false = weight-only
     layouts: tuple[OutputLayout, ...] = (OutputLayout.MODELOPT,)
     output: str | None = None  # None: <workdir>/outputs/<source name>-<format>
-    shard_mb: float = Field(5000, gt=0)  # output shard size in MB (10^6 bytes)
+    shard_mb: float = Field(5000, gt=0, allow_inf_nan=False)  # output shard size in MB (10^6 bytes)
     device: Literal["auto", "cpu", "cuda"] | None = None  # None: run.device
 
     @field_validator("layouts", mode="before")
@@ -88,18 +97,18 @@ class TargetSection(BaseModel):
 
 class CalibrationSection(BaseModel):
     model_config = _CFG
-    samples: str | None = None  # JSON list of strings, or JSONL with {"text"} / {"messages"}
+    samples: NonEmpty | None = None  # JSON list of strings, or JSONL with {"text"} / {"messages"}
     num_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=1)
     batch_size: int = Field(1, ge=1)
     all_experts: bool = False  # route every token through every expert for statistics only
-    quant_cfg: str = "NVFP4_DEFAULT_CFG"  # or "deepseek-experts"
+    quant_cfg: NonEmpty = "NVFP4_DEFAULT_CFG"  # or "deepseek-experts"
 
 
 class NodeSpec(BaseModel):
     model_config = _CFG
-    name: str
-    host: str | None = None  # None: resolved through ~/.ssh/config by name
+    name: NonEmpty
+    host: NonEmpty | None = None  # None: resolved through ~/.ssh/config by name
     user: str | None = None
     port: int = Field(22, ge=1, le=65535)
     key: str | None = None  # path of a private key file (never the key itself)
@@ -110,16 +119,16 @@ class ClusterSection(BaseModel):
     model_config = _CFG
     nodes: tuple[NodeSpec, ...] = ()  # empty: this machine alone
     head: str | None = None  # runs single-node stages and the torchrun master; default: first node
-    python: str = "python3"  # python on the nodes
+    python: NonEmpty = "python3"  # python on the nodes
     workdir: str | None = None  # the shared work dir as the nodes see it; default: run.workdir
     host_key_policy: Literal["reject", "accept-new"] = "reject"
-    gpus_per_node: int | None = Field(None, ge=0)  # default for nodes that do not say; without nodes: the
+    gpus_per_node: int | None = Field(None, ge=1)  # default for nodes that do not say; without nodes: the
     # number of local ranks (torchrun --standalone) of distributed stages such as calibrate
     env: dict[str, str] = Field(default_factory=dict)  # passed explicitly to every worker (PYTHONPATH, NCCL_*)
     known_hosts: str | None = None  # default ~/.ssh/known_hosts
     ssh_config: str | None = None  # default ~/.ssh/config
     master_addr: str | None = None  # the torchrun master as the nodes reach it; default: the head's host
-    connect_timeout: float = Field(10.0, gt=0, le=600)
+    connect_timeout: float = Field(10.0, gt=0, le=600, allow_inf_nan=False)
 
     @field_validator("env")
     @classmethod
@@ -229,6 +238,10 @@ def _message(err: dict[str, Any]) -> str:
     elif err.get("type") == "enum":
         exp = (err.get("ctx") or {}).get("expected")
         msg = f"got {err.get('input')!r}; expected {exp}" if exp else msg
+    elif err.get("type") == "string_pattern_mismatch":
+        msg = "must not be empty"
+    elif err.get("type") in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        msg = f"{msg} (got {err.get('input')!r})"
     return msg
 
 
@@ -339,6 +352,7 @@ workdir = "{workdir}"        # run dirs live in <workdir>/runs/<run-id>/
 device = "auto"                  # auto | cpu | cuda
 preflight = true                 # check disk, source, samples, GPUs before starting
 disk_margin = 0.10               # free disk needed at the output = estimate x (1 + margin)
+stall_after_s = 900              # a stage silent this long is shown stalled; collectives time out after it
 
 [source]
 path = "{source}"    # a checkpoint dir, or "s3://bucket/prefix"

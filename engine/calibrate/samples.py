@@ -7,7 +7,9 @@ Accepted files (the format is sniffed from the first non-blank character, never 
   checkpoint's chat template (`tokenizer.apply_chat_template(..., tokenize=False)`).
 
 Every structural problem raises SamplesError naming the file, the item or line (and column for bad
-JSON), and what to do. Samples longer than `seq_len` tokens are truncated and counted.
+JSON), and what to do: so does a file that leaves nothing to calibrate on (no samples, only empty ones,
+fewer tokens than one batch). Samples longer than `seq_len` tokens are truncated and counted. Too few
+tokens per routed expert is only a warning (`thin_expert_warning`), recorded in the calibration manifest.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def _check_messages(msgs: Any, where: str, path: str) -> None:
         if not isinstance(m["content"], (str, list)):
             raise _fail(f"{path}: {where}: message {j} content is {_type_name(m['content'])}, "
                         "expected a string", path)
+    if not any(_has_text(m["content"]) for m in msgs):
+        raise _fail(f"{path}: {where}: every message's content is empty", path,
+                    hint="remove empty samples from the file")
+
+
+def _has_text(content: Any) -> bool:
+    """A message content (a string, or a list of parts with "text") that holds more than whitespace."""
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(_has_text(p.get("text", "") if isinstance(p, dict) else p) for p in content
+               if isinstance(p, (str, dict)))
 
 
 def read_samples_file(path: str | os.PathLike, num_samples: int | None = None) -> RawSamples:
@@ -105,6 +118,9 @@ def read_samples_file(path: str | os.PathLike, num_samples: int | None = None) -
         except json.JSONDecodeError as e:
             raise _json_error(e, p) from e
         raise _fail(f"{p}: expected a JSON list of strings or JSONL objects, found {_type_name(obj)}", p)
+    if not items:
+        raise _fail(f"{p}: holds no samples (an empty {'list' if kind == 'json-list' else 'file'})", p,
+                    hint="add calibration prompts: a few hundred varied texts, or point at another file")
     if num_samples is not None:
         if num_samples <= 0:
             raise _fail(f"number of samples must be positive, got {num_samples}", p,
@@ -210,11 +226,13 @@ def render_texts(raw: RawSamples, tokenizer: Any = None) -> list[str]:
 
 
 def load_samples(path: str | os.PathLike, num_samples: int | None = None, tokenizer: Any = None,
-                 seq_len: int = 512) -> Samples:
+                 seq_len: int = 512, batch_size: int | None = None) -> Samples:
     """Read, validate, render and (when a tokenizer or its directory is given) tokenize the samples.
 
     Each sample becomes one sequence of at most `seq_len` tokens (the tokenizer's special tokens
-    included, as `tokenizer(text)` adds them); longer ones are truncated and counted.
+    included, as `tokenizer(text)` adds them); longer ones are truncated and counted. With `batch_size`
+    (what calibrate passes), samples that together hold fewer tokens than one batch (`batch_size` × `seq_len`)
+    are refused: that is not a calibration set.
     """
     if seq_len <= 0:
         raise SamplesError(f"sequence length must be positive, got {seq_len}", at=str(path), hint="--seq-len")
@@ -233,4 +251,37 @@ def load_samples(path: str | os.PathLike, num_samples: int | None = None, tokeni
             raise SamplesError(f"{raw.path}: a sample tokenizes to nothing", at=raw.path)
         s.input_ids.append(ids)
         s.tokens += len(ids)
+    if batch_size is not None:
+        refuse_less_than_a_batch(s, batch_size)
     return s
+
+
+def refuse_less_than_a_batch(s: Samples, batch_size: int) -> None:
+    """SamplesError when the tokenized samples hold fewer tokens than one batch of `batch_size` × `seq_len`."""
+    batch = max(1, batch_size) * s.seq_len
+    if s.tokens < batch:
+        raise SamplesError(
+            f"{s.path}: {len(s.input_ids)} sample(s) hold {s.tokens} tokens, fewer than one batch "
+            f"(batch_size {batch_size} x seq_len {s.seq_len} = {batch})", at=s.path,
+            hint="add samples, or lower calibration.seq_len / batch_size (--seq-len, --batch-size)")
+
+
+# Fewer tokens than this per routed expert, on average, leaves expert activation ranges to chance.
+MIN_TOKENS_PER_EXPERT = 32
+
+
+def thin_expert_warning(tokens: int, config: dict[str, Any]) -> str | None:
+    """A warning when `tokens` routed with the config's top-k over its routed experts give each expert fewer
+    than MIN_TOKENS_PER_EXPERT tokens on average (None for a dense model or enough tokens)."""
+    experts = next((config[k] for k in ("n_routed_experts", "num_local_experts", "num_experts", "n_experts")
+                    if isinstance(config.get(k), int) and config[k] > 0), None)
+    top_k = next((config[k] for k in ("num_experts_per_tok", "n_activated_experts", "moe_topk")
+                  if isinstance(config.get(k), int) and config[k] > 0), None)
+    if not experts or not top_k:
+        return None
+    per_expert = tokens * top_k / experts
+    if per_expert >= MIN_TOKENS_PER_EXPERT:
+        return None
+    return (f"thin calibration: {tokens} tokens x top-{top_k} over {experts} routed experts is {per_expert:.1f} "
+            f"tokens per expert on average (want >= {MIN_TOKENS_PER_EXPERT}); experts that see none get their "
+            f"siblings' scales. Add samples, raise seq_len, or set calibration.all_experts = true")

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,11 +36,12 @@ from engine.calibrate.layer import TensorSource, compute_dtype, materialize_laye
 from engine.calibrate.layer_reader import LayerReader, ReadShare
 from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
-from engine.calibrate.samples import Samples, load_samples, read_samples_file
+from engine.calibrate.samples import Samples, load_samples, read_samples_file, thin_expert_warning
 from engine.errors import CheckpointError
 from engine.events import SCOPE_ALL, EventSink, NullSink, Progress
 from engine.fsutil import atomic_write_json
 
+HEARTBEAT_S = 30.0  # a working rank reports within a layer at least this often (a batch's forward permitting)
 RESUME_KEYS = ("samples_sha256", "num_samples", "seq_len", "batch_size", "world_size", "quant_cfg",
                "all_experts", "model_fingerprint")
 
@@ -82,9 +83,11 @@ def layer_amax(root: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tensor], kwargs: list[dict],
                      all_experts: bool, dev: torch.device, bufs: list[torch.Tensor] | None = None,
-                     times: dict[str, float] | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
+                     times: dict[str, float] | None = None, beat: Callable[[int, int], None] | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
     """One pass: modelopt's quantizers in calibration mode pass their inputs through unchanged, so the
-    forward that collects the amax also gives the next layer's inputs."""
+    forward that collects the amax also gives the next layer's inputs. `beat(batches done, batches)` after
+    each batch: the stage's heartbeat."""
     import modelopt.torch.quantization as mtq
 
     root = _Skeleton(hf_config, i, layer)
@@ -111,6 +114,8 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
                     else:
                         outs.append(o.to("cpu"))
                     weights.after_batch()
+                    if beat is not None:
+                        beat(j + 1, len(hidden))
                 if dev.type == "cuda":
                     torch.cuda.current_stream(dev).synchronize()
         finally:
@@ -208,7 +213,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         nxt = reader_pool.submit(layers.read, start) if start < end and world == 1 else None
         with ph("samples_s"):
             if not isinstance(samples, Samples):
-                samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len)
+                samples = load_samples(samples, num_samples, tokenizer=model_dir, seq_len=seq_len,
+                                       batch_size=batch_size)
             pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
             batches = plan_batches(samples.input_ids, batch_size, world, rank, pad_id)
             importlib.import_module("transformers.masking_utils")  # imported here, not on the inputs thread
@@ -233,7 +239,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             "quant_cfg": quant_cfg if isinstance(quant_cfg, str) else "custom",
             "quant_cfg_resolved": json.loads(json.dumps(qcfg, default=str)),
             "all_experts": bool(all_experts), "dtype": str(dtype).replace("torch.", ""), "versions": _versions(),
-            "status": "running",
+            "status": "running", "warnings": [w for w in [thin_expert_warning(samples.tokens, config)] if w],
         }
         with ph("manifest_s"):
             _check_resume(out, manifest)
@@ -241,6 +247,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             if ctx.rank == 0:
                 out.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(out / snap.MANIFEST, manifest)
+        for w in manifest["warnings"] if ctx.rank == 0 else []:
+            sink.emit("log", level="warning", msg=w)
         sink.emit("log", level="info", msg=f"calibrating {n_layers} layers from layer {start}; rank {ctx.rank}/"
                   f"{ctx.world_size}: {len(batches)} batches, {local_tokens} tokens on {ctx.device}")
         mtp = mtp_layers(config, src.names)
@@ -252,6 +260,14 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             ph.add("inputs_bg_s", t_inputs)  # overlapped with the imports
         prog = Progress(sink, unit="layers", total=n_layers, interval_s=0.0, scope=SCOPE_ALL)
         prog.done = start
+        last_beat = [time.monotonic()]
+
+        def beat(i: int, j: int, nb: int) -> None:
+            """A progress event within a layer at most every HEARTBEAT_S, so that a working rank is never silent
+            for a minute (engine.runview shows a stage silent for `[run] stall_after_s` as stalled)."""
+            if time.monotonic() - last_beat[0] >= HEARTBEAT_S:
+                last_beat[0] = time.monotonic()
+                prog.advance(0, label=f"layer {i + 1}/{n_layers}: batch {j}/{nb}", force=True)
         n_samples = sum(b.input_ids.shape[0] for b in batches)
 
         def commit(p: dict) -> None:
@@ -297,7 +313,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             del tensors, raw
             t2 = time.monotonic()
             amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev,
-                                               bufs, times)
+                                               bufs, times, beat=lambda j, nb, i=i: beat(i, j, nb))
             t3 = time.monotonic()
             layer.to_empty(device="meta")  # free its device memory now, whatever modelopt's hooks still reference
             del layer
@@ -371,7 +387,8 @@ def _write_layer_job(out: Path, i: int, amax: dict, cov: dict) -> None:
 
 
 def _finish(ctx, out: Path, manifest: dict, n_layers: int, finished: bool) -> dict[str, Any]:
-    summary: dict[str, Any] = {"out": str(out), "finished": finished, "layers": n_layers}
+    summary: dict[str, Any] = {"out": str(out), "finished": finished, "layers": n_layers,
+                               "warnings": manifest.get("warnings", [])}
     if ctx.rank != 0 or not finished:
         return summary
     from engine.calibrate.report import build_coverage

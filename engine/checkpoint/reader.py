@@ -58,8 +58,9 @@ class TensorMeta:
 class CheckpointReader:
     """A checkpoint directory: `.names()`, `.meta(name)`, `.get(name)`, `.config`, `.fingerprint()`.
 
-    strict=True (the default) raises on the first inconsistency between index and shards; strict=False
-    records them in `.problems` (what `inspect` reports as anomalies) and reads what it can.
+    strict=True (the default) raises on the first inconsistency between index and shards, or between config.json
+    and the tensors; strict=False records the former in `.problems` (what `inspect` reports as anomalies) and
+    reads what it can.
     """
 
     def __init__(self, path: str | os.PathLike, strict: bool = True):
@@ -76,6 +77,8 @@ class CheckpointReader:
         self.index_path: Path | None = None
         weight_map = self._load_weight_map()
         self._scan(weight_map)
+        if strict and (config_problems := self.config_problems()):
+            raise config_problems[0]
 
     # -- loading -------------------------------------------------------------------------------------
     def _load_weight_map(self) -> dict[str, str] | None:
@@ -189,6 +192,18 @@ class CheckpointReader:
                 continue
             out[name] = TensorMeta(name, dt, shape, path.name, data_start + a, data_start + b)
         return out
+
+    def config_problems(self) -> list[CheckpointError]:
+        """Where config.json and the tensors disagree (layers present, embedding width); a strict reader raises
+        the first, so convert and calibrate refuse such a checkpoint before any work. A config.json that does not
+        parse is left to `.config`, which says so when it is needed."""
+        from engine.checkpoint.consistency import config_disagreements
+
+        try:
+            config = self.config
+        except CheckpointError:
+            return []
+        return config_disagreements(config, self._metas, str(self.dir / "config.json"))
 
     # -- queries -------------------------------------------------------------------------------------
     def names(self) -> list[str]:

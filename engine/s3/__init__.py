@@ -14,7 +14,10 @@ Verification policy:
 - pull checks size, then the SHA-256 from metadata when quantdeck pushed the object; otherwise the ETag, recomputed
   for the uploader's part size (read from the server with HeadObject PartNumber=1, else common part sizes);
   an object with neither (SSE-KMS ETag, no metadata) is size-checked and a warning says so;
-- a mismatch is retried (with backoff), then reported by object URL in a TransferError.
+- a mismatch is retried (with backoff), then reported by object URL in a TransferError;
+- before `<dst>.partial/` is renamed into place, the checkpoint itself is checked (engine.checkpoint.verify): shard
+  digests against quantdeck's manifest.json where there is one, every safetensors header against the index and the
+  file's length; an object replaced or truncated in the bucket since the push is named in a CheckpointError.
 
 Resumption: a transfer manifest (JSON, written atomically after each verified object) records size, mtime, ETag
 and SHA-256 per object; an entry still matching both sides is skipped without reading the file again. Pull builds

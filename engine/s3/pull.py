@@ -1,5 +1,6 @@
 """Pull: every object under `s3://bucket/prefix` into a local directory, built in `<dst>.partial/` and renamed
-to `<dst>` only when every object is there and verified."""
+to `<dst>` only when every object is there and verified, and the checkpoint they make is consistent (manifest
+digests, headers against the index: engine.checkpoint.verify)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from engine.errors import TransferError
+from engine.errors import CheckpointError, TransferError
 from engine.events import EventSink, NullSink, Progress
 from engine.fsutil import free_bytes
 from engine.s3.checksum import META_SHA256, etag_parts
@@ -136,6 +137,7 @@ def pull(url: str, dst: str | os.PathLike, *, endpoint_url: str | None = None, p
     progress.advance(0, force=True)
     _remove_leftovers(work, keep={j.rel for j in jobs})
     _check_complete(jobs, work, u)
+    verify_pulled(work, {j.rel: u.url_for(j.key) for j in jobs}, sink)
     os.replace(work, dst)
     man.mark_complete(str(dst))
     result.seconds = time.monotonic() - t0
@@ -186,6 +188,30 @@ def _check_complete(jobs: list[Job], work: Path, u: S3Url) -> None:
         if st is None or st[0] != j.size:
             raise TransferError(f"{j.rel} is missing or incomplete after the pull", at=u.url_for(j.key),
                                 hint="rerun the pull to resume")
+
+
+def verify_pulled(work: Path, url_of: dict[str, str], sink: EventSink) -> None:
+    """The pulled tree is the checkpoint it claims to be (engine.checkpoint.verify: manifest digests, headers
+    against the index, lengths against the headers), or CheckpointError naming the first bad object. Each
+    object's bytes already equal the bucket's; what this catches is a bucket whose objects no longer agree
+    with each other: one replaced or truncated by another tool since the push."""
+    from engine.checkpoint.verify import check_tree
+
+    sink.emit("log", level="info", msg=f"verifying the checkpoint in {work}: headers against the index, "
+                                       f"shard digests against manifest.json")
+    bad = check_tree(work)
+    if not bad:
+        return
+    for d in bad:
+        sink.emit("log", level="error", msg=f"{url_of.get(d.rel, d.rel)}: {d.what}")
+    first = bad[0]
+    more = f"; … {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise CheckpointError(
+        f"pulled checkpoint is inconsistent: {'; '.join(d.line() for d in bad[:3])}{more}",
+        at=url_of.get(first.rel, str(work / first.rel)),
+        hint="the object was replaced or truncated in the bucket since the push: re-push the checkpoint from its "
+             "source (`quantdeck s3 push SRC URL`), or delete the bad object; nothing was renamed into place",
+        title="checkpoint verification failed")
 
 
 def _already_there(jobs: list[Job], dst: Path, man: TransferManifest, result: TransferResult, sink: EventSink,

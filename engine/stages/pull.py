@@ -38,6 +38,10 @@ class PullStage(Stage):
             f = dst / rel
             if not f.is_file() or f.stat().st_size != e.get("size"):
                 problems.append(f"{f}: missing or wrong size")
+        if dst.is_dir() and not problems:
+            from engine.checkpoint.verify import check_tree
+
+            problems += [f"{dst / d.rel}: {d.what}" for d in check_tree(dst, digests=False)]
         return problems
 
 
