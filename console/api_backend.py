@@ -94,7 +94,8 @@ class ApiBackend(Backend):
                          eta_s=p.get("eta_s"), hosts=hosts, ranks=ranks if ranks > 1 else 0,
                          attempt=s.attempt or 0, started_at=s.started_at, ended_at=s.ended_at,
                          error_class=s.error_class or "", error=s.error or "", label=p.get("label") or "",
-                         rank_parts=parts)
+                         rank_parts=parts, stalled=s.stalled, silent_s=s.silent_s,
+                         quiet_ranks=tuple(int(q["rank"]) for q in s.quiet_ranks))
 
     def _calib_view(self, run_id: str, stage: Any, amax_dir: str | None) -> CalibView:
         """Layer and ETA from the stage's progress (the slowest rank's, engine.progress_merge); samples and

@@ -60,6 +60,9 @@ class StageView:
     error: str = ""
     label: str = ""
     rank_parts: tuple[tuple[int, str, float, float], ...] = ()  # distributed: (rank, host, done, total) each
+    stalled: bool = False  # RUNNING, and a rank at work wrote no event for the run's stall_after_s
+    silent_s: float | None = None  # RUNNING: the longest silence among its ranks at work
+    quiet_ranks: tuple[int, ...] = ()  # the ranks silent past stall_after_s
 
     @property
     def rank_line(self) -> str:

@@ -37,13 +37,16 @@ class Engine(abc.ABC):
         StageLockedError (a live run owns the output)."""
 
     @abc.abstractmethod
-    def resume(self, run: str, *, launcher_factory: str | None = None) -> str:
-        """Restart from the first stage not done. Raises RunError (unknown run, nothing to do),
-        StageLockedError (its driver is live)."""
+    def resume(self, run: str, *, launcher_factory: str | None = None,
+               on_wait: Callable[[str], None] | None = None) -> str:
+        """Restart from the first stage not done. A driver that is only noticing its worker's death (a kill -9
+        a moment ago) is waited for, a few seconds, and `on_wait(line)` told what is waited for. Raises
+        RunError (unknown run, nothing to do), StageLockedError (its driver is live)."""
 
     @abc.abstractmethod
-    def export_only(self, run: str, *, launcher_factory: str | None = None) -> str:
-        """Re-run export → inject-mtp → copy-extras → validate from the saved amax snapshot.
+    def export_only(self, run: str, *, launcher_factory: str | None = None,
+                    on_wait: Callable[[str], None] | None = None) -> str:
+        """Re-run export → inject-mtp → copy-extras → validate from the saved amax snapshot (waits as resume).
         Raises RunError (no export stage / calibration not done), StageLockedError."""
 
     @abc.abstractmethod
@@ -143,13 +146,13 @@ class LocalEngine(Engine):
         spawn_driver(run, "run", launcher_factory, env)
         return run.id
 
-    def _restart(self, run: str, mode: str, launcher_factory: str | None) -> str:
+    def _restart(self, run: str, mode: str, launcher_factory: str | None,
+                 on_wait: Callable[[str], None] | None = None) -> str:
         from engine.plan import Plan, stages_to_run
-        from engine.rundir import driver_lock
-        from engine.runner import spawn_driver
+        from engine.runner import spawn_driver, wait_driver_released
 
         rd = self.find(run)
-        driver_lock(rd).acquire().release()  # StageLockedError if a driver is live
+        wait_driver_released(rd, on_wait=on_wait)  # StageLockedError if a driver is live
         plan = Plan.from_json(rd.read_plan())
         states = {n: read_status(rd, n)["state"] for n in plan.names()}
         if not stages_to_run(plan, states, mode):
@@ -158,11 +161,11 @@ class LocalEngine(Engine):
         spawn_driver(rd, mode, launcher_factory)
         return rd.id
 
-    def resume(self, run, *, launcher_factory=None):
-        return self._restart(run, "resume", launcher_factory)
+    def resume(self, run, *, launcher_factory=None, on_wait=None):
+        return self._restart(run, "resume", launcher_factory, on_wait)
 
-    def export_only(self, run, *, launcher_factory=None):
-        return self._restart(run, "export-only", launcher_factory)
+    def export_only(self, run, *, launcher_factory=None, on_wait=None):
+        return self._restart(run, "export-only", launcher_factory, on_wait)
 
     # --- checking and stopping -------------------------------------------------------------------------
 

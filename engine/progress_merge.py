@@ -18,6 +18,9 @@ starts at most `tail` bytes from its end, every later one reads only what was ap
 it every second reads a few new lines per rank. A rank's progress counts only from its latest attempt (the
 `state: RUNNING` event a worker writes first carries the attempt) and only for ranks below the stage's world
 size, so the lines of an earlier attempt, or of ranks an earlier attempt had more of, never add in.
+
+It also keeps, per rank, when the rank last wrote any event of its latest attempt (`activity`): what tells a
+stalled stage (engine.runview) from a working one.
 """
 
 from __future__ import annotations
@@ -83,6 +86,20 @@ class _RankFile:
     offset: int = -1  # -1: not read yet
     attempt: int | None = None  # from the latest `state: RUNNING` event
     latest: Event | None = None  # the latest progress event of that attempt
+    last_ts: float | None = None  # when the rank wrote its latest event (any kind) of that attempt
+    host: str = ""
+    pid: int | None = None  # from the latest `state: RUNNING` event
+
+
+@dataclass(frozen=True)
+class RankActivity:
+    """When one rank of a stage last reported, and whether it has finished its share (then it only waits)."""
+
+    rank: int
+    host: str
+    pid: int | None
+    last_ts: float
+    finished: bool
 
 
 class StageProgress:
@@ -128,8 +145,10 @@ class StageProgress:
         events, used = parse_lines(chunk)
         f.offset = start + used
         for ev in events:
+            f.last_ts, f.host = ev.ts, ev.host or f.host
             if ev.kind == "state" and ev.data.get("state") == "RUNNING":
                 f.attempt = int(ev.data["attempt"]) if isinstance(ev.data.get("attempt"), int) else None
+                f.pid = ev.data.get("pid") if isinstance(ev.data.get("pid"), int) else None
                 f.latest = None
             elif ev.kind == "progress":
                 f.latest = ev
@@ -144,6 +163,20 @@ class StageProgress:
                       if f.latest is not None and (world is None or r < world)
                       and (attempt is None or f.attempt is None or f.attempt == attempt)}
             return merge_progress(latest, world)
+
+    def activity(self, attempt: int | None = None, world: int | None = None) -> dict[int, RankActivity]:
+        """Each rank's latest report of `attempt` as of the last poll (ranks silent in it are absent)."""
+        with self._lock:
+            out = {}
+            for r, f in self._files.items():
+                if f.last_ts is None or (world is not None and r >= world):
+                    continue
+                if attempt is not None and f.attempt is not None and f.attempt != attempt:
+                    continue
+                d = f.latest.data if f.latest is not None else {}
+                finished = isinstance(d.get("total"), (int, float)) and _num(d, "done") >= _num(d, "total") > 0
+                out[r] = RankActivity(rank=r, host=f.host, pid=f.pid, last_ts=f.last_ts, finished=finished)
+            return out
 
 
 class StageRanks:

@@ -1,9 +1,10 @@
 """Root-cause classifier: a failure (exception, traceback/log tail, exit signal) → a known class + one-line hint.
 
 Classes (their names go verbatim into status.json `error_class` and the store's root cause):
-    cuda-oom, host-oom, killed, illegal-memory-access, nccl-timeout, disk-full, file-missing,
-    bad-samples, ssh-lost, interrupted, validation-failed, bad-checkpoint, error (any other QuantdeckError,
-    with its own hint), worker-lost, unknown
+    cuda-oom, host-oom, killed, illegal-memory-access, nccl-timeout (a collective of NCCL or gloo timed out),
+    stalled (the stage went silent, then its worker ended), disk-full, file-missing, bad-samples, ssh-lost,
+    interrupted, validation-failed, bad-checkpoint, error (any other QuantdeckError, with its own hint),
+    worker-lost, unknown
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ RULES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("nccl-timeout", re.compile(r"NCCL.*(timeout|timed out)|Watchdog caught collective operation timeout|ProcessGroupNCCL.*Timeout", re.I),
      "NCCL collective timed out",
      "a rank died or stalled: check every node's log (`quantdeck logs RUN calibrate`), then resume"),
+    ("nccl-timeout", re.compile(r"Timed out waiting \d+ ?ms for (recv|send)|gloo.*(timeout|timed out)|"
+                                r"Timed out after \d+ seconds waiting for clients", re.I),
+     "collective timed out (gloo): a rank did not join in time",
+     "a rank died or stalled: check every rank's log (`quantdeck logs RUN STAGE`), then `quantdeck resume RUN`"),
     ("disk-full", re.compile(r"No space left on device|ENOSPC|Errno 28|DiskFullError|disk full", re.I),
      "disk full",
      "free space at the output/work dir (see `df -h`), then `quantdeck resume`"),
@@ -56,6 +61,8 @@ RULES: list[tuple[str, re.Pattern[str], str, str]] = [
 
 HINTS = {r[0]: r[3] for r in RULES}
 HINTS.update({
+    "stalled": "a rank went silent (hung collective, stuck I/O, a stopped process): read its log "
+               "(`quantdeck logs RUN STAGE`), then `quantdeck resume RUN` continues from the last finished unit",
     "killed": "killed by a signal (SIGKILL: often the host OOM killer — see `dmesg`); `quantdeck resume RUN`",
     "worker-lost": "the worker vanished without a final status; check its log, then `quantdeck resume RUN`",
     "bad-checkpoint": "fix the checkpoint or path named above, then `quantdeck resume RUN`",
@@ -127,6 +134,12 @@ def classify(text: str = "", *, exit_code: int | None = None, exc: BaseException
         return RootCause("worker-lost", "worker vanished without a final status", HINTS["worker-lost"])
     what = line or f"worker exited with code {exit_code}"
     return RootCause("unknown", what, HINTS["unknown"])
+
+
+def stalled_cause(stall: str, then: RootCause) -> RootCause:
+    """The root cause of a worker that ended while its stage was stalled: the stall (`stall`, one line naming
+    the stage and its silent ranks), with how the worker then ended (`then`)."""
+    return RootCause("stalled", f"{stall}; then {then.summary}", HINTS["stalled"])
 
 
 def _signal_of(exit_code: int | None) -> int | None:

@@ -14,8 +14,9 @@
 
 status.json (times are epoch seconds, UTC):
     {"stage", "state" (StageState), "attempt" (1-based, 0 = never started), "host", "pid", "pgid",
-     "pid_start", "launcher", "started_at", "ended_at", "updated_at", "exit_code", "signal",
-     "error_class", "error", "hint", "result" (stage summary), "attempts": [finished attempts, oldest first]}
+     "pid_start", "launcher", "world_size" (the stage's ranks), "started_at", "ended_at", "updated_at",
+     "exit_code", "signal", "error_class", "error", "hint", "result" (stage summary),
+     "attempts": [finished attempts, oldest first]}
 
 Rules (skypilot job_lib): all writes go through `set_status` under the run's lock; a terminal state stamps
 `ended_at`; RUNNING stamps `started_at` (`set_running`); within one attempt a state never moves backwards
@@ -31,6 +32,7 @@ import os
 import re
 import secrets
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,6 +45,8 @@ from engine.names import StageState
 RUNS_DIR = "runs"
 _ORDER = {s: i for i, s in enumerate(StageState)}
 _ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{4}$")
+DEFAULT_STALL_AFTER_S = 900.0  # `[run] stall_after_s`: a RUNNING stage silent this long is shown as stalled
+COLLECTIVE_TIMEOUT_ENV = "QUANTDECK_COLLECTIVE_TIMEOUT_S"  # the process-group timeout of a stage's ranks
 ATTEMPT_FIELDS = ("attempt", "state", "host", "pid", "started_at", "ended_at", "exit_code", "signal",
                   "error_class", "error", "hint")
 
@@ -117,6 +121,16 @@ class RunDir:
                            hint="pass a run id from `quantdeck status`")
         return plan
 
+    def stall_after_s(self) -> float:
+        """`[run] stall_after_s` of the run: from run.json, else from the frozen recipe.toml, else the default."""
+        v = self.read_meta().get("stall_after_s")
+        if not isinstance(v, (int, float)):
+            try:
+                v = tomllib.loads(self.recipe_path.read_text()).get("run", {}).get("stall_after_s")
+            except (OSError, tomllib.TOMLDecodeError):
+                v = None
+        return float(v) if isinstance(v, (int, float)) and v > 0 else DEFAULT_STALL_AFTER_S
+
     def stage_names(self) -> list[str]:
         return [s["name"] for s in self.read_plan().get("stages", [])]
 
@@ -169,8 +183,8 @@ def find_run(root: str | os.PathLike, run: str) -> RunDir:
 
 def _blank_status(stage: str) -> dict[str, Any]:
     return {"stage": str(stage), "state": StageState.PENDING.value, "attempt": 0, "host": None, "pid": None,
-            "pgid": None, "pid_start": None, "launcher": None, "started_at": None, "ended_at": None,
-            "updated_at": None, "exit_code": None, "signal": None, "error_class": None, "error": None,
+            "pgid": None, "pid_start": None, "launcher": None, "world_size": None, "started_at": None,
+            "ended_at": None, "updated_at": None, "exit_code": None, "signal": None, "error_class": None, "error": None,
             "hint": None, "result": None, "attempts": []}
 
 

@@ -4,9 +4,11 @@ The driver (`python -m engine.runner --run-dir D --mode M`) is itself started de
 terminal or pressing Ctrl-C in a follower never stops a run. It holds the run's driver lock (one driver
 per run) and the output lock (two live runs never write one output), starts each stage's worker through
 the launcher, waits on status.json and the worker's liveness, classifies a vanished worker, and keeps the
-store in step after every state change. Launchers other than the local one come from a factory named on
-the command line (`--launcher-factory remote.launchers:launcher_for`), chosen by the CLI/console:
-the engine never imports remote/.
+store in step after every state change. It notices a dead worker within a poll (0.2 s). While it waits it
+watches the stage's silence (engine.runview): a stall is logged once to driver.log, and a worker that ends
+while its stage was stalled is recorded with the root cause `stalled`. Launchers other than the local one come
+from a factory named on the command line (`--launcher-factory remote.launchers:launcher_for`), chosen by the
+CLI/console: the engine never imports remote/.
 
 A launcher factory is `factory(recipe: engine.recipe.Recipe, run_dir: pathlib.Path) -> Launcher`.
 """
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import QuantdeckError, RunError
+from engine.errors import QuantdeckError, RunError, StageLockedError
 from engine.fsutil import atomic_write_json, read_json
 from engine.launcher import Launcher, WorkerSpec
 from engine.names import StageState
@@ -81,7 +83,8 @@ def create_run(recipe_path: str | os.PathLike, *, run_id: str | None = None) -> 
         "family": recipe.model.family.value if recipe.model.family else None,
         "target": target_label(recipe), "layouts": ",".join(x.value for x in recipe.target.layouts),
         "calib_size": recipe.calibration.num_samples if recipe.target.calibrate else None,
-        "workdir": plan.workdir, "output": plan.output, "source": plan.source, "note": None})
+        "stall_after_s": recipe.run.stall_after_s, "workdir": plan.workdir, "output": plan.output,
+        "source": plan.source, "note": None})
     for s in plan.stages:
         atomic_write_json(run.status_path(s.name), read_status(run, s.name))
     return run
@@ -126,16 +129,28 @@ def log_tail(path: Path, nbytes: int = 16384) -> str:
         return ""
 
 
+STALL_CHECK_S = 5.0  # how often wait_stage looks at the stage's silence
+
+
 def wait_stage(run: RunDir, stage: str, attempt: int, launcher: Launcher, host: str, pid: int,
                poll_s: float = 0.2) -> dict[str, Any]:
     """Wait until the stage's status is terminal; a worker that vanished becomes FAILED_WORKER with the
-    root cause of its log tail / exit code. Returns the final status."""
-    from engine.rootcause import classify
+    root cause of its log tail / exit code (`stalled` when its stage was stalled before it ended). Returns
+    the final status."""
+    from engine.progress_merge import StageProgress
+    from engine.rootcause import classify, stalled_cause
+    from engine.runview import stage_stall
 
+    progress, stall, next_check = StageProgress(run.stage_dir(stage)), None, 0.0
     while True:
         st = read_status(run, stage)
         if StageState(st["state"]).is_terminal() or int(st["attempt"]) != attempt:
             return st
+        if time.monotonic() >= next_check:
+            now_stall = stage_stall(run, stage, progress)
+            if now_stall is not None and now_stall.stalled and not (stall and stall.stalled):
+                print(f"quantdeck runner: {now_stall.line(stage)} (run {run.id})", file=sys.stderr, flush=True)
+            stall, next_check = now_stall, time.monotonic() + STALL_CHECK_S
         if not launcher.is_alive(host, pid):
             time.sleep(poll_s)  # a final status written just before exit
             st = read_status(run, stage)
@@ -144,10 +159,57 @@ def wait_stage(run: RunDir, stage: str, attempt: int, launcher: Launcher, host: 
             code = getattr(launcher, "exit_code", lambda p: None)(pid)
             cause = classify(log_tail(run.log_path(stage)) if code not in (None,) and code >= 0 else "",
                              exit_code=code)
+            if stall is not None and stall.stalled:
+                cause = stalled_cause(stall.line(stage), cause)
             return reconcile_stage(run, stage, lambda h, p, s: False, error_class=cause.cls, error=cause.summary,
                                    hint=cause.hint.replace("RUN", run.id), exit_code=code,
                                    signal=-code if code is not None and code < 0 else None)
         time.sleep(poll_s)
+
+
+def winding_down(run: RunDir) -> str | None:
+    """What a live driver of `run` is about to notice, when it is only that: a worker of this host recorded as
+    STARTING/RUNNING whose process is gone (it notices within a poll, records the failure and exits), or no
+    stage running at all (it is finishing). None when a stage still has a live (or remote) worker."""
+    gone = None
+    for name in run.stage_names():
+        st = read_status(run, name)
+        if st["state"] not in (StageState.STARTING.value, StageState.RUNNING.value):
+            continue
+        if st.get("host") not in (None, "local", this_host()) or not st.get("pid"):
+            return None
+        if pid_alive(st["pid"], st.get("pid_start")):
+            return None
+        gone = gone or f"worker pid {st['pid']} of stage {name} on {st.get('host') or this_host()} is gone"
+    return gone or "no stage is running"
+
+
+def wait_driver_released(run: RunDir, *, timeout_s: float = 10.0,
+                         on_wait: Callable[[str], None] | None = None) -> None:
+    """Return once no live driver holds `run` (resume, export-only start a new one then).
+
+    A driver that is only winding down (`winding_down`: its worker was just killed) is waited for, up to
+    `timeout_s`; `on_wait(line)` is told once what is waited for, naming the driver's pid and the stage.
+    Raises StageLockedError at once while the run is live, or when the wait runs out."""
+    lock, deadline, told = driver_lock(run), time.monotonic() + timeout_s, None
+    while True:
+        try:
+            lock.acquire().release()
+            return
+        except StageLockedError as e:
+            why = winding_down(run)
+            if why is None or time.monotonic() >= deadline:
+                if told:
+                    raise StageLockedError(f"{e.msg}; waited {timeout_s:.0f}s for it to notice that {told}",
+                                           at=e.at, hint=e.hint) from None
+                raise
+            if told is None:
+                h = lock.holder() or {}
+                told = why
+                if on_wait is not None:
+                    on_wait(f"waiting for the driver of run {run.id} (pid {h.get('pid', '?')} on "
+                            f"{h.get('host', '?')}) to notice that {why} (up to {timeout_s:.0f}s)")
+        time.sleep(0.1)
 
 
 def cancel_requested(run: RunDir) -> bool:

@@ -4,7 +4,8 @@ It looks the stage up in the Stage registry, hands it its resolved params from p
 only through the run dir: status.json (rank 0, under the stage lock that refuses a second live worker),
 events.jsonl / events.rank<N>.jsonl, and log.txt (its stdout/stderr, redirected by the launcher).
 A failure is classified (engine.rootcause) into status.json. Under torchrun it reads RANK, WORLD_SIZE
-and LOCAL_RANK; only rank 0 writes status.
+and LOCAL_RANK; only rank 0 writes status. The stage's collectives time out after the run's
+`[run] stall_after_s` (handed on in QUANTDECK_COLLECTIVE_TIMEOUT_S unless that is set already).
 
 Test hook (documented, honest): QUANTDECK_TEST_PAUSE_AFTER_UNITS=N with QUANTDECK_TEST_PAUSE_STAGE=STAGE
 makes that stage's worker stop (sleep until killed) at its first progress event with done ≥ N (N=0:
@@ -29,7 +30,8 @@ from engine.errors import ExitCode, QuantdeckError, StageLockedError
 from engine.events import EventSink, JsonlSink, TeeSink
 from engine.names import StageState
 from engine.locks import this_host
-from engine.rundir import RunDir, begin_attempt, read_status, set_running, set_status, stage_lock
+from engine.rundir import (COLLECTIVE_TIMEOUT_ENV, RunDir, begin_attempt, read_status, set_running, set_status,
+                           stage_lock)
 
 PAUSE_UNITS_ENV = "QUANTDECK_TEST_PAUSE_AFTER_UNITS"
 PAUSE_STAGE_ENV = "QUANTDECK_TEST_PAUSE_STAGE"
@@ -123,6 +125,7 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     from engine.stages.base import StageContext
 
     run = RunDir(Path(run_dir).resolve())
+    os.environ.setdefault(COLLECTIVE_TIMEOUT_ENV, f"{run.stall_after_s():g}")
     rank, world, local_rank = _rank_env()
     host = os.environ.get("QUANTDECK_NODE") or this_host()
     signal.signal(signal.SIGTERM, _raise_interrupt)

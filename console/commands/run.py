@@ -66,10 +66,41 @@ class _Printer:
                        err=True)
 
 
+class _StallWatch:
+    """Looks at the run every few seconds while it is followed and prints a line when a stage goes stalled
+    (no event from a rank at work for the run's `[run] stall_after_s`: which ranks, pid and host) and when it
+    reports again. Used as eng.follow's `stop` check; it never stops the following."""
+
+    def __init__(self, eng, run_id: str, every_s: float = 2.0) -> None:
+        self.eng, self.run_id, self.every_s = eng, run_id, every_s
+        self.next = 0.0
+        self.stalled: set[str] = set()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + self.every_s
+        for s in self.eng.status(self.run_id).stages:
+            if s.stalled and s.name not in self.stalled:
+                self.stalled.add(s.name)
+                click.echo(f"[{s.name}] {stall_line(s)}", err=True)
+            elif not s.stalled and s.name in self.stalled:
+                self.stalled.discard(s.name)
+                click.echo(f"[{s.name}] " + ("reporting again" if s.state == "RUNNING" else s.state), err=True)
+        return False
+
+
+def stall_line(s) -> str:
+    """"STALLED: no event for 912s from rank 1 (pid 4242 on node1)" for a stalled stage view (engine.runview)."""
+    who = ", ".join(f"rank {q['rank']} (pid {q.get('pid') or '?'} on {q.get('host') or '?'})" for q in s.quiet_ranks)
+    return f"STALLED: no event for {s.silent_s:.0f}s from {who or 'any rank'}"
+
+
 def _follow(eng, run_id: str) -> int:
-    """Follow a run until its driver ends. Ctrl-C stops following, never the run."""
+    """Follow a run until its driver ends, saying when a stage stalls. Ctrl-C stops following, never the run."""
     try:
-        view = eng.follow(run_id, _Printer())
+        view = eng.follow(run_id, _Printer(), stop=_StallWatch(eng, run_id))
     except KeyboardInterrupt:
         click.echo(f"stopped following; run {run_id} goes on (quantdeck status {run_id}, "
                    f"quantdeck cancel {run_id})", err=True)
@@ -147,7 +178,7 @@ def _remote_checks(recipe_path: str) -> tuple:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (a list without RUN).")
 def status_cmd(run, as_json):
     """Every stage's state, host, pid and attempt of RUN (all runs without RUN); a running stage's progress, over
-    all its ranks (then also each rank's share)."""
+    all its ranks (then also each rank's share), and whether it stalled (`stalled`, `silent_s`, `quiet_ranks`)."""
     from console.format import rank_line
 
     eng = _engine()
@@ -159,7 +190,7 @@ def status_cmd(run, as_json):
         for v in views:
             cur = next((s for s in v.stages if s.state in ("RUNNING", "STARTING")), None)
             click.echo(f"{v.id}  {v.result:<9}  {v.meta.get('model', '-')}  {v.meta.get('target', '-')}"
-                       + (f"  [{cur.name}]" if cur else ""))
+                       + (f"  [{cur.name}{' STALLED' if cur.stalled else ''}]" if cur else ""))
         return
     v = eng.status(run)
     if as_json:
@@ -178,6 +209,8 @@ def status_cmd(run, as_json):
                                for r in p.get("ranks") or ()], int(p.get("world") or 0))
         if s.error_class:
             prog = f"{s.error_class}: {s.error}"
+        if s.stalled:
+            prog = f"{stall_line(s)}; {prog}" if prog else stall_line(s)
         click.echo(f"{s.name:<12} {s.state:<13} {s.attempt:>3}  {str(s.host or '-'):<12} {str(s.pid or '-'):>7}  "
                    f"{_fmt_dur(s.started_at, s.ended_at) if s.started_at else '-':>7}  {prog}")
         if ranks:
@@ -225,7 +258,8 @@ def cancel_cmd(run):
 def _restart(kind: str, run: str, detach: bool) -> None:
     eng = _engine()
     fn = {"resume": eng.resume, "export-only": eng.export_only}[kind]
-    run_id = fn(run, launcher_factory=_factory_for(str(eng.find(run).recipe_path)))
+    run_id = fn(run, launcher_factory=_factory_for(str(eng.find(run).recipe_path)),
+                on_wait=lambda line: click.echo(f"quantdeck: {line}", err=True))
     click.echo(f"run {run_id}")
     sys.stdout.flush()
     if not detach:

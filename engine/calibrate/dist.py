@@ -1,9 +1,15 @@
-"""torch.distributed for calibration: one process or any number of torchrun ranks (NCCL on GPUs, gloo on CPUs)."""
+"""torch.distributed for calibration: one process or any number of torchrun ranks (NCCL on GPUs, gloo on CPUs).
+
+Every collective has a timeout, the run's `[run] stall_after_s` (the worker passes it in the environment,
+engine.rundir.COLLECTIVE_TIMEOUT_ENV): a rank that never joins makes the others fail with a timeout error
+(classified `nccl-timeout` by engine.rootcause), which `quantdeck resume` recovers from, instead of a hang.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -65,8 +71,33 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto") -> DistContext:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group when there are ranks."""
+def collective_timeout(timeout_s: float | None = None) -> timedelta | None:
+    """The collectives' timeout: `timeout_s`, else the environment's (COLLECTIVE_TIMEOUT_ENV), else None
+    (torch's defaults)."""
+    from engine.rundir import COLLECTIVE_TIMEOUT_ENV
+
+    if timeout_s is None:
+        raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV) or ""
+        try:
+            timeout_s = float(raw) if raw else None
+        except ValueError:
+            timeout_s = None
+    return timedelta(seconds=timeout_s) if timeout_s and timeout_s > 0 else None
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Groups made later without a timeout (the layer reader's node group) take torch's module default:
+    set it to ours, so no collective of this process waits longer."""
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):
+            setattr(c10d, name, timeout)
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistContext:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group when there are ranks.
+    `timeout_s`: how long any collective may wait (default: `collective_timeout()`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -80,7 +111,11 @@ def init_distributed(device: str = "auto") -> DistContext:
 
         ctx.backend = "nccl" if dev.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            kw = {"device_id": dev} if dev.type == "cuda" else {}
+            kw: dict = {"device_id": dev} if dev.type == "cuda" else {}
+            timeout = collective_timeout(timeout_s)
+            if timeout is not None:
+                kw["timeout"] = timeout
+                _default_group_timeout(timeout)
             dist.init_process_group(ctx.backend, **kw)
             ctx.owns_group = True
     return ctx

@@ -1,5 +1,6 @@
 """The run's stages: state, progress bar, done/total, rate, ETA, nodes/ranks — one row per stage, updated in place
-(a LineTable with a row cursor: the stage under it is the one whose log the dashboard shows)."""
+(a LineTable with a row cursor: the stage under it is the one whose log the dashboard shows). A stalled stage's
+state reads "stalled 15m00s" (with its quiet ranks, for a stage of several), highlighted."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ STATE_STYLE = {
     "PENDING": "dim", "STARTING": "cyan", "RUNNING": "bold cyan", "SUCCEEDED": "green", "SKIPPED": "dim green",
     "FAILED": "bold red", "FAILED_WORKER": "bold red", "CANCELLED": "yellow",
 }
+
+
+STALLED_STYLE = "bold black on yellow"
 
 
 class StageTable(LineTable):
@@ -87,6 +91,9 @@ class StageTable(LineTable):
         frac = s.done / s.total if s.total else (1.0 if s.state in ("SUCCEEDED", "SKIPPED") else 0.0)
         style = STATE_STYLE.get(s.state, "")
         state = Text(s.state.lower().replace("_", " "), style=style)
+        if s.stalled:  # no event for stall_after_s: the row says so, with how long and which ranks
+            quiet = f" r{','.join(map(str, s.quiet_ranks))}" if s.ranks and s.quiet_ranks else ""
+            state = Text(f"stalled {fmt.duration(s.silent_s)}{quiet}", style=STALLED_STYLE)
         if s.attempt > 1:
             state.append(f" #{s.attempt}", style="dim")
         prog = Text.assemble((fmt.bar(frac, self.bar_width), "red" if "FAIL" in s.state else "cyan"),
