@@ -313,6 +313,7 @@ def main() -> None:
     p.add_argument("--skip-modelopt", action="store_true", help="run neither modelopt flow")
     p.add_argument("--skip-layerwise", action="store_true", help="skip modelopt's layerwise flow")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed import warm-up process")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each tool (where allowed)")
     p.add_argument("--json", help="also write the whole report to this file")
     p.add_argument("--role", choices=["streaming", "modelopt"], help=argparse.SUPPRESS)
     p.add_argument("--layerwise", action="store_true", help=argparse.SUPPRESS)
@@ -352,6 +353,8 @@ def main() -> None:
         common += ["--gpu-mem-fraction", str(a.gpu_mem_fraction)]
     me = str(Path(__file__).resolve())
     res_s = work / f"streaming-{tag}.json"
+    if a.cold:
+        drop_caches()
     t0 = time.monotonic()
     src = ["--model", str(dirs[a.source])]
     if a.ranks > 1:
@@ -361,7 +364,7 @@ def main() -> None:
         _run([sys.executable, me, "--role", "streaming", "--result", str(res_s), *src, *common], env)
     stream_wall = time.monotonic() - t0
     ranks = [json.loads(res_s.with_suffix(f".rank{r}.json").read_text()) for r in range(a.ranks)]
-    report: dict = {"size": a.size, "layers": a.layers, "source": a.source, "samples": a.samples,
+    report: dict = {"size": a.size, "layers": a.layers, "source": a.source, "cold": a.cold, "samples": a.samples,
                     "seq_len": a.seq_len, "batch_size": a.batch_size, "ranks": a.ranks,
                     "gpu_mem_fraction": a.gpu_mem_fraction, "read_floor": floor,
                     "streaming": {"wall_s": stream_wall, "calib_s": max(r["wall_s"] for r in ranks),
@@ -376,6 +379,8 @@ def main() -> None:
                                                            [("modelopt_layerwise", ["--layerwise"])])
     for key, flags in peers:
         res_m = work / f"{key}-{tag}.json"
+        if a.cold:
+            drop_caches()
         t0 = time.monotonic()
         _run([sys.executable, me, "--role", "modelopt", "--result", str(res_m), "--model", str(dirs["bf16"]),
               *flags, *common], env)

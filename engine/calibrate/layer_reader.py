@@ -2,11 +2,13 @@
 
 `LayerReader.read(i)` (on the prefetch thread, while layer i-1 computes) plans layer i (engine.calibrate.
 layer_plan) and fills one flat host buffer with its stored bytes: large positioned reads of the plan's
-coalesced ranges, split over a few threads (os.preadv releases the GIL). On a GPU the buffer is one
-page-locked allocation sized for the largest layer and reused for every layer; on the host it is
-ordinary memory, and plain pieces already in the parameter's dtype are not buffered at all but read
-straight into the parameters at assembly (so a host build holds the raw encoded bytes of one layer plus
-its parameters, never a second decoded copy).
+coalesced ranges, split over a few threads (os.preadv releases the GIL). On a GPU the buffer lives on the
+device: the reads land in a small ring of page-locked chunks (RING_SLOTS × READ_CHUNK, allocated once) and each
+chunk is uploaded on a copy stream of its own as soon as it is read, so the host holds a few hundred MB whatever
+the layer's size and page-locking costs nothing per layer (page-locking a whole 11-23 GB layer took 5-10 s on an
+H100 box). On the host the buffer is ordinary memory, and plain pieces already in the parameter's dtype are not
+buffered at all but read straight into the parameters at assembly (so a host build holds the raw encoded bytes of
+one layer plus its parameters, never a second decoded copy).
 
 Shared reads: under torch.distributed the ranks of a node each read 1/R of the buffer and all-gather it
 (gloo: on the prefetch thread into the host buffer; NCCL: on the device at assembly), so each node reads
@@ -32,6 +34,7 @@ from engine.checkpoint.reader import CheckpointReader
 
 READ_THREADS = 6
 READ_CHUNK = 32 << 20  # one positioned read at most; larger ranges are split over the threads
+RING_SLOTS = 12  # page-locked chunks a GPU read streams through (RING_SLOTS × READ_CHUNK = 384 MiB)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class RawLayer:
     gathered: bool
     times: dict[str, float] = field(default_factory=dict)
     bytes_read: int = 0
+    ready: "torch.cuda.Event | None" = None  # a device buffer's uploads are done once this has passed
 
 
 class LayerReader:
@@ -93,7 +97,9 @@ class LayerReader:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="calib-read")
         self._layers = layers
         self._buf: torch.Tensor | None = None
-        self._released: torch.cuda.Event | None = None  # the last assembly's uploads from the buffer are done
+        self._ring: list[torch.Tensor] = []  # page-locked chunks a GPU read streams through
+        self._ring_done: list[torch.cuda.Event] = []  # each chunk's last upload
+        self._copy_stream: torch.cuda.Stream | None = None
 
     def share_reads(self, share: ReadShare | None) -> None:
         """Read 1/R of every layer and gather the rest from the ranks of `share` (call before the first read)."""
@@ -110,8 +116,13 @@ class LayerReader:
         """Layer i planned and its buffered bytes read (this rank's share of them under shared reads)."""
         t0 = time.monotonic()
         plan = self.plan(i)
-        buf = self._buffer(plan.nbytes + (self.share.size if self.share else 0))
         lo, hi = self.share.part(plan.nbytes) if self.share else (0, plan.nbytes)
+        if self.device.type == "cuda":
+            buf, got, ready = self._read_to_device(plan, plan.nbytes + (self.share.size if self.share else 0), lo, hi)
+            raw = RawLayer(plan, buf, gathered=self.share is None, bytes_read=got, ready=ready)
+            raw.times["read_bg_s"] = time.monotonic() - t0
+            return raw
+        buf = self._buffer(plan.nbytes + (self.share.size if self.share else 0))
         got = self._read_ranges(plan, buf, lo, hi)
         raw = RawLayer(plan, buf, gathered=self.share is None, bytes_read=got)
         raw.times["read_bg_s"] = time.monotonic() - t0
@@ -123,20 +134,60 @@ class LayerReader:
         return raw
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
-        """The layer buffer (allocated once, page-locked on a GPU), free of the last assembly's uploads."""
-        if self._released is not None:
-            self._released.synchronize()
-            self._released = None
+        """The host layer buffer (allocated once, sized for the largest layer)."""
         if self._buf is None or self._buf.numel() < nbytes:
             self._buf = None
             bound = max((buffer_bound(self.family, i, self.reader, self.names) for i in self._layers), default=0)
-            size = max(nbytes, bound + (self.share.size if self.share else 0))
-            pin = self.device.type == "cuda"
-            try:
-                self._buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-            except RuntimeError:  # page-locking refused: pageable, the upload just waits
-                self._buf = torch.empty(size, dtype=torch.uint8)
+            self._buf = torch.empty(max(nbytes, bound + (self.share.size if self.share else 0)), dtype=torch.uint8)
         return self._buf
+
+    def _read_to_device(self, plan: LayerPlan, size: int, lo: int, hi: int):
+        """Buffer bytes [lo, hi) of `plan` read through the page-locked ring into a new device buffer of `size`
+        bytes, each chunk uploaded on the copy stream as soon as it is read. Returns the buffer, the bytes read
+        and an event that passes once every upload is done."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+            for _ in range(RING_SLOTS):
+                try:
+                    self._ring.append(torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=True))
+                except RuntimeError:  # page-locking refused: pageable chunks, each upload just waits
+                    self._ring.append(torch.empty(READ_CHUNK, dtype=torch.uint8))
+                self._ring_done.append(torch.cuda.Event())
+        stream = self._copy_stream
+        with torch.cuda.stream(stream):
+            dev = torch.empty(size, dtype=torch.uint8, device=self.device)
+        free = list(range(len(self._ring)))
+        pending: list = []  # (read future, slot, buffer offset, length), oldest first
+        got = 0
+
+        def upload_oldest() -> int:
+            fut, slot, off, n = pending.pop(0)
+            done = fut.result()
+            with torch.cuda.stream(stream):
+                dev[off:off + n].copy_(self._ring[slot][:n], non_blocking=True)
+                self._ring_done[slot].record(stream)
+            free.append(slot)
+            return done
+
+        for r in plan.ranges:
+            a, b = max(r.offset, lo), min(r.offset + r.nbytes, hi)
+            what = ", ".join(r.names[:3]) + (", …" if len(r.names) > 3 else "")
+            for s in range(a, b, READ_CHUNK):
+                n = min(READ_CHUNK, b - s)
+                if not free:
+                    got += upload_oldest()
+                slot = free.pop(0)
+                self._ring_done[slot].synchronize()  # its last upload has left the chunk
+                view = memoryview(self._ring[slot].numpy()).cast("B")[:n]
+                fut = self._pool.submit(self.reader.read_range, r.shard, r.start + s - r.offset, view, what)
+                pending.append((fut, slot, s, n))
+        while pending:
+            got += upload_oldest()
+        ready = torch.cuda.Event()
+        ready.record(stream)
+        with self._lock:
+            self.bytes_read += got
+        return dev, got, ready
 
     def _read_ranges(self, plan: LayerPlan, buf: torch.Tensor, lo: int, hi: int) -> int:
         """Read the plan's ranges, clipped to buffer bytes [lo, hi), into `buf`; the bytes read."""
@@ -161,18 +212,15 @@ class LayerReader:
     def assemble(self, raw: RawLayer) -> dict[str, torch.Tensor]:
         """Layer `raw.plan.index`'s state dict on the device; the buffer is free for the next read after it."""
         src = raw.buf
-        if not raw.gathered:  # NCCL: this rank's share up, then the node's all-gather on the device
-            lo, hi = self.share.part(raw.plan.nbytes)
-            src = torch.empty((hi - lo) * self.share.size, dtype=torch.uint8, device=self.device)
-            src[lo:hi].copy_(raw.buf[lo:hi], non_blocking=True)
+        if raw.ready is not None:  # a device buffer: its uploads (copy stream) come before any use here
+            torch.cuda.current_stream(self.device).wait_event(raw.ready)
+            src.record_stream(torch.cuda.current_stream(self.device))
+        if not raw.gathered:  # NCCL: this rank's share is on the device; the node's all-gather fills the rest
             _gather(self.share, src, raw.plan.nbytes)
         def read_direct(pieces: list[Piece], params: dict[str, torch.Tensor]) -> None:
             raw.bytes_read += self._read_direct(pieces, params)
 
         params = assemble_layer(raw.plan, src, self.device, self._where, read_direct)
-        if self.device.type == "cuda":
-            self._released = torch.cuda.Event()
-            self._released.record()
         self.source_bytes += raw.plan.source_bytes
         return params
 
@@ -192,6 +240,9 @@ class LayerReader:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._buf = None
+        for ev in self._ring_done:
+            ev.synchronize()
+        self._ring, self._ring_done = [], []
 
 
 def _gather(share: ReadShare, buf: torch.Tensor, nbytes: int) -> None:
