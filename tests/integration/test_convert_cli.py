@@ -75,12 +75,14 @@ def test_unwritable_dst_and_dst_inside_src_are_one_line_errors(tiny_ckpt, tmp_pa
     assert not (src / "out").exists() and not (src / "out.partial").exists()
 
 
-def test_validate_against_a_different_model_names_the_tensor(tiny_ckpt, tmp_path, capsys):
+def test_validate_against_a_different_model_is_refused_naming_the_field(tiny_ckpt, tmp_path, capsys):
+    """Another model's shape is refused before any tensor is read: a bad input, not a failed checkpoint."""
     out = tmp_path / "out"
     assert main(["convert", "--src", str(tiny_ckpt("deepseek-v3", "bf16")), "--dst", str(out), "--to", "nvfp4",
                  "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert main(["validate", str(out), "--against", str(tiny_ckpt("deepseek-v3", "bf16", hidden=256))]) \
-        == ExitCode.VALIDATION
+    other = tiny_ckpt("deepseek-v3", "bf16", hidden=256)
+    assert main(["validate", str(out), "--against", str(other)]) == ExitCode.INPUT
     err = capsys.readouterr().err
-    assert "differs from the source's" in err and "--against" in err and "Traceback" not in err
+    assert f"{other}/config.json:hidden_size" in err and "is another model: its hidden_size is 256" in err
+    assert "the checkpoint's is 128" in err and "Traceback" not in err
