@@ -1,0 +1,1 @@
+"""Quality of a converted checkpoint against its source, layer-streamed: `evaluate()` (engine.eval.streaming)."""

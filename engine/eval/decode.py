@@ -1,0 +1,324 @@
+"""An output checkpoint's decoder layers decoded from their stored bytes, read the way vLLM reads them.
+
+Every stored GEMM weight is one of: NVFP4 (either layout, engine.formats.nvfp4.names), FP8 block-128 (`weight` +
+`weight_scale_inv`) or plain (BF16, kept). `OutputModel.read(i)` (a prefetch thread) reads layer i's stored
+tensors as they lie; `OutputModel.build(raw)` uploads them and decodes them on the device into the parameters of
+transformers' own decoder layer, in float32 then cast to the parameter's dtype, and says how each GEMM's input is
+quantized (engine.eval.actquant).
+
+How the scales of GEMMs that a serving engine fuses are reduced (vLLM `process_weights_after_loading`):
+
+* routed experts' gate/up (w1/w3, run as one `w13` GEMM): w1's weight global scale for both (a mismatch is a
+  warning); one input scale for every expert, the max over all experts' w1/w3 (FlashInfer's global scale);
+* routed experts' down (w2): its own weight global scale; one input scale, the max over every expert;
+* merged Linears (dense and shared gate+up, q_a+kv_a): one weight global scale and one input scale, the max of
+  the stored values (modelopt: the largest multiplier; compressed-tensors: the largest stored reciprocal, so the
+  smallest multiplier).
+
+FlashInfer's MoE backends share one input global scale over all experts (emulated here); vLLM's other MoE backends
+keep one per expert (the max over its w1/w3), which gives the same figures whenever the experts' input scales agree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.calibrate.layer_plan import final_dtype
+from engine.checkpoint.reader import CheckpointReader
+from engine.errors import CheckpointError, about
+from engine.eval.actquant import ActQuant, ExpertsActQuant
+from engine.formats.e2m1 import decode_e2m1, unpack_nibbles
+from engine.formats.fp8_block.helpers import dequant_fp8_block
+from engine.formats.grid import NVFP4_BLOCK, infer_block
+from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
+from engine.formats.nvfp4.stored import as_multiplier
+from engine.names import OutputLayout
+
+FP8_STORED = ("F8_E4M3",)
+# Linears a serving engine runs as one merged GEMM (vLLM's MergedColumnParallelLinear in DeepSeek V2/V3)
+MERGED = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+          ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"))
+_FUSED = re.compile(r"^(.*experts)\.(gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored GEMM weight (or a plain tensor) of the output, under its decoded name `<module>.weight`."""
+
+    kind: str  # "nvfp4", "fp8" or "plain"
+    name: str  # the decoded tensor's name
+    tensors: tuple[str, ...]  # the stored tensors it is read from
+    nvfp4: StoredNames | None = None
+    scale: str | None = None  # fp8: its weight_scale_inv
+
+
+@dataclass
+class RawOutputLayer:
+    index: int
+    tensors: dict[str, torch.Tensor]  # stored name -> host tensor, as stored
+    bytes_read: int = 0
+
+
+@dataclass
+class BuiltLayer:
+    params: dict[str, torch.Tensor]
+    linears: dict[str, ActQuant] = field(default_factory=dict)  # module (relative) -> its input's quantization
+    experts: dict[str, ExpertsActQuant] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    encodings: dict[str, int] = field(default_factory=dict)  # kind -> GEMM weights decoded
+
+
+class OutputModel:
+    """The output checkpoint `path`, read layer by layer (see the module docstring)."""
+
+    def __init__(self, path, family, hf_config, dtype: torch.dtype, device: torch.device, keep_fp32: list[str]):
+        self.reader = CheckpointReader(path)
+        self.family, self.hf_config, self.dtype, self.device = family, hf_config, dtype, device
+        self.keep_fp32 = keep_fp32
+        self.stored = index_stored(self.reader)
+        self.names = set(self.stored)  # decoded names: what source_map sees
+        self.bytes_read = 0
+
+    @property
+    def config(self) -> dict:
+        return self.reader.config
+
+    def layer_stored(self, i: int) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+        return self.family.source_map(i, self.names)
+
+    # -- reading (prefetch thread) --------------------------------------------------------------------
+    def read(self, i: int) -> RawOutputLayer:
+        plain, experts = self.layer_stored(i)
+        wanted = [t for n in list(plain.values()) + list(experts.values()) for t in self.stored[n].tensors]
+        raw = RawOutputLayer(i, {})
+        for t in sorted(set(wanted), key=lambda n: (self.reader.meta(n).shard, self.reader.meta(n).start)):
+            raw.tensors[t] = self.reader.get(t)
+            raw.bytes_read += self.reader.meta(t).nbytes
+        self.bytes_read += raw.bytes_read
+        return raw
+
+    def get(self, name: str) -> torch.Tensor:
+        """One decoded tensor (the embedding, the final norm, the head), float32 for GEMM weights."""
+        s = self.stored[name]
+        tensors = {t: self.reader.get(t) for t in s.tensors}
+        return self._decode(s, tensors, None)
+
+    # -- building (main thread) -----------------------------------------------------------------------
+    def build(self, raw: RawOutputLayer) -> BuiltLayer:
+        i = raw.index
+        plain, experts = self.layer_stored(i)
+        with torch.device("meta"):
+            shapes = {k: (tuple(v.shape), v.dtype) for k, v in
+                      self.family.layer_class()(self.hf_config, i).state_dict().items()}
+        dev = {k: v.to(self.device, non_blocking=True) for k, v in raw.tensors.items()}
+        out = BuiltLayer({})
+        merged = self._merged_scales(i, plain, dev, out)
+        prefix = self.family.layer_prefix(i)
+        for pname, (shape, dt) in shapes.items():
+            want = final_dtype(pname, dt, self.dtype, self.keep_fp32)
+            if pname in plain:
+                s = self.stored[plain[pname]]
+                mod = pname[: -len(".weight")] if pname.endswith(".weight") else None
+                s2, inp = merged.get(mod, (None, None))
+                with about(s.name):
+                    t = self._decode(s, dev, s2)
+                out.params[pname] = self._fit(t, shape, want, prefix + pname, s)
+                if s.kind != "plain":
+                    out.encodings[s.kind] = out.encodings.get(s.kind, 0) + 1
+                    q = self._act_quant(s, dev, inp)
+                    if q is not None and mod is not None:
+                        out.linears[mod] = q
+                continue
+            m = _FUSED.match(pname)
+            if not (m and experts):
+                raise CheckpointError(f"tensor for {prefix + pname} not found in the output", at=prefix + pname,
+                                      hint="is this a checkpoint of the model --against names?")
+            out.params[pname] = self._experts(i, pname, m.group(2), shape, want, experts, dev, out)
+        return out
+
+    def _fit(self, t: torch.Tensor, shape: tuple, want: torch.dtype, full: str, s: Stored) -> torch.Tensor:
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{full}: the output's {s.name} decodes to shape {tuple(t.shape)}, the model "
+                                  f"wants {tuple(shape)}", at=f"{self.reader.dir}:{s.tensors[0]}",
+                                  hint="is this a checkpoint of the model --against names?")
+        return t.to(want)
+
+    def _experts(self, i, pname, which, shape, want, experts, dev, out: BuiltLayer) -> torch.Tensor:
+        n = shape[0]
+        prefix = self.family.layer_prefix(i)
+        param = torch.empty(shape, dtype=want, device=self.device)
+        roles = ("down",) if which == "down_proj" else ("gate", "up")
+        inputs: list[torch.Tensor] = []
+        kinds = set()
+        for e in range(n):
+            stored = []
+            for role in roles:
+                name = experts.get((e, role))
+                if name is None:
+                    raise CheckpointError(f"layer {i}: expert {e}'s {role} weight is missing from the output",
+                                          at=prefix + pname, hint="is the output complete?")
+                stored.append(self.stored[name])
+            s2 = None
+            if roles == ("gate", "up") and stored[0].kind == "nvfp4":
+                g, u = (self._scale_2(s, dev) for s in stored)
+                s2 = g  # vLLM: w13_weight_scale_2[:, 0], w1's global scale for both
+                if float(g) != float(u):
+                    out.warnings.append(f"{stored[1].nvfp4.base}: its global scale differs from w1's "
+                                        f"({float(u):.6g} vs {float(g):.6g}); read with w1's, as vLLM does")
+            rows = [self._decode(s, dev, s2) for s in stored]
+            value = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+            if tuple(value.shape) != tuple(shape[1:]):
+                raise CheckpointError(f"{prefix}{pname}[{e}]: the output's {stored[0].name} decodes to shape "
+                                      f"{tuple(value.shape)}, the model wants {tuple(shape[1:])}",
+                                      at=f"{self.reader.dir}:{stored[0].tensors[0]}",
+                                      hint="is this a checkpoint of the model --against names?")
+            param[e].copy_(value)
+            for s in stored:
+                kinds.add(s.kind)
+                if s.kind != "plain":
+                    out.encodings[s.kind] = out.encodings.get(s.kind, 0) + 1
+                if s.kind == "nvfp4" and s.nvfp4.input_scale:
+                    inputs.append(self._input(s, dev))
+        mod = pname.rsplit(".", 1)[0]
+        q = _experts_quant(kinds, inputs)
+        if q is not None:
+            cur = out.experts.get(mod, ExpertsActQuant())
+            out.experts[mod] = (ExpertsActQuant(q, cur.w2) if which == "gate_up_proj" else ExpertsActQuant(cur.w13, q))
+        return param
+
+    def _merged_scales(self, i, plain: dict[str, str], dev, out: BuiltLayer) -> dict[str, tuple]:
+        """module -> (weight scale_2, input scale) for the Linears vLLM merges, reduced as it reduces them."""
+        res: dict[str, tuple] = {}
+        for group in MERGED:
+            members = [(m, self.stored.get(plain.get(m + ".weight", ""))) for m in group]
+            if not all(s is not None and s.kind == "nvfp4" for _, s in members):
+                continue
+            layout = members[0][1].nvfp4.names.layout
+            pick = torch.amax if layout == OutputLayout.MODELOPT else torch.amin
+            s2s = torch.stack([self._scale_2(s, dev) for _, s in members])
+            s2 = pick(s2s)
+            if bool((s2s != s2s[0]).any()):
+                out.warnings.append(f"{self.family.layer_prefix(i)}{{{','.join(group)}}}: merged GEMMs with "
+                                    f"different global scales ({', '.join(f'{float(x):.6g}' for x in s2s)}); read "
+                                    f"with the {'max' if pick is torch.amax else 'min'}, as vLLM does for {layout}")
+            ins = [self._input(s, dev) for _, s in members if s.nvfp4.input_scale]
+            inp = reduce_inputs(ins, "max" if layout == OutputLayout.MODELOPT else "max-stored") \
+                if len(ins) == len(members) else None
+            for m, _ in members:
+                res[m] = (s2, inp)
+        return res
+
+    def _scale_2(self, s: Stored, dev) -> torch.Tensor:
+        n = s.nvfp4
+        return as_multiplier(n.global_scale, dev[n.global_scale], n.names.reciprocal).to(self.device)
+
+    def _input(self, s: Stored, dev) -> InputScale:
+        """A module's input scale as the kernels take it: the global scale that quantizes (modelopt: fp32(1/s) of
+        the stored multiplier s, as vLLM computes it; compressed-tensors: the stored one) and the multiplier that
+        dequantizes (modelopt: s; compressed-tensors: fp32(1/g))."""
+        n = s.nvfp4
+        t = as_multiplier(n.input_scale, dev[n.input_scale], False).to(self.device)
+        return InputScale(t, n.names.reciprocal)
+
+    def _act_quant(self, s: Stored, dev, merged_input: "InputScale | None") -> ActQuant | None:
+        if s.kind == "fp8":
+            return ActQuant("fp8-group")
+        if s.kind == "nvfp4" and s.nvfp4.input_scale:
+            inp = merged_input if merged_input is not None else self._input(s, dev)
+            return ActQuant("nvfp4", inp.global_scale, inp.multiplier)
+        return None
+
+    def _decode(self, s: Stored, tensors: dict[str, torch.Tensor], scale_2: torch.Tensor | None) -> torch.Tensor:
+        """float32 values of a stored GEMM weight (`scale_2` overrides its global scale); a plain tensor as is."""
+        if s.kind == "plain":
+            return tensors[s.tensors[0]]
+        if s.kind == "fp8":
+            w, sc = tensors[s.tensors[0]], tensors[s.scale]
+            return dequant_fp8_block(w, sc, infer_block(tuple(w.shape), tuple(sc.shape)))
+        n = s.nvfp4
+        packed, bs = tensors[n.packed].view(torch.uint8), tensors[n.block_scale]
+        if bs.dtype != torch.float8_e4m3fn or packed.dim() != 2 or tuple(bs.shape) != (
+                packed.shape[0], packed.shape[1] * 2 // NVFP4_BLOCK):
+            raise CheckpointError(f"{n.block_scale} is {bs.dtype} {list(bs.shape)}, which does not fit "
+                                  f"{n.packed} {list(packed.shape)}", at=f"{self.reader.dir}:{n.block_scale}",
+                                  hint="the output is damaged; re-export it")
+        s2 = scale_2 if scale_2 is not None else as_multiplier(n.global_scale, tensors[n.global_scale],
+                                                               n.names.reciprocal)
+        s2 = s2.to(packed.device)
+        codes = unpack_nibbles(packed)
+        nb = codes.shape[-1] // NVFP4_BLOCK
+        per_block = bs.to(torch.float32) * s2
+        return (decode_e2m1(codes).view(codes.shape[0], nb, NVFP4_BLOCK) * per_block.unsqueeze(-1)).view(
+            codes.shape)
+
+    def close(self) -> None:
+        close = getattr(self.reader, "close", None)
+        if close:
+            close()
+
+
+@dataclass(frozen=True)
+class InputScale:
+    """One stored input scale: `value` as stored, `reciprocal` where it is compressed-tensors' 1/input_scale."""
+
+    value: torch.Tensor
+    reciprocal: bool
+
+    @property
+    def global_scale(self) -> torch.Tensor:
+        return self.value if self.reciprocal else 1.0 / self.value
+
+    @property
+    def multiplier(self) -> torch.Tensor:
+        return 1.0 / self.value if self.reciprocal else self.value
+
+
+def reduce_inputs(ins: list[InputScale], rule: str) -> InputScale:
+    """Several input scales made one, as vLLM does: "max" of the multipliers (modelopt's merged Linears, every
+    MoE) or "max-stored", the max of the stored values (compressed-tensors' merged Linears: the smallest
+    multiplier)."""
+    rec = ins[0].reciprocal
+    vals = torch.stack([i.value for i in ins])
+    if rule == "max-stored" or not rec:
+        return InputScale(vals.amax(), rec)
+    return InputScale(vals.amin(), rec)  # the largest multiplier of stored reciprocals
+
+
+def _experts_quant(kinds: set[str], inputs: list[InputScale]) -> ActQuant | None:
+    """The routed experts' input quantization for one GEMM: FP8 groups, or NVFP4 with one input scale for every
+    expert (the largest multiplier, FlashInfer's global scale), or none (weight-only)."""
+    if kinds == {"fp8"}:
+        return ActQuant("fp8-group")
+    if not inputs:
+        return None
+    one = reduce_inputs(inputs, "max")
+    return ActQuant("nvfp4", one.global_scale, one.multiplier)
+
+
+def index_stored(reader: CheckpointReader) -> dict[str, Stored]:
+    """Decoded name -> how it is stored, for every tensor of the checkpoint (scale companions folded in)."""
+    names = set(reader.names())
+    out: dict[str, Stored] = {}
+    used: set[str] = set()
+    for n in sorted(names):
+        base = nvfp4_base(n)
+        found = find_nvfp4(base, names) if base else None
+        if found is not None and n == found.packed:
+            out[f"{base}.weight"] = Stored("nvfp4", f"{base}.weight", found.all, nvfp4=found)
+            used.update(found.all)
+    for n in sorted(names - used):
+        if n.endswith(".weight") and reader.meta(n).dtype_name in FP8_STORED:
+            scale = n[: -len("weight")] + "weight_scale_inv"
+            if scale not in names:
+                raise CheckpointError(f"FP8 tensor {n} has no {scale}", at=n,
+                                      hint="the output is incomplete; re-convert it")
+            out[n] = Stored("fp8", n, (n, scale), scale=scale)
+            used.update((n, scale))
+    for n in sorted(names - used):
+        if n.endswith(".weight_scale_inv") and n[: -len("_scale_inv")] in used:
+            continue
+        out.setdefault(n, Stored("plain", n, (n,)))
+    return out
