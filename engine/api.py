@@ -301,12 +301,13 @@ class LocalEngine(Engine):
         with Store() as store:
             return rescan(store, root)
 
-    def preflight(self, recipe_path, notes=None, extra_checks=()):
-        """Also fills `notes` (GPU memory, versions) when given a list; `extra_checks` are callables
+    def preflight(self, recipe_path, notes=None, extra_checks=(), report=None):
+        """Also fills `notes` (GPU memory, versions) when given a list, and `report["memory"]` (each heavy
+        stage's host and GPU memory per rank and node) when given a dict; `extra_checks` are callables
         `check(facts) -> list[str]` (remote per-node checks)."""
         from engine.preflight import run_preflight
 
-        return run_preflight(recipe_path, extra_checks=extra_checks, notes=notes)
+        return run_preflight(recipe_path, extra_checks=extra_checks, notes=notes, report=report)
 
     def load_recipe(self, recipe_path: str):
         """The validated recipe. Raises RecipeError naming file and key."""

@@ -3,9 +3,13 @@
 Checks: the source is readable (local dir, or S3 reachable with objects); the model layout is recognized
 and its config agrees with its tensors (layers, experts); free disk at the output ≥ estimated output ×
 (1 + run.disk_margin) (and at the work dir for an S3 pull); the samples file is valid (calibrated
-targets); GPUs are visible with free memory when the device asks for CUDA; versions of quantdeck, torch,
-modelopt and transformers are importable; the S3 push target is reachable. Remote per-node checks are
-added by the caller (`extra_checks`), so the engine never imports remote/.
+targets); GPUs are visible when the device asks for CUDA; versions of quantdeck, torch, modelopt and
+transformers are importable; the S3 push target is reachable. Remote per-node checks are added by the caller
+(`extra_checks`), so the engine never imports remote/; they may record what each node has
+(`Facts.node_memory`). Last, after them: memory. What one rank of each heavy stage needs in host RAM and GPU
+memory (engine.memory_plan), times the ranks of each node, against what the node has: this machine's
+/proc/meminfo and its probed GPUs, a remote node's as its per-node check found it, or [cluster] gpu_memory_gb
+where a GPU cannot be probed. `report["memory"]` gets the estimates whether or not they fit.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class Facts:
     source_bytes: int = 0
     estimate: int = 0
     notes: list[str] = field(default_factory=list)
+    gpus_free: list[int] | None = None  # this machine's GPUs, probed by check_gpus (None: not probed)
+    node_memory: dict[str, Any] = field(default_factory=dict)  # node -> engine.memory_plan.NodeMemory (remote)
+    memory: Any = None  # the engine.memory_plan.MemoryPlan check_memory made
 
 
 Check = Callable[[Facts], Iterable[str]]
@@ -195,15 +202,12 @@ def check_gpus(f: Facts) -> list[str]:
                           "run on a GPU node, check CUDA_VISIBLE_DEVICES, or set run.device = \"cpu\"")]
         f.notes.append("no GPU visible: stages run on CPU")
         return []
-    need = _largest_layer_bytes(f)
-    out = []
+    f.gpus_free = []
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
+        f.gpus_free.append(int(free))
         f.notes.append(f"GPU {i}: {_h(free)} free of {_h(total)}")
-        if need and free < need:
-            out.append(_fail(f"GPU {i} has {_h(free)} free but a decoder layer needs ~{_h(need)}",
-                             "free the GPU (nvidia-smi shows who holds it) or set run.device = \"cpu\""))
-    return out
+    return []  # whether a stage fits them is check_memory's to say
 
 
 def check_versions(f: Facts) -> list[str]:
@@ -233,44 +237,92 @@ def check_push(f: Facts) -> list[str]:
     return []
 
 
+def check_memory(f: Facts) -> list[str]:
+    """Each heavy stage's need per rank × its ranks on each node, against the node's RAM and GPUs."""
+    from engine import memory_plan as mp
+    from engine.locks import this_host
+    from engine.meminfo import parse_meminfo
+    from engine.plan import build_plan
+
+    r = f.recipe
+    if f.reader is None:
+        f.notes.append("memory: not estimated: the checkpoint is not readable here yet"
+                       + (" (it is pulled first)" if r.source.is_s3 else ""))
+        return []
+    plan = build_plan(r, run_id="preflight", run_dir=Path(f.paths.get("workdir") or "."), base=Path("."))
+    c = r.cluster
+    declared = int(c.gpu_memory_gb * mp.GB) if c.gpu_memory_gb else None
+    memory: dict[str, mp.NodeMemory] = {}
+    if c.is_local:
+        gpus = len(f.gpus_free or [])
+        on_gpu = r.device == "cuda" or (r.device == "auto" and gpus > 0)
+        head = mp.NodeSlot(this_host(), 1, on_gpu)
+        slots = [mp.NodeSlot(head.node, c.gpus_per_node or 1, on_gpu)]
+        meminfo = _read_meminfo(parse_meminfo)
+        probed = tuple(f.gpus_free or ())
+        memory[head.node] = mp.NodeMemory(head.node, meminfo[1] if meminfo else None,
+                                          meminfo[1] - meminfo[0] if meminfo else None,
+                                          probed or _declared(declared, slots[0].ranks, on_gpu),
+                                          "probed" if probed else "recipe")
+        knobs_key = "[cluster] gpus_per_node"
+    else:
+        slots = []
+        for n in c.nodes:
+            gpus = n.gpus or c.gpus_per_node or 0
+            slots.append(mp.NodeSlot(n.name, max(gpus, 1), gpus > 0 and r.device != "cpu"))
+            have = f.node_memory.get(n.name) or mp.NodeMemory(n.name)
+            if not have.gpu_free and declared:
+                have = mp.NodeMemory(n.name, have.ram_total, have.ram_available,
+                                     _declared(declared, max(gpus, 1), True), "recipe")
+            memory[n.name] = have
+        head = next(s for s in slots if s.node == c.head_node.name)
+        knobs_key = "the node's gpus, or [cluster] gpus_per_node"
+    cal = r.calibration
+    f.memory = mp.plan_memory([(s.name, s.distributed) for s in plan.stages], slots, head, f.reader.config or {},
+                              f.reader, f.layout, num_samples=cal.num_samples, seq_len=cal.seq_len,
+                              batch_size=cal.batch_size, target=r.target.format.value)
+    fails, notes = mp.check_memory(f.memory, memory, mp.Knobs(knobs_key, cal.batch_size))
+    f.notes.extend(f.memory.notes + notes)
+    return fails
+
+
+def _declared(declared: int | None, ranks: int, on_gpu: bool) -> tuple[int, ...] | None:
+    return (declared,) * ranks if declared and on_gpu else None
+
+
+def _read_meminfo(parse) -> tuple[int, int] | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            return parse(fh.read())
+    except OSError:
+        return None
+
+
 CHECKS: tuple[Check, ...] = (check_source, check_layout, check_output, check_disk, check_samples, check_gpus, check_versions,
                              check_push)
+LATE_CHECKS: tuple[Check, ...] = (check_memory,)  # after the caller's extra checks, which may learn the nodes' memory
 
 
 def run_preflight(recipe_path: str | os.PathLike, extra_checks: Iterable[Check] = (),
-                  notes: list[str] | None = None) -> list[str]:
-    """Run every check; returns one line per failure ([] = ready). Raises RecipeError for a bad recipe."""
+                  notes: list[str] | None = None, report: dict[str, Any] | None = None) -> list[str]:
+    """Run every check; returns one line per failure ([] = ready). Raises RecipeError for a bad recipe.
+    `notes` gets what the checks learned; `report["memory"]` each heavy stage's estimate per rank and node."""
     from engine.plan import resolve_paths
 
     path = Path(recipe_path).resolve()
     recipe = load_recipe(path)
     facts = Facts(recipe=recipe, paths=resolve_paths(recipe, path.parent))
     failures: list[str] = []
-    for check in (*CHECKS, *extra_checks):
+    for check in (*CHECKS, *extra_checks, *LATE_CHECKS):
         try:
             failures.extend(check(facts))
         except QuantdeckError as e:
             failures.append(_fail(f"{check.__name__.removeprefix('check_')}: {e.msg}", e.hint or "see above"))
     if notes is not None:
         notes.extend(facts.notes)
+    if report is not None:
+        report["memory"] = facts.memory.to_json() if facts.memory is not None else []
     return failures
-
-
-def _largest_layer_bytes(f: Facts) -> int:
-    if f.reader is None:
-        return 0
-    import re
-
-    per: dict[str, int] = {}
-    for n in f.reader.names():
-        m = re.search(r"layers\.(\d+)\.", n)
-        if m:
-            meta = f.reader.meta(n)
-            numel = 1
-            for d in meta.shape:
-                numel *= d
-            per[m.group(1)] = per.get(m.group(1), 0) + numel * 2  # bf16 on the device
-    return max(per.values(), default=0) * 2  # weights + working room
 
 
 def _dir_bytes(p: Path) -> int:

@@ -124,6 +124,8 @@ class ClusterSection(BaseModel):
     host_key_policy: Literal["reject", "accept-new"] = "reject"
     gpus_per_node: int | None = Field(None, ge=1)  # default for nodes that do not say; without nodes: the
     # number of local ranks (torchrun --standalone) of distributed stages such as calibrate
+    gpu_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False)  # each GPU's memory, for preflight where
+    # it cannot be probed (None: probed; a GPU neither probed nor stated is not checked)
     env: dict[str, str] = Field(default_factory=dict)  # passed explicitly to every worker (PYTHONPATH, NCCL_*)
     known_hosts: str | None = None  # default ~/.ssh/known_hosts
     ssh_config: str | None = None  # default ~/.ssh/config

@@ -348,16 +348,28 @@ def note_cmd(run, text):
 
 @click.command("preflight")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-def preflight_cmd(recipe):
-    """Cheap checks of RECIPE before any GPU is held: one line per failure with its fix."""
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: ok, failures, notes, and each heavy stage's memory per rank and node.")
+def preflight_cmd(recipe, as_json):
+    """Cheap checks of RECIPE before any GPU is held: one line per failure with its fix, and what each rank of
+    calibrate, export and eval needs in host RAM and GPU memory."""
     from engine.api import PreflightError
 
     notes: list[str] = []
-    fails = _engine().preflight(recipe, notes=notes, extra_checks=_remote_checks(recipe))
-    for n in notes:
-        click.echo(f"  {n}", err=True)
-    for f in fails:
-        click.echo(f)
+    report: dict = {}
+    fails = _engine().preflight(recipe, notes=notes, extra_checks=_remote_checks(recipe), report=report)
+    if as_json:
+        click.echo(json.dumps({"recipe": recipe, "ok": not fails, "failures": fails, "notes": notes,
+                               "memory": report.get("memory", [])}, indent=2))
+    else:
+        for n in notes:
+            click.echo(f"  {n}", err=True)
+        for m in report.get("memory", []):
+            gpu = f", GPU {m['gpu_gb']} GB" if m["gpu_gb"] is not None else ""
+            click.echo(f"  memory: {m['stage']} on {m['node']}: {m['ranks']} rank(s) × host {m['host_gb']} GB"
+                       f"{gpu} per rank ({m['device']})", err=True)
+        for f in fails:
+            click.echo(f)
     if fails:
         raise PreflightError(f"{len(fails)} preflight check(s) failed", at=recipe, failures=fails,
                              hint="fix the lines above, then run preflight again")

@@ -57,3 +57,12 @@ def test_engine_preflight_with_remote_checks(sshd_cluster, tmp_path, monkeypatch
     fails = run_preflight(recipe, extra_checks=(check_nodes,))
     assert any(f.startswith("node node3: node3 (") for f in fails), fails
     assert not any(f.startswith(("node node0", "node node1", "node node2")) for f in fails)
+
+
+def test_nodes_report_their_memory(sshd_cluster):
+    """Each node that answers reports its host RAM (/proc/meminfo); these CPU nodes have no GPU memory to report."""
+    memory: dict = {}
+    assert preflight_cluster(sshd_cluster.cluster_dict(), memory=memory) == []
+    assert sorted(memory) == ["node0", "node1", "node2", "node3"]
+    for m in memory.values():
+        assert m.ram_total and 0 < m.ram_available <= m.ram_total and m.gpu_free is None
