@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from console.backend import Backend
-from console.models import AttemptView, CalibView, HistoryRow, RunDetailView, RunView, StageView
+from console.models import AttemptView, CalibView, HistoryRow, QualityView, RunDetailView, RunView, StageView
 
 LOW_TOKENS = 8  # an expert that saw fewer tokens than this in a layer counts as under-covered
 
@@ -44,6 +44,71 @@ def _rank_parts(progress: dict) -> tuple[tuple[int, str, float, float], ...]:
                  for r in progress.get("ranks") or ())
 
 
+def _number(d: dict, *keys: str) -> float | None:
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def worst_in_report(path: str | None) -> tuple[str, float | None]:
+    """The tensor with the largest relative error in a validate report ({output dir: {"tensors": [...]}})."""
+    try:
+        report = json.loads(Path(path).read_text()) if path else {}
+    except (OSError, ValueError):
+        return "", None
+    best: tuple[str, float | None] = ("", None)
+    for rep in report.values() if isinstance(report, dict) else ():
+        for t in (rep.get("tensors") or ()) if isinstance(rep, dict) else ():
+            err = _number(t, "rel_err")
+            if err is not None and (best[1] is None or err > best[1]):
+                best = (str(t.get("tensor") or ""), err)
+    return best
+
+
+class QualityReader:
+    """Quality figures from a run's stages: validate's worst tensor (its result, else its report file, read once
+    per change of the file) and eval's summary (kld_mean, kld_p99, top1_agree, flat or under "summary")."""
+
+    def __init__(self) -> None:
+        self._reports: dict[str, tuple[tuple[float, int], tuple[str, float | None]]] = {}
+
+    def _worst(self, path: str | None) -> tuple[str, float | None]:
+        try:
+            st = Path(path).stat() if path else None
+        except OSError:
+            st = None
+        if st is None:
+            return "", None
+        key = (st.st_mtime, st.st_size)
+        hit = self._reports.get(str(path))
+        if hit is None or hit[0] != key:
+            hit = self._reports[str(path)] = (key, worst_in_report(path))
+        return hit[1]
+
+    def view(self, stages: list, report_path: str | None) -> QualityView | None:
+        val = next((s for s in stages if s.name == "validate"), None)
+        ev = next((s for s in stages if s.name == "eval"), None)
+        if val is None and ev is None:
+            return None
+        tensor, worst = "", None
+        if val is not None:
+            res = val.result or {}
+            tensor, worst = str(res.get("worst_tensor") or ""), _number(res, "worst_rel_err")
+            if worst is None and val.state in ("SUCCEEDED", "FAILED"):
+                tensor, worst = self._worst(report_path)
+        summary: dict = {}
+        if ev is not None:
+            res = ev.result or {}
+            summary = {**res, **(res.get("summary") if isinstance(res.get("summary"), dict) else {})}
+        return QualityView(worst_tensor=tensor, worst_rel_err=worst,
+                           kld_mean=_number(summary, "kld_mean"), kld_p99=_number(summary, "kld_p99"),
+                           top1_agree=_number(summary, "top1_agree", "top1_agreement"),
+                           validate_state=val.state if val is not None else "",
+                           eval_state=ev.state if ev is not None else "")
+
+
 class ApiBackend(Backend):
     def __init__(self, engine: Any | None = None):
         if engine is None:
@@ -57,6 +122,7 @@ class ApiBackend(Backend):
         self._coverage: dict[str, dict[str, tuple[int, int]]] = {}  # run → layer file → (experts, low)
         self._plans: dict[str, dict] = {}
         self._dirs: dict[str, Any] = {}  # run id → RunDir: later reads go by path, without opening the store
+        self._quality = QualityReader()
 
     # ------------------------------------------------------------------ reading
     def history(self) -> tuple[HistoryRow, ...]:
@@ -165,10 +231,12 @@ class ApiBackend(Backend):
             meta = v.meta or {}
             target = meta.get("target") or ""
             live = bool(v.driver_alive) or any(s.state in ("RUNNING", "STARTING") for s in stages)
+            report = (pstages.get("validate", {}).get("outputs") or {}).get("report")
             return RunView(run_id=v.id, run_dir=v.run_dir, state=v.result, model=meta.get("model") or "",
                            target=target if not isinstance(target, dict) else json.dumps(target),
                            recipe=meta.get("recipe_path") or "", stages=stages, calib=calib, live=live,
-                           has_amax=cal is not None and cal.state == "SUCCEEDED")
+                           has_amax=cal is not None and cal.state == "SUCCEEDED",
+                           quality=self._quality.view(v.stages, report))
 
     def read_log(self, run_id: str, stage: str, offset: int) -> tuple[list[str], int]:
         text, nxt = self.eng.log(self._ref(run_id), stage, offset)
@@ -187,15 +255,20 @@ class ApiBackend(Backend):
                      for a in self.eng.attempts(run_id))
         arts: list[str] = []
         run_dir = ""
+        quality = None
         try:
             run_dir = str(self.eng.find(run_id).path)
-            for ps in self.eng.plan(run_id).get("stages", []):
+            plan = self.eng.plan(run_id)
+            for ps in plan.get("stages", []):
                 for v in (ps.get("outputs") or {}).values():
                     if isinstance(v, str) and v not in arts and (Path(v).exists() or Path(v + ".partial").exists()):
                         arts.append(v if Path(v).exists() else v + ".partial (unfinished)")
+            report = next(((ps.get("outputs") or {}).get("report") for ps in plan.get("stages", [])
+                           if ps.get("name") == "validate"), None)
+            quality = self._quality.view(self.eng.status(run_dir).stages, report)
         except Exception:  # noqa: BLE001 - artifacts are a convenience; the attempts are what matters
             pass
-        return RunDetailView(row=row, run_dir=run_dir, attempts=atts, artifacts=tuple(arts))
+        return RunDetailView(row=row, run_dir=run_dir, attempts=atts, artifacts=tuple(arts), quality=quality)
 
     # ------------------------------------------------------------------ acting
     def set_note(self, run_id: str, text: str) -> None:

@@ -3,8 +3,9 @@
 - `TelemetryFleet` adapts any remote.telemetry TelemetrySource (live monitor, or the replay of real recorded
   nvidia-smi output) — its snapshot never blocks, so a dead node shows up stale/unreachable, never as a delay.
 - `LocalFleet`: this machine alone (nvidia-smi with a 2 s timeout when present, else "no GPU"; RAM; disk).
-- `replay_fleet_4x8`: four 8-GPU nodes replayed from the real recordings, one stale and one without GPUs
-  (snapshots, benchmark, `QUANTDECK_FLEET=replay`): a GPU cannot exist on a CPU machine; its output can.
+- `replay_fleet_4x8`: four nodes replayed from the real recordings, one stale and one without GPUs (or, with
+  `cpu_node=False`, four 8-GPU nodes: 32 GPUs) (snapshots, benchmark, `QUANTDECK_FLEET=replay`): a GPU cannot
+  exist on a CPU machine; its output can.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ class LocalFleet:
         return None
 
 
-def script_4x8(gpus: int = 8) -> dict:
-    """Per node a list of NodeSample frames from the real recordings, each widened to `gpus` GPUs."""
+def script_4x8(gpus: int = 8, cpu_node: bool = True) -> dict:
+    """Per node a list of NodeSample frames from the real recordings, each widened to `gpus` GPUs; node3 has no
+    GPU (`cpu_node`) or `gpus` H100s."""
     from remote.recorded import RECORDINGS
     from remote.telemetry import NodeSample, NodeState, parse_nvidia_smi_csv
 
@@ -143,21 +145,23 @@ def script_4x8(gpus: int = 8) -> dict:
                            ram_total=2 << 40, disk_free=(12 + i % 2) << 40) for i, n in enumerate(names)]
 
     busy2, idle2, busy1 = "query_busy_2gpu.csv", "query_idle_2gpu.csv", "query_busy_1gpu.csv"
+    cpu = [NodeSample(node="node3", state=NodeState.NO_GPU, ram_used=80 << 30, ram_total=512 << 30,
+                      disk_free=3 << 40)]
     return {
         "node0": frames([busy2, busy2, idle2, busy2, busy2, busy2]),
         "node1": frames([busy1, busy1, busy1, busy2]),
         "node2": [NodeSample(node="node2", state=NodeState.UNREACHABLE, error="no answer (replayed)")],
-        "node3": [NodeSample(node="node3", state=NodeState.NO_GPU, ram_used=80 << 30, ram_total=512 << 30,
-                             disk_free=3 << 40)],
+        "node3": cpu if cpu_node else frames([busy1, busy1, "query_idle_1gpu.csv", busy1, busy1]),
     }
 
 
 def replay_fleet_4x8(clock: Callable[[], float] = time.time, interval_s: float = 1.0, start: bool = True,
-                     stale_for_s: float = 47.0) -> TelemetryFleet:
-    """4 nodes × 8 GPUs replayed at `interval_s`: node2 went stale `stale_for_s` ago, node3 has no GPU."""
+                     stale_for_s: float = 47.0, cpu_node: bool = True) -> TelemetryFleet:
+    """4 nodes × 8 GPUs replayed at `interval_s`: node2 went stale `stale_for_s` ago, node3 has no GPU
+    (`cpu_node`, the default) or 8 like the others."""
     from remote.telemetry import ReplayTelemetrySource
 
-    script = script_4x8()
+    script = script_4x8(cpu_node=cpu_node)
     src = ReplayTelemetrySource(script, interval_s=interval_s, loop=True)
     good = script["node0"][0]
     src.book.record(replace(good, node="node2", ts=clock() - stale_for_s))  # its last good sample

@@ -106,9 +106,14 @@ def ellipsize(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """"1 node", "2 nodes", "0 GPUs": the count and the noun in the number it takes."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def join_hosts(hosts: Iterable[str], ranks: int) -> str:
     hs = list(dict.fromkeys(h for h in hosts if h))
-    s = hs[0] if len(hs) == 1 else f"{len(hs)} nodes" if hs else ""
+    s = hs[0] if len(hs) == 1 else plural(len(hs), "node") if hs else ""
     if ranks > 1:
         s = f"{s} ×{ranks}" if s else f"×{ranks}"
     return s or "-"

@@ -1,4 +1,4 @@
-"""Frozen view-models the console renders: fleet, run, stages, calibration, history.
+"""Frozen view-models the console renders: fleet, run, stages, calibration, quality, history.
 
 Adapters (console/backend.py, console/fleet.py) turn engine.api records and remote.telemetry samples into
 these, so widgets never depend on engine or remote types directly.
@@ -71,6 +71,20 @@ class StageView:
 
 
 @dataclass(frozen=True)
+class QualityView:
+    """The output's figures: validate's worst tensor against the source, eval's KL divergence and top-1
+    agreement (None where the run has not measured them)."""
+
+    worst_tensor: str = ""
+    worst_rel_err: float | None = None
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    top1_agree: float | None = None  # a fraction, 0..1
+    validate_state: str = ""  # the validate stage's state ("" without one)
+    eval_state: str = ""  # the eval stage's state ("" without one)
+
+
+@dataclass(frozen=True)
 class CalibView:
     layer: int = 0
     layers: int = 0
@@ -97,6 +111,7 @@ class RunView:
     live: bool = False  # a worker process is alive for this run
     has_amax: bool = False  # an amax snapshot exists: export-only makes sense
     updated_at: float = 0.0
+    quality: QualityView | None = None
 
     def stage(self, name: str) -> StageView | None:
         for s in self.stages:
@@ -155,3 +170,4 @@ class RunDetailView:
     run_dir: str = ""
     attempts: tuple[AttemptView, ...] = ()
     artifacts: tuple[str, ...] = field(default_factory=tuple)
+    quality: QualityView | None = None

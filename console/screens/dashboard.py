@@ -1,19 +1,53 @@
-"""The dashboard: fleet on top, the run's stages with calibration detail, and the log tail of a stage."""
+"""The dashboard: the fleet on top (one row per node; per GPU while it has the focus), the run's stages with
+calibration detail and quality figures, and the log tail of a stage. A stalled stage's quiet ranks are marked on
+the fleet's GPUs and in the run's title."""
 
 from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.binding import Binding
+from textual.containers import Container, Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Header, Static
 
+from console import format as fmt
 from console.format import rank_line
-from console.models import NodeView, RunView
-from console.widgets import CalibPanel, FleetTable, KeyBar, LogTail, StageTable
+from console.models import HOST_STALE, HOST_UNREACHABLE, NodeView, QualityView, RunView
+from console.widgets import CalibPanel, FleetTable, KeyBar, LogTail, QualityPanel, StageTable
+from console.widgets.fleet.fleet_table import Quiet
+
+
+def quiet_gpus(run: RunView | None) -> Quiet:
+    """node → {GPU index: rank} of the ranks a stalled stage waits on. A node's ranks take its GPUs in rank order
+    (torchrun's local ranks); a stage of one rank runs on GPU 0 of its host."""
+    out: Quiet = {}
+    for s in run.stages if run is not None else ():
+        if not (s.stalled and s.quiet_ranks):
+            continue
+        host_of = {r: h for r, h, _d, _t in s.rank_parts}
+        if not host_of and len(set(s.hosts)) == 1:
+            host_of = {r: s.hosts[0] for r in s.quiet_ranks}
+        for r in s.quiet_ranks:
+            host = host_of.get(r)
+            if host:
+                local = sorted(q for q, h in host_of.items() if h == host).index(r)
+                out.setdefault(host, {})[local] = r
+    return out
+
+
+def stall_note(run: RunView) -> str:
+    """" · calibrate stalled 15m00s r3,17 quiet" (highlighted) for a stalled stage ("" otherwise)."""
+    for s in run.stages:
+        if s.stalled:
+            who = f" r{','.join(map(str, s.quiet_ranks))} quiet" if s.ranks and s.quiet_ranks else ""
+            return f" · [b black on yellow]{s.name} stalled {fmt.duration(s.silent_s)}{who}[/]"
+    return ""
 
 
 class DashboardScreen(Screen):
+    BINDINGS = [Binding("tab", "toggle_fleet", "Fleet", show=False)]
+
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
         with Vertical(id="fleet-box") as box:
@@ -23,9 +57,13 @@ class DashboardScreen(Screen):
             with Vertical(id="stages-box") as stages:
                 stages.border_title = "run"
                 yield StageTable(id="stages")
-            with Vertical(id="calib-box") as calib:
-                calib.border_title = "calibration"
-                yield CalibPanel(id="calib")
+            with Container(id="side-box"):
+                with Vertical(id="calib-box") as calib:
+                    calib.border_title = "calibration"
+                    yield CalibPanel(id="calib")
+                with Vertical(id="quality-box") as quality:
+                    quality.border_title = "quality"
+                    yield QualityPanel(id="quality")
         yield LogTail(id="log")
         yield Static("", id="status-line")
         yield KeyBar()
@@ -56,6 +94,7 @@ class DashboardScreen(Screen):
     def on_resize(self, event) -> None:
         narrow = self.size.width < 110 or self.size.height < 30
         self.set_class(narrow, "narrow")
+        self.set_class(self.size.height < 30, "short")
         self.query_one(FleetTable).set_compact(self.size.width < 110)
         # the poll already shown, redrawn at the new width: not a new point of its history
         if self.app.nodes:  # type: ignore[attr-defined]
@@ -63,25 +102,59 @@ class DashboardScreen(Screen):
 
     def show_fleet(self, nodes: tuple[NodeView, ...], now: float, record: bool = True) -> None:
         self.query_one(FleetTable).show_nodes(nodes, now, record)
-        box = self.query_one("#fleet-box")
+        self._fleet_title(nodes)
+
+    def _fleet_title(self, nodes: tuple[NodeView, ...]) -> None:
+        table = self.query_one(FleetTable)
         gpus = sum(len(n.gpus) for n in nodes)
-        bad = sum(1 for n in nodes if n.state in ("stale", "unreachable"))
-        box.border_title = f"fleet · {len(nodes)} nodes · {gpus} GPUs" + (f" · {bad} not answering" if bad else "")
+        bad = sum(1 for n in nodes if n.state in (HOST_STALE, HOST_UNREACHABLE))
+        hint = "esc: fold" if table.expanded else "tab: per GPU" if gpus else ""
+        self.query_one("#fleet-box").border_title = " · ".join(
+            x for x in ("fleet", fmt.plural(len(nodes), "node"), fmt.plural(gpus, "GPU"),
+                        f"{bad} not answering" if bad else "", f"[dim]{hint}[/]" if hint else "") if x)
+
+    def on_fleet_table_toggled(self, event: FleetTable.Toggled) -> None:
+        self.set_class(self.query_one(FleetTable).expanded, "fleet-open")
+        self._fleet_title(self.app.nodes)  # type: ignore[attr-defined]
+
+    def action_toggle_fleet(self) -> None:
+        """Tab: the fleet per GPU, and back to the stages."""
+        if self.focused is self.query_one(FleetTable):
+            self.query_one(StageTable).focus()
+        else:
+            self.query_one(FleetTable).focus()
 
     def show_run(self, run: RunView | None) -> None:
         box = self.query_one("#stages-box")
         if run is None:
             box.border_title = "run · none attached (n: new run, h: history)"
             self.query_one(CalibPanel).show_calib(None)
+            self.query_one(QualityPanel).show_quality(None)
+            self.query_one(FleetTable).set_quiet({})
             return
-        box.border_title = f"run {run.run_id} · {run.state.lower()}" + (" · live" if run.live else "")
-        cur = run.current  # a running distributed stage: each rank's share under the stages (calibrate's: right)
+        box.border_title = f"run {run.run_id} · {run.state.lower()}" + (" · live" if run.live else "") \
+            + stall_note(run)
+        self.query_one(FleetTable).set_quiet(quiet_gpus(run))
+        self.query_one(QualityPanel).show_quality(run.quality or QualityView(
+            validate_state=v.state if (v := run.stage("validate")) else "",
+            eval_state=e.state if (e := run.stage("eval")) else ""))
+        self._set_rank_subtitle(run)
+        # the box's width is known only once laid out: a run shown before that is fitted again after the refresh
+        self.call_after_refresh(lambda: self._set_rank_subtitle(run))
+        table = self.query_one(StageTable)
+        table.show_run(run)
+        # a plan shown before the table had its size left the cursor's row (the running stage) unscrolled to
+        self.call_after_refresh(lambda: table.scroll_to_row(table.cursor))
+        cal = run.stage("calibrate")
+        self.query_one(CalibPanel).show_calib(run.calib, cal.state if cal else "")
+
+    def _set_rank_subtitle(self, run: RunView) -> None:
+        """Under the stages: each rank's share of a running distributed stage (calibrate's is on the right)."""
+        box = self.query_one("#stages-box")
+        cur = run.current
         ranks = rank_line(cur.rank_parts, cur.ranks, width=max(box.size.width - 8 - len(cur.name), 20)) \
             if cur is not None and cur.state == "RUNNING" and cur.name != "calibrate" else ""
         box.border_subtitle = f"{cur.name} {ranks}" if ranks else " ".join(x for x in (run.model, run.target) if x)
-        self.query_one(StageTable).show_run(run)
-        cal = run.stage("calibrate")
-        self.query_one(CalibPanel).show_calib(run.calib, cal.state if cal else "")
 
     def show_log(self, stage: str, lines: list[str], reset: bool) -> None:
         self.query_one(LogTail).show_lines(stage, lines, reset)

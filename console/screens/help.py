@@ -29,7 +29,8 @@ class HelpScreen(ModalScreen[None]):
         table.add_column()
         for a in ACTIONS.values():
             table.add_row(key_label(self.keys.get(a.name, a.key)), a.help)
-        for k, h in (("/", "History: filter rows"), ("s", "History: sort by the next column"),
+        for k, h in (("Tab", "Dashboard: the fleet per GPU (one row per GPU), Tab or Esc folds it back"),
+                     ("/", "History: filter rows"), ("s", "History: sort by the next column"),
                      ("Enter", "History: open a run (attempts, errors, fix note, artifacts)"),
                      ("ctrl+p", "Command palette: the same actions, by name"), ("Esc", "Back")):
             table.add_row(k, h)

@@ -86,7 +86,8 @@ class HistoryScreen(Screen):
         if keep is not None and keep in {r.run_id for r in rows}:
             table.move_cursor(row=table.get_row_index(keep))
         arrow = "↓" if self.sort_reverse else "↑"
-        shown = f"{len(rows)} of {len(self.rows)} runs" if self.needle else f"{len(rows)} runs"
+        total = fmt.plural(len(self.rows), "run")
+        shown = f"{len(rows)} of {total}" if self.needle else fmt.plural(len(rows), "run")
         self.query_one("#history-count", Static).update(
             Text(f"{shown} · sorted by {self.sort_col} {arrow}" + (f" · filter: {self.needle}" if self.needle else ""),
                  style="dim"))

@@ -1,4 +1,5 @@
-"""One run: its attempts per stage (host, times, error class and text), the fix note (editable), artifacts."""
+"""One run: its quality figures (validate's worst tensor, eval's KLD and top-1), its attempts per stage (host,
+times, error class and text), the fix note (editable), artifacts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from console import format as fmt
 from console.models import RunDetailView
+from console.widgets.run.quality_panel import quality_lines
 from console.widgets.run.stage_table import STATE_STYLE
 
 
@@ -51,6 +53,8 @@ class RunDetailScreen(Screen):
             head.append("   root cause ", style="dim").append(r.root_cause, style="yellow")
         if d.run_dir:
             head.append(f"\n{d.run_dir}", style="dim")
+        worst, where, ev = quality_lines(d.quality, max(self.size.width - 30, 24))
+        head.append("\n").append_text(worst).append("  ").append_text(where).append("\n").append_text(ev)
         self.query_one("#detail-head", Static).update(head)
         t = self.query_one("#attempts", DataTable)
         t.clear()

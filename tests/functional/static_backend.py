@@ -4,7 +4,7 @@ the real engine through console.api_backend instead."""
 from __future__ import annotations
 
 from console.backend import Backend
-from console.models import AttemptView, CalibView, HistoryRow, RunDetailView, RunView, StageView
+from console.models import AttemptView, CalibView, HistoryRow, QualityView, RunDetailView, RunView, StageView
 
 T0 = 1_763_780_000.0  # 2025-11-22 02:53:20 UTC
 
@@ -26,6 +26,34 @@ def snapshot_run() -> RunView:
                    calib=CalibView(layer=17, layers=61, samples=512, tokens_per_s=18432.0, eta_s=3987.0,
                                    experts_total=256, experts_low=9, min_tokens=8),
                    live=True, has_amax=True, updated_at=T0)
+
+
+NODES = ("node0", "node1", "node2", "node3")
+
+
+def stalled_run() -> RunView:
+    """Later in the same run: validated (worst tensor known), eval on 32 ranks stalled with ranks 11 and 12 (node1's
+    GPUs 3 and 4) quiet for 15 minutes."""
+    parts = tuple((r, NODES[r // 8], 40 if r not in (11, 12) else 38, 61) for r in range(32))
+    done = lambda name, unit, n: StageView(name, "SUCCEEDED", unit, n, n, hosts=NODES, attempt=1)  # noqa: E731
+    st = (
+        StageView("inspect", "SUCCEEDED", "tensors", 1830, 1830, hosts=("node0",), attempt=1),
+        StageView("dequant", "SUCCEEDED", "shards", 163, 163, hosts=NODES, ranks=32, attempt=2),
+        StageView("calibrate", "SUCCEEDED", "layers", 61, 61, hosts=NODES, ranks=32, attempt=1),
+        done("export", "shards", 163),
+        StageView("inject-mtp", "SUCCEEDED", attempt=1, hosts=("node0",)),
+        StageView("copy-extras", "SUCCEEDED", attempt=1, hosts=("node0",)),
+        StageView("validate", "SUCCEEDED", attempt=1, hosts=("node0",)),
+        StageView("eval", "RUNNING", "layers", 38, 61, rate=0.02, rate_unit="layers", eta_s=1150.0, hosts=NODES,
+                  ranks=32, attempt=1, rank_parts=parts, stalled=True, silent_s=912.0, quiet_ranks=(11, 12)),
+    )
+    return RunView("r-20251122-0231-a1b2", "/shared/quantdeck/runs/r-20251122-0231-a1b2", "RUNNING",
+                   model="DeepSeek-V3 671B", target="nvfp4 W4A4", stages=st,
+                   calib=CalibView(layer=61, layers=61, samples=512, tokens_per_s=None, experts_total=256,
+                                   experts_low=9, min_tokens=8),
+                   live=True, has_amax=True, updated_at=T0,
+                   quality=QualityView(worst_tensor="model.layers.3.mlp.experts.17.down_proj", worst_rel_err=0.0912,
+                                       validate_state="SUCCEEDED", eval_state="RUNNING"))
 
 
 def snapshot_history() -> tuple[HistoryRow, ...]:
@@ -75,8 +103,11 @@ class StaticBackend(Backend):
         atts = (AttemptView("inspect", 1, "node0", 4121, T0 - 15_900, T0 - 15_850, "SUCCEEDED"),
                 AttemptView("calibrate", 1, "node2", 5230, T0 - 15_800, T0 - 12_000, "FAILED", "CUDA OOM",
                             "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.00 GiB on cuda:3"))
+        quality = QualityView(worst_tensor="model.layers.58.mlp.experts.201.down_proj", worst_rel_err=0.1043,
+                              kld_mean=0.0213, kld_p99=0.31, top1_agree=0.9412, validate_state="SUCCEEDED",
+                              eval_state="SUCCEEDED") if row.result == "SUCCEEDED" else None
         return RunDetailView(row, f"/shared/quantdeck/runs/{run_id}", atts,
-                             ("amax/layer_000.safetensors … layer_033.safetensors",))
+                             ("amax/layer_000.safetensors … layer_033.safetensors",), quality)
 
     def set_note(self, run_id, text):
         self.notes[run_id] = text

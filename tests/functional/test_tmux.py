@@ -78,15 +78,15 @@ def test_console_in_tmux_shows_the_run_opens_history_and_quits(real_env, tmux):
     screen = tmux.wait_for("calibration")  # the whole frame: a resize at start may draw it in two writes
     for stage in ("inspect", "calibrate", "export", "validate"):
         assert stage in screen
-    assert "fleet" in screen and "calibration" in screen
+    assert "fleet" in screen and "calibration" in screen and "quality" in screen
     tmux.keys("h")
-    screen = tmux.wait_for("1 runs")
+    screen = tmux.wait_for("1 run ·")
     assert real.run_id in screen and "model" in screen
     tmux.keys("Enter")
     screen = tmux.wait_for("killed")  # the export attempt that was SIGKILLed, with its root cause
     assert "export" in screen and "fix note" in screen
     tmux.keys("Escape")
-    tmux.wait_for("1 runs")
+    tmux.wait_for("1 run ·")
     tmux.keys("Escape")
     tmux.wait_for("calibration")
     tmux.keys("q")
