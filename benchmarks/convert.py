@@ -14,7 +14,7 @@ sync), so python's and torch's own files stay warm as on an operator's machine a
             and the peer do (page cache, no fsync: the default)
   qd-durable the same with QUANTDECK_FSYNC=1: every shard fsynced before it is recorded (as a run's stages
             write), to compare with cp+sync
-  peer      `python /work/shared/reference/seed_fp8_to_nvfp4_streaming.py --src --dst --gpu G`
+  peer      `python fp8_to_nvfp4_streaming.py --src --dst --gpu G` (the public script; --peer PATH)
             (on CPU, --gpu -1, it crashes: its writer buffers the same weight_scale_2 tensor under two names
             and safetensors refuses to save shared tensors — the run is recorded with its error)
   peer+clone the peer patched ONLY to clone tensors before buffering (a textual replacement, generated at

@@ -1,4 +1,4 @@
-"""The quantdeck console: compose, message handlers and workers (nothing else; see STYLE.md).
+"""The quantdeck console: compose, message handlers and workers (nothing else).
 
 A view over run dirs, the store and telemetry. Runs are other processes: quitting never stops one, and
 opening again re-attaches. Blocking reads happen in thread workers that post messages; only handlers on

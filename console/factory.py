@@ -22,7 +22,7 @@ def default_fleet(workdir: str = ".", clock: Callable[[], float] = time.time,
     if callable(cluster):
         cluster = cluster()
     try:
-        from remote.monitor import TelemetryMonitor  # engineer G's live poller (NVML/nvidia-smi, RAM, disk)
+        from remote.monitor import TelemetryMonitor  # the live poller (NVML/nvidia-smi, RAM, disk)
 
         if cluster is not None:
             from remote.hosts import cluster_from

@@ -1,7 +1,7 @@
 """Calibration samples: read, validate and tokenize a samples file before any model is touched.
 
 Accepted files (the format is sniffed from the first non-blank character, never from the suffix):
-- a JSON list of strings (seed 000: chat-templated prompts), e.g. `["<|User|>hi", ...]`;
+- a JSON list of strings (chat-templated prompts), e.g. `["<|User|>hi", ...]`;
 - JSONL, one object per line, `{"text": "..."}` (modelopt's calibration format);
 - JSONL, one object per line, `{"messages": [{"role": ..., "content": ...}, ...]}`, rendered with the
   checkpoint's chat template (`tokenizer.apply_chat_template(..., tokenize=False)`).

@@ -1,5 +1,5 @@
 """copy-extras: every non-safetensors file of a source checkpoint (tokenizer, generation config, code, docs)
-copied into an output checkpoint that lacks it (seed 000 step 8). Files the output already has are kept:
+copied into an output checkpoint that lacks it. Files the output already has are kept:
 its config.json and hf_quant_config.json are its own.
 """
 

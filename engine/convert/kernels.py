@@ -1,4 +1,4 @@
-"""The converter's hot loops for torch tensors, delegated to engineer A's kernels (engine.formats.nvfp4.dispatch:
+"""The converter's hot loops for torch tensors, delegated to the format kernels (engine.formats.nvfp4.dispatch:
 C (else numba) on CPU, Triton or torch on CUDA; bytes identical to the torch reference). Results are CPU tensors.
 The torch-free CPU path calls the same CPU kernels through engine.formats.nvfp4.host. torch is imported on first
 use.

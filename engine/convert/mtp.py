@@ -1,4 +1,4 @@
-"""inject-mtp: give each MTP layer the shared embedding and LM head it lacks (seed 000 step 7).
+"""inject-mtp: give each MTP layer the shared embedding and LM head it lacks.
 
 DeepSeek's MTP layer k (V3: `model.layers.{N+k}`, V4: `mtp.{k}`) uses the main model's embedding and head;
 releases store copies of them inside the layer (`embed_tokens` / `shared_head.head`, V4 `embed` / `head`),

@@ -266,7 +266,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     timeline.begin("convert")
     reader = CheckpointReader(src)  # a missing or unreadable source fails here, before anything starts
     warm_up(target, dev)
-    from engine.models import detect_layout  # engineer C's model layouts
+    from engine.models import detect_layout  # the model layouts
 
     layout = detect_layout(reader.config, reader.names())
     plan = build_plan(reader, layout, target, quantize_attention=quantize_attention)

@@ -1,4 +1,4 @@
-"""Import modelopt DeepSeek example's `amax_dict_rank{r}-mp{w}.pt` (seed 000's calibration output).
+"""Import modelopt DeepSeek example's `amax_dict_rank{r}-mp{w}.pt` (what its multi-node calibration writes).
 
 Each rank's file holds `state_dict` entries with "amax" or "quant" in the key, in DeepSeek's native
 names (`layers.3.ffn.experts.17.w1.input_quantizer._amax`, `layers.0.attn.wq_a.weight_quantizer._amax`);

@@ -1,6 +1,6 @@
 """`export_checkpoint`: a calibrated W4A4 NVFP4 checkpoint from a source checkpoint and an amax snapshot.
 
-It is engineer B's streaming convert (engine.convert: plan, NVFP4 compute, sharded resumable writer)
+It is the streaming convert (engine.convert: plan, NVFP4 compute, sharded resumable writer)
 with activation scales added to every quantized module: `input_scale` (modelopt) or
 `input_global_scale = 1 / input_scale` (compressed-tensors, `input_activations` dynamic "local").
 The modules quantized are exactly those whose quantizers the snapshot's config enabled.

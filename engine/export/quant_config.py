@@ -1,6 +1,6 @@
 """Quantization metadata of a calibrated W4A4 NVFP4 export (modelopt `NVFP4`, compressed-tensors W4A4).
 
-Built on engineer B's weight-only configs (engine.convert.quant_config): same ignore / exclude lists,
+Built on the weight-only configs (engine.convert.quant_config): same ignore / exclude lists,
 with the activations described as modelopt's export and llm-compressor's NVFP4 scheme describe them.
 """
 

@@ -1,4 +1,4 @@
-"""The dequant stage: exact FP8 / MXFP4 → BF16 (seed 001 step 1), engine.convert.convert_checkpoint(to="bf16")."""
+"""The dequant stage: exact FP8 / MXFP4 → BF16, engine.convert.convert_checkpoint(to="bf16")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The inject-mtp stage: give each MTP layer of the output the shared embedding/head (and any MTP tensor)
-it lacks (seed 000 step 7), through engine.convert.inject_mtp (the function `quantdeck inject-mtp` calls).
+it lacks, through engine.convert.inject_mtp (the function `quantdeck inject-mtp` calls).
 
 When the output already holds every MTP tensor (or the model has no MTP layer) the stage only says so.
 Otherwise inject_mtp writes `<dst>.mtp` from `<dst>` plus the missing tensors (`mtp_from` = the source),

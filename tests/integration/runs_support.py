@@ -1,4 +1,4 @@
-"""Helpers for the runs integration tests (engineer D): the real `quantdeck` CLI in subprocesses, recipes
+"""Helpers for the runs integration tests: the real `quantdeck` CLI in subprocesses, recipes
 on tiny fixtures, waiting on run dirs, and byte-level comparison of output trees."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The package boundaries of DESIGN.md, checked in fresh interpreters."""
+"""The package boundaries (engine never imports the UI or SSH; console never imports torch), checked in fresh interpreters."""
 
 from __future__ import annotations
 

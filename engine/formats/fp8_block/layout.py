@@ -1,4 +1,4 @@
-"""DeepSeek's FP8 block-128 layout (V3/R1 Hugging Face naming), as seed 003 casts BF16 models to it.
+"""DeepSeek's FP8 block-128 layout (V3/R1 Hugging Face naming), as DeepSeek's own cast script writes it from BF16 models.
 
 Per quantized Linear `M`: `M.weight` float8_e4m3fn [o, i] and `M.weight_scale_inv` float32
 [ceil(o/128), ceil(i/128)] (a multiplier: value = fp32(code) × scale). With `ue8m0=True` the scales are
