@@ -47,8 +47,9 @@ def report_error(err: QuantdeckError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="quantdeck", standalone_mode=False)
-        return 0
+        rv = cli.main(args=argv, prog_name="quantdeck", standalone_mode=False)
+        # without standalone mode click returns an Exit's code instead of raising it (a failed headless demo)
+        code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except QuantdeckError as err:
         if os.environ.get("QUANTDECK_DEBUG") == "1":
             import traceback
