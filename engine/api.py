@@ -69,6 +69,11 @@ class Engine(abc.ABC):
         """Every run known to the store or under the default work dir, oldest first."""
 
     @abc.abstractmethod
+    def quality(self, run: str) -> dict[str, float | None]:
+        """The eval stage's figures of a run: {"kld_mean", "top1_agree"}, None where it has none (no eval stage,
+        not run yet); a failed gate's come from its report. Raises RunError."""
+
+    @abc.abstractmethod
     def plan(self, run: str) -> dict[str, Any]:
         """The run's plan.json. Raises RunError."""
 
@@ -243,6 +248,13 @@ class LocalEngine(Engine):
         for rd in list_run_dirs(self.workdir):
             seen.setdefault(rd.id, rd)
         return [_view(rd, self._progress) for _, rd in sorted(seen.items())]
+
+    def quality(self, run):
+        from engine.store import eval_figures
+
+        rd = self.find(run)
+        kld, top1 = eval_figures(rd, rd.read_plan())
+        return {"kld_mean": kld, "top1_agree": top1}
 
     def plan(self, run):
         return self.find(run).read_plan()

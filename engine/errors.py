@@ -100,6 +100,12 @@ class ValidationFailedError(QuantdeckError):
     exit_code = ExitCode.VALIDATION
 
 
+class QualityGateError(ValidationFailedError):
+    """The output failed the eval stage's quality gate (its KL divergence or top-1 agreement against the source)."""
+
+    title = "quality gate failed"
+
+
 class PreflightError(QuantdeckError):
     """One or more preflight checks failed; `failures` holds one line each."""
 

@@ -38,6 +38,7 @@ class StageName(StrEnum):
     INJECT_MTP = "inject-mtp"
     COPY_EXTRAS = "copy-extras"
     VALIDATE = "validate"
+    EVAL = "eval"
     PUSH = "push"
 
 

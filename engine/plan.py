@@ -1,6 +1,7 @@
 """The plan: a recipe turned into the ordered stages of a run, each with resolved inputs/outputs/options.
 
-    pull → inspect → [dequant | cast-fp8 | convert | calibrate → export] → inject-mtp → copy-extras → validate → push
+    pull → inspect → [dequant | cast-fp8 | convert | calibrate → export] → inject-mtp → copy-extras → validate
+         → [eval] → push
 
 Which middle stages a run gets is decided by the target (a table, not if/elif chains in the runner):
 - format = "bf16"                       → dequant   (exact dequantization; writes the output)
@@ -8,6 +9,11 @@ Which middle stages a run gets is decided by the target (a table, not if/elif ch
 - format = "nvfp4", calibrate = false   → convert   (weight-only NVFP4: one streaming pass, no calibration)
 - format = "nvfp4", calibrate = true    → calibrate → export (W4A4 from the amax snapshot in <run>/amax)
 `pull` only for s3:// sources (into <workdir>/sources/<bucket>/<prefix>); `push` only with [push].
+`eval` (the quality gate: the output against its source, engine.stages.eval) is on by default for nvfp4 and
+fp8-block targets (`[eval] enable`). Its samples are held out from calibration: `[eval] samples`, by default
+calibration.samples after its first calibration.num_samples (`eval_samples`); a recipe that asks for eval and has
+no held-out sample is refused here, naming the keys. Without any samples file and without `enable = true`, the
+plan has no eval stage.
 `calibrate` is always distributed (torchrun on every node); the stages that write output shards (dequant,
 cast-fp8, convert, export) are too when the recipe has several nodes or several GPUs on a node
 (`shards_spread`): each rank writes its share of the shards, rank 0 the index (engine.convert.ranks).
@@ -15,7 +21,7 @@ cast-fp8, convert, export) are too when the recipe has several nodes or several 
 Modes (what a call of the runner executes):
 - run / resume: every stage in order that is not done (SUCCEEDED/SKIPPED); a stage resumes from its
   first unit not done by construction (engine/stages/base.py).
-- export-only: export → inject-mtp → copy-extras → validate again, from the saved amax snapshot.
+- export-only: export → inject-mtp → copy-extras → validate (→ eval) again, from the saved amax snapshot.
 - validate-only: no worker at all: each stage's Stage.check_saved on what is on disk.
 """
 
@@ -27,13 +33,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from engine import __version__
-from engine.errors import RunError
+from engine.errors import RecipeError, RunError
 from engine.names import StageName, StageState, TargetFormat
 from engine.recipe import Recipe, source_basename
 
 PLAN_VERSION = 1
 MODES = ("run", "resume", "export-only", "validate-only")
-EXPORT_ONLY = (StageName.EXPORT, StageName.INJECT_MTP, StageName.COPY_EXTRAS, StageName.VALIDATE)
+EXPORT_ONLY = (StageName.EXPORT, StageName.INJECT_MTP, StageName.COPY_EXTRAS, StageName.VALIDATE, StageName.EVAL)
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,58 @@ def resolve_paths(recipe: Recipe, base: Path) -> dict[str, str]:
     return {"workdir": workdir, "source": source, "output": output, "samples": samples or ""}
 
 
+@dataclass(frozen=True)
+class EvalSamples:
+    """The eval stage's held-out samples: `path` from its `skip`-th sample on (None: no samples file)."""
+
+    path: str | None
+    skip: int = 0
+    available: int | None = None  # samples in the file after `skip` (None: the file is not readable here)
+
+
+def eval_samples(recipe: Recipe, base: Path) -> EvalSamples:
+    """Where the eval stage's samples come from; raises RecipeError when they would overlap the samples
+    calibrated on, or when none is left after them."""
+    e, c = recipe.eval, recipe.calibration
+    cal_path = recipe.resolve_path(c.samples, base) if c.samples else None
+    path = recipe.resolve_path(e.samples, base) if e.samples else cal_path
+    if path is None:
+        return EvalSamples(None)
+    same = cal_path is not None and Path(path) == Path(cal_path)
+    skip = e.skip if e.skip is not None else (c.num_samples if same else 0)
+    if same and recipe.target.calibrate and skip < c.num_samples:
+        raise RecipeError(
+            f"eval.skip = {skip} would evaluate on samples calibrated on (calibration.num_samples = "
+            f"{c.num_samples} of the same file, {path})", at="recipe.toml: eval.skip",
+            hint=f"set eval.skip to at least {c.num_samples} (or leave it out), or point eval.samples at "
+                 "another file")
+    total = _count_samples(path)
+    if total is not None and total <= skip:
+        key = "eval.samples" if e.samples else "calibration.samples"
+        why = (f"its first calibration.num_samples = {c.num_samples} are calibrated on" if same and e.skip is None
+               else f"eval.skip = {skip}")
+        raise RecipeError(
+            f"eval has no held-out sample: {key} ({path}) holds {total} sample(s) and {why}",
+            at=f"recipe.toml: {key}",
+            hint="add samples after the calibration's to that file, set eval.samples to a held-out file, "
+                 "lower calibration.num_samples, or set eval.enable = false")
+    available = None if total is None else total - skip
+    return EvalSamples(path, skip, available)
+
+
+def _count_samples(path: str) -> int | None:
+    """How many samples the file holds; None where it cannot be read here (preflight and the stage say why)."""
+    from engine.calibrate.samples import read_samples_file
+    from engine.errors import SamplesError
+
+    if not Path(path).is_file():
+        return None
+    try:
+        return len(read_samples_file(path).items)
+    except SamplesError:
+        return None
+
+
 def shards_spread(recipe: Recipe) -> bool:
     """Whether the stages that write output shards (convert, dequant, cast-fp8, export) run as torchrun ranks
     sharing the shards (engine.convert.ranks): several nodes, or several GPUs (ranks) on a node."""
@@ -180,6 +238,10 @@ def build_plan(recipe: Recipe, *, run_id: str, run_dir: str | Path, base: str | 
                             {"dst": out, "src": src, **({"amax": amax} if recipe.target.calibrate else {})},
                             {"report": str(run_dir / "stages" / "validate" / "report.json")},
                             {"format": recipe.target.format.value, "layouts": layouts, "device": device}))
+    if recipe.eval_enabled:
+        held = eval_samples(recipe, Path(base))
+        if held.path is not None or recipe.eval.enable:
+            stages.append(eval_stage(recipe, held, src, out, layouts, run_dir))
     if recipe.push is not None:
         stages.append(StagePlan(StageName.PUSH.value, {"src": out}, {"url": recipe.push.target},
                                 {"endpoint_url": recipe.push.endpoint_url,
@@ -189,11 +251,27 @@ def build_plan(recipe: Recipe, *, run_id: str, run_dir: str | Path, base: str | 
                 recipe_hash=recipe_hash)
 
 
+def eval_stage(recipe: Recipe, held: EvalSamples, src: str, out: str, layouts: list[str],
+               run_dir: Path) -> StagePlan:
+    """The eval stage (the quality gate) on the held-out samples `held`; raises RecipeError without any."""
+    e = recipe.eval
+    if held.path is None:
+        raise RecipeError("eval.enable = true but there are no samples to evaluate on: neither eval.samples nor "
+                          "calibration.samples is set", at="recipe.toml: eval.samples",
+                          hint="set eval.samples to a held-out samples file (JSON list or JSONL), or eval.enable = "
+                               "false")
+    return StagePlan(StageName.EVAL.value, {"dst": out, "src": src, "samples": held.path},
+                     {"report": str(run_dir / "stages" / "eval" / "report.json")},
+                     {"layouts": layouts, "skip": held.skip, "num_samples": e.num_samples, "seq_len": e.seq_len,
+                      "batch_size": e.batch_size, "max_kld_mean": e.max_kld_mean, "min_top1": e.min_top1,
+                      "device": e.device or recipe.device})
+
+
 def stages_to_run(plan: Plan, states: dict[str, StageState | str], mode: str = "run") -> list[str]:
     """The stages a call of the runner executes, in order.
 
     run/resume: from the first stage not done onwards (stages already done are kept).
-    export-only: export, inject-mtp, copy-extras, validate (all of them again); raises RunError when the
+    export-only: export, inject-mtp, copy-extras, validate, eval where planned (all of them again); raises RunError when the
     plan has no export stage or its calibration is not done.
     """
     if mode not in MODES:

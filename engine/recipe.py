@@ -105,6 +105,23 @@ class CalibrationSection(BaseModel):
     quant_cfg: NonEmpty = "NVFP4_DEFAULT_CFG"  # or "deepseek-experts"
 
 
+class EvalSection(BaseModel):
+    """The quality gate after validate (engine.stages.eval): the output against its source on held-out samples."""
+
+    model_config = _CFG
+    enable: bool | None = None  # None: on for nvfp4 and fp8-block targets, off for bf16
+    samples: NonEmpty | None = None  # None: calibration.samples, after the samples calibrated on
+    skip: int | None = Field(None, ge=0)  # samples skipped at the file's start; None: calibration.num_samples
+    # when the file is calibration.samples, else 0
+    num_samples: int = Field(16, ge=1)  # at most this many (fewer when fewer are left)
+    seq_len: int = Field(512, ge=1)
+    batch_size: int = Field(1, ge=1)
+    max_kld_mean: float = Field(0.1, ge=0.0, allow_inf_nan=False)  # the gate: largest mean KL divergence
+    min_top1: float = Field(0.9, ge=0.0, allow_inf_nan=False)  # the gate: smallest top-1 agreement (> 1 never
+    # passes)
+    device: Literal["auto", "cpu", "cuda"] | None = None  # None: the target's device
+
+
 class NodeSpec(BaseModel):
     model_config = _CFG
     name: NonEmpty
@@ -188,6 +205,7 @@ class Recipe(BaseModel):
     calibration: CalibrationSection = CalibrationSection()
     cluster: ClusterSection = ClusterSection()
     push: PushSection | None = None
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _calibration_needs_samples(self) -> "Recipe":
@@ -200,6 +218,13 @@ class Recipe(BaseModel):
     @property
     def device(self) -> str:
         return self.target.device or self.run.device
+
+    @property
+    def eval_enabled(self) -> bool:
+        """Whether the plan has an eval stage: [eval] enable, by default on for nvfp4 and fp8-block."""
+        if self.eval.enable is not None:
+            return self.eval.enable
+        return self.target.format in (TargetFormat.NVFP4, TargetFormat.FP8_BLOCK)
 
     @property
     def label(self) -> str:
@@ -377,6 +402,14 @@ seq_len = 512
 batch_size = 1
 all_experts = false              # route every token through every expert (statistics only)
 quant_cfg = "NVFP4_DEFAULT_CFG"  # or "deepseek-experts"
+
+[eval]                           # the quality gate after validate: nothing is pushed unless it passes
+# enable = true                  # default: on for nvfp4 and fp8-block
+# samples = "/shared/held-out.json"  # default: calibration.samples, after its first num_samples
+num_samples = 16
+seq_len = 512
+max_kld_mean = 0.1               # largest mean KL divergence of the output from the source that passes
+min_top1 = 0.9                   # smallest top-1 agreement with the source that passes
 
 # [cluster]                      # absent: this machine alone
 # head = "node0"                 # runs single-node stages and the torchrun master

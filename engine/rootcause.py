@@ -3,7 +3,7 @@
 Classes (their names go verbatim into status.json `error_class` and the store's root cause):
     cuda-oom, host-oom, killed, illegal-memory-access, nccl-timeout (a collective of NCCL or gloo timed out),
     stalled (the stage went silent, then its worker ended), disk-full, file-missing, bad-samples, ssh-lost,
-    interrupted, validation-failed, bad-checkpoint, error (any other QuantdeckError, with its own hint),
+    interrupted, quality-gate (eval's gate failed), validation-failed, bad-checkpoint, error (any other QuantdeckError, with its own hint),
     worker-lost, unknown
 """
 
@@ -92,8 +92,10 @@ def classify(text: str = "", *, exit_code: int | None = None, exc: BaseException
     """Classify a failure from an exception, a traceback/log tail and/or the process's exit code
     (negative = killed by that signal, as subprocess reports it)."""
     if exc is not None:
-        from engine.errors import DiskFullError, SamplesError, ValidationFailedError
+        from engine.errors import DiskFullError, QualityGateError, SamplesError, ValidationFailedError
 
+        if isinstance(exc, QualityGateError):
+            return RootCause("quality-gate", _one(exc), exc.hint or HINTS["validation-failed"])
         if isinstance(exc, DiskFullError):
             return RootCause("disk-full", _one(exc), HINTS["disk-full"])
         if isinstance(exc, ValidationFailedError):

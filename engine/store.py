@@ -7,7 +7,8 @@ Credentials are never stored (recipes hold none; error texts are scrubbed of key
 
 Tables
     runs(id PK, created REAL, run_dir, recipe_path, recipe_hash, git_commit, model, family, target,
-         layouts, calib_size, result, root_cause, root_hint, fix_note, updated REAL)
+         layouts, calib_size, result, root_cause, root_hint, fix_note, updated REAL, kld_mean REAL,
+         top1_agree REAL)  -- the eval stage's figures (NULL without one)
     attempts(run_id, stage, attempt, host, pid, started_at REAL, ended_at REAL, state, error_class,
              error_text, hint; PK(run_id, stage, attempt))
 """
@@ -40,10 +41,13 @@ COLUMNS = [
     ("runs", "root_hint", "TEXT"),
     ("runs", "updated", "REAL"),
     ("attempts", "hint", "TEXT"),
+    ("runs", "kld_mean", "REAL"),
+    ("runs", "top1_agree", "REAL"),
 ]
 
 RUN_FIELDS = ("id", "created", "run_dir", "recipe_path", "recipe_hash", "git_commit", "model", "family",
-              "target", "layouts", "calib_size", "result", "root_cause", "root_hint", "fix_note", "updated")
+              "target", "layouts", "calib_size", "result", "root_cause", "root_hint", "fix_note", "updated",
+              "kld_mean", "top1_agree")
 ATTEMPT_FIELDS = ("run_id", "stage", "attempt", "host", "pid", "started_at", "ended_at", "state",
                   "error_class", "error_text", "hint")
 _SECRET = re.compile(r"(?i)(aws_secret_access_key|aws_session_token|secret|password|token|passphrase)"
@@ -88,6 +92,8 @@ class RunRecord:
     root_hint: str | None = None
     fix_note: str | None = None
     updated: float | None = None
+    kld_mean: float | None = None  # the eval stage's mean KL divergence of the output from the source
+    top1_agree: float | None = None  # and its top-1 agreement (a fraction)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in RUN_FIELDS}
@@ -255,6 +261,7 @@ def records_from_run_dir(run_dir: str | os.PathLike) -> tuple[RunRecord, list[At
             if a.get("state") in ("FAILED", "FAILED_WORKER", "CANCELLED"):
                 failures.append((a.get("ended_at") or 0.0, a.get("error_class") or "unknown",
                                  a.get("error"), a.get("hint")))
+    kld, top1 = eval_figures(run, plan)
     failures.sort(key=lambda f: f[0])
     root = failures[-1] if failures else None
     rec = RunRecord(
@@ -264,8 +271,32 @@ def records_from_run_dir(run_dir: str | os.PathLike) -> tuple[RunRecord, list[At
         target=meta.get("target"), layouts=meta.get("layouts"), calib_size=meta.get("calib_size"),
         result=run_result(states),
         root_cause=(f"{root[1]}: {root[2]}" if root[2] else root[1]) if root else None,
-        root_hint=root[3] if root else None, fix_note=meta.get("note"))
+        root_hint=root[3] if root else None, fix_note=meta.get("note"), kld_mean=kld, top1_agree=top1)
     return rec, attempts
+
+
+def eval_figures(run: Any, plan: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(KLD mean, top-1 agreement) of a run's eval stage: its result, else (a failed gate) its report file."""
+    import math
+
+    from engine.fsutil import read_json
+    from engine.rundir import read_status
+
+    stage = next((s for s in plan.get("stages", []) if s.get("name") == "eval"), None)
+    if stage is None:
+        return None, None
+    res = read_status(run, "eval").get("result") or {}
+    if "kld_mean" not in res:
+        path = (stage.get("outputs") or {}).get("report")
+        try:
+            res = (read_json(path) if path else None) or {}
+        except (OSError, ValueError):  # a report being replaced, or unreadable: no figures yet
+            res = {}
+
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    return num(res.get("kld_mean")), num(res.get("top1_agree"))
 
 
 def sync_run(store: Store, run_dir: str | os.PathLike) -> RunRecord:

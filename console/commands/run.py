@@ -173,6 +173,15 @@ def _remote_checks(recipe_path: str) -> tuple:
     return (check_nodes,)
 
 
+def quality_text(q: dict, lead: str = "") -> str:
+    """The eval figures of a run in words ("" without any): `KLD 0.0123  top-1 98.40%`."""
+    kld, top1 = q.get("kld_mean"), q.get("top1_agree")
+    if kld is None and top1 is None:
+        return ""
+    return (f"{lead}KLD {kld:.4g}" if kld is not None else f"{lead}KLD -") + \
+        (f"  top-1 {top1 * 100:.2f}%" if top1 is not None else "  top-1 -")
+
+
 @click.command("status")
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (a list without RUN).")
@@ -185,18 +194,22 @@ def status_cmd(run, as_json):
     if run is None:
         views = eng.runs()
         if as_json:
-            click.echo(json.dumps([v.to_json() for v in views], indent=2, default=str))
+            click.echo(json.dumps([{**v.to_json(), **eng.quality(v.run_dir)} for v in views], indent=2, default=str))
             return
         for v in views:
             cur = next((s for s in v.stages if s.state in ("RUNNING", "STARTING")), None)
             click.echo(f"{v.id}  {v.result:<9}  {v.meta.get('model', '-')}  {v.meta.get('target', '-')}"
+                       + quality_text(eng.quality(v.run_dir), "  ")
                        + (f"  [{cur.name}{' STALLED' if cur.stalled else ''}]" if cur else ""))
         return
     v = eng.status(run)
+    q = eng.quality(v.run_dir)
     if as_json:
-        click.echo(json.dumps(v.to_json(), indent=2, default=str))
+        click.echo(json.dumps({**v.to_json(), **q}, indent=2, default=str))
         return
     click.echo(f"run {v.id}: {v.result}  ({v.meta.get('model')}, {v.meta.get('target')}) {v.run_dir}")
+    if quality_text(q):
+        click.echo(f"quality: {quality_text(q)}")
     click.echo(f"{'STAGE':<12} {'STATE':<13} {'ATT':>3}  {'HOST':<12} {'PID':>7}  {'TIME':>7}  PROGRESS / ERROR")
     for s in v.stages:
         prog, ranks = "", ""
@@ -306,7 +319,7 @@ def validate_only_cmd(run, as_json):
 @click.option("--rescan", type=click.Path(file_okay=False), default=None,
               help="Rebuild the store from the run dirs under DIR first.")
 def history_cmd(run, as_json, rescan):
-    """The run-history table (run, date, commit, model, target, calib, result, root cause, fix); with RUN,
+    """The run-history table (run, date, commit, model, target, calib, KLD, top-1, result, root cause, fix); with RUN,
     its attempts."""
     eng = _engine()
     if rescan:
@@ -328,12 +341,14 @@ def history_cmd(run, as_json, rescan):
     if as_json:
         click.echo(json.dumps([r.to_json() for r in recs], indent=2))
         return
-    click.echo("| Run | Date | Commit | Model | Target | Calib | Result | Root Cause | Fix |")
-    click.echo("|-----|------|--------|-------|--------|-------|--------|------------|-----|")
+    click.echo("| Run | Date | Commit | Model | Target | Calib | KLD | Top-1 | Result | Root Cause | Fix |")
+    click.echo("|-----|------|--------|-------|--------|-------|-----|-------|--------|------------|-----|")
     for r in recs:
         cells = [r.id, _fmt_time(r.created), r.git_commit or "-", r.model or "-", r.target or "-",
-                 str(r.calib_size) if r.calib_size else "-", r.result or "-", r.root_cause or "—",
-                 r.fix_note or "—"]
+                 str(r.calib_size) if r.calib_size else "-",
+                 f"{r.kld_mean:.4g}" if r.kld_mean is not None else "-",
+                 f"{r.top1_agree * 100:.2f}%" if r.top1_agree is not None else "-", r.result or "-",
+                 r.root_cause or "—", r.fix_note or "—"]
         click.echo("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
 
 

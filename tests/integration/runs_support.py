@@ -146,10 +146,11 @@ def output_files(workdir: Path) -> dict[str, bytes]:
 
 
 def calibration_samples(tmp_path: Path) -> Path:
-    """The 8 short samples the calibrated pipeline tests use (a JSON list of strings)."""
+    """The 8 short samples the calibrated pipeline tests calibrate on, and 2 more held out for the eval stage
+    (a JSON list of strings)."""
     samples = tmp_path / "samples.json"
     samples.write_text(json.dumps([f"sample {i}: the quick brown fox {'jumps ' * i}over the lazy dog"
-                                   for i in range(8)]))
+                                   for i in range(10)]))
     return samples
 
 
@@ -159,4 +160,5 @@ def calibrated_recipe_text(workdir: Path | str, src: Path | str, samples: Path, 
     lays = ", ".join(f'"{lay}"' for lay in layouts)
     return (f'[run]\nworkdir = "{workdir}"\n[source]\npath = "{src}"\n[target]\nformat = "nvfp4"\n'
             f'calibrate = true\nlayouts = [{lays}]\n' + (f"shard_mb = {shard_mb}\n" if shard_mb is not None else "")
-            + f'[calibration]\nsamples = "{samples}"\nnum_samples = 8\nseq_len = 16\nall_experts = true\n')
+            + f'[calibration]\nsamples = "{samples}"\nnum_samples = 8\nseq_len = 16\nall_experts = true\n'
+            + '[eval]\nnum_samples = 2\nseq_len = 16\nmax_kld_mean = 10.0\nmin_top1 = 0.0\n')

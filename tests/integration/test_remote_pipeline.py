@@ -25,7 +25,7 @@ def recipe_text(workdir: Path, src: Path, cluster=None, samples: Path | None = N
             f'[target]\nformat = "nvfp4"\nlayouts = [{layouts}]\nshard_mb = 0.1\n')  # 12-14 shards to share
     if samples is not None:  # calibrated W4A4: 8 samples, 2 per rank over four nodes
         text += (f'calibrate = true\n\n[calibration]\nsamples = "{samples}"\nnum_samples = 8\nseq_len = 16\n'
-                 f'all_experts = true\n')
+                 f'all_experts = true\n\n[eval]\nenable = false\n')  # all 8 are calibrated on: none held out
     if cluster is not None:
         text += f'\n[cluster]\nhead = "{HEAD}"\npython = "{sys.executable}"\n'
         for n in cluster.cluster_dict()["nodes"]:

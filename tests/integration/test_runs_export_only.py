@@ -19,10 +19,12 @@ def test_export_only_after_a_failed_export(tmp_path, tiny_ckpt):  # noqa: F811
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     samples = tmp_path / "samples.json"
     samples.write_text(json.dumps(["<|User|>hello there, tell me a story about a cat.", "what is 2+2? explain",
-                                   "plain text sample number three", "the fourth sample, short"]))
+                                   "plain text sample number three", "the fourth sample, short",
+                                   "a fifth sample, held out for eval"]))
     work, out = tmp_path / "work", tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, out, extra=(
-        f'calibrate = true\n[calibration]\nsamples = "{samples}"\nnum_samples = 4\nseq_len = 32\n'))
+        f'calibrate = true\n[calibration]\nsamples = "{samples}"\nnum_samples = 4\nseq_len = 32\n'
+        '[eval]\nnum_samples = 1\nseq_len = 16\nmax_kld_mean = 10.0\nmin_top1 = 0.0\n'))
     r = qd("run", recipe, "--detach", **{PAUSE_STAGE: "calibrate", PAUSE_UNITS: "1"})
     assert r.returncode == 0, r.stderr
     rid = run_id_of(r)

@@ -34,7 +34,8 @@ def test_calibrated_s3_push_plan():
     p = _plan('[target]\ncalibrate = true\nlayouts = ["modelopt", "compressed-tensors"]\n'
               '[calibration]\nsamples = "s.json"\nnum_samples = 4\n[push]\ntarget = "s3://b/out"\n',
               source="s3://bkt/models/V3")
-    assert p.names() == ["pull", "inspect", "calibrate", "export", "inject-mtp", "copy-extras", "validate", "push"]
+    assert p.names() == ["pull", "inspect", "calibrate", "export", "inject-mtp", "copy-extras", "validate", "eval",
+                         "push"]
     assert p.stage("pull").params["dst"] == "/home/op/work/sources/bkt/models/V3" == p.source
     cal = p.stage("calibrate")
     assert cal.distributed and cal.params["samples"] == "/home/op/s.json" and cal.params["num_samples"] == 4
@@ -51,10 +52,10 @@ def test_plan_json_round_trip():
 def test_modes():
     p = _plan('[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"')
     done = {"inspect": "SUCCEEDED", "calibrate": "SUCCEEDED", "export": "FAILED"}
-    assert stages_to_run(p, done, "resume") == ["export", "inject-mtp", "copy-extras", "validate"]
+    assert stages_to_run(p, done, "resume") == ["export", "inject-mtp", "copy-extras", "validate", "eval"]
     allok = {n: "SUCCEEDED" for n in p.names()}
     assert stages_to_run(p, allok, "resume") == []
-    assert stages_to_run(p, allok, "export-only") == ["export", "inject-mtp", "copy-extras", "validate"]
+    assert stages_to_run(p, allok, "export-only") == ["export", "inject-mtp", "copy-extras", "validate", "eval"]
     assert stages_to_run(p, {}, "validate-only") == []
     with pytest.raises(RunError, match="calibrate is not done"):
         stages_to_run(p, {"inspect": "SUCCEEDED", "calibrate": "FAILED_WORKER"}, "export-only")

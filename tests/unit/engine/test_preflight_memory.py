@@ -97,7 +97,7 @@ def _recipe(tmp_path: Path, src: Path, cluster: str, *, device: str = "cuda", nu
     p.write_text(f'[run]\nworkdir = "{tmp_path / "work"}"\ndevice = "{device}"\n[source]\npath = "{src}"\n'
                  f'[target]\noutput = "{tmp_path / "out"}"\ncalibrate = true\n'
                  f'[calibration]\nsamples = "{samples}"\nnum_samples = {num_samples}\nseq_len = {seq_len}\n'
-                 f'batch_size = {batch_size}\n{cluster}')
+                 f'batch_size = {batch_size}\n[eval]\nenable = false\n{cluster}')  # calibration's figures alone
     return p
 
 
