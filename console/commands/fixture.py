@@ -1,4 +1,5 @@
-"""`quantdeck fixture`: build a tiny real DeepSeek checkpoint (random weights) laid out as the releases are."""
+"""`quantdeck fixture`: build a tiny real DeepSeek checkpoint laid out as the releases are (random weights, or
+with --trained a V3 trained on the standard library's Python sources)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,20 @@ import click
               help="V4 fp8 routed experts: MXFP4 as released, or FP8 (the uniform-FP8 repackage)")
 @click.option("--v4-names", type=click.Choice(["native", "transformers"]), default="native", show_default=True,
               help="V4 tensor names: DeepSeek's native ones, or transformers' save_pretrained ones (model. prefix)")
+@click.option("--trained", is_flag=True,
+              help="train a V3 with MTP on the standard library's Python sources; writes OUT/bf16, OUT/fp8, "
+                   "samples-heldout.json, samples-calibration.json and training.json (--layers, --hidden, "
+                   "--moe-inter, --seed apply; --experts defaults to 8)")
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True, help="--trained: AdamW steps")
 @click.option("--force", is_flag=True, help="replace --out if it exists")
 def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, shard_mb, seed, v4_experts, v4_names,
-                force):
-    """Build a tiny real DeepSeek V3/V4 checkpoint (random weights) to try quantdeck on."""
+                trained, steps, force):
+    """Build a tiny real DeepSeek V3/V4 checkpoint to try quantdeck on."""
     from engine.checkpoint import CheckpointReader
     from engine.fixtures import build_fixture
+
+    if trained:
+        return _trained(family, out, layers, experts, hidden, moe_inter, shard_mb, seed, steps, force)
 
     path = build_fixture(out, family=family, dtype=dtype, layers=layers, experts=experts, hidden=hidden,
                          moe_inter=moe_inter, mtp=mtp, shard_mb=shard_mb, seed=seed, v4_experts=v4_experts,
@@ -34,6 +43,22 @@ def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, sha
     r = CheckpointReader(path)
     click.echo(f"built {family} {dtype} fixture: {len(r.names())} tensors in {len(r.shards())} shards, "
                f"{r.total_bytes / 1e6:.2f} MB", err=True)
+    click.echo(str(path))
+
+
+def _trained(family, out, layers, experts, hidden, moe_inter, shard_mb, seed, steps, force):
+    from console.commands.convert import _StderrProgress
+    from engine.errors import UsageError
+    from engine.events import CallbackSink
+    from engine.fixtures.trained import build_trained_fixture
+
+    if family != "deepseek-v3":
+        raise UsageError("--trained builds deepseek-v3 only", at="family", hint="drop --family or use deepseek-v3")
+    src = click.get_current_context().get_parameter_source("experts")
+    experts = 8 if src is click.core.ParameterSource.DEFAULT else experts
+    path = build_trained_fixture(out, steps=steps, layers=layers, experts=experts, hidden=hidden,
+                                 moe_inter=moe_inter, seed=seed, shard_mb=shard_mb, overwrite=force,
+                                 sink=CallbackSink(_StderrProgress(), stage="fixture"))
     click.echo(str(path))
 
 
