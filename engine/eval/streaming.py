@@ -32,6 +32,7 @@ from engine.calibrate.family import LayerFamily
 from engine.calibrate.layer import TensorSource, compute_dtype, keep_fp32, materialize_layer
 from engine.calibrate.layer_reader import LayerReader
 from engine.calibrate.samples import load_samples, read_samples_file
+from engine.calibrate.streaming import HEARTBEAT_S
 from engine.errors import CheckpointError
 from engine.eval import actquant
 from engine.eval.decode import OutputModel
@@ -94,6 +95,7 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
             h_src, h_out, kwargs = _first_inputs(family, hf_config, src, out, batches, dtype, dev)
             nxt = (pool.submit(layers.read, 0), pool.submit(out.read, 0)) if n_layers else None
             prog = Progress(sink, unit="layers", total=n_layers + 1, interval_s=0.0, scope=SCOPE_ALL)
+            last_beat = [time.monotonic()]
             for i in range(n_layers):
                 t = time.monotonic()
                 raw_src, raw_out = nxt[0].result(), nxt[1].result()
@@ -119,6 +121,9 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
                     rel.add(ho, hs, mask)
                     own.add(_call(out_layer, hs_in, kw, family, hf_config), hs, mask)
                     h_src[j], h_out[j] = hs.to("cpu"), ho.to("cpu")
+                    if time.monotonic() - last_beat[0] >= HEARTBEAT_S:  # never silent while working (stall watch)
+                        last_beat[0] = time.monotonic()
+                        prog.advance(0, label=f"layer {i + 1}/{n_layers}: batch {j + 1}/{len(batches)}", force=True)
                 for m in (src_layer, out_layer):
                     m.to_empty(device="meta")
                 del src_layer, out_layer

@@ -172,3 +172,17 @@ def test_the_decoded_whole_model_gives_the_same_kld(nvfp4_out, eval_src, eval_sa
     assert float(k.mean()) == pytest.approx(streamed["kld_mean"], rel=1e-5, abs=1e-9)
     assert float(k.max()) == pytest.approx(streamed["kld_max"], rel=1e-5, abs=1e-9)
     assert agree / k.numel() == pytest.approx(streamed["top1_agree"])
+
+
+def test_eval_reports_within_a_layer_so_a_working_stage_is_never_silent(nvfp4_out, eval_src, eval_samples,
+                                                                           monkeypatch):
+    """A progress event between batches at most every HEARTBEAT_S (0 here: after every batch)."""
+    import engine.eval.streaming as es
+    from engine.events import CallbackSink
+
+    monkeypatch.setattr(es, "HEARTBEAT_S", 0.0)
+    seen = []
+    _eval(nvfp4_out / "modelopt", eval_src, eval_samples, batch_size=1, max_kld_mean=1e9, min_top1=0.0,
+          sink=CallbackSink(seen.append))
+    beats = [e.data.get("label", "") for e in seen if e.kind == "progress" and "batch" in (e.data.get("label") or "")]
+    assert beats and beats[0].startswith("layer 1/") and "batch 1/" in beats[0]
