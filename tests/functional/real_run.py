@@ -43,7 +43,9 @@ def calibrated_recipe(root: Path, ckpt: Path, samples: Path, *, num_samples: int
     """A calibrated W4A4 NVFP4 recipe (modelopt layout) working under `root`."""
     return {"run": {"workdir": str(root / "work")}, "source": {"path": str(ckpt)},
             "target": {"format": "nvfp4", "calibrate": True, "layouts": ["modelopt"], "output": str(root / "out")},
-            "calibration": {"samples": str(samples), "num_samples": num_samples, "seq_len": seq_len}}
+            "calibration": {"samples": str(samples), "num_samples": num_samples, "seq_len": seq_len},
+            # the samples after the calibrated ones are held out for eval; a random tiny model passes only a loose gate
+            "eval": {"num_samples": 4, "seq_len": seq_len, "max_kld_mean": 10.0, "min_top1": 0.0}}
 
 
 def write_recipe(root: Path, ckpt: Path) -> Path:
