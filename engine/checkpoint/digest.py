@@ -37,20 +37,25 @@ def piece_order(offsets: dict[str, tuple[int, int]]) -> list[str]:
     return sorted(offsets, key=lambda n: (offsets[n][0], offsets[n][1], n))
 
 
-def _hash_range(path: Path, start: int, end: int) -> bytes:
+def hash_fd_range(fd: int, start: int, end: int, chunk_size: int = _CHUNK) -> bytes:
+    """sha256 of bytes [start, end) of an open file (a short file hashes what it has: the digest will not match)."""
     h = hashlib.sha256()
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(chunk_size, end - pos), pos)
+        if not chunk:
+            break
+        h.update(chunk)
+        pos += len(chunk)
+    return h.digest()
+
+
+def _hash_range(path: Path, start: int, end: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
-        pos = start
-        while pos < end:
-            chunk = os.pread(fd, min(_CHUNK, end - pos), pos)
-            if not chunk:
-                break  # a short file: the digest will not match
-            h.update(chunk)
-            pos += len(chunk)
+        return hash_fd_range(fd, start, end)
     finally:
         os.close(fd)
-    return h.digest()
 
 
 def pieces_of(path: str | os.PathLike) -> list[tuple[int, int]]:

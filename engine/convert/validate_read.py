@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.checkpoint.digest import KIND, combine, pieces_of
+from engine.checkpoint.digest import KIND, combine, hash_fd_range, pieces_of
 from engine.checkpoint.reader import CheckpointReader
 from engine.formats.nvfp4.host import E4M3_LUT
 
@@ -125,16 +125,7 @@ class Digests:
         for a, b in pieces:
             d = self._d.get((path.name, a, b))
             if d is None:
-                h = hashlib.sha256()
-                fd = files.fd(path)
-                pos = a
-                while pos < b:
-                    chunk = os.pread(fd, min(READ_CHUNK, b - pos), pos)
-                    if not chunk:
-                        break  # a short file: the digest will not match
-                    h.update(chunk)
-                    pos += len(chunk)
-                d = h.digest()
+                d = hash_fd_range(files.fd(path), a, b, READ_CHUNK)
             out.append(d)
         return combine(out)
 
