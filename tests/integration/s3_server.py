@@ -180,6 +180,19 @@ def client(server: S3Server):
                         aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", FAKE_SECRET))
 
 
+def fresh_bucket(request, tmp_path: Path, monkeypatch):
+    """(server, bucket, boto3 client): the process's moto server, fake credentials in the environment, and a bucket
+    of the test's own (named from its node id)."""
+    import hashlib
+
+    server = get_server()
+    apply_env(monkeypatch, fake_env(tmp_path))
+    bucket = "qd-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    c = client(server)
+    c.create_bucket(Bucket=bucket)
+    return server, bucket, c
+
+
 def _moto_api(server: S3Server, path: str, body: bytes) -> None:
     req = urllib.request.Request(f"{server.url}/moto-api/{path}", data=body, method="POST",
                                  headers={"Content-Type": "text/plain"})

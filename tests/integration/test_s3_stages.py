@@ -3,7 +3,6 @@ file), and retries with backoff when the bucket throttles, with the count report
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,18 +11,14 @@ import pytest
 from engine.events import JsonlSink, read_events
 from engine.names import StageName
 from engine.stages.base import Stage, StageContext
-from tests.integration.s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, client, fake_env, get_server,
-                       make_checkpoint, same_tree)
+from tests.integration.s3_server import FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, fresh_bucket, make_checkpoint, same_tree
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def s3(request, tmp_path, monkeypatch):
-    server = get_server()
-    apply_env(monkeypatch, fake_env(tmp_path))
-    bucket = "qd-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
-    client(server).create_bucket(Bucket=bucket)
+    server, bucket, _ = fresh_bucket(request, tmp_path, monkeypatch)
     return server, bucket
 
 

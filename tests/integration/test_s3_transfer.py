@@ -11,19 +11,15 @@ import pytest
 
 from engine.errors import TransferError
 from engine.events import CallbackSink
-from tests.integration.s3_server import apply_env, client, fake_env, get_server, make_checkpoint, same_tree
+from tests.integration.s3_server import fresh_bucket, make_checkpoint, same_tree
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def s3(request, tmp_path, monkeypatch):
-    """(server, bucket, boto3 client): the process's moto server, fake credentials, a fresh bucket."""
-    server = get_server()
-    apply_env(monkeypatch, fake_env(tmp_path))
-    bucket = "qd-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
-    c = client(server)
-    c.create_bucket(Bucket=bucket)
+    """(server, bucket, boto3 client), the server's request counts cleared."""
+    server, bucket, c = fresh_bucket(request, tmp_path, monkeypatch)
     server.clear()
     return server, bucket, c
 

@@ -4,25 +4,19 @@ manifest.json and the index, named with the fix, and nothing is renamed into pla
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 
 from engine.errors import CheckpointError
-from tests.integration.s3_server import apply_env, client, fake_env, get_server, make_checkpoint, same_tree
+from tests.integration.s3_server import fresh_bucket, make_checkpoint, same_tree
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def s3(request, tmp_path, monkeypatch):
-    server = get_server()
-    apply_env(monkeypatch, fake_env(tmp_path))
-    bucket = "qd-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
-    c = client(server)
-    c.create_bucket(Bucket=bucket)
-    return server, bucket, c
+    return fresh_bucket(request, tmp_path, monkeypatch)
 
 
 def _quantdeck_checkpoint(path):
