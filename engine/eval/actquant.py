@@ -29,16 +29,20 @@ FP8_EPS = 1e-10
 __all__ = ["ActQuant", "fake_quant_fp8_group", "fake_quant_nvfp4", "install"]
 
 
-def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """x quantized to NVFP4 with the global scale `global_scale` (g, what quantizes) and dynamic block scales, and
-    dequantized with `input_scale` (what the GEMM multiplies by; 1/g within a float32 ulp)."""
-    shape, dtype = x.shape, x.dtype
-    n = shape[-1]
-    pad = (-n) % NVFP4_BLOCK
+def _groups(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
+    """x in float32 as [rows, groups, size] along its last dim, zero-padded to a whole group; and the padding."""
+    pad = (-x.shape[-1]) % size
     xf = x.to(torch.float32)
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
-    xb = xf.reshape(-1, xf.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    return xf.reshape(-1, xf.shape[-1] // size, size), pad
+
+
+def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """x quantized to NVFP4 with the global scale `global_scale` (g, what quantizes) and dynamic block scales, and
+    dequantized with `input_scale` (what the GEMM multiplies by; 1/g within a float32 ulp)."""
+    shape, dtype, n = x.shape, x.dtype, x.shape[-1]
+    xb, pad = _groups(x, NVFP4_BLOCK)
     g = global_scale.to(device=x.device, dtype=torch.float32)
     sixth = torch.tensor(1.0 / E2M1_MAX, dtype=torch.float32, device=x.device)
     sf = (g * (xb.abs().amax(dim=-1) * sixth)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
@@ -52,13 +56,8 @@ def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor, input_scale: t
 
 def fake_quant_fp8_group(x: torch.Tensor, group: int = FP8_GROUP) -> torch.Tensor:
     """x quantized to float8_e4m3fn per token in groups of `group` along the last dim (dynamic scales)."""
-    shape, dtype = x.shape, x.dtype
-    n = shape[-1]
-    pad = (-n) % group
-    xf = x.to(torch.float32)
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, pad))
-    xg = xf.reshape(-1, xf.shape[-1] // group, group)
+    shape, dtype, n = x.shape, x.dtype, x.shape[-1]
+    xg, pad = _groups(x, group)
     scale = xg.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_EPS) / E4M3_MAX
     q = (xg / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale
     q = q.reshape(*shape[:-1], n + pad)
