@@ -23,7 +23,7 @@ def _calib_label(rec: Any) -> str:
 
 
 def history_row(rec: Any) -> HistoryRow:
-    """engine.store.RunRecord → HistoryRow."""
+    """engine.runs.store.RunRecord → HistoryRow."""
     return HistoryRow(run_id=rec.id, created=rec.created or 0.0, commit=(rec.git_commit or "")[:12],
                       model=rec.model or rec.family or "", target=rec.target or "", calib=_calib_label(rec),
                       result=rec.result or "", root_cause=rec.root_cause or "", fix=rec.fix_note or "")
@@ -39,7 +39,7 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def _rank_parts(progress: dict) -> tuple[tuple[int, str, float, float], ...]:
-    """(rank, host, done, total) of each rank of a distributed stage's progress (engine.progress_merge's "ranks")."""
+    """(rank, host, done, total) of each rank of a distributed stage's progress (engine.runs.progress_merge's "ranks")."""
     return tuple((int(r.get("rank") or 0), str(r.get("host") or ""), r.get("done") or 0, r.get("total") or 0)
                  for r in progress.get("ranks") or ())
 
@@ -152,7 +152,7 @@ class ApiBackend(Backend):
         if s.state in ("SUCCEEDED", "SKIPPED") and total and done < total:
             done = total
         nodes = tuple(plan_stage.get("nodes") or ()) if plan_stage.get("distributed") else ()
-        ranks = int(p.get("world") or 0)  # engine.progress_merge: the stage's ranks, each one's share in "ranks"
+        ranks = int(p.get("world") or 0)  # engine.runs.progress_merge: the stage's ranks, each one's share in "ranks"
         parts = _rank_parts(p)
         hosts = tuple(nodes) or ((s.host,) if s.host else ())
         return StageView(name=s.name, state=s.state, unit=p.get("unit") or "", done=done, total=total,
@@ -164,7 +164,7 @@ class ApiBackend(Backend):
                          quiet_ranks=tuple(int(q["rank"]) for q in s.quiet_ranks))
 
     def _calib_view(self, run_id: str, stage: Any, amax_dir: str | None) -> CalibView:
-        """Layer and ETA from the stage's progress (the slowest rank's, engine.progress_merge); samples and
+        """Layer and ETA from the stage's progress (the slowest rank's, engine.runs.progress_merge); samples and
         tokens/s summed over the ranks' latest calibrate.layer metrics, each rank file read by offset."""
         p = stage.progress or {}
         world = max(int(p.get("world") or 1), 1)
@@ -305,7 +305,7 @@ class ApiBackend(Backend):
         import sys
 
         from engine.api import raise_if_problems
-        from engine.errors import RunError
+        from engine.core.errors import RunError
 
         run_dir = str(self.eng.find(run_id).path)  # the child finds the run by its directory, whatever the env
         proc = subprocess.run([sys.executable, "-m", "console", "validate-only", run_dir, "--json"],

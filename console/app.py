@@ -131,7 +131,7 @@ class QuantdeckApp(App):
 
     @work(thread=True, exclusive=True, group="follow", exit_on_error=False)
     def follow_run(self, run_id: str | None) -> None:
-        from engine.errors import QuantdeckError
+        from engine.core.errors import QuantdeckError
 
         worker = get_current_worker()
         if run_id is None:
@@ -165,7 +165,7 @@ class QuantdeckApp(App):
 
     @work(thread=True, exclusive=True, group="action", exit_on_error=False)
     def engine_action(self, action: str, arg: str) -> None:
-        from engine.errors import QuantdeckError
+        from engine.core.errors import QuantdeckError
 
         fn = {"resume": self.backend.resume, "export_only": self.backend.export_only,
               "validate_only": self.backend.validate_only, "cancel": self.backend.cancel,
@@ -279,7 +279,7 @@ class QuantdeckApp(App):
         """The one place a worker's unexpected failure is shown (a bug, or a store/run dir we cannot read)."""
         if event.state == WorkerState.ERROR:
             err = event.worker.error
-            from engine.errors import QuantdeckError
+            from engine.core.errors import QuantdeckError
 
             self.busy = None
             if isinstance(err, QuantdeckError):

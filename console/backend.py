@@ -1,7 +1,7 @@
 """What the console asks of runs: a small ABC, and its adapter over engine.api (the only engine module used).
 
 Every method may block (SQLite, file reads, SSH) and is called from worker threads only. Methods raise
-engine.errors.QuantdeckError subclasses (RunError, StageLockedError, ...) for operator errors.
+engine.core.errors.QuantdeckError subclasses (RunError, StageLockedError, ...) for operator errors.
 """
 
 from __future__ import annotations

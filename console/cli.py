@@ -15,7 +15,7 @@ import sys
 import click
 
 from engine import __version__
-from engine.errors import QuantdeckError, exit_code_for
+from engine.core.errors import QuantdeckError, exit_code_for
 
 
 class _Group(click.Group):

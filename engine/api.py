@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import PreflightError, RunError, ValidationFailedError
-from engine.events import Event, read_events
-from engine.names import StageState
-from engine.locks import this_host
-from engine.rundir import RunDir, find_run, list_run_dirs, read_status
-from engine.progress_merge import StageRanks  # noqa: F401 (re-exported: the CLI's followers)
-from engine.runview import ProgressCache, RunView, StageView, _reconcile_local, _view  # noqa: F401 (re-exported)
-from engine.store import AttemptRecord, RunRecord
+from engine.core.errors import PreflightError, RunError, ValidationFailedError
+from engine.core.events import Event, read_events
+from engine.core.names import StageState
+from engine.core.locks import this_host
+from engine.runs.rundir import RunDir, find_run, list_run_dirs, read_status
+from engine.runs.progress_merge import StageRanks  # noqa: F401 (re-exported: the CLI's followers)
+from engine.runs.runview import ProgressCache, RunView, StageView, _reconcile_local, _view  # noqa: F401 (re-exported)
+from engine.runs.store import AttemptRecord, RunRecord
 
 DEFAULT_WORKDIR_ENV = "QUANTDECK_WORKDIR"  # where runs are looked up besides the store (default ./quantdeck-work)
 
@@ -62,7 +62,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def status(self, run: str) -> RunView:
         """Every stage's state, host, pid, attempt, times, error and latest progress (a distributed stage's
-        summed over its ranks, with a per-rank breakdown: engine.progress_merge). Raises RunError."""
+        summed over its ranks, with a per-rank breakdown: engine.runs.progress_merge). Raises RunError."""
 
     @abc.abstractmethod
     def runs(self) -> list[RunView]:
@@ -120,7 +120,7 @@ class LocalEngine(Engine):
         p = Path(run)
         if (p / "plan.json").exists():
             return RunDir(p.resolve())
-        from engine.store import Store
+        from engine.runs.store import Store
 
         with Store() as store:
             recs = store.runs()
@@ -136,8 +136,8 @@ class LocalEngine(Engine):
     # --- starting --------------------------------------------------------------------------------------
 
     def start(self, recipe_path, *, preflight=None, launcher_factory=None, env=None, extra_checks=()):
-        from engine.recipe import load_recipe
-        from engine.runner import create_run, spawn_driver, sync_store
+        from engine.runs.recipe import load_recipe
+        from engine.runs.runner import create_run, spawn_driver, sync_store
 
         recipe = load_recipe(recipe_path)
         if preflight if preflight is not None else recipe.run.preflight:
@@ -153,8 +153,8 @@ class LocalEngine(Engine):
 
     def _restart(self, run: str, mode: str, launcher_factory: str | None,
                  on_wait: Callable[[str], None] | None = None) -> str:
-        from engine.plan import Plan, stages_to_run
-        from engine.runner import spawn_driver, wait_driver_released
+        from engine.runs.plan import Plan, stages_to_run
+        from engine.runs.runner import spawn_driver, wait_driver_released
 
         rd = self.find(run)
         wait_driver_released(rd, on_wait=on_wait)  # StageLockedError if a driver is live
@@ -175,9 +175,9 @@ class LocalEngine(Engine):
     # --- checking and stopping -------------------------------------------------------------------------
 
     def validate_only(self, run):
-        from engine.plan import Plan
+        from engine.runs.plan import Plan
         from engine.stages.base import StageContext
-        from engine.worker import load_stage_class
+        from engine.runs.worker import load_stage_class
 
         rd = self.find(run)
         plan = Plan.from_json(rd.read_plan())
@@ -198,10 +198,10 @@ class LocalEngine(Engine):
         return problems
 
     def cancel(self, run, *, launcher_factory=None):
-        from engine.fsutil import read_json
-        from engine.locks import pid_alive
-        from engine.rundir import set_status
-        from engine.runner import CANCEL_MARKER, sync_store
+        from engine.core.fsutil import read_json
+        from engine.core.locks import pid_alive
+        from engine.runs.rundir import set_status
+        from engine.runs.runner import CANCEL_MARKER, sync_store
 
         rd = self.find(run)
         drv = read_json(rd.driver_path) or {}
@@ -238,7 +238,7 @@ class LocalEngine(Engine):
         return _view(self.find(run), self._progress)
 
     def runs(self):
-        from engine.store import Store
+        from engine.runs.store import Store
 
         seen: dict[str, RunDir] = {}
         with Store() as store:
@@ -250,7 +250,7 @@ class LocalEngine(Engine):
         return [_view(rd, self._progress) for _, rd in sorted(seen.items())]
 
     def quality(self, run):
-        from engine.store import eval_figures
+        from engine.runs.store import eval_figures
 
         rd = self.find(run)
         kld, top1 = eval_figures(rd, rd.read_plan())
@@ -275,12 +275,12 @@ class LocalEngine(Engine):
 
     def driver_log(self, run: str, max_bytes: int = 4096) -> str:
         """The tail of the run's driver.log (why a driver refused to start, for instance). Raises RunError."""
-        from engine.runner import log_tail
+        from engine.runs.runner import log_tail
 
         return log_tail(self.find(run).path / "driver.log", max_bytes)
 
     def history(self):
-        from engine.store import Store, sync_run
+        from engine.runs.store import Store, sync_run
 
         with Store() as store:
             for r in store.runs():  # refresh rows of runs that were live at their last sync
@@ -290,7 +290,7 @@ class LocalEngine(Engine):
             return store.runs()
 
     def attempts(self, run):
-        from engine.store import Store, sync_run
+        from engine.runs.store import Store, sync_run
 
         rd = self.find(run)
         with Store() as store:
@@ -298,8 +298,8 @@ class LocalEngine(Engine):
             return store.attempts(rd.id)
 
     def note(self, run, text):
-        from engine.runner import update_meta
-        from engine.store import Store, sync_run
+        from engine.runs.runner import update_meta
+        from engine.runs.store import Store, sync_run
 
         rd = self.find(run)
         update_meta(rd, note=text)
@@ -308,7 +308,7 @@ class LocalEngine(Engine):
             store.set_note(rd.id, text)
 
     def rescan(self, root):
-        from engine.store import Store, rescan
+        from engine.runs.store import Store, rescan
 
         with Store() as store:
             return rescan(store, root)
@@ -317,13 +317,13 @@ class LocalEngine(Engine):
         """Also fills `notes` (GPU memory, versions) when given a list, and `report["memory"]` (each heavy
         stage's host and GPU memory per rank and node) when given a dict; `extra_checks` are callables
         `check(facts) -> list[str]` (remote per-node checks)."""
-        from engine.preflight import run_preflight
+        from engine.runs.preflight import run_preflight
 
         return run_preflight(recipe_path, extra_checks=extra_checks, notes=notes, report=report)
 
     def load_recipe(self, recipe_path: str):
         """The validated recipe. Raises RecipeError naming file and key."""
-        from engine.recipe import load_recipe
+        from engine.runs.recipe import load_recipe
 
         return load_recipe(recipe_path)
 
@@ -358,7 +358,7 @@ def open_engine(workdir: str | None = None) -> LocalEngine:
 
 def init_recipe(family: str | None = None, **kw: Any) -> str:
     """The commented recipe `quantdeck init` prints. Raises ValueError for an unknown family."""
-    from engine.recipe import init_recipe_text
+    from engine.runs.recipe import init_recipe_text
 
     return init_recipe_text(family, **kw)
 
@@ -379,7 +379,7 @@ def _has_outputs(params: dict[str, Any]) -> bool:
 
 def _terminate_remote(rd: RunDir, host: str, pid: int, factory: str | None) -> None:
     """Stop a worker on another node through the run's launcher (SIGTERM, then SIGKILL after 5 s)."""
-    from engine.runner import load_factory, load_frozen_recipe
+    from engine.runs.runner import load_factory, load_frozen_recipe
 
     if not factory:
         raise RunError(f"the worker of run {rd.id} runs on {host}, and the run has no remote launcher recorded",

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
-from engine.errors import RemoteError
-from engine.events import Event, parse_lines
+from engine.core.errors import RemoteError
+from engine.core.events import Event, parse_lines
 
 ReadBytes = Callable[[str, int], bytes]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from engine.errors import RecipeError
+from engine.core.errors import RecipeError
 
 HOST_KEY_POLICIES = ("reject", "accept-new")
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -141,7 +141,7 @@ ENV_FALLBACKS = {"known_hosts": "QUANTDECK_KNOWN_HOSTS", "ssh_config": "QUANTDEC
 def cluster_from(obj: Any, **overrides: Any) -> ClusterSpec:
     """A ClusterSpec from a recipe's cluster section (dict, dataclass or pydantic model), plus overrides.
 
-    Reads engine.recipe's ClusterSection (nodes, head, python, workdir, host_key_policy, gpus_per_node) and
+    Reads engine.runs.recipe's ClusterSection (nodes, head, python, workdir, host_key_policy, gpus_per_node) and
     the optional known_hosts / ssh_config / cwd / env / connect_timeout / master_addr; known_hosts, ssh_config,
     cwd and master_addr fall back to QUANTDECK_KNOWN_HOSTS / _SSH_CONFIG / _REMOTE_CWD / _MASTER_ADDR.
     """

@@ -1,4 +1,4 @@
-"""The SSH and torchrun launchers: engine.launcher.Launcher over each node's one SSH connection.
+"""The SSH and torchrun launchers: engine.runs.launcher.Launcher over each node's one SSH connection.
 
 A worker is started detached on its node — its own session (`setsid`), immune to hangups (`nohup`),
 stdin closed, output appended to its log — and the start command returns its pid at once. The worker
@@ -7,7 +7,7 @@ after a reconnect picks up where it left off. When the worker exits, its exit st
 its log (`<log>.exit`), so a crash is told apart from a clean end even without status.json.
 
 Multi-node stages start `python -m torch.distributed.run --nnodes N --node_rank r --master_addr HEAD
---master_port P --nproc-per-node G -m engine.worker …` on every node; the port is picked free on the
+--master_port P --nproc-per-node G -m engine.runs.worker …` on every node; the port is picked free on the
 head. A node that fails to start (or dies while joining) is named, and the others are stopped.
 """
 
@@ -18,8 +18,8 @@ import time
 from pathlib import PurePosixPath
 from typing import Sequence
 
-from engine.errors import QuantdeckError, RemoteError, RunError
-from engine.launcher import Launcher, WorkerHandle, WorkerSpec
+from engine.core.errors import QuantdeckError, RemoteError, RunError
+from engine.runs.launcher import Launcher, WorkerHandle, WorkerSpec
 from remote.hosts import ClusterSpec, cluster_from, resolve_cluster
 from remote.ssh import ConnectionPool, SSHConnection
 
@@ -50,7 +50,7 @@ def torchrun_argv(python: str, module: str, spec: WorkerSpec, *, nnodes: int, no
 def stage_is_distributed(stage: str) -> bool:
     """Whether the registered stage runs under torchrun (engine.stages.base.Stage.distributed)."""
     try:
-        from engine.worker import load_stage_class
+        from engine.runs.worker import load_stage_class
 
         return bool(getattr(load_stage_class(stage), "distributed", False))
     except Exception:  # noqa: BLE001 - an unknown stage (a test module) is a single process
@@ -68,11 +68,11 @@ def node_log(log: str, node: str) -> str:
 
 
 class SSHLauncher(Launcher):
-    """Starts `python -m engine.worker STAGE --run-dir D …` detached on a node over SSH."""
+    """Starts `python -m engine.runs.worker STAGE --run-dir D …` detached on a node over SSH."""
 
     name = "ssh"
 
-    def __init__(self, cluster, pool: ConnectionPool | None = None, *, module: str = "engine.worker",
+    def __init__(self, cluster, pool: ConnectionPool | None = None, *, module: str = "engine.runs.worker",
                  join_check_s: float = 2.0, unreachable_grace_s: float = 300.0):
         self.cluster: ClusterSpec = cluster_from(cluster)
         self.pool = pool or ConnectionPool.for_cluster(self.cluster)
@@ -269,7 +269,7 @@ def launcher_for(recipe, run_dir=None) -> Launcher:
     recipe's [cluster]; a recipe without nodes runs on this machine (engine's local launcher)."""
     cluster = getattr(recipe, "cluster", recipe)
     if not (getattr(cluster, "nodes", None) or (isinstance(cluster, dict) and cluster.get("nodes"))):
-        from engine.local_launcher import LocalLauncher
+        from engine.runs.local_launcher import LocalLauncher
 
         return LocalLauncher()
     return SSHLauncher(cluster)

@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Callable, Mapping, Protocol
 
-from engine.errors import QuantdeckError
-from engine.meminfo import parse_meminfo
+from engine.core.errors import QuantdeckError
+from engine.core.meminfo import parse_meminfo
 from remote.telemetry import (NVIDIA_SMI_QUERY, GpuSample, NodeSample, NodeState, SampleBook,
                               parse_df_free, parse_nvidia_smi_csv, split_sections)
 
@@ -117,7 +117,7 @@ class LocalProbe:
     def sample(self) -> NodeSample:
         import psutil
 
-        from engine.fsutil import free_bytes
+        from engine.core.fsutil import free_bytes
 
         vm = psutil.virtual_memory()
         gpus = self._gpus()

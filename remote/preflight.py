@@ -2,10 +2,10 @@
 
 On each node: the SSH connection (host key verified), quantdeck importable by the cluster's python, the
 shared work dir present and writable, and as many GPUs as the recipe says; and what memory it has (host RAM
-from /proc/meminfo, each GPU's free memory from nvidia-smi), which engine.preflight's memory check compares
+from /proc/meminfo, each GPU's free memory from nvidia-smi), which engine.runs.preflight's memory check compares
 with what each rank of the run's stages needs (`Facts.node_memory`). A node that does not answer
 fails by name within its connect timeout; one slow node never delays the others' results. Plug it into
-engine.preflight.run_preflight as an extra check: `extra_checks=(remote.preflight.check_nodes,)`.
+engine.runs.preflight.run_preflight as an extra check: `extra_checks=(remote.preflight.check_nodes,)`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import concurrent.futures as cf
 import shlex
 from typing import Any
 
-from engine.errors import QuantdeckError
+from engine.core.errors import QuantdeckError
 from remote.hosts import ClusterSpec, cluster_from
 from remote.ssh import ConnectionPool
 
@@ -42,8 +42,8 @@ def _facts(text: str) -> dict[str, str]:
 
 
 def node_memory(node: str, f: dict[str, str]):
-    """What the node script found of a node's memory: an engine.memory_plan.NodeMemory."""
-    from engine.memory_plan import NodeMemory
+    """What the node script found of a node's memory: an engine.runs.memory_plan.NodeMemory."""
+    from engine.runs.memory_plan import NodeMemory
 
     kb = [int(x) for x in f.get("mem", "").split() if x.isdigit()]
     free = []
@@ -87,7 +87,7 @@ def check_node(pool: ConnectionPool, cluster: ClusterSpec, node: str, memory: di
 
 def preflight_cluster(cluster: Any, pool: ConnectionPool | None = None, memory: dict | None = None) -> list[str]:
     """Check every node in parallel; returns one line per failure, in cluster order ([] = all ready).
-    `memory` (a dict) gets each node that answered: its engine.memory_plan.NodeMemory."""
+    `memory` (a dict) gets each node that answered: its engine.runs.memory_plan.NodeMemory."""
     cluster = cluster_from(cluster)
     own = pool is None
     pool = pool or ConnectionPool.for_cluster(cluster)
@@ -101,7 +101,7 @@ def preflight_cluster(cluster: Any, pool: ConnectionPool | None = None, memory: 
 
 
 def check_nodes(facts) -> list[str]:
-    """engine.preflight Check: the per-node checks for a recipe with [cluster] nodes (none: nothing to do)."""
+    """engine.runs.preflight Check: the per-node checks for a recipe with [cluster] nodes (none: nothing to do)."""
     recipe = facts.recipe
     if not recipe.cluster.nodes:
         return []

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import paramiko
 
-from engine.errors import HostKeyError, RemoteError
+from engine.core.errors import HostKeyError, RemoteError
 from remote.hosts import DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEPALIVE, Host
 
 log = logging.getLogger("quantdeck.remote")

@@ -20,7 +20,7 @@ SHARED = REPO.parent / "shared"
 def _quantdeck_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("qdhome")
     monkeypatch.setenv("QUANTDECK_HOME", str(home))
-    monkeypatch.setenv("QUANTDECK_START_FILES", str(home / "start-files"))  # engine.startfiles: per test
+    monkeypatch.setenv("QUANTDECK_START_FILES", str(home / "start-files"))  # engine.startup.startfiles: per test
     monkeypatch.delenv("QUANTDECK_DEBUG", raising=False)
     yield home
 

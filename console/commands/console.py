@@ -106,7 +106,7 @@ def prepare_demo(workspace: Path, log=lambda s: None) -> tuple[Path, bool]:
     if not calibrated:
         log(f"the calibrated pipeline is not available here ({why}): running weight-only NVFP4 instead")
     out = workspace / "out" / ("DeepSeek-V3-tiny-NVFP4" if calibrated else "DeepSeek-V3-tiny-NVFP4-weight-only")
-    from engine.recipe import write_recipe
+    from engine.runs.recipe import write_recipe
 
     recipe = write_recipe(workspace / "recipe.toml", {
         "run": {"workdir": str(workspace / "work")},

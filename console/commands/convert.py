@@ -69,12 +69,12 @@ def _quiet_openmp() -> None:
 
 
 def _sink():
-    from engine.events import CallbackSink
+    from engine.core.events import CallbackSink
 
     return CallbackSink(_StderrProgress(), stage="convert")
 
 
-START_FILES = "quantdeck-convert"  # this entry's list of the files its start reads (engine.startfiles)
+START_FILES = "quantdeck-convert"  # this entry's list of the files its start reads (engine.startup.startfiles)
 
 
 @click.command("convert")
@@ -108,8 +108,8 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
     layouts = ["modelopt", "compressed-tensors"] if fmt == "both" else [fmt]
     summary = convert_checkpoint(src, dst, to=to, layouts=layouts, device=device, workers=workers,
                                  shard_size=shard_size, quantize_attention=quantize_attention, sink=_sink())
-    if summary.get("device") == "cpu":  # what this start read, for the next cold one (engine.startfiles)
-        from engine import startfiles
+    if summary.get("device") == "cpu":  # what this start read, for the next cold one (engine.startup.startfiles)
+        from engine.startup import startfiles
 
         startfiles.record(START_FILES)
     if as_json:
@@ -138,7 +138,7 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
 def validate_cmd(directory, against, amax, model, as_json, device):
     """Check a produced checkpoint (DIRECTORY), or an amax snapshot (--amax); exits non-zero naming the tensor or
     quantizer on any failure. Warnings (what a loader gets wrong with a valid checkpoint) do not fail it."""
-    from engine.errors import ValidationFailedError
+    from engine.core.errors import ValidationFailedError
 
     if directory is not None and amax is None and _is_snapshot(directory):
         directory, amax = None, directory

@@ -34,10 +34,10 @@ def eval_cmd(output, against, samples, num_samples, seq_len, batch_size, device,
     samples: KL divergence of OUT's next-token distribution from the source's, top-1 agreement, perplexity of both,
     and the hidden-state error after every layer. OUT is decoded from its stored bytes as vLLM reads it."""
     from console.commands.convert import _StderrProgress
-    from engine.errors import ValidationFailedError
+    from engine.core.errors import ValidationFailedError
     from engine.eval.report import format_report
     from engine.eval.streaming import evaluate
-    from engine.events import CallbackSink
+    from engine.core.events import CallbackSink
 
     report = evaluate(output, against, samples, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size,
                       device=device, max_kld_mean=max_kld_mean, min_top1=min_top1,

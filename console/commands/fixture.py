@@ -48,8 +48,8 @@ def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, sha
 
 def _trained(family, out, layers, experts, hidden, moe_inter, shard_mb, seed, steps, force):
     from console.commands.convert import _StderrProgress
-    from engine.errors import UsageError
-    from engine.events import CallbackSink
+    from engine.core.errors import UsageError
+    from engine.core.events import CallbackSink
     from engine.fixtures.trained import build_trained_fixture
 
     if family != "deepseek-v3":

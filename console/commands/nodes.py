@@ -73,7 +73,7 @@ def _source(recipe: str | None, demo: bool, interval: float):
 
     if recipe is None:
         return TelemetryMonitor.local(".", interval_s=interval), 2.0
-    from engine.recipe import load_recipe
+    from engine.runs.recipe import load_recipe
 
     r = load_recipe(recipe)
     if not r.cluster.nodes:
@@ -92,7 +92,7 @@ def _source(recipe: str | None, demo: bool, interval: float):
 @click.option("--demo", is_flag=True, help="Replay recorded H100/H200 telemetry instead of reading nodes.")
 def nodes(recipe: str | None, watch: bool, count: int | None, interval: float, as_json: bool, demo: bool) -> None:
     """Show each node's GPUs, RAM and free disk (the recipe's [cluster], or this machine)."""
-    from engine.errors import RemoteError
+    from engine.core.errors import RemoteError
 
     src, first_wait = _source(recipe, demo, interval)
     src.start()

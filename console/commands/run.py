@@ -35,7 +35,7 @@ def _fmt_dur(a: float | None, b: float | None) -> str:
 
 class _Printer:
     """Turns followed events into stderr lines (progress at most once a second per stage: a distributed
-    stage's over all its ranks, engine.progress_merge)."""
+    stage's over all its ranks, engine.runs.progress_merge)."""
 
     def __init__(self) -> None:
         from engine.api import StageRanks
@@ -92,7 +92,7 @@ class _StallWatch:
 
 
 def stall_line(s) -> str:
-    """"STALLED: no event for 912s from rank 1 (pid 4242 on node1)" for a stalled stage view (engine.runview)."""
+    """"STALLED: no event for 912s from rank 1 (pid 4242 on node1)" for a stalled stage view (engine.runs.runview)."""
     who = ", ".join(f"rank {q['rank']} (pid {q.get('pid') or '?'} on {q.get('host') or '?'})" for q in s.quiet_ranks)
     return f"STALLED: no event for {s.silent_s:.0f}s from {who or 'any rank'}"
 

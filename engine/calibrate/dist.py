@@ -1,8 +1,8 @@
 """torch.distributed for calibration: one process or any number of torchrun ranks (NCCL on GPUs, gloo on CPUs).
 
 Every collective has a timeout, the run's `[run] stall_after_s` (the worker passes it in the environment,
-engine.rundir.COLLECTIVE_TIMEOUT_ENV): a rank that never joins makes the others fail with a timeout error
-(classified `nccl-timeout` by engine.rootcause), which `quantdeck resume` recovers from, instead of a hang.
+engine.runs.rundir.COLLECTIVE_TIMEOUT_ENV): a rank that never joins makes the others fail with a timeout error
+(classified `nccl-timeout` by engine.runs.rootcause), which `quantdeck resume` recovers from, instead of a hang.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 def collective_timeout(timeout_s: float | None = None) -> timedelta | None:
     """The collectives' timeout: `timeout_s`, else the environment's (COLLECTIVE_TIMEOUT_ENV), else None
     (torch's defaults)."""
-    from engine.rundir import COLLECTIVE_TIMEOUT_ENV
+    from engine.runs.rundir import COLLECTIVE_TIMEOUT_ENV
 
     if timeout_s is None:
         raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV) or ""

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.errors import CheckpointError
-from engine.registry import Registry
+from engine.core.errors import CheckpointError
+from engine.core.registry import Registry
 
 @dataclass
 class Batch:

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from engine.errors import ValidationFailedError
+from engine.core.errors import ValidationFailedError
 
 # sha256[:16] of inspect.getsource(MaxCalibrator.collect) in the modelopt releases this mirrors (0.47)
 KNOWN_COLLECT = {"0ec3cd8409470bc6"}

@@ -13,7 +13,7 @@ import os
 import torch
 
 from engine.calibrate.family import LayerFamily
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 

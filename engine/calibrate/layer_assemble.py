@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from engine.calibrate.layer_plan import Encoding, LayerPlan, Piece
-from engine.errors import CheckpointError, about
+from engine.core.errors import CheckpointError, about
 from engine.formats.e2m1 import decode_e2m1, unpack_nibbles
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
 from engine.formats.mxfp4.helpers import MX_BLOCK, mxfp4_exponents

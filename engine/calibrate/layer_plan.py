@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.checkpoint.reader import CheckpointReader, TensorMeta
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 MERGE_GAP = 1 << 20  # stored tensors closer than this are read as one range (the gap is read too)
 ALIGN = 64  # buffer offset ≡ file offset (mod ALIGN)

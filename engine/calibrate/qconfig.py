@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from engine.errors import RecipeError
+from engine.core.errors import RecipeError
 
 PRESETS = ("deepseek-experts",)
 # quantizers the preset enables in attention, with the format of the default weight / input quantizers

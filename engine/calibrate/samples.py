@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import SamplesError
+from engine.core.errors import SamplesError
 
 KINDS = ("json-list", "jsonl-text", "jsonl-messages")
 

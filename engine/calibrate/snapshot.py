@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from engine.errors import CheckpointError
-from engine.fsutil import atomic_replace, read_json
+from engine.core.errors import CheckpointError
+from engine.core.fsutil import atomic_replace, read_json
 
 LAYER_RE = re.compile(r"^layer_(\d{3,})\.safetensors$")
 MANIFEST = "manifest.json"

@@ -37,9 +37,9 @@ from engine.calibrate.layer_reader import LayerReader, ReadShare
 from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
 from engine.calibrate.samples import Samples, load_samples, read_samples_file, thin_expert_warning
-from engine.errors import CheckpointError
-from engine.events import SCOPE_ALL, EventSink, NullSink, Progress
-from engine.fsutil import atomic_write_json
+from engine.core.errors import CheckpointError
+from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
+from engine.core.fsutil import atomic_write_json
 
 HEARTBEAT_S = 30.0  # a working rank reports within a layer at least this often (a batch's forward permitting)
 RESUME_KEYS = ("samples_sha256", "num_samples", "seq_len", "batch_size", "world_size", "quant_cfg",
@@ -264,7 +264,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
 
         def beat(i: int, j: int, nb: int) -> None:
             """A progress event within a layer at most every HEARTBEAT_S, so that a working rank is never silent
-            for a minute (engine.runview shows a stage silent for `[run] stall_after_s` as stalled)."""
+            for a minute (engine.runs.runview shows a stage silent for `[run] stall_after_s` as stalled)."""
             if time.monotonic() - last_beat[0] >= HEARTBEAT_S:
                 last_beat[0] = time.monotonic()
                 prog.advance(0, label=f"layer {i + 1}/{n_layers}: batch {j}/{nb}", force=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.calibrate import snapshot as snap
-from engine.errors import ValidationFailedError
+from engine.core.errors import ValidationFailedError
 
 
 def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict, layers: list[int] | None = None) -> set[str]:
@@ -26,7 +26,7 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict, lay
     from engine.calibrate.family import LayerFamily
     from engine.calibrate.qconfig import resolve_quant_cfg
     from engine.calibrate.streaming import _Skeleton
-    from engine.fsutil import read_json
+    from engine.core.fsutil import read_json
 
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -74,7 +74,7 @@ def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | No
             problems.append(f"layer files are not contiguous: {done[:10]}")
         n_model = None
         if model_dir is not None:
-            from engine.fsutil import read_json
+            from engine.core.fsutil import read_json
 
             cfg = read_json(Path(model_dir) / "config.json") or {}
             n_model = cfg.get("num_hidden_layers")

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Protocol
 
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 _EMBED = ("model.embed_tokens.weight", "embed_tokens.weight", "embed.weight", "model.embed.weight",

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from engine.fsutil import HASH_CHUNK as _CHUNK, sha256_file
+from engine.core.fsutil import HASH_CHUNK as _CHUNK, sha256_file
 
 KIND = "sha256-pieces"
 

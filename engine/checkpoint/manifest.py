@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from engine import __version__
 from engine.checkpoint.digest import KIND
-from engine.fsutil import atomic_write_json, read_json
+from engine.core.fsutil import atomic_write_json, read_json
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "manifest.lock"

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from engine.errors import UsageError
+from engine.core.errors import UsageError
 
 
 def partial_path(dst: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.safetensors_format import ITEMSIZE, parse_header
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import NoReturn
 
-from engine.errors import CheckpointError, DiskFullError
+from engine.core.errors import CheckpointError, DiskFullError
 
 
 def disk_full(e: OSError, path: Path) -> Exception:

@@ -32,9 +32,9 @@ from engine.checkpoint.paths import partial_path
 from engine.checkpoint.safetensors_format import TensorSpec, build_layout, dtype_name
 from engine.checkpoint.shard_plan import ShardPlan, plan_shards
 from engine.checkpoint.write_errors import disk_full, make_output_dir, raise_write_error
-from engine.errors import CheckpointError
-from engine.events import EventSink, NullSink
-from engine.fsutil import atomic_write_json, fsync_dir
+from engine.core.errors import CheckpointError
+from engine.core.events import EventSink, NullSink
+from engine.core.fsutil import atomic_write_json, fsync_dir
 
 DEFAULT_METADATA = {"format": "pt"}
 
@@ -62,7 +62,7 @@ WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk rig
 # manifest) has its shards' digests checked when the same command runs again, which moves it back to
 # `.partial` and rewrites any shard that does not match. QUANTDECK_FSYNC=1: durable shards, written with
 # O_DIRECT (QUANTDECK_DIRECT_IO=0: through the page cache) and fsynced before the manifest records them; the
-# stages of a run use it (engine.worker), since a run skips a stage it has recorded as done.
+# stages of a run use it (engine.runs.worker), since a run skips a stage it has recorded as done.
 FSYNC_ENV = "QUANTDECK_FSYNC"
 
 

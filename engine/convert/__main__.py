@@ -14,13 +14,13 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
 
-from engine import timeline  # noqa: E402  (no torch)
+from engine.core import timeline  # noqa: E402  (no torch)
 from engine.convert.device import start_early  # noqa: E402
-from engine.errors import QuantdeckError, exit_code_for  # noqa: E402
-from engine.events import CallbackSink  # noqa: E402
+from engine.core.errors import QuantdeckError, exit_code_for  # noqa: E402
+from engine.core.events import CallbackSink  # noqa: E402
 
 
-START_FILES = "engine.convert"  # this entry's list of the files its start reads (engine.startfiles)
+START_FILES = "engine.convert"  # this entry's list of the files its start reads (engine.startup.startfiles)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except QuantdeckError as e:
         print(f"quantdeck: error: {e.one_line()}", file=sys.stderr)
         return exit_code_for(e)
-    if s.get("device") == "cpu":  # what this start read, for the next cold one (engine.startfiles)
-        from engine import startfiles
+    if s.get("device") == "cpu":  # what this start read, for the next cold one (engine.startup.startfiles)
+        from engine.startup import startfiles
 
         startfiles.record(START_FILES)
     print(json.dumps({k: v for k, v in s.items() if k != "kept_modules"}, default=str))

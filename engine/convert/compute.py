@@ -13,7 +13,7 @@ import torch
 from engine.convert import kernels
 from engine.convert.compute_host import check_finite, spread_notes
 from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, NVFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
-from engine.errors import FormatError, about
+from engine.core.errors import FormatError, about
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block, scale_to_fp32
 from engine.formats.mxfp4.helpers import dequant_mxfp4, mxfp4_to_nvfp4
 from engine.formats.nvfp4.helpers import global_scale

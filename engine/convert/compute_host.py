@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.checkpoint.host import HostArray
 from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, ItemResult, Member
-from engine.errors import CORRUPT_SOURCE, FormatError, about
+from engine.core.errors import CORRUPT_SOURCE, FormatError, about
 from engine.formats.fp8_block import host as fb
 from engine.formats.grid import infer_block
 from engine.formats.nvfp4 import host as nv

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from engine.errors import UsageError
+from engine.core.errors import UsageError
 
 AUTO_CPU_CORES = 8  # from this many cores, auto prefers the CPU kernels for NVFP4 (see the module doc)
 
@@ -76,9 +76,9 @@ def needs_gpu_after_all(choice: DeviceChoice, torch_bytes: int, total_bytes: int
 
 def start_early(src, device: str | None, target: str, entry: str | None = None) -> DeviceChoice | None:
     """What the entry points do before their heavy imports: choose the device, then start reading the source
-    ahead (engine.readahead) and, for CUDA, the driver's context (engine.cuda_preinit). None (and nothing
+    ahead (engine.startup.readahead) and, for CUDA, the driver's context (engine.startup.cuda_preinit). None (and nothing
     started) for a device that cannot be used: the conversion reports that error itself."""
-    from engine import cuda_preinit, readahead
+    from engine.startup import cuda_preinit, readahead
 
     try:
         choice = choose_device(device, target)

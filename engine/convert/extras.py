@@ -12,8 +12,8 @@ from pathlib import Path
 from engine.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
 from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.write_errors import disk_full
-from engine.errors import CheckpointError
-from engine.events import EventSink, NullSink
+from engine.core.errors import CheckpointError
+from engine.core.events import EventSink, NullSink
 
 SKIP = {INDEX_NAME, MANIFEST_NAME, LOCK_NAME, "hf_quant_config.json"}
 

@@ -68,7 +68,7 @@ def warm_up(target: str, device) -> None:
     kind = str(device).split(":", 1)[0]
     if kind == "cuda":
         def warm() -> None:
-            from engine import timeline
+            from engine.core import timeline
 
             try:
                 import torch
@@ -92,7 +92,7 @@ def warm_up(target: str, device) -> None:
     elif target in ("nvfp4", "bf16"):
         def warm() -> None:
             try:
-                from engine import timeline
+                from engine.core import timeline
                 from engine.formats import cpu_kernels
 
                 if cpu_kernels.backend() == "numba":  # no C compiler: import numba and load its cached kernels

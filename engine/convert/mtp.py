@@ -21,9 +21,9 @@ from engine.checkpoint.safetensors_format import TensorSpec
 from engine.checkpoint.shard_plan import plan_shards
 from engine.checkpoint.writer import CheckpointWriter
 from engine.convert.extras import copy_extras
-from engine.errors import CheckpointError
-from engine.events import EventSink, NullSink, Progress
-from engine.fsutil import atomic_write_json
+from engine.core.errors import CheckpointError
+from engine.core.events import EventSink, NullSink, Progress
+from engine.core.fsutil import atomic_write_json
 
 _V3_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 

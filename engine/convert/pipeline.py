@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from engine import timeline
+from engine.core import timeline
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.shard_plan import ShardPlan
 from engine.checkpoint.writer import ShardFile

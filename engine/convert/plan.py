@@ -20,11 +20,11 @@ import numpy as np
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
-from engine.errors import CheckpointError, FormatError, UsageError
+from engine.core.errors import CheckpointError, FormatError, UsageError
 from engine.formats.grid import packed_cols, scale_grid
 from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
 from engine.models.scales import check_scales, companion
-from engine.names import OutputLayout, TargetFormat
+from engine.core.names import OutputLayout, TargetFormat
 
 FLOAT = "float"  # BF16 / F16 / F32 values
 FP8 = "fp8"  # float8_e4m3fn codes with a block scale companion

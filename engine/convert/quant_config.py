@@ -12,7 +12,7 @@ from typing import Any
 
 from engine import __version__
 from engine.convert.plan import TO_BF16, TO_FP8, TO_NVFP4, ConvertPlan, natural_key
-from engine.names import OutputLayout
+from engine.core.names import OutputLayout
 
 PRODUCER = {"name": "quantdeck", "version": __version__}
 QUANT_ALGO = "W4A16_NVFP4"  # what modelopt's export writes for weight-only NVFP4

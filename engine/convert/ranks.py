@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from engine.errors import QuantdeckError, RankFailedError
+from engine.core.errors import QuantdeckError, RankFailedError
 
 FAIL_RANK_ENV = "QUANTDECK_TEST_FAIL_RANK"
 TIMEOUT_ENV = "QUANTDECK_RANK_TIMEOUT_S"  # how long a rank waits for the others at a step (default 12 h)
@@ -58,7 +58,7 @@ def _describe(exc: BaseException) -> tuple[str, str, str | None]:
 
 
 def _mark_told(exc: BaseException) -> BaseException:
-    """Every rank knows of this failure (engine.worker then lets rank 0 record it before this rank exits)."""
+    """Every rank knows of this failure (engine.runs.worker then lets rank 0 record it before this rank exits)."""
     try:
         exc.ranks_told = True  # type: ignore[attr-defined]
     except AttributeError:  # pragma: no cover - an exception type with __slots__

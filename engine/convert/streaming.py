@@ -19,7 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine import __version__, timeline
+from engine import __version__
+
+from engine.core import timeline
 from engine.checkpoint.paths import layout_dirs, refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.write_errors import make_output_dir
@@ -33,11 +35,11 @@ from engine.convert.pipeline import ShardTask, device_type, run_tasks
 from engine.convert.plan import TO_NVFP4, Item, build_plan, check_layouts, rename_for_layout
 from engine.convert.quant_config import modelopt_hf_quant_config, output_config
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
-from engine.errors import UsageError
-from engine.events import EventSink, NullSink, Progress
-from engine.fsutil import atomic_write_json
-from engine.names import OutputLayout, TargetFormat
-from engine.parent_watch import die_with_parent
+from engine.core.errors import UsageError
+from engine.core.events import EventSink, NullSink, Progress
+from engine.core.fsutil import atomic_write_json
+from engine.core.names import OutputLayout, TargetFormat
+from engine.core.parent_watch import die_with_parent
 
 PLAN_VERSION = 1
 

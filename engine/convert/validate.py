@@ -36,8 +36,8 @@ from engine.checkpoint.manifest import load_manifest
 from engine.checkpoint.reader import CheckpointReader
 from engine.convert import validate_read as host
 from engine.convert.validate_config import label_problems
-from engine.errors import CheckpointError
-from engine.events import EventSink, NullSink, Progress
+from engine.core.errors import CheckpointError
+from engine.core.events import EventSink, NullSink, Progress
 from engine.formats.grid import infer_block, scale_grid
 
 # Relative-error ceilings per encoding (random Gaussian weights give ~0.09 for NVFP4, ~0.02 for FP8).

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.fsutil import read_json
+from engine.core.fsutil import read_json
 
 WEIGHT_ONLY, W4A4 = "W4A16_NVFP4", "NVFP4"  # modelopt's quant_algo names
 CT_FORMAT = "nvfp4-pack-quantized"

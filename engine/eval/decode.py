@@ -28,14 +28,14 @@ import torch
 
 from engine.calibrate.layer_plan import final_dtype
 from engine.checkpoint.reader import CheckpointReader
-from engine.errors import CheckpointError, about
+from engine.core.errors import CheckpointError, about
 from engine.eval.actquant import ActQuant, ExpertsActQuant
 from engine.formats.e2m1 import decode_e2m1, unpack_nibbles
 from engine.formats.fp8_block.helpers import dequant_fp8_block
 from engine.formats.grid import NVFP4_BLOCK, infer_block
 from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
 from engine.formats.nvfp4.stored import as_multiplier
-from engine.names import OutputLayout
+from engine.core.names import OutputLayout
 
 FP8_STORED = ("F8_E4M3",)
 # Linears a serving engine runs as one merged GEMM (vLLM's MergedColumnParallelLinear in DeepSeek V2/V3)

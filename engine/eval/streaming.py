@@ -33,12 +33,12 @@ from engine.calibrate.layer import TensorSource, compute_dtype, keep_fp32, mater
 from engine.calibrate.layer_reader import LayerReader
 from engine.calibrate.samples import load_samples, read_samples_file
 from engine.calibrate.streaming import HEARTBEAT_S
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 from engine.eval import actquant
 from engine.eval.decode import OutputModel
 from engine.eval.metrics import HiddenError, TokenMetrics
 from engine.eval.report import verdict
-from engine.events import SCOPE_ALL, EventSink, NullSink, Progress
+from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
 
 DEFAULT_NUM_SAMPLES = 64
 HEAD_NAMES = {"norm": ("model.norm.weight", "norm.weight"), "head": ("lm_head.weight", "head.weight")}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 FILE_RE = re.compile(r"^amax_dict_rank(\d+)-mp(\d+)\.pt$")
 _RENAMES = [(r"^layers\.", "model.layers."), (r"\.ffn\.", ".mlp."), (r"\.attn\.", ".self_attn."),

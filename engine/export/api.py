@@ -17,13 +17,13 @@ from typing import Any, Sequence
 import torch
 
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
-from engine.errors import CheckpointError
-from engine.events import EventSink, NullSink, Progress
+from engine.core.errors import CheckpointError
+from engine.core.events import EventSink, NullSink, Progress
 from engine.export.quant_config import w4a4_config, w4a4_hf_quant_config
 from engine.export.names import to_checkpoint_names
 from engine.export.scales import ModuleAmax, check_scales, module_amax, plan_input_scales
 from engine.export.source import load_any_amax
-from engine.fsutil import atomic_write_json
+from engine.core.fsutil import atomic_write_json
 
 INPUT_SCALE = ".input_scale"
 
@@ -31,7 +31,7 @@ INPUT_SCALE = ".input_scale"
 def _keep_fp32_patterns(config: dict) -> list[str]:
     """Tensors transformers keeps in fp32 (router bias): modelopt's export writes them as F32, so do we."""
     from engine.calibrate.family import LayerFamily
-    from engine.errors import CheckpointError as _CE
+    from engine.core.errors import CheckpointError as _CE
 
     try:
         mc = LayerFamily.for_config(config).model_class()

@@ -18,7 +18,7 @@ _PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 def to_checkpoint_names(ma: ModuleAmax, config: dict, names: set[str]) -> ModuleAmax:
     from engine.calibrate.family import LayerFamily
-    from engine.errors import CheckpointError
+    from engine.core.errors import CheckpointError
 
     try:
         family = LayerFamily.for_config(config)

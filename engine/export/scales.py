@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.errors import ValidationFailedError
+from engine.core.errors import ValidationFailedError
 
 FP4_MAX, E4M3_MAX = 6.0, 448.0
 _FUSED_W = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj|up_proj)_weight_quantizers\.(\d+)\.amax$")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 
 def load_any_amax(path: str | os.PathLike, model_dir: str | os.PathLike | None = None

@@ -7,7 +7,7 @@ engine.formats.nvfp4.helpers re-export them.
 
 from __future__ import annotations
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 
 NVFP4_BLOCK = 16  # elements per NVFP4 block scale
 E2M1_MAX = 6.0

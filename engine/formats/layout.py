@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.errors import FormatError
-from engine.registry import Registry
+from engine.core.errors import FormatError
+from engine.core.registry import Registry
 
 __all__ = ["ConfigPieces", "Layout", "TensorSpec", "layout_for", "prefixed"]
 
@@ -54,7 +54,7 @@ class Layout(Registry):
     """Base of the registered output layouts. Subclasses implement the three classmethods."""
 
     registry_kind = "output layout"
-    target: ClassVar[str] = ""  # engine.names.TargetFormat value this layout writes
+    target: ClassVar[str] = ""  # engine.core.names.TargetFormat value this layout writes
     quantized: ClassVar[bool] = True
 
     @classmethod
@@ -103,7 +103,7 @@ def check_weight_shape(weight_shape: tuple[int, ...], layout: str) -> tuple[int,
 
 def layout_for(target: str, fmt: str | None = None) -> type[Layout]:
     """The layout class for a target format (`nvfp4` needs `fmt`: modelopt | compressed-tensors)."""
-    from engine.names import TargetFormat
+    from engine.core.names import TargetFormat
 
     t = TargetFormat(str(target))
     if t is TargetFormat.NVFP4:

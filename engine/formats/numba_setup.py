@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 if "NUMBA_CACHE_DIR" not in os.environ:  # must be set before numba reads its config
-    from engine.fsutil import user_cache_dir
+    from engine.core.fsutil import user_cache_dir
 
     os.environ["NUMBA_CACHE_DIR"] = str(user_cache_dir("numba"))
 
@@ -17,7 +17,7 @@ try:
     import numba
     from numba import njit, prange
 except ImportError as e:  # the C kernels are the default; numba is the optional fallback (quantdeck[numba])
-    from engine.errors import KernelsUnavailableError
+    from engine.core.errors import KernelsUnavailableError
     from engine.formats.native import build
 
     why = build.unavailable() or "QUANTDECK_KERNELS=numba asks for them"

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import ClassVar, Iterable, Sequence
 
-from engine.names import Family, StrEnum
-from engine.registry import Registry
+from engine.core.names import Family, StrEnum
+from engine.core.registry import Registry
 
 
 class Role(StrEnum):

@@ -11,7 +11,7 @@ import re
 from typing import Sequence
 
 from engine.models.base import Kind, ModelLayout, Role, TensorInfo
-from engine.names import Family
+from engine.core.names import Family
 
 ATTN_GEMMS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_GEMMS = ("gate_proj", "up_proj", "down_proj")

@@ -14,7 +14,7 @@ import re
 from typing import Sequence
 
 from engine.models.base import Kind, ModelLayout, Role, TensorInfo
-from engine.names import Family
+from engine.core.names import Family
 
 ATTN_GEMMS = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")
 _BLOCK = re.compile(r"^(model\.)?(layers|mtp)\.(\d+)\.(.+)$")

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from engine.models.base import ModelLayout, Role, config_experts, config_layers, layer_index
 from engine.models.generic import GenericLayout
-from engine.names import Family
+from engine.core.names import Family
 
 _MODEL_TYPES = {
     "deepseek_v3": Family.DEEPSEEK_V3,

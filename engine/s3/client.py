@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import TransferError
+from engine.core.errors import TransferError
 
 FATAL_CODES_ACCESS = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
 FATAL_CODES_CREDS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",

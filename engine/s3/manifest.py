@@ -1,6 +1,6 @@
 """The transfer manifest: which objects are already verified, so a rerun skips them.
 
-One JSON file, rewritten atomically (engine.fsutil) after every verified object:
+One JSON file, rewritten atomically (engine.core.fsutil) after every verified object:
 
     {"version": 1, "direction": "pull", "url": "s3://b/p", "local": "/data/ckpt", "complete": false,
      "part_size": 67108864,
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.fsutil import atomic_write_json, read_json
+from engine.core.fsutil import atomic_write_json, read_json
 
 VERSION = 1
 

@@ -8,9 +8,9 @@ import os
 import time
 from pathlib import Path
 
-from engine.errors import CheckpointError, TransferError
-from engine.events import EventSink, NullSink, Progress
-from engine.fsutil import free_bytes
+from engine.core.errors import CheckpointError, TransferError
+from engine.core.events import EventSink, NullSink, Progress
+from engine.core.fsutil import free_bytes
 from engine.s3.checksum import META_SHA256, etag_parts
 from engine.s3.client import S3Session, make_session, translate
 from engine.s3.manifest import TransferManifest, local_stat

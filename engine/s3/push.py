@@ -8,8 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from engine.errors import TransferError
-from engine.events import EventSink, NullSink, Progress
+from engine.core.errors import TransferError
+from engine.core.events import EventSink, NullSink, Progress
 from engine.s3.checksum import META_SHA256, FileDigest, clean_etag, digest_file, upload_part_size
 from engine.s3.client import S3Session, error_code, make_session, translate
 from engine.s3.manifest import TransferManifest, local_stat

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.errors import TransferError
+from engine.core.errors import TransferError
 from engine.s3.client import make_session, translate
 from engine.s3.url import parse_url
 

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import DiskFullError, QuantdeckError, TransferError
-from engine.events import EventSink, Progress
+from engine.core.errors import DiskFullError, QuantdeckError, TransferError
+from engine.core.events import EventSink, Progress
 from engine.s3.client import S3Session, is_fatal, is_retryable, translate
 
 MiB = 1 << 20

@@ -9,7 +9,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.fsutil import read_json
+from engine.core.fsutil import read_json
 
 
 def output_dirs(dst: str | Path, layouts: list[str] | tuple[str, ...] | None) -> list[Path]:

@@ -1,7 +1,7 @@
 """The stage contract.
 
 A stage is a thin adapter: it reads its resolved parameters from the plan (`ctx.params`, built from the
-recipe by engine.plan) and calls a library function that takes an EventSink (the same function the
+recipe by engine.runs.plan) and calls a library function that takes an EventSink (the same function the
 matching CLI command calls). It must be resumable by construction: on a rerun it keeps every unit that
 is already done (a shard in the manifest with a matching sha256, an amax layer file, an S3 object whose
 size and checksum match) and redoes the rest. It reports only through `ctx.sink`; it never relies on
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.events import EventSink, NullSink
-from engine.registry import Registry
+from engine.core.events import EventSink, NullSink
+from engine.core.registry import Registry
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.names import StageName
+from engine.core.names import StageName
 from engine.stages.base import Stage, StageContext
 
 

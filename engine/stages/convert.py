@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.names import StageName
+from engine.core.names import StageName
 from engine.stages._common import check_checkpoint_dir, output_dirs, small
 from engine.stages.base import Stage, StageContext
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.names import StageName
+from engine.core.names import StageName
 from engine.stages.base import Stage
 from engine.stages.convert import _ConvertBase
 

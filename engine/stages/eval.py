@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.errors import QualityGateError, SamplesError
-from engine.fsutil import atomic_write_bytes, atomic_write_json
-from engine.names import StageName
+from engine.core.errors import QualityGateError, SamplesError
+from engine.core.fsutil import atomic_write_bytes, atomic_write_json
+from engine.core.names import StageName
 from engine.stages._common import output_dirs
 from engine.stages.base import Stage, StageContext
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engine.names import StageName
+from engine.core.names import StageName
 from engine.stages._common import output_dirs, small
 from engine.stages.base import Stage, StageContext
 

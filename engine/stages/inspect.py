@@ -1,4 +1,4 @@
-"""The inspect stage: what the source is (family, layout, counts, anomalies, size estimates), engine.inspect
+"""The inspect stage: what the source is (family, layout, counts, anomalies, size estimates), engine.checkpoint.inspect
 (the function `quantdeck inspect` calls). Writes report.json; the detected family goes into run.json.
 Unit: the stage."""
 
@@ -7,16 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CheckpointError
-from engine.fsutil import atomic_write_json, read_json
-from engine.names import StageName
+from engine.core.errors import CheckpointError
+from engine.core.fsutil import atomic_write_json, read_json
+from engine.core.names import StageName
 from engine.stages._common import call_with_sink, jsonable
 from engine.stages.base import Stage, StageContext
 
 
 def _inspect(src: str, sink: Any) -> dict[str, Any]:
     try:
-        from engine import inspect as insp
+        from engine.checkpoint import inspect as insp
     except ImportError:
         insp = None
     fn = None
@@ -27,7 +27,7 @@ def _inspect(src: str, sink: Any) -> dict[str, Any]:
     if fn is not None:
         rep = jsonable(call_with_sink(fn, src, sink=sink))
         return rep if isinstance(rep, dict) else {"report": rep}
-    # engine.inspect not there yet: the essentials from the reader and the model layout
+    # engine.checkpoint.inspect not there yet: the essentials from the reader and the model layout
     from engine.checkpoint.reader import CheckpointReader
     from engine.models.detect import config_mismatches, detect_layout, role_counts
 
@@ -53,8 +53,8 @@ class InspectStage(Stage):
         if want and fam and str(fam) != str(want) and str(fam) != "generic":
             ctx.sink.emit("log", level="warning", msg=f"recipe says model.family = {want}, the checkpoint looks like {fam}")
         if fam:
-            from engine.runner import update_meta
-            from engine.rundir import RunDir
+            from engine.runs.runner import update_meta
+            from engine.runs.rundir import RunDir
 
             update_meta(RunDir(Path(ctx.run_dir)), family=str(want or fam))
         return {"family": fam, "report": ctx.params.get("report"),

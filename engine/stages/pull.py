@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.names import StageName
+from engine.core.names import StageName
 from engine.stages.base import Stage, StageContext
 from engine.stages.push import stage_params, transfer_kwargs
 
@@ -24,7 +24,7 @@ class PullStage(Stage):
         return res.summary()
 
     def check_saved(self, ctx: StageContext) -> list[str]:
-        from engine.fsutil import read_json
+        from engine.core.fsutil import read_json
 
         ins, outs, _ = stage_params(ctx.params)
         dst = Path(_dst(outs))

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ValidationFailedError
-from engine.fsutil import atomic_write_json
-from engine.names import StageName
+from engine.core.errors import ValidationFailedError
+from engine.core.fsutil import atomic_write_json
+from engine.core.names import StageName
 from engine.stages._common import call_with_sink, check_checkpoint_dir, jsonable, output_dirs, small
 from engine.stages.base import Stage, StageContext
 

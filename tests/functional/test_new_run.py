@@ -17,7 +17,7 @@ from console.screens.history import HistoryScreen
 from console.screens.new_run import NewRunModal
 from console.widgets import StageTable
 from engine.api import open_engine
-from engine.recipe import write_recipe
+from engine.runs.recipe import write_recipe
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401  (session-cached read-only tiny checkpoints)
 
 pytestmark = pytest.mark.slow  # a real run: ~10-20 s on two loaded cores

@@ -2,7 +2,7 @@
 
 `torchrun … -m tests.integration.allreduce_worker STAGE --run-dir D` on every node: each rank joins the
 process group (gloo), all-reduces its rank + 1, and writes D/stages/STAGE/rank<R>.json with what it saw.
-It stands in for engine.worker until a distributed stage (calibrate) exists.
+It stands in for engine.runs.worker until a distributed stage (calibrate) exists.
 """
 
 from __future__ import annotations

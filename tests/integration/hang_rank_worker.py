@@ -1,9 +1,9 @@
 """A rank that never joins a collective: `torchrun --nproc-per-node 2 -m tests.integration.hang_rank_worker OUT`.
 
 Both ranks join the process group through engine.calibrate.dist.init_distributed (its timeout from
-QUANTDECK_COLLECTIVE_TIMEOUT_S, as engine.worker hands on `[run] stall_after_s`); rank 1 then sleeps far past that
+QUANTDECK_COLLECTIVE_TIMEOUT_S, as engine.runs.worker hands on `[run] stall_after_s`); rank 1 then sleeps far past that
 timeout, while rank 0 all-reduces on a group made after the default one (as the layer reader's node group is).
-Rank 0 writes OUT/rank0.json: the root cause (engine.rootcause) of the error it got, and how long it waited."""
+Rank 0 writes OUT/rank0.json: the root cause (engine.runs.rootcause) of the error it got, and how long it waited."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from engine.calibrate.dist import init_distributed
-    from engine.rootcause import classify
+    from engine.runs.rootcause import classify
 
     out = Path(sys.argv[1])
     ctx = init_distributed("cpu")

@@ -15,7 +15,7 @@ import os
 import sys
 
 from engine.convert import convert_checkpoint
-from engine.events import CallbackSink
+from engine.core.events import CallbackSink
 from engine.export.api import export_checkpoint
 
 LAYOUTS = ("modelopt", "compressed-tensors")

@@ -1,5 +1,5 @@
 """`quantdeck convert / validate / inject-mtp` through the real CLI entry point (stdout data, stderr chatter,
-exit codes from engine.errors)."""
+exit codes from engine.core.errors)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from console.cli import main
 from engine.checkpoint import CheckpointReader, write_checkpoint
-from engine.errors import ExitCode
+from engine.core.errors import ExitCode
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from console.cli import main
-from engine.errors import ExitCode
+from engine.core.errors import ExitCode
 from tests.conftest import subprocess_env
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 

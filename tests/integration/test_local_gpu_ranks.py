@@ -44,10 +44,10 @@ def test_nvidia_smi_parser_matches_nvml(tmp_path, capsys):
 
 
 def test_calibrated_pipeline_on_local_gpu_ranks_equals_one_process(tiny_ckpt, tmp_path, capsys):
-    from engine.local_launcher import LocalLauncher
-    from engine.names import StageState
-    from engine.rundir import read_status
-    from engine.runner import create_run, drive
+    from engine.runs.local_launcher import LocalLauncher
+    from engine.core.names import StageState
+    from engine.runs.rundir import read_status
+    from engine.runs.runner import create_run, drive
 
     n = _gpus()
     src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)

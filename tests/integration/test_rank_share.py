@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.names import StageState
+from engine.core.names import StageState
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("rank_share_worker.py")
@@ -103,11 +103,11 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     the rerun writes the rest and gives the bytes of one process."""
     from engine.convert import convert_checkpoint
     from engine.convert.ranks import FAIL_RANK_ENV
-    from engine.launcher import WorkerSpec
-    from engine.local_launcher import LocalLauncher
-    from engine.plan import Plan
-    from engine.rundir import begin_attempt, read_status, set_status
-    from engine.runner import create_run, wait_stage
+    from engine.runs.launcher import WorkerSpec
+    from engine.runs.local_launcher import LocalLauncher
+    from engine.runs.plan import Plan
+    from engine.runs.rundir import begin_attempt, read_status, set_status
+    from engine.runs.runner import create_run, wait_stage
     from engine.checkpoint.manifest import load_manifest
 
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
@@ -164,7 +164,7 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     row = ApiBackend(open_engine()).read_run(str(run.path)).stage("convert")
     assert (row.done, row.total, row.ranks) == (prog["total"], prog["total"], 2)
     assert row.rank_line.startswith(f"ranks 2: r0 {shares[0]['done']}/{shares[0]['total']} ")
-    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.worker)
+    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.runs.worker)
     ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
     assert ref["shards"] == st["result"]["shards"]
     want, got = tree(tmp_path / "one"), tree(out)
@@ -203,10 +203,10 @@ def test_a_failing_rank_on_another_node_fails_the_stage_by_name(sshd_cluster, ti
 
     from engine.checkpoint.manifest import load_manifest
     from engine.convert.ranks import FAIL_RANK_ENV
-    from engine.launcher import WorkerSpec
-    from engine.plan import Plan
-    from engine.rundir import begin_attempt, set_status
-    from engine.runner import create_run, load_frozen_recipe, wait_stage
+    from engine.runs.launcher import WorkerSpec
+    from engine.runs.plan import Plan
+    from engine.runs.rundir import begin_attempt, set_status
+    from engine.runs.runner import create_run, load_frozen_recipe, wait_stage
     from remote.launchers import launcher_for
     from tests.integration.test_remote_pipeline import HEAD, recipe_text
 

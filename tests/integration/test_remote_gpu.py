@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine.launcher import WorkerSpec
+from engine.runs.launcher import WorkerSpec
 from remote.hosts import cluster_from
 from remote.launchers import TorchrunLauncher
 from remote.monitor import LocalProbe, TelemetryMonitor
@@ -88,10 +88,10 @@ def test_torchrun_with_nccl_on_one_node(gpu_node, capsys):
 def test_calibrated_pipeline_two_gpu_ranks_nccl_equals_one_rank(gpu_node, tiny_ckpt, tmp_path, capsys):
     """calibrate on one 2-GPU node: SSHLauncher runs torchrun with one rank per GPU (NCCL); the W4A4
     outputs equal a one-process run of the same recipe on this machine."""
-    from engine.local_launcher import LocalLauncher
-    from engine.names import StageState
-    from engine.rundir import read_status
-    from engine.runner import create_run, drive
+    from engine.runs.local_launcher import LocalLauncher
+    from engine.core.names import StageState
+    from engine.runs.rundir import read_status
+    from engine.runs.runner import create_run, drive
     from remote.launchers import SSHLauncher
 
     cluster, d, n = gpu_node

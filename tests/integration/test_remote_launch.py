@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import RemoteError
-from engine.launcher import WorkerSpec
-from engine.names import StageState
-from engine.rundir import begin_attempt, read_status
+from engine.core.errors import RemoteError
+from engine.runs.launcher import WorkerSpec
+from engine.core.names import StageState
+from engine.runs.rundir import begin_attempt, read_status
 from remote.follow import StageFollower
 from remote.launchers import SSHLauncher, launcher_for
 
@@ -30,8 +30,8 @@ def wait_for(pred, timeout=20.0, step=0.05):
 
 
 def make_run(cluster, tmp_path):
-    """A real run dir (engine.runner.create_run) from a recipe whose [cluster] is the four sshd nodes."""
-    from engine.runner import create_run
+    """A real run dir (engine.runs.runner.create_run) from a recipe whose [cluster] is the four sshd nodes."""
+    from engine.runs.runner import create_run
 
     nodes = "\n".join(f'[[cluster.nodes]]\nname = "{n["name"]}"\nhost = "{n["host"]}"\nport = {n["port"]}\n'
                       f'user = "{n["user"]}"\nkey = "{n["key"]}"\n' for n in cluster.cluster_dict()["nodes"])
@@ -85,9 +85,9 @@ def test_real_worker_killed_on_its_node_is_recorded_failed(sshd_cluster, tmp_pat
 
 
 def kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch):
-    """Start the real engine.worker for `inspect` on node3 (parked by the worker's test hook), restart node3's
+    """Start the real engine.runs.worker for `inspect` on node3 (parked by the worker's test hook), restart node3's
     sshd under it, then SIGKILL it there: the runner's wait records FAILED_WORKER, root cause `killed`."""
-    from engine.runner import load_frozen_recipe, wait_stage
+    from engine.runs.runner import load_frozen_recipe, wait_stage
 
     c = sshd_cluster
     monkeypatch.setenv("QUANTDECK_KNOWN_HOSTS", str(c.known_hosts))  # the per-test known_hosts and ssh config

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.names import StageState
-from engine.rundir import read_status
+from engine.core.names import StageState
+from engine.runs.rundir import read_status
 from tests.integration.runs_support import output_files
 
 HEAD = "node2"
@@ -51,11 +51,11 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
     and comes back under the running convert stage (no failed attempt for it); the outputs equal a local run."""
     import signal
 
-    from engine.local_launcher import LocalLauncher
-    from engine.runner import create_run, drive, load_frozen_recipe, wait_stage
-    from engine.rundir import begin_attempt
-    from engine.launcher import WorkerSpec
-    from engine.store import Store, sync_run
+    from engine.runs.local_launcher import LocalLauncher
+    from engine.runs.runner import create_run, drive, load_frozen_recipe, wait_stage
+    from engine.runs.rundir import begin_attempt
+    from engine.runs.launcher import WorkerSpec
+    from engine.runs.store import Store, sync_run
     from remote.launchers import SSHLauncher, launcher_for
 
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
@@ -134,8 +134,8 @@ def test_calibrated_pipeline_torchrun_across_four_nodes_is_byte_identical(sshd_c
     """calibrate runs as torchrun over the four nodes (gloo, 4 ranks) and gives the bytes of one rank here."""
     import json
 
-    from engine.local_launcher import LocalLauncher
-    from engine.runner import create_run, drive, load_frozen_recipe
+    from engine.runs.local_launcher import LocalLauncher
+    from engine.runs.runner import create_run, drive, load_frozen_recipe
     from remote.launchers import launcher_for
 
     src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)

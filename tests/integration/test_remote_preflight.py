@@ -43,7 +43,7 @@ def test_bad_python_and_missing_workdir(sshd_cluster, tmp_path):
 
 
 def test_engine_preflight_with_remote_checks(sshd_cluster, tmp_path, monkeypatch):
-    from engine.preflight import run_preflight
+    from engine.runs.preflight import run_preflight
     from remote.preflight import check_nodes
 
     monkeypatch.setenv("QUANTDECK_KNOWN_HOSTS", str(sshd_cluster.known_hosts))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine.errors import HostKeyError, RemoteError
+from engine.core.errors import HostKeyError, RemoteError
 from remote.hosts import NodeSpec, cluster_from, resolve_cluster, resolve_host
 from remote.ssh import ConnectionPool, SSHConnection
 

@@ -60,7 +60,7 @@ def test_four_nodes_one_killed_goes_stale_others_stay_fresh(sshd_cluster):
 
 
 def test_monitor_built_straight_from_a_recipe_cluster(sshd_cluster, monkeypatch):
-    from engine.recipe import recipe_from_dict
+    from engine.runs.recipe import recipe_from_dict
 
     monkeypatch.setenv("QUANTDECK_KNOWN_HOSTS", str(sshd_cluster.known_hosts))
     monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(sshd_cluster.ssh_config))

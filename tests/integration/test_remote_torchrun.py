@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine.errors import RemoteError
-from engine.launcher import WorkerSpec
+from engine.core.errors import RemoteError
+from engine.runs.launcher import WorkerSpec
 from remote.launchers import SSHLauncher, TorchrunLauncher
 
 

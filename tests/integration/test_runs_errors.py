@@ -139,7 +139,7 @@ def test_second_run_on_a_live_run_is_refused_then_cancel(tmp_path, tiny_ckpt):  
 
     res = qd("resume", rid)
     assert res.returncode == 7 and f"run {rid} is already held by pid" in res.stderr, res.stderr
-    wk = subprocess.run([sys.executable, "-m", "engine.worker", "inspect", "--run-dir", str(rd)], cwd=REPO,
+    wk = subprocess.run([sys.executable, "-m", "engine.runs.worker", "inspect", "--run-dir", str(rd)], cwd=REPO,
                         env=env(), capture_output=True, text=True, timeout=60)
     assert wk.returncode == 7 and f"stage inspect of run {rid} is already held by pid {live['pid']}" in wk.stderr
     assert status(work, rid, "inspect") == live  # nothing changed

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import TransferError
-from engine.events import JsonlSink
-from engine.fsutil import free_bytes
+from engine.core.errors import TransferError
+from engine.core.events import JsonlSink
+from engine.core.fsutil import free_bytes
 from tests.integration.s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, auth_enabled, child_env, client, fake_env,
                        free_port, get_server, make_checkpoint)
 

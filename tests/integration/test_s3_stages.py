@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import JsonlSink, read_events
-from engine.names import StageName
+from engine.core.events import JsonlSink, read_events
+from engine.core.names import StageName
 from engine.stages.base import Stage, StageContext
 from tests.integration.s3_server import FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, fresh_bucket, make_checkpoint, same_tree
 
@@ -69,7 +69,7 @@ def test_push_and_pull_stages_with_the_plans_params_and_validate_only(s3, tmp_pa
 
 
 def test_throttled_requests_are_retried_with_backoff_and_counted(s3, tmp_path):
-    from engine.events import CallbackSink
+    from engine.core.events import CallbackSink
     from engine.s3 import pull, push
 
     server, bucket = s3

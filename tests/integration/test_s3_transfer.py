@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import TransferError
-from engine.events import CallbackSink
+from engine.core.errors import TransferError
+from engine.core.events import CallbackSink
 from tests.integration.s3_server import fresh_bucket, make_checkpoint, same_tree
 
 MiB = 1 << 20

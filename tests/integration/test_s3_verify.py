@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 from tests.integration.s3_server import fresh_bucket, make_checkpoint, same_tree
 
 MiB = 1 << 20

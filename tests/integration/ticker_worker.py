@@ -1,7 +1,7 @@
 """A stand-in stage process for the follow-across-reconnect test: emits numbered progress events.
 
 `python -m tests.integration.ticker_worker STAGE --run-dir D --count N --interval S` writes N progress
-events (done = 1..N) to D/stages/STAGE/events.jsonl through engine.events.JsonlSink, one every S seconds,
+events (done = 1..N) to D/stages/STAGE/events.jsonl through engine.core.events.JsonlSink, one every S seconds,
 then a SUCCEEDED state event. It is started through the real SSH launcher on a real sshd node; it only
 stands in for a stage long enough to outlive an sshd restart.
 """
@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from engine.events import JsonlSink
+from engine.core.events import JsonlSink
 
 
 def main() -> int:

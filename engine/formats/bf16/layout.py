@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.layout import ConfigPieces, Layout, TensorSpec, check_weight_shape
-from engine.names import TargetFormat
+from engine.core.names import TargetFormat
 
 __all__ = ["Bf16Layout"]
 

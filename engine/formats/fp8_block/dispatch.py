@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.fp8_block.helpers import (
     cast_fp8_block,
     dequant_fp8_block,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.grid import infer_block, scale_grid
 
 FP8_MAX = 448.0

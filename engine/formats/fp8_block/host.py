@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats import cpu_kernels
 from engine.formats.grid import check_scale_grid, check_scale_values
 from engine.formats.nvfp4.host import E4M3_LUT

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.fp8_block.helpers import cast_fp8_block, scale_grid
 from engine.formats.layout import ConfigPieces, Layout, TensorSpec, check_weight_shape
-from engine.names import TargetFormat
+from engine.core.names import TargetFormat
 
 BLOCK = (128, 128)
 

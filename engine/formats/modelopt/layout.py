@@ -24,7 +24,7 @@ import torch
 
 from engine.formats.layout import ConfigPieces, Layout, TensorSpec, check_weight_shape
 from engine.formats.nvfp4.pack import nvfp4_specs, nvfp4_tensors, passthrough
-from engine.names import OutputLayout, TargetFormat
+from engine.core.names import OutputLayout, TargetFormat
 
 GROUP_SIZE = 16
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.e2m1 import E2M1_MAX, decode_e2m1, e2m1_codes, pack_nibbles, unpack_nibbles
 from engine.formats.fp8_block.helpers import E8M0_BIAS, e8m0_from_exponent, scale_to_fp32
 from engine.formats.nvfp4.helpers import as_scale_2, global_scale, quantize_nvfp4

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 from engine.formats.native import calls
-from engine.fsutil import user_cache_dir
+from engine.core.fsutil import user_cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.grid import check_scale_values
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
 from engine.formats.nvfp4.helpers import as_scale_2

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.e2m1 import E2M1_MAX, decode_e2m1, e2m1_codes, pack_nibbles, unpack_nibbles
 from engine.formats.grid import E4M3_MAX, NVFP4_BLOCK as BLOCK, packed_cols
 E4M3_MIN_SCALE = 2.0**-9

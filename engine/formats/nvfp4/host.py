@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats import cpu_kernels
 from engine.formats.grid import E2M1_MAX, E4M3_MAX, check_scale_grid, check_scale_values, packed_cols
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.e2m1 import e2m1_codes, pack_nibbles
 from engine.formats.fp8_block.helpers import scale_to_fp32
 from engine.formats.nvfp4.helpers import as_scale_2, block_scales

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.names import OutputLayout
+from engine.core.names import OutputLayout
 
 __all__ = ["NVFP4_NAMES", "Nvfp4Names", "StoredNames", "find_nvfp4", "nvfp4_base"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.e2m1 import E2M1_MAX
 from engine.formats.nvfp4.helpers import E4M3_MAX, as_scale_2, global_scale, packed_cols, weight_amax
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import CORRUPT_SOURCE, FormatError
+from engine.core.errors import CORRUPT_SOURCE, FormatError
 from engine.formats.nvfp4.helpers import dequant_nvfp4
 from engine.formats.nvfp4.names import StoredNames
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine.errors import RemoteError
-from engine.launcher import WorkerSpec
+from engine.core.errors import RemoteError
+from engine.runs.launcher import WorkerSpec
 from remote.launchers import DETACH, node_log, torchrun_argv, worker_argv
 from remote.ssh import backoff_delays, build_command, secret_stdin, split_env
 
@@ -41,14 +41,14 @@ def test_bad_env_names_are_refused():
 
 def test_worker_and_torchrun_argv():
     spec = WorkerSpec(run_dir="/w/runs/r 1", stage="calibrate", args=("--mode", "run"))
-    assert worker_argv("py", "engine.worker", spec) == ["py", "-m", "engine.worker", "calibrate", "--run-dir",
+    assert worker_argv("py", "engine.runs.worker", spec) == ["py", "-m", "engine.runs.worker", "calibrate", "--run-dir",
                                                         "/w/runs/r 1", "--mode", "run"]
-    tr = torchrun_argv("py", "engine.worker", spec, nnodes=4, node_rank=2, master_addr="10.0.0.1",
+    tr = torchrun_argv("py", "engine.runs.worker", spec, nnodes=4, node_rank=2, master_addr="10.0.0.1",
                        master_port=29511, nproc_per_node=8)
     assert tr[:3] == ["py", "-m", "torch.distributed.run"]
     assert tr[tr.index("--nnodes") + 1] == "4" and tr[tr.index("--node_rank") + 1] == "2"
     assert tr[tr.index("--master_addr") + 1] == "10.0.0.1" and tr[tr.index("--nproc-per-node") + 1] == "8"
-    assert tr[tr.index("-m", 3):] == ["-m", "engine.worker", "calibrate", "--run-dir", "/w/runs/r 1", "--mode", "run"]
+    assert tr[tr.index("-m", 3):] == ["-m", "engine.runs.worker", "calibrate", "--run-dir", "/w/runs/r 1", "--mode", "run"]
     assert node_log("/w/stages/calibrate/log.txt", "n2") == "/w/stages/calibrate/log.n2.txt"
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from engine.errors import RemoteError
-from engine.events import JsonlSink
+from engine.core.errors import RemoteError
+from engine.core.events import JsonlSink
 from remote.follow import StageFollower
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import RecipeError
+from engine.core.errors import RecipeError
 from remote.hosts import ClusterSpec, NodeSpec, cluster_from, resolve_cluster, resolve_host
 
 CONFIG = """
@@ -71,7 +71,7 @@ def test_cluster_from_dict_and_env_fallbacks(cfg, monkeypatch, tmp_path):
 
 
 def test_cluster_from_the_engine_recipe_model():
-    from engine.recipe import recipe_from_dict
+    from engine.runs.recipe import recipe_from_dict
 
     r = recipe_from_dict({"source": {"path": "/m"}, "cluster": {
         "head": "n1", "python": "/opt/py/bin/python", "host_key_policy": "accept-new",
@@ -93,7 +93,7 @@ def test_bad_clusters_name_the_field(kw, match):
 
 
 def test_recipe_default_port_leaves_the_ssh_config_port(cfg, monkeypatch):
-    from engine.recipe import recipe_from_dict
+    from engine.runs.recipe import recipe_from_dict
 
     monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(cfg))
     r = recipe_from_dict({"source": {"path": "/m"}, "cluster": {"nodes": [{"name": "gpu-a"}, {"name": "x", "host": "gpu-a", "port": 22}]}})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.meminfo import parse_meminfo
+from engine.core.meminfo import parse_meminfo
 from remote.recorded import RECORDINGS
 from remote.telemetry import MIB, NodeState, parse_df_free, parse_nvidia_smi_csv, split_sections
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.calibrate.fastcollect import check_amax, deferred_checks, supported
-from engine.errors import ValidationFailedError
+from engine.core.errors import ValidationFailedError
 
 
 def _run(xs, axis=None):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from engine.calibrate.samples import load_samples, read_samples_file, validate_samples_file
-from engine.errors import SamplesError
+from engine.core.errors import SamplesError
 
 
 def _w(tmp_path, text, name="s.json"):

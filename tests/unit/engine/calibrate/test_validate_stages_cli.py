@@ -7,7 +7,7 @@ import torch
 
 from engine.calibrate import snapshot as snap
 from engine.calibrate.validate import validate_amax
-from engine.errors import ValidationFailedError
+from engine.core.errors import ValidationFailedError
 from engine.stages import load_all
 from engine.stages.base import Stage, StageContext
 

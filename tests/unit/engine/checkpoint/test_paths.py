@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.checkpoint.paths import layout_dirs, partial_path, refuse_overlap
-from engine.errors import UsageError
+from engine.core.errors import UsageError
 
 
 @pytest.fixture

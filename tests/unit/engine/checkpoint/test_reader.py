@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.checkpoint import CheckpointReader
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 
 def _two_shards(d):

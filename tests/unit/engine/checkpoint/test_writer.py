@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from engine.checkpoint import CheckpointReader, CheckpointWriter, ShardFile, TensorSpec, plan_shards, write_checkpoint
 from engine.checkpoint.manifest import load_manifest
-from engine.errors import CheckpointError, DiskFullError
+from engine.core.errors import CheckpointError, DiskFullError
 
 
 def _tensors(seed=0):
@@ -307,7 +307,7 @@ def test_a_finished_unsynced_output_on_a_read_only_filesystem_is_still_complete(
 
 
 def test_a_torn_finished_output_beside_a_partial_dir_is_refused_naming_both(tmp_path):
-    from engine.errors import CheckpointError
+    from engine.core.errors import CheckpointError
 
     tensors = _tensors()
     out = write_checkpoint(tmp_path / "o", tensors, shard_size=200)

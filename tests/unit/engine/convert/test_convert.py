@@ -138,7 +138,7 @@ def test_workers_and_resume_give_the_same_bytes(tiny_ckpt, tmp_path):
 
 
 def test_unknown_target_and_same_dst(tiny_ckpt, tmp_path):
-    from engine.errors import UsageError
+    from engine.core.errors import UsageError
 
     src = tiny_ckpt("deepseek-v3", "bf16")
     with pytest.raises(UsageError, match="unknown target"):
@@ -149,7 +149,7 @@ def test_unknown_target_and_same_dst(tiny_ckpt, tmp_path):
 
 def test_dst_inside_or_around_the_source_is_refused_before_anything_is_written(tiny_ckpt, tmp_path):
     """A --dst inside --src had its own half-built output copied into it as an "extra file" of the source."""
-    from engine.errors import UsageError
+    from engine.core.errors import UsageError
     from tests.fixtures_ckpt import copy_ckpt
 
     src = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16"), tmp_path, "src")  # writable, as an operator's would be
@@ -202,8 +202,8 @@ def test_v4_experts_encoding_in_the_config_follows_the_output(tiny_ckpt, tmp_pat
 
 
 def test_a_shard_size_of_zero_or_less_is_refused_and_a_layout_that_does_not_apply_is_said(tiny_ckpt, tmp_path):
-    from engine.errors import UsageError
-    from engine.events import CallbackSink
+    from engine.core.errors import UsageError
+    from engine.core.events import CallbackSink
 
     src = tiny_ckpt("deepseek-v3", "bf16")
     for bad in ("0", "-5GB", 0):
@@ -221,7 +221,7 @@ def test_extras_that_cannot_be_written_are_a_checkpoint_error_naming_the_file(ti
     """A permission problem met while copying the source's other files (tokenizer, generation config) names the
     file and says what to do, instead of a bare OSError."""
     from engine.convert import copy_extras
-    from engine.errors import CheckpointError
+    from engine.core.errors import CheckpointError
 
     src = tiny_ckpt("deepseek-v3", "bf16")
     out = tmp_path / "o"

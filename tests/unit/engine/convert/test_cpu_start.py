@@ -1,6 +1,6 @@
 """A CPU conversion's start: with the C kernels (engine.formats.native) it never imports numba (seconds on a cold
 machine, engine.formats.native.build), and it records the files it read for the next cold start
-(engine.startfiles)."""
+(engine.startup.startfiles)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.convert import device as dv
-from engine.errors import UsageError
+from engine.core.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[4]
 # Run the converter's entry point in a process where `import torch` fails: the CPU path must not need it.
@@ -84,7 +84,7 @@ def test_a_torch_heavy_plan_turns_auto_back_to_the_gpu(tiny_ckpt, tmp_path, monk
     """V4 as released (MXFP4 experts) on a many-core GPU machine: the plan sends auto to CUDA. torch here has
     no CUDA, so the run stays on the CPU and says why."""
     from engine.convert import convert_checkpoint
-    from engine.events import CallbackSink
+    from engine.core.events import CallbackSink
 
     monkeypatch.setattr(dv, "nvidia_gpu_present", lambda: True)
     monkeypatch.setattr(dv, "usable_cores", lambda: 64)

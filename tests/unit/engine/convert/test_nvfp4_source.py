@@ -17,7 +17,7 @@ from engine.checkpoint import CheckpointReader
 from engine.convert import convert_checkpoint
 from engine.convert.plan import NVFP4, build_plan
 from engine.convert.validate import validate_checkpoint
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.nvfp4.helpers import dequant_nvfp4
 from engine.models import detect_layout
 

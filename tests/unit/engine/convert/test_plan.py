@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import CheckpointReader
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.convert.plan import COPY, TO_BF16, TO_FP8, TO_NVFP4, build_plan
 from engine.convert.quant_config import exclude_patterns
 from engine.models import detect_layout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.convert.ranks import Ranks, over_ranks
-from engine.plan import build_plan
-from engine.recipe import loads_recipe
+from engine.runs.plan import build_plan
+from engine.runs.recipe import loads_recipe
 
 
 def test_one_rank_is_a_no_op(monkeypatch):

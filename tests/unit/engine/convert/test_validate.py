@@ -128,7 +128,7 @@ def test_inject_mtp_copies_shared_embedding_and_head(tiny_ckpt, tmp_path):
 
 
 def test_inject_mtp_refuses_a_dst_inside_its_source(tiny_ckpt, tmp_path):
-    from engine.errors import UsageError
+    from engine.core.errors import UsageError
     from tests.fixtures_ckpt import copy_ckpt
 
     src = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16", mtp=True), tmp_path, "src")

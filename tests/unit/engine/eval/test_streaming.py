@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.errors import CheckpointError, SamplesError
+from engine.core.errors import CheckpointError, SamplesError
 from engine.eval.streaming import evaluate
 from tests.fixtures_ckpt import copy_ckpt
 
@@ -178,7 +178,7 @@ def test_eval_reports_within_a_layer_so_a_working_stage_is_never_silent(nvfp4_ou
                                                                            monkeypatch):
     """A progress event between batches at most every HEARTBEAT_S (0 here: after every batch)."""
     import engine.eval.streaming as es
-    from engine.events import CallbackSink
+    from engine.core.events import CallbackSink
 
     monkeypatch.setattr(es, "HEARTBEAT_S", 0.0)
     seen = []

@@ -16,7 +16,7 @@ from engine.calibrate.samples import load_samples
 from engine.calibrate.streaming import calibrate
 from engine.export.api import export_checkpoint
 from engine.export.scales import ModuleAmax, plan_input_scales
-from engine.errors import ValidationFailedError
+from engine.core.errors import ValidationFailedError
 
 
 def _tensors(d):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.fp8_block.dispatch import cast_fp8_block_fast, dequant_fp8_block_fast
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from engine.errors import FormatError, RegistryError
+from engine.core.errors import FormatError, RegistryError
 from engine.formats import Layout, layout_for
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 from engine.formats.nvfp4.dispatch import fp8_block_to_nvfp4

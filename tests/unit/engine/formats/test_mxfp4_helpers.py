@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.mxfp4.helpers import dequant_mxfp4, mxfp4_to_nvfp4, quantize_mxfp4
 from engine.formats.nvfp4.helpers import dequant_nvfp4, global_scale, quantize_nvfp4
 

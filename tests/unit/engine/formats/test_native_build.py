@@ -127,7 +127,7 @@ def test_used_says_what_ran_without_building(fresh, monkeypatch):
 
 def test_a_conversion_says_why_it_fell_back_to_numba(fresh, monkeypatch):
     from engine.convert.streaming import _cpu_kernels
-    from engine.events import CallbackSink
+    from engine.core.events import CallbackSink
 
     monkeypatch.setenv("PATH", str(fresh))  # no compiler
     monkeypatch.delenv("CC", raising=False)
@@ -149,7 +149,7 @@ def test_without_a_compiler_or_numba_the_error_says_how_to_get_either(fresh, tmp
         "        if name == 'numba' or name.startswith('numba.'):\n"
         "            raise ImportError('No module named numba')\n"
         "sys.meta_path.insert(0, _NoNumba())\n")
-    code = ("from engine.errors import KernelsUnavailableError\n"
+    code = ("from engine.core.errors import KernelsUnavailableError\n"
             "import numpy as np\n"
             "from engine.formats.nvfp4 import host\n"
             "try:\n"

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.e2m1 import e2m1_codes
 from engine.formats.nvfp4.helpers import dequant_nvfp4, global_scale, packed_cols, quantize_nvfp4, weight_amax
 

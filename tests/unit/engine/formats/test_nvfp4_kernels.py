@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 from engine.formats.nvfp4.dispatch import bf16_to_nvfp4, fp8_block_amax, fp8_block_to_nvfp4, resolve_device
 from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4, weight_amax

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.errors import FormatError
+from engine.core.errors import FormatError
 from engine.formats.nvfp4.helpers import dequant_nvfp4, global_scale, quantize_nvfp4
 from engine.formats.nvfp4.names import find_nvfp4, nvfp4_base
 from engine.formats.nvfp4.stored import as_multiplier, read_nvfp4

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.errors import TransferError
+from engine.core.errors import TransferError
 from engine.s3.client import redact_patterns
 from engine.s3.manifest import TransferManifest
 from engine.s3.push import push_phase

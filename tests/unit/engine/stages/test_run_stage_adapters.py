@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import CallbackSink
-from engine.plan import build_plan
-from engine.recipe import loads_recipe
+from engine.core.events import CallbackSink
+from engine.runs.plan import build_plan
+from engine.runs.recipe import loads_recipe
 from engine.stages.base import StageContext
-from engine.worker import load_stage_class
+from engine.runs.worker import load_stage_class
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 
