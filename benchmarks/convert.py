@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Benchmark: quantdeck convert vs the peer streaming converter vs a cold `cp -r`, in one run.
+"""Benchmark: quantdeck convert vs `fp8_to_nvfp4_streaming.py` vs a cold `cp -r`, in one run.
 
 Builds (once, cached in --workdir) a synthetic FP8 checkpoint of about --size-gb in the DeepSeek V4
-uniform-FP8 naming that the peer reads correctly (`layers.N.ffn.experts.E.w1/w2/w3.weight` FP8 [2048, 7168]
+uniform-FP8 naming that the public script reads correctly (`layers.N.ffn.experts.E.w1/w2/w3.weight` FP8 [2048, 7168]
 with UE8M0 `.scale` companions over 128×128 blocks, plus a little attention, norms and router), then times,
 each after dropping the page cache where the machine allows it (`echo 3 > /proc/sys/vm/drop_caches`;
 with `--cold data`, only the source's and the outputs' pages are evicted (posix_fadvise DONTNEED after a
@@ -11,23 +11,27 @@ sync), so python's and torch's own files stay warm as on an operator's machine a
   cp        cold `cp -r SRC DST`
   cp+sync   the same, then `sync`: the copy made durable
   quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`, writing as cp
-            and the peer do (page cache, no fsync: the default)
+            and the public script do (page cache, no fsync: the default)
   qd-durable the same with QUANTDECK_FSYNC=1: every shard fsynced before it is recorded (as a run's stages
             write), to compare with cp+sync
-  peer      `python fp8_to_nvfp4_streaming.py --src --dst --gpu G` (the public script; --peer PATH)
-            (on CPU, --gpu -1, it crashes: its writer buffers the same weight_scale_2 tensor under two names
-            and safetensors refuses to save shared tensors — the run is recorded with its error)
-  peer+clone the peer patched ONLY to clone tensors before buffering (a textual replacement, generated at
-            benchmark time into a temp dir), so that it runs on CPU
+  fp8_to_nvfp4_streaming.py
+            `python fp8_to_nvfp4_streaming.py --src --dst --gpu G`, the public script, run only when `--peer PATH`
+            names a copy of it (JSON key "peer"). On CPU, --gpu -1, it crashes: its writer buffers the same
+            weight_scale_2 tensor under two names and safetensors refuses to save shared tensors — the run is
+            recorded with its error
+  fp8_to_nvfp4_streaming.py + clone
+            the same script patched ONLY to clone tensors before buffering (a textual replacement, generated at
+            benchmark time into a temp dir), so that it runs on CPU (JSON key "peer+clone")
 
 and prints wall time, ratio to quantdeck and peak RSS of each child process tree (psutil polling, plus
 getrusage(RUSAGE_CHILDREN).ru_maxrss). A second table compares the per-tensor math alone on one
 [2048, 7168] w1/w3 expert pair (MB/s of FP8 input).
 
 Usage:  python benchmarks/convert.py [--size-gb 1.6] [--device cpu|cuda] [--workers 1] [--workdir DIR]
-                                     [--cold all|data] [--skip-peer] [--json]
-Targets (issue 3): CPU (2 cores, ~1.6 GB): quantdeck >= 6x faster than peer+clone, peak RSS <= 2 GB, math >= 10x.
-GPU (>= 7 GB): quantdeck wall <= 0.5x the peer's and <= 1.0x the cold copy, peak RSS <= 2 GB.
+                                     [--cold all|data] [--peer PATH/fp8_to_nvfp4_streaming.py] [--json]
+Targets: CPU (2 cores, ~1.6 GB): quantdeck >= 6x faster than fp8_to_nvfp4_streaming.py + clone, peak RSS <= 2 GB,
+math >= 10x. GPU (>= 7 GB): quantdeck wall <= 0.5x fp8_to_nvfp4_streaming.py's and <= 1.0x the cold copy, peak RSS
+<= 2 GB.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PEER = REPO.parent / "shared" / "reference" / "seed_fp8_to_nvfp4_streaming.py"
+PEER_HINT = "pass --peer path/to/fp8_to_nvfp4_streaming.py to compare with the public script"
+# the rows printed for the public script's runs (their JSON keys stay "peer" and "peer+clone")
+LABELS = {"peer": "fp8_to_nvfp4_streaming.py", "peer+clone": "fp8_to_nvfp4_streaming.py + clone"}
 O, I = 2048, 7168  # one routed expert of DeepSeek V4: w1/w3 [2048, 7168], w2 [7168, 2048]
 
 
@@ -206,19 +212,20 @@ def run_timed(cmd: list[str], env=None, cwd=None) -> dict:
             "stdout_tail_full": out.strip()[-20000:]}
 
 
-def patched_peer(tmp: Path) -> Path:
-    """The peer with ONE change: tensors are cloned before buffering (so shared scale tensors can be saved)."""
-    text = PEER.read_text()
+def patched_peer(peer: Path, tmp: Path) -> Path:
+    """The public script with ONE change: tensors are cloned before buffering (so shared scale tensors save)."""
+    text = peer.read_text()
     old = "t = tensor.detach().cpu().contiguous()"
     if old not in text:
-        raise SystemExit(f"cannot patch the peer: {old!r} not found in {PEER}")
+        raise SystemExit(f"cannot patch {peer}: {old!r} not found")
     out = tmp / "peer_clone.py"
     out.write_text(text.replace(old, "t = tensor.detach().cpu().contiguous().clone()", 1))
     return out
 
 
 # -- math only ------------------------------------------------------------------------------------------------
-def math_bench(device: str) -> dict:
+def math_bench(device: str, peer_path: Path | None) -> dict:
+    """MB/s of quantdeck's per-tensor math on one w1/w3 pair, and of the public script's when peer_path is given."""
     import importlib.util
 
     import torch
@@ -238,7 +245,10 @@ def math_bench(device: str) -> dict:
         kernels.fp8_block_to_nvfp4(a1, b1, (128, 128), s2, dev)
         kernels.fp8_block_to_nvfp4(a3, b3, (128, 128), s2, dev)
 
-    spec = importlib.util.spec_from_file_location("peer", PEER)
+    res = {"quantdeck": _mb_s(ours, mb, dev)}
+    if peer_path is None:
+        return res
+    spec = importlib.util.spec_from_file_location("peer", peer_path)
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
     peer.FP4_BOUNDARIES = peer.FP4_BOUNDARIES.to(dev)
@@ -250,20 +260,25 @@ def math_bench(device: str) -> dict:
         peer.quantize_to_nvfp4(a, s2)
         peer.quantize_to_nvfp4(b, s2)
 
-    res = {}
-    for name, fn in (("quantdeck", ours), ("peer", theirs)):
-        fn()  # warm-up (numba load / CUDA init)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.monotonic()
-        n = 3
-        for _ in range(n):
-            fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        res[name] = round(mb * n / (time.monotonic() - t0), 1)
+    res["peer"] = _mb_s(theirs, mb, dev)
     res["ratio"] = round(res["quantdeck"] / res["peer"], 1)
     return res
+
+
+def _mb_s(fn, mb: float, dev) -> float:
+    """MB/s of fn over 3 calls after a warm-up (numba load / CUDA init)."""
+    import torch
+
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.monotonic()
+    n = 3
+    for _ in range(n):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return round(mb * n / (time.monotonic() - t0), 1)
 
 
 def main() -> int:
@@ -274,18 +289,23 @@ def main() -> int:
     ap.add_argument("--shard-size", default="5GB", help="quantdeck's output shard size (default 5GB)")
     ap.add_argument("--workdir", default=None,
                     help="where the source and outputs go, kept for the next run (default: a temp dir, removed at exit)")
-    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-peer", action="store_true",
+                    help="skip fp8_to_nvfp4_streaming.py's conversion runs even when --peer is given")
     ap.add_argument("--cold", default="all", choices=["all", "data"],
-                    help="all: drop the whole page cache before each run (as issue 3 says); data: evict only the "
+                    help="all: drop the whole page cache before each run; data: evict only the "
                          "source and output files, so python's and torch's files stay warm")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--peer", default=None, help="path of the peer script (default: ../shared/reference/...)")
+    ap.add_argument("--peer", type=Path, default=None, metavar="PATH",
+                    help="a copy of the public fp8_to_nvfp4_streaming.py, to compare with (default: no comparison)")
     ap.add_argument("--entry", default="console", choices=["console", "engine.convert"],
                     help="quantdeck entry point: the CLI (python -m console convert) or python -m engine.convert "
                          "(same function, for machines without the CLI's dependencies)")
     args = ap.parse_args()
-    if args.peer:
-        globals()["PEER"] = Path(args.peer).resolve()
+    peer_path = args.peer.resolve() if args.peer else None
+    if peer_path is None:
+        print(f"no --peer: {PEER_HINT}", file=sys.stderr)
+    elif not peer_path.is_file():
+        ap.error(f"--peer {args.peer}: no such file")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.workdir:  # a temp dir holds ~4.5× --size-gb at the end: removed at exit (--workdir keeps it)
@@ -321,18 +341,18 @@ def main() -> int:
                          "--device", args.device, "--workers", str(args.workers), "--shard-size", args.shard_size]
                         + (["--json"] if args.entry == "console" else []))
 
-    # the default writes as cp and the peer do (page cache, no fsync); qd-durable fsyncs every shard, as a run's
-    # stages do (QUANTDECK_FSYNC=1, engine.checkpoint.writer), to compare with cp+sync
+    # the default writes as cp and the public script do (page cache, no fsync); qd-durable fsyncs every shard, as a
+    # run's stages do (QUANTDECK_FSYNC=1, engine.checkpoint.writer), to compare with cp+sync
     runs.append(("quantdeck", quantdeck("out_qd")))
     runs.append(("qd-durable", quantdeck("out_qd_durable")))
     run_env = {"quantdeck": {"QUANTDECK_FSYNC": "0"}, "qd-durable": {"QUANTDECK_FSYNC": "1"}}
     tmp = Path(tempfile.mkdtemp(prefix="qd-peer-"))
-    if not args.skip_peer:
-        # the peer on its best path: its GPU one wherever there is a GPU (its CPU path crashes)
-        runs.append(("peer", lambda: [sys.executable, str(PEER), "--src", str(src), "--dst", str(fresh("out_peer")),
-                                      "--gpu", "0" if gpu else "-1"]))
+    if peer_path and not args.skip_peer:
+        # the public script on its best path: its GPU one wherever there is a GPU (its CPU path crashes)
+        runs.append(("peer", lambda: [sys.executable, str(peer_path), "--src", str(src), "--dst",
+                                      str(fresh("out_peer")), "--gpu", "0" if gpu else "-1"]))
         if not gpu:
-            clone = patched_peer(tmp)
+            clone = patched_peer(peer_path, tmp)
             runs.append(("peer+clone", lambda: [sys.executable, str(clone), "--src", str(src), "--dst",
                                                 str(fresh("out_peer_clone")), "--gpu", "-1"]))
     if args.cold == "data":  # an operator's machine after a first python run: the interpreter's files are warm
@@ -340,7 +360,7 @@ def main() -> int:
     for name, make in runs:
         cache = drop_caches() if args.cold == "all" else cold_data(work)
         cmd = make()
-        print(f"running {name} (page cache {cache}) ...", file=sys.stderr)
+        print(f"running {LABELS.get(name, name)} (page cache {cache}) ...", file=sys.stderr)
         results[name] = run_timed(cmd, env=env | run_env.get(name, {}), cwd=str(REPO)) | {"page_cache": cache}
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -352,7 +372,7 @@ def main() -> int:
     qd = results["quantdeck"]["wall_s"]
     for r in results.values():
         r["x_vs_quantdeck"] = round(r["wall_s"] / qd, 2) if qd else None
-    math = math_bench(device)
+    math = math_bench(device, peer_path)
     report = {"source_gb": round(src_bytes / 1e9, 3), "device": device, "workers": args.workers, "cold": args.cold,
               "cores": os.cpu_count(), "runs": results, "math_mb_s": math, "workdir": str(work)}
     if args.json:
@@ -361,25 +381,27 @@ def main() -> int:
         print(f"source {report['source_gb']} GB FP8 (V4 uniform-FP8 naming), --device {args.device} ({device}), "
               f"{os.cpu_count()} cores, GPU {'yes' if gpu else 'no'}, "
               f"cold {args.cold} ({'whole page cache dropped' if args.cold == 'all' else 'only source and outputs evicted'})")
-        print(f"{'tool':<11} {'wall s':>8} {'vs qd':>7} {'peak RSS GB':>12} {'rc':>4}  note")
+        width = max(11, *(len(LABELS.get(name, name)) for name in results))
+        print(f"{'tool':<{width}} {'wall s':>8} {'vs qd':>7} {'peak RSS GB':>12} {'rc':>4}  note")
         for name, r in results.items():
             note = "" if r["rc"] == 0 else r["stderr_tail"][:90]
-            print(f"{name:<11} {r['wall_s']:>8.2f} {r['x_vs_quantdeck']:>6.2f}x {r['peak_rss_gb']:>12.3f} {r['rc']:>4}  {note}")
+            print(f"{LABELS.get(name, name):<{width}} {r['wall_s']:>8.2f} {r['x_vs_quantdeck']:>6.2f}x "
+                  f"{r['peak_rss_gb']:>12.3f} {r['rc']:>4}  {note}")
         def ratio(a: str, b: str) -> str:
             ra, rb = results.get(a), results.get(b)
             return f"{ra['wall_s'] / rb['wall_s']:.2f}x" if ra and rb and rb["wall_s"] else "-"
 
-        print(f"targets: quantdeck/peer {ratio('quantdeck', 'peer')}, quantdeck/cp {ratio('quantdeck', 'cp')}; "
-              f"durable: qd-durable/(cp+sync) {ratio('qd-durable', 'cp+sync')}, qd-durable/peer "
-              f"{ratio('qd-durable', 'peer')}")
+        print(f"targets: quantdeck/fp8_to_nvfp4_streaming.py {ratio('quantdeck', 'peer')}, quantdeck/cp "
+              f"{ratio('quantdeck', 'cp')}; durable: qd-durable/(cp+sync) {ratio('qd-durable', 'cp+sync')}, "
+              f"qd-durable/fp8_to_nvfp4_streaming.py {ratio('qd-durable', 'peer')}")
         qs = results["quantdeck"].get("summary") or {}
         if qs:
             print(f"quantdeck inside: convert {qs.get('wall_s')} s of {results['quantdeck']['wall_s']} s wall "
                   f"(the rest is the interpreter's start and the imports), busy {qs.get('busy_s')}")
             if qs.get("timeline_s"):
                 print(f"quantdeck timeline (s since process start): {qs['timeline_s']}")
-        print(f"math on one [2048, 7168] w1/w3 pair: quantdeck {math['quantdeck']} MB/s, peer {math['peer']} MB/s "
-              f"({math['ratio']}x)")
+        theirs = f", fp8_to_nvfp4_streaming.py {math['peer']} MB/s ({math['ratio']}x)" if "peer" in math else ""
+        print(f"math on one [2048, 7168] w1/w3 pair: quantdeck {math['quantdeck']} MB/s{theirs}")
     return 0
 
 

@@ -1,11 +1,11 @@
-"""Per-tensor NVFP4 math: quantdeck's kernels vs the peer converter's functions, side by side in one run.
+"""Per-tensor NVFP4 math: quantdeck's kernels vs `fp8_to_nvfp4_streaming.py`'s functions, side by side in one run.
 
     python benchmarks/nvfp4_kernels.py [--rows 2048] [--cols 7168] [--repeat 5] [--device cpu|cuda|auto]
-                                 [--peer ../shared/reference/seed_fp8_to_nvfp4_streaming.py]
+                                 [--peer PATH/fp8_to_nvfp4_streaming.py]
 
 Input: a synthetic DeepSeek FP8 expert weight ([2048, 7168] float8_e4m3fn + 128×128 float32 scales).
 On CUDA both contenders go from host FP8 tensors to host NVFP4 tensors (upload and download timed). Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
-block scales. Prints MB/s of FP8 input (best of --repeat) and the ratio to the peer. The peer module is
+block scales. Prints MB/s of FP8 input (best of --repeat) and the ratio to the public script's. That module is
 imported by path (its code is not copied). Not a test: wall-clock numbers depend on the machine.
 """
 
@@ -19,10 +19,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DEFAULT_PEER = REPO.parent / "shared" / "reference" / "seed_fp8_to_nvfp4_streaming.py"
+PEER = "fp8_to_nvfp4_streaming.py"  # how its rows are labelled
 
 
 def load_peer(path: Path):
+    """The public script's module, imported by path (its code is not copied)."""
     spec = importlib.util.spec_from_file_location("peer_fp8_to_nvfp4", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -45,9 +46,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cols", type=int, default=7168)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--peer", type=Path, default=DEFAULT_PEER)
+    ap.add_argument("--peer", type=Path, default=None, metavar="PATH",
+                    help=f"a copy of the public {PEER}, to compare with (default: no comparison)")
     ap.add_argument("--skip-torch-reference", action="store_true")
     args = ap.parse_args(argv)
+    if args.peer is not None and not args.peer.is_file():
+        ap.error(f"--peer {args.peer}: no such file")
 
     import torch
 
@@ -107,9 +111,9 @@ def main(argv=None) -> int:
         results["quantdeck torch reference"] = best_time(reference, max(1, args.repeat // 2))
 
     peer_name = None
-    if args.peer.exists():
+    if args.peer is not None:
         peer = load_peer(args.peer)
-        peer_name = "peer (seed_fp8_to_nvfp4_streaming)"
+        peer_name = PEER
 
         def run_peer():
             pq, ps = (q, s) if device == "cpu" else (q.to(device), s.to(device))  # host in, host out, as ours
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
 
         results[peer_name] = best_time(run_peer, max(1, args.repeat // 2))
     else:
-        print(f"peer not found at {args.peer}; skipping it", file=sys.stderr)
+        print(f"no --peer: pass --peer path/to/{PEER} to compare with the public script", file=sys.stderr)
 
     if "ref" in outputs:
         same = torch.equal(outputs["ours"][0], outputs["ref"][0]) and torch.equal(
@@ -129,13 +133,14 @@ def main(argv=None) -> int:
         print(f"quantdeck kernel bytes == torch reference: {same}")
     if "peer" in outputs:
         diff = (outputs["ours"][0] != outputs["peer"][0]).float().mean().item()
-        print(f"packed bytes differing from the peer's: {diff:.4%} (the peer rounds E2M1 ties away from even)")
+        print(f"packed bytes differing from {PEER}'s: {diff:.4%} (it rounds E2M1 ties away from even)")
     print(f"first call (includes loading or building the kernels): {first:.2f} s")
     peer_t = results.get(peer_name) if peer_name else None
-    print(f"{'contender':40s} {'best s':>9s} {'MB/s':>9s} {'× peer':>8s}")
+    rw = len(PEER) + 2  # the ratio column, there only with the public script's row
+    print(f"{'contender':40s} {'best s':>9s} {'MB/s':>9s}" + (f" {'× ' + PEER:>{rw}s}" if peer_t else ""))
     for name, t in results.items():
-        ratio = f"{peer_t / t:8.1f}" if peer_t else "       -"
-        print(f"{name:40s} {t:9.4f} {mb / t:9.1f} {ratio}")
+        ratio = f" {peer_t / t:{rw}.1f}" if peer_t else ""
+        print(f"{name:40s} {t:9.4f} {mb / t:9.1f}{ratio}")
     if device == "cpu" and not args.skip_torch_reference:
         _fp8_block_table(w, q, s, args.repeat)
     return 0
