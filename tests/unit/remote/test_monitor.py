@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 from remote.monitor import LocalProbe, TelemetryMonitor, sample_from_probe_output
+from remote.recorded import RECORDINGS
 from remote.telemetry import MIB, NodeSample, NodeState
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "nvidia-smi"
 MEMINFO = "MemTotal:       2113864120 kB\nMemFree:        1000000000 kB\nMemAvailable:   2000000000 kB\n"
 DF = ("Filesystem     1024-blocks      Used Available Capacity Mounted on\n"
       "fs:/shared     9000000000 1000000000 8000000000      12% /shared\n")
@@ -20,7 +19,7 @@ def probe_output(gpu: str, rc: int) -> str:
 
 
 def test_gpu_node_from_recorded_output():
-    s = sample_from_probe_output("n0", probe_output((DATA / "query_busy_2gpu.csv").read_text(), 0), 5.0)
+    s = sample_from_probe_output("n0", probe_output(RECORDINGS["query_busy_2gpu.csv"], 0), 5.0)
     assert s.state is NodeState.OK and [g.mem_used for g in s.gpus] == [7649 * MIB, 13879 * MIB]
     assert s.ram_total == 2113864120 * 1024 and s.ram_used == (2113864120 - 2000000000) * 1024
     assert s.disk_free == 8000000000 * 1024 and s.ts == 5.0 and s.error is None

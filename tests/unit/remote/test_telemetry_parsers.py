@@ -1,4 +1,4 @@
-"""The telemetry parsers, on the REAL nvidia-smi output recorded on lent H100 / H200 machines."""
+"""The telemetry parsers, on the REAL nvidia-smi output recorded on H100 / H200 machines."""
 
 from __future__ import annotations
 
@@ -10,16 +10,15 @@ from engine.core.meminfo import parse_meminfo
 from remote.recorded import RECORDINGS
 from remote.telemetry import MIB, NodeState, parse_df_free, parse_nvidia_smi_csv, split_sections
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "nvidia-smi"
-
 
 def rec(name: str) -> str:
-    return (DATA / name).read_text()
+    return RECORDINGS[name]
 
 
-def test_embedded_recordings_are_the_recorded_files():
-    for name, text in RECORDINGS.items():
-        assert rec(name) == text, name
+def test_the_recordings_are_read_from_the_package():
+    assert sorted(RECORDINGS) == [f"query_{k}.csv" for k in ("busy_1gpu", "busy_2gpu", "idle_1gpu",
+                                                             "idle_1gpu_with_header", "idle_2gpu",
+                                                             "idle_2gpu_with_header")]
 
 
 def test_one_h100_idle():
