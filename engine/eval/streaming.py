@@ -32,9 +32,10 @@ from engine.calibrate.family import LayerFamily
 from engine.calibrate.layer import TensorSource, compute_dtype, keep_fp32, materialize_layer
 from engine.calibrate.layer_reader import LayerReader
 from engine.calibrate.samples import load_samples, read_samples_file
-from engine.calibrate.streaming import HEARTBEAT_S
+from engine.calibrate.streaming import HEARTBEAT_S, mtp_layers
+from engine.checkpoint.consistency import refuse_other_model
 from engine.core.errors import CheckpointError
-from engine.eval import actquant
+from engine.eval import actquant, resume
 from engine.eval.decode import OutputModel
 from engine.eval.metrics import HiddenError, TokenMetrics
 from engine.eval.report import verdict
@@ -46,17 +47,18 @@ HEAD_NAMES = {"norm": ("model.norm.weight", "norm.weight"), "head": ("lm_head.we
 
 def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str | os.PathLike,
              num_samples: int | None = None, seq_len: int = 2048, batch_size: int = 1, device: str = "auto",
-             max_kld_mean: float = 0.1, min_top1: float = 0.9, sink: EventSink = NullSink()) -> dict[str, Any]:
+             max_kld_mean: float = 0.1, min_top1: float = 0.9, sink: EventSink = NullSink(),
+             state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Compare `output` with its source `against` on `samples` (see the module docstring); the report, verdict
-    included. `num_samples` None: the first DEFAULT_NUM_SAMPLES, or every sample of a shorter file.
+    included. `num_samples` None: the first DEFAULT_NUM_SAMPLES, or every sample of a shorter file. With
+    `state_dir`, the state after every layer is kept there and a killed run resumes at the layer it was on
+    (engine.eval.resume).
 
     Raises SamplesError (a bad samples file), CheckpointError (a missing shard, another model, an unreadable
     tensor); a failed gate is the report's verdict, not an exception."""
     t0 = time.monotonic()
     raw = read_samples_file(samples, num_samples)  # a bad file fails before any model is touched
     n = num_samples if num_samples is not None else min(len(raw.items), DEFAULT_NUM_SAMPLES)
-    from engine.checkpoint.consistency import refuse_other_model
-
     refuse_other_model(output, against)
     src = TensorSource(against, dtype=torch.bfloat16)
     dtype = compute_dtype(src.config)
@@ -69,8 +71,6 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
     out = OutputModel(output, family, hf_config, dtype, dev, keep_fp32(family, dtype))
     _refuse_other_layers(out, src, family)
     n_layers = family.num_layers(hf_config)
-    from engine.calibrate.streaming import mtp_layers
-
     mtp = mtp_layers(src.config, src.names)
     heads = {k: _head_name(src.names, k, against) for k in HEAD_NAMES}
     for k in HEAD_NAMES:
@@ -80,23 +80,30 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
     batches = plan_batches(loaded.input_ids, batch_size, 1, 0, pad_id)
     sink.emit("log", level="info", msg=f"eval: {len(loaded.input_ids)} samples, {loaded.tokens} tokens, "
               f"{n_layers} layers on {dev}" + (f"; MTP layer(s) {', '.join(mtp)} skipped" if mtp else ""))
-    layers = LayerReader(src.reader, family, hf_config, dtype, dev, range(n_layers))
+    key = resume.state_key(output=str(output), against=str(against), samples=loaded.sha256, n=len(loaded.input_ids),
+                           seq_len=seq_len, batch_size=batch_size, dtype=str(dtype), layers=n_layers)
+    st = resume.load(state_dir, key)
+    start = st.next_layer if st is not None else 0
+    if start:
+        sink.emit("log", level="info", msg=f"eval: resuming at layer {start} of {n_layers}")
+    layers = LayerReader(src.reader, family, hf_config, dtype, dev, range(start, n_layers))
     pool = ThreadPoolExecutor(2, thread_name_prefix="eval-read",
                               **(dict(initializer=torch.cuda.set_device, initargs=(dev,)) if dev.type == "cuda"
                                  else {}))
-    per_layer: list[dict[str, Any]] = []
-    notes: list[str] = []
-    encodings: dict[str, int] = {}
-    act: set[str] = set()
+    st = st or resume.EvalState()
+    per_layer, notes, encodings, act = st.per_layer, st.notes, st.encodings, st.act
     try:
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             # the family's layer arguments use the keyword older transformers releases take
             warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
-            h_src, h_out, kwargs = _first_inputs(family, hf_config, src, out, batches, dtype, dev)
-            nxt = (pool.submit(layers.read, 0), pool.submit(out.read, 0)) if n_layers else None
+            h_src, h_out, kwargs = _first_inputs(family, hf_config, src, out, batches, dtype, dev, embed=not start)
+            if start:
+                h_src, h_out = st.h_src, st.h_out
+            nxt = (pool.submit(layers.read, start), pool.submit(out.read, start)) if start < n_layers else None
             prog = Progress(sink, unit="layers", total=n_layers + 1, interval_s=0.0, scope=SCOPE_ALL)
+            prog.done = start
             last_beat = [time.monotonic()]
-            for i in range(n_layers):
+            for i in range(start, n_layers):
                 t = time.monotonic()
                 raw_src, raw_out = nxt[0].result(), nxt[1].result()
                 src_layer = materialize_layer(family, hf_config, i, layers.assemble(raw_src), dev)
@@ -133,6 +140,8 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
                 sink.emit("metric", name="eval.layer", value=i, tags={
                     **entry, "layers": n_layers, "seconds": round(time.monotonic() - t, 3),
                     "build_s": round(t_build, 3)})
+                st.next_layer, st.h_src, st.h_out = i + 1, h_src, h_out
+                resume.save(state_dir, key, st)
                 prog.advance(1, label=f"layer {i + 1}/{n_layers}: rel. error {rel.rel:.3g}", force=True)
             metrics = _head(family, hf_config, src, out, heads, batches, h_src, h_out, dtype, dev)
             prog.advance(1, label="head", force=True)
@@ -174,8 +183,19 @@ def _call(layer, h, kw, family, hf_config) -> torch.Tensor:
     return o[0] if isinstance(o, tuple) else o
 
 
-def _first_inputs(family, hf_config, src, out, batches, dtype, dev):
-    """Both models' embeddings of every batch (on the host) and the per-batch layer arguments."""
+def _first_inputs(family, hf_config, src, out, batches, dtype, dev, embed: bool = True):
+    """Both models' embeddings of every batch (on the host; not computed when `embed` is false: a resumed run
+    has its layer inputs) and the per-batch layer arguments."""
+    h_src, h_out = [], []
+    if embed:
+        h_src, h_out = _embed(family, hf_config, src, out, batches, dtype, dev)
+    rotary = family.make_rotary(hf_config, dev)
+    kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
+                                                                     device=dev)) for b in batches]
+    return h_src, h_out, kwargs
+
+
+def _embed(family, hf_config, src, out, batches, dtype, dev):
     emb_src = src.get(family.embed_source(src.names)).to(dev, dtype)
     emb_out = out.get(family.embed_source(out.names)).to(dev, dtype)
     h_src, h_out = [], []
@@ -184,10 +204,7 @@ def _first_inputs(family, hf_config, src, out, batches, dtype, dev):
         h_src.append(family.initial_hidden(hf_config, torch.nn.functional.embedding(ids, emb_src)).cpu())
         h_out.append(family.initial_hidden(hf_config, torch.nn.functional.embedding(ids, emb_out)).cpu())
     del emb_src, emb_out
-    rotary = family.make_rotary(hf_config, dev)
-    kwargs = [family.layer_kwargs(hf_config, rotary, b, torch.empty((*b.input_ids.shape, 1), dtype=dtype,
-                                                                     device=dev)) for b in batches]
-    return h_src, h_out, kwargs
+    return h_src, h_out
 
 
 def _head(family, hf_config, src, out, heads, batches, h_src, h_out, dtype, dev) -> dict[str, Any]:
@@ -221,8 +238,6 @@ def _head_name(names: set[str], which: str, where) -> str:
 
 def _refuse_other_layers(out: OutputModel, src: TensorSource, family) -> None:
     """Both checkpoints hold the same decoder layers with the same tensor names (once decoded)."""
-    from engine.calibrate.streaming import mtp_layers
-
     skip = tuple(p + "." for p in mtp_layers(src.config, src.names))
     a = {n for n in src.names if not n.startswith(skip) and not n.endswith((".weight_scale_inv", ".scale"))}
     b = {n for n in out.names if not n.startswith(skip)}

@@ -11,9 +11,11 @@ as events (`eval.layer` metrics and a progress bar of layers)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+from engine.calibrate.samples import read_samples_file
 from engine.core.errors import QualityGateError, SamplesError
 from engine.core.fsutil import atomic_write_bytes, atomic_write_json
 from engine.core.names import StageName
@@ -27,8 +29,6 @@ SUMMARY_KEYS = ("kld_mean", "kld_median", "kld_p99", "kld_max", "top1_agree", "p
 def write_held_out(samples: str, skip: int, num_samples: int, dst: Path) -> int:
     """Write samples `skip` … `skip + num_samples` of `samples` to `dst` (JSONL, text or messages as the file
     holds them); how many. Raises SamplesError when none is left after `skip`."""
-    from engine.calibrate.samples import read_samples_file
-
     raw = read_samples_file(samples)
     items = raw.items[skip:skip + num_samples]
     if not items:
@@ -82,7 +82,9 @@ class EvalStage(Stage):
                       f"{p['samples']} (from sample {int(p.get('skip') or 0)})")
         report = evaluate(evaluated, p["src"], str(held), num_samples=n, seq_len=int(p.get("seq_len") or 512),
                           batch_size=int(p.get("batch_size") or 1), device=p.get("device") or "auto",
-                          max_kld_mean=float(p["max_kld_mean"]), min_top1=float(p["min_top1"]), sink=ctx.sink)
+                          max_kld_mean=float(p["max_kld_mean"]), min_top1=float(p["min_top1"]), sink=ctx.sink,
+                          state_dir=ctx.stage_dir / "resume")  # a killed eval resumes at the layer it was on
+        shutil.rmtree(ctx.stage_dir / "resume", ignore_errors=True)  # the report holds what it was for
         report.update({"samples_file": p["samples"], "skip": int(p.get("skip") or 0)})
         if p.get("report"):
             atomic_write_json(p["report"], report)

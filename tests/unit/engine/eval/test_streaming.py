@@ -186,3 +186,36 @@ def test_eval_reports_within_a_layer_so_a_working_stage_is_never_silent(nvfp4_ou
           sink=CallbackSink(seen.append))
     beats = [e.data.get("label", "") for e in seen if e.kind == "progress" and "batch" in (e.data.get("label") or "")]
     assert beats and beats[0].startswith("layer 1/") and "batch 1/" in beats[0]
+
+
+def test_a_run_killed_after_a_layer_resumes_there_with_identical_figures(w4a4_out, eval_src, eval_samples, tmp_path,
+                                                                         monkeypatch):
+    import engine.eval.streaming as es
+
+    whole = _eval(w4a4_out / "modelopt", eval_src, eval_samples)
+    built: list[int] = []
+    real = es.materialize_layer
+
+    def dies_at_layer_1(family, hf_config, i, params, dev):
+        built.append(i)
+        if i == 1:
+            raise KeyboardInterrupt  # as a kill would, with layer 0 done
+        return real(family, hf_config, i, params, dev)
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(es, "materialize_layer", dies_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(w4a4_out / "modelopt", eval_src, eval_samples, state_dir=state)
+    assert json.loads((state / "progress.json").read_text())["next_layer"] == 1
+    assert sorted(p.name for p in state.glob("acts-*")) == ["acts-out-1.safetensors", "acts-src-1.safetensors"]
+
+    built.clear()
+    monkeypatch.setattr(es, "materialize_layer", lambda *a: built.append(a[2]) or real(*a))
+    resumed = _eval(w4a4_out / "modelopt", eval_src, eval_samples, state_dir=state)
+    assert built == [1, 1]  # layer 1 of the source and of the output; layer 0 not again
+    drop = ("seconds",)
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+
+    # a state written for other inputs is set aside, not resumed from
+    other = _eval(w4a4_out / "modelopt", eval_src, eval_samples, state_dir=state, seq_len=16)
+    assert (state / "progress.json.stale").exists() and [e["layer"] for e in other["layers"]] == [0, 1]
