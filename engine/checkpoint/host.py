@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.checkpoint import safetensors_format
+
 # safetensors dtype name -> numpy storage dtype (same item size)
 STORAGE: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -46,10 +48,8 @@ class HostArray:
         """The same tensor as torch sees it (shares memory; imports torch)."""
         import torch
 
-        from engine.checkpoint.safetensors_format import DTYPES
-
         t = torch.from_numpy(np.ascontiguousarray(self.data).reshape(-1).view(np.uint8))
-        return t.view(DTYPES[self.dtype]).reshape(self.shape)
+        return t.view(safetensors_format.DTYPES[self.dtype]).reshape(self.shape)
 
     @classmethod
     def from_bytes(cls, dtype: str, shape: tuple[int, ...], buf: np.ndarray) -> "HostArray":

@@ -81,7 +81,7 @@ def file_order(specs: list[TensorSpec]) -> list[TensorSpec]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class ShardMap:
     """Where each tensor's bytes go in a file: header bytes plus absolute offsets."""
 
     header: bytes  # the 8-byte length prefix plus the padded JSON
@@ -93,7 +93,7 @@ class Layout:
         return len(self.header)
 
 
-def build_layout(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> Layout:
+def build_shard_map(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> ShardMap:
     """The header and offsets safetensors would write for these tensors (data not needed)."""
     ordered = file_order(specs)
     header: dict[str, object] = {}
@@ -109,7 +109,7 @@ def build_layout(specs: list[TensorSpec], metadata: dict[str, str] | None = None
     raw += b" " * ((8 - len(raw) % 8) % 8)
     head = struct.pack("<Q", len(raw)) + raw
     base = len(head)
-    return Layout(head, {k: (base + a, base + b) for k, (a, b) in rel.items()}, base + pos)
+    return ShardMap(head, {k: (base + a, base + b) for k, (a, b) in rel.items()}, base + pos)
 
 
 def parse_header(fh, path: str) -> tuple[dict, int]:

@@ -29,12 +29,13 @@ from engine.checkpoint import manifest as mf
 from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.paths import partial_path
-from engine.checkpoint.safetensors_format import TensorSpec, build_layout, dtype_name
+from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map, dtype_name
 from engine.checkpoint.shard_plan import ShardPlan, plan_shards
 from engine.checkpoint.write_errors import disk_full, make_output_dir, raise_write_error
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink
 from engine.core.fsutil import atomic_write_json, fsync_dir
+from engine.core.settings import settings
 
 DEFAULT_METADATA = {"format": "pt"}
 
@@ -55,20 +56,21 @@ def _writeback_starter():
 
 _start_writeback = _writeback_starter()
 WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk right away
-# How shards reach the disk. By default as `cp`, `safetensors.save_file` and the peer write: through the page
-# cache, no fsync, no early writeback (the run ends with its data on its way to the disk). A killed process
-# loses nothing (the page cache outlives it). A machine that goes down can leave a shard torn: a resume finds it
-# by its digest and writes it again, and a finished output written this way (`"synced": false` per shard in its
-# manifest) has its shards' digests checked when the same command runs again, which moves it back to
-# `.partial` and rewrites any shard that does not match. QUANTDECK_FSYNC=1: durable shards, written with
-# O_DIRECT (QUANTDECK_DIRECT_IO=0: through the page cache) and fsynced before the manifest records them; the
-# stages of a run use it (engine.runs.worker), since a run skips a stage it has recorded as done.
-FSYNC_ENV = "QUANTDECK_FSYNC"
+# How shards reach the disk. By default as `cp`, `safetensors.save_file` and `fp8_to_nvfp4_streaming.py`
+# write: through the page cache, no fsync, no early writeback (the run ends with its data on its way to the
+# disk). A killed process loses nothing (the page cache outlives it). A machine that goes down can leave a
+# shard torn: a resume finds it by its digest and writes it again, and a finished output written this way
+# (`"synced": false` per shard in its manifest) has its shards' digests checked when the same command runs
+# again, which moves it back to `.partial` and rewrites any shard that does not match. QUANTDECK_FSYNC=1:
+# durable shards, written with O_DIRECT (QUANTDECK_DIRECT_IO=0: through the page cache) and fsynced before the
+# manifest records them; the stages of a run use it (engine.runs.worker), since a run skips a stage it has
+# recorded as done.
+FSYNC_ENV = "QUANTDECK_FSYNC"  # written by engine.runs.worker; read in engine.core.settings
 
 
 def durable() -> bool:
     """Are shards fsynced before the manifest records them? (QUANTDECK_FSYNC=1; see above.)"""
-    return os.environ.get(FSYNC_ENV) == "1"
+    return settings().fsync
 
 
 def _name_of(dtype) -> str | None:
@@ -87,14 +89,14 @@ class ShardFile:
                  metadata: dict[str, str] | None = DEFAULT_METADATA):
         self.dir = Path(directory)
         self.plan = plan
-        self.layout = build_layout(list(plan.tensors), metadata)
+        self.shard_map = build_shard_map(list(plan.tensors), metadata)
         self.specs = {t.name: t for t in plan.tensors}
         self.pending = set(self.specs)
         self.final = self.dir / plan.name
         self.path = self.dir / (plan.name + ".partial")
         self._lock = threading.Lock()
         self._digests: dict[str, bytes] = {}  # tensor name -> sha256 of its bytes
-        self._header_digest = hashlib.sha256(self.layout.header).digest()
+        self._header_digest = hashlib.sha256(self.shard_map.header).digest()
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
@@ -102,10 +104,10 @@ class ShardFile:
         self._direct: DirectWriter | None = None
         self._sync = durable()
         try:
-            self._reserve(self.layout.total_size)
+            self._reserve(self.shard_map.total_size)
             if self._sync:
-                self._direct = DirectWriter.open(self.path, self.layout.total_size)  # None: page cache
-            self._pwrite(memoryview(self.layout.header), 0)
+                self._direct = DirectWriter.open(self.path, self.shard_map.total_size)  # None: page cache
+            self._pwrite(memoryview(self.shard_map.header), 0)
         except BaseException:
             self.abort()
             raise
@@ -160,7 +162,7 @@ class ShardFile:
             if name not in self.pending:
                 raise CheckpointError(f"{name} written twice to {self.plan.name}", at=f"{self.final}:{name}")
             self.pending.discard(name)
-        start, _ = self.layout.offsets[name]
+        start, _ = self.shard_map.offsets[name]
         view = memoryview(raw).cast("B") if raw.size else memoryview(b"")
         if raw.size:
             self._pwrite(view, start)
@@ -170,7 +172,7 @@ class ShardFile:
 
     def digest(self) -> str:
         """The shard's digest (engine.checkpoint.digest) once every tensor is written."""
-        names = dg.piece_order(self.layout.offsets)
+        names = dg.piece_order(self.shard_map.offsets)
         return dg.combine([self._header_digest] + [self._digests[n] for n in names])
 
     def close(self) -> tuple[str, int]:
@@ -184,7 +186,7 @@ class ShardFile:
                 if self._direct.unfinished():  # pragma: no cover - every byte was written
                     raise CheckpointError(f"{self.plan.name}: data does not cover the file", at=str(self.final))
                 self._direct.close()
-                os.ftruncate(self.fd, self.layout.total_size)  # the last block went out padded
+                os.ftruncate(self.fd, self.shard_map.total_size)  # the last block went out padded
             if self._sync:
                 os.fsync(self.fd)
         except OSError as e:
@@ -194,9 +196,9 @@ class ShardFile:
         os.replace(self.path, self.final)
         fsync_dir(self.dir)
         digest = self.digest()
-        mf.record_shard(self.dir, self.plan.name, digest, self.layout.total_size,
+        mf.record_shard(self.dir, self.plan.name, digest, self.shard_map.total_size,
                         [t.name for t in self.plan.tensors], synced=self._sync)
-        return digest, self.layout.total_size
+        return digest, self.shard_map.total_size
 
     def abort(self) -> None:
         if self._direct is not None:

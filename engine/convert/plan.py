@@ -4,27 +4,25 @@ An `Item` is the unit of compute: one fused group (members share one NVFP4 globa
 one preserved tensor. Every output tensor's name, dtype and shape is fixed here, before any data is
 read, so the writer can plan its shards and headers up front. An NVFP4 source module (either layout,
 engine.formats.nvfp4.names) is decoded for `bf16` / `fp8-block` and re-laid as it is for `nvfp4`: its codes,
-block scales, global scale and input scale carried over, so either output layout holds the same bytes. The plan depends only on the source's
+block scales, global scale and input scale carried over, so either output layout holds the same bytes. Output
+specs come from the output layouts (engine.formats.layout): an NVFP4 module's canonical ones are modelopt's, which
+each output layout re-labels as it writes (`Layout.out_spec`). The plan depends only on the source's
 names, dtypes, shapes and config and on the options: it is deterministic, which makes resumed runs
 byte-identical.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from engine.checkpoint.host import HostArray
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
 from engine.core.errors import CheckpointError, FormatError, UsageError
-from engine.formats.grid import packed_cols, scale_grid
+from engine.core.names import OutputLayout, TargetFormat
+from engine.formats.layout import Layout, Modules, layout_for, natural_key
 from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
 from engine.models.scales import check_scales, companion
-from engine.core.names import OutputLayout, TargetFormat
 
 FLOAT = "float"  # BF16 / F16 / F32 values
 FP8 = "fp8"  # float8_e4m3fn codes with a block scale companion
@@ -86,9 +84,10 @@ class ConvertPlan:
     notes: list[str] = field(default_factory=list)
     w4a4: bool = False  # NVFP4 re-laid from a calibrated (W4A4) source: input scales carried over
 
-
-def natural_key(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    @property
+    def modules(self) -> Modules:
+        """The output's GEMM modules, as the output layouts' configs take them."""
+        return Modules(tuple(self.kept_modules), tuple(self.quantized_modules), tuple(self.mtp_modules))
 
 
 def _base(name: str) -> str:
@@ -134,20 +133,14 @@ def _encoding(reader: CheckpointReader, name: str, scale: str | None) -> tuple[s
     return "other", m.shape
 
 
-def _fp8_outputs(base: str, shape, v4: bool) -> list[TensorSpec]:
-    grid = scale_grid(tuple(shape))
-    if v4:
-        return [TensorSpec(base + ".weight", "F8_E4M3", tuple(shape)), TensorSpec(base + ".scale", "F8_E8M0", grid)]
-    return [TensorSpec(base + ".weight", "F8_E4M3", tuple(shape)),
-            TensorSpec(base + ".weight_scale_inv", "F32", grid)]
+def _fp8_outputs(base: str, shape, family: str) -> list[TensorSpec]:
+    """A module cast to FP8 block-128, as the family's FP8 layout writes it (V4: UE8M0 `.scale`)."""
+    return list(layout_for(TO_FP8, family=family).module_specs(base, shape).values())
 
 
 def _nvfp4_outputs(base: str, shape, input_scale: bool = False) -> list[TensorSpec]:
-    o, i = shape
-    return [TensorSpec(base + ".weight", "U8", (o, packed_cols(i))),
-            TensorSpec(base + ".weight_scale", "F8_E4M3", (o, -(-i // 16))),
-            TensorSpec(base + ".weight_scale_2", "F32", ())] + (
-        [TensorSpec(base + ".input_scale", "F32", ())] if input_scale else [])
+    """A module's canonical NVFP4 outputs: modelopt's (each output layout re-labels them as it writes)."""
+    return list(Layout.get(OutputLayout.MODELOPT).module_specs(base, shape, input_scale).values())
 
 
 def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attention: bool = False) -> ConvertPlan:
@@ -209,7 +202,7 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
             if enc == FP8 and scale is not None:
                 add(COPY, [mem], [_spec(reader, n), _spec(reader, scale)])
             else:
-                add(TO_FP8, [mem], _fp8_outputs(mem.out_base, shape, v4))
+                add(TO_FP8, [mem], _fp8_outputs(mem.out_base, shape, str(layout.family)))
             continue
         if (n.endswith(".weight") or enc == NVFP4) and len(shape) == 2 and str(info.kind) not in ("norm", "scale"):
             kept.add(mem.out_base)  # a Linear / Embedding left unquantized: it goes in ignore / exclude lists
@@ -257,40 +250,6 @@ def _spec(reader: CheckpointReader, name: str) -> TensorSpec:
 
 
 # -- output layouts ------------------------------------------------------------------------------------
-def rename_for_layout(spec: TensorSpec, quantized: bool, layout: str) -> TensorSpec:
-    """Canonical (modelopt) output name → the name in `layout`. Only NVFP4-quantized members change."""
-    if layout == str(OutputLayout.MODELOPT) or not quantized:
-        return spec
-    if spec.name.endswith(".weight_scale_2"):
-        return TensorSpec(spec.name[: -len("_scale_2")] + "_global_scale", "F32", (1,))
-    if spec.name.endswith(".input_scale"):
-        return TensorSpec(spec.name[: -len("_scale")] + "_global_scale", "F32", (1,))
-    if spec.name.endswith(".weight") and spec.dtype == "U8":
-        return TensorSpec(spec.name + "_packed", spec.dtype, spec.shape)
-    return spec
-
-
-def layout_tensor(name: str, t, quantized: bool, layout: str):
-    """Convert one canonical output tensor (torch or HostArray) to `layout` (the value side of
-    rename_for_layout): compressed-tensors stores 1 / weight_scale_2 (float32, shape [1]) and names the packed
-    weight `weight_packed`."""
-    if layout == str(OutputLayout.MODELOPT) or not quantized:
-        return name, t
-    host = isinstance(t, HostArray)
-    for suf in ("_scale_2", "_scale") if name.endswith((".weight_scale_2", ".input_scale")) else ():
-        if not name.endswith(suf):
-            continue
-        if host:
-            inv = np.float32(1.0) / t.data.astype(np.float32)  # one float32 division, as torch's
-            return name[: -len(suf)] + "_global_scale", HostArray("F32", inv.reshape(1))
-        import torch
-
-        return name[: -len(suf)] + "_global_scale", (1.0 / t.to(torch.float32)).reshape(1)
-    if name.endswith(".weight") and (t.dtype == "U8" if host else str(t.dtype) == "torch.uint8"):
-        return name + "_packed", t
-    return name, t
-
-
 def check_layouts(layouts, target: str) -> list[str]:
     out = []
     for lay in layouts:

@@ -35,7 +35,6 @@ from engine.formats.fp8_block.helpers import dequant_fp8_block
 from engine.formats.grid import NVFP4_BLOCK, infer_block
 from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
 from engine.formats.nvfp4.stored import as_multiplier
-from engine.core.names import OutputLayout
 
 FP8_STORED = ("F8_E4M3",)
 # Linears a serving engine runs as one merged GEMM (vLLM's MergedColumnParallelLinear in DeepSeek V2/V3)
@@ -196,8 +195,9 @@ class OutputModel:
             members = [(m, self.stored.get(plain.get(m + ".weight", ""))) for m in group]
             if not all(s is not None and s.kind == "nvfp4" for _, s in members):
                 continue
-            layout = members[0][1].nvfp4.names.layout
-            pick = torch.amax if layout == OutputLayout.MODELOPT else torch.amin
+            names = members[0][1].nvfp4.names
+            layout = names.layout
+            pick = torch.amin if names.reciprocal else torch.amax  # the largest stored value, as vLLM keeps
             s2s = torch.stack([self._scale_2(s, dev) for _, s in members])
             s2 = pick(s2s)
             if bool((s2s != s2s[0]).any()):
@@ -205,8 +205,7 @@ class OutputModel:
                                     f"different global scales ({', '.join(f'{float(x):.6g}' for x in s2s)}); read "
                                     f"with the {'max' if pick is torch.amax else 'min'}, as vLLM does for {layout}")
             ins = [self._input(s, dev) for _, s in members if s.nvfp4.input_scale]
-            inp = reduce_inputs(ins, "max" if layout == OutputLayout.MODELOPT else "max-stored") \
-                if len(ins) == len(members) else None
+            inp = reduce_inputs(ins, "max-stored") if len(ins) == len(members) else None
             for m, _ in members:
                 res[m] = (s2, inp)
         return res

@@ -1,8 +1,9 @@
 """`export_checkpoint`: a calibrated W4A4 NVFP4 checkpoint from a source checkpoint and an amax snapshot.
 
 It is the streaming convert (engine.convert: plan, NVFP4 compute, sharded resumable writer)
-with activation scales added to every quantized module: `input_scale` (modelopt) or
-`input_global_scale = 1 / input_scale` (compressed-tensors, `input_activations` dynamic "local").
+with activation scales added to every quantized module: a canonical `input_scale`, which each output layout
+writes as it stores it (modelopt `input_scale`, compressed-tensors `input_global_scale = 1 / input_scale`) and
+labels W4A4 in its config (engine.formats).
 The modules quantized are exactly those whose quantizers the snapshot's config enabled.
 """
 
@@ -14,37 +15,42 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
+from engine.calibrate.family import LayerFamily
+from engine.checkpoint.paths import layout_dirs, refuse_overlap
+from engine.checkpoint.reader import CheckpointReader
+from engine.checkpoint.safetensors_format import TensorSpec
+from engine.checkpoint.shard_plan import ShardPlan, shard_name
+from engine.checkpoint.write_errors import make_output_dir
+from engine.checkpoint.writer import CheckpointWriter, ShardFile
+from engine.convert.compute import compute_item
+from engine.convert.extras import copy_extras
+from engine.convert.plan import COPY, TO_NVFP4, build_plan, check_layouts
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
+from engine.convert.streaming import parse_size, partition, resolve_device
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
-from engine.export.quant_config import w4a4_config, w4a4_hf_quant_config
 from engine.export.names import to_checkpoint_names
 from engine.export.scales import ModuleAmax, check_scales, module_amax, plan_input_scales
 from engine.export.source import load_any_amax
 from engine.core.fsutil import atomic_write_json
+from engine.formats.layout import layout_for
+from engine.formats.nvfp4.layout import CANONICAL
+from engine.models import detect_layout
 
-INPUT_SCALE = ".input_scale"
+INPUT_SCALE = "." + CANONICAL.input_scale
 
 
 def _keep_fp32_patterns(config: dict) -> list[str]:
     """Tensors transformers keeps in fp32 (router bias): modelopt's export writes them as F32, so do we."""
-    from engine.calibrate.family import LayerFamily
-    from engine.core.errors import CheckpointError as _CE
-
     try:
         mc = LayerFamily.for_config(config).model_class()
-    except _CE:
+    except CheckpointError:
         return []
     return list(getattr(mc, "_keep_in_fp32_modules_strict", None) or [])
 
 
 def _with_input_scales(plan, fp32: list[str]):
     """Plan items with one `<module>.input_scale` F32 scalar more per NVFP4 member; fp32-kept tensors as F32."""
-    from engine.checkpoint.safetensors_format import TensorSpec
-    from engine.convert.plan import COPY, TO_NVFP4
-
     items = []
     for it in plan.items:
         if it.action == TO_NVFP4:
@@ -58,29 +64,12 @@ def _with_input_scales(plan, fp32: list[str]):
     return replace(plan, items=items)
 
 
-def _rename(spec, quantized: bool, layout: str):
-    from engine.checkpoint.safetensors_format import TensorSpec
-    from engine.convert.plan import rename_for_layout
-
-    if quantized and layout == "compressed-tensors" and spec.name.endswith(INPUT_SCALE):
-        return TensorSpec(spec.name[: -len(INPUT_SCALE)] + ".input_global_scale", "F32", (1,))
-    return rename_for_layout(spec, quantized, layout)
-
-
-def _tensor(name: str, t: torch.Tensor, quantized: bool, layout: str):
-    from engine.convert.plan import layout_tensor
-
-    if quantized and layout == "compressed-tensors" and name.endswith(INPUT_SCALE):
-        return name[: -len(INPUT_SCALE)] + ".input_global_scale", (1.0 / t.to(torch.float32)).reshape(1)
-    return layout_tensor(name, t, quantized, layout)
-
-
 def _quantize_attention(ma: ModuleAmax) -> bool:
     return any(".self_attn." in k or ".attn." in k for k in ma.weight)
 
 
 class _SnapshotLayout:
-    """B's model layout, quantizing exactly the modules the snapshot has a weight quantizer for."""
+    """The checkpoint's model layout, quantizing exactly the modules the snapshot has a weight quantizer for."""
 
     def __init__(self, base, allowed: set[str]):
         self._base, self._allowed = base, allowed
@@ -103,16 +92,6 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
                       shard_size: int | str = 5 * 10**9, ranks: Ranks | None = None) -> dict[str, Any]:
     """Write `dst` (or `dst/<layout>` for several layouts); resumable; returns a report. Under torchrun the
     shards are split over the ranks (engine.convert.ranks)."""
-    from engine.checkpoint.paths import layout_dirs, refuse_overlap
-    from engine.checkpoint.reader import CheckpointReader
-    from engine.checkpoint.write_errors import make_output_dir
-    from engine.checkpoint.writer import CheckpointWriter, ShardFile
-    from engine.convert.compute import compute_item
-    from engine.convert.extras import copy_extras
-    from engine.convert.plan import TO_NVFP4, build_plan, check_layouts
-    from engine.convert.streaming import parse_size, partition, resolve_device
-    from engine.models import detect_layout
-
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
     layouts = check_layouts(list(layouts), "nvfp4")
@@ -145,11 +124,11 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     if len(layouts) > 1:
         make_output_dir(dst)
     writers, shard_plans = {}, {}
-    from engine.checkpoint.shard_plan import ShardPlan, shard_name
-
+    outs = {lay: layout_for("nvfp4", lay) for lay in layouts}  # the output layouts, by name
     for lay in layouts:
         shard_plans[lay] = [ShardPlan(shard_name(i + 1, len(groups_items)),
-                                      tuple(_rename(s, it.action == TO_NVFP4, lay) for it in g for s in it.outputs))
+                                      tuple(outs[lay].out_spec(s, it.action == TO_NVFP4) for it in g
+                                            for s in it.outputs))
                             for i, g in enumerate(groups_items)]
         args = {"export": "w4a4", "layout": lay, "amax": origin["sha256"], "shard_size": parse_size(shard_size)}
         writers[lay] = CheckpointWriter(dsts[lay], shard_plans[lay], source_fingerprint=reader.fingerprint(),
@@ -178,7 +157,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
                         tensors[m.out_base + INPUT_SCALE] = sp.scale(m.out_base)
                 for lay, sf in files:
                     for name, t in tensors.items():
-                        sf.write(*_tensor(name, t, it.action == TO_NVFP4, lay))
+                        sf.write(*outs[lay].out_tensor(name, t, it.action == TO_NVFP4))
                 prog.advance(1, label=it.key)
             for _, sf in files:
                 sf.close()
@@ -189,9 +168,10 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
 
     def write_extras(lay: str, partial: Path) -> None:
         copy_extras(src, partial, sink=sink)
-        atomic_write_json(partial / "config.json", w4a4_config(reader.config, plan, lay))
-        if lay == "modelopt":
-            atomic_write_json(partial / "hf_quant_config.json", w4a4_hf_quant_config(plan))
+        pieces = outs[lay].config(plan.modules, w4a4=True)
+        atomic_write_json(partial / "config.json", outs[lay].output_config(reader.config, pieces))
+        for fname, obj in pieces.files.items():
+            atomic_write_json(partial / fname, obj)
 
     outputs = finish_writers(writers, ranks, write_extras)
     reader.close()

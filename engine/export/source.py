@@ -9,15 +9,14 @@ from typing import Any
 
 import torch
 
+from engine.calibrate import snapshot as snap
+from engine.calibrate.amax_dict import amax_dict_files, load_amax_dict
 from engine.core.errors import CheckpointError
 
 
 def load_any_amax(path: str | os.PathLike, model_dir: str | os.PathLike | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(amax by modelopt-on-transformers quantizer name, origin info)."""
-    from engine.calibrate import snapshot as snap
-    from engine.export.amax_dict import amax_dict_files, load_amax_dict
-
     p = Path(path)
     if p.is_dir() and snap.done_layers(p):
         man = snap.read_manifest(p) or {}

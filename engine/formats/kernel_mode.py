@@ -15,6 +15,8 @@ import os
 import threading
 from contextlib import contextmanager
 
+from engine.core.settings import settings
+
 _mode = threading.local()
 
 
@@ -36,7 +38,7 @@ def serial() -> bool:
 
 def threads_asked() -> int:
     """QUANTDECK_KERNEL_THREADS, 0 where unset (read per call: a `--workers` child sets it after its imports)."""
-    return int(os.environ.get("QUANTDECK_KERNEL_THREADS") or 0)
+    return settings().kernel_threads
 
 
 def kernel_threads() -> int:

@@ -39,10 +39,12 @@ from contextlib import contextmanager  # noqa: E402
 # use the spawn start method for worker processes.
 KERNEL_LOCK = threading.Lock()
 
+from engine.core.settings import settings  # noqa: E402
+
 # Rows per chunk of a parallel loop: chunks are handed to the kernel's threads as they finish, instead of one
 # fixed share per thread, so a thread that the converter's own reader and writer threads hold up does not
 # hold up the whole call. QUANTDECK_KERNEL_CHUNK=0: numba's static shares.
-CHUNK_ROWS = int(os.environ.get("QUANTDECK_KERNEL_CHUNK") or 8)
+CHUNK_ROWS = settings().kernel_chunk
 
 # Which way a thread runs kernels, and how many threads a parallel call asks for (QUANTDECK_KERNEL_THREADS, 0: every
 # core), are engine.formats.kernel_mode's (shared with the C kernels). Leaving cores to the reader and writer

@@ -1,15 +1,16 @@
 """BF16 layout: every GEMM weight as plain bfloat16 `M.weight` (the exact dequantization, rounded once to bf16).
 
-No quantization_config: the source's FP8 one is removed (`ConfigPieces(None)`).
+No quantization_config: the source's FP8 one is removed (`ConfigPieces(None)`), and config.json's dtype says
+bfloat16.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
 from engine.core.errors import FormatError
-from engine.formats.layout import ConfigPieces, Layout, TensorSpec, check_weight_shape
 from engine.core.names import TargetFormat
+from engine.formats.layout import ConfigPieces, Layout, Modules, TensorSpec, check_weight_shape
 
 __all__ = ["Bf16Layout"]
 
@@ -21,10 +22,12 @@ class Bf16Layout(Layout):
 
     @classmethod
     def output_specs(cls, weight_shape, has_input_scale: bool = False) -> dict[str, TensorSpec]:
-        return {"weight": TensorSpec(torch.bfloat16, check_weight_shape(weight_shape, "bf16"))}
+        return {"weight": TensorSpec("weight", "BF16", check_weight_shape(weight_shape, "bf16"))}
 
     @classmethod
-    def pack(cls, state: dict[str, torch.Tensor], device: str = "cpu") -> dict[str, torch.Tensor]:
+    def pack(cls, state: dict, device: str = "cpu") -> dict:
+        import torch
+
         w = state.get("weight")
         if w is None or not w.is_floating_point() or w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise FormatError(
@@ -37,5 +40,13 @@ class Bf16Layout(Layout):
         return out
 
     @classmethod
-    def config(cls, ignore=(), weight_only: bool = True) -> ConfigPieces:
+    def config(cls, modules: Modules | None = None, w4a4: bool = False) -> ConfigPieces:
         return ConfigPieces(quantization_config=None)
+
+    @classmethod
+    def output_config(cls, src_config: dict[str, Any], pieces: ConfigPieces) -> dict[str, Any]:
+        cfg = super().output_config(src_config, pieces)
+        cfg["torch_dtype"] = "bfloat16"
+        if "dtype" in cfg:
+            cfg["dtype"] = "bfloat16"
+        return cfg

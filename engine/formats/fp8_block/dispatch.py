@@ -1,6 +1,6 @@
 """Fast FP8 block-128 cast and dequant: numba on CPU, the torch reference on CUDA. Same bytes as helpers.py.
 
-`device`: "auto" | "cpu" | "cuda[:N]" (engine.formats.nvfp4.dispatch.resolve_device). Results are host tensors.
+`device`: "auto" | "cpu" | "cuda[:N]" (engine.formats.device.resolve_device). Results are host tensors.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from engine.core.errors import FormatError
+from engine.formats.device import resolve_device
 from engine.formats.fp8_block.helpers import (
     cast_fp8_block,
     dequant_fp8_block,
@@ -18,7 +19,7 @@ from engine.formats.fp8_block.helpers import (
     scales_from_amax,
 )
 from engine.formats.fp8_block import host
-from engine.formats.nvfp4.dispatch import _E4M3_LUT, resolve_device
+from engine.formats.fp8_block.host import E4M3_LUT
 
 __all__ = ["cast_fp8_block_fast", "dequant_fp8_block_fast"]
 
@@ -77,7 +78,7 @@ def dequant_fp8_block_fast(
     o, i = wb.shape
     out = np.empty((o, i), np.float32)
     with KERNEL_LOCK:
-        kernels_cpu.dequant_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], _E4M3_LUT, out)
+        kernels_cpu.dequant_kernel(wb.numpy(), s.numpy(), blk[0], blk[1], E4M3_LUT, out)
     t = torch.from_numpy(out)
     return t if dtype == torch.float32 else t.to(dtype)
 

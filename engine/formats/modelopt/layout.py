@@ -9,96 +9,123 @@ Value = e2m1(code) × fp32(weight_scale) × weight_scale_2.
 
 Config: `hf_quant_config.json` = {"producer": {"name": "modelopt", "version"}, "quantization": {"quant_algo",
 "kv_cache_quant_algo": null, "group_size": 16, "exclude_modules"}} and config.json `quantization_config` =
-modelopt's own `convert_hf_quant_config_format` of it (`quant_method: modelopt`, config_groups, ignore).
-quant_algo is "NVFP4" for W4A4 and, as modelopt labels weight-only NVFP4 exports, "W4A16_NVFP4" for
-weight-only (vLLM's ModelOpt loader knows "NVFP4"; pass `quant_algo="NVFP4"` to force that label).
-The producer name stays "modelopt" because loaders use it to recognize the file.
+modelopt's own `convert_hf_quant_config_format` of it (`quant_method: modelopt`, config_groups, ignore), plus
+`written_by` (quantdeck). quant_algo is "NVFP4" for W4A4 and, as modelopt labels weight-only NVFP4 exports,
+"W4A16_NVFP4" for weight-only. The producer name stays "modelopt" because loaders use it to recognize the file.
+The exclude list is modelopt-style patterns (`exclude_patterns`).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import fnmatch
+import re
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from engine.formats.layout import ConfigPieces, Layout, TensorSpec, check_weight_shape
-from engine.formats.nvfp4.pack import nvfp4_specs, nvfp4_tensors, passthrough
-from engine.core.names import OutputLayout, TargetFormat
+from engine.core.names import OutputLayout
+from engine.formats.layout import PRODUCER, ConfigPieces, Layout, Modules, natural_key
+from engine.formats.nvfp4.layout import CANONICAL, Nvfp4Layout
 
 GROUP_SIZE = 16
+WEIGHT_ONLY, W4A4 = "W4A16_NVFP4", "NVFP4"  # modelopt's quant_algo names
 
-__all__ = ["ModeloptNvfp4Layout", "modelopt_version"]
+__all__ = ["ModeloptNvfp4Layout", "exclude_patterns", "modelopt_version"]
+
+_MTP_OR_LAYER = re.compile(r"^((?:model\.)?(?:layers|mtp)\.\d+)\.")
+_ATTN_PARENT = re.compile(r"^(.*?\.(?:self_attn|attn))\.")
 
 
 def modelopt_version() -> str:
     try:
-        return importlib.metadata.version("nvidia-modelopt")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - modelopt is a dependency
-        return "0.47.0"
+        from importlib.metadata import version
+
+        return version("nvidia-modelopt")
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
-def _group(quant_algo: str) -> dict[str, Any]:
-    """The config group modelopt's convert_hf_quant_config_format writes for these two algos."""
-    weights = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
-    group: dict[str, Any] = {}
-    if quant_algo == "NVFP4":
-        group["input_activations"] = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
-    group["weights"] = weights
-    group["targets"] = ["Linear"]
-    return group
+def exclude_patterns(modules: Modules) -> list[str]:
+    """modelopt-style exclude list: `P.self_attn*` for a wholly kept attention block, `P.*` for a wholly
+    kept MTP layer, exact module names otherwise; a pattern is used only if it matches nothing quantized."""
+    mtp = set(modules.mtp)
+    out: set[str] = set()
+    for mod in modules.kept:
+        pattern = None
+        m = _MTP_OR_LAYER.match(mod)
+        if mod in mtp and m:
+            pattern = m.group(1) + ".*"
+        elif (a := _ATTN_PARENT.match(mod)) is not None:
+            pattern = a.group(1) + "*"
+        if pattern and not any(fnmatch.fnmatchcase(q, pattern) for q in modules.quantized):
+            out.add(pattern)
+        else:
+            out.add(mod)
+    return sorted(out, key=natural_key)
+
+
+def _fp4_args() -> dict[str, Any]:
+    """One tensor's arguments in the config group modelopt's convert_hf_quant_config_format writes."""
+    return {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
 
 
 @Layout.register(name=OutputLayout.MODELOPT)
-class ModeloptNvfp4Layout(Layout):
-    target = TargetFormat.NVFP4.value
+class ModeloptNvfp4Layout(Nvfp4Layout):
+    tensor_names = CANONICAL  # the converter's canonical NVFP4 tensors are this layout's
+    scalar_shape = ()
 
     @classmethod
-    def output_specs(cls, weight_shape, has_input_scale: bool = False) -> dict[str, TensorSpec]:
-        shape = check_weight_shape(weight_shape, "modelopt")
-        packed, bs = nvfp4_specs(shape)
-        specs = {
-            "weight": TensorSpec(torch.uint8, packed),
-            "weight_scale": TensorSpec(torch.float8_e4m3fn, bs),
-            "weight_scale_2": TensorSpec(torch.float32, ()),
-        }
-        if has_input_scale:
-            specs["input_scale"] = TensorSpec(torch.float32, ())
-        return specs
-
-    @classmethod
-    def pack(cls, state: dict[str, torch.Tensor], device: str = "cpu") -> dict[str, torch.Tensor]:
-        t = nvfp4_tensors(state, device=device)
-        out = passthrough(state)
-        out["weight"] = t.packed
-        out["weight_scale"] = t.block_scale
-        out["weight_scale_2"] = t.scale_2.clone()
-        if t.input_scale is not None:
-            out["input_scale"] = t.input_scale.clone()
-        return out
-
-    @classmethod
-    def hf_quant_config(cls, ignore=(), weight_only: bool = True, quant_algo: str | None = None) -> dict[str, Any]:
-        algo = quant_algo or ("W4A16_NVFP4" if weight_only else "NVFP4")
+    def hf_quant_config(cls, modules: Modules, w4a4: bool = False) -> dict[str, Any]:
+        """hf_quant_config.json as modelopt's export writes it."""
         return {
             "producer": {"name": "modelopt", "version": modelopt_version()},
             "quantization": {
-                "quant_algo": algo,
+                "quant_algo": W4A4 if w4a4 else WEIGHT_ONLY,
                 "kv_cache_quant_algo": None,
                 "group_size": GROUP_SIZE,
-                "exclude_modules": sorted(set(ignore)),
+                "exclude_modules": exclude_patterns(modules),
             },
         }
 
     @classmethod
-    def config(cls, ignore=(), weight_only: bool = True, quant_algo: str | None = None) -> ConfigPieces:
-        hf = cls.hf_quant_config(ignore, weight_only, quant_algo)
+    def config(cls, modules: Modules, w4a4: bool = False) -> ConfigPieces:
+        if not modules.quantized:
+            return ConfigPieces(quantization_config=None)
+        hf = cls.hf_quant_config(modules, w4a4)
         q = hf["quantization"]
+        group: dict[str, Any] = {"weights": _fp4_args(), "targets": ["Linear"]}
+        if w4a4:
+            group["input_activations"] = _fp4_args()
         qc = {
-            "config_groups": {"group_0": _group(q["quant_algo"])},
+            "config_groups": {"group_0": group},
             "ignore": list(q["exclude_modules"]),
             "quant_algo": q["quant_algo"],
             "producer": dict(hf["producer"]),
             "quant_method": "modelopt",
+            "written_by": dict(PRODUCER),
         }
         return ConfigPieces(quantization_config=qc, files={"hf_quant_config.json": hf})
+
+    @classmethod
+    def label_problems(cls, directory, qc: dict[str, Any], n: int, w4a4: bool = False) -> list[tuple[str, str]]:
+        """quant_method and quant_algo in config.json, and hf_quant_config.json's quant_algo (loaders read it)."""
+        from engine.core.fsutil import read_json
+
+        out: list[tuple[str, str]] = []
+        method, want = qc.get("quant_method"), W4A4 if w4a4 else WEIGHT_ONLY
+        if method != "modelopt" or qc.get("quant_algo") != want:
+            out.append((f"{n} NVFP4 module(s) {'with' if w4a4 else 'without'} input scales, but config.json says "
+                        f"quant_method {method!r}, quant_algo {qc.get('quant_algo')!r} (want 'modelopt', {want!r})",
+                        str(Path(directory) / "config.json")))
+        hq_path = Path(directory) / "hf_quant_config.json"
+        if not hq_path.exists():
+            return out + [("hf_quant_config.json is missing (modelopt's layout has it; loaders read it)", str(hq_path))]
+        try:
+            hq = read_json(hq_path)
+        except (OSError, ValueError) as e:
+            return out + [(f"{hq_path.name} cannot be read: {e}", str(hq_path))]
+        if not isinstance(hq, dict):
+            out.append((f"{hq_path.name} is not a JSON object", str(hq_path)))
+        elif (hq.get("quantization") or {}).get("quant_algo") != want:
+            out.append((f"hf_quant_config.json says quant_algo {(hq.get('quantization') or {}).get('quant_algo')!r} "
+                        f"(want {want!r})", str(hq_path)))
+        return out

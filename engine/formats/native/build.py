@@ -1,7 +1,7 @@
 """Build quantdeck's C kernels (kernels.c) once per machine and load them with ctypes.
 
-Why C beside numba: a converter that imports numba spends its first seconds there. Measured on the lent H200
-box (16 cores, page cache dropped): `import numba` 1.97 s, its cached kernels loaded at 2.46 s, and in a
+Why C beside numba: a converter that imports numba spends its first seconds there. Measured on an H200
+machine (16 cores, page cache dropped): `import numba` 1.97 s, its cached kernels loaded at 2.46 s, and in a
 7.2 GB conversion no tensor was computed before 3-4 s while the disk sat idle behind a full in-flight budget.
 A shared library of the same row bodies loads in milliseconds. It is compiled at first use with the
 machine's C compiler (`$CC`, else cc, gcc or clang; the compiler Triton needs too) into the user's cache
@@ -29,11 +29,12 @@ from pathlib import Path
 
 from engine.formats.native import calls
 from engine.core.fsutil import user_cache_dir
+from engine.core.settings import settings
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
 ABI = 1  # qd_abi_version() of kernels.c
-ENV = "QUANTDECK_KERNELS"  # "c", "numba" or unset (c where it builds)
+ENV = "QUANTDECK_KERNELS"  # "c", "numba" or unset (c where it builds); read in engine.core.settings
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "why": why there is none
@@ -59,7 +60,7 @@ def compiler() -> list[str] | None:
 def cache_dir() -> Path:
     """`<user cache dir>/quantdeck/native` (QUANTDECK_NATIVE_CACHE overrides; without platformdirs,
     $XDG_CACHE_HOME or ~/.cache)."""
-    env = os.environ.get("QUANTDECK_NATIVE_CACHE")
+    env = settings().native_cache
     return Path(env) if env else user_cache_dir("native")
 
 
@@ -153,7 +154,7 @@ def _load() -> ctypes.CDLL:
 
 def _wanted() -> str:
     """QUANTDECK_KERNELS: "c", "numba" or "" (c where it builds)."""
-    return (os.environ.get(ENV) or "").strip().lower()
+    return settings().kernels
 
 
 def library() -> ctypes.CDLL | None:

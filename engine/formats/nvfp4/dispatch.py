@@ -10,9 +10,12 @@ import numpy as np
 import torch
 
 from engine.core.errors import FormatError
-from engine.formats.grid import check_scale_values
+from engine.formats.device import resolve_device
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
-from engine.formats.nvfp4.helpers import as_scale_2
+from engine.formats.grid import check_scale_values
+from engine.formats.nvfp4 import host  # the CPU branches: C / numba kernels on numpy arrays
+from engine.formats.nvfp4.helpers import as_scale_2, global_scale
+from engine.formats.nvfp4.kernels_cuda import bf16_to_nvfp4_cuda, fp8_block_amax_cuda, fp8_block_to_nvfp4_cuda
 
 __all__ = [
     "bf16_to_nvfp4",
@@ -22,22 +25,6 @@ __all__ = [
     "fp8_group_to_nvfp4",
     "resolve_device",
 ]
-
-from engine.formats.nvfp4 import host  # noqa: E402  (the CPU branches: C / numba kernels on numpy arrays)
-from engine.formats.nvfp4.host import E4M3_LUT as _E4M3_LUT  # noqa: E402
-
-
-def resolve_device(device: str = "auto") -> str:
-    d = (device or "auto").lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if d == "cpu":
-        return d
-    if d.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FormatError(f"device {device!r} asked for but CUDA is not available", at="device", hint="use cpu or auto")
-        return d
-    raise FormatError(f"unknown device {device!r}", at="device", hint="use auto, cpu or cuda[:N]")
 
 
 def _check_fp8(w_fp8: torch.Tensor, scale: torch.Tensor, block) -> tuple[int, int]:
@@ -63,8 +50,6 @@ def fp8_block_to_nvfp4(
     blk = _check_fp8(w_fp8, scale_inv, block)
     dev = resolve_device(device)
     if dev != "cpu":
-        from engine.formats.nvfp4.kernels_cuda import fp8_block_to_nvfp4_cuda
-
         _scale_np(scale_inv)  # validates (a small host copy)
 
         return fp8_block_to_nvfp4_cuda(w_fp8, scale_inv, blk, scale_2, dev)
@@ -80,8 +65,6 @@ def bf16_to_nvfp4(w: torch.Tensor, scale_2, device: str = "auto") -> tuple[torch
         raise FormatError(f"expected a non-empty 2-D float weight, got {w.dtype} {tuple(w.shape)}", at="bf16_to_nvfp4")
     dev = resolve_device(device)
     if dev != "cpu":
-        from engine.formats.nvfp4.kernels_cuda import bf16_to_nvfp4_cuda
-
         return bf16_to_nvfp4_cuda(w, scale_2, dev)
     s2 = np.float32(as_scale_2(scale_2).item())
     packed, bs = host.float_to_nvfp4(w.detach().cpu().to(torch.float32).contiguous().numpy(), s2)
@@ -93,8 +76,6 @@ def fp8_block_amax(w_fp8: torch.Tensor, scale_inv: torch.Tensor, device: str = "
     blk = _check_fp8(w_fp8, scale_inv, block)
     dev = resolve_device(device)
     if dev != "cpu":
-        from engine.formats.nvfp4.kernels_cuda import fp8_block_amax_cuda
-
         _scale_np(scale_inv)
 
         return fp8_block_amax_cuda(w_fp8, scale_inv, blk, dev)
@@ -116,8 +97,6 @@ def fp8_group_to_nvfp4(
     `quantize_nvfp4(dequant_fp8_block(w, s), scale_2)` member by member. On CUDA each member is uploaded once
     (amax and quantization both read the device copy). `blocks`: one block per member, or None to infer.
     """
-    from engine.formats.nvfp4.helpers import global_scale
-
     if not pairs:
         raise FormatError("empty fused group", at="fp8_group_to_nvfp4")
     blks = [_check_fp8(w, s, None if blocks is None else blocks[k]) for k, (w, s) in enumerate(pairs)]

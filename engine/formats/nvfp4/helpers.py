@@ -1,4 +1,5 @@
-"""NVFP4 numerics in pure torch — the reference every fast kernel is tested against.
+"""NVFP4 numerics in pure torch — the reference every fast kernel is tested against. It imports no kernel: the
+fast paths (engine.formats.nvfp4.dispatch) import it (an import-linter contract in pyproject.toml).
 
 Bit-exact with modelopt's `NVFP4QTensor.quantize(w_fp32, 16, weights_scaling_factor_2=scale_2)`:
   * `scale_2 = amax / (6·448)` in float32 (`global_scale`); amax is taken from the dequantized fp32 values.
@@ -30,7 +31,6 @@ __all__ = [
     "as_scale_2",
     "block_scales",
     "dequant_nvfp4",
-    "fp8_block_to_nvfp4",
     "global_scale",
     "packed_cols",
     "quantize_nvfp4",
@@ -117,10 +117,3 @@ def dequant_nvfp4(
         vals = vals[..., : shape[-1]]
     return vals
 
-
-def fp8_block_to_nvfp4(w_fp8: torch.Tensor, scale_inv: torch.Tensor, scale_2, device: str = "auto", block=None):
-    """Fused fast path (C or numba on CPU, Triton or torch on CUDA); see engine.formats.nvfp4.dispatch. Same bytes as
-    `quantize_nvfp4(dequant_fp8_block(w_fp8, scale_inv), scale_2)`."""
-    from engine.formats.nvfp4.dispatch import fp8_block_to_nvfp4 as fast
-
-    return fast(w_fp8, scale_inv, scale_2, device=device, block=block)

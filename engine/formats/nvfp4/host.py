@@ -15,22 +15,8 @@ import numpy as np
 
 from engine.core.errors import FormatError
 from engine.formats import cpu_kernels
+from engine.formats.fp8_block.host import E4M3_LUT
 from engine.formats.grid import E2M1_MAX, E4M3_MAX, check_scale_grid, check_scale_values, packed_cols
-
-
-def _e4m3_table() -> np.ndarray:
-    """float32 value of each E4M3 (fn) byte: sign, 4-bit exponent (bias 7), 3-bit mantissa, subnormals at
-    exponent 0; 0x7F / 0xFF are NaN (no infinities)."""
-    c = np.arange(256)
-    sign = np.where(c & 0x80, -1.0, 1.0)
-    exp, man = (c >> 3) & 0xF, c & 0x7
-    mag = np.where(exp == 0, man / 8.0 * 2.0**-6, (1.0 + man / 8.0) * np.exp2(exp - 7.0))
-    out = (sign * mag).astype(np.float32)  # every value is exact in float32
-    out[[0x7F, 0xFF]] = np.nan
-    return out
-
-
-E4M3_LUT = _e4m3_table()
 
 
 def float32_of(data: np.ndarray, dtype: str) -> np.ndarray:

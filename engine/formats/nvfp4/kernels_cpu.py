@@ -1,8 +1,8 @@
 """Fast multi-threaded CPU NVFP4 kernels (numba), bit-exact with the torch reference in helpers.py.
 
-Why numba: on a 2-core machine vectorized torch tops out near the peer's ~40 MB/s (every elementwise step
-is a full pass over memory), torch.compile reached ~70 MB/s; one fused compiled loop that reads each FP8
-byte once and writes each nibble once is an order of magnitude faster (see benchmarks/kernels.py).
+Why numba: on a 2-core machine vectorized torch tops out near `fp8_to_nvfp4_streaming.py`'s ~40 MB/s (every
+elementwise step is a full pass over memory), torch.compile reached ~70 MB/s; one fused compiled loop that reads
+each FP8 byte once and writes each nibble once is an order of magnitude faster (see benchmarks/nvfp4_kernels.py).
 
 Kernels (all take numpy views of torch tensors, no copies), each as a parallel `*_kernel` (rows over every
 core: one big weight at a time) and a `*_serial` twin on the calling thread (one weight per converter thread:

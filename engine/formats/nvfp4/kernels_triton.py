@@ -9,9 +9,9 @@ the CPU kernels on a GPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from engine.core.settings import settings
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs lack it
     import triton
@@ -26,7 +26,7 @@ BLOCK_C = 128
 
 
 def available() -> bool:
-    return triton is not None and os.environ.get("QUANTDECK_NO_TRITON", "") not in ("1", "true", "yes")
+    return triton is not None and not settings().no_triton
 
 
 if triton is not None:

@@ -8,36 +8,22 @@ Both layouts hold the same bytes (E2M1 codes two a byte, element 0 in the low ni
 | modelopt           | `weight`        | `weight_scale` | `weight_scale_2` (a multiplier)   | `input_scale` (a multiplier)   |
 | compressed-tensors | `weight_packed` | `weight_scale` | `weight_global_scale` = 1/scale_2 | `input_global_scale` = 1/input |
 
-Value = e2m1(code) × fp32(block_scale) × scale_2. `find_nvfp4(base, present)` says which layout a module is stored
-in and gives its tensors' full names; engine.formats.nvfp4.stored reads and decodes them.
+Value = e2m1(code) × fp32(block_scale) × scale_2. The names are the output layouts' own (engine.formats.modelopt
+and engine.formats.compressed_tensors, `tensor_names`). `find_nvfp4(base, present)` says which layout a module is
+stored in and gives its tensors' full names; engine.formats.nvfp4.stored reads and decodes them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.core.names import OutputLayout
+from engine.formats.compressed_tensors.layout import CompressedTensorsNvfp4Layout
+from engine.formats.modelopt.layout import ModeloptNvfp4Layout
+from engine.formats.nvfp4.layout import Nvfp4Names
 
 __all__ = ["NVFP4_NAMES", "Nvfp4Names", "StoredNames", "find_nvfp4", "nvfp4_base"]
 
-
-@dataclass(frozen=True)
-class Nvfp4Names:
-    """One layout's local tensor names, and whether its global / input scales are stored as reciprocals."""
-
-    layout: str
-    packed: str
-    block_scale: str
-    global_scale: str
-    input_scale: str
-    reciprocal: bool  # global and input scales stored as 1/scale
-
-
-NVFP4_NAMES = (
-    Nvfp4Names(str(OutputLayout.MODELOPT), "weight", "weight_scale", "weight_scale_2", "input_scale", False),
-    Nvfp4Names(str(OutputLayout.COMPRESSED_TENSORS), "weight_packed", "weight_scale", "weight_global_scale",
-               "input_global_scale", True),
-)
+NVFP4_NAMES = (ModeloptNvfp4Layout.tensor_names, CompressedTensorsNvfp4Layout.tensor_names)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 
 from engine.core.errors import FormatError
 from engine.formats.e2m1 import E2M1_MAX
+from engine.formats.nvfp4.dispatch import bf16_to_nvfp4
 from engine.formats.nvfp4.helpers import E4M3_MAX, as_scale_2, global_scale, packed_cols, weight_amax
 
 CONSUMED = ("weight", "nvfp4_packed", "nvfp4_block_scale", "weight_scale_2", "input_scale", "input_amax")
@@ -74,8 +75,6 @@ def nvfp4_tensors(state: dict[str, torch.Tensor], device: str = "cpu") -> Nvfp4T
                 hint="dequantize FP8 first, or pass nvfp4_packed/nvfp4_block_scale from the fused kernel",
             )
         s2 = as_scale_2(state["weight_scale_2"]) if "weight_scale_2" in state else global_scale(weight_amax(w))
-        from engine.formats.nvfp4.dispatch import bf16_to_nvfp4
-
         packed, bs = bf16_to_nvfp4(w, s2, device=device)
     else:
         raise FormatError("module state has neither weight nor nvfp4_packed", at="state")

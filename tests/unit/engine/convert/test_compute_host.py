@@ -13,10 +13,11 @@ from engine.checkpoint.safetensors_format import dtype_name
 from engine.convert import compute_host
 from engine.convert.compute import compute_item as torch_compute
 from engine.checkpoint.safetensors_format import TensorSpec
-from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, Member, build_plan, layout_tensor
+from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, Member, build_plan
 from engine.core.errors import FormatError
 from engine.formats.fp8_block.helpers import cast_fp8_block, scale_to_fp32
 from engine.formats.fp8_block import host as fb
+from engine.formats.layout import Layout
 from engine.formats.nvfp4 import host as nv
 from engine.models import detect_layout
 
@@ -53,8 +54,8 @@ def _same_result(item: Item, want, got) -> None:
     assert got.notes == want.notes
     for layout in ("modelopt", "compressed-tensors"):
         for name in want.tensors:
-            wn, wt = layout_tensor(name, want.tensors[name], item.action == TO_NVFP4, layout)
-            gn, gt = layout_tensor(name, got.tensors[name], item.action == TO_NVFP4, layout)
+            wn, wt = Layout.get(layout).out_tensor(name, want.tensors[name], item.action == TO_NVFP4)
+            gn, gt = Layout.get(layout).out_tensor(name, got.tensors[name], item.action == TO_NVFP4)
             assert (gn, _dtype(gt), tuple(gt.shape)) == (wn, _dtype(wt), tuple(wt.shape)), (layout, name)
             assert _bytes(gt) == _bytes(wt), (layout, name)
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from engine.checkpoint import CheckpointReader
 from engine.core.errors import FormatError
 from engine.convert.plan import COPY, TO_BF16, TO_FP8, TO_NVFP4, build_plan
-from engine.convert.quant_config import exclude_patterns
+from engine.formats.modelopt.layout import exclude_patterns
 from engine.models import detect_layout
 from tests.fixtures_ckpt import copy_ckpt
 
@@ -33,7 +33,7 @@ def test_v3_fp8_nvfp4_plan(tiny_ckpt):
     assert mtp_items and all(it.action in (COPY, TO_BF16) for it in mtp_items)
     assert all(m.startswith(f"model.layers.{n}.") for m in plan.mtp_modules)
     assert "lm_head" in plan.kept_modules and not any("norm" in m for m in plan.kept_modules)
-    pats = exclude_patterns(plan)
+    pats = exclude_patterns(plan.modules)
     assert "model.layers.0.self_attn*" in pats and f"model.layers.{n}.*" in pats and "lm_head" in pats
     # every output tensor is known up front, and no scale companion survives as its own item
     assert not any(it.key.endswith("weight_scale_inv") for it in plan.items)

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from engine.formats import Layout
+from engine.checkpoint.safetensors_format import dtype_name
+from engine.formats import Layout, Modules
 from engine.formats.nvfp4.helpers import global_scale, weight_amax
 
 GROUPS = {  # fused groups share weight_scale_2 (the max), as modelopt's export does
@@ -51,11 +52,15 @@ def test_modelopt_layout_equals_export_hf_checkpoint(tmp_path):
                 theirs = {k: v for k, v in exported.items() if k.startswith(m + ".")}
                 assert set(ours) == set(theirs) == set(specs)
                 for k, t in theirs.items():
-                    assert ours[k].dtype == t.dtype == specs[k].dtype and tuple(ours[k].shape) == tuple(t.shape)
+                    assert ours[k].dtype == t.dtype and dtype_name(t.dtype) == specs[k].dtype
+                    assert tuple(ours[k].shape) == tuple(t.shape) == specs[k].shape
                     assert torch.equal(ours[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
                 checked += 1
     assert checked == 7
     hf = json.loads((tmp_path / "hf_quant_config.json").read_text())
-    pieces = layout.config(ignore=hf["quantization"]["exclude_modules"], weight_only=True)
+    quantized = tuple(f"model.layers.0.{b}.{p}" for b, groups in GROUPS.items() for g in groups for p in g)
+    pieces = layout.config(Modules(kept=tuple(hf["quantization"]["exclude_modules"]), quantized=quantized))
     assert pieces.files["hf_quant_config.json"] == hf
-    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == pieces.quantization_config
+    qc = dict(pieces.quantization_config)
+    assert qc.pop("written_by")["name"] == "quantdeck"  # ours names its writer; the rest is modelopt's
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == qc
