@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -10,6 +9,7 @@ from console.app import QuantdeckApp
 from console.backend import Backend
 from console.fleet import FleetFeed, LazyFleet, LocalFleet, TelemetryFleet, replay_fleet_4x8
 from console.keymap import load_keymap
+from engine.core.settings import settings
 
 
 def default_fleet(workdir: str = ".", clock: Callable[[], float] = time.time,
@@ -17,8 +17,9 @@ def default_fleet(workdir: str = ".", clock: Callable[[], float] = time.time,
     """The fleet feed for a run: remote's live TelemetryMonitor over SSH for a recipe with a [cluster], this
     machine's otherwise. QUANTDECK_FLEET=replay replays recorded nvidia-smi output of a 4×8-GPU fleet.
     `cluster` may be a callable that finds it (called only when needed)."""
-    if os.environ.get("QUANTDECK_FLEET") == "replay":
-        return replay_fleet_4x8(interval_s=float(os.environ.get("QUANTDECK_FLEET_INTERVAL", "1.0")))
+    s = settings()
+    if s.fleet == "replay":
+        return replay_fleet_4x8(interval_s=s.fleet_interval)
     if callable(cluster):
         cluster = cluster()
     try:

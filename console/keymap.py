@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from textual.binding import Binding
 
 from console.actions import ACTIONS
+from engine.core.settings import settings
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ def default_keymap() -> tuple[KeyBinding, ...]:
 def load_keymap(path: Path | None = None) -> tuple[KeyBinding, ...]:
     """Defaults, overridden by `[keys]` in keymap.toml; an unknown action name is ignored, not fatal."""
     keys = {a.name: a.key for a in ACTIONS.values()}
-    if path is None and os.environ.get("QUANTDECK_HOME"):
-        path = Path(os.environ["QUANTDECK_HOME"]) / "keymap.toml"
+    home = settings().home
+    if path is None and home:
+        path = Path(home) / "keymap.toml"
     if path is not None and path.is_file():
         try:
             data = tomllib.loads(path.read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from engine.core.errors import RecipeError
+from engine.core.settings import settings
 
 HOST_KEY_POLICIES = ("reject", "accept-new")
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -83,7 +84,7 @@ class ClusterSpec:
 
     @property
     def ssh_config_path(self) -> Path:
-        raw = self.ssh_config or os.environ.get("QUANTDECK_SSH_CONFIG") or "~/.ssh/config"
+        raw = self.ssh_config or settings().ssh_config or "~/.ssh/config"
         return Path(os.path.expanduser(raw))
 
 
@@ -134,8 +135,8 @@ def node_from(obj: Any) -> NodeSpec:
 
 
 ALIASES = {"work_dir": ("work_dir", "workdir")}
-ENV_FALLBACKS = {"known_hosts": "QUANTDECK_KNOWN_HOSTS", "ssh_config": "QUANTDECK_SSH_CONFIG",
-                 "cwd": "QUANTDECK_REMOTE_CWD", "master_addr": "QUANTDECK_MASTER_ADDR"}
+SETTING_FALLBACKS = {"known_hosts": "known_hosts", "ssh_config": "ssh_config", "cwd": "remote_cwd",
+                     "master_addr": "master_addr"}  # ClusterSpec field -> engine.core.settings.Settings field
 
 
 def cluster_from(obj: Any, **overrides: Any) -> ClusterSpec:
@@ -147,6 +148,7 @@ def cluster_from(obj: Any, **overrides: Any) -> ClusterSpec:
     """
     if isinstance(obj, ClusterSpec) and not overrides:
         return obj
+    s = settings()
     kw: dict[str, Any] = {}
     for f in fields(ClusterSpec):
         if f.name == "nodes":
@@ -156,8 +158,8 @@ def cluster_from(obj: Any, **overrides: Any) -> ClusterSpec:
             if v is not None:
                 kw[f.name] = dict(v) if f.name == "env" else v
                 break
-        if f.name not in kw and f.name in ENV_FALLBACKS and os.environ.get(ENV_FALLBACKS[f.name]):
-            kw[f.name] = os.environ[ENV_FALLBACKS[f.name]]
+        if f.name not in kw and f.name in SETTING_FALLBACKS and getattr(s, SETTING_FALLBACKS[f.name]):
+            kw[f.name] = getattr(s, SETTING_FALLBACKS[f.name])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     default_gpus = int(_get(obj, "gpus_per_node", 0) or 0)
     nodes = []

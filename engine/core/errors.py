@@ -52,6 +52,14 @@ class UsageError(QuantdeckError):
     exit_code = ExitCode.USAGE
 
 
+class SettingsError(QuantdeckError):
+    """An environment variable holds a value quantdeck cannot read (engine.core.settings); `at` names it. Not a
+    UsageError: code that expects a bad argument must not swallow it."""
+
+    title = "bad setting"
+    exit_code = ExitCode.USAGE
+
+
 class RecipeError(QuantdeckError):
     """A recipe failed to load; `at` is 'file:key'."""
 

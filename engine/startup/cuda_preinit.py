@@ -11,12 +11,12 @@ before. Only for runs that will use CUDA (engine.startup.readahead.gpu_likely).
 
 from __future__ import annotations
 
-import os
 import threading
 
 from engine.startup import readahead
 
 from engine.core import timeline
+from engine.core.settings import settings
 
 
 def _device_index(device: str | None) -> int:
@@ -48,7 +48,7 @@ def _init(index: int) -> None:
 
 def start(device: str | None) -> threading.Thread | None:
     """On a CUDA run, initialize the driver and the device's primary context on a daemon thread."""
-    if os.environ.get("QUANTDECK_NO_CUDA_PREINIT") or not readahead.gpu_likely(device):
+    if settings().no_cuda_preinit or not readahead.gpu_likely(device):
         return None
     t = threading.Thread(target=_init, args=(_device_index(device),), name="cuda-preinit", daemon=True)
     t.start()

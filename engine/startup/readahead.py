@@ -7,7 +7,7 @@ budget — what the pipeline reads first, in that order — through a small reus
 spent reading and the pipeline then finds its bytes in the page cache. Page cache is not RSS: the process holds
 only the buffers (4 threads × 4 MiB). Errors are ignored: the converter reads correctly without it.
 
-It reads, rather than asking the kernel with `posix_fadvise(WILLNEED)`: measured on a lent H100 machine
+It reads, rather than asking the kernel with `posix_fadvise(WILLNEED)`: measured on an H100 machine
 (virtio disk, 1.5 GB/s), WILLNEED returned at once and left the cache cold (a read 3.3 s later took as long as a
 cold one), and one reading thread reaches only 0.8 GB/s where four reach the disk's 1.5 GB/s.
 
@@ -24,6 +24,7 @@ import os
 import threading
 
 from engine.core import meminfo
+from engine.core.settings import settings
 
 from engine.startup import startfiles
 
@@ -54,6 +55,14 @@ def default_budget() -> int:
     return min(CAP, avail // 4) if avail else 1 << 30
 
 
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA driver with at least one GPU (asked of the driver's files, not of torch)."""
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return os.path.exists("/dev/nvidia0")
+
+
 def gpu_likely(device: str | None) -> bool:
     """Will this run be on CUDA? Decided without torch: the device asked for, or for auto, an NVIDIA driver."""
     d = str(device or "auto").lower()
@@ -61,8 +70,6 @@ def gpu_likely(device: str | None) -> bool:
         return True
     if d != "auto":
         return False
-    from engine.convert.device import nvidia_gpu_present
-
     return nvidia_gpu_present()
 
 
@@ -116,7 +123,7 @@ class ReadAhead(threading.Thread):
                 return
 
     def _reader(self, chunks) -> None:
-        if os.environ.get("QUANTDECK_READAHEAD_IDLE") == "1":
+        if settings().readahead_idle:
             _idle_io()
         buf = memoryview(bytearray(STEP))
         fds: dict[str, int] = {}
@@ -274,16 +281,17 @@ def start(src: str | os.PathLike, device: str | None = "auto", budget: int | Non
         if key in _started:
             return None
         _started.add(key)
-    if os.environ.get("QUANTDECK_NO_READAHEAD"):
+    s = settings()
+    if s.no_readahead:
         return None
     first = startfiles.listed(entry) if entry and not gpu else []
-    forced = os.environ.get("QUANTDECK_READAHEAD") == "always"  # even beside cold imports (measurements)
+    forced = s.readahead == "always"  # even beside cold imports (measurements)
     if not first and not forced and (interpreter_cold() if gpu else cpu_imports_cold()):
         return None
     paths = source_shards(src)
     if not paths:
         return None
-    threads = int(os.environ.get("QUANTDECK_READAHEAD_THREADS") or THREADS)
+    threads = s.readahead_threads or THREADS
     t = ReadAhead(paths, default_budget() if budget is None else int(budget), threads=threads, first=first)
     t.start()
     return t

@@ -23,12 +23,13 @@ import sys
 from pathlib import Path
 
 from engine.core.fsutil import user_cache_dir
+from engine.core.settings import settings
 
 MAX_BYTES = 1 << 30  # a list never asks for more than this (a process that imported torch's CUDA libraries)
 
 
 def _dir() -> Path:
-    env = os.environ.get("QUANTDECK_START_FILES")
+    env = settings().start_files
     return Path(env) if env else user_cache_dir("start-files")
 
 

@@ -17,4 +17,4 @@ def sshd_cluster(tmp_path) -> SshdCluster:
         cluster.stop()
 
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: E402,F401  (C's session-cached tiny checkpoints)
+from tests.fixtures_ckpt import tiny_ckpt  # noqa: E402,F401  (session-cached tiny checkpoints)

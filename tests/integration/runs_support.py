@@ -12,16 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+from engine.core.settings import fault_spec
+
 REPO = Path(__file__).resolve().parents[2]
-PAUSE_STAGE = "QUANTDECK_TEST_PAUSE_STAGE"
-PAUSE_UNITS = "QUANTDECK_TEST_PAUSE_AFTER_UNITS"
+FAULTS = "QUANTDECK_FAULTS"
+
+
+def pause(stage: str, units: int = 0) -> dict[str, str]:
+    """The environment that parks `stage`'s worker after `units` units (engine.runs.worker's test hook)."""
+    return {FAULTS: fault_spec(pause_stage=stage, pause_after_units=units)}
 
 
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    for k in (PAUSE_STAGE, PAUSE_UNITS):
-        e.pop(k, None)
+    e.pop(FAULTS, None)
     e.update(extra)
     return e
 

@@ -17,6 +17,7 @@ from calib_tiny_models import assert_amax_equal, build_v3, reference_quantized_m
 from engine.calibrate import snapshot as snap  # noqa: E402
 from engine.calibrate.samples import load_samples  # noqa: E402
 from engine.calibrate.streaming import layer_amax  # noqa: E402
+from engine.core.settings import fault_spec  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def test_process_killed_after_a_layer_resumes(model_and_samples, tmp_path):
     model, samples = model_and_samples
     out = tmp_path / "amax"
     args = ("--model", model, "--samples", samples, "--out", out, "--seq-len", "24", "--batch-size", "1")
-    r = subprocess.run(_cli(*args), env=subprocess_env(QUANTDECK_CALIBRATE_DIE_AFTER_LAYER="1"),
+    r = subprocess.run(_cli(*args), env=subprocess_env(QUANTDECK_FAULTS=fault_spec(calibrate_die_after_layer=1)),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 137, r.stderr[-2000:]
     assert snap.done_layers(out) == [0, 1] and snap.acts_path(out, 0, 1).exists()

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from engine.convert import convert_checkpoint
+from engine.core.settings import fault_spec
 from tests.conftest import subprocess_env
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
@@ -29,7 +30,7 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(tiny_ckpt, tmp_path):
     ref = convert_checkpoint(src, tmp_path / "ref", to="nvfp4", shard_size="30KB")
     assert ref["shards"] >= 4
     dst = tmp_path / "out"
-    env = subprocess_env(QUANTDECK_TEST_ITEM_DELAY_S="0.1")
+    env = subprocess_env(QUANTDECK_FAULTS=fault_spec(item_delay_s=0.1))
     proc = subprocess.Popen(_cmd(src, dst), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = tmp_path / "out.partial" / "manifest.json"
     deadline = time.monotonic() + 120
@@ -98,7 +99,7 @@ def test_kill_9_of_the_parent_takes_its_workers_along_and_a_rerun_is_byte_identi
     dst, partial = tmp_path / "out", tmp_path / "out.partial"
     cmd = _cmd(src, dst) + ["--workers", "2"]
     # one writer thread a worker, 0.3 s after each item: the workers have many seconds of work left at the kill
-    env = subprocess_env(QUANTDECK_TEST_ITEM_DELAY_S="0.3", QUANTDECK_WRITERS="1")
+    env = subprocess_env(QUANTDECK_FAULTS=fault_spec(item_delay_s=0.3), QUANTDECK_WRITERS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parent = psutil.Process(proc.pid)
     workers: list[int] = []

@@ -2,7 +2,7 @@
 calibrated pipeline with `[cluster] gpus_per_node = N` (calibrate as N NCCL ranks, convert/export split over N GPU
 ranks, all through torchrun from the local launcher) gives the bytes of a one-process run.
 
-Carries requires_gpu (CI has no GPU and deselects it). Run on a lent two-GPU machine for the report.
+Carries requires_gpu (CI has no GPU and deselects it). Run it on a machine with two GPUs.
 """
 
 from __future__ import annotations

@@ -99,10 +99,10 @@ def test_two_ranks_write_the_bytes_of_one_process(tiny_ckpt, amax_snapshot, tmp_
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tiny_ckpt, tmp_path, monkeypatch):
     """The convert stage of a run as 2 local ranks ([cluster] gpus_per_node = 2): rank 1 fails (the test hook
-    QUANTDECK_TEST_FAIL_RANK) → the stage FAILED with rank 1's error, nothing finalized, rank 0's shards kept;
+    QUANTDECK_FAULTS fail_rank) → the stage FAILED with rank 1's error, nothing finalized, rank 0's shards kept;
     the rerun writes the rest and gives the bytes of one process."""
     from engine.convert import convert_checkpoint
-    from engine.convert.ranks import FAIL_RANK_ENV
+    from engine.core.settings import fault_spec
     from engine.runs.launcher import WorkerSpec
     from engine.runs.local_launcher import LocalLauncher
     from engine.runs.plan import Plan
@@ -128,10 +128,11 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
         set_status(run, "convert", StageState.STARTING, attempt=attempt, host=h.host, pid=h.pid)
         return wait_stage(run, "convert", attempt, launcher, h.host, h.pid, poll_s=0.1)
 
-    st = run_convert({FAIL_RANK_ENV: "1", "OMP_NUM_THREADS": "1"})
+    st = run_convert({"QUANTDECK_FAULTS": fault_spec(fail_rank=1), "OMP_NUM_THREADS": "1"})
     log = run.log_path("convert").read_text()
     assert st["state"] == StageState.FAILED.value, (st, log[-3000:])
-    assert st["error"].startswith("RankFailedError: rank 1 of 2 on ") and f"test hook {FAIL_RANK_ENV}" in st["error"]
+    assert st["error"].startswith("RankFailedError: rank 1 of 2 on ")
+    assert "test hook QUANTDECK_FAULTS fail_rank" in st["error"]
     assert not any((out / lay).exists() for lay in LAYOUTS)  # nothing finalized
     kept = {lay: set(load_manifest(out / f"{lay}.partial")["shards"]) for lay in LAYOUTS}
     assert kept["modelopt"] and kept["modelopt"] == kept["compressed-tensors"]  # rank 0's share, in both layouts
@@ -160,10 +161,11 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     open_engine().follow(str(run.path), lambda ev: merged.update({ev.stage: sr.feed(ev) or merged.get(ev.stage)}))
     assert (merged["convert"]["total"], merged["convert"]["world"]) == (prog["total"], 2)
     from console.api_backend import ApiBackend  # the console's stage row and ranks line
+    from console.format import rank_line
 
     row = ApiBackend(open_engine()).read_run(str(run.path)).stage("convert")
     assert (row.done, row.total, row.ranks) == (prog["total"], prog["total"], 2)
-    assert row.rank_line.startswith(f"ranks 2: r0 {shares[0]['done']}/{shares[0]['total']} ")
+    assert rank_line(row.rank_parts, row.ranks).startswith(f"ranks 2: r0 {shares[0]['done']}/{shares[0]['total']} ")
     monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.runs.worker)
     ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
     assert ref["shards"] == st["result"]["shards"]
@@ -202,7 +204,7 @@ def test_a_failing_rank_on_another_node_fails_the_stage_by_name(sshd_cluster, ti
     import time
 
     from engine.checkpoint.manifest import load_manifest
-    from engine.convert.ranks import FAIL_RANK_ENV
+    from engine.core.settings import fault_spec
     from engine.runs.launcher import WorkerSpec
     from engine.runs.plan import Plan
     from engine.runs.rundir import begin_attempt, set_status
@@ -221,7 +223,8 @@ def test_a_failing_rank_on_another_node_fails_the_stage_by_name(sshd_cluster, ti
     launcher = launcher_for(load_frozen_recipe(run), run.path)
     try:
         attempt = begin_attempt(run, "convert", launcher=launcher.name)
-        h = launcher.start(WorkerSpec(run_dir=str(run.path), stage="convert", nnodes=4, env={FAIL_RANK_ENV: "3"},
+        h = launcher.start(WorkerSpec(run_dir=str(run.path), stage="convert", nnodes=4,
+                                      env={"QUANTDECK_FAULTS": fault_spec(fail_rank=3)},
                                       log_path=str(run.log_path("convert"))))
         set_status(run, "convert", StageState.STARTING, attempt=attempt, host=h.host, pid=h.pid)
         st = wait_stage(run, "convert", attempt, launcher, h.host, h.pid, poll_s=0.1)

@@ -1,6 +1,6 @@
 """On a GPU machine: one sshd node with its GPUs — telemetry over SSH equals NVML's, and torchrun with NCCL.
 
-Carries requires_gpu (CI has no GPU and deselects it). Run on a lent two-GPU machine for the report.
+Carries requires_gpu (CI has no GPU and deselects it). Run it on a machine with two GPUs.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 from engine.core.errors import RemoteError
 from engine.runs.launcher import WorkerSpec
 from engine.core.names import StageState
+from engine.core.settings import fault_spec
 from engine.runs.rundir import begin_attempt, read_status
 from remote.follow import StageFollower
 from remote.launchers import SSHLauncher, launcher_for
@@ -99,8 +100,7 @@ def kill_a_remote_worker(sshd_cluster, tmp_path, monkeypatch):
         attempt = begin_attempt(run, "inspect", launcher=launcher.name)
         h = launcher.start(WorkerSpec(run_dir=str(run.path), stage="inspect", node="node3",
                                       log_path=str(run.log_path("inspect")),
-                                      env={"QUANTDECK_TEST_PAUSE_STAGE": "inspect",
-                                           "QUANTDECK_TEST_PAUSE_AFTER_UNITS": "0",
+                                      env={"QUANTDECK_FAULTS": fault_spec(pause_stage="inspect"),
                                            "PYTHONPATH": str(REPO)}))
         wait_for(lambda: (run.stage_dir("inspect") / "test-paused").exists())
         st = read_status(run, "inspect")

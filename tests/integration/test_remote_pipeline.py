@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.names import StageState
+from engine.core.settings import fault_spec
 from engine.runs.rundir import read_status
 from tests.integration.runs_support import output_files
 
@@ -80,7 +81,7 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
     attempt = begin_attempt(run, "inspect", launcher=launcher.name)
     h = launcher.start(WorkerSpec(run_dir=str(run.path), stage="inspect", node="node3",
                                   log_path=str(run.log_path("inspect")),
-                                  env={"QUANTDECK_TEST_PAUSE_STAGE": "inspect", "QUANTDECK_TEST_PAUSE_AFTER_UNITS": "0"}))
+                                  env={"QUANTDECK_FAULTS": fault_spec(pause_stage="inspect")}))
     deadline = time.monotonic() + 60
     while not (run.stage_dir("inspect") / "test-paused").exists():
         assert time.monotonic() < deadline

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env, pid_gone, qd, run_dir, run_id_of, status,
+from tests.integration.runs_support import (REPO, env, pause, pid_gone, qd, run_dir, run_id_of, status,
                           tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
@@ -124,7 +124,7 @@ def test_second_run_on_a_live_run_is_refused_then_cancel(tmp_path, tiny_ckpt):  
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     work = tmp_path / "work"
     recipe = write_recipe(tmp_path / "r.toml", src, work, tmp_path / "out")
-    r = qd("run", recipe, "--detach", **{PAUSE_STAGE: "inspect", PAUSE_UNITS: "0"})
+    r = qd("run", recipe, "--detach", **pause("inspect", 0))
     assert r.returncode == 0, r.stderr
     rid = run_id_of(r)
     wait_paused(work, rid, "inspect")

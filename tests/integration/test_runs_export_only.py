@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, kill_paused_worker, qd, run_dir, run_id_of, status,
+from tests.integration.runs_support import (kill_paused_worker, pause, qd, run_dir, run_id_of, status,
                           tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
@@ -25,7 +25,7 @@ def test_export_only_after_a_failed_export(tmp_path, tiny_ckpt):  # noqa: F811
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, out, extra=(
         f'calibrate = true\n[calibration]\nsamples = "{samples}"\nnum_samples = 4\nseq_len = 32\n'
         '[eval]\nnum_samples = 1\nseq_len = 16\nmax_kld_mean = 10.0\nmin_top1 = 0.0\n'))
-    r = qd("run", recipe, "--detach", **{PAUSE_STAGE: "calibrate", PAUSE_UNITS: "1"})
+    r = qd("run", recipe, "--detach", **pause("calibrate", 1))
     assert r.returncode == 0, r.stderr
     rid = run_id_of(r)
     amax = run_dir(work, rid) / "amax"
@@ -39,7 +39,7 @@ def test_export_only_after_a_failed_export(tmp_path, tiny_ckpt):  # noqa: F811
     wait_driver_done(work, rid)
     assert status(work, rid, "calibrate")["error_class"] == "killed"
 
-    r = qd("resume", rid, "--detach", **{PAUSE_STAGE: "export", PAUSE_UNITS: "30"})
+    r = qd("resume", rid, "--detach", **pause("export", 30))
     assert r.returncode == 0, r.stderr
     wait_paused(work, rid, "export")
     kill_paused_worker(work, rid, "export")

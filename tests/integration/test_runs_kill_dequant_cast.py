@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
-from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, kill_paused_worker, qd, run_id_of, status,
+from tests.integration.runs_support import (kill_paused_worker, pause, qd, run_id_of, status,
                                             tree_digest, wait_driver_done, wait_paused, write_recipe)
 
 
@@ -19,7 +19,7 @@ def test_kill_conversion_stage_then_resume(tmp_path, tiny_ckpt, stage, fmt, src_
     src = tiny_ckpt("deepseek-v3", src_dtype)
     work, out = tmp_path / "work", tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, out, fmt=fmt, shard_mb=0.05)
-    r = qd("run", str(recipe), "--detach", **{PAUSE_STAGE: stage, PAUSE_UNITS: "12"})
+    r = qd("run", str(recipe), "--detach", **pause(stage, 12))
     rid = run_id_of(r)
     wait_paused(work, rid, stage)
     man = json.loads((tmp_path / "out.partial" / "manifest.json").read_text())

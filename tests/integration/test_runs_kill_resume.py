@@ -1,7 +1,7 @@
 """kill -9 each stage's worker mid-way, resume, and the outputs are byte-identical to an uninterrupted
 conversion; the history shows every killed attempt with its root cause, then the successful one. Real
 processes only: the `quantdeck` CLI, the detached driver and workers; the pause point is the worker's
-documented test hook (QUANTDECK_TEST_PAUSE_STAGE / QUANTDECK_TEST_PAUSE_AFTER_UNITS). The reference is
+documented test hook (QUANTDECK_FAULTS pause_stage / pause_after_units). The reference is
 the same conversion done in one go by engine.convert.convert_checkpoint (what `quantdeck convert` and
 the convert stage call); calibrate and export kills are in test_runs_export_only.py."""
 
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env, kill_paused_worker, qd, run_dir, run_id_of,
+from tests.integration.runs_support import (REPO, env, kill_paused_worker, pause, qd, run_dir, run_id_of,
                           status, tree_digest, tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
@@ -33,7 +33,7 @@ def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt, monkeypatch):  # noqa
     # 1st stage, started in the foreground: Ctrl-C (SIGINT to the follower's process group) stops
     # following, never the run — the worker stays parked until we kill it.
     fg = subprocess.Popen([sys.executable, "-m", "console.cli", "run", str(recipe)], cwd=REPO,
-                          env=env(**{PAUSE_STAGE: "inspect", PAUSE_UNITS: "0"}), stdout=subprocess.PIPE,
+                          env=env(**pause("inspect", 0)), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = fg.stdout.readline()
     assert first.startswith("run "), first
@@ -47,7 +47,7 @@ def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt, monkeypatch):  # noqa
     killed = {}
     for i, (stage, units) in enumerate(CHAIN):
         if i > 0:
-            r = qd("resume", rid, "--detach", **{PAUSE_STAGE: stage, PAUSE_UNITS: str(units)})
+            r = qd("resume", rid, "--detach", **pause(stage, units))
             assert r.returncode == 0 and run_id_of(r) == rid, r.stderr
         if stage == "convert":
             wait_paused(work, rid, stage)

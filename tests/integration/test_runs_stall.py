@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
-from tests.integration.runs_support import (PAUSE_STAGE, PAUSE_UNITS, REPO, env, qd, run_dir, run_id_of, status,
+from tests.integration.runs_support import (REPO, env, pause, qd, run_dir, run_id_of, status,
                                             wait_driver_done, wait_for, wait_paused, write_recipe)
 
 
@@ -41,7 +41,7 @@ def test_a_stopped_worker_is_shown_stalled_then_its_kill_is_recorded_as_stalled(
     (tmp_path / "recipe.toml").write_text(recipe)
     # followed in the foreground, as an operator runs it
     fg = subprocess.Popen([sys.executable, "-m", "console.cli", "run", str(tmp_path / "recipe.toml")], cwd=REPO,
-                          env=env(**{PAUSE_STAGE: "inspect", PAUSE_UNITS: "0"}), stdout=subprocess.PIPE,
+                          env=env(**pause("inspect", 0)), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         rid = fg.stdout.readline().split()[1]
@@ -80,7 +80,7 @@ def test_resume_right_after_a_kill_minus_9_waits_for_the_driver_then_goes_on(tmp
     src = tiny_ckpt("deepseek-v3", "fp8")
     work = tmp_path / "work"
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, tmp_path / "out")
-    rid = run_id_of(qd("run", recipe, "--detach", **{PAUSE_STAGE: "inspect", PAUSE_UNITS: "0"}))
+    rid = run_id_of(qd("run", recipe, "--detach", **pause("inspect", 0)))
     wait_paused(work, rid, "inspect")
     pid = int(status(work, rid, "inspect")["pid"])
     driver = json.loads((run_dir(work, rid) / "driver.json").read_text())["pid"]

@@ -21,7 +21,7 @@ def test_run_with_s3_source_and_push_completes(tmp_path, monkeypatch, tiny_ckpt)
     env = fake_env(tmp_path)
     apply_env(monkeypatch, env)
     client(server).create_bucket(Bucket="qd-run")
-    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)  # C's session-cached tiny checkpoint (shared with others)
+    src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)  # the session-cached tiny checkpoint (shared, read-only)
     push(src, "s3://qd-run/models/tiny-v3", endpoint_url=server.url,  # the operator's upload of the source
          manifest=tmp_path / "upload.json")
 
