@@ -1,1 +1,1 @@
-"""Layer-streaming, data-parallel calibration: samples, amax snapshot, coverage."""
+"""Layer-streaming, data-parallel calibration: samples, amax snapshot, coverage; modelopt's amax_dict files read."""

@@ -1,7 +1,7 @@
 """torch.distributed for calibration: one process or any number of torchrun ranks (NCCL on GPUs, gloo on CPUs).
 
 Every collective has a timeout, the run's `[run] stall_after_s` (the worker passes it in the environment,
-engine.runs.rundir.COLLECTIVE_TIMEOUT_ENV): a rank that never joins makes the others fail with a timeout error
+QUANTDECK_COLLECTIVE_TIMEOUT_S): a rank that never joins makes the others fail with a timeout error
 (classified `nccl-timeout` by engine.runs.rootcause), which `quantdeck resume` recovers from, instead of a hang.
 """
 
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+
+from engine.core.settings import settings
 
 
 @dataclass
@@ -72,16 +74,10 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 
 
 def collective_timeout(timeout_s: float | None = None) -> timedelta | None:
-    """The collectives' timeout: `timeout_s`, else the environment's (COLLECTIVE_TIMEOUT_ENV), else None
+    """The collectives' timeout: `timeout_s`, else the environment's (QUANTDECK_COLLECTIVE_TIMEOUT_S), else None
     (torch's defaults)."""
-    from engine.runs.rundir import COLLECTIVE_TIMEOUT_ENV
-
     if timeout_s is None:
-        raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV) or ""
-        try:
-            timeout_s = float(raw) if raw else None
-        except ValueError:
-            timeout_s = None
+        timeout_s = settings().collective_timeout_s
     return timedelta(seconds=timeout_s) if timeout_s and timeout_s > 0 else None
 
 

@@ -16,7 +16,7 @@ where each expert's run starts. So each layer's output, and every amax, is bit-f
 It is registered as a transformers experts implementation (`ExpertsInterface`, key `KEY`); `one_sync_experts`
 switches a layer's config to it for a calibration forward, only for the expert classes whose eager forward
 it was written against (a digest of their source; any other class or version keeps its own forward).
-QUANTDECK_EAGER_EXPERTS=1 turns it off.
+QUANTDECK_EAGER_EXPERTS=1 (engine.core.settings) turns it off.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import contextlib
 import functools
 import hashlib
 import inspect
-import os
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from engine.core.settings import settings
+
 KEY = "quantdeck_one_sync"
-OFF_ENV = "QUANTDECK_EAGER_EXPERTS"
 # sha256[:16] of inspect.getsource(<class>.forward.__wrapped__) in the transformers releases this mirrors (5.23)
 KNOWN_FORWARD = {
     "DeepseekV3Experts": {"1c60625a2da2dfba"},
@@ -95,7 +95,7 @@ def supported(cls: type) -> bool:
 @contextlib.contextmanager
 def one_sync_experts(layer: torch.nn.Module) -> Iterator[int]:
     """Within: the supported experts modules of `layer` run `one_sync_forward` (yields how many)."""
-    mods = [] if os.environ.get(OFF_ENV) == "1" else \
+    mods = [] if settings().eager_experts else \
         [m for m in layer.modules() if hasattr(m, "gate_up_proj") and supported(type(m))]
     configs = {id(m.config): m.config for m in mods if hasattr(m, "config")}
     if not configs:

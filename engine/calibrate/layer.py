@@ -13,7 +13,10 @@ import os
 import torch
 
 from engine.calibrate.family import LayerFamily
+from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import CheckpointError
+from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
+from engine.formats.mxfp4.helpers import dequant_mxfp4
 
 FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 
@@ -22,8 +25,6 @@ class TensorSource:
     """Checkpoint tensors by name (the embedding, for one), FP8 / MXFP4 dequantized on the host."""
 
     def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype):
-        from engine.checkpoint.reader import CheckpointReader
-
         self.reader = CheckpointReader(model_dir)
         self.names = set(self.reader.names())
         self.dtype = dtype
@@ -41,14 +42,10 @@ class TensorSource:
             t = self._dequant_fp8(name, t)
         elif t.dtype in (torch.uint8, torch.int8) and name.endswith(".weight") \
                 and (name[:-len("weight")] + "scale") in self.names:  # MXFP4: E2M1 pairs + E8M0 per 32
-            from engine.formats.mxfp4.helpers import dequant_mxfp4
-
             t = dequant_mxfp4(t, self.reader.get(name[:-len("weight")] + "scale"))
         return t
 
     def _dequant_fp8(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
-
         base = name[: -len("weight")] if name.endswith("weight") else name + "."
         for sname in (base + "weight_scale_inv", base + "scale"):
             if sname in self.names:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map
 from engine.core.errors import CheckpointError
 from engine.core.fsutil import atomic_replace, read_json
 
@@ -53,10 +54,8 @@ def save_safetensors_streamed(path: Path, tensors: dict[str, torch.Tensor], meta
     """Like save_safetensors_atomic (same bytes), for large CPU tensors: the header is built here and each
     tensor's memory goes to the file as it is, with no serialized copy; the GIL is released during each write,
     so a writer thread does not stall the calibrating thread."""
-    from engine.checkpoint.safetensors_format import TensorSpec, build_layout
-
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    lay = build_layout([TensorSpec.of(k, v.dtype, v.shape) for k, v in flat.items()], metadata)
+    lay = build_shard_map([TensorSpec.of(k, v.dtype, v.shape) for k, v in flat.items()], metadata)
     with atomic_replace(path) as tmp, open(tmp, "wb", buffering=0) as fh:
         fh.write(lay.header)
         for k in sorted(flat, key=lambda n: lay.offsets[n][0]):

@@ -36,10 +36,13 @@ from engine.calibrate.layer import TensorSource, compute_dtype, materialize_laye
 from engine.calibrate.layer_reader import LayerReader, ReadShare
 from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
+from engine.calibrate.report import build_coverage
 from engine.calibrate.samples import Samples, load_samples, read_samples_file, thin_expert_warning
 from engine.core.errors import CheckpointError
 from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
+from engine.core.settings import settings
+from engine.models import detect_layout
 
 HEARTBEAT_S = 30.0  # a working rank reports within a layer at least this often (a batch's forward permitting)
 RESUME_KEYS = ("samples_sha256", "num_samples", "seq_len", "batch_size", "world_size", "quant_cfg",
@@ -367,8 +370,6 @@ def mtp_layers(config: dict, names: set[str]) -> list[str]:
     match. Export keeps them in BF16 and excluded."""
     import re
 
-    from engine.models import detect_layout
-
     layout = detect_layout(config, names)
     block = re.compile(r"^((?:model\.)?(?:layers|mtp)\.\d+)\.")
     return sorted({m.group(1) for n in names if (m := block.match(n)) and layout.is_mtp(n)},
@@ -377,7 +378,7 @@ def mtp_layers(config: dict, names: set[str]) -> list[str]:
 
 def _after_layer(out: Path, rank: int, i: int) -> None:
     snap.prune_acts(out, rank, keep=i)
-    if os.environ.get("QUANTDECK_CALIBRATE_DIE_AFTER_LAYER") == str(i):  # crash drills: die like kill -9
+    if settings().faults.calibrate_die_after_layer == i:  # crash drills: die like kill -9
         os._exit(137)
 
 
@@ -391,8 +392,6 @@ def _finish(ctx, out: Path, manifest: dict, n_layers: int, finished: bool) -> di
                                "warnings": manifest.get("warnings", [])}
     if ctx.rank != 0 or not finished:
         return summary
-    from engine.calibrate.report import build_coverage
-
     coverage = build_coverage(out, n_layers)
     atomic_write_json(out / snap.COVERAGE, coverage)
     manifest = dict(manifest, status="complete", quantizers=len(snap.load_amax(out)))

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from engine.calibrate import snapshot as snap
+from engine.calibrate.amax_dict import amax_dict_files, load_amax_dict
+from engine.calibrate.family import LayerFamily
+from engine.calibrate.qconfig import resolve_quant_cfg
+from engine.calibrate.streaming import _Skeleton
 from engine.core.errors import ValidationFailedError
+from engine.core.fsutil import read_json
 
 
 def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict, layers: list[int] | None = None) -> set[str]:
     """`<quantizer>.amax` names modelopt enables with `quant_cfg` in each decoder layer of the model."""
     import torch
-
-    from engine.calibrate.family import LayerFamily
-    from engine.calibrate.qconfig import resolve_quant_cfg
-    from engine.calibrate.streaming import _Skeleton
-    from engine.core.fsutil import read_json
 
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -55,8 +55,6 @@ def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | No
     p = Path(amax_dir)
     problems: list[str] = []
     report: dict[str, Any] = {"amax_dir": str(p), "problems": problems}
-    from engine.export.amax_dict import amax_dict_files, load_amax_dict
-
     dict_files = amax_dict_files(p) if p.exists() else []
     man = snap.read_manifest(p) or {}
     if dict_files:
@@ -74,8 +72,6 @@ def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | No
             problems.append(f"layer files are not contiguous: {done[:10]}")
         n_model = None
         if model_dir is not None:
-            from engine.core.fsutil import read_json
-
             cfg = read_json(Path(model_dir) / "config.json") or {}
             n_model = cfg.get("num_hidden_layers")
         n_expected = n_model or man.get("num_layers")

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
+from engine.checkpoint.safetensors_format import parse_header
 from engine.core.fsutil import HASH_CHUNK as _CHUNK, sha256_file
 
 KIND = "sha256-pieces"
@@ -60,8 +61,6 @@ def _hash_range(path: Path, start: int, end: int) -> bytes:
 
 def pieces_of(path: str | os.PathLike) -> list[tuple[int, int]]:
     """(start, end) of each piece of a safetensors file, in combination order. ValueError if not safetensors."""
-    from engine.checkpoint.safetensors_format import parse_header
-
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:

@@ -20,6 +20,8 @@ import mmap
 import os
 import threading
 
+from engine.core.settings import settings
+
 ALIGN = 4096
 BOUNCE = 8 << 20
 _tls = threading.local()  # each thread's bounce buffer, reused across files (warm pages)
@@ -45,7 +47,7 @@ class DirectWriter:
 
     @classmethod
     def open(cls, path: str | os.PathLike, size: int) -> "DirectWriter | None":
-        if os.environ.get("QUANTDECK_DIRECT_IO", "1") == "0" or not hasattr(os, "O_DIRECT"):
+        if not settings().direct_io or not hasattr(os, "O_DIRECT"):
             return None
         try:
             fd = os.open(path, os.O_WRONLY | os.O_DIRECT)

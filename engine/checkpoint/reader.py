@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from engine.checkpoint import safetensors_format
+from engine.checkpoint.consistency import config_disagreements
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.safetensors_format import ITEMSIZE, parse_header
 from engine.core.errors import CheckpointError
@@ -47,9 +49,7 @@ class TensorMeta:
     @property
     def dtype(self):
         """The torch dtype (imports torch)."""
-        from engine.checkpoint.safetensors_format import DTYPES
-
-        return DTYPES[self.dtype_name]
+        return safetensors_format.DTYPES[self.dtype_name]  # the module's __getattr__ imports torch
 
     def __iter__(self):  # so `dtype, shape, shard = reader.meta(name)` works
         return iter((self.dtype, self.shape, self.shard))
@@ -197,8 +197,6 @@ class CheckpointReader:
         """Where config.json and the tensors disagree (layers present, embedding width); a strict reader raises
         the first, so convert and calibrate refuse such a checkpoint before any work. A config.json that does not
         parse is left to `.config`, which says so when it is needed."""
-        from engine.checkpoint.consistency import config_disagreements
-
         try:
             config = self.config
         except CheckpointError:

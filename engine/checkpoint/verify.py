@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.checkpoint.digest import matches
 from engine.checkpoint.manifest import MANIFEST_NAME
 from engine.checkpoint.safetensors_format import ITEMSIZE, parse_header
 
@@ -117,8 +118,6 @@ def header_problems(path: Path, expected: set[str] | None = None) -> list[str]:
 
 def _manifest_problems(d: Path, rel) -> list[Disagreement]:
     """Shards of quantdeck's manifest.json whose size or digest differ from what it records."""
-    from engine.checkpoint.digest import matches
-
     try:
         man = json.loads((d / MANIFEST_NAME).read_text())
     except (OSError, ValueError):

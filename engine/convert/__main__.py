@@ -18,6 +18,7 @@ from engine.core import timeline  # noqa: E402  (no torch)
 from engine.convert.device import start_early  # noqa: E402
 from engine.core.errors import QuantdeckError, exit_code_for  # noqa: E402
 from engine.core.events import CallbackSink  # noqa: E402
+from engine.startup import startfiles  # noqa: E402
 
 
 START_FILES = "engine.convert"  # this entry's list of the files its start reads (engine.startup.startfiles)
@@ -31,25 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", default="modelopt", choices=["modelopt", "compressed-tensors", "both"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--kernel-threads", type=int, default=None, help="as QUANTDECK_KERNEL_THREADS")
     ap.add_argument("--shard-size", default="5GB")
     ap.add_argument("--quantize-attention", action="store_true")
     a = ap.parse_args(argv)
     layouts = ["modelopt", "compressed-tensors"] if a.format == "both" else [a.format]
+    if a.kernel_threads is not None:  # read by the kernels (and --workers children) through engine.core.settings
+        os.environ["QUANTDECK_KERNEL_THREADS"] = str(a.kernel_threads)
     timeline.mark("main")
-    # the disk reads the start's files and the source (and CUDA starts) while the imports run
-    start_early(a.src, a.device, a.to, entry=START_FILES)
-    gc.disable()  # no collections while (torch's) million objects load ...
-    from engine.convert import convert_checkpoint
-
-    gc.freeze()  # ... and later ones never walk them
-    gc.enable()
-    timeline.mark("imported")
 
     def show(ev):
         if ev.kind == "log":
             print(f"{ev.data.get('level')}: {ev.data.get('msg')}", file=sys.stderr)
 
-    try:
+    try:  # from the start: a bad QUANTDECK_* variable (engine.core.settings) is one error line too
+        # the disk reads the start's files and the source (and CUDA starts) while the imports run
+        start_early(a.src, a.device, a.to, entry=START_FILES)
+        gc.disable()  # no collections while (torch's) million objects load ...
+        from engine.convert import convert_checkpoint
+
+        gc.freeze()  # ... and later ones never walk them
+        gc.enable()
+        timeline.mark("imported")
         s = convert_checkpoint(a.src, a.dst, to=a.to, layouts=layouts, device=a.device, workers=a.workers,
                                shard_size=a.shard_size, quantize_attention=a.quantize_attention,
                                sink=CallbackSink(show))
@@ -57,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantdeck: error: {e.one_line()}", file=sys.stderr)
         return exit_code_for(e)
     if s.get("device") == "cpu":  # what this start read, for the next cold one (engine.startup.startfiles)
-        from engine.startup import startfiles
-
         startfiles.record(START_FILES)
     print(json.dumps({k: v for k, v in s.items() if k != "kept_modules"}, default=str))
     return 0

@@ -2,7 +2,7 @@
 into transformers' own decoder-layer class, run on the same random hidden states; the outputs must agree.
 
 We compare the layer's contribution Δ = layer(x) − x (the residual would hide errors):
-rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ BLOCK_TOL[target] (validate.py states the numbers).
+rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ BLOCK_TOL[target] (validate_ref.py states the numbers).
 
 Only layer 0's tensors are read, and the layer is built on the meta device and given them (as the calibration's
 layer reader builds its layers): nothing is randomly initialized first. Importing torch and transformers takes
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint.reader import CheckpointReader
+from engine.convert.validate_ref import BLOCK_TOL, decode_module
+from engine.models import detect_layout
 
 TOKENS = 16
 
@@ -44,8 +46,6 @@ def _layer_class(family: str, config: dict[str, Any]):
 
 def _state_dict(layer, reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
     import torch
-
-    from engine.convert.validate import decode_module
 
     sd: dict[str, torch.Tensor] = {}
     for key, ref in layer.state_dict().items():
@@ -91,8 +91,6 @@ def _v4_renames():
 
 def _v4_state_dict(layer, reader: CheckpointReader) -> dict[str, torch.Tensor]:
     import torch
-
-    from engine.convert.validate import decode_module
 
     pre = "model.layers.0." if any(n.startswith("model.layers.0.") for n in reader.names()) else "layers.0."
     renames = _v4_renames()
@@ -182,9 +180,6 @@ def _materialize(layer_cls, cfg, sd: dict, dev):
 
 def check_first_block(r: CheckpointReader, src: CheckpointReader, rep, target: str, device: str = "cpu") -> None:
     import torch
-
-    from engine.convert.validate import BLOCK_TOL
-    from engine.models import detect_layout
 
     family = str(detect_layout(src.config, src.names()).family)
     spec = _layer_class(family, src.config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.convert import kernels
-from engine.convert.compute_host import check_finite, spread_notes
+from engine.convert.amax_checks import check_finite, spread_notes
 from engine.convert.plan import COPY, FLOAT, FP8, MXFP4, NVFP4, TO_BF16, TO_FP8, TO_NVFP4, Item, ItemResult, Member
 from engine.core.errors import FormatError, about
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block, infer_block, scale_to_fp32

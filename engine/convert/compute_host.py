@@ -16,31 +16,13 @@ import math
 import numpy as np
 
 from engine.checkpoint.host import HostArray
+from engine.convert.amax_checks import check_finite, spread_notes
 from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, ItemResult, Member
-from engine.core.errors import CORRUPT_SOURCE, FormatError, about
+from engine.core.errors import about
 from engine.formats.fp8_block import host as fb
 from engine.formats.grid import infer_block
+from engine.formats.kernel_mode import serial_kernels
 from engine.formats.nvfp4 import host as nv
-
-
-def check_finite(name: str, amax) -> None:
-    """A member's amax must be finite: inf or NaN anywhere in the weight is a corrupt source."""
-    if not math.isfinite(float(amax)):
-        raise FormatError(f"{name} holds inf or NaN (amax {float(amax)})", at=name, hint=CORRUPT_SOURCE)
-
-
-SPREAD_WARN = 1e-4  # a fused member whose max is below this share of the group's keeps little NVFP4 precision
-
-
-def spread_notes(item: Item, amaxes: list[float]) -> list[str]:
-    """Notes for fused members whose own max is tiny beside the group's: with the shared `weight_scale_2` their
-    block scales fall to E4M3's smallest and most of their values to 0 (a huge value in a partner, say)."""
-    top = max(amaxes, default=0.0)
-    if len(amaxes) < 2 or not top:
-        return []
-    return [f"{m.name}: max {a:.3g} is {a / top:.1e} of its fused group's ({top:.3g}); with the shared "
-            "weight_scale_2 most of its values round to 0 (check the group's weights)"
-            for m, a in zip(item.members, amaxes) if a / top < SPREAD_WARN]
 
 
 def workspace_bytes(item: Item) -> int:
@@ -106,8 +88,6 @@ def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False,
     that needs torch (see `native`). `item_parallel`: other threads compute other items meanwhile, so this
     one's kernels run on this thread (engine.formats.kernel_mode.serial_kernels) unless it is big."""
     if item_parallel and item.action != COPY and native(item) and sum(a.nbytes for a in src.values()) <= SERIAL_MAX_BYTES:
-        from engine.formats.kernel_mode import serial_kernels
-
         with serial_kernels():
             return _compute(item, src, v4_fp8)
     return _compute(item, src, v4_fp8)

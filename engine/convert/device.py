@@ -3,7 +3,7 @@
 `--device auto` picks the CPU when there is no NVIDIA GPU, and also on a GPU machine with many cores for
 NVFP4: there the conversion is bound by the disk, the CPU kernels outrun it, and a CUDA run first spends
 seconds importing torch and loading its CUDA libraries (gigabytes read from disk on a cold machine).
-Measured on a lent H100 machine (16 cores, 7.2 GB FP8 checkpoint): the NVFP4 kernels run at 4.5 GB/s on
+Measured on an H100 machine (16 cores, 7.2 GB FP8 checkpoint): the NVFP4 kernels run at 4.5 GB/s on
 the 16 cores, the disk reads at about 1.5 GB/s, and `import torch` took 3.3-5.8 s of a 10-14 s CUDA run.
 FP8-block and BF16 targets (whose CPU math is torch's), sources whose math is mostly torch's (V4's MXFP4
 experts), runs split over several processes (torchrun ranks, --workers) and machines with fewer cores (as this
@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 
 from engine.core.errors import UsageError
+from engine.startup import cuda_preinit, readahead
+from engine.startup.readahead import nvidia_gpu_present
 
 AUTO_CPU_CORES = 8  # from this many cores, auto prefers the CPU kernels for NVFP4 (see the module doc)
 
@@ -35,14 +37,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def nvidia_gpu_present() -> bool:
-    """An NVIDIA driver with at least one GPU (asked of the driver's files, not of torch)."""
-    try:
-        return bool(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return os.path.exists("/dev/nvidia0")
 
 
 def choose_device(device: str | None, target: str = "nvfp4", cores: int | None = None,
@@ -78,8 +72,6 @@ def start_early(src, device: str | None, target: str, entry: str | None = None) 
     """What the entry points do before their heavy imports: choose the device, then start reading the source
     ahead (engine.startup.readahead) and, for CUDA, the driver's context (engine.startup.cuda_preinit). None (and nothing
     started) for a device that cannot be used: the conversion reports that error itself."""
-    from engine.startup import cuda_preinit, readahead
-
     try:
         choice = choose_device(device, target)
     except UsageError:

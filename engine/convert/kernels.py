@@ -4,14 +4,21 @@ The torch-free CPU path calls the same CPU kernels through engine.formats.nvfp4.
 use.
 
 Why compiled kernels on CPU: on 2 cores the bit-exact vectorized torch path measured ~38 MB/s of FP8 input (the
-peer's speed), while one fused kernel (dequant + block amax + E2M1 rounding + packing in one pass, no
-temporaries) runs at 600-1300 MB/s: the conversion becomes I/O bound. Why C first: engine.formats.native.build.
+speed of `fp8_to_nvfp4_streaming.py`), while one fused kernel (dequant + block amax + E2M1 rounding + packing in
+one pass, no temporaries) runs at 600-1300 MB/s: the conversion becomes I/O bound. Why C first:
+engine.formats.native.build.
 """
 
 from __future__ import annotations
 
 import atexit
 from contextlib import nullcontext
+
+from engine.core import timeline
+from engine.formats import cpu_kernels
+from engine.formats.fp8_block import host as fb
+from engine.formats.kernel_mode import serial_kernels
+from engine.formats.nvfp4 import host
 
 
 def _dev(device) -> str:
@@ -68,8 +75,6 @@ def warm_up(target: str, device) -> None:
     kind = str(device).split(":", 1)[0]
     if kind == "cuda":
         def warm() -> None:
-            from engine.core import timeline
-
             try:
                 import torch
 
@@ -92,9 +97,6 @@ def warm_up(target: str, device) -> None:
     elif target in ("nvfp4", "bf16"):
         def warm() -> None:
             try:
-                from engine.core import timeline
-                from engine.formats import cpu_kernels
-
                 if cpu_kernels.backend() == "numba":  # no C compiler: import numba and load its cached kernels
                     _warm_numba()
                 timeline.mark("cpu_kernels_ready")
@@ -114,10 +116,6 @@ def warm_up(target: str, device) -> None:
 def _warm_numba() -> None:
     """Load the numba kernels the CPU converter calls: the parallel ones and their serial twins."""
     import numpy as np
-
-    from engine.formats.fp8_block import host as fb
-    from engine.formats.kernel_mode import serial_kernels
-    from engine.formats.nvfp4 import host
 
     w, s = np.zeros((16, 32), np.uint8), np.ones((1, 1), np.float32)
     for serial in (False, True):  # the parallel kernels and their serial twins (engine.convert.pipeline)

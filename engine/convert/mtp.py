@@ -24,6 +24,8 @@ from engine.convert.extras import copy_extras
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
+from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
+from engine.formats.mxfp4.helpers import dequant_mxfp4
 
 _V3_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 
@@ -73,11 +75,7 @@ def _to_bf16(reader: CheckpointReader, name: str) -> torch.Tensor:
         return t
     s = reader.get(sc)
     if t.dtype == torch.float8_e4m3fn:
-        from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
-
         return dequant_fp8_block(t, s, infer_block(tuple(t.shape), tuple(s.shape))).to(torch.bfloat16)
-    from engine.formats.mxfp4.helpers import dequant_mxfp4
-
     return dequant_mxfp4(t, s).to(torch.bfloat16)
 
 

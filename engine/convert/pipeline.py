@@ -16,7 +16,6 @@ process imports no torch for it. On CUDA they are torch tensors and the math is 
 
 from __future__ import annotations
 
-import os
 import queue
 from contextlib import nullcontext
 import threading
@@ -30,12 +29,12 @@ from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.shard_plan import ShardPlan
 from engine.checkpoint.writer import ShardFile
 from engine.convert import compute_host
-from engine.convert.plan import TO_NVFP4, Item, layout_tensor
+from engine.convert.device import usable_cores
+from engine.convert.plan import TO_NVFP4, Item
+from engine.core.settings import settings
 
 QUEUE = 3
 _DONE = object()
-# Test hook: seconds to pause after each written item, so an integration test can kill -9 a real run mid-way.
-DELAY_ENV = "QUANTDECK_TEST_ITEM_DELAY_S"
 PREFETCH_BYTES = 256 << 20  # source bytes the kernel is asked to read ahead of the readers
 INFLIGHT_BYTES = 768 << 20  # items read but not yet written, at most (one bigger item still goes alone)
 INFLIGHT_BYTES_CUDA = 512 << 20  # a CUDA process holds ~1 GB of its own (libraries, context, pinned pool)
@@ -47,7 +46,7 @@ class ShardTask:
 
     index: int
     items: tuple[Item, ...]
-    targets: tuple[tuple[str, str, ShardPlan], ...]  # (layout, partial dir, plan) still to write
+    targets: tuple[tuple[type, str, ShardPlan], ...]  # (output Layout class, partial dir, plan) still to write
 
 
 def device_type(device) -> str:
@@ -63,17 +62,14 @@ def io_threads(device) -> tuple[int, int, int]:
     I/O waits without taking them; from 8 cores the kernels outrun the disk and the I/O threads are what keep
     them busy (H100 box, 16 cores, data evicted: 2 writers 8.5 s, 4 writers 7.6 s).
     QUANTDECK_READERS / QUANTDECK_COMPUTERS / QUANTDECK_WRITERS override."""
-    from engine.convert.device import usable_cores
-
     cores = usable_cores()
     io = min(8, max(2, cores // 2))
     if device_type(device) == "cuda":
         r, c, w = io, 3, io
     else:
         r, c, w = (io, cores, io) if cores >= 8 else (2, cores, 2)
-    env = os.environ
-    return tuple(max(1, int(env.get(f"QUANTDECK_{k}") or v))  # type: ignore[return-value]
-                 for k, v in (("READERS", r), ("COMPUTERS", c), ("WRITERS", w)))
+    s = settings()
+    return max(1, s.readers or r), max(1, s.computers or c), max(1, s.writers or w)
 
 
 def source_names(item: Item) -> list[str]:
@@ -151,7 +147,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
     item's math (`first_s`) and the pipeline's wall time (`wall_s`). Raises the first error of any thread;
     shards not finished are removed, finished ones stay for a resume."""
     metadata = {"format": "pt"} if metadata is None else metadata
-    delay = float(os.environ.get(DELAY_ENV) or 0)
+    delay = settings().faults.item_delay_s  # test hook: so an integration test can kill -9 a real run mid-way
     n_read, n_compute, n_write = io_threads(device)
     on_gpu = device_type(device) == "cuda"  # torch tensors, page-locked reads
     stop = threading.Event()
@@ -229,11 +225,10 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
             if stop.is_set():
                 return
             t0 = time.monotonic()
-            quantized = item.action == TO_NVFP4
+            nvfp4 = item.action == TO_NVFP4
             for (lay, _, _), sf in zip(task.targets, open_files[task.index]):
                 for name, t in result.tensors.items():
-                    out_name, out_t = layout_tensor(name, t, quantized, lay)
-                    sf.write(out_name, out_t)
+                    sf.write(*lay.out_tensor(name, t, nvfp4))
             add_busy("write_s", t0)
             budget.release(_item_bytes(item, on_gpu))
             with lock:

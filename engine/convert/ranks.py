@@ -14,8 +14,8 @@ and nothing is finalized. The coordination goes over a gloo group even on GPU no
 small objects, never tensors. Without torchrun (WORLD_SIZE unset or 1) nothing changes: one rank, no group,
 no collective.
 
-Test hook (documented, honest): QUANTDECK_TEST_FAIL_RANK=N makes rank N (of several) raise before it
-writes any of its shards. Nothing else reads it.
+Test hook (documented, honest): QUANTDECK_FAULTS=fail_rank=N (engine.core.settings) makes rank N (of several) raise
+before it writes any of its shards.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from engine.core.errors import QuantdeckError, RankFailedError
+from engine.core.settings import settings
 
-FAIL_RANK_ENV = "QUANTDECK_TEST_FAIL_RANK"
-TIMEOUT_ENV = "QUANTDECK_RANK_TIMEOUT_S"  # how long a rank waits for the others at a step (default 12 h)
-DEFAULT_TIMEOUT_S = 12 * 3600.0
 T = TypeVar("T")
 
 
@@ -81,7 +79,7 @@ class Ranks:
     def from_env(cls) -> "Ranks":
         return cls(rank=int(os.environ.get("RANK") or 0), world=int(os.environ.get("WORLD_SIZE") or 1),
                    local_rank=int(os.environ.get("LOCAL_RANK") or 0),
-                   host=os.environ.get("QUANTDECK_NODE") or socket.gethostname())
+                   host=settings().node or socket.gethostname())
 
     @property
     def active(self) -> bool:
@@ -95,7 +93,7 @@ class Ranks:
         if self.active:
             import torch.distributed as dist
 
-            timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S))
+            timeout = timedelta(seconds=settings().rank_timeout_s)  # QUANTDECK_RANK_TIMEOUT_S
             if not dist.is_initialized():
                 # kept for the life of the process: a default group made again over torchrun's store (a second
                 # convert/export in one process) can read the old group's addresses and hang. Destroyed at exit,
@@ -118,8 +116,9 @@ class Ranks:
 
     def share(self, items: Sequence[T]) -> list[T]:
         """This rank's items: positions rank, rank + world, … (all of them on one rank)."""
-        if self.active and os.environ.get(FAIL_RANK_ENV) == str(self.rank):
-            raise RuntimeError(f"test hook {FAIL_RANK_ENV}: rank {self.rank} fails before writing its shards")
+        if self.active and settings().faults.fail_rank == self.rank:
+            raise RuntimeError(f"test hook QUANTDECK_FAULTS fail_rank: rank {self.rank} fails before writing its "
+                               "shards")
         return list(items)[self.rank::self.world]
 
     def sync(self, payload: Any = None) -> list[Any]:

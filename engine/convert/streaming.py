@@ -29,17 +29,20 @@ from engine.checkpoint.shard_plan import ShardPlan, shard_name
 from engine.checkpoint.writer import CheckpointWriter
 from engine.convert.extras import copy_extras
 from engine.convert.compute_host import native
-from engine.convert.device import choose_device, needs_gpu_after_all
+from engine.convert.device import choose_device, needs_gpu_after_all, usable_cores
 from engine.convert.kernels import warm_up
 from engine.convert.pipeline import ShardTask, device_type, run_tasks
-from engine.convert.plan import TO_NVFP4, Item, build_plan, check_layouts, rename_for_layout
-from engine.convert.quant_config import modelopt_hf_quant_config, output_config
+from engine.convert.plan import TO_NVFP4, Item, build_plan, check_layouts
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
 from engine.core.errors import UsageError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
-from engine.core.names import OutputLayout, TargetFormat
+from engine.core.names import TargetFormat
 from engine.core.parent_watch import die_with_parent
+from engine.formats.layout import Layout, layout_for
+from engine.core.settings import settings
+from engine.formats.native import build
+from engine.models import detect_layout
 
 PLAN_VERSION = 1
 
@@ -119,18 +122,17 @@ def partition(items: list[Item], shard_size: int) -> list[list[Item]]:
     return groups
 
 
-def layout_shards(groups: list[list[Item]], layout: str) -> list[ShardPlan]:
+def layout_shards(groups: list[list[Item]], layout: type[Layout]) -> list[ShardPlan]:
+    """The shards as `layout` writes them: each item's canonical outputs re-labelled by the layout."""
     n = len(groups)
     return [ShardPlan(shard_name(i + 1, n),
-                      tuple(rename_for_layout(s, it.action == TO_NVFP4, layout) for it in g for s in it.outputs))
+                      tuple(layout.out_spec(s, it.action == TO_NVFP4) for it in g for s in it.outputs))
             for i, g in enumerate(groups)]
 
 
 def _cpu_kernels(sink: EventSink) -> str | None:
     """Which CPU kernels this process has run ("c", "numba"; None: none, e.g. every shard was kept, or
     `--workers` children did the math); where the C ones could not be built, says why. Builds nothing."""
-    from engine.formats.native import build
-
     tech = build.used()
     if tech == "numba" and build.unavailable():
         sink.emit("log", level="info", msg=f"CPU kernels: numba (the C kernels could not be built: {build.unavailable()})")
@@ -141,9 +143,7 @@ def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q,
     """Entry of a `--workers N` child process: convert its share of the shards, report each item. It dies with
     `parent` (its pid): an orphan would write on into `<dst>.partial/` beside the parent's next run."""
     die_with_parent(parent)
-    from engine.convert.device import usable_cores
-
-    share = max(1, usable_cores() // max(1, int(os.environ.get("QD_CONVERT_WORKERS", "1"))))
+    share = max(1, usable_cores() // settings().convert_workers)
     os.environ["OMP_NUM_THREADS"] = str(share)  # torch's pool, should an item import it
     os.environ.setdefault("QUANTDECK_COMPUTERS", str(share))  # CPU: one compute thread per core of its share
     os.environ.setdefault("QUANTDECK_KERNEL_THREADS", str(share))  # and a big item's parallel kernel (C or numba)
@@ -268,8 +268,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     timeline.begin("convert")
     reader = CheckpointReader(src)  # a missing or unreadable source fails here, before anything starts
     warm_up(target, dev)
-    from engine.models import detect_layout  # the model layouts
-
     layout = detect_layout(reader.config, reader.names())
     plan = build_plan(reader, layout, target, quantize_attention=quantize_attention)
     torch_bytes = sum(it.src_bytes for it in plan.items if not native(it))
@@ -286,15 +284,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         make_output_dir(dst)
     fingerprint = reader.fingerprint()
     writers, plans = {}, {}
+    outs = {lay: layout_for(target, lay, plan.family) for lay in layouts}  # the output layouts, by name
     for lay in layouts:
         args = {"to": target, "layout": lay, "quantize_attention": bool(quantize_attention),
                 "shard_size": shard_size, "plan_version": PLAN_VERSION, "quantdeck": __version__}
-        plans[lay] = layout_shards(groups, lay)
+        plans[lay] = layout_shards(groups, outs[lay])
         writers[lay] = CheckpointWriter(dsts[lay], plans[lay], source_fingerprint=fingerprint, args=args, sink=sink)
     todo = prepare_writers(writers, ranks)
     tasks = []
     for i, g in enumerate(groups):
-        targets = tuple((lay, str(writers[lay].partial_dir), plans[lay][i]) for lay in layouts
+        targets = tuple((outs[lay], str(writers[lay].partial_dir), plans[lay][i]) for lay in layouts
                         if plans[lay][i].name in todo[lay])
         if targets:
             tasks.append(ShardTask(i, tuple(g), targets))
@@ -327,15 +326,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
 
     def write_extras(lay: str, partial: Path) -> None:
         copy_extras(src, partial, sink=sink)
-        if plan.w4a4:  # an NVFP4 W4A4 source re-laid: labelled as quantdeck's export labels W4A4
-            from engine.export.quant_config import w4a4_config, w4a4_hf_quant_config
-
-            config, hf_quant = w4a4_config(reader.config, plan, lay), w4a4_hf_quant_config
-        else:
-            config, hf_quant = output_config(reader.config, plan, lay), modelopt_hf_quant_config
-        atomic_write_json(partial / "config.json", config)
-        if target == TO_NVFP4 and lay == str(OutputLayout.MODELOPT) and plan.quantized_modules:
-            atomic_write_json(partial / "hf_quant_config.json", hf_quant(plan))
+        # an NVFP4 W4A4 source re-laid (plan.w4a4) is labelled as quantdeck's export labels W4A4
+        pieces = outs[lay].config(plan.modules, w4a4=plan.w4a4)
+        atomic_write_json(partial / "config.json", outs[lay].output_config(reader.config, pieces))
+        for fname, obj in pieces.files.items():
+            atomic_write_json(partial / fname, obj)
 
     outputs = finish_writers(writers, ranks, write_extras)
     reader.close()

@@ -9,7 +9,7 @@ Checks (each a row of the report; any failure names the tensor and makes `ok` fa
   source      (--against) per quantized tensor rel. error and SNR vs the dequantized source (sampled rows);
               preserved tensors equal (or BF16-close when the source was FP8)
   block       (--against, V3 and V4 families) decoder layer 0, dequantized to fp32 and run with transformers' own
-              decoder-layer class, matches the source layer within BLOCK_TOL on random hidden states
+              decoder-layer class, matches the source layer within BLOCK_TOL (engine.convert.validate_ref)
 Warnings (`warnings`, never a failure) name what a loader gets wrong with a valid checkpoint
 (engine.convert.validate_loaders): routed experts of a compressed-tensors NVFP4 MoE that transformers loads as
 their packed bytes.
@@ -18,7 +18,7 @@ How: the output is read once, every tensor whole, on a pool of threads that hash
 digest as it arrives and check and decode it with numpy (engine.convert.validate_read); of the source only the
 sampled rows and the kept tensors are read. The decoder-block check imports torch and transformers, seconds of a
 short run: where this process has not imported transformers yet, it runs in a child process started first, beside
-the rest. A module the host path does not decode goes through the torch references below, as before.
+the rest. A module the host path does not decode goes through the torch reference (engine.convert.validate_ref).
 """
 
 from __future__ import annotations
@@ -35,15 +35,17 @@ import numpy as np
 from engine.checkpoint.manifest import load_manifest
 from engine.checkpoint.reader import CheckpointReader
 from engine.convert import validate_read as host
+from engine.convert.block_check import start_first_block
 from engine.convert.validate_config import label_problems
+from engine.convert.validate_loaders import loader_warnings
+from engine.convert.validate_ref import decode_module
+from engine.convert.validate_source import compare_host, emit_source, kept_floats, kept_host, shape_mismatches
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.formats.grid import infer_block, scale_grid
+from engine.formats.nvfp4.names import NVFP4_NAMES
+from engine.models import detect_layout
 
-# Relative-error ceilings per encoding (random Gaussian weights give ~0.09 for NVFP4, ~0.02 for FP8).
-REL_TOL = {"nvfp4": 0.2, "fp8-block": 0.06, "bf16": 0.01}
-# Decoder block: ||Δ_out − Δ_src|| / ||Δ_src|| with Δ = layer(x) − x.
-BLOCK_TOL = {"nvfp4": 0.2, "fp8-block": 0.1, "bf16": 0.02, "none": 0.02}
 SAMPLE_ROWS = host.SAMPLE_ROWS
 FLOATS = host.FLOAT_DTYPES
 
@@ -71,56 +73,10 @@ class _Report:
         self.checks.append({"check": check, "status": "skipped", "failures": 0, "detail": why})
 
 
-def _rows(n: int):
-    """The sampled rows (engine.convert.validate_read.sample_rows) as a torch index."""
-    import torch
-
-    return torch.from_numpy(host.sample_rows(n))
-
-
-def decode_module(r: CheckpointReader, base: str, rows=None, cols: int | None = None):
-    """fp32 values of module `base` in any encoding quantdeck reads or writes (None: no such module); the torch
-    reference of validate's host decoders."""
-    import torch
-
-    from engine.formats.fp8_block.helpers import dequant_fp8_block
-    from engine.formats.nvfp4.helpers import dequant_nvfp4
-
-    w = base + ".weight"
-    if base + ".weight_scale_2" in r or base + ".weight_global_scale" in r:
-        packed = r.get(w if w in r else base + ".weight_packed")
-        bs = r.get(base + ".weight_scale")
-        if base + ".weight_scale_2" in r:
-            s2 = r.get(base + ".weight_scale_2").float().reshape(())
-        else:
-            s2 = 1.0 / r.get(base + ".weight_global_scale").float().reshape(())
-        if rows is not None:
-            packed, bs = packed[rows], bs[rows]
-        shape = (packed.shape[0], cols) if cols else None
-        return dequant_nvfp4(packed, bs, s2, shape)
-    if w not in r:
-        return None
-    t = r.get(w)
-    if t.dtype == torch.float8_e4m3fn:
-        for sc in (base + ".weight_scale_inv", base + ".scale"):
-            if sc in r:
-                s = r.get(sc)
-                out = dequant_fp8_block(t, s, infer_block(tuple(t.shape), tuple(s.shape)))
-                return out[rows] if rows is not None else out
-        return t.float()[rows] if rows is not None else t.float()
-    if t.dtype in (torch.uint8, torch.int8) and base + ".scale" in r:
-        from engine.formats.mxfp4.helpers import dequant_mxfp4
-
-        out = dequant_mxfp4(t, r.get(base + ".scale"))
-        return out[rows] if rows is not None else out
-    t = t.float()
-    return t[rows] if rows is not None and t.dim() >= 1 else t
-
-
 def _nvfp4_bases(names: list[str]) -> list[str]:
     out = []
     for n in names:
-        for suf in (".weight_scale_2", ".weight_global_scale"):
+        for suf in ("." + lay.global_scale for lay in NVFP4_NAMES):
             if n.endswith(suf):
                 out.append(n[: -len(suf)])
     return out
@@ -184,12 +140,12 @@ def _ignored(mod: str, patterns: list[str]) -> bool:
 
 def _check_layout(r: CheckpointReader, rep: _Report, nv: list[str], fp8: list[str]) -> None:
     for base in nv:
-        w = base + ".weight" if base + ".weight" in r else base + ".weight_packed"
+        w = _stored(r, base, "packed")
         if w not in r or base + ".weight_scale" not in r:
             rep.fail("layout", f"{base}: NVFP4 module lacks its packed weight or weight_scale", base)
             continue
         pm, sm = r.meta(w), r.meta(base + ".weight_scale")
-        s2n = base + ".weight_scale_2" if base + ".weight_scale_2" in r else base + ".weight_global_scale"
+        s2n = _stored(r, base, "global_scale")
         s2m = r.meta(s2n)
         if pm.dtype_name != "U8" or len(pm.shape) != 2 or pm.shape[1] % 8:
             rep.fail("layout", f"{w}: expected uint8 [out, 8k], got {pm.dtype_name}{list(pm.shape)}", w)
@@ -228,8 +184,15 @@ def _check_layout(r: CheckpointReader, rep: _Report, nv: list[str], fp8: list[st
 # A module's findings are a list of events in the order the checks meet them: ("scales" | "decode", msg, at), and
 # ("group", global scale, its tensor) where the fused-group rule is checked against the modules before it.
 
+def _stored(r: CheckpointReader, base: str, role: str) -> str:
+    """`base`'s NVFP4 tensor of `role` (packed | global_scale) under the names of the layout that holds it (the last
+    layout's name when none does, so the error names it)."""
+    names = [f"{base}.{getattr(lay, role)}" for lay in NVFP4_NAMES]
+    return next((n for n in names if n in r), names[-1])
+
+
 def _s2_name(r: CheckpointReader, base: str) -> str:
-    return base + ".weight_scale_2" if base + ".weight_scale_2" in r else base + ".weight_global_scale"
+    return _stored(r, base, "global_scale")
 
 
 def _nvfp4_events_torch(r: CheckpointReader, base: str) -> list[tuple]:
@@ -276,7 +239,7 @@ def _fp8_events_torch(r: CheckpointReader, base: str) -> list[tuple]:
 
 def _nvfp4_parts(r: CheckpointReader, base: str) -> tuple[str, str, str]:
     """(packed weight, block scales, global scale) names of a well-formed NVFP4 module; Unsupported otherwise."""
-    w = base + ".weight" if base + ".weight" in r else base + ".weight_packed"
+    w = _stored(r, base, "packed")
     bsn, s2n = base + ".weight_scale", _s2_name(r, base)
     if w not in r or bsn not in r or s2n not in r:
         raise host.Unsupported(base)
@@ -416,8 +379,6 @@ class _Pass:
         self.hashing = hashing
 
     def _module(self, base: str, enc: str) -> tuple[int, str]:
-        from engine.convert.validate_source import compare_host
-
         try:
             ev, floats, decoded = (nvfp4_host if enc == "nvfp4" else fp8_host)(self.out, base)
             self.events[base] = ev
@@ -434,8 +395,6 @@ class _Pass:
         return 2 if base in self.compare else 1, base
 
     def _tensor(self, name: str) -> tuple[int, str]:
-        from engine.convert.validate_source import kept_host
-
         m = self.r.meta(name)
         try:
             data = self.out.full(name, slot="tensor")
@@ -477,7 +436,7 @@ class _Pass:
     def _size(self, job) -> int:
         name = job[1]
         if job[0] != self._tensor:
-            name = next((n for n in (name + ".weight", name + ".weight_packed") if n in self.r), None)
+            name = next((n for n in (f"{name}.{lay.packed}" for lay in NVFP4_NAMES) if n in self.r), None)
         return self.r.meta(name).nbytes if name else 0
 
     def close(self) -> None:
@@ -509,9 +468,6 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
 
 
 def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink: EventSink) -> None:
-    from engine.convert.validate_source import emit_source, kept_floats, shape_mismatches
-    from engine.models import detect_layout
-
     try:
         layout = detect_layout(r.config, r.names())
     except Exception:  # noqa: BLE001
@@ -531,8 +487,6 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
     if src is not None:
         shape_fails, misshapen = shape_mismatches(r, src, quantized)
         if not misshapen:  # started first: it runs beside the pass
-            from engine.convert.block_check import start_first_block
-
             block = start_first_block(r.dir, src.dir, rep.target, device)
     compare = {b for b in nv + fp8 if src is not None and b + ".weight" in src and b not in misshapen}
     kept = {n: base for n, base in kept_floats(r, src, quantized) if n not in misshapen} if src is not None else {}
@@ -549,8 +503,6 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
         for msg, at in labels:
             rep.fail("config", msg, at)
         rep.row("config", "labels agree with the tensors" if not labels else f"{len(labels)} disagreement(s)")
-        from engine.convert.validate_loaders import loader_warnings
-
         for w in loader_warnings(r.dir, r.config, set(r.names()), nv, layout):
             rep.warn("loaders", w.msg, w.at, w.hint)
         if against is None:

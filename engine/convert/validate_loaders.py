@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.formats.nvfp4.names import find_nvfp4
+from engine.models.base import Kind
 
 __all__ = ["LoaderWarning", "loader_warnings"]
 
@@ -28,8 +29,6 @@ class LoaderWarning:
 def _routed_experts(layout, bases: list[str]) -> list[str]:
     if layout is None:
         return [b for b in bases if ".experts." in b]
-    from engine.models.base import Kind
-
     return [b for b in bases if layout.classify(b + ".weight").kind is Kind.ROUTED_EXPERT]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.checkpoint.digest import KIND, combine, hash_fd_range, pieces_of
+from engine.checkpoint.digest import KIND, combine, hash_fd_range, matches, pieces_of
 from engine.checkpoint.reader import CheckpointReader
 from engine.formats.nvfp4.host import E4M3_LUT
 
@@ -131,8 +131,6 @@ class Digests:
 
     def matches(self, path: Path, rec: dict, files: Files) -> bool:
         """engine.checkpoint.digest.matches, from the digests recorded here."""
-        from engine.checkpoint.digest import matches
-
         try:
             if not path.exists() or ("size" in rec and path.stat().st_size != rec["size"]):
                 return False

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.checkpoint.reader import CheckpointReader
 from engine.convert import validate_read as host
-from engine.convert.validate import FLOATS, REL_TOL, _rows, decode_module
+from engine.convert.validate_ref import REL_TOL, decode_module, sampled_rows
 from engine.formats.grid import infer_block, packed_cols
 from engine.models.scales import PACKED_FP4_DTYPES, logical_shape
 
@@ -39,7 +39,7 @@ def kept_floats(r: CheckpointReader, src: CheckpointReader, quantized: set[str])
     """(name, module base or None) of each float tensor the output kept from the source, as it is or cast."""
     for n in r.names():
         base = n[: -len(".weight")] if n.endswith(".weight") else None
-        if base not in quantized and n in src and r.meta(n).dtype_name in FLOATS:
+        if base not in quantized and n in src and r.meta(n).dtype_name in host.FLOAT_DTYPES:
             yield n, base
 
 
@@ -85,7 +85,7 @@ def source_values(src: host.HostReader, base: str, rows: np.ndarray | None) -> n
             raise host.Unsupported(w) from None
         return host.fp8_values(codes, rows, host.scale_values(src.full(sc), smeta.dtype_name, smeta.shape), block,
                                m.shape[1], slot="src-values")
-    if m.dtype_name in FLOATS and not (base + ".scale" in sr and m.dtype_name in PACKED_FP4_DTYPES):
+    if m.dtype_name in host.FLOAT_DTYPES and not (base + ".scale" in sr and m.dtype_name in PACKED_FP4_DTYPES):
         if rows is None:
             return host.float32_values(src.full(w), m.dtype_name, m.shape)
         if len(m.shape) != 2:
@@ -139,7 +139,7 @@ def compare_torch(r: CheckpointReader, src: CheckpointReader, base: str) -> dict
     """compare_host's reference: {err, ref, rows}, or {bad: message} when the decoded shapes differ."""
     sm = src.meta(base + ".weight")
     cols = sm.shape[1] * (2 if sm.dtype_name in ("U8", "I8") else 1)
-    rows = _rows(sm.shape[0])
+    rows = sampled_rows(sm.shape[0])
     a = decode_module(r, base, rows, cols)
     b = decode_module(src, base, rows)
     if a is None or b is None or a.shape != b.shape:

@@ -5,6 +5,8 @@
     info = layout.classify(name)                   # TensorInfo: role, kind, layer, expert, attention, mtp, fused_group
     layout.should_quantize(name, quantize_attention=False, include_mtp=False)
     layout.scale_name("model.layers.3.mlp.experts.7.up_proj.weight")  # '...up_proj.weight_scale_inv'
+
+engine.models.inspect (not imported here: torch) reports what a whole checkpoint holds, by its layout.
 """
 
 from engine.models.base import (

@@ -29,6 +29,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from engine.convert.compute_host import workspace_bytes
+from engine.convert.pipeline import INFLIGHT_BYTES, INFLIGHT_BYTES_CUDA
+from engine.convert.plan import build_plan
+
 GB = 10**9  # figures are reported in GB (10^9 bytes), as GPU and host memory are sold
 IMPORT_BASE = 2 * GB  # a worker's resident memory once torch, transformers and modelopt are imported
 CUDA_CONTEXT = 1 << 30  # the CUDA context, cuBLAS workspace and allocator slack of one process on its GPU
@@ -244,8 +248,6 @@ def streamed_need(stage: str, slot: NodeSlot, shape: ModelShape, lb: LayerBytes,
 
 def shard_writer_need(stage: str, slot: NodeSlot, lb: LayerBytes, largest_item: int) -> RankNeed:
     """One rank of a stage streaming tensors into output shards (engine.convert.pipeline's budget)."""
-    from engine.convert.pipeline import INFLIGHT_BYTES, INFLIGHT_BYTES_CUDA
-
     budget = INFLIGHT_BYTES_CUDA if slot.on_gpu else INFLIGHT_BYTES
     item = max(largest_item, lb.largest_tensor)
     host = {"imports": IMPORT_BASE, "in_flight": max(budget, item)}
@@ -259,9 +261,6 @@ def shard_writer_need(stage: str, slot: NodeSlot, lb: LayerBytes, largest_item: 
 def largest_item_bytes(reader, layout, target: str) -> int:
     """The largest item the converter holds at once: its stored inputs or outputs, whichever is more, plus
     float32 working values of members that are not FP8 with a block scale."""
-    from engine.convert.compute_host import workspace_bytes
-    from engine.convert.plan import build_plan
-
     plan = build_plan(reader, layout, target)
     return max((max(item.src_bytes, sum(s.nbytes for s in item.outputs)) + workspace_bytes(item)
                 for item in plan.items), default=0)

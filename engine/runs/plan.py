@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from engine import __version__
-from engine.core.errors import RecipeError, RunError
+from engine.calibrate.samples import read_samples_file
+from engine.core.errors import RecipeError, RunError, SamplesError
 from engine.core.names import StageName, StageState, TargetFormat
 from engine.runs.recipe import Recipe, source_basename
 
@@ -174,9 +175,6 @@ def eval_samples(recipe: Recipe, base: Path) -> EvalSamples:
 
 def _count_samples(path: str) -> int | None:
     """How many samples the file holds; None where it cannot be read here (preflight and the stage say why)."""
-    from engine.calibrate.samples import read_samples_file
-    from engine.core.errors import SamplesError
-
     if not Path(path).is_file():
         return None
     try:

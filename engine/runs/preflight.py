@@ -20,8 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from engine.calibrate.samples import validate_samples_file
+from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import QuantdeckError
 from engine.core.fsutil import free_bytes
+from engine.core.locks import this_host
+from engine.core.meminfo import parse_meminfo
+from engine.models.detect import config_mismatches, detect_layout
+from engine.runs import memory_plan as mp
+from engine.runs.plan import build_plan, resolve_paths
 from engine.runs.recipe import Recipe, load_recipe
 
 GiB = 1 << 30
@@ -72,8 +79,6 @@ def check_source(f: Facts) -> list[str]:
     if not os.access(src, os.R_OK | os.X_OK):
         return [_fail(f"source {src} is not readable", f"check permissions of {src}")]
     try:
-        from engine.checkpoint.reader import CheckpointReader
-
         f.reader = CheckpointReader(src, strict=True)
     except QuantdeckError as e:
         return [_fail(f"source {src}: {e.msg}", e.hint or "fix the checkpoint")]
@@ -83,10 +88,6 @@ def check_source(f: Facts) -> list[str]:
 
 def check_layout(f: Facts) -> list[str]:
     if f.reader is None:
-        return []
-    try:
-        from engine.models.detect import config_mismatches, detect_layout
-    except ImportError:
         return []
     names = list(f.reader.names())
     config = f.reader.config or {}
@@ -178,10 +179,6 @@ def check_samples(f: Facts) -> list[str]:
     if not path.is_file():
         return [_fail(f"samples file {path} does not exist", "set calibration.samples to a JSON/JSONL file")]
     try:
-        from engine.calibrate.samples import validate_samples_file
-    except ImportError:
-        return []
-    try:
         validate_samples_file(path, r.calibration.num_samples)
     except QuantdeckError as e:
         return [_fail(f"samples: {e.msg}", e.hint or "fix the samples file")]
@@ -239,11 +236,6 @@ def check_push(f: Facts) -> list[str]:
 
 def check_memory(f: Facts) -> list[str]:
     """Each heavy stage's need per rank × its ranks on each node, against the node's RAM and GPUs."""
-    from engine.runs import memory_plan as mp
-    from engine.core.locks import this_host
-    from engine.core.meminfo import parse_meminfo
-    from engine.runs.plan import build_plan
-
     r = f.recipe
     if f.reader is None:
         f.notes.append("memory: not estimated: the checkpoint is not readable here yet"
@@ -307,8 +299,6 @@ def run_preflight(recipe_path: str | os.PathLike, extra_checks: Iterable[Check] 
                   notes: list[str] | None = None, report: dict[str, Any] | None = None) -> list[str]:
     """Run every check; returns one line per failure ([] = ready). Raises RecipeError for a bad recipe.
     `notes` gets what the checks learned; `report["memory"]` each heavy stage's estimate per rank and node."""
-    from engine.runs.plan import resolve_paths
-
     path = Path(recipe_path).resolve()
     recipe = load_recipe(path)
     facts = Facts(recipe=recipe, paths=resolve_paths(recipe, path.parent))

@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
                       model_validator)
 
 from engine.core.errors import RecipeError
+from engine.core.fsutil import atomic_write_bytes
 from engine.core.names import Family, OutputLayout, TargetFormat
 from engine.runs.rundir import DEFAULT_STALL_AFTER_S
 
@@ -338,8 +339,6 @@ def dump_recipe(recipe: Recipe) -> str:
 def write_recipe(path: str | Path, data: dict[str, Any]) -> Path:
     """Validate `data` (sections as in a recipe file) and write it as TOML: the one way code writes a recipe
     (`quantdeck demo`, tests, benchmarks). Raises RecipeError naming the key, like loading does."""
-    from engine.core.fsutil import atomic_write_bytes
-
     path = Path(path)
     atomic_write_bytes(path, dump_recipe(recipe_from_dict(data, name=path.name)).encode())
     return path

@@ -13,6 +13,9 @@ import re
 import signal as _signal
 from dataclasses import dataclass
 
+from engine.core.errors import (CheckpointError, DiskFullError, QualityGateError, QuantdeckError, SamplesError,
+                                 ValidationFailedError)
+
 
 @dataclass(frozen=True)
 class RootCause:
@@ -92,8 +95,6 @@ def classify(text: str = "", *, exit_code: int | None = None, exc: BaseException
     """Classify a failure from an exception, a traceback/log tail and/or the process's exit code
     (negative = killed by that signal, as subprocess reports it)."""
     if exc is not None:
-        from engine.core.errors import DiskFullError, QualityGateError, SamplesError, ValidationFailedError
-
         if isinstance(exc, QualityGateError):
             return RootCause("quality-gate", _one(exc), exc.hint or HINTS["validation-failed"])
         if isinstance(exc, DiskFullError):
@@ -108,8 +109,6 @@ def classify(text: str = "", *, exit_code: int | None = None, exc: BaseException
             return RootCause("disk-full", _one(exc), HINTS["disk-full"])
         if isinstance(exc, MemoryError):
             return RootCause("host-oom", "host out of memory (MemoryError)", HINTS["host-oom"])
-        from engine.core.errors import CheckpointError, QuantdeckError
-
         if isinstance(exc, CheckpointError):
             return RootCause("bad-checkpoint", _one(exc), exc.hint or HINTS["bad-checkpoint"])
         if isinstance(exc, QuantdeckError):

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from engine.checkpoint.verify import check_tree
 from engine.core.errors import CheckpointError, TransferError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import free_bytes
@@ -195,8 +196,6 @@ def verify_pulled(work: Path, url_of: dict[str, str], sink: EventSink) -> None:
     against the index, lengths against the headers), or CheckpointError naming the first bad object. Each
     object's bytes already equal the bucket's; what this catches is a bucket whose objects no longer agree
     with each other: one replaced or truncated by another tool since the push."""
-    from engine.checkpoint.verify import check_tree
-
     sink.emit("log", level="info", msg=f"verifying the checkpoint in {work}: headers against the index, "
                                        f"shard digests against manifest.json")
     bad = check_tree(work)

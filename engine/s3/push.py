@@ -13,6 +13,7 @@ from engine.core.events import EventSink, NullSink, Progress
 from engine.s3.checksum import META_SHA256, FileDigest, clean_etag, digest_file, upload_part_size
 from engine.s3.client import S3Session, error_code, make_session, translate
 from engine.s3.manifest import TransferManifest, local_stat
+from engine.s3.pull import list_objects
 from engine.s3.transfer import (DEFAULT_CONCURRENCY, DEFAULT_PART_CONCURRENCY, DEFAULT_PART_SIZE, DEFAULT_RETRIES,
                                 ByteCounter, ChecksumMismatchError, Job, TransferOptions, TransferResult, run_jobs)
 from engine.s3.url import S3Url, parse_url
@@ -124,8 +125,6 @@ def push(src: str | os.PathLike, url: str, *, endpoint_url: str | None = None, p
 
 def _warn_extra_objects(sess: S3Session, u: S3Url, keys: set[str], sink: EventSink) -> None:
     """Objects under the prefix that SRC does not have (an older push?) are left alone, but said."""
-    from engine.s3.pull import list_objects
-
     try:
         extra = sorted(j.key for j in list_objects(sess, u) if j.key not in keys)
     except TransferError:  # no s3:ListBucket: only this warning is lost

@@ -1,4 +1,4 @@
-"""Helpers shared by D's stage adapters: output dirs per layout, calling library functions with a sink,
+"""Helpers shared by the stage adapters: output dirs per layout, calling library functions with a sink,
 and cheap checks of a written checkpoint (manifest sha256s) for validate-only."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.checkpoint.digest import matches
 from engine.core.fsutil import read_json
 
 
@@ -78,8 +79,6 @@ def check_checkpoint_dir(d: Path, *, hash_shards: bool = True) -> list[str]:
         if not (d / "model.safetensors.index.json").exists() and not (d / "model.safetensors").exists():
             problems.append(f"{d}: no manifest.json and no safetensors index")
         return problems
-    from engine.checkpoint.digest import matches  # (the checkpoint package loads torch)
-
     shards = man.get("shards") or {}
     for name, info in sorted(shards.items()):
         f = d / name

@@ -11,12 +11,17 @@ stdout. It raises QuantdeckError subclasses for anything an operator can fix.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.core.events import EventSink, NullSink
 from engine.core.registry import Registry
+
+
+def _no_run_meta(**fields: Any) -> None:
+    """Outside a worker (validate-only, a test) there is no run.json to update."""
 
 
 @dataclass
@@ -30,6 +35,8 @@ class StageContext:
     local_rank: int = 0
     host: str = "local"
     mode: str = "run"  # run | validate-only
+    # records fields in the run's run.json; the worker passes engine.runs.runner.update_meta for its run
+    update_meta: Callable[..., None] = _no_run_meta
 
 
 class Stage(Registry, abc.ABC):

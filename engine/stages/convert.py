@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.convert import convert_checkpoint
 from engine.core.names import StageName
 from engine.stages._common import check_checkpoint_dir, output_dirs, small
 from engine.stages.base import Stage, StageContext
@@ -21,8 +22,6 @@ class _ConvertBase(Stage):
     distributed = True  # with several nodes/GPUs its shards are split over torchrun ranks (engine.convert.ranks)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from engine.convert import convert_checkpoint
-
         p = ctx.params
         res = convert_checkpoint(p["src"], p["dst"], to=p.get("to") or self.to,
                                  layouts=tuple(p.get("layouts") or ("modelopt",)), device=p.get("device") or "auto",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.convert.extras import copy_extras, extra_files
 from engine.core.names import StageName
 from engine.stages._common import output_dirs
 from engine.stages.base import Stage, StageContext
@@ -14,16 +15,12 @@ from engine.stages.base import Stage, StageContext
 @Stage.register(StageName.COPY_EXTRAS)
 class CopyExtrasStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from engine.convert import copy_extras
-
         copied: dict[str, list[str]] = {}
         for d in output_dirs(ctx.params["dst"], ctx.params.get("layouts")):
             copied[str(d)] = list(copy_extras(ctx.params["src"], d, sink=ctx.sink) or [])
         return {"copied": copied}
 
     def check_saved(self, ctx: StageContext) -> list[str]:
-        from engine.convert.extras import extra_files
-
         src = Path(ctx.params["src"])
         if not src.is_dir():
             return [f"source {src} is missing"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.names import StageName
+from engine.stages._common import check_checkpoint_dir, output_dirs, small
 from engine.stages.base import Stage, StageContext
 
 
@@ -18,8 +19,7 @@ class ExportStage(Stage):
     distributed = True  # with several nodes/GPUs its shards are split over torchrun ranks (engine.convert.ranks)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from engine.export.api import export_checkpoint
-        from engine.stages._common import small
+        from engine.export.api import export_checkpoint  # torch
 
         p = ctx.params
         res = export_checkpoint(p["src"], p["amax"], p["dst"], layouts=tuple(p.get("layouts") or ("modelopt",)),
@@ -28,8 +28,6 @@ class ExportStage(Stage):
         return small(res)
 
     def check_saved(self, ctx: StageContext) -> list[str]:
-        from engine.stages._common import check_checkpoint_dir, output_dirs
-
         out: list[str] = []
         for d in output_dirs(ctx.params["dst"], ctx.params.get("layouts")):
             out.extend(check_checkpoint_dir(Path(d)))

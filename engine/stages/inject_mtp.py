@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint.reader import CheckpointReader
 from engine.core.names import StageName
 from engine.stages._common import output_dirs, small
 from engine.stages.base import Stage, StageContext
@@ -22,8 +23,7 @@ SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
 
 def missing_mtp(dst: Path, src: Path) -> list[str]:
     """MTP tensors the output lacks: shared embedding/head copies, and MTP-layer tensors of the source."""
-    from engine.checkpoint.reader import CheckpointReader
-    from engine.convert.mtp import mtp_prefixes, shared_sources
+    from engine.convert.mtp import mtp_prefixes, shared_sources  # torch
 
     out = CheckpointReader(dst)
     names = set(out.names())

@@ -1,4 +1,4 @@
-"""The inspect stage: what the source is (family, layout, counts, anomalies, size estimates), engine.checkpoint.inspect
+"""The inspect stage: what the source is (family, layout, counts, anomalies, size estimates), engine.models.inspect
 (the function `quantdeck inspect` calls). Writes report.json; the detected family goes into run.json.
 Unit: the stage."""
 
@@ -15,28 +15,10 @@ from engine.stages.base import Stage, StageContext
 
 
 def _inspect(src: str, sink: Any) -> dict[str, Any]:
-    try:
-        from engine.checkpoint import inspect as insp
-    except ImportError:
-        insp = None
-    fn = None
-    for name in ("inspect_checkpoint", "inspect", "inspect_dir", "run_inspect"):
-        fn = getattr(insp, name, None) if insp is not None else None
-        if callable(fn):
-            break
-    if fn is not None:
-        rep = jsonable(call_with_sink(fn, src, sink=sink))
-        return rep if isinstance(rep, dict) else {"report": rep}
-    # engine.checkpoint.inspect not there yet: the essentials from the reader and the model layout
-    from engine.checkpoint.reader import CheckpointReader
-    from engine.models.detect import config_mismatches, detect_layout, role_counts
+    from engine.models.inspect import inspect_checkpoint  # torch
 
-    r = CheckpointReader(src)
-    names = list(r.names())
-    layout = detect_layout(r.config, names)
-    return {"family": str(layout.family), "tensors": len(names), "roles": role_counts(layout, names),
-            "bytes": sum(r.meta(n).nbytes for n in names),
-            "anomalies": [m.msg for m in config_mismatches(layout, names)]}
+    rep = jsonable(call_with_sink(inspect_checkpoint, src, sink=sink))
+    return rep if isinstance(rep, dict) else {"report": rep}
 
 
 @Stage.register(StageName.INSPECT)
@@ -53,10 +35,7 @@ class InspectStage(Stage):
         if want and fam and str(fam) != str(want) and str(fam) != "generic":
             ctx.sink.emit("log", level="warning", msg=f"recipe says model.family = {want}, the checkpoint looks like {fam}")
         if fam:
-            from engine.runs.runner import update_meta
-            from engine.runs.rundir import RunDir
-
-            update_meta(RunDir(Path(ctx.run_dir)), family=str(want or fam))
+            ctx.update_meta(family=str(want or fam))
         return {"family": fam, "report": ctx.params.get("report"),
                 "anomalies": len(rep.get("anomalies") or []) if isinstance(rep, dict) else None}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint.verify import check_tree
+from engine.core.fsutil import read_json
 from engine.core.names import StageName
 from engine.stages.base import Stage, StageContext
 from engine.stages.push import stage_params, transfer_kwargs
@@ -24,8 +26,6 @@ class PullStage(Stage):
         return res.summary()
 
     def check_saved(self, ctx: StageContext) -> list[str]:
-        from engine.core.fsutil import read_json
-
         ins, outs, _ = stage_params(ctx.params)
         dst = Path(_dst(outs))
         problems = []
@@ -39,8 +39,6 @@ class PullStage(Stage):
             if not f.is_file() or f.stat().st_size != e.get("size"):
                 problems.append(f"{f}: missing or wrong size")
         if dst.is_dir() and not problems:
-            from engine.checkpoint.verify import check_tree
-
             problems += [f"{dst / d.rel}: {d.what}" for d in check_tree(dst, digests=False)]
         return problems
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.core.fsutil import read_json
 from engine.core.names import StageName
 from engine.stages.base import Stage, StageContext
 
@@ -44,8 +45,6 @@ class PushStage(Stage):
         return res.summary()
 
     def check_saved(self, ctx: StageContext) -> list[str]:
-        from engine.core.fsutil import read_json
-
         man = read_json(Path(ctx.stage_dir) / "transfer.json", default={}) or {}
         url = stage_params(ctx.params)[1].get("url")
         return [] if man.get("complete") else [f"push to {url} is not complete"]

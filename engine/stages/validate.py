@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.convert import validate_checkpoint
 from engine.core.errors import ValidationFailedError
 from engine.core.fsutil import atomic_write_json
 from engine.core.names import StageName
@@ -26,8 +27,6 @@ def _failed(report: Any) -> list[str]:
 @Stage.register(StageName.VALIDATE)
 class ValidateStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from engine.convert import validate_checkpoint
-
         p = ctx.params
         reports: dict[str, Any] = {}
         problems: list[str] = []

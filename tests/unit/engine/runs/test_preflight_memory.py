@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint.safetensors_format import TensorSpec, build_layout
+from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map
 from engine.runs.memory_plan import GB, NodeMemory
 from engine.runs.preflight import run_preflight
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
@@ -74,10 +74,10 @@ def headers_only_checkpoint(dst: Path, config: dict) -> Path:
         shards[f"model-{i + 1:05d}.safetensors"] = _v3_layer(i, config)
     weight_map = {}
     for name, specs in shards.items():
-        layout = build_layout(specs, {"format": "pt"})
+        shard = build_shard_map(specs, {"format": "pt"})
         with open(dst / name, "wb") as fh:
-            fh.write(layout.header)
-            fh.truncate(layout.total_size)  # sparse: the size the header promises, no data written
+            fh.write(shard.header)
+            fh.truncate(shard.total_size)  # sparse: the size the header promises, no data written
         weight_map.update({s.name: name for s in specs})
     (dst / "config.json").write_text(json.dumps(config))
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -114,7 +114,7 @@ def _edit_config(path, **kw):
 
 def test_config_layers_and_hidden_size_against_the_tensors(tmp_path, tiny_ckpt):  # noqa: F811
     from engine.checkpoint import CheckpointReader
-    from engine.checkpoint.inspect import inspect_checkpoint
+    from engine.models.inspect import inspect_checkpoint
 
     src = tiny_ckpt("deepseek-v3", "bf16")
     n = json.loads((src / "config.json").read_text())["num_hidden_layers"]

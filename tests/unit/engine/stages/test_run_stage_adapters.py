@@ -1,9 +1,10 @@
-"""D's stage adapters, in process on tiny real checkpoints: each calls its library function with the plan's
+"""The stage adapters, in process on tiny real checkpoints: each calls its library function with the plan's
 params, reruns are idempotent, and check_saved (validate-only) spots what is broken without changing it."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from engine.core.events import CallbackSink
 from engine.runs.plan import build_plan
 from engine.runs.recipe import loads_recipe
+from engine.runs.rundir import RunDir
+from engine.runs.runner import update_meta
 from engine.stages.base import StageContext
 from engine.runs.worker import load_stage_class
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
@@ -26,7 +29,7 @@ def _ctx(tmp_path: Path, src: Path, stage: str, fmt: str = "nvfp4", layouts='["m
     plan = build_plan(r, run_id="r", run_dir=run_dir, base=tmp_path)
     sink = CallbackSink(events.append) if events is not None else CallbackSink(lambda e: None)
     return StageContext(run_dir=run_dir, stage_dir=run_dir / "stages" / stage, params=plan.stage(stage).params,
-                        sink=sink), plan
+                        sink=sink, update_meta=partial(update_meta, RunDir(run_dir))), plan  # as the worker does
 
 
 @pytest.mark.parametrize("stage, fmt, src_dtype, want", [

@@ -1,4 +1,4 @@
-"""engine.checkpoint.inspect and `quantdeck inspect`: header-only report of tiny real fixtures and of broken copies."""
+"""engine.models.inspect and `quantdeck inspect`: header-only report of tiny real fixtures and of broken copies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from console.cli import main as cli_main
 from engine.checkpoint import CheckpointReader
-from engine.checkpoint.inspect import inspect_checkpoint, render_text
+from engine.models.inspect import inspect_checkpoint, render_text
 from engine.models import detect_layout
 from tests.fixtures_ckpt import copy_ckpt, tiny_ckpt  # noqa: F401  (session fixture)
 
