@@ -23,7 +23,7 @@ from console.fleet import FleetFeed
 from console.keymap import KeyBinding, default_keymap
 from console.messages import (ActionFailed, ActionFinished, FleetSampled, HistoryLoaded, LogLinesRead, RunDetailLoaded,
                               RunRead)
-from console.models import NodeView, RunView
+from console.models import NodeView
 from console.screens.confirm import ConfirmModal
 from console.screens.dashboard import DashboardScreen
 from console.screens.error import ErrorModal
@@ -32,9 +32,11 @@ from console.screens.history import HistoryScreen
 from console.screens.logs import LogScreen
 from console.screens.new_run import NewRunModal
 from console.screens.run_detail import RunDetailScreen
+from engine.api import RunView
+from engine.core.names import StageState
 
 RUN_ACTIONS = ("resume", "export_only", "validate_only", "cancel", "logs")
-_FAILED = ("FAILED", "FAILED_WORKER")
+_FAILED = (StageState.FAILED, StageState.FAILED_WORKER)
 
 
 def _resume_gc() -> None:
@@ -44,7 +46,7 @@ def _resume_gc() -> None:
 
 def _gates(run: RunView) -> tuple:
     """What check_action looks at: bindings are refreshed only when this changes."""
-    return run.run_id, run.live, run.all_done, run.has_amax, bool(run.stages)
+    return run.id, run.live, run.all_done, run.has_amax, bool(run.stages)
 
 
 class QuantdeckApp(App):
@@ -209,13 +211,13 @@ class QuantdeckApp(App):
     def on_run_read(self, msg: RunRead) -> None:
         prev, run = self.run_view, msg.run
         self.run_view = run
-        if run.run_id != self.run_id:
+        if run.id != self.run_id:
             return
         self.sub_title = self._sub_title()
         if self.dashboard:
             with self.batch_update():
                 self.dashboard.show_run(run)
-        if prev is not None and prev.run_id == run.run_id:
+        if prev is not None and prev.id == run.id:
             self._notify_transitions(prev, run)
         if prev is None or _gates(prev) != _gates(run):
             self.refresh_bindings()
@@ -226,10 +228,10 @@ class QuantdeckApp(App):
             if s.state in _FAILED and before.get(s.name) not in _FAILED:
                 what = f"{s.error_class}: {s.error}" if s.error_class else (s.error or s.state.lower())
                 self.notify(f"stage {s.name} failed — {what}", title="stage failed", severity="error", timeout=10)
-            if s.state == "CANCELLED" and before.get(s.name) != "CANCELLED":
+            if s.state == StageState.CANCELLED and before.get(s.name) != StageState.CANCELLED:
                 self.notify(f"stage {s.name} cancelled", severity="warning")
         if run.all_done and not prev.all_done:
-            self.notify(f"run {run.run_id} finished", title="run finished", timeout=10)
+            self.notify(f"run {run.id} finished", title="run finished", timeout=10)
 
     def on_log_lines_read(self, msg: LogLinesRead) -> None:
         if msg.reset or msg.stage != self.log_stage:
@@ -318,7 +320,7 @@ class QuantdeckApp(App):
             return
         self.busy = action
         self.refresh_bindings()
-        self.engine_action(action, self.run_view.run_id)
+        self.engine_action(action, self.run_view.id)
 
     def action_resume(self) -> None:
         self._start("resume")
@@ -332,7 +334,7 @@ class QuantdeckApp(App):
     def action_cancel(self) -> None:
         if self.run_view is None or self.check_action("cancel", ()) is not True:
             return
-        run_id = self.run_view.run_id
+        run_id = self.run_view.id
         stage = self.run_view.current.name if self.run_view.current else "the run"
 
         def answered(yes: bool | None) -> None:
@@ -375,7 +377,7 @@ class QuantdeckApp(App):
             return
         stage = self.followed_stage or (self.run_view.current.name if self.run_view.current else None)
         if stage:
-            self.load_full_log(self.run_view.run_id, stage)
+            self.load_full_log(self.run_view.id, stage)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -1,4 +1,4 @@
-"""What the console asks of runs: a small ABC, and its adapter over engine.api (the only engine module used).
+"""What the console asks of runs: a small ABC (its adapter over engine.api: console/api_backend.py).
 
 Every method may block (SQLite, file reads, SSH) and is called from worker threads only. Methods raise
 engine.core.errors.QuantdeckError subclasses (RunError, StageLockedError, ...) for operator errors.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from console.models import HistoryRow, RunDetailView, RunView
+from console.models import HistoryRow, RunDetailView
+from engine.api import RunView
 
 
 class Backend(ABC):

@@ -8,14 +8,14 @@ QUANTDECK_DEBUG=1 shows tracebacks for ours too. stdout is for data only.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import sys
 
 import click
 
-from engine import __version__
-from engine.core.errors import QuantdeckError, exit_code_for
+from engine.api import __version__
+from engine.core.errors import QuantdeckError, SettingsError, exit_code_for
+from engine.core.settings import settings
 
 
 class _Group(click.Group):
@@ -45,13 +45,21 @@ def report_error(err: QuantdeckError) -> None:
     click.echo(f"quantdeck: error: {err.one_line()}", err=True)
 
 
+def _debug() -> bool:
+    """QUANTDECK_DEBUG, false where the settings themselves are the error being reported."""
+    try:
+        return settings().debug
+    except SettingsError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="quantdeck", standalone_mode=False)
         # without standalone mode click returns an Exit's code instead of raising it (a failed headless demo)
         code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except QuantdeckError as err:
-        if os.environ.get("QUANTDECK_DEBUG") == "1":
+        if _debug():
             import traceback
 
             traceback.print_exc()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from console.models import HistoryRow, NodeView, RunDetailView, RunView
+from console.models import HistoryRow, NodeView, RunDetailView
+from engine.api import RunView
 
 
 class FleetSampled(Message):

@@ -49,7 +49,7 @@ class _StderrSink:
 def calibrate_cmd(model, samples, out, num_samples, seq_len, batch_size, quant_cfg, all_experts, device, layers,
                   quiet):
     """Calibrate activation amax layer by layer (resumable; one process or under torchrun)."""
-    from engine.calibrate.streaming import calibrate
+    from engine.api import calibrate
 
     rank = int(os.environ.get("RANK", "0"))
     summary = calibrate(model, samples, out, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size,
@@ -69,7 +69,7 @@ def calibrate_cmd(model, samples, out, num_samples, seq_len, batch_size, quant_c
 @click.option("--quiet", is_flag=True)
 def export_cmd(src, amax, dst, fmt, quiet):
     """Export a calibrated W4A4 NVFP4 checkpoint from an amax snapshot (resumable)."""
-    from engine.export.api import export_checkpoint
+    from engine.api import export_checkpoint
 
     layouts = ["modelopt", "compressed-tensors"] if fmt == "both" else [fmt]
     report = export_checkpoint(src, amax, dst, layouts=layouts, sink=_StderrSink(quiet))

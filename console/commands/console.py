@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from engine.core.names import StageState
+
 
 def _is_recipe(target: str | None) -> bool:
     return bool(target) and Path(target).is_file() and Path(target).suffix == ".toml"
@@ -59,7 +61,7 @@ def console_cmd(target: str | None, replay_fleet: bool) -> None:
         click.echo(f"left the console; run {app.run_id} goes on without it "
                    f"(`quantdeck console {app.run_id}` re-attaches)", err=True)
     elif app.run_id:
-        click.echo(f"left the console (run {app.run_id}: {app.run_view.state.lower() if app.run_view else '?'}; "
+        click.echo(f"left the console (run {app.run_id}: {app.run_view.result.lower() if app.run_view else '?'}; "
                    f"`quantdeck console {app.run_id}` re-opens it)", err=True)
 
 
@@ -77,20 +79,9 @@ SAMPLES = [
 ]
 
 
-def _calibrated_pipeline_ready() -> tuple[bool, str]:
-    try:
-        import engine.calibrate.streaming  # noqa: F401
-        import engine.export.api  # noqa: F401
-        import engine.stages.calibrate  # noqa: F401
-        import engine.stages.export  # noqa: F401
-    except ImportError as e:
-        return False, str(e)
-    return True, ""
-
-
 def prepare_demo(workspace: Path, log=lambda s: None) -> tuple[Path, bool]:
     """Fixture + samples + recipe in `workspace`; returns (recipe path, calibrated)."""
-    from engine.fixtures import build_fixture
+    from engine.api import build_fixture, calibration_available, write_recipe
 
     workspace.mkdir(parents=True, exist_ok=True)
     ckpt = workspace / "DeepSeek-V3-tiny-fp8"
@@ -102,12 +93,10 @@ def prepare_demo(workspace: Path, log=lambda s: None) -> tuple[Path, bool]:
     # 16 to calibrate on, then 8 held out for the eval stage (never the texts calibrated on)
     held_out = [f"Held out, check {i + 1}: {s}" for i, s in enumerate(reversed(SAMPLES))]
     samples.write_text(json.dumps(SAMPLES * 2 + held_out, indent=1))
-    calibrated, why = _calibrated_pipeline_ready()
+    calibrated, why = calibration_available()
     if not calibrated:
         log(f"the calibrated pipeline is not available here ({why}): running weight-only NVFP4 instead")
     out = workspace / "out" / ("DeepSeek-V3-tiny-NVFP4" if calibrated else "DeepSeek-V3-tiny-NVFP4-weight-only")
-    from engine.runs.recipe import write_recipe
-
     recipe = write_recipe(workspace / "recipe.toml", {
         "run": {"workdir": str(workspace / "work")},
         "source": {"path": str(ckpt)},
@@ -186,7 +175,7 @@ def demo_cmd(headless: bool, workspace: str) -> None:
         for s in view.stages:
             if s.error_class:
                 click.echo(f"demo:   {s.name}: {s.error_class}: {s.error} (hint: {s.hint})", err=True)
-        if view.result == "SUCCEEDED":
+        if view.result == StageState.SUCCEEDED:
             click.echo(f"demo: outputs in {ws / 'out'}; history: quantdeck history", err=True)
         else:
             raise click.exceptions.Exit(1)
@@ -196,7 +185,7 @@ def demo_cmd(headless: bool, workspace: str) -> None:
 
     app = build_app(run_id, backend=ApiBackend(eng), workdir=str(ws), recipe_hint=str(recipe))
     app.run()
-    state = app.run_view.state.lower() if app.run_view is not None else "?"
+    state = app.run_view.result.lower() if app.run_view is not None else "?"
     if app.run_view is not None and app.run_view.live:
         click.echo(f"demo: left the console; run {run_id} goes on (quantdeck console {run_id})", err=True)
     else:

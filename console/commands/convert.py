@@ -1,4 +1,4 @@
-"""`quantdeck convert`, `quantdeck validate`, `quantdeck inject-mtp`: thin click wrappers over engine.convert.
+"""`quantdeck convert`, `quantdeck validate`, `quantdeck inject-mtp`: thin click wrappers over engine.api's tools.
 
 The engine is imported inside each command body, so importing the CLI never imports torch. Progress goes
 to stderr (a bar on a terminal, a line now and then otherwise); stdout carries only data (summary / JSON).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -68,10 +67,18 @@ def _quiet_openmp() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
 
 
-def _sink():
-    from engine.core.events import CallbackSink
+def _kernel_threads(n: int | None) -> None:
+    """--kernel-threads: handed on as QUANTDECK_KERNEL_THREADS, which the kernels (and `--workers` children) read."""
+    if n is not None:
+        import os
 
-    return CallbackSink(_StderrProgress(), stage="convert")
+        os.environ["QUANTDECK_KERNEL_THREADS"] = str(n)
+
+
+def _sink():
+    from engine.api import event_sink
+
+    return event_sink(_StderrProgress(), stage="convert")
 
 
 START_FILES = "quantdeck-convert"  # this entry's list of the files its start reads (engine.startup.startfiles)
@@ -87,31 +94,31 @@ START_FILES = "quantdeck-convert"  # this entry's list of the files its start re
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="processes splitting the output shards (GPUs round-robin on CUDA)")
+@click.option("--kernel-threads", default=None, type=click.IntRange(0, 4096),
+              help="threads of one parallel CPU kernel call (0: every usable core; as QUANTDECK_KERNEL_THREADS)")
 @click.option("--shard-size", default="5GB", show_default=True, help="target output shard size (5GB, 500MB, 5e9)")
 @click.option("--quantize-attention", is_flag=True, help="quantize attention GEMMs too (default: kept BF16)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attention, as_json):
+def convert_cmd(src, dst, to, fmt, device, workers, kernel_threads, shard_size, quantize_attention, as_json):
     """Convert a checkpoint to NVFP4 (weight-only), FP8-block or BF16, streaming and resumable. An NVFP4 source
     (either layout) is decoded for --to bf16 and re-laid as it is (same codes and scales) for --to nvfp4."""
     _quiet_openmp()
+    _kernel_threads(kernel_threads)
     import gc
 
-    from engine.convert.device import start_early
+    from engine.api import convert_start_early, import_converter, record_start_files
 
     # the disk reads the start's files and the source (and CUDA starts) while the imports run
-    start_early(src, device, to, entry=START_FILES)
+    convert_start_early(src, device, to, entry=START_FILES)
     gc.disable()  # no collections while (torch's) million objects load ...
-    from engine.convert import convert_checkpoint
-
+    convert_checkpoint = import_converter()
     gc.freeze()  # ... and later ones never walk them
     gc.enable()
     layouts = ["modelopt", "compressed-tensors"] if fmt == "both" else [fmt]
     summary = convert_checkpoint(src, dst, to=to, layouts=layouts, device=device, workers=workers,
                                  shard_size=shard_size, quantize_attention=quantize_attention, sink=_sink())
     if summary.get("device") == "cpu":  # what this start read, for the next cold one (engine.startup.startfiles)
-        from engine.startup import startfiles
-
-        startfiles.record(START_FILES)
+        record_start_files(START_FILES)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -138,48 +145,35 @@ def convert_cmd(src, dst, to, fmt, device, workers, shard_size, quantize_attenti
 def validate_cmd(directory, against, amax, model, as_json, device):
     """Check a produced checkpoint (DIRECTORY), or an amax snapshot (--amax); exits non-zero naming the tensor or
     quantizer on any failure. Warnings (what a loader gets wrong with a valid checkpoint) do not fail it."""
+    from engine.api import (
+        format_validate_report,
+        is_amax_snapshot,
+        refuse_other_model,
+        validate_amax,
+        validate_checkpoint,
+    )
     from engine.core.errors import ValidationFailedError
 
-    if directory is not None and amax is None and _is_snapshot(directory):
+    if directory is not None and amax is None and is_amax_snapshot(directory):
         directory, amax = None, directory
     if directory is None:
         if amax is None:
             raise click.UsageError("give a checkpoint DIRECTORY to validate, or --amax AMAX_DIR [--model CKPT]")
-        from engine.calibrate.validate import validate_amax
-
         rep = validate_amax(amax, model_dir=model or against)
         click.echo(json.dumps(rep, indent=2, default=str) if as_json else _format_amax(rep))
         if not rep["ok"]:
             raise ValidationFailedError(f"amax snapshot {amax}: {rep['problems'][0]}", at=str(amax),
                                         hint="resume the calibration, or recalibrate into a fresh --out")
         return
-    from engine.convert.validate import format_report, validate_checkpoint
-
     if against is not None:
-        from engine.checkpoint.consistency import refuse_other_model
-
         refuse_other_model(directory, against)  # another family or shape: say so before reading a tensor
     report = validate_checkpoint(directory, against=against, amax=amax, device=device, sink=_sink(),
                                  amax_model=model)
-    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_validate_report(report))
     if not report["ok"]:
         first = report["failures"][0]
         raise ValidationFailedError(f"{len(report['failures'])} check(s) failed; first: {first['msg']}",
                                     at=first.get("at"), hint="see the report above")
-
-
-def _is_snapshot(directory: str) -> bool:
-    """A calibration's amax snapshot (layer files, its manifest), not a checkpoint. A directory that holds no
-    manifest.json is answered without importing torch (engine.calibrate.snapshot imports it)."""
-    if not (Path(directory) / "manifest.json").is_file():
-        return False
-    from engine.calibrate import snapshot as snap
-
-    try:
-        fmt = (snap.read_manifest(Path(directory)) or {}).get("format")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(fmt, str) and fmt.split("/")[0] == snap.SNAPSHOT_FORMAT.split("/")[0]
 
 
 def _format_amax(rep: dict) -> str:
@@ -203,7 +197,7 @@ def _format_amax(rep: dict) -> str:
               help="original checkpoint to take a missing MTP layer from (kept BF16, excluded from quantization)")
 def inject_mtp_cmd(src, dst, mtp_from):
     """Copy the shared embedding and LM head into the MTP layer(s) where SRC lacks them; writes DST."""
-    from engine.convert.mtp import inject_mtp
+    from engine.api import inject_mtp
 
     res = inject_mtp(src, dst, mtp_from=mtp_from, sink=_sink())
     click.echo(f"wrote {res['dst']}: injected {len(res['injected'])} tensor(s) into {', '.join(res['mtp_layers'])}")

@@ -1,4 +1,4 @@
-"""`quantdeck eval OUT --against SRC --samples FILE`: a thin click wrapper over engine.eval.streaming.evaluate.
+"""`quantdeck eval OUT --against SRC --samples FILE`: a thin click wrapper over engine.api's evaluate.
 
 The engine is imported inside the command body, so importing the CLI never imports torch. Progress goes to stderr;
 stdout carries only the report (text, or one JSON object with --json). A failed gate exits 4.
@@ -34,15 +34,13 @@ def eval_cmd(output, against, samples, num_samples, seq_len, batch_size, device,
     samples: KL divergence of OUT's next-token distribution from the source's, top-1 agreement, perplexity of both,
     and the hidden-state error after every layer. OUT is decoded from its stored bytes as vLLM reads it."""
     from console.commands.convert import _StderrProgress
+    from engine.api import evaluate, event_sink, format_eval_report
     from engine.core.errors import ValidationFailedError
-    from engine.eval.report import format_report
-    from engine.eval.streaming import evaluate
-    from engine.core.events import CallbackSink
 
     report = evaluate(output, against, samples, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size,
                       device=device, max_kld_mean=max_kld_mean, min_top1=min_top1,
-                      sink=CallbackSink(_StderrProgress(), stage="eval"))
-    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+                      sink=event_sink(_StderrProgress(), stage="eval"))
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_eval_report(report))
     if report["verdict"] != "pass":
         raise ValidationFailedError(f"quality gate failed: {'; '.join(report['reasons'])}",
                                     at=f"layer {report['worst_layer']}",

@@ -31,8 +31,7 @@ import click
 def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, shard_mb, seed, v4_experts, v4_names,
                 trained, steps, force):
     """Build a tiny real DeepSeek V3/V4 checkpoint to try quantdeck on."""
-    from engine.checkpoint import CheckpointReader
-    from engine.fixtures import build_fixture
+    from engine.api import build_fixture, checkpoint_totals
 
     if trained:
         return _trained(family, out, layers, experts, hidden, moe_inter, shard_mb, seed, steps, force)
@@ -40,17 +39,16 @@ def fixture_cmd(family, dtype, out, layers, experts, hidden, moe_inter, mtp, sha
     path = build_fixture(out, family=family, dtype=dtype, layers=layers, experts=experts, hidden=hidden,
                          moe_inter=moe_inter, mtp=mtp, shard_mb=shard_mb, seed=seed, v4_experts=v4_experts,
                          v4_names=v4_names, overwrite=force)
-    r = CheckpointReader(path)
-    click.echo(f"built {family} {dtype} fixture: {len(r.names())} tensors in {len(r.shards())} shards, "
-               f"{r.total_bytes / 1e6:.2f} MB", err=True)
+    tensors, shards, nbytes = checkpoint_totals(path)
+    click.echo(f"built {family} {dtype} fixture: {tensors} tensors in {shards} shards, {nbytes / 1e6:.2f} MB",
+               err=True)
     click.echo(str(path))
 
 
 def _trained(family, out, layers, experts, hidden, moe_inter, shard_mb, seed, steps, force):
     from console.commands.convert import _StderrProgress
+    from engine.api import build_trained_fixture, event_sink
     from engine.core.errors import UsageError
-    from engine.core.events import CallbackSink
-    from engine.fixtures.trained import build_trained_fixture
 
     if family != "deepseek-v3":
         raise UsageError("--trained builds deepseek-v3 only", at="family", hint="drop --family or use deepseek-v3")
@@ -58,7 +56,7 @@ def _trained(family, out, layers, experts, hidden, moe_inter, shard_mb, seed, st
     experts = 8 if src is click.core.ParameterSource.DEFAULT else experts
     path = build_trained_fixture(out, steps=steps, layers=layers, experts=experts, hidden=hidden,
                                  moe_inter=moe_inter, seed=seed, shard_mb=shard_mb, overwrite=force,
-                                 sink=CallbackSink(_StderrProgress(), stage="fixture"))
+                                 sink=event_sink(_StderrProgress(), stage="fixture"))
     click.echo(str(path))
 
 

@@ -13,11 +13,11 @@ import click
 @click.option("--strict", is_flag=True, help="exit non-zero (4) when an anomaly of severity error is found")
 def inspect_cmd(path, as_json, strict):
     """Show family, layout, tensor patterns, block formats, counts, sizes and anomalies of a checkpoint."""
+    from engine.api import inspect_checkpoint, render_inspection
     from engine.core.errors import ValidationFailedError
-    from engine.checkpoint.inspect import inspect_checkpoint, render_text
 
     rep = inspect_checkpoint(path)
-    click.echo(json.dumps(rep.to_json(), indent=2) if as_json else render_text(rep))
+    click.echo(json.dumps(rep.to_json(), indent=2) if as_json else render_inspection(rep))
     if strict and not rep.ok:
         first = next(a for a in rep.anomalies if a.severity == "error")
         raise ValidationFailedError(f"{sum(a.severity == 'error' for a in rep.anomalies)} anomalies, first: {first.msg}",

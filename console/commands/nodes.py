@@ -73,7 +73,7 @@ def _source(recipe: str | None, demo: bool, interval: float):
 
     if recipe is None:
         return TelemetryMonitor.local(".", interval_s=interval), 2.0
-    from engine.runs.recipe import load_recipe
+    from engine.api import load_recipe
 
     r = load_recipe(recipe)
     if not r.cluster.nodes:

@@ -13,6 +13,8 @@ import time
 
 import click
 
+from engine.core.names import StageState
+
 
 def _engine():
     from engine.api import open_engine
@@ -87,12 +89,12 @@ class _StallWatch:
                 click.echo(f"[{s.name}] {stall_line(s)}", err=True)
             elif not s.stalled and s.name in self.stalled:
                 self.stalled.discard(s.name)
-                click.echo(f"[{s.name}] " + ("reporting again" if s.state == "RUNNING" else s.state), err=True)
+                click.echo(f"[{s.name}] " + ("reporting again" if s.state == StageState.RUNNING else s.state), err=True)
         return False
 
 
 def stall_line(s) -> str:
-    """"STALLED: no event for 912s from rank 1 (pid 4242 on node1)" for a stalled stage view (engine.runs.runview)."""
+    """"STALLED: no event for 912s from rank 1 (pid 4242 on node1)" for a stalled stage view (engine.api StageView)."""
     who = ", ".join(f"rank {q['rank']} (pid {q.get('pid') or '?'} on {q.get('host') or '?'})" for q in s.quiet_ranks)
     return f"STALLED: no event for {s.silent_s:.0f}s from {who or 'any rank'}"
 
@@ -106,13 +108,13 @@ def _follow(eng, run_id: str) -> int:
                    f"quantdeck cancel {run_id})", err=True)
         return 0
     click.echo(f"run {run_id}: {view.result}", err=True)
-    if view.result == "PENDING":  # the driver ended before starting a stage: say why
+    if view.result == StageState.PENDING:  # the driver ended before starting a stage: say why
         for line in eng.driver_log(run_id).strip().splitlines()[-3:]:
             click.echo(f"  {line}", err=True)
     for s in view.stages:
         if s.error_class:
             click.echo(f"  {s.name}: {s.state}: {s.error_class}: {s.error} (hint: {s.hint})", err=True)
-    return 0 if view.result == "SUCCEEDED" else 1
+    return 0 if view.result == StageState.SUCCEEDED else 1
 
 
 @click.command("init")
@@ -197,7 +199,7 @@ def status_cmd(run, as_json):
             click.echo(json.dumps([{**v.to_json(), **eng.quality(v.run_dir)} for v in views], indent=2, default=str))
             return
         for v in views:
-            cur = next((s for s in v.stages if s.state in ("RUNNING", "STARTING")), None)
+            cur = next((s for s in v.stages if s.running), None)
             click.echo(f"{v.id}  {v.result:<9}  {v.meta.get('model', '-')}  {v.meta.get('target', '-')}"
                        + quality_text(eng.quality(v.run_dir), "  ")
                        + (f"  [{cur.name}{' STALLED' if cur.stalled else ''}]" if cur else ""))
@@ -213,7 +215,7 @@ def status_cmd(run, as_json):
     click.echo(f"{'STAGE':<12} {'STATE':<13} {'ATT':>3}  {'HOST':<12} {'PID':>7}  {'TIME':>7}  PROGRESS / ERROR")
     for s in v.stages:
         prog, ranks = "", ""
-        if s.progress and s.state in ("RUNNING", "STARTING"):
+        if s.progress and s.running:
             p = s.progress  # a distributed stage's: summed over its ranks, each rank's share in p["ranks"]
             prog = f"{p.get('done')}/{p.get('total')} {p.get('unit', '')}"
             if p.get("eta_s") is not None:
@@ -240,7 +242,7 @@ def logs_cmd(run, stage, follow):
     if stage is None:
         v = eng.status(run)
         started = [s for s in v.stages if s.attempt > 0]
-        live = [s for s in started if s.state in ("RUNNING", "STARTING")]
+        live = [s for s in started if s.running]
         stage = (live or started or v.stages)[-1 if not live else 0].name
     text, off = eng.log(run, stage)
     sys.stdout.write(text)
@@ -254,7 +256,7 @@ def logs_cmd(run, stage, follow):
             if text:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            elif eng.status(run).result != "RUNNING":
+            elif eng.status(run).result != StageState.RUNNING:
                 return
     except KeyboardInterrupt:
         return

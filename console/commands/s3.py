@@ -91,9 +91,9 @@ def s3() -> None:
 def pull_cmd(url, dst, reserve, endpoint_url, part_size, concurrency, part_concurrency, profile, manifest, retries,
              quiet):
     """Download every object under URL (s3://bucket/prefix) into DST (built in DST.partial, then renamed)."""
-    from engine.s3 import pull
+    from engine.api import s3_pull
 
-    res = pull(url, dst, sink=_StderrProgress(quiet), **_kwargs(
+    res = s3_pull(url, dst, sink=_StderrProgress(quiet), **_kwargs(
         endpoint_url=endpoint_url, part_size=part_size, concurrency=concurrency, part_concurrency=part_concurrency,
         profile=profile, manifest=manifest, retries=retries, reserve_bytes=reserve))
     click.echo(json.dumps(res.summary()))
@@ -106,9 +106,9 @@ def pull_cmd(url, dst, reserve, endpoint_url, part_size, concurrency, part_concu
 @_options
 def push_cmd(src, url, endpoint_url, part_size, concurrency, part_concurrency, profile, manifest, retries, quiet):
     """Upload every file under SRC to URL (s3://bucket/prefix): shards first, index and configs last."""
-    from engine.s3 import push
+    from engine.api import s3_push
 
-    res = push(src, url, sink=_StderrProgress(quiet), **_kwargs(
+    res = s3_push(src, url, sink=_StderrProgress(quiet), **_kwargs(
         endpoint_url=endpoint_url, part_size=part_size, concurrency=concurrency, part_concurrency=part_concurrency,
         profile=profile, manifest=manifest, retries=retries))
     click.echo(json.dumps(res.summary()))

@@ -13,9 +13,11 @@ from textual.widgets import Header, Static
 
 from console import format as fmt
 from console.format import rank_line
-from console.models import HOST_STALE, HOST_UNREACHABLE, NodeView, QualityView, RunView
+from console.models import HOST_STALE, HOST_UNREACHABLE, NodeView
 from console.widgets import CalibPanel, FleetTable, KeyBar, LogTail, QualityPanel, StageTable
 from console.widgets.fleet.fleet_table import Quiet
+from engine.api import QualityView, RunView
+from engine.core.names import StageName, StageState
 
 
 def quiet_gpus(run: RunView | None) -> Quiet:
@@ -27,8 +29,8 @@ def quiet_gpus(run: RunView | None) -> Quiet:
             continue
         host_of = {r: h for r, h, _d, _t in s.rank_parts}
         if not host_of and len(set(s.hosts)) == 1:
-            host_of = {r: s.hosts[0] for r in s.quiet_ranks}
-        for r in s.quiet_ranks:
+            host_of = {r: s.hosts[0] for r in s.quiet_rank_ids}
+        for r in s.quiet_rank_ids:
             host = host_of.get(r)
             if host:
                 local = sorted(q for q, h in host_of.items() if h == host).index(r)
@@ -40,7 +42,7 @@ def stall_note(run: RunView) -> str:
     """" · calibrate stalled 15m00s r3,17 quiet" (highlighted) for a stalled stage ("" otherwise)."""
     for s in run.stages:
         if s.stalled:
-            who = f" r{','.join(map(str, s.quiet_ranks))} quiet" if s.ranks and s.quiet_ranks else ""
+            who = f" r{','.join(map(str, s.quiet_rank_ids))} quiet" if s.ranks and s.quiet_ranks else ""
             return f" · [b black on yellow]{s.name} stalled {fmt.duration(s.silent_s)}{who}[/]"
     return ""
 
@@ -132,12 +134,12 @@ class DashboardScreen(Screen):
             self.query_one(QualityPanel).show_quality(None)
             self.query_one(FleetTable).set_quiet({})
             return
-        box.border_title = f"run {run.run_id} · {run.state.lower()}" + (" · live" if run.live else "") \
+        box.border_title = f"run {run.id} · {run.result.lower()}" + (" · live" if run.live else "") \
             + stall_note(run)
         self.query_one(FleetTable).set_quiet(quiet_gpus(run))
         self.query_one(QualityPanel).show_quality(run.quality or QualityView(
-            validate_state=v.state if (v := run.stage("validate")) else "",
-            eval_state=e.state if (e := run.stage("eval")) else ""))
+            validate_state=v.state if (v := run.stage(StageName.VALIDATE)) else "",
+            eval_state=e.state if (e := run.stage(StageName.EVAL)) else ""))
         self._set_rank_subtitle(run)
         # the box's width is known only once laid out: a run shown before that is fitted again after the refresh
         self.call_after_refresh(lambda: self._set_rank_subtitle(run))
@@ -145,7 +147,7 @@ class DashboardScreen(Screen):
         table.show_run(run)
         # a plan shown before the table had its size left the cursor's row (the running stage) unscrolled to
         self.call_after_refresh(lambda: table.scroll_to_row(table.cursor))
-        cal = run.stage("calibrate")
+        cal = run.stage(StageName.CALIBRATE)
         self.query_one(CalibPanel).show_calib(run.calib, cal.state if cal else "")
 
     def _set_rank_subtitle(self, run: RunView) -> None:
@@ -153,7 +155,7 @@ class DashboardScreen(Screen):
         box = self.query_one("#stages-box")
         cur = run.current
         ranks = rank_line(cur.rank_parts, cur.ranks, width=max(box.size.width - 8 - len(cur.name), 20)) \
-            if cur is not None and cur.state == "RUNNING" and cur.name != "calibrate" else ""
+            if cur is not None and cur.state == StageState.RUNNING and cur.name != StageName.CALIBRATE else ""
         box.border_subtitle = f"{cur.name} {ranks}" if ranks else " ".join(x for x in (run.model, run.target) if x)
 
     def show_log(self, stage: str, lines: list[str], reset: bool) -> None:

@@ -1,4 +1,4 @@
-"""The run-history table (seed 001's, kept by the tool): sortable (`s`, or click a header), filterable (`/`)."""
+"""The run-history table (kept by the tool): sortable (`s`, or click a header), filterable (`/`)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from console import format as fmt
 from console.models import HistoryRow
+from engine.core.names import StageState
 
-COLUMNS = ("run", "date", "commit", "model", "target", "calib", "result", "root cause", "fix")
+COLUMNS = ("run", "date", "commit", "model", "target", "calib", "result", "KLD", "top-1", "root cause", "fix")
 _SORT_KEYS = {
     "run": lambda r: r.run_id, "date": lambda r: r.created, "commit": lambda r: r.commit,
     "model": lambda r: r.model, "target": lambda r: r.target, "calib": lambda r: r.calib,
     "result": lambda r: r.result, "root cause": lambda r: r.root_cause, "fix": lambda r: r.fix,
+    # runs without eval figures sort below every figure, whichever way
+    "KLD": lambda r: (r.kld is not None, r.kld or 0.0), "top-1": lambda r: (r.top1 is not None, r.top1 or 0.0),
 }
-_RESULT_STYLE = {"SUCCEEDED": "green", "FAILED": "bold red", "FAILED_WORKER": "bold red", "CANCELLED": "yellow",
-                 "RUNNING": "cyan"}
+_RESULT_STYLE = {StageState.SUCCEEDED: "green", StageState.FAILED: "bold red", StageState.FAILED_WORKER: "bold red",
+                 StageState.CANCELLED: "yellow", StageState.RUNNING: "cyan"}
 
 
 def row_matches(row: HistoryRow, needle: str) -> bool:
@@ -82,6 +85,7 @@ class HistoryScreen(Screen):
             table.add_row(
                 r.run_id, fmt.clock_time(r.created, True), r.commit[:8] or "-", r.model or "-", r.target or "-",
                 r.calib or "-", Text(r.result or "-", style=_RESULT_STYLE.get(r.result, "")),
+                f"{r.kld:.4f}" if r.kld is not None else "-", f"{r.top1:.1%}" if r.top1 is not None else "-",
                 fmt.ellipsize(r.root_cause or "-", 24), fmt.ellipsize(r.fix or "", 24), key=r.run_id)
         if keep is not None and keep in {r.run_id for r in rows}:
             table.move_cursor(row=table.get_row_index(keep))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.core.events import SCOPE_ALL, Event, parse_lines
+from engine.core.names import StageState
 
 TAIL_BYTES = 65536
 
@@ -146,7 +147,7 @@ class StageProgress:
         f.offset = start + used
         for ev in events:
             f.last_ts, f.host = ev.ts, ev.host or f.host
-            if ev.kind == "state" and ev.data.get("state") == "RUNNING":
+            if ev.kind == "state" and ev.data.get("state") == StageState.RUNNING:
                 f.attempt = int(ev.data["attempt"]) if isinstance(ev.data.get("attempt"), int) else None
                 f.pid = ev.data.get("pid") if isinstance(ev.data.get("pid"), int) else None
                 f.latest = None
@@ -189,7 +190,7 @@ class StageRanks:
 
     def feed(self, ev: Event) -> dict[str, Any] | None:
         latest = self._latest.setdefault(ev.stage, {})
-        if ev.kind == "state" and ev.data.get("state") == "RUNNING":
+        if ev.kind == "state" and ev.data.get("state") == StageState.RUNNING:
             latest.pop(ev.rank, None)
             return None
         if ev.kind != "progress":

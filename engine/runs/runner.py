@@ -30,10 +30,15 @@ from engine.core.fsutil import atomic_write_json, read_json
 from engine.runs.launcher import Launcher, WorkerSpec
 from engine.core.names import StageState
 from engine.runs.plan import Plan, build_plan, resolve_paths, stages_to_run
-from engine.runs.recipe import Recipe, loads_recipe, recipe_hash
+from engine.runs.recipe import Recipe, load_recipe, loads_recipe, recipe_hash
 from engine.core.locks import driver_alive, pid_alive, this_host  # noqa: F401 (driver_alive re-exported)
+from engine.runs.local_launcher import REPO_ROOT, child_env
+from engine.runs.progress_merge import StageProgress
+from engine.runs.rootcause import classify, stalled_cause
 from engine.runs.rundir import (RunDir, begin_attempt, create_run_dir, driver_lock, output_lock, read_status,
-                           reconcile_stage, set_status)
+                           reconcile_stage, run_lock, set_status)
+from engine.runs.runview import stage_stall
+from engine.runs.store import Store, sync_run
 
 LOCAL_FACTORY = "engine.runs.local_launcher:local_launcher_for"
 CANCEL_MARKER = "cancel-requested"
@@ -65,8 +70,6 @@ def create_run(recipe_path: str | os.PathLike, *, run_id: str | None = None) -> 
 
     Raises RecipeError (bad recipe) and StageLockedError (a live run is writing the same output)."""
     path = Path(recipe_path).resolve()
-    from engine.runs.recipe import load_recipe
-
     recipe = load_recipe(path)
     text = path.read_text()
     paths = resolve_paths(recipe, path.parent)
@@ -91,8 +94,6 @@ def create_run(recipe_path: str | os.PathLike, *, run_id: str | None = None) -> 
 
 
 def update_meta(run: RunDir, **fields: Any) -> None:
-    from engine.runs.rundir import run_lock
-
     with run_lock(run):
         meta = run.read_meta()
         meta.update(fields)
@@ -101,8 +102,6 @@ def update_meta(run: RunDir, **fields: Any) -> None:
 
 def sync_store(run: RunDir) -> None:
     """Bring the store in step with the run dir (never fatal to the run)."""
-    from engine.runs.store import Store, sync_run
-
     try:
         with Store() as store:
             sync_run(store, run.path)
@@ -137,10 +136,6 @@ def wait_stage(run: RunDir, stage: str, attempt: int, launcher: Launcher, host: 
     """Wait until the stage's status is terminal; a worker that vanished becomes FAILED_WORKER with the
     root cause of its log tail / exit code (`stalled` when its stage was stalled before it ended). Returns
     the final status."""
-    from engine.runs.progress_merge import StageProgress
-    from engine.runs.rootcause import classify, stalled_cause
-    from engine.runs.runview import stage_stall
-
     progress, stall, next_check = StageProgress(run.stage_dir(stage)), None, 0.0
     while True:
         st = read_status(run, stage)
@@ -216,7 +211,7 @@ def cancel_requested(run: RunDir) -> bool:
     return (run.path / CANCEL_MARKER).exists()
 
 
-def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, poll_s: float = 0.2) -> str:
+def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, poll_s: float = 0.2) -> StageState:
     """Run the plan's stages for `mode` in order; returns the run's result (SUCCEEDED, FAILED, CANCELLED).
 
     Raises StageLockedError when another driver owns the run or another live run owns its output."""
@@ -241,10 +236,10 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
             reconcile_stage(run, name, alive)
         states = {n: read_status(run, n)["state"] for n in plan.names()}
         todo = stages_to_run(plan, states, mode)
-        result = "SUCCEEDED"
+        result = StageState.SUCCEEDED
         for name in todo:
             if cancel_requested(run):
-                result = "CANCELLED"
+                result = StageState.CANCELLED
                 break
             sp = plan.stage(name)
             cur = read_status(run, name)
@@ -254,7 +249,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
                                 int(cur["pid"]), poll_s)
                 sync_store(run)
                 if not StageState(st["state"]).is_done():
-                    result = "CANCELLED" if st["state"] == StageState.CANCELLED.value else "FAILED"
+                    result = StageState.CANCELLED if st["state"] == StageState.CANCELLED else StageState.FAILED
                     break
                 continue
             attempt = begin_attempt(run, name, launcher=launcher.name)
@@ -268,7 +263,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
                 set_status(run, name, StageState.FAILED, attempt=attempt, error_class="launch",
                            error=e.one_line(), hint=e.hint)
                 sync_store(run)
-                result = "FAILED"
+                result = StageState.FAILED
                 break
             set_status(run, name, StageState.STARTING, attempt=attempt, host=handle.host, pid=handle.pid)
             sync_store(run)
@@ -276,7 +271,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
             sync_store(run)
             state = StageState(st["state"])
             if not state.is_done():
-                result = "CANCELLED" if state == StageState.CANCELLED else "FAILED"
+                result = StageState.CANCELLED if state == StageState.CANCELLED else StageState.FAILED
                 break
         sync_store(run)
         launcher.close()
@@ -293,8 +288,6 @@ def _local_ranks(recipe: Recipe) -> int:
 def spawn_driver(run: RunDir, mode: str = "run", launcher_factory: str | None = None,
                  env: dict[str, str] | None = None) -> int:
     """Start the driver detached (own session, stdin /dev/null, output to <run>/driver.log); its pid."""
-    from engine.runs.local_launcher import REPO_ROOT, child_env
-
     cmd = [sys.executable, "-m", "engine.runs.runner", "--run-dir", str(run.path), "--mode", mode]
     if launcher_factory:
         cmd += ["--launcher-factory", launcher_factory]
@@ -321,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantdeck runner: error: {e.one_line()}", file=sys.stderr, flush=True)
         return int(e.exit_code)
     print(json.dumps({"run": run.id, "result": result}), flush=True)
-    return 0 if result == "SUCCEEDED" else 1
+    return 0 if result == StageState.SUCCEEDED else 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Views of a run for the console and CLI: every stage's status with its latest progress (RunView/StageView),
-built from the run dir, reconciling stages whose local worker vanished.
+"""The one view of a run, for the CLI and the console: every stage's status with its latest progress (RunView,
+StageView), built from the run dir, reconciling stages whose local worker vanished; on request also the calibration
+and quality figures the console shows (CalibView, QualityView), read incrementally by a FigureReader.
 
 A RUNNING stage is *stalled* when one of its ranks still at work has written no event for the run's
 `[run] stall_after_s` (calibrate and eval report at least once a minute while working, so silence means trouble).
@@ -9,36 +10,113 @@ the ranks at work; `quiet_ranks` names the ranks silent past the threshold (rank
 
 from __future__ import annotations
 
+import copy
+import json
+import struct
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.runs.progress_merge import RankActivity, StageProgress
+from engine.core.events import read_events
 from engine.core.locks import driver_alive, this_host
-from engine.runs.rundir import RunDir, read_status
+from engine.core.names import StageName, StageState
+from engine.runs.progress_merge import RankActivity, StageProgress
+from engine.runs.rundir import RunDir, read_status, reconcile_stage
+from engine.runs.store import run_result
+
+LOW_TOKENS = 8  # an expert that saw fewer tokens than this in a layer counts as under-covered
 
 
 @dataclass(frozen=True)
 class StageView:
+    """One stage: its status.json (state, attempt, host, pid, times, error), its latest progress and its silence.
+    The properties are the progress figures a table shows, derived here once for the CLI and the console."""
+
     name: str
-    state: str
-    attempt: int
-    host: str | None
-    pid: int | None
-    started_at: float | None
-    ended_at: float | None
-    error_class: str | None
-    error: str | None
-    hint: str | None
-    result: dict[str, Any] | None
-    progress: dict[str, Any] | None  # the latest progress (unit, done, total, rate, eta_s, …), summed over ranks
-    # (engine.runs.progress_merge: then also world and ranks: [{rank, host, done, total, rate, eta_s}, …])
+    state: StageState
+    attempt: int = 0
+    host: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    error_class: str | None = None
+    error: str | None = None
+    hint: str | None = None
+    result: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None  # the latest progress (unit, done, total, rate, eta_s, …), summed over
+    # ranks (engine.runs.progress_merge: then also world and ranks: [{rank, host, done, total, rate, eta_s}, …])
     attempts: list[dict[str, Any]] = field(default_factory=list)
     stalled: bool = False  # RUNNING, and a rank at work silent for stall_after_s (module doc)
     silent_s: float | None = None  # RUNNING: the longest silence among its ranks at work
     quiet_ranks: list[dict[str, Any]] = field(default_factory=list)  # [{rank, host, pid, silent_s}, …]
+    nodes: tuple[str, ...] = ()  # a distributed stage's nodes (the plan's); not part of to_json
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["nodes"]
+        return d
+
+    def _p(self, key: str) -> Any:
+        return (self.progress or {}).get(key)
+
+    @property
+    def unit(self) -> str:
+        return self._p("unit") or ""
+
+    @property
+    def total(self) -> float:
+        return self._p("total") or 0
+
+    @property
+    def done(self) -> float:
+        """Units done; a stage done (or skipped) counts all of them, whatever its last report said."""
+        done, total = self._p("done") or 0, self.total
+        return total if StageState(self.state).is_done() and total and done < total else done
+
+    @property
+    def rate(self) -> float | None:
+        return self._p("rate")
+
+    @property
+    def rate_unit(self) -> str:
+        """"B" when the progress counts bytes too (the rate is bytes/s), else the unit."""
+        return "B" if self._p("bytes_total") else self.unit
+
+    @property
+    def eta_s(self) -> float | None:
+        return self._p("eta_s")
+
+    @property
+    def label(self) -> str:
+        return self._p("label") or ""
+
+    @property
+    def ranks(self) -> int:
+        """The ranks of a stage run on several (0 for one)."""
+        world = int(self._p("world") or 0)
+        return world if world > 1 else 0
+
+    @property
+    def rank_parts(self) -> tuple[tuple[int, str, float, float], ...]:
+        """(rank, host, done, total) of each rank of a distributed stage's progress."""
+        return tuple((int(r.get("rank") or 0), str(r.get("host") or ""), r.get("done") or 0, r.get("total") or 0)
+                     for r in self._p("ranks") or ())
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Where it runs: a distributed stage's nodes, else its host."""
+        return self.nodes or ((self.host,) if self.host else ())
+
+    @property
+    def quiet_rank_ids(self) -> tuple[int, ...]:
+        """The ranks silent past stall_after_s."""
+        return tuple(int(q["rank"]) for q in self.quiet_ranks)
+
+    @property
+    def running(self) -> bool:
+        return self.state in (StageState.RUNNING, StageState.STARTING)
 
 
 @dataclass(frozen=True)
@@ -59,7 +137,7 @@ class Stall:
 def stall_of(st: dict[str, Any], activity: dict[int, RankActivity], stall_after_s: float,
              now: float | None = None) -> Stall | None:
     """The silence of a stage from its status and its ranks' activity (None unless it is RUNNING)."""
-    if st.get("state") != "RUNNING":
+    if st.get("state") != StageState.RUNNING:
         return None
     now = time.time() if now is None else now
     world = st.get("world_size") if isinstance(st.get("world_size"), int) and st["world_size"] > 0 else 1
@@ -80,23 +158,95 @@ def stall_of(st: dict[str, Any], activity: dict[int, RankActivity], stall_after_
 
 
 @dataclass(frozen=True)
+class QualityView:
+    """The output's figures: validate's worst tensor against the source, eval's KL divergence and top-1
+    agreement (None where the run has not measured them)."""
+
+    worst_tensor: str = ""
+    worst_rel_err: float | None = None
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    top1_agree: float | None = None  # a fraction, 0..1
+    validate_state: str = ""  # the validate stage's state ("" without one)
+    eval_state: str = ""  # the eval stage's state ("" without one)
+
+
+@dataclass(frozen=True)
+class CalibView:
+    """The calibrate stage's figures: its layer, samples and tokens/s over all ranks, expert coverage."""
+
+    layer: int = 0
+    layers: int = 0
+    samples: int = 0
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    experts_total: int = 0
+    experts_low: int = 0
+    min_tokens: int = 0
+    ranks: int = 0  # calibrate on several ranks: how many, and each one's (rank, host, layer, layers)
+    rank_parts: tuple[tuple[int, str, float, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RunView:
+    """A run: its stages, its result (a StageState: RUNNING, SUCCEEDED, FAILED, CANCELLED or PENDING), whether its
+    driver lives, its run.json; `calib` and `quality` only when asked for (engine.api status(figures=True))."""
+
     id: str
     run_dir: str
-    result: str  # RUNNING | SUCCEEDED | FAILED | CANCELLED | PENDING
-    driver_alive: bool
-    meta: dict[str, Any]
-    stages: list[StageView]
+    result: StageState
+    driver_alive: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[StageView, ...] = ()
+    calib: CalibView | None = None  # with a calibrate stage
+    quality: QualityView | None = None  # with a validate or eval stage
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """What `quantdeck status --json` prints of it."""
+        return {"id": self.id, "run_dir": self.run_dir, "result": self.result, "driver_alive": self.driver_alive,
+                "meta": copy.deepcopy(self.meta), "stages": [s.to_json() for s in self.stages]}
+
+    @property
+    def model(self) -> str:
+        return self.meta.get("model") or ""
+
+    @property
+    def target(self) -> str:
+        target = self.meta.get("target") or ""
+        return json.dumps(target) if isinstance(target, dict) else target
+
+    @property
+    def recipe(self) -> str:
+        return self.meta.get("recipe_path") or ""
+
+    @property
+    def live(self) -> bool:
+        """Its driver lives, or a worker process does."""
+        return bool(self.driver_alive) or any(s.running for s in self.stages)
+
+    @property
+    def has_amax(self) -> bool:
+        """Calibration finished: an amax snapshot exists, export-only makes sense."""
+        cal = self.stage(StageName.CALIBRATE)
+        return cal is not None and cal.state == StageState.SUCCEEDED
+
+    def stage(self, name: str) -> StageView | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    @property
+    def current(self) -> StageView | None:
+        """The stage to look at: the running one, else the first not done, else the last."""
+        return next((s for s in self.stages if s.running), None) \
+            or next((s for s in self.stages if not StageState(s.state).is_done()), None) \
+            or (self.stages[-1] if self.stages else None)
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.stages) and all(StageState(s.state).is_done() for s in self.stages)
 
 
-
-def _reconcile_local(rd: RunDir) -> None:
+def reconcile_local(rd: RunDir) -> None:
     """Mark a stage FAILED_WORKER when its worker ran on this host and is gone (and no driver lives)."""
-    from engine.runs.rundir import reconcile_stage
-
     if driver_alive(rd):
         return
     for name in rd.stage_names():
@@ -128,7 +278,8 @@ def _progress(sp: StageProgress, st: dict[str, Any],
     world = int(world) if isinstance(world, int) and world > 0 else None
     attempt = int(st["attempt"]) or None
     prog = sp.poll(attempt=attempt, world=world)
-    stall = stall_of(st, sp.activity(attempt, world), stall_after_s) if st.get("state") == "RUNNING" else None
+    running = st.get("state") == StageState.RUNNING
+    stall = stall_of(st, sp.activity(attempt, world), stall_after_s) if running else None
     return prog, stall
 
 
@@ -137,26 +288,174 @@ def stage_stall(rd: RunDir, name: str, progress: StageProgress | None = None) ->
     return _progress(progress or StageProgress(rd.stage_dir(name)), read_status(rd, name), rd.stall_after_s())[1]
 
 
-def _view(rd: RunDir, cache: ProgressCache | None = None) -> RunView:
-    from engine.runs.store import run_result
-
+def run_view(rd: RunDir, cache: ProgressCache | None = None, figures: FigureReader | None = None) -> RunView:
+    """The run now (reconciling a vanished local worker when no driver lives); `cache` keeps each stage's rank file
+    offsets across calls; with `figures`, also the calibration and quality figures."""
     alive = driver_alive(rd)
     if not alive:
-        _reconcile_local(rd)
+        reconcile_local(rd)
     stages = []
     after = rd.stall_after_s()
-    for name in rd.stage_names():
+    plan = rd.read_plan()
+    for ps in plan.get("stages", []):
+        name = ps["name"]
         st = read_status(rd, name)
         sp = cache.stage(rd.stage_dir(name)) if cache is not None else StageProgress(rd.stage_dir(name))
         prog, stall = _progress(sp, st, after)
-        stages.append(StageView(name=name, state=st["state"], attempt=int(st["attempt"]), host=st.get("host"),
-                                pid=st.get("pid"), started_at=st.get("started_at"), ended_at=st.get("ended_at"),
-                                error_class=st.get("error_class"), error=st.get("error"), hint=st.get("hint"),
-                                result=st.get("result"), progress=prog, attempts=list(st.get("attempts", [])),
-                                stalled=bool(stall and stall.stalled), silent_s=stall.silent_s if stall else None,
-                                quiet_ranks=stall.quiet_ranks if stall else []))
+        stages.append(StageView(name=name, state=StageState(st["state"]), attempt=int(st["attempt"]),
+                                host=st.get("host"), pid=st.get("pid"), started_at=st.get("started_at"),
+                                ended_at=st.get("ended_at"), error_class=st.get("error_class"), error=st.get("error"),
+                                hint=st.get("hint"), result=st.get("result"), progress=prog,
+                                attempts=list(st.get("attempts", [])), stalled=bool(stall and stall.stalled),
+                                silent_s=stall.silent_s if stall else None,
+                                quiet_ranks=stall.quiet_ranks if stall else [],
+                                nodes=tuple(ps.get("nodes") or ()) if ps.get("distributed") else ()))
     result = run_result([s.state for s in stages])
-    if alive and result == "PENDING":
-        result = "RUNNING"  # the driver is between two stages
-    return RunView(id=rd.id, run_dir=str(rd.path), result=result, driver_alive=alive, meta=rd.read_meta(),
-                   stages=stages)
+    if alive and result == StageState.PENDING:
+        result = StageState.RUNNING  # the driver is between two stages
+    view = RunView(id=rd.id, run_dir=str(rd.path), result=result, driver_alive=alive, meta=rd.read_meta(),
+                   stages=tuple(stages))
+    if figures is None:
+        return view
+    return replace(view, calib=figures.calib(rd, view, plan), quality=figures.quality(view.stages, plan))
+
+
+# --- the console's figures -------------------------------------------------------------------------------
+
+
+def _number(d: dict, *keys: str) -> float | None:
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _outputs(plan: dict[str, Any], stage: str) -> dict[str, Any]:
+    return next((ps.get("outputs") or {} for ps in plan.get("stages", []) if ps.get("name") == stage), {})
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, from its JSON header alone (no torch)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > 64 * 1024 * 1024:
+            return {}
+        return json.loads(fh.read(n)).get("__metadata__") or {}
+
+
+def worst_in_report(path: str | None) -> tuple[str, float | None]:
+    """The tensor with the largest relative error in a validate report ({output dir: {"tensors": [...]}})."""
+    try:
+        report = json.loads(Path(path).read_text()) if path else {}
+    except (OSError, ValueError):
+        return "", None
+    best: tuple[str, float | None] = ("", None)
+    for rep in report.values() if isinstance(report, dict) else ():
+        for t in (rep.get("tensors") or ()) if isinstance(rep, dict) else ():
+            err = _number(t, "rel_err")
+            if err is not None and (best[1] is None or err > best[1]):
+                best = (str(t.get("tensor") or ""), err)
+    return best
+
+
+class QualityReader:
+    """Quality figures from a run's stages: validate's worst tensor (its result, else its report file, read once
+    per change of the file) and eval's summary (kld_mean, kld_p99, top1_agree, flat or under "summary")."""
+
+    def __init__(self) -> None:
+        self._reports: dict[str, tuple[tuple[float, int], tuple[str, float | None]]] = {}
+
+    def _worst(self, path: str | None) -> tuple[str, float | None]:
+        try:
+            st = Path(path).stat() if path else None
+        except OSError:
+            st = None
+        if st is None:
+            return "", None
+        key = (st.st_mtime, st.st_size)
+        hit = self._reports.get(str(path))
+        if hit is None or hit[0] != key:
+            hit = self._reports[str(path)] = (key, worst_in_report(path))
+        return hit[1]
+
+    def view(self, stages: Any, report_path: str | None) -> QualityView | None:
+        val = next((s for s in stages if s.name == StageName.VALIDATE), None)
+        ev = next((s for s in stages if s.name == StageName.EVAL), None)
+        if val is None and ev is None:
+            return None
+        tensor, worst = "", None
+        if val is not None:
+            res = val.result or {}
+            tensor, worst = str(res.get("worst_tensor") or ""), _number(res, "worst_rel_err")
+            if worst is None and val.state in (StageState.SUCCEEDED, StageState.FAILED):
+                tensor, worst = self._worst(report_path)
+        summary: dict = {}
+        if ev is not None:
+            res = ev.result or {}
+            summary = {**res, **(res.get("summary") if isinstance(res.get("summary"), dict) else {})}
+        return QualityView(worst_tensor=tensor, worst_rel_err=worst,
+                           kld_mean=_number(summary, "kld_mean"), kld_p99=_number(summary, "kld_p99"),
+                           top1_agree=_number(summary, "top1_agree", "top1_agreement"),
+                           validate_state=val.state if val is not None else "",
+                           eval_state=ev.state if ev is not None else "")
+
+
+class FigureReader:
+    """The calibration and quality figures of the runs viewed, kept across views so a caller viewing a run every
+    second reads only what is new: per rank, the calibrate stage's metric events by offset; each layer file of the
+    amax snapshot once (its expert coverage); a validate report once per change. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offsets: dict[Path, int] = {}  # a calibrate rank's events file → bytes read
+        self._tags: dict[Path, dict[int, dict]] = {}  # run dir → rank → its latest calibrate.layer tags
+        self._coverage: dict[Path, dict[str, tuple[int, int]]] = {}  # run dir → layer file → (experts, low)
+        self._quality = QualityReader()
+
+    def quality(self, stages: Any, plan: dict[str, Any]) -> QualityView | None:
+        with self._lock:
+            return self._quality.view(stages, _outputs(plan, StageName.VALIDATE).get("report"))
+
+    def calib(self, rd: RunDir, view: RunView, plan: dict[str, Any]) -> CalibView | None:
+        """Layer and ETA from the stage's progress (the slowest rank's, engine.runs.progress_merge); samples and
+        tokens/s summed over the ranks' latest calibrate.layer metrics."""
+        stage = view.stage(StageName.CALIBRATE)
+        if stage is None:
+            return None
+        p = stage.progress or {}
+        world = max(int(p.get("world") or 1), 1)
+        with self._lock:
+            per_rank = self._tags.setdefault(rd.path, {})
+            for rank in range(world):
+                path = rd.events_path(StageName.CALIBRATE, rank)
+                evs, self._offsets[path] = read_events(path, self._offsets.get(path, 0))
+                for ev in evs:
+                    if ev.kind == "metric" and ev.data.get("name") == "calibrate.layer":
+                        per_rank.setdefault(rank, {}).update(ev.data.get("tags") or {})
+            experts, low = self._coverage_counts(rd.path, _outputs(plan, StageName.CALIBRATE).get("amax"))
+        last = per_rank.get(0) or next(iter(per_rank.values()), {})
+        layers = int(last.get("layers") or p.get("total") or 0)
+        layer = int(p.get("done") or (last.get("layer", -1) + 1) or 0)
+        tps = [t["tokens_per_s"] for t in per_rank.values() if t.get("tokens_per_s") is not None]
+        return CalibView(layer=layer, layers=layers, samples=sum(int(t.get("samples") or 0) for t in per_rank.values()),
+                         tokens_per_s=sum(tps) if tps else None,
+                         eta_s=p.get("eta_s") if stage.state == StageState.RUNNING else None,
+                         experts_total=experts, experts_low=low, min_tokens=LOW_TOKENS,
+                         ranks=world if world > 1 else 0, rank_parts=stage.rank_parts)
+
+    def _coverage_counts(self, run: Path, amax_dir: str | None) -> tuple[int, int]:
+        """(experts seen, experts under LOW_TOKENS tokens) over the finished layers of the amax snapshot."""
+        if not amax_dir or not Path(amax_dir).is_dir():
+            return 0, 0
+        cache = self._coverage.setdefault(run, {})
+        for f in sorted(Path(amax_dir).glob("layer_*.safetensors")):
+            if f.name in cache:
+                continue
+            try:
+                cov = json.loads(safetensors_metadata(f).get("coverage") or "{}")
+            except (OSError, ValueError, struct.error):
+                continue
+            n = sum(len(c) for c in cov.values())
+            cache[f.name] = (n, sum(1 for c in cov.values() for t in c if t < LOW_TOKENS))
+        return sum(v[0] for v in cache.values()), sum(v[1] for v in cache.values())

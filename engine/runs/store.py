@@ -1,4 +1,4 @@
-"""The run-history store: SQLite (WAL) on the operator's machine, seed 001's run table kept by the tool.
+"""The run-history store: SQLite (WAL) on the operator's machine: the run table operators kept by hand.
 
 Location: $QUANTDECK_HOME/store.db, else platformdirs' user data dir for "quantdeck". Every query is
 parameterized; columns are added by additive migrations only. The run directories stay the source of
@@ -22,6 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+from engine.core.fsutil import read_json
+from engine.core.names import StageState
+from engine.core.settings import settings
+from engine.runs.rundir import RunDir, list_run_dirs, read_status
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS runs (
@@ -62,7 +67,7 @@ def scrub(text: str | None) -> str | None:
 
 
 def home_dir() -> Path:
-    env = os.environ.get("QUANTDECK_HOME")
+    env = settings().home
     if env:
         return Path(env)
     import platformdirs
@@ -219,26 +224,22 @@ def sync_records(store: Store, run: RunRecord, attempts: Iterable[AttemptRecord]
 # --- from run directories (the source of truth) ----------------------------------------------------------
 
 
-def run_result(states: list[str]) -> str:
+def run_result(states: list[str]) -> StageState:
     """A run's result from its stages' current states: RUNNING, SUCCEEDED, FAILED, CANCELLED or PENDING."""
-    from engine.core.names import StageState
-
     st = [StageState(s) for s in states]
     if any(s in (StageState.STARTING, StageState.RUNNING) for s in st):
-        return "RUNNING"
+        return StageState.RUNNING
     if st and all(s.is_done() for s in st):
-        return "SUCCEEDED"
+        return StageState.SUCCEEDED
     if any(s == StageState.CANCELLED for s in st):
-        return "CANCELLED"
+        return StageState.CANCELLED
     if any(s in (StageState.FAILED, StageState.FAILED_WORKER) for s in st):
-        return "FAILED"
-    return "PENDING"
+        return StageState.FAILED
+    return StageState.PENDING
 
 
 def records_from_run_dir(run_dir: str | os.PathLike) -> tuple[RunRecord, list[AttemptRecord]]:
     """The store's rows for one run directory (its run.json, plan.json and every stage's status.json)."""
-    from engine.runs.rundir import RunDir, read_status
-
     run = RunDir(Path(run_dir))
     meta = run.read_meta()
     plan = run.read_plan()
@@ -258,7 +259,7 @@ def records_from_run_dir(run_dir: str | os.PathLike) -> tuple[RunRecord, list[At
                                           ended_at=a.get("ended_at"), state=a.get("state"),
                                           error_class=a.get("error_class"), error_text=a.get("error"),
                                           hint=a.get("hint")))
-            if a.get("state") in ("FAILED", "FAILED_WORKER", "CANCELLED"):
+            if a.get("state") in (StageState.FAILED, StageState.FAILED_WORKER, StageState.CANCELLED):
                 failures.append((a.get("ended_at") or 0.0, a.get("error_class") or "unknown",
                                  a.get("error"), a.get("hint")))
     kld, top1 = eval_figures(run, plan)
@@ -278,9 +279,6 @@ def records_from_run_dir(run_dir: str | os.PathLike) -> tuple[RunRecord, list[At
 def eval_figures(run: Any, plan: dict[str, Any]) -> tuple[float | None, float | None]:
     """(KLD mean, top-1 agreement) of a run's eval stage: its result, else (a failed gate) its report file."""
     import math
-
-    from engine.core.fsutil import read_json
-    from engine.runs.rundir import read_status
 
     stage = next((s for s in plan.get("stages", []) if s.get("name") == "eval"), None)
     if stage is None:
@@ -308,8 +306,6 @@ def sync_run(store: Store, run_dir: str | os.PathLike) -> RunRecord:
 
 def rescan(store: Store, root: str | os.PathLike) -> list[str]:
     """Rebuild the store's rows from every run directory under `root`; returns the run ids found."""
-    from engine.runs.rundir import list_run_dirs
-
     ids = []
     for run in list_run_dirs(root):
         try:

@@ -7,11 +7,11 @@ A failure is classified (engine.runs.rootcause) into status.json. Under torchrun
 and LOCAL_RANK; only rank 0 writes status. The stage's collectives time out after the run's
 `[run] stall_after_s` (handed on in QUANTDECK_COLLECTIVE_TIMEOUT_S unless that is set already).
 
-Test hook (documented, honest): QUANTDECK_TEST_PAUSE_AFTER_UNITS=N with QUANTDECK_TEST_PAUSE_STAGE=STAGE
-makes that stage's worker stop (sleep until killed) at its first progress event with done ≥ N (N=0:
+Test hook (documented, honest): QUANTDECK_FAULTS=pause_stage=STAGE,pause_after_units=N (engine.core.settings)
+makes that stage's worker stop (sleep until killed) at its first progress event with done ≥ N (N=0, the default:
 right after it enters RUNNING), after touching stages/<stage>/test-paused. The integration tests use
 it to kill -9 a worker mid-stage deterministically; under it, progress events are not throttled (so
-"after N units" is exact). Nothing else reads these variables.
+"after N units" is exact).
 """
 
 from __future__ import annotations
@@ -23,18 +23,23 @@ import signal
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint.writer import FSYNC_ENV
 from engine.core.errors import ExitCode, QuantdeckError, StageLockedError
-from engine.core.events import EventSink, JsonlSink, TeeSink
+from engine.core.events import EventSink, JsonlSink, Progress, TeeSink
 from engine.core.names import StageState
 from engine.core.locks import this_host
+from engine.core.settings import settings
 from engine.runs.rundir import (COLLECTIVE_TIMEOUT_ENV, RunDir, begin_attempt, read_status, set_running, set_status,
                            stage_lock)
-
-PAUSE_UNITS_ENV = "QUANTDECK_TEST_PAUSE_AFTER_UNITS"
-PAUSE_STAGE_ENV = "QUANTDECK_TEST_PAUSE_STAGE"
+from engine.runs.plan import Plan
+from engine.runs.rootcause import classify
+from engine.runs.runner import update_meta
+from engine.stages import load_all
+from engine.stages.base import Stage, StageContext
 
 
 class _LogLines:
@@ -69,25 +74,19 @@ def park(marker: Path) -> None:
 
 def _unthrottle_progress() -> None:
     """Test hook only: every Progress.advance emits, so the pause lands exactly after N units."""
-    import engine.core.events as ev
-
-    d = list(ev.Progress.__init__.__defaults__ or ())
+    d = list(Progress.__init__.__defaults__ or ())
     if len(d) >= 3:  # (bytes_total, interval_s, clock)
         d[-2] = 0.0
-        ev.Progress.__init__.__defaults__ = tuple(d)
+        Progress.__init__.__defaults__ = tuple(d)
 
 
 def load_stage_class(name: str) -> type:
     """The registered Stage class for `name`, importing only its module when it exists."""
-    from engine.stages.base import Stage
-
     try:
         importlib.import_module(f"engine.stages.{name.replace('-', '_')}")
     except ModuleNotFoundError as e:
         if e.name != f"engine.stages.{name.replace('-', '_')}":
             raise
-        from engine.stages import load_all
-
         load_all()
     return Stage.get(name)
 
@@ -115,19 +114,13 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     """Run one stage in this process; returns the exit code (0 = SUCCEEDED)."""
-    from engine.checkpoint.writer import FSYNC_ENV
-    from engine.runs.plan import Plan
-
     # A run skips a stage it has recorded as done, so the checkpoints a stage writes are on the disk before that
     # (engine.checkpoint.writer: durable shards), unless the operator says otherwise.
     os.environ.setdefault(FSYNC_ENV, "1")
-    from engine.runs.rootcause import classify
-    from engine.stages.base import StageContext
-
     run = RunDir(Path(run_dir).resolve())
     os.environ.setdefault(COLLECTIVE_TIMEOUT_ENV, f"{run.stall_after_s():g}")
     rank, world, local_rank = _rank_env()
-    host = os.environ.get("QUANTDECK_NODE") or this_host()
+    host = settings().node or this_host()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     plan = Plan.from_json(run.read_plan())
     sp = plan.stage(stage)
@@ -156,9 +149,9 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     sink.emit("state", state=StageState.RUNNING.value, attempt=attempt, pid=os.getpid(), world_size=world)
     print(f"quantdeck worker: stage {stage} of run {run.id}, attempt {attempt}, rank {rank}/{world}, "
           f"pid {os.getpid()} on {host}", file=sys.stderr, flush=True)
-    pause_stage = os.environ.get(PAUSE_STAGE_ENV)
-    if pause_stage == stage and os.environ.get(PAUSE_UNITS_ENV) is not None:
-        after = int(os.environ[PAUSE_UNITS_ENV])
+    faults = settings().faults
+    if faults.pause_stage == stage:
+        after = faults.pause_after_units
         marker = run.stage_dir(stage) / "test-paused"
         if after <= 0:
             park(marker)
@@ -166,7 +159,8 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
         sink = _PauseSink(sink, after, marker)
 
     ctx = StageContext(run_dir=run.path, stage_dir=run.stage_dir(stage), params=sp.params, sink=sink,
-                       rank=rank, world_size=world, local_rank=local_rank, host=host, mode=mode)
+                       rank=rank, world_size=world, local_rank=local_rank, host=host, mode=mode,
+                       update_meta=partial(update_meta, run))
     try:
         cls = load_stage_class(stage)
         result = cls().run(ctx) or {}

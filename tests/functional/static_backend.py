@@ -4,54 +4,63 @@ the real engine through console.api_backend instead."""
 from __future__ import annotations
 
 from console.backend import Backend
-from console.models import AttemptView, CalibView, HistoryRow, QualityView, RunDetailView, RunView, StageView
+from console.models import AttemptView, HistoryRow, RunDetailView
+from engine.api import CalibView, QualityView, RunView, StageView
+from engine.core.names import StageState
 
 T0 = 1_763_780_000.0  # 2025-11-22 02:53:20 UTC
+NODES = ("node0", "node1", "node2", "node3")
+META = {"model": "DeepSeek-V3 671B", "target": "nvfp4 W4A4"}
+
+
+def stage(name: str, state: str, unit: str = "", done: float = 0, total: float = 0, *, rate: float | None = None,
+          eta_s: float | None = None, label: str = "", ranks: int = 0, rank_parts: tuple = (), quiet: tuple = (),
+          **kw) -> StageView:
+    """A stage view as the engine builds one: these figures in its merged progress (world, each rank's share), the
+    quiet ranks as the stall check names them."""
+    p = {k: v for k, v in {"unit": unit, "done": done, "total": total, "rate": rate, "eta_s": eta_s, "label": label,
+                           "world": ranks}.items() if v}
+    if rank_parts:
+        p["ranks"] = [{"rank": r, "host": h, "done": d, "total": t} for r, h, d, t in rank_parts]
+    return StageView(name, StageState(state), progress=p or None, quiet_ranks=[{"rank": r} for r in quiet], **kw)
 
 
 def snapshot_run() -> RunView:
     st = (
-        StageView("inspect", "SUCCEEDED", "tensors", 1830, 1830, hosts=("node0",), attempt=1),
-        StageView("dequant", "SUCCEEDED", "shards", 163, 163, hosts=("node0", "node1", "node2", "node3"), ranks=32,
-                  attempt=2),
-        StageView("calibrate", "RUNNING", "layers", 17, 61, rate=0.011, rate_unit="layers", eta_s=3987.0,
-                  hosts=("node0", "node1", "node2", "node3"), ranks=32, attempt=1, label="layer 17"),
-        StageView("export", "PENDING"),
-        StageView("inject-mtp", "PENDING"),
-        StageView("copy-extras", "PENDING"),
-        StageView("validate", "PENDING"),
+        stage("inspect", "SUCCEEDED", "tensors", 1830, 1830, host="node0", attempt=1),
+        stage("dequant", "SUCCEEDED", "shards", 163, 163, nodes=NODES, ranks=32, attempt=2),
+        stage("calibrate", "RUNNING", "layers", 17, 61, rate=0.011, eta_s=3987.0, nodes=NODES, ranks=32, attempt=1,
+              label="layer 17"),
+        stage("export", "PENDING"),
+        stage("inject-mtp", "PENDING"),
+        stage("copy-extras", "PENDING"),
+        stage("validate", "PENDING"),
     )
-    return RunView("r-20251122-0231-a1b2", "/shared/quantdeck/runs/r-20251122-0231-a1b2", "RUNNING",
-                   model="DeepSeek-V3 671B", target="nvfp4 W4A4", stages=st,
+    return RunView("r-20251122-0231-a1b2", "/shared/quantdeck/runs/r-20251122-0231-a1b2", StageState.RUNNING,
+                   driver_alive=True, meta=META, stages=st,
                    calib=CalibView(layer=17, layers=61, samples=512, tokens_per_s=18432.0, eta_s=3987.0,
-                                   experts_total=256, experts_low=9, min_tokens=8),
-                   live=True, has_amax=True, updated_at=T0)
-
-
-NODES = ("node0", "node1", "node2", "node3")
+                                   experts_total=256, experts_low=9, min_tokens=8))
 
 
 def stalled_run() -> RunView:
     """Later in the same run: validated (worst tensor known), eval on 32 ranks stalled with ranks 11 and 12 (node1's
     GPUs 3 and 4) quiet for 15 minutes."""
     parts = tuple((r, NODES[r // 8], 40 if r not in (11, 12) else 38, 61) for r in range(32))
-    done = lambda name, unit, n: StageView(name, "SUCCEEDED", unit, n, n, hosts=NODES, attempt=1)  # noqa: E731
     st = (
-        StageView("inspect", "SUCCEEDED", "tensors", 1830, 1830, hosts=("node0",), attempt=1),
-        StageView("dequant", "SUCCEEDED", "shards", 163, 163, hosts=NODES, ranks=32, attempt=2),
-        StageView("calibrate", "SUCCEEDED", "layers", 61, 61, hosts=NODES, ranks=32, attempt=1),
-        done("export", "shards", 163),
-        StageView("inject-mtp", "SUCCEEDED", attempt=1, hosts=("node0",)),
-        StageView("copy-extras", "SUCCEEDED", attempt=1, hosts=("node0",)),
-        StageView("validate", "SUCCEEDED", attempt=1, hosts=("node0",)),
-        StageView("eval", "RUNNING", "layers", 38, 61, rate=0.02, rate_unit="layers", eta_s=1150.0, hosts=NODES,
-                  ranks=32, attempt=1, rank_parts=parts, stalled=True, silent_s=912.0, quiet_ranks=(11, 12)),
+        stage("inspect", "SUCCEEDED", "tensors", 1830, 1830, host="node0", attempt=1),
+        stage("dequant", "SUCCEEDED", "shards", 163, 163, nodes=NODES, ranks=32, attempt=2),
+        stage("calibrate", "SUCCEEDED", "layers", 61, 61, nodes=NODES, ranks=32, attempt=1),
+        stage("export", "SUCCEEDED", "shards", 163, 163, nodes=NODES, attempt=1),
+        stage("inject-mtp", "SUCCEEDED", attempt=1, host="node0"),
+        stage("copy-extras", "SUCCEEDED", attempt=1, host="node0"),
+        stage("validate", "SUCCEEDED", attempt=1, host="node0"),
+        stage("eval", "RUNNING", "layers", 38, 61, rate=0.02, eta_s=1150.0, nodes=NODES, ranks=32, attempt=1,
+              rank_parts=parts, stalled=True, silent_s=912.0, quiet=(11, 12)),
     )
-    return RunView("r-20251122-0231-a1b2", "/shared/quantdeck/runs/r-20251122-0231-a1b2", "RUNNING",
-                   model="DeepSeek-V3 671B", target="nvfp4 W4A4", stages=st,
+    return RunView("r-20251122-0231-a1b2", "/shared/quantdeck/runs/r-20251122-0231-a1b2", StageState.RUNNING,
+                   driver_alive=True, meta=META, stages=st,
                    calib=CalibView(layer=61, layers=61, samples=512, tokens_per_s=None, experts_total=256,
                                    experts_low=9, min_tokens=8),
-                   live=True, has_amax=True, updated_at=T0,
                    quality=QualityView(worst_tensor="model.layers.3.mlp.experts.17.down_proj", worst_rel_err=0.0912,
                                        validate_state="SUCCEEDED", eval_state="RUNNING"))
 
@@ -63,8 +72,10 @@ def snapshot_history() -> tuple[HistoryRow, ...]:
                    "FAILED", "CUDA OOM (calibrate, node2)", "batch 8 → 2"),
         HistoryRow("r-20251121-1502-77aa", T0 - 42_000, "1e0b77c4", "DeepSeek-V3", "nvfp4 W4A4", "128×512",
                    "FAILED", "NCCL timeout (calibrate)", "NCCL_TIMEOUT=3600, node3 NIC"),
-        HistoryRow("r-20251120-0930-5e4f", T0 - 130_000, "1e0b77c4", "DeepSeek-V3", "nvfp4", "-", "SUCCEEDED"),
-        HistoryRow("r-20251119-1811-0d1e", T0 - 200_000, "a4d5e6f7", "DeepSeek-V4", "fp8-block", "-", "SUCCEEDED"),
+        HistoryRow("r-20251120-0930-5e4f", T0 - 130_000, "1e0b77c4", "DeepSeek-V3", "nvfp4", "-", "SUCCEEDED",
+                   kld=0.0102, top1=0.941),
+        HistoryRow("r-20251119-1811-0d1e", T0 - 200_000, "a4d5e6f7", "DeepSeek-V4", "fp8-block", "-", "SUCCEEDED",
+                   kld=0.0049, top1=0.964),
         HistoryRow("r-20251119-0744-c3b2", T0 - 240_000, "a4d5e6f7", "DeepSeek-V4", "nvfp4 W4A4", "128×512",
                    "FAILED", "disk full (export, /shared)", "moved outputs to /scratch"),
     )
@@ -88,7 +99,7 @@ class StaticBackend(Backend):
         return self.rows
 
     def attach_target(self):
-        return self.run.run_id
+        return self.run.id
 
     def read_run(self, run_id):
         return self.run
@@ -113,7 +124,7 @@ class StaticBackend(Backend):
         self.notes[run_id] = text
 
     def start(self, recipe_path):
-        return self.run.run_id
+        return self.run.id
 
     def resume(self, run_id):
         return run_id

@@ -163,7 +163,7 @@ async def test_export_only_then_cancel_behind_confirmation(real_env):
 
 async def test_resume_after_killed_stage_restarts_it(real_env):
     """`r` hands the run back to the engine: the killed export runs again as a new attempt, and the console
-    follows it live (the session's teardown cancels it; D's integration tests take resume to the end)."""
+    follows it live (the session's teardown cancels it; the integration tests take resume to the end)."""
     app = _app(real_env)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.run_view is not None, what="the run view")

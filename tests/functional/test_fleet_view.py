@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from static_backend import T0, StaticBackend, snapshot_run, stalled_run
+from static_backend import T0, StaticBackend, snapshot_run, stage, stalled_run
 
-from console.api_backend import QualityReader
 from console.factory import build_app
 from console.fleet import replay_fleet_4x8
 from console.messages import FleetSampled
-from console.models import GpuView, NodeView, QualityView, StageView
+from console.models import GpuView, NodeView
 from console.screens.dashboard import quiet_gpus
 from console.widgets import FleetTable, QualityPanel, StageTable
 from console.widgets.run.quality_panel import quality_lines
+from engine.api import QualityView
+from engine.runs.runview import QualityReader
 
 
 def _plain(cell) -> str:
@@ -114,7 +115,7 @@ def test_quality_reader_takes_the_worst_tensor_from_the_report_and_eval_from_its
                                                   {"tensor": "b.down_proj", "rel_err": 0.11}]},
         "/out/compressed-tensors": {"ok": True, "tensors": [{"tensor": "c.up_proj", "rel_err": 0.09}]}}))
 
-    class S:  # engine.api's stage view: name, state, result
+    class S:  # a stage view: name, state, result
         def __init__(self, name, state, result=None):
             self.name, self.state, self.result = name, state, result
 
@@ -133,10 +134,9 @@ def test_quality_reader_takes_the_worst_tensor_from_the_report_and_eval_from_its
 
 def test_quiet_ranks_map_to_their_nodes_gpus():
     parts = tuple((r, f"node{r // 8}", 1, 2) for r in range(16))
-    st = StageView("calibrate", "RUNNING", ranks=16, rank_parts=parts, stalled=True, silent_s=900.0,
-                   quiet_ranks=(3, 9))
+    st = stage("calibrate", "RUNNING", ranks=16, rank_parts=parts, stalled=True, silent_s=900.0, quiet=(3, 9))
     run = snapshot_run()
     assert quiet_gpus(replace(run, stages=(st,))) == {"node0": {3: 3}, "node1": {1: 9}}
-    single = StageView("export", "RUNNING", hosts=("node2",), stalled=True, silent_s=950.0, quiet_ranks=(0,))
+    single = stage("export", "RUNNING", host="node2", stalled=True, silent_s=950.0, quiet=(0,))
     assert quiet_gpus(replace(run, stages=(single,))) == {"node2": {0: 0}}
     assert quiet_gpus(run) == {}

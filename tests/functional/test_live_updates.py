@@ -35,13 +35,13 @@ async def test_failed_stage_and_finished_run_are_notified(fixed_clock):
         rows_before = table.row_count
         st = list(backend.run.stages)
         st[2] = replace(st[2], state="FAILED", error_class="cuda-oom", error="CUDA out of memory")
-        backend.run = replace(backend.run, stages=tuple(st), live=False, state="FAILED")
+        backend.run = replace(backend.run, stages=tuple(st), driver_alive=False, result="FAILED")
         await _until(pilot, lambda: any("calibrate failed" in t for t in app.told))
         assert any("cuda-oom" in t for t in app.told)
         assert table.row_count == rows_before  # updated in place, not rebuilt
         assert app.check_action("resume", ()) is True and app.check_action("cancel", ()) is None
         done = tuple(replace(s, state="SUCCEEDED") for s in backend.run.stages)
-        backend.run = replace(backend.run, stages=done, state="SUCCEEDED")
+        backend.run = replace(backend.run, stages=done, result="SUCCEEDED")
         await _until(pilot, lambda: any("finished" in t for t in app.told))
         assert app.check_action("resume", ()) is None  # nothing left to resume
 

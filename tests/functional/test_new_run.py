@@ -45,7 +45,7 @@ async def test_new_run_from_a_valid_recipe_is_followed_and_listed(tmp_path, tiny
             await until(pilot, lambda: isinstance(app.screen, NewRunModal), what="the recipe prompt")
             app.screen.query_one("Input").value = str(recipe)
             await pilot.press("enter")
-            await until(pilot, lambda: app.run_view is not None and app.run_id == app.run_view.run_id, timeout=60,
+            await until(pilot, lambda: app.run_view is not None and app.run_id == app.run_view.id, timeout=60,
                         what="the console to attach to the new run")
             run_id = app.run_id
             assert any(run_id in t for t in app.told)  # "New: <run id>", handed to the engine

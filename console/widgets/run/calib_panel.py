@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
 from console import format as fmt
-from console.models import CalibView
+from engine.api import CalibView
 
 
 class CalibPanel(Vertical):

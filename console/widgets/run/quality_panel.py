@@ -6,7 +6,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from console.models import QualityView
+from engine.api import QualityView
+from engine.core.names import StageState
 
 DASH = "—"
 
@@ -47,7 +48,7 @@ def quality_lines(q: QualityView | None, width: int) -> list[Text]:
     ev.append(figure(q.kld_mean), style="bold" if q.kld_mean is not None else "dim")
     ev.append("  top-1 ", style="dim")
     ev.append(percent(q.top1_agree), style="bold" if q.top1_agree is not None else "dim")
-    if q.kld_mean is None and q.top1_agree is None and q.eval_state and q.eval_state != "SUCCEEDED":
+    if q.kld_mean is None and q.top1_agree is None and q.eval_state and q.eval_state != StageState.SUCCEEDED:
         ev.append(f"  {q.eval_state.lower().replace('_', ' ')}", style="dim")
     return [worst, where, ev]
 

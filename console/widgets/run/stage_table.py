@@ -10,12 +10,14 @@ from textual.binding import Binding
 from textual.message import Message
 
 from console import format as fmt
-from console.models import RunView, StageView
 from console.widgets.line_table import LineTable
+from engine.api import RunView, StageView
+from engine.core.names import StageState
 
 STATE_STYLE = {
-    "PENDING": "dim", "STARTING": "cyan", "RUNNING": "bold cyan", "SUCCEEDED": "green", "SKIPPED": "dim green",
-    "FAILED": "bold red", "FAILED_WORKER": "bold red", "CANCELLED": "yellow",
+    StageState.PENDING: "dim", StageState.STARTING: "cyan", StageState.RUNNING: "bold cyan",
+    StageState.SUCCEEDED: "green", StageState.SKIPPED: "dim green", StageState.FAILED: "bold red",
+    StageState.FAILED_WORKER: "bold red", StageState.CANCELLED: "yellow",
 }
 
 
@@ -88,18 +90,19 @@ class StageTable(LineTable):
             self.move_cursor(row)
 
     def _cells(self, s: StageView) -> tuple:
-        frac = s.done / s.total if s.total else (1.0 if s.state in ("SUCCEEDED", "SKIPPED") else 0.0)
+        frac = s.done / s.total if s.total else (1.0 if StageState(s.state).is_done() else 0.0)
         style = STATE_STYLE.get(s.state, "")
         state = Text(s.state.lower().replace("_", " "), style=style)
         if s.stalled:  # no event for stall_after_s: the row says so, with how long and which ranks
-            quiet = f" r{','.join(map(str, s.quiet_ranks))}" if s.ranks and s.quiet_ranks else ""
+            quiet = f" r{','.join(map(str, s.quiet_rank_ids))}" if s.ranks and s.quiet_ranks else ""
             state = Text(f"stalled {fmt.duration(s.silent_s)}{quiet}", style=STALLED_STYLE)
         if s.attempt > 1:
             state.append(f" #{s.attempt}", style="dim")
-        prog = Text.assemble((fmt.bar(frac, self.bar_width), "red" if "FAIL" in s.state else "cyan"),
+        failed = s.state in (StageState.FAILED, StageState.FAILED_WORKER)
+        prog = Text.assemble((fmt.bar(frac, self.bar_width), "red" if failed else "cyan"),
                              f" {frac * 100:3.0f}%")
         done = fmt.count(s.done, s.total)
-        running = s.state in ("RUNNING", "STARTING")
+        running = s.running
         return (Text(s.name, style="bold" if running else ""), state, prog, done,
                 fmt.rate(s.rate, s.rate_unit or s.unit) if running and s.rate else "-",
                 fmt.duration(s.eta_s) if running else "-",

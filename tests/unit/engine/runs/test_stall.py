@@ -18,7 +18,7 @@ from engine.runs.progress_merge import StageProgress
 from engine.runs.rootcause import classify, stalled_cause
 from engine.runs.rundir import DEFAULT_STALL_AFTER_S, RunDir, create_run_dir, set_running, set_status
 from engine.runs.runner import wait_driver_released, winding_down
-from engine.runs.runview import _view, stall_of
+from engine.runs.runview import run_view, stall_of
 
 REPO = Path(__file__).resolve().parents[4]
 
@@ -86,14 +86,14 @@ def test_run_view_gives_stalled_and_silent_s_from_the_runs_stall_after_s(tmp_pat
     now = time.time()
     line(rank_file(stage_dir, 0), "state", now - 1, state="RUNNING", attempt=1, pid=os.getpid())
     line(rank_file(stage_dir, 1), "state", now - 60, rank=1, state="RUNNING", attempt=1, pid=4242)
-    s = _view(run).stages[0]
+    s = run_view(run).stages[0]
     assert s.stalled and s.silent_s >= 59 and [q["rank"] for q in s.quiet_ranks] == [1]
     assert s.quiet_ranks[0]["pid"] == 4242 and s.quiet_ranks[0]["host"] == "node1"
     line(rank_file(stage_dir, 1), "progress", time.time(), rank=1, unit="layers", done=1, total=4)
-    s = _view(run).stages[0]
+    s = run_view(run).stages[0]
     assert not s.stalled and s.silent_s < 5 and s.quiet_ranks == []
     set_status(run, "calibrate", "SUCCEEDED", attempt=1)
-    s = _view(run).stages[0]
+    s = run_view(run).stages[0]
     assert (s.stalled, s.silent_s) == (False, None)
 
 
