@@ -21,8 +21,15 @@ from console.actions import ACTIONS
 from console.backend import Backend
 from console.fleet import FleetFeed
 from console.keymap import KeyBinding, default_keymap
-from console.messages import (ActionFailed, ActionFinished, FleetSampled, HistoryLoaded, LogLinesRead, RunDetailLoaded,
-                              RunRead)
+from console.messages import (
+    ActionFailed,
+    ActionFinished,
+    FleetSampled,
+    HistoryLoaded,
+    LogLinesRead,
+    RunDetailLoaded,
+    RunRead,
+)
 from console.models import NodeView
 from console.screens.confirm import ConfirmModal
 from console.screens.dashboard import DashboardScreen

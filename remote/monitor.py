@@ -14,8 +14,16 @@ from typing import Callable, Mapping, Protocol
 
 from engine.core.errors import QuantdeckError
 from engine.core.meminfo import parse_meminfo
-from remote.telemetry import (NVIDIA_SMI_QUERY, GpuSample, NodeSample, NodeState, SampleBook,
-                              parse_df_free, parse_nvidia_smi_csv, split_sections)
+from remote.telemetry import (
+    NVIDIA_SMI_QUERY,
+    GpuSample,
+    NodeSample,
+    NodeState,
+    SampleBook,
+    parse_df_free,
+    parse_nvidia_smi_csv,
+    split_sections,
+)
 
 DEFAULT_INTERVAL = 2.0
 # nvidia-smi from PATH, else where drivers put it outside a login shell's PATH; rc 127 when there is none

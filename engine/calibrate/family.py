@@ -19,6 +19,7 @@ import torch
 from engine.core.errors import CheckpointError
 from engine.core.registry import Registry
 
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [b, s] long

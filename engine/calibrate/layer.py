@@ -10,6 +10,7 @@ nothing of the layer is randomly initialized.
 from __future__ import annotations
 
 import os
+
 import torch
 
 from engine.calibrate.family import LayerFamily

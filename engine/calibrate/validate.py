@@ -26,9 +26,8 @@ from engine.core.fsutil import read_json
 
 def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict, layers: list[int] | None = None) -> set[str]:
     """`<quantizer>.amax` names modelopt enables with `quant_cfg` in each decoder layer of the model."""
-    import torch
-
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     config = read_json(Path(model_dir) / "config.json") or {}

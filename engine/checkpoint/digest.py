@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterable
 
 from engine.checkpoint.safetensors_format import parse_header
-from engine.core.fsutil import HASH_CHUNK as _CHUNK, sha256_file
+from engine.core.fsutil import HASH_CHUNK as _CHUNK
+from engine.core.fsutil import sha256_file
 
 KIND = "sha256-pieces"
 

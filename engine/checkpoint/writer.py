@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import digest as dg
-from engine.checkpoint.direct import DirectWriter
 from engine.checkpoint import manifest as mf
-from engine.checkpoint.reader import INDEX_NAME
+from engine.checkpoint.direct import DirectWriter
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.paths import partial_path
+from engine.checkpoint.reader import INDEX_NAME
 from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map, dtype_name
 from engine.checkpoint.shard_plan import ShardPlan, plan_shards
 from engine.checkpoint.write_errors import disk_full, make_output_dir, raise_write_error

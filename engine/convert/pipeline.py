@@ -17,20 +17,20 @@ process imports no torch for it. On CUDA they are torch tensors and the math is 
 from __future__ import annotations
 
 import queue
-from contextlib import nullcontext
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
-from engine.core import timeline
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.shard_plan import ShardPlan
 from engine.checkpoint.writer import ShardFile
 from engine.convert import compute_host
 from engine.convert.device import usable_cores
 from engine.convert.plan import TO_NVFP4, Item
+from engine.core import timeline
 from engine.core.settings import settings
 
 QUEUE = 3

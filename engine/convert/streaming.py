@@ -20,27 +20,26 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine import __version__
-
-from engine.core import timeline
 from engine.checkpoint.paths import layout_dirs, refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
-from engine.checkpoint.write_errors import make_output_dir
 from engine.checkpoint.shard_plan import ShardPlan, shard_name
+from engine.checkpoint.write_errors import make_output_dir
 from engine.checkpoint.writer import CheckpointWriter
-from engine.convert.extras import copy_extras
 from engine.convert.compute_host import native
 from engine.convert.device import choose_device, needs_gpu_after_all, usable_cores
+from engine.convert.extras import copy_extras
 from engine.convert.kernels import warm_up
 from engine.convert.pipeline import ShardTask, device_type, run_tasks
 from engine.convert.plan import TO_NVFP4, Item, build_plan, check_layouts
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
+from engine.core import timeline
 from engine.core.errors import UsageError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
 from engine.core.names import TargetFormat
 from engine.core.parent_watch import die_with_parent
-from engine.formats.layout import Layout, layout_for
 from engine.core.settings import settings
+from engine.formats.layout import Layout, layout_for
 from engine.formats.native import build
 from engine.models import detect_layout
 

@@ -35,11 +35,11 @@ from engine.calibrate.samples import load_samples, read_samples_file
 from engine.calibrate.streaming import HEARTBEAT_S, mtp_layers
 from engine.checkpoint.consistency import refuse_other_model
 from engine.core.errors import CheckpointError
+from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
 from engine.eval import actquant, resume
 from engine.eval.decode import OutputModel
 from engine.eval.metrics import HiddenError, TokenMetrics
 from engine.eval.report import verdict
-from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
 
 DEFAULT_NUM_SAMPLES = 64
 HEAD_NAMES = {"norm": ("model.norm.weight", "norm.weight"), "head": ("lm_head.weight", "head.weight")}

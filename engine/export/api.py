@@ -29,10 +29,10 @@ from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writ
 from engine.convert.streaming import parse_size, partition, resolve_device
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
+from engine.core.fsutil import atomic_write_json
 from engine.export.names import to_checkpoint_names
 from engine.export.scales import ModuleAmax, check_scales, module_amax, plan_input_scales
 from engine.export.source import load_any_amax
-from engine.core.fsutil import atomic_write_json
 from engine.formats.layout import layout_for
 from engine.formats.nvfp4.layout import CANONICAL
 from engine.models import detect_layout

@@ -9,6 +9,7 @@
 engine.models.inspect (not imported here: torch) reports what a whole checkpoint holds, by its layout.
 """
 
+from engine.models import deepseek_v3, deepseek_v4, generic  # noqa: F401  (register the layouts)
 from engine.models.base import (
     Kind,
     ModelLayout,
@@ -20,7 +21,6 @@ from engine.models.base import (
     expert_index,
     layer_index,
 )
-from engine.models import deepseek_v3, deepseek_v4, generic  # noqa: F401  (register the layouts)
 from engine.models.deepseek_v3 import DeepseekV3Layout
 from engine.models.deepseek_v4 import DeepseekV4Layout
 from engine.models.detect import (

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from engine.models.base import Kind, ModelLayout, Role, TensorInfo
 from engine.core.names import Family
+from engine.models.base import Kind, ModelLayout, Role, TensorInfo
 
 ATTN_GEMMS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_GEMMS = ("gate_proj", "up_proj", "down_proj")

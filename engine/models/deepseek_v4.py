@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from engine.models.base import Kind, ModelLayout, Role, TensorInfo
 from engine.core.names import Family
+from engine.models.base import Kind, ModelLayout, Role, TensorInfo
 
 ATTN_GEMMS = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")
 _BLOCK = re.compile(r"^(model\.)?(layers|mtp)\.(\d+)\.(.+)$")

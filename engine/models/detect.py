@@ -10,9 +10,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
+from engine.core.names import Family
 from engine.models.base import ModelLayout, Role, config_experts, config_layers, layer_index
 from engine.models.generic import GenericLayout
-from engine.core.names import Family
 
 _MODEL_TYPES = {
     "deepseek_v3": Family.DEEPSEEK_V3,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from engine.models.base import Kind, ModelLayout, Role, TensorInfo, expert_index, layer_index, quant_companion_base
 from engine.core.names import Family
+from engine.models.base import Kind, ModelLayout, Role, TensorInfo, expert_index, layer_index, quant_companion_base
 
 _NORM = re.compile(r"(norm|ln_?\d*|layernorm|rmsnorm)(\.|_)weight$|(^|\.)ln_\w+\.weight$")
 _EMBED = re.compile(r"(embed|embedding|wte|wpe|tok_embeddings)\w*\.weight$")

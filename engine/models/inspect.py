@@ -222,7 +222,7 @@ def render_text(rep: InspectReport) -> str:
              f"{rep.config_mtp_layers} MTP layer(s)"
              + (f"; quantization {rep.quantization_config.get('quant_method')}" if rep.quantization_config else ""),
              f"tensors      {rep.tensors} in {rep.shards} shard(s), {_human(rep.total_bytes)}",
-             f"blocks       " + (", ".join(f"{k}: {v}" for k, v in rep.block_formats.items()) or "none (not block-quantized)"),
+             "blocks       " + (", ".join(f"{k}: {v}" for k, v in rep.block_formats.items()) or "none (not block-quantized)"),
              ""]
     w = max([len(p.pattern) for p in rep.patterns] + [7])
     lines.append(f"{'pattern':<{w}}  {'count':>5}  {'role':<8}  {'kind':<13}  {'dtype':<9}  shape")

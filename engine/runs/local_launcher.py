@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from engine.core.errors import RunError
-from engine.runs.launcher import Launcher, WorkerHandle, WorkerSpec
 from engine.core.locks import pid_alive
+from engine.runs.launcher import Launcher, WorkerHandle, WorkerSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

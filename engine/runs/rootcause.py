@@ -13,8 +13,14 @@ import re
 import signal as _signal
 from dataclasses import dataclass
 
-from engine.core.errors import (CheckpointError, DiskFullError, QualityGateError, QuantdeckError, SamplesError,
-                                 ValidationFailedError)
+from engine.core.errors import (
+    CheckpointError,
+    DiskFullError,
+    QualityGateError,
+    QuantdeckError,
+    SamplesError,
+    ValidationFailedError,
+)
 
 
 @dataclass(frozen=True)

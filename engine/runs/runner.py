@@ -27,16 +27,25 @@ from typing import Any, Callable
 
 from engine.core.errors import QuantdeckError, RunError, StageLockedError
 from engine.core.fsutil import atomic_write_json, read_json
-from engine.runs.launcher import Launcher, WorkerSpec
-from engine.core.names import StageState
-from engine.runs.plan import Plan, build_plan, resolve_paths, stages_to_run
-from engine.runs.recipe import Recipe, load_recipe, loads_recipe, recipe_hash
 from engine.core.locks import driver_alive, pid_alive, this_host  # noqa: F401 (driver_alive re-exported)
+from engine.core.names import StageState
+from engine.runs.launcher import Launcher, WorkerSpec
 from engine.runs.local_launcher import REPO_ROOT, child_env
+from engine.runs.plan import Plan, build_plan, resolve_paths, stages_to_run
 from engine.runs.progress_merge import StageProgress
+from engine.runs.recipe import Recipe, load_recipe, loads_recipe, recipe_hash
 from engine.runs.rootcause import classify, stalled_cause
-from engine.runs.rundir import (RunDir, begin_attempt, create_run_dir, driver_lock, output_lock, read_status,
-                           reconcile_stage, run_lock, set_status)
+from engine.runs.rundir import (
+    RunDir,
+    begin_attempt,
+    create_run_dir,
+    driver_lock,
+    output_lock,
+    read_status,
+    reconcile_stage,
+    run_lock,
+    set_status,
+)
 from engine.runs.runview import stage_stall
 from engine.runs.store import Store, sync_run
 

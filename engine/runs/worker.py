@@ -30,13 +30,20 @@ from typing import Any
 from engine.checkpoint.writer import FSYNC_ENV
 from engine.core.errors import ExitCode, QuantdeckError, StageLockedError
 from engine.core.events import EventSink, JsonlSink, Progress, TeeSink
-from engine.core.names import StageState
 from engine.core.locks import this_host
+from engine.core.names import StageState
 from engine.core.settings import settings
-from engine.runs.rundir import (COLLECTIVE_TIMEOUT_ENV, RunDir, begin_attempt, read_status, set_running, set_status,
-                           stage_lock)
 from engine.runs.plan import Plan
 from engine.runs.rootcause import classify
+from engine.runs.rundir import (
+    COLLECTIVE_TIMEOUT_ENV,
+    RunDir,
+    begin_attempt,
+    read_status,
+    set_running,
+    set_status,
+    stage_lock,
+)
 from engine.runs.runner import update_meta
 from engine.stages import load_all
 from engine.stages.base import Stage, StageContext

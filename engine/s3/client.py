@@ -72,7 +72,7 @@ def make_session(endpoint_url: str | None = None, *, profile: str | None = None,
 
     try:
         bsession = boto3.session.Session(profile_name=profile)
-    except ProfileNotFound as e:
+    except ProfileNotFound:
         raise TransferError(f"AWS profile {profile!r} not found", at=f"profile {profile}",
                             hint="list profiles with `aws configure list-profiles` or unset AWS_PROFILE") from None
     secrets: list[str] = []

@@ -14,8 +14,18 @@ from engine.s3.checksum import META_SHA256, FileDigest, clean_etag, digest_file,
 from engine.s3.client import S3Session, error_code, make_session, translate
 from engine.s3.manifest import TransferManifest, local_stat
 from engine.s3.pull import list_objects
-from engine.s3.transfer import (DEFAULT_CONCURRENCY, DEFAULT_PART_CONCURRENCY, DEFAULT_PART_SIZE, DEFAULT_RETRIES,
-                                ByteCounter, ChecksumMismatchError, Job, TransferOptions, TransferResult, run_jobs)
+from engine.s3.transfer import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_PART_CONCURRENCY,
+    DEFAULT_PART_SIZE,
+    DEFAULT_RETRIES,
+    ByteCounter,
+    ChecksumMismatchError,
+    Job,
+    TransferOptions,
+    TransferResult,
+    run_jobs,
+)
 from engine.s3.url import S3Url, parse_url
 from engine.s3.verify import Expected
 

@@ -181,8 +181,8 @@ def boundary_error(exc: BaseException, sess: S3Session, *, at: str, op: str) -> 
     raised as it is, with its traceback."""
     import errno
 
-    from botocore.exceptions import BotoCoreError, ClientError
     from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
     from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError, S3UploadFailedError
 
     if isinstance(exc, QuantdeckError):

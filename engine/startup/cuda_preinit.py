@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import threading
 
-from engine.startup import readahead
-
 from engine.core import timeline
 from engine.core.settings import settings
+from engine.startup import readahead
 
 
 def _device_index(device: str | None) -> int:

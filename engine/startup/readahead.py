@@ -25,7 +25,6 @@ import threading
 
 from engine.core import meminfo
 from engine.core.settings import settings
-
 from engine.startup import startfiles
 
 INDEX = "model.safetensors.index.json"

@@ -11,6 +11,7 @@ from console.fleet import replay_fleet_4x8
 from console.messages import FleetSampled
 from console.screens.error import ErrorModal
 
+
 def _app(clock, run=None):
     return build_app(backend=StaticBackend(run=run), use_fleet=False, clock=clock, follow_s=60)
 

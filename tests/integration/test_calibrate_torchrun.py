@@ -19,7 +19,6 @@ from engine.calibrate.samples import load_samples  # noqa: E402
 from engine.calibrate.streaming import layer_amax  # noqa: E402
 from engine.core.settings import fault_spec  # noqa: E402
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -44,8 +44,8 @@ def test_nvidia_smi_parser_matches_nvml(tmp_path, capsys):
 
 
 def test_calibrated_pipeline_on_local_gpu_ranks_equals_one_process(tiny_ckpt, tmp_path, capsys):
-    from engine.runs.local_launcher import LocalLauncher
     from engine.core.names import StageState
+    from engine.runs.local_launcher import LocalLauncher
     from engine.runs.rundir import read_status
     from engine.runs.runner import create_run, drive
 

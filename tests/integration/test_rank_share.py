@@ -101,6 +101,7 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     """The convert stage of a run as 2 local ranks ([cluster] gpus_per_node = 2): rank 1 fails (the test hook
     QUANTDECK_FAULTS fail_rank) → the stage FAILED with rank 1's error, nothing finalized, rank 0's shards kept;
     the rerun writes the rest and gives the bytes of one process."""
+    from engine.checkpoint.manifest import load_manifest
     from engine.convert import convert_checkpoint
     from engine.core.settings import fault_spec
     from engine.runs.launcher import WorkerSpec
@@ -108,7 +109,6 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     from engine.runs.plan import Plan
     from engine.runs.rundir import begin_attempt, read_status, set_status
     from engine.runs.runner import create_run, wait_stage
-    from engine.checkpoint.manifest import load_manifest
 
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     out = tmp_path / "work" / "out"

@@ -88,8 +88,8 @@ def test_torchrun_with_nccl_on_one_node(gpu_node, capsys):
 def test_calibrated_pipeline_two_gpu_ranks_nccl_equals_one_rank(gpu_node, tiny_ckpt, tmp_path, capsys):
     """calibrate on one 2-GPU node: SSHLauncher runs torchrun with one rank per GPU (NCCL); the W4A4
     outputs equal a one-process run of the same recipe on this machine."""
-    from engine.runs.local_launcher import LocalLauncher
     from engine.core.names import StageState
+    from engine.runs.local_launcher import LocalLauncher
     from engine.runs.rundir import read_status
     from engine.runs.runner import create_run, drive
     from remote.launchers import SSHLauncher

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from engine.core.errors import RemoteError
-from engine.runs.launcher import WorkerSpec
 from engine.core.names import StageState
 from engine.core.settings import fault_spec
+from engine.runs.launcher import WorkerSpec
 from engine.runs.rundir import begin_attempt, read_status
 from remote.follow import StageFollower
 from remote.launchers import SSHLauncher, launcher_for

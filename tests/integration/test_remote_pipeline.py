@@ -52,10 +52,10 @@ def test_weight_only_pipeline_over_four_nodes_is_byte_identical(sshd_cluster, ti
     and comes back under the running convert stage (no failed attempt for it); the outputs equal a local run."""
     import signal
 
-    from engine.runs.local_launcher import LocalLauncher
-    from engine.runs.runner import create_run, drive, load_frozen_recipe, wait_stage
-    from engine.runs.rundir import begin_attempt
     from engine.runs.launcher import WorkerSpec
+    from engine.runs.local_launcher import LocalLauncher
+    from engine.runs.rundir import begin_attempt
+    from engine.runs.runner import create_run, drive, load_frozen_recipe, wait_stage
     from engine.runs.store import Store, sync_run
     from remote.launchers import SSHLauncher, launcher_for
 

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from engine.core.errors import HostKeyError, RemoteError
-from remote.hosts import NodeSpec, cluster_from, resolve_cluster, resolve_host
-from remote.ssh import ConnectionPool, SSHConnection
+from remote.hosts import cluster_from, resolve_cluster
+from remote.ssh import ConnectionPool
 
 
 def pool_for(c, **kw) -> ConnectionPool:

@@ -10,13 +10,24 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.integration.runs_support import (REPO, env, pause, pid_gone, qd, run_dir, run_id_of, status,
-                          tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
+from tests.integration.runs_support import (
+    REPO,
+    env,
+    pause,
+    pid_gone,
+    qd,
+    run_dir,
+    run_id_of,
+    status,
+    tree_state,
+    wait_driver_done,
+    wait_paused,
+    write_recipe,
+)
 
 
 def _cli(capsys, *args) -> tuple[int, str, str]:

@@ -9,9 +9,19 @@ import time
 
 import pytest
 
-from tests.integration.runs_support import (kill_paused_worker, pause, qd, run_dir, run_id_of, status,
-                          tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
+from tests.integration.runs_support import (
+    kill_paused_worker,
+    pause,
+    qd,
+    run_dir,
+    run_id_of,
+    status,
+    tree_state,
+    wait_driver_done,
+    wait_paused,
+    write_recipe,
+)
 
 
 @pytest.mark.slow

@@ -9,8 +9,17 @@ import json
 import pytest
 
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
-from tests.integration.runs_support import (kill_paused_worker, pause, qd, run_id_of, status,
-                                            tree_digest, wait_driver_done, wait_paused, write_recipe)
+from tests.integration.runs_support import (
+    kill_paused_worker,
+    pause,
+    qd,
+    run_id_of,
+    status,
+    tree_digest,
+    wait_driver_done,
+    wait_paused,
+    write_recipe,
+)
 
 
 @pytest.mark.slow

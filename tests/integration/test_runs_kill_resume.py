@@ -15,9 +15,22 @@ import sys
 
 import pytest
 
-from tests.integration.runs_support import (REPO, env, kill_paused_worker, pause, qd, run_dir, run_id_of,
-                          status, tree_digest, tree_state, wait_driver_done, wait_paused, write_recipe)
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
+from tests.integration.runs_support import (
+    REPO,
+    env,
+    kill_paused_worker,
+    pause,
+    qd,
+    run_dir,
+    run_id_of,
+    status,
+    tree_digest,
+    tree_state,
+    wait_driver_done,
+    wait_paused,
+    write_recipe,
+)
 
 # (stage, units done before the pause): convert is killed with some shards finished and some not
 CHAIN = [("inspect", 0), ("convert", 30), ("inject-mtp", 0), ("copy-extras", 0), ("validate", 0)]

@@ -18,8 +18,19 @@ import sys
 import pytest
 
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
-from tests.integration.runs_support import (REPO, env, pause, qd, run_dir, run_id_of, status,
-                                            wait_driver_done, wait_for, wait_paused, write_recipe)
+from tests.integration.runs_support import (
+    REPO,
+    env,
+    pause,
+    qd,
+    run_dir,
+    run_id_of,
+    status,
+    wait_driver_done,
+    wait_for,
+    wait_paused,
+    write_recipe,
+)
 
 
 def _status_json(rid: str) -> dict:

@@ -4,18 +4,27 @@ shows up in an error, an event, a manifest or the CLI's output."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from engine.core.errors import TransferError
 from engine.core.events import JsonlSink
 from engine.core.fsutil import free_bytes
-from tests.integration.s3_server import (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, auth_enabled, child_env, client, fake_env,
-                       free_port, get_server, make_checkpoint)
+from tests.integration.s3_server import (
+    FAKE_KEY_ID,
+    FAKE_SECRET,
+    FAKE_TOKEN,
+    apply_env,
+    auth_enabled,
+    child_env,
+    client,
+    fake_env,
+    free_port,
+    get_server,
+    make_checkpoint,
+)
 
 SECRETS = [FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN]
 

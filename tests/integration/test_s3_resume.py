@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from tests.integration.s3_server import apply_env, child_env, client, fake_env, get_server, make_checkpoint, same_tree
 

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.s3_server import FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, apply_env, client, fake_env, get_server, same_tree
+from tests.integration.s3_server import (
+    FAKE_KEY_ID,
+    FAKE_SECRET,
+    FAKE_TOKEN,
+    apply_env,
+    client,
+    fake_env,
+    get_server,
+    same_tree,
+)
 
 
 @pytest.mark.slow

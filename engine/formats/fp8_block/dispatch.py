@@ -10,6 +10,7 @@ import torch
 
 from engine.core.errors import FormatError
 from engine.formats.device import resolve_device
+from engine.formats.fp8_block import host
 from engine.formats.fp8_block.helpers import (
     cast_fp8_block,
     dequant_fp8_block,
@@ -18,7 +19,6 @@ from engine.formats.fp8_block.helpers import (
     scale_to_fp32,
     scales_from_amax,
 )
-from engine.formats.fp8_block import host
 from engine.formats.fp8_block.host import E4M3_LUT
 
 __all__ = ["cast_fp8_block_fast", "dequant_fp8_block_fast"]

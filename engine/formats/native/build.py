@@ -27,9 +27,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from engine.formats.native import calls
 from engine.core.fsutil import user_cache_dir
 from engine.core.settings import settings
+from engine.formats.native import calls
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")

@@ -23,7 +23,9 @@ import torch
 
 from engine.core.errors import FormatError
 from engine.formats.e2m1 import E2M1_MAX, decode_e2m1, e2m1_codes, pack_nibbles, unpack_nibbles
-from engine.formats.grid import E4M3_MAX, NVFP4_BLOCK as BLOCK, packed_cols
+from engine.formats.grid import E4M3_MAX, packed_cols
+from engine.formats.grid import NVFP4_BLOCK as BLOCK
+
 E4M3_MIN_SCALE = 2.0**-9
 
 __all__ = [

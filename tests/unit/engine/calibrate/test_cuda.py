@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from calib_tiny_models import assert_amax_equal, reference_quantized_model
+
 from engine.calibrate import snapshot as snap
 from engine.calibrate.samples import load_samples
 from engine.calibrate.streaming import calibrate, layer_amax

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from calib_tiny_models import assert_amax_equal, reference_quantized_model
 
 from engine.calibrate import snapshot as snap
 from engine.calibrate.samples import load_samples
 from engine.calibrate.streaming import calibrate, layer_amax
 from engine.core.errors import CheckpointError, SamplesError
-from calib_tiny_models import assert_amax_equal, reference_quantized_model
 
 
 @pytest.fixture(scope="module")

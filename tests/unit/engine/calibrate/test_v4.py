@@ -2,8 +2,8 @@
 routing): layer-streaming amax equal modelopt's whole-model flow on the dequantized BF16 copy."""
 
 import pytest
-
 from calib_tiny_models import assert_amax_equal, reference_quantized_model, write_samples
+
 from engine.calibrate import snapshot as snap
 from engine.calibrate.samples import load_samples
 from engine.calibrate.streaming import calibrate, layer_amax

@@ -9,14 +9,13 @@ import torch
 
 from engine.checkpoint import CheckpointReader
 from engine.checkpoint.host import HostArray
-from engine.checkpoint.safetensors_format import dtype_name
+from engine.checkpoint.safetensors_format import TensorSpec, dtype_name
 from engine.convert import compute_host
 from engine.convert.compute import compute_item as torch_compute
-from engine.checkpoint.safetensors_format import TensorSpec
 from engine.convert.plan import COPY, FLOAT, FP8, TO_BF16, TO_NVFP4, Item, Member, build_plan
 from engine.core.errors import FormatError
-from engine.formats.fp8_block.helpers import cast_fp8_block, scale_to_fp32
 from engine.formats.fp8_block import host as fb
+from engine.formats.fp8_block.helpers import cast_fp8_block, scale_to_fp32
 from engine.formats.layout import Layout
 from engine.formats.nvfp4 import host as nv
 from engine.models import detect_layout

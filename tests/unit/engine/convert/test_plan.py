@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import CheckpointReader
-from engine.core.errors import FormatError
 from engine.convert.plan import COPY, TO_BF16, TO_FP8, TO_NVFP4, build_plan
+from engine.core.errors import FormatError
 from engine.formats.modelopt.layout import exclude_patterns
 from engine.models import detect_layout
 from tests.fixtures_ckpt import copy_ckpt

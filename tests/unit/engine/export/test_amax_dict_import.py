@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from calib_tiny_models import build_v3
 from safetensors import safe_open
 
-from calib_tiny_models import build_v3
+from engine.calibrate.amax_dict import load_amax_dict, native_to_hf
 from engine.calibrate.validate import validate_amax
 from engine.core.errors import CheckpointError, UsageError
-from engine.calibrate.amax_dict import load_amax_dict, native_to_hf
 from engine.export.api import export_checkpoint
 
 

@@ -9,14 +9,14 @@ import pytest
 
 pytestmark = pytest.mark.slow
 import torch
+from calib_tiny_models import build_v3, reference_quantized_model, write_samples
 from safetensors import safe_open
 
-from calib_tiny_models import build_v3, reference_quantized_model, write_samples
 from engine.calibrate.samples import load_samples
 from engine.calibrate.streaming import calibrate
+from engine.core.errors import ValidationFailedError
 from engine.export.api import export_checkpoint
 from engine.export.scales import ModuleAmax, plan_input_scales
-from engine.core.errors import ValidationFailedError
 
 
 def _tensors(d):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from calib_tiny_models import build_v3, write_samples
 from safetensors.torch import load_file, save_file
 
-from calib_tiny_models import build_v3, write_samples
 from engine.calibrate import snapshot as snap
 from engine.calibrate.streaming import calibrate
 from engine.calibrate.validate import validate_amax

@@ -11,6 +11,7 @@ from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 from engine.formats.nvfp4.dispatch import bf16_to_nvfp4, fp8_block_amax, fp8_block_to_nvfp4, resolve_device
 from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4, weight_amax
 
+
 @pytest.fixture(params=["parallel", "serial"], autouse=True)
 def kernel_mode(request, cpu_kernels):
     """Every CPU check runs four times: C and numba kernels (tests/conftest.py), each over every core and on the

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from console.cli import main as cli_main
 from engine.checkpoint import CheckpointReader
-from engine.models.inspect import inspect_checkpoint, render_text
 from engine.models import detect_layout
+from engine.models.inspect import inspect_checkpoint, render_text
 from tests.fixtures_ckpt import copy_ckpt, tiny_ckpt  # noqa: F401  (session fixture)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.core.errors import RegistryError
+from engine.core.names import Family
 from engine.models import (
     DeepseekV3Layout,
     DeepseekV4Layout,
@@ -16,7 +17,6 @@ from engine.models import (
     config_mismatches,
     detect_layout,
 )
-from engine.core.names import Family
 
 V3_CFG = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "n_routed_experts": 2, "first_k_dense_replace": 1,
           "num_nextn_predict_layers": 1}

@@ -261,8 +261,8 @@ def test_node_memory_from_the_node_script_lines():
 def test_v4_and_eval_estimates(tiny_ckpt):  # noqa: F811
     """V4: hidden states of hc_mult streams, eager attention (scores counted); eval streams two models."""
     from engine.checkpoint.reader import CheckpointReader
-    from engine.runs.memory_plan import NodeSlot, model_shape, plan_memory
     from engine.models.detect import detect_layout
+    from engine.runs.memory_plan import NodeSlot, model_shape, plan_memory
 
     r = CheckpointReader(tiny_ckpt("deepseek-v4", "bf16"))
     shape = model_shape(r.config)

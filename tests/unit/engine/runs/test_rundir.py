@@ -9,10 +9,19 @@ import sys
 import pytest
 
 from engine.core.errors import RunError, StageLockedError
-from engine.core.names import StageState as S
 from engine.core.locks import pid_alive
-from engine.runs.rundir import (RunDir, begin_attempt, create_run_dir, find_run, read_status,
-                           reconcile_stage, set_running, set_status, stage_lock)
+from engine.core.names import StageState as S
+from engine.runs.rundir import (
+    RunDir,
+    begin_attempt,
+    create_run_dir,
+    find_run,
+    read_status,
+    reconcile_stage,
+    set_running,
+    set_status,
+    stage_lock,
+)
 
 
 @pytest.fixture

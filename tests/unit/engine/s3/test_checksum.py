@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from engine.s3.checksum import (candidate_part_sizes, clean_etag, digest_file, etag_parts, upload_part_size)
+from engine.s3.checksum import candidate_part_sizes, clean_etag, digest_file, etag_parts, upload_part_size
 
 MiB = 1 << 20
 

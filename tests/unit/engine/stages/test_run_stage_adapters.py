@@ -14,8 +14,8 @@ from engine.runs.plan import build_plan
 from engine.runs.recipe import loads_recipe
 from engine.runs.rundir import RunDir
 from engine.runs.runner import update_meta
-from engine.stages.base import StageContext
 from engine.runs.worker import load_stage_class
+from engine.stages.base import StageContext
 from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 

@@ -57,10 +57,9 @@ def test_only_for_gpu_runs_once_per_directory_and_switchable(tmp_path, monkeypat
 
 def test_page_cache_probe_and_no_read_ahead_beside_a_cold_import(tmp_path, monkeypatch):
     import os
+    import time
 
     import torch  # noqa: F401 - imported: its files are in the page cache
-
-    import time
 
     f = tmp_path / "blob"
     f.write_bytes(b"q" * (1 << 20))
