@@ -294,7 +294,8 @@ def _table(report: dict) -> str:
                  f"warm {f['warm_gbps']:.2f} GB/s")
     for key in ("modelopt", "modelopt_layerwise"):
         if key in report:
-            lines.append(f"quantdeck / {key}: wall {report['streaming']['wall_s'] / report[key]['wall_with_process_s']:.2f}x")
+            ratio = report["streaming"]["wall_s"] / report[key]["wall_with_process_s"]
+            lines.append(f"quantdeck / {key}: wall {ratio:.2f}x")
     return "\n".join(lines)
 
 

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     env.update({"PYTHONPATH": str(REPO), "QUANTDECK_FLEET": "replay", "QUANTDECK_FLEET_INTERVAL": "1.0",
                 "TERM": "xterm-256color"})
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    cmd = f"cd {shlex.quote(str(REPO))} && exec env {exports} {shlex.quote(sys.executable)} -m console.cli console {run_id}"
+    cmd = (f"cd {shlex.quote(str(REPO))} && exec env {exports} {shlex.quote(sys.executable)} "
+           f"-m console.cli console {run_id}")
     frames: list[dict] = []
     sock = ""
     for i in range(args.launches):  # the last launch stays up for the CPU share

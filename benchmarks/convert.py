@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 PEER_HINT = "pass --peer path/to/fp8_to_nvfp4_streaming.py to compare with the public script"
 # the rows printed for the public script's runs (their JSON keys stay "peer" and "peer+clone")
 LABELS = {"peer": "fp8_to_nvfp4_streaming.py", "peer+clone": "fp8_to_nvfp4_streaming.py + clone"}
-O, I = 2048, 7168  # one routed expert of DeepSeek V4: w1/w3 [2048, 7168], w2 [7168, 2048]
+OUT, IN = 2048, 7168  # one routed expert of DeepSeek V4: w1/w3 [2048, 7168], w2 [7168, 2048]
 
 
 # -- the synthetic source ---------------------------------------------------------------------------------
@@ -79,33 +79,35 @@ def build_source(path: Path, size_gb: float, seed: int = 0) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return path
     shutil.rmtree(path, ignore_errors=True)
-    per_expert = 3 * O * I
+    per_expert = 3 * OUT * IN
     experts = max(1, round(size_gb * 1e9 / per_expert))
     layers = max(1, min(4, experts // 8))
     per_layer = -(-experts // layers)
-    hidden = I
+    hidden = IN
     tensors: list[tuple[str, tuple, str]] = []  # name, shape, kind
     for layer in range(layers):
         p = f"layers.{layer}."
         tensors += [(p + "attn_norm.weight", (hidden,), "norm"), (p + "ffn_norm.weight", (hidden,), "norm"),
-                    (p + "attn.wq_a.weight", (1024, hidden), "fp8"), (p + "ffn.gate.weight", (per_layer, hidden), "bf16")]
+                    (p + "attn.wq_a.weight", (1024, hidden), "fp8"),
+                    (p + "ffn.gate.weight", (per_layer, hidden), "bf16")]
         for e in range(min(per_layer, experts - layer * per_layer)):
-            for w, shape in (("w1", (O, I)), ("w2", (I, O)), ("w3", (O, I))):
+            for w, shape in (("w1", (OUT, IN)), ("w2", (IN, OUT)), ("w3", (OUT, IN))):
                 tensors.append((f"{p}ffn.experts.{e}.{w}.weight", shape, "fp8"))
     tensors += [("embed.weight", (1024, hidden), "bf16"), ("norm.weight", (hidden,), "norm")]
     units = []
     for name, shape, kind in tensors:
         if kind == "fp8":
             grid = (-(-shape[0] // 128), -(-shape[1] // 128))
-            units.append([TensorSpec(name, "F8_E4M3", shape), TensorSpec(name[: -len(".weight")] + ".scale", "F8_E8M0", grid)])
+            scale = name[: -len(".weight")] + ".scale"
+            units.append([TensorSpec(name, "F8_E4M3", shape), TensorSpec(scale, "F8_E8M0", grid)])
         else:
             units.append([TensorSpec(name, "BF16", shape)])
     plans = plan_shards(units, shard_size=int(2e9))
     w = CheckpointWriter(path, plans, source_fingerprint="bench", args=want)
     gen = torch.Generator().manual_seed(seed)
     kinds = {n: k for n, _, k in tensors}
-    print(f"building a {size_gb} GB synthetic V4 FP8 source: {layers} layers, {experts} experts, {len(plans)} shard(s)",
-          file=sys.stderr)
+    print(f"building a {size_gb} GB synthetic V4 FP8 source: {layers} layers, {experts} experts, "
+          f"{len(plans)} shard(s)", file=sys.stderr)
     for plan in w.prepare():
         sf = w.open_shard(plan)
         for spec in plan.tensors:
@@ -122,12 +124,11 @@ def build_source(path: Path, size_gb: float, seed: int = 0) -> Path:
         sf.close()
     w.finalize()
     (path / "manifest.json").unlink()
-    (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
-                                                 "num_hidden_layers": layers, "n_routed_experts": per_layer,
-                                                 "hidden_size": hidden, "quantization_config": {
-                                                     "quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
-                                                     "activation_scheme": "dynamic", "weight_block_size": [128, 128]}},
-                                                indent=2))
+    config = {"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
+              "num_hidden_layers": layers, "n_routed_experts": per_layer, "hidden_size": hidden,
+              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                      "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "tokenizer_config.json").write_text("{}")
     stamp.write_text(json.dumps(want))
     return path
@@ -234,13 +235,14 @@ def math_bench(device: str, peer_path: Path | None) -> dict:
     from engine.formats.nvfp4.helpers import global_scale
 
     gen = torch.Generator().manual_seed(1)
-    (w1, s1), (w3, s3) = _fp8_weight((O, I), gen), _fp8_weight((O, I), gen)
-    mb = 2 * O * I / 1e6
+    (w1, s1), (w3, s3) = _fp8_weight((OUT, IN), gen), _fp8_weight((OUT, IN), gen)
+    mb = 2 * OUT * IN / 1e6
     dev = torch.device("cuda" if device == "cuda" else "cpu")
 
     def ours():  # as the converter does it: one upload per tensor, amax and fused quantization on the device
         a1, b1, a3, b3 = (t.to(dev, non_blocking=True) for t in (w1, s1, w3, s3))
-        a = torch.maximum(kernels.fp8_block_amax(a1, b1, (128, 128), dev), kernels.fp8_block_amax(a3, b3, (128, 128), dev))
+        a = torch.maximum(kernels.fp8_block_amax(a1, b1, (128, 128), dev),
+                          kernels.fp8_block_amax(a3, b3, (128, 128), dev))
         s2 = global_scale(a)
         kernels.fp8_block_to_nvfp4(a1, b1, (128, 128), s2, dev)
         kernels.fp8_block_to_nvfp4(a3, b3, (128, 128), s2, dev)
@@ -288,7 +290,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--shard-size", default="5GB", help="quantdeck's output shard size (default 5GB)")
     ap.add_argument("--workdir", default=None,
-                    help="where the source and outputs go, kept for the next run (default: a temp dir, removed at exit)")
+                    help="where the source and outputs go, kept for the next run "
+                         "(default: a temp dir, removed at exit)")
     ap.add_argument("--skip-peer", action="store_true",
                     help="skip fp8_to_nvfp4_streaming.py's conversion runs even when --peer is given")
     ap.add_argument("--cold", default="all", choices=["all", "data"],
@@ -380,7 +383,8 @@ def main() -> int:
     else:
         print(f"source {report['source_gb']} GB FP8 (V4 uniform-FP8 naming), --device {args.device} ({device}), "
               f"{os.cpu_count()} cores, GPU {'yes' if gpu else 'no'}, "
-              f"cold {args.cold} ({'whole page cache dropped' if args.cold == 'all' else 'only source and outputs evicted'})")
+              f"cold {args.cold} "
+              f"({'whole page cache dropped' if args.cold == 'all' else 'only source and outputs evicted'})")
         width = max(11, *(len(LABELS.get(name, name)) for name in results))
         print(f"{'tool':<{width}} {'wall s':>8} {'vs qd':>7} {'peak RSS GB':>12} {'rc':>4}  note")
         for name, r in results.items():

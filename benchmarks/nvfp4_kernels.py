@@ -4,7 +4,8 @@
                                  [--peer PATH/fp8_to_nvfp4_streaming.py]
 
 Input: a synthetic DeepSeek FP8 expert weight ([2048, 7168] float8_e4m3fn + 128×128 float32 scales).
-On CUDA both contenders go from host FP8 tensors to host NVFP4 tensors (upload and download timed). Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
+On CUDA both contenders go from host FP8 tensors to host NVFP4 tensors (upload and download timed).
+Each contender does the whole per-tensor job: dequantize, global amax → weight_scale_2, NVFP4 codes and
 block scales. Prints MB/s of FP8 input (best of --repeat) and the ratio to the public script's. That module is
 imported by path (its code is not copied). Not a test: wall-clock numbers depend on the machine.
 """

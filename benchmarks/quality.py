@@ -155,7 +155,7 @@ def role_modelopt(a) -> None:
     enabled = sum(1 for n, m in model.named_modules() if n.endswith("_quantizer") and getattr(m, "is_enabled", False))
     metrics = TokenMetrics()
     with torch.no_grad():
-        for ids, logits_src in zip(held.input_ids, ref):
+        for ids, logits_src in zip(held.input_ids, ref, strict=True):
             x = torch.tensor(ids)
             logits = model(x[None].to(a.device)).logits[0].cpu()
             metrics.add(logits_src, logits, x, torch.ones_like(x))

@@ -59,7 +59,8 @@ class HistoryRow:
     top1: float | None = None  # and its top-1 agreement, a fraction
 
     def cells(self) -> tuple[str, ...]:
-        return (self.run_id, "", self.commit, self.model, self.target, self.calib, self.result, self.root_cause, self.fix)
+        return (self.run_id, "", self.commit, self.model, self.target, self.calib, self.result, self.root_cause,
+                self.fix)
 
 
 @dataclass(frozen=True)

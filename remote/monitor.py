@@ -96,29 +96,30 @@ class LocalProbe:
                 self._nvml = False
         if not self._nvml:
             return ()
+
+        def opt(fn, handle, *a):
+            """A reading the GPU may not support (None then)."""
+            try:
+                return float(fn(handle, *a))
+            except pynvml.NVMLError:
+                return None
+
         out = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-
-            def opt(fn, *a):
-                try:
-                    return float(fn(h, *a))
-                except pynvml.NVMLError:
-                    return None
-
             util = None
             try:
                 util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
             except pynvml.NVMLError:
                 pass
-            power = opt(pynvml.nvmlDeviceGetPowerUsage)
+            power = opt(pynvml.nvmlDeviceGetPowerUsage, h)
             name = pynvml.nvmlDeviceGetName(h)
             uuid = pynvml.nvmlDeviceGetUUID(h)
             out.append(GpuSample(index=i, name=name.decode() if isinstance(name, bytes) else name,
                                  uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
                                  mem_used=int(mem.used), mem_total=int(mem.total), util=util,
-                                 temp=opt(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),
+                                 temp=opt(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
                                  power=power / 1000.0 if power is not None else None))
         return tuple(out)
 

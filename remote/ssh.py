@@ -278,8 +278,9 @@ class SSHConnection:
                 else:
                     if deadline is not None and time.monotonic() > deadline:
                         chan.close()
-                        raise RemoteError(f"{self.host.name}: `{shlex.join(argv)[:200]}` did not finish in {timeout:g}s",
-                                          at=self.host.name)
+                        raise RemoteError(
+                            f"{self.host.name}: `{shlex.join(argv)[:200]}` did not finish in {timeout:g}s",
+                            at=self.host.name)
                     if chan.closed and not chan.exit_status_ready():
                         raise RemoteError(f"{self.host.name}: connection lost while running a command",
                                           at=self.host.name)

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import pytest
 
 import engine  # noqa: E402,F401  (sets the offline variables before any test imports transformers)
+from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401  (registers the session fixture for every test)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,8 +1,6 @@
 """Tiny real DeepSeek checkpoints for everyone's tests, built once per session and shared read-only.
 
-In your conftest.py:
-
-    from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401  (a session-scoped pytest fixture)
+tests/conftest.py imports the session-scoped `tiny_ckpt` fixture, so every test can simply ask for it:
 
     def test_something(tiny_ckpt):
         src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)        # Path, built on first use, cached

@@ -13,7 +13,8 @@ import click
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to create")
 @click.option("--layers", type=int, default=2, show_default=True, help="decoder layers")
 @click.option("--experts", type=int, default=4, show_default=True, help="routed experts per MoE layer")
-@click.option("--hidden", type=int, default=128, show_default=True, help="hidden size (e.g. 320 for partial 128-blocks)")
+@click.option("--hidden", type=int, default=128, show_default=True,
+              help="hidden size (e.g. 320 for partial 128-blocks)")
 @click.option("--moe-inter", type=int, default=64, show_default=True, help="expert intermediate size")
 @click.option("--mtp", is_flag=True, help="add the MTP layer (V3 model.layers.{L}, V4 mtp.0)")
 @click.option("--shard-mb", type=float, default=None, help="shard size in MiB (default: about 4 shards)")

@@ -20,8 +20,8 @@ def inspect_cmd(path, as_json, strict):
     click.echo(json.dumps(rep.to_json(), indent=2) if as_json else render_inspection(rep))
     if strict and not rep.ok:
         first = next(a for a in rep.anomalies if a.severity == "error")
-        raise ValidationFailedError(f"{sum(a.severity == 'error' for a in rep.anomalies)} anomalies, first: {first.msg}",
-                                    at=first.at, hint=first.hint or None)
+        errors = sum(a.severity == "error" for a in rep.anomalies)
+        raise ValidationFailedError(f"{errors} anomalies, first: {first.msg}", at=first.at, hint=first.hint or None)
 
 
 COMMANDS = (inspect_cmd,)

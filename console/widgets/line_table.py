@@ -82,7 +82,7 @@ class LineTable(ScrollView, can_focus=True):
             self._widths, self._strips, self._header, changed = widths, {}, None, True
         for key, cells in rows.items():
             old = self._rows.get(key)
-            if old is None or not all(_same(a, b) for a, b in zip(cells, old)):
+            if old is None or not all(_same(a, b) for a, b in zip(cells, old, strict=False)):
                 self._strips.pop(key, None)
                 changed = True
         self._rows, self._keys = dict(rows), list(rows)
@@ -107,7 +107,7 @@ class LineTable(ScrollView, can_focus=True):
     def _line(self, cells, style: Style) -> Strip:
         get = self.app.console.get_style
         segs: list[Segment] = []
-        for cell, w in zip(cells, self._widths):
+        for cell, w in zip(cells, self._widths, strict=False):
             segs.append(Segment(" ", style))
             if isinstance(cell, Text):
                 cs = style + get(cell.style) if cell.style else style

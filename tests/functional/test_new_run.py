@@ -18,7 +18,6 @@ from console.screens.new_run import NewRunModal
 from console.widgets import StageTable
 from engine.api import open_engine
 from engine.runs.recipe import write_recipe
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401  (session-cached read-only tiny checkpoints)
 
 pytestmark = pytest.mark.slow  # a real run: ~10-20 s on two loaded cores
 
@@ -29,7 +28,7 @@ def _recipe(tmp_path, ckpt):
         "target": {"format": "nvfp4", "calibrate": False, "layouts": ["modelopt"], "output": str(tmp_path / "out")}})
 
 
-async def test_new_run_from_a_valid_recipe_is_followed_and_listed(tmp_path, tiny_ckpt):  # noqa: F811
+async def test_new_run_from_a_valid_recipe_is_followed_and_listed(tmp_path, tiny_ckpt):
     ckpt = tiny_ckpt("deepseek-v3", "fp8", layers=2, experts=4, hidden=128, moe_inter=64, mtp=True)
     recipe = _recipe(tmp_path, ckpt)
     eng = open_engine(str(tmp_path / "work"))

@@ -15,6 +15,3 @@ def sshd_cluster(tmp_path) -> SshdCluster:
         yield cluster
     finally:
         cluster.stop()
-
-
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: E402,F401  (session-cached tiny checkpoints)

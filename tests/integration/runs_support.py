@@ -107,7 +107,8 @@ def wait_paused(workdir: Path, rid: str, stage: str, timeout: float = 90) -> Non
         d = rd / "driver.json"
         if d.exists() and pid_gone(json.loads(d.read_text())["pid"]) and not marker.exists():
             sts = {p.parent.name: json.loads(p.read_text()) for p in rd.glob("stages/*/status.json")}
-            bad = {k: (v["state"], v.get("error")) for k, v in sts.items() if v["state"] not in ("SUCCEEDED", "PENDING")}
+            bad = {k: (v["state"], v.get("error"))
+                   for k, v in sts.items() if v["state"] not in ("SUCCEEDED", "PENDING")}
             raise AssertionError(f"run {rid} ended before {stage} paused: {bad}")
         return False
 

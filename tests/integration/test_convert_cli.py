@@ -10,7 +10,6 @@ import torch
 from console.cli import main
 from engine.checkpoint import CheckpointReader, write_checkpoint
 from engine.core.errors import ExitCode
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 
 def test_convert_validate_inject_cli(tiny_ckpt, tmp_path, capsys):

@@ -16,7 +16,6 @@ import pytest
 from engine.convert import convert_checkpoint
 from engine.core.settings import fault_spec
 from tests.conftest import subprocess_env
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 
 def _cmd(src, dst):

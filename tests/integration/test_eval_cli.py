@@ -10,14 +10,13 @@ import sys
 from console.cli import main
 from engine.core.errors import ExitCode
 from tests.conftest import subprocess_env
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "def f(x):\n    return x * 2", "hello world 123"]
 KEYS = ("kld_mean", "kld_median", "kld_p99", "kld_max", "top1_agree", "ppl_source", "ppl_output", "tokens",
         "layers", "verdict", "worst_layer")
 
 
-def test_eval_cli_json_and_gate(tiny_ckpt, tmp_path, capsys):  # noqa: F811
+def test_eval_cli_json_and_gate(tiny_ckpt, tmp_path, capsys):
     src = tiny_ckpt("deepseek-v3", "bf16", mtp=True)
     samples = tmp_path / "s.json"
     samples.write_text(json.dumps(TEXTS))
@@ -43,7 +42,7 @@ def test_eval_cli_json_and_gate(tiny_ckpt, tmp_path, capsys):  # noqa: F811
     assert len(err) == 1 and "quality gate failed" in err[0] and "hint:" in err[0]
 
 
-def test_eval_cli_bad_inputs(tiny_ckpt, tmp_path, capsys):  # noqa: F811
+def test_eval_cli_bad_inputs(tiny_ckpt, tmp_path, capsys):
     src = tiny_ckpt("deepseek-v3", "bf16")
     bad = tmp_path / "s.json"
     bad.write_text('{"prompt": "not a samples file"}')

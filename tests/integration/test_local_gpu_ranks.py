@@ -35,8 +35,11 @@ def test_nvidia_smi_parser_matches_nvml(tmp_path, capsys):
     parsed = parse_nvidia_smi_csv(text)
     nvml = LocalProbe("local", str(tmp_path)).sample()
     with capsys.disabled():
-        print("\nnvidia-smi:", [(g.index, g.name, g.mem_used >> 20, g.mem_total >> 20, g.util, g.temp) for g in parsed])
-        print("NVML:      ", [(g.index, g.name, g.mem_used >> 20, g.mem_total >> 20, g.util, g.temp) for g in nvml.gpus])
+        def row(g):
+            return g.index, g.name, g.mem_used >> 20, g.mem_total >> 20, g.util, g.temp
+
+        print("\nnvidia-smi:", [row(g) for g in parsed])
+        print("NVML:      ", [row(g) for g in nvml.gpus])
     assert len(parsed) == len(nvml.gpus) == n
     assert [g.uuid for g in parsed] == [g.uuid for g in nvml.gpus]
     assert [g.name for g in parsed] == [g.name for g in nvml.gpus]

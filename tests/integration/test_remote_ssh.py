@@ -22,8 +22,8 @@ def test_every_node_runs_argv_with_spaces_and_quotes_intact(sshd_cluster):
     try:
         for n in sshd_cluster.nodes:
             conn = pool.get(n.name)
-            res = conn.run(["python3", "-c", "import json,sys,os; print(json.dumps([sys.argv[1:], os.environ.get('QD_X')]))",
-                            *nasty], env={"QD_X": "a b 'c'"}, check=True)
+            echo = "import json,sys,os; print(json.dumps([sys.argv[1:], os.environ.get('QD_X')]))"
+            res = conn.run(["python3", "-c", echo, *nasty], env={"QD_X": "a b 'c'"}, check=True)
             import json
             assert json.loads(res.stdout) == [nasty, "a b 'c'"]
             # telemetry, commands and file reads share the one connection

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 from tests.integration.runs_support import (
     REPO,
     env,
@@ -99,7 +98,7 @@ def small_fs(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_destination(tmp_path, tiny_ckpt, small_fs):  # noqa: F811
+def test_full_destination(tmp_path, tiny_ckpt, small_fs):
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     work = tmp_path / "work"
     out = (small_fs or tmp_path) / "out"
@@ -131,7 +130,7 @@ def test_full_destination(tmp_path, tiny_ckpt, small_fs):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_second_run_on_a_live_run_is_refused_then_cancel(tmp_path, tiny_ckpt):  # noqa: F811
+def test_second_run_on_a_live_run_is_refused_then_cancel(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     work = tmp_path / "work"
     recipe = write_recipe(tmp_path / "r.toml", src, work, tmp_path / "out")

@@ -9,7 +9,6 @@ import json
 
 import pytest
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 from tests.integration.runs_support import qd, run_dir, run_id_of, status, write_recipe
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 2, "def f(x):\n    return x * 2  # code",
@@ -29,7 +28,7 @@ def _recipe(tmp_path, src, *, gate: str, push: bool = False):
 
 
 @pytest.mark.slow
-def test_weight_only_run_passes_the_gate_and_shows_its_figures(tmp_path, tiny_ckpt):  # noqa: F811
+def test_weight_only_run_passes_the_gate_and_shows_its_figures(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "bf16")
     recipe, work = _recipe(tmp_path, src, gate="max_kld_mean = 10.0\nmin_top1 = 0.0")
     r = qd("run", recipe, timeout=600)
@@ -58,7 +57,7 @@ def test_weight_only_run_passes_the_gate_and_shows_its_figures(tmp_path, tiny_ck
 
 
 @pytest.mark.slow
-def test_an_impossible_gate_fails_at_eval_and_nothing_is_pushed(tmp_path, tiny_ckpt):  # noqa: F811
+def test_an_impossible_gate_fails_at_eval_and_nothing_is_pushed(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "bf16")
     recipe, work = _recipe(tmp_path, src, gate="min_top1 = 1.01", push=True)
     r = qd("run", recipe, "--no-preflight", timeout=600)
@@ -78,7 +77,7 @@ def test_an_impossible_gate_fails_at_eval_and_nothing_is_pushed(tmp_path, tiny_c
     assert "quality-gate" in r.stderr
 
 
-def test_overlapping_eval_samples_are_refused_before_anything_runs(tmp_path, tiny_ckpt):  # noqa: F811
+def test_overlapping_eval_samples_are_refused_before_anything_runs(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "bf16")
     samples = tmp_path / "samples.json"
     samples.write_text(json.dumps(TEXTS))

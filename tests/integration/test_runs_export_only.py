@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 from tests.integration.runs_support import (
     kill_paused_worker,
     pause,
@@ -25,7 +24,7 @@ from tests.integration.runs_support import (
 
 
 @pytest.mark.slow
-def test_export_only_after_a_failed_export(tmp_path, tiny_ckpt):  # noqa: F811
+def test_export_only_after_a_failed_export(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     samples = tmp_path / "samples.json"
     samples.write_text(json.dumps(["<|User|>hello there, tell me a story about a cat.", "what is 2+2? explain",

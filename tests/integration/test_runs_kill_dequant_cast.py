@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 from tests.integration.runs_support import (
     kill_paused_worker,
     pause,
@@ -24,7 +23,7 @@ from tests.integration.runs_support import (
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, fmt, src_dtype", [("dequant", "bf16", "fp8"), ("cast-fp8", "fp8-block", "bf16")])
-def test_kill_conversion_stage_then_resume(tmp_path, tiny_ckpt, stage, fmt, src_dtype, monkeypatch):  # noqa: F811
+def test_kill_conversion_stage_then_resume(tmp_path, tiny_ckpt, stage, fmt, src_dtype, monkeypatch):
     src = tiny_ckpt("deepseek-v3", src_dtype)
     work, out = tmp_path / "work", tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, out, fmt=fmt, shard_mb=0.05)

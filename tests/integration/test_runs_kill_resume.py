@@ -15,7 +15,6 @@ import sys
 
 import pytest
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 from tests.integration.runs_support import (
     REPO,
     env,
@@ -37,7 +36,7 @@ CHAIN = [("inspect", 0), ("convert", 30), ("inject-mtp", 0), ("copy-extras", 0),
 
 
 @pytest.mark.slow
-def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
+def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt, monkeypatch):
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     work = tmp_path / "work"
     ref_out, out = tmp_path / "ref-out", tmp_path / "out"

@@ -17,7 +17,6 @@ import sys
 
 import pytest
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 from tests.integration.runs_support import (
     REPO,
     env,
@@ -44,7 +43,7 @@ def _stage(view: dict, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_stopped_worker_is_shown_stalled_then_its_kill_is_recorded_as_stalled(tmp_path, tiny_ckpt):  # noqa: F811
+def test_a_stopped_worker_is_shown_stalled_then_its_kill_is_recorded_as_stalled(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "fp8")
     work = tmp_path / "work"
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, tmp_path / "out").read_text()
@@ -87,7 +86,7 @@ def test_a_stopped_worker_is_shown_stalled_then_its_kill_is_recorded_as_stalled(
 
 
 @pytest.mark.slow
-def test_resume_right_after_a_kill_minus_9_waits_for_the_driver_then_goes_on(tmp_path, tiny_ckpt):  # noqa: F811
+def test_resume_right_after_a_kill_minus_9_waits_for_the_driver_then_goes_on(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "fp8")
     work = tmp_path / "work"
     recipe = write_recipe(tmp_path / "recipe.toml", src, work, tmp_path / "out")

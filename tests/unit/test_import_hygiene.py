@@ -1,4 +1,5 @@
-"""The package boundaries (engine never imports the UI or SSH; console never imports torch), checked in fresh interpreters."""
+"""The package boundaries (engine never imports the UI or SSH; console never imports torch), checked in fresh
+interpreters."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def _roots(names: list[str]) -> set[str]:
 
 def test_engine_never_imports_ui_ssh_or_remote():
     loaded = _roots(_loaded_after_import(_modules("engine")))
-    assert not loaded & {"textual", "paramiko", "remote", "console", "rich"}, loaded & {"textual", "paramiko", "remote", "console", "rich"}
+    forbidden = loaded & {"textual", "paramiko", "remote", "console", "rich"}
+    assert not forbidden, forbidden
 
 
 def test_remote_never_imports_ui():

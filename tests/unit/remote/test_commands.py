@@ -48,7 +48,8 @@ def test_worker_and_torchrun_argv():
     assert tr[:3] == ["py", "-m", "torch.distributed.run"]
     assert tr[tr.index("--nnodes") + 1] == "4" and tr[tr.index("--node_rank") + 1] == "2"
     assert tr[tr.index("--master_addr") + 1] == "10.0.0.1" and tr[tr.index("--nproc-per-node") + 1] == "8"
-    assert tr[tr.index("-m", 3):] == ["-m", "engine.runs.worker", "calibrate", "--run-dir", "/w/runs/r 1", "--mode", "run"]
+    worker = ["-m", "engine.runs.worker", "calibrate", "--run-dir", "/w/runs/r 1", "--mode", "run"]
+    assert tr[tr.index("-m", 3):] == worker
     assert node_log("/w/stages/calibrate/log.txt", "n2") == "/w/stages/calibrate/log.n2.txt"
 
 

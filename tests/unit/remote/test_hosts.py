@@ -96,7 +96,8 @@ def test_recipe_default_port_leaves_the_ssh_config_port(cfg, monkeypatch):
     from engine.runs.recipe import recipe_from_dict
 
     monkeypatch.setenv("QUANTDECK_SSH_CONFIG", str(cfg))
-    r = recipe_from_dict({"source": {"path": "/m"}, "cluster": {"nodes": [{"name": "gpu-a"}, {"name": "x", "host": "gpu-a", "port": 22}]}})
+    nodes = [{"name": "gpu-a"}, {"name": "x", "host": "gpu-a", "port": 22}]
+    r = recipe_from_dict({"source": {"path": "/m"}, "cluster": {"nodes": nodes}})
     hosts = resolve_cluster(cluster_from(r.cluster))
     assert hosts["gpu-a"].port == 2222 and hosts["gpu-a"].hostname == "10.0.0.11"  # Port from the config
     assert hosts["x"].port == 22  # written in the recipe: wins

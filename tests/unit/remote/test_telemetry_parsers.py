@@ -45,7 +45,7 @@ def test_with_header_and_units_matches_noheader(n):
     with_header = parse_nvidia_smi_csv(rec(f"query_idle_{n}gpu_with_header.csv"))
     plain = parse_nvidia_smi_csv(rec(f"query_idle_{n}gpu.csv"))
     assert len(with_header) == len(plain) == n
-    for a, b in zip(with_header, plain):
+    for a, b in zip(with_header, plain, strict=True):
         assert (a.index, a.name, a.uuid, a.mem_used, a.mem_total, a.util, a.temp) == \
                (b.index, b.name, b.uuid, b.mem_used, b.mem_total, b.util, b.temp)
         assert a.power == pytest.approx(b.power, abs=0.5)
@@ -67,7 +67,8 @@ def test_not_supported_fields_are_none():
 
 
 def test_driver_failure_gives_no_gpus():
-    msg = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure that the latest NVIDIA driver is installed and running.\n"
+    msg = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+           "Make sure that the latest NVIDIA driver is installed and running.\n")
     assert parse_nvidia_smi_csv(msg) == []
     assert parse_nvidia_smi_csv("") == []
 

@@ -72,7 +72,8 @@ def test_same_bits_as_the_eager_forward(family, device, monkeypatch):
         got = _run(mod, x, idx, w, fast=True)
         assert torch.equal(want.view(torch.int16), got.view(torch.int16)), (family, n_tokens, top_k)
         assert want.abs().sum() > 0
-    assert len(calls) == 4  # the fast forward really ran, once per case    assert mod.config._experts_implementation == "eager"  # restored
+    assert len(calls) == 4  # the fast forward really ran, once per case
+    assert mod.config._experts_implementation == "eager"  # restored
 
 
 @pytest.mark.parametrize("family", ["v3", "v4"])
@@ -88,7 +89,7 @@ def test_modelopt_quantizers_see_the_same_inputs(family):
     amax = {}
     for fast in (False, True):
         m = torch.nn.Sequential(copy.deepcopy(base))
-        mtq.quantize(m, mtq.NVFP4_DEFAULT_CFG, lambda mm: _run(mm[0], x, idx, w, fast))
+        mtq.quantize(m, mtq.NVFP4_DEFAULT_CFG, lambda mm, fast=fast: _run(mm[0], x, idx, w, fast))
         amax[fast] = layer_amax(m)
     assert amax[True].keys() == amax[False].keys() and len(amax[True]) > 4
     for k in amax[False]:

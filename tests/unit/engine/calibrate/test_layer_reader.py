@@ -22,7 +22,7 @@ from engine.calibrate.layer_plan import MERGE_GAP, coalesce
 from engine.calibrate.layer_reader import LayerReader
 from engine.checkpoint.reader import CheckpointReader, TensorMeta
 from engine.core.errors import CheckpointError
-from tests.fixtures_ckpt import copy_ckpt, tiny_ckpt  # noqa: F401
+from tests.fixtures_ckpt import copy_ckpt
 
 REPO = Path(__file__).resolve().parents[4]
 SOURCES = {  # name -> build_fixture arguments

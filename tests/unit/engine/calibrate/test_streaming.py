@@ -65,7 +65,7 @@ def test_all_experts_sees_every_expert_without_changing_outputs(v3_dir, samples_
     a, b = tmp_path / "a", tmp_path / "b"
     calibrate(v3_dir, samples_file, a, seq_len=24, batch_size=2, device="cpu", layers=2)
     calibrate(v3_dir, samples_file, b, seq_len=24, batch_size=2, device="cpu", layers=2, all_experts=True)
-    for x, y in zip(snap.read_acts(a, 0, 1, 3), snap.read_acts(b, 0, 1, 3)):
+    for x, y in zip(snap.read_acts(a, 0, 1, 3), snap.read_acts(b, 0, 1, 3), strict=True):
         assert torch.equal(x, y)
     ra, _ = snap.read_layer(a, 1)
     rb, cov = snap.read_layer(b, 1)

@@ -99,7 +99,7 @@ def test_shard_written_from_threads_has_the_same_bytes_and_digest(tmp_path):
     with ThreadPoolExecutor(4) as ex:
         for plan in w.prepare():
             sf = w.open_shard(plan)
-            list(ex.map(lambda s: sf.write(s.name, t[s.name]), plan.tensors[::-1]))
+            list(ex.map(lambda s, sf=sf: sf.write(s.name, t[s.name]), plan.tensors[::-1]))
             sf.close()
     out = w.finalize()
     shards = sorted(p.name for p in ref.glob("*.safetensors"))
@@ -229,12 +229,13 @@ def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypat
             for plan in w.prepare():
                 sf = w.open_shard(plan)
                 modes.append(sf._direct is not None)
-                list(ex.map(lambda s: sf.write(s.name, t[s.name]), plan.tensors))
+                list(ex.map(lambda s, sf=sf: sf.write(s.name, t[s.name]), plan.tensors))
                 sf.close()
         outs.append(w.finalize())
     assert not any(modes[: len(modes) // 2])  # QUANTDECK_DIRECT_IO=0: page cache
     names = sorted(p.name for p in outs[0].iterdir())
-    assert names == sorted(p.name for p in outs[1].iterdir()) and len([n for n in names if n.endswith(".safetensors")]) >= 2
+    assert names == sorted(p.name for p in outs[1].iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) >= 2
     for n in names:
         assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes(), n
     r = CheckpointReader(outs[1])

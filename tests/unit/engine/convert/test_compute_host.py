@@ -28,7 +28,8 @@ def _both_kernels(cpu_kernels):
 
 
 def _host(t: torch.Tensor) -> HostArray:
-    return HostArray.from_bytes(dtype_name(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return HostArray.from_bytes(dtype_name(t.dtype), tuple(t.shape), raw)
 
 
 def _bytes(t) -> bytes:
@@ -171,7 +172,9 @@ def test_both_paths_refuse_a_corrupt_fp8_weight_and_name_it(corrupt, action):
         s[0, 0] = float("inf") if corrupt == "inf-scale" else -1.0
     w = raw.view(torch.float8_e4m3fn)
     m = _fp8_member("model.layers.0.self_attn.kv_a_proj_with_mqa", (16, 32))
-    outs = (TensorSpec(m.name, "F8_E4M3", (16, 32)), TensorSpec(m.scale, "F32", tuple(s.shape))) if action == COPY else ()
+    outs = ()
+    if action == COPY:
+        outs = (TensorSpec(m.name, "F8_E4M3", (16, 32)), TensorSpec(m.scale, "F32", tuple(s.shape)))
     item = Item(action, (m,), outs, 0)
     src = {m.name: w, m.scale: s}
     with pytest.raises(FormatError, match="kv_a_proj_with_mqa"):
@@ -184,12 +187,16 @@ def test_item_parallel_runs_small_items_on_the_serial_kernels_and_big_ones_over_
     from engine.formats import cpu_kernels, kernel_mode
 
     seen = []
-    for name in ("fp8_tile_max", "fp8_block_to_nvfp4"):
-        def spy(*args, _real=getattr(cpu_kernels, name)):
-            seen.append(kernel_mode.serial())
-            _real(*args)
 
-        monkeypatch.setattr(cpu_kernels, name, spy)
+    def spy_on(real):
+        def spy(*args):
+            seen.append(kernel_mode.serial())
+            real(*args)
+
+        return spy
+
+    for name in ("fp8_tile_max", "fp8_block_to_nvfp4"):
+        monkeypatch.setattr(cpu_kernels, name, spy_on(getattr(cpu_kernels, name)))
     q, s = cast_fp8_block(torch.randn(130, 200), block=(128, 128))
     src = {"w.weight": _host(q), "w.weight_scale_inv": _host(s)}
     item = _item(_fp8_member("w", q.shape))

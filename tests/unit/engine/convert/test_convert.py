@@ -97,7 +97,8 @@ def test_v4_fp8_both_layouts_mxfp4_lossless(tiny_ckpt, tmp_path):
         theirs = NVFP4PackedCompressor.decompress(sd, scheme)["weight"].float()
         torch.testing.assert_close(theirs, decode_module(ct, b).to(theirs.dtype).float(), rtol=1e-2, atol=0)
     ignore = set(cfg["ignore"])
-    kept = {n[: -len(".weight")] for n in ct.names() if n.endswith(".weight") and ct.meta(n).dtype_name in ("BF16", "F32", "F16")
+    kept = {n[: -len(".weight")] for n in ct.names()
+            if n.endswith(".weight") and ct.meta(n).dtype_name in ("BF16", "F32", "F16")
             and len(ct.meta(n).shape) == 2 and "norm" not in n}
     assert kept and kept == ignore  # exactly what was really kept (attention, MTP, head, embed, router)
     for out in s["outputs"].values():

@@ -15,7 +15,8 @@ from tests.conftest import subprocess_env
 # A middle process that starts a child, which arms die_with_parent and sleeps; the middle prints the child's pid.
 MIDDLE = """
 import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import os, time; from engine.core.parent_watch import die_with_parent; "
+child = subprocess.Popen([sys.executable, "-c",
+                          "import os, time; from engine.core.parent_watch import die_with_parent; "
                           "die_with_parent(os.getppid()); time.sleep(60)"])
 print(child.pid, flush=True)
 time.sleep(60)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401  (a session-scoped pytest fixture)
-
 EVAL_TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "def f(x):\n    return x * 2  # code is text too",
@@ -25,7 +23,7 @@ CALIB_TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def eval_src(tiny_ckpt) -> Path:  # noqa: F811
+def eval_src(tiny_ckpt) -> Path:
     return tiny_ckpt("deepseek-v3", "bf16", mtp=True)
 
 

@@ -63,7 +63,7 @@ def test_w4a4_both_layouts_identical_with_activations_quantized(w4a4_out, nvfp4_
     assert a["layers"] == b["layers"]
     w = _eval(nvfp4_out / "modelopt", eval_src, eval_samples)
     # W4A4 quantizes attention too and adds the activations' error: every layer departs more than weight-only
-    assert all(x["own_err"] > y["own_err"] for x, y in zip(a["layers"], w["layers"]))
+    assert all(x["own_err"] > y["own_err"] for x, y in zip(a["layers"], w["layers"], strict=True))
 
 
 def test_fp8_block_output(fp8_out, eval_src, eval_samples):

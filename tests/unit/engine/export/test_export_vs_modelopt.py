@@ -6,8 +6,6 @@ import json
 import sys
 
 import pytest
-
-pytestmark = pytest.mark.slow
 import torch
 from calib_tiny_models import build_v3, reference_quantized_model, write_samples
 from safetensors import safe_open
@@ -17,6 +15,8 @@ from engine.calibrate.streaming import calibrate
 from engine.core.errors import ValidationFailedError
 from engine.export.api import export_checkpoint
 from engine.export.scales import ModuleAmax, plan_input_scales
+
+pytestmark = pytest.mark.slow
 
 
 def _tensors(d):

@@ -62,7 +62,7 @@ def test_without_a_compiler_the_numba_kernels_give_the_same_bytes(fresh, monkeyp
     assert cpu_kernels.backend() == "numba"
     assert "no C compiler" in build.unavailable()
     got = _quantize()
-    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
     monkeypatch.setenv("QUANTDECK_KERNELS", "c")
     with pytest.raises(build.BuildError, match="QUANTDECK_KERNELS=c.*no C compiler"):
         cpu_kernels.backend()
@@ -98,7 +98,8 @@ def test_a_foreign_library_at_the_cached_path_is_rebuilt_and_loaded_in_the_same_
     assert cpu_kernels.backend() == "c"  # the foreign library was loaded, refused, rebuilt, loaded afresh
     packed, bs = _quantize()
     build.forget()
-    assert cpu_kernels.backend() == "c" and all(np.array_equal(a, b) for a, b in zip(_quantize(), (packed, bs)))
+    assert cpu_kernels.backend() == "c"
+    assert all(np.array_equal(a, b) for a, b in zip(_quantize(), (packed, bs), strict=True))
     assert not list(fresh.glob(".load-*")) and not list(fresh.glob(".build-*"))
 
 

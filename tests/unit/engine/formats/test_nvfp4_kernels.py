@@ -121,7 +121,8 @@ def test_cuda_bytes_equal_cpu(shape, block, ue8m0, triton, monkeypatch):
     amax_cpu = fp8_block_amax(q, s, device="cpu", block=block)
     assert torch.equal(fp8_block_amax(q, s, device="cuda", block=block), amax_cpu)
     s2 = global_scale(amax_cpu)
-    _same(fp8_block_to_nvfp4(q, s, s2, device="cuda", block=block), fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block))
+    _same(fp8_block_to_nvfp4(q, s, s2, device="cuda", block=block),
+          fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block))
     for f in (37.0, 1e-3):  # block scales clamped low / high
         _same(
             fp8_block_to_nvfp4(q, s, s2 * f, device="cuda", block=block),
@@ -131,7 +132,8 @@ def test_cuda_bytes_equal_cpu(shape, block, ue8m0, triton, monkeypatch):
     _same(bf16_to_nvfp4(w, s2, device="cuda"), bf16_to_nvfp4(w, s2, device="cpu"))
     qd, sd = q.cuda(), s.cuda()  # already on the device: nothing is copied up, results still on the host
     assert torch.equal(fp8_block_amax(qd, sd, device="cuda", block=block), amax_cpu)
-    _same(fp8_block_to_nvfp4(qd, sd, s2, device="cuda", block=block), fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block))
+    _same(fp8_block_to_nvfp4(qd, sd, s2, device="cuda", block=block),
+          fp8_block_to_nvfp4(q, s, s2, device="cpu", block=block))
 
 
 def test_concurrent_calls_from_threads_are_safe():
@@ -180,7 +182,7 @@ def test_cuda_fused_group_equals_cpu():
     s2c, cpu = fp8_group_to_nvfp4(pairs, device="cpu")
     s2g, gpu = fp8_group_to_nvfp4(pairs, device="cuda")
     assert torch.equal(s2c, s2g.cpu())
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=True):
         _same(a, b)
 
 

@@ -28,7 +28,8 @@ def v3_names(mtp: bool = True, fp8: bool = True) -> list[str]:
     layers = [0, 1, 2] if mtp else [0, 1]
     for i in layers:
         p = f"model.layers.{i}."
-        gemms = [p + f"self_attn.{x}.weight" for x in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+        attn = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+        gemms = [p + f"self_attn.{x}.weight" for x in attn]
         names += [p + "self_attn.q_a_layernorm.weight", p + "self_attn.kv_a_layernorm.weight",
                   p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
         if i == 0:
@@ -48,7 +49,8 @@ def v3_names(mtp: bool = True, fp8: bool = True) -> list[str]:
 
 
 def v4_names(prefix: str = "") -> list[str]:
-    names = [prefix + x for x in ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")]
+    names = [prefix + x for x in ("embed.weight", "head.weight", "norm.weight",
+                                  "hc_head_fn", "hc_head_base", "hc_head_scale")]
     for blk in ("layers.0.", "layers.1.", "mtp.0."):
         p = prefix + blk
         attn = [p + f"attn.{x}.weight" for x in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")]
@@ -59,9 +61,11 @@ def v4_names(prefix: str = "") -> list[str]:
                                   "ffn_norm.weight", "ffn.gate.weight", "ffn.gate.bias", "hc_attn_fn", "hc_attn_base",
                                   "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
                                   "attn.compressor.wkv.weight", "attn.compressor.ape", "attn.compressor.norm.weight",
-                                  "attn.indexer.wq_b.weight", "attn.indexer.wq_b.scale", "attn.indexer.weights_proj.weight")]
+                                  "attn.indexer.wq_b.weight", "attn.indexer.wq_b.scale",
+                                  "attn.indexer.weights_proj.weight")]
     names += [prefix + "layers.0.ffn.gate.tid2eid"]
-    names += [prefix + "mtp.0." + x for x in ("e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "norm.weight")]
+    names += [prefix + "mtp.0." + x
+              for x in ("e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "norm.weight")]
     return sorted(names)
 
 
@@ -79,7 +83,8 @@ def test_v3_roles_kinds_and_groups():
     assert e.fused_group == c("model.layers.1.mlp.experts.1.gate_proj.weight").fused_group
     assert e.fused_group != c("model.layers.1.mlp.experts.0.gate_proj.weight").fused_group
     assert c("model.layers.1.mlp.experts.1.down_proj.weight").fused_group is None
-    assert c("model.layers.1.mlp.shared_experts.up_proj.weight").fused_group == "model.layers.1.mlp.shared_experts.gate_up"
+    shared_up = c("model.layers.1.mlp.shared_experts.up_proj.weight")
+    assert shared_up.fused_group == "model.layers.1.mlp.shared_experts.gate_up"
     assert c("model.layers.0.mlp.gate_proj.weight").fused_group == "model.layers.0.mlp.gate_up"
     assert c("model.layers.0.mlp.gate_proj.weight").kind is Kind.DENSE_MLP
     for n in ("model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias"):
@@ -117,7 +122,8 @@ def test_v3_scale_companions_and_mtp():
     assert not lay.should_quantize("model.layers.0.self_attn.o_proj.weight")
     assert lay.should_quantize("model.layers.0.self_attn.o_proj.weight", quantize_attention=True)
     assert not lay.should_quantize("model.layers.1.mlp.gate.weight", quantize_attention=True, include_mtp=True)
-    assert lay.pattern("model.layers.1.mlp.experts.1.up_proj.weight") == "model.layers.{L}.mlp.experts.{E}.up_proj.weight"
+    want = "model.layers.{L}.mlp.experts.{E}.up_proj.weight"
+    assert lay.pattern("model.layers.1.mlp.experts.1.up_proj.weight") == want
     assert lay.pattern("model.layers.2.enorm.weight") == "model.layers.{MTP}.enorm.weight"
 
 
@@ -127,7 +133,8 @@ def test_v4_native_names_with_or_without_prefix(prefix):
     c = lay.classify
     w1 = c(prefix + "layers.0.ffn.experts.1.w1.weight")
     assert (w1.role, w1.kind, w1.layer, w1.expert) == (Role.QUANTIZE, Kind.ROUTED_EXPERT, 0, 1)
-    assert w1.fused_group == c(prefix + "layers.0.ffn.experts.1.w3.weight").fused_group == prefix + "layers.0.ffn.experts.1.w13"
+    w3 = c(prefix + "layers.0.ffn.experts.1.w3.weight")
+    assert w1.fused_group == w3.fused_group == prefix + "layers.0.ffn.experts.1.w13"
     assert c(prefix + "layers.0.ffn.shared_experts.w3.weight").fused_group == prefix + "layers.0.ffn.shared_experts.w13"
     sc = c(prefix + "layers.0.ffn.experts.1.w1.scale")
     assert (sc.role, sc.weight) == (Role.SCALE, prefix + "layers.0.ffn.experts.1.w1.weight")

@@ -8,7 +8,7 @@ import pytest
 
 from engine.core.errors import RecipeError
 from engine.runs.preflight import Facts, estimate_output_bytes, run_preflight
-from tests.fixtures_ckpt import copy_ckpt, tiny_ckpt  # noqa: F401
+from tests.fixtures_ckpt import copy_ckpt
 
 
 def _recipe(tmp_path, src, extra="", device="cpu"):
@@ -18,13 +18,13 @@ def _recipe(tmp_path, src, extra="", device="cpu"):
     return p
 
 
-def test_ready_recipe_passes_with_notes(tmp_path, tiny_ckpt):  # noqa: F811
+def test_ready_recipe_passes_with_notes(tmp_path, tiny_ckpt):
     notes: list[str] = []
     assert run_preflight(_recipe(tmp_path, tiny_ckpt("deepseek-v3", "fp8")), notes=notes) == []
     assert any(n.startswith("torch ") for n in notes)
 
 
-def test_each_failure_is_one_line_with_a_fix(tmp_path, tiny_ckpt):  # noqa: F811
+def test_each_failure_is_one_line_with_a_fix(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "bf16")
     samples = tmp_path / "s.json"
     samples.write_text('["ok", 3]')
@@ -41,7 +41,7 @@ def test_each_failure_is_one_line_with_a_fix(tmp_path, tiny_ckpt):  # noqa: F811
         assert 'device = "cuda" but no GPU is visible' in text
 
 
-def test_broken_checkpoint_is_named(tmp_path, tiny_ckpt):  # noqa: F811
+def test_broken_checkpoint_is_named(tmp_path, tiny_ckpt):
     src = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16"), tmp_path)
     shard = sorted(src.glob("model-*.safetensors"))[-1]
     shard.unlink()
@@ -49,7 +49,7 @@ def test_broken_checkpoint_is_named(tmp_path, tiny_ckpt):  # noqa: F811
     assert len(fails) == 1 and "shard missing" in fails[0] and shard.name in fails[0], fails
 
 
-def test_config_and_tensors_disagree(tmp_path, tiny_ckpt):  # noqa: F811
+def test_config_and_tensors_disagree(tmp_path, tiny_ckpt):
     src = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16"), tmp_path)
     cfg = json.loads((src / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
@@ -58,7 +58,7 @@ def test_config_and_tensors_disagree(tmp_path, tiny_ckpt):  # noqa: F811
     assert any("num_hidden_layers=3" in f for f in fails), fails
 
 
-def test_estimate_and_disk_margin(tmp_path, tiny_ckpt):  # noqa: F811
+def test_estimate_and_disk_margin(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "bf16")
     from engine.checkpoint.reader import CheckpointReader
     from engine.models.detect import detect_layout
@@ -77,7 +77,7 @@ def test_estimate_and_disk_margin(tmp_path, tiny_ckpt):  # noqa: F811
     assert run_preflight(p) == []  # plenty of room here even with a 1000% margin
 
 
-def test_push_target_unreachable(tmp_path, tiny_ckpt):  # noqa: F811
+def test_push_target_unreachable(tmp_path, tiny_ckpt):
     fails = run_preflight(_recipe(tmp_path, tiny_ckpt("deepseek-v3", "bf16"), extra=(
         '[push]\ntarget = "s3://bucket/x"\nendpoint_url = "http://127.0.0.1:9"\n')))
     assert len(fails) == 1 and fails[0].startswith("push target s3://bucket/x") and "(fix: " in fails[0], fails
@@ -90,7 +90,7 @@ def test_bad_recipe_raises(tmp_path):
         run_preflight(p)
 
 
-def test_existing_output_is_refused(tmp_path, tiny_ckpt):  # noqa: F811
+def test_existing_output_is_refused(tmp_path, tiny_ckpt):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "config.json").write_text("{}")
     fails = run_preflight(_recipe(tmp_path, tiny_ckpt("deepseek-v3", "bf16")))

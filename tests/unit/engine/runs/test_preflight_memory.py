@@ -16,7 +16,6 @@ import pytest
 from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map
 from engine.runs.memory_plan import GB, NodeMemory
 from engine.runs.preflight import run_preflight
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 V3 = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
@@ -204,7 +203,7 @@ def test_recipe_gpu_memory_is_used_where_none_is_probed(tmp_path, v3_real):
     assert any("as little as 24.0 GB ([cluster] gpu_memory_gb)" in f for f in fails), fails
 
 
-def test_tiny_checkpoint_passes_with_estimates(tmp_path, tiny_ckpt):  # noqa: F811
+def test_tiny_checkpoint_passes_with_estimates(tmp_path, tiny_ckpt):
     report: dict = {}
     notes: list[str] = []
     src = tiny_ckpt("deepseek-v3", "fp8")
@@ -217,7 +216,7 @@ def test_tiny_checkpoint_passes_with_estimates(tmp_path, tiny_ckpt):  # noqa: F8
     assert stages["calibrate"]["host_bytes"] > 2 * GB  # the imports, and a tiny layer
 
 
-def test_cli_json_has_the_estimates(tmp_path, tiny_ckpt, capsys):  # noqa: F811
+def test_cli_json_has_the_estimates(tmp_path, tiny_ckpt, capsys):
     from console.cli import main
 
     src = tiny_ckpt("deepseek-v3", "fp8")
@@ -258,7 +257,7 @@ def test_node_memory_from_the_node_script_lines():
     assert node_memory("odd", {"mem": "", "gpumem": "[N/A],[N/A]"}) == NodeMemory("odd")
 
 
-def test_v4_and_eval_estimates(tiny_ckpt):  # noqa: F811
+def test_v4_and_eval_estimates(tiny_ckpt):
     """V4: hidden states of hc_mult streams, eager attention (scores counted); eval streams two models."""
     from engine.checkpoint.reader import CheckpointReader
     from engine.models.detect import detect_layout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from engine.core.errors import RecipeError
 from engine.core.names import OutputLayout, TargetFormat
@@ -93,7 +94,7 @@ def test_bad_toml_and_missing_file(tmp_path):
 
 def test_recipe_is_frozen():
     r = loads_recipe('[source]\npath = "/ckpt"\n')
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         r.target.format = TargetFormat.BF16  # type: ignore[misc]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from engine.core.errors import CheckpointError, RecipeError, SamplesError
 from engine.runs.recipe import loads_recipe
-from tests.fixtures_ckpt import copy_ckpt, tiny_ckpt  # noqa: F401
+from tests.fixtures_ckpt import copy_ckpt
 
 BASE = '[source]\npath = "/ckpt"\n'
 
@@ -77,7 +77,7 @@ def test_samples_that_leave_nothing_are_refused(tmp_path, body, name, words):
     assert ei.value.hint
 
 
-def test_fewer_tokens_than_one_batch_is_refused(tmp_path, tiny_ckpt):  # noqa: F811
+def test_fewer_tokens_than_one_batch_is_refused(tmp_path, tiny_ckpt):
     from engine.calibrate.samples import load_samples
 
     src = tiny_ckpt("deepseek-v3", "bf16")
@@ -112,7 +112,7 @@ def _edit_config(path, **kw):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def test_config_layers_and_hidden_size_against_the_tensors(tmp_path, tiny_ckpt):  # noqa: F811
+def test_config_layers_and_hidden_size_against_the_tensors(tmp_path, tiny_ckpt):
     from engine.checkpoint import CheckpointReader
     from engine.models.inspect import inspect_checkpoint
 
@@ -153,7 +153,7 @@ def test_config_layers_and_hidden_size_against_the_tensors(tmp_path, tiny_ckpt):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_calibrate_refuses_a_checkpoint_whose_config_disagrees(tmp_path, tiny_ckpt):  # noqa: F811
+def test_calibrate_refuses_a_checkpoint_whose_config_disagrees(tmp_path, tiny_ckpt):
     from engine.calibrate.streaming import calibrate
 
     bad = copy_ckpt(tiny_ckpt("deepseek-v3", "bf16"), tmp_path)
@@ -168,7 +168,7 @@ def test_calibrate_refuses_a_checkpoint_whose_config_disagrees(tmp_path, tiny_ck
 
 # --- validate --against another model -------------------------------------------------------------------------
 
-def test_validate_against_another_family_or_shape_names_both_values(tmp_path, tiny_ckpt, capsys):  # noqa: F811
+def test_validate_against_another_family_or_shape_names_both_values(tmp_path, tiny_ckpt, capsys):
     from console.cli import main
 
     v3 = tiny_ckpt("deepseek-v3", "bf16")

@@ -1,6 +1,7 @@
 """Stalls and the wait of a resume: a RUNNING stage's silence per rank (engine.runs.progress_merge activity,
-engine.runs.runview stall_of / the run view), the collectives' timeout in the root-cause classifier, `[run]
-stall_after_s` in recipes, and engine.runs.runner.wait_driver_released against a real process holding the driver lock."""
+engine.runs.runview stall_of / the run view), the collectives' timeout in the root-cause classifier,
+`[run] stall_after_s` in recipes, and engine.runs.runner.wait_driver_released against a real process holding the
+driver lock."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ def test_additive_migration_keeps_old_rows(tmp_path):
     db = tmp_path / "old.db"
     c = sqlite3.connect(db)
     c.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, created REAL, run_dir TEXT, recipe_path TEXT, recipe_hash TEXT,"
-              " git_commit TEXT, model TEXT, target TEXT, calib_size INTEGER, result TEXT, root_cause TEXT, fix_note TEXT)")
+              " git_commit TEXT, model TEXT, target TEXT, calib_size INTEGER, result TEXT, root_cause TEXT,"
+              " fix_note TEXT)")
     c.execute("INSERT INTO runs (id, model, fix_note) VALUES ('old', 'V3', 'use bf16')")
     c.commit()
     c.close()

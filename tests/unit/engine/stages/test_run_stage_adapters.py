@@ -16,12 +16,12 @@ from engine.runs.rundir import RunDir
 from engine.runs.runner import update_meta
 from engine.runs.worker import load_stage_class
 from engine.stages.base import StageContext
-from tests.fixtures_ckpt import tiny_ckpt  # noqa: F401
 
 
 def _ctx(tmp_path: Path, src: Path, stage: str, fmt: str = "nvfp4", layouts='["modelopt"]', events=None):
     r = loads_recipe(f'[run]\nworkdir = "{tmp_path / "w"}"\ndevice = "cpu"\n[source]\npath = "{src}"\n'
-                     f'[target]\nformat = "{fmt}"\nlayouts = {layouts}\noutput = "{tmp_path / "out"}"\nshard_mb = 0.2\n')
+                     f'[target]\nformat = "{fmt}"\nlayouts = {layouts}\noutput = "{tmp_path / "out"}"\n'
+                     'shard_mb = 0.2\n')
     run_dir = tmp_path / "w" / "runs" / "r"
     (run_dir / "stages" / stage).mkdir(parents=True, exist_ok=True)
     if not (run_dir / "run.json").exists():
@@ -36,7 +36,7 @@ def _ctx(tmp_path: Path, src: Path, stage: str, fmt: str = "nvfp4", layouts='["m
     ("dequant", "bf16", "fp8", "BF16"),
     ("cast-fp8", "fp8-block", "bf16", "F8_E4M3"),
 ])
-def test_dequant_and_cast_fp8(tmp_path, tiny_ckpt, stage, fmt, src_dtype, want):  # noqa: F811
+def test_dequant_and_cast_fp8(tmp_path, tiny_ckpt, stage, fmt, src_dtype, want):
     src = tiny_ckpt("deepseek-v3", src_dtype)
     events = []
     ctx, plan = _ctx(tmp_path, src, stage, fmt, events=events)
@@ -52,7 +52,7 @@ def test_dequant_and_cast_fp8(tmp_path, tiny_ckpt, stage, fmt, src_dtype, want):
     assert again["shards_written"] == 0
 
 
-def test_weight_only_tail_stages_and_validate_only(tmp_path, tiny_ckpt):  # noqa: F811
+def test_weight_only_tail_stages_and_validate_only(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "fp8", mtp=True)
     for stage in ("inspect", "convert", "inject-mtp", "copy-extras", "validate"):
         ctx, plan = _ctx(tmp_path, src, stage)
@@ -73,7 +73,7 @@ def test_weight_only_tail_stages_and_validate_only(tmp_path, tiny_ckpt):  # noqa
     assert shard.read_bytes() == bytes(data)
 
 
-def test_both_layouts_go_to_subdirs(tmp_path, tiny_ckpt):  # noqa: F811
+def test_both_layouts_go_to_subdirs(tmp_path, tiny_ckpt):
     src = tiny_ckpt("deepseek-v3", "bf16")
     ctx, plan = _ctx(tmp_path, src, "convert", layouts='["modelopt", "compressed-tensors"]')
     load_stage_class("convert")().run(ctx)

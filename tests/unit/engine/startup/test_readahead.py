@@ -11,7 +11,7 @@ from engine.startup import readahead
 
 def _ckpt(tmp_path, sizes):
     names = [f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors" for i in range(len(sizes))]
-    for n, size in zip(names, sizes):
+    for n, size in zip(names, sizes, strict=True):
         (tmp_path / n).write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
     wm = {f"t{i}": n for i, n in enumerate(reversed(names))}
     (tmp_path / readahead.INDEX).write_text(json.dumps({"weight_map": wm}))
