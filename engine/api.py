@@ -299,7 +299,7 @@ class LocalEngine(Engine):
                 victims.append((st.get("host") or "local", int(st.get("pgid") or st["pid"])))
         if drv.get("pid") and drv.get("host") in (None, this_host()) and pid_alive(drv["pid"]):
             victims.append(("local", int(drv.get("pgid") or drv["pid"])))
-        for host, pgid in victims:
+        for _, pgid in victims:
             _killpg(pgid, signal.SIGTERM)
         deadline = time.time() + 5
         while time.time() < deadline and any(pid_alive(p) for _, p in victims):

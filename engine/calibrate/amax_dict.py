@@ -29,7 +29,8 @@ def amax_dict_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         return []
-    files = sorted((p for p in path.iterdir() if FILE_RE.match(p.name)), key=lambda p: int(FILE_RE.match(p.name).group(1)))
+    files = sorted((p for p in path.iterdir() if FILE_RE.match(p.name)),
+                   key=lambda p: int(FILE_RE.match(p.name).group(1)))
     if files:
         worlds = {int(FILE_RE.match(p.name).group(2)) for p in files}
         if len(worlds) != 1 or len(files) != next(iter(worlds)):

@@ -45,7 +45,7 @@ class CoverageHooks:
                 self.counts[ename] = torch.zeros(n, dtype=torch.long, device=_device_of(mod))
                 self._handles.append(mod.register_forward_hook(self._count_hook(ename, n)))
         if all_experts:
-            for ename, mod in experts.items():
+            for mod in experts.values():
                 self._handles.append(mod.register_forward_hook(self._replay_hook(mod), with_kwargs=True))
 
     def _count_hook(self, ename: str, n: int):

@@ -90,7 +90,7 @@ def check_amax(amax: dict[str, torch.Tensor]) -> None:
     keys = list(amax)
     flat = torch.stack([amax[k].detach().float().reshape(-1).nan_to_num(nan=-1.0, posinf=-1.0, neginf=-1.0).min()
                         for k in keys]).cpu()
-    bad = [k for k, v in zip(keys, flat.tolist()) if not (math.isfinite(v) and v >= 0)]
+    bad = [k for k, v in zip(keys, flat.tolist(), strict=True) if not (math.isfinite(v) and v >= 0)]
     if bad:
         raise ValidationFailedError(f"calibration gave a NaN, infinite or negative amax for {len(bad)} quantizer(s), "
                                     f"e.g. {bad[:3]}", at=bad[0],

@@ -96,7 +96,8 @@ def read_samples_file(path: str | os.PathLike, num_samples: int | None = None) -
     try:
         data = Path(p).read_bytes()
     except FileNotFoundError:
-        raise _fail(f"samples file not found: {p}", p, hint="check the path (--samples / [calibration] samples)") from None
+        raise _fail(f"samples file not found: {p}", p,
+                    hint="check the path (--samples / [calibration] samples)") from None
     except OSError as e:
         raise _fail(f"cannot read samples file {p}: {e.strerror}", p) from e
     try:

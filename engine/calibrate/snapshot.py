@@ -39,7 +39,8 @@ def acts_path(out: Path, rank: int, i: int) -> Path:
     return Path(out) / "acts" / f"rank{rank:03d}" / f"layer_{i:03d}.safetensors"
 
 
-def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str] | None = None) -> None:
     """safetensors.save_file into a sibling temp file, fsync, rename."""
     from safetensors.torch import save_file
 

@@ -106,7 +106,8 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         weights = WeightsOnce(layer_i)  # each weight's amax collected once, not once per batch
         try:
             with one_sync_experts(layer_i):  # same ops, same bits as eager; one host sync per batch
-                for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # activations live on the CPU, a batch at a time
+                # activations live on the CPU, a batch at a time
+                for j, (h, kw) in enumerate(zip(hidden, kwargs, strict=False)):
                     cache = family.fresh_cache(hf_config)
                     if cache is not None:
                         kw = dict(kw, past_key_values=cache)

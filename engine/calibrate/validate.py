@@ -24,7 +24,8 @@ from engine.core.errors import ValidationFailedError
 from engine.core.fsutil import read_json
 
 
-def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict, layers: list[int] | None = None) -> set[str]:
+def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
+                        layers: list[int] | None = None) -> set[str]:
     """`<quantizer>.amax` names modelopt enables with `quant_cfg` in each decoder layer of the model."""
     import modelopt.torch.quantization as mtq
     import torch
@@ -106,7 +107,8 @@ def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | No
     if input_bad:
         problems.append(f"{len(input_bad)} activation amax zero, negative or non-finite, e.g. {input_bad[:3]} "
                         "(export fills experts from siblings; others fail)")
-    report.update(quantizers=len(amax), bad=[{"key": k, "value": v if math.isfinite(v) else str(v)} for k, v in bad[:50]],
+    report.update(quantizers=len(amax),
+                  bad=[{"key": k, "value": v if math.isfinite(v) else str(v)} for k, v in bad[:50]],
                   ok=not problems)
     if strict and problems:
         raise ValidationFailedError(f"amax snapshot {p}: " + "; ".join(problems), at=str(p),

@@ -275,7 +275,7 @@ class CheckpointWriter:
             recs = {p.name: manifest["shards"].get(p.name) for p in self.shards}
             with ThreadPoolExecutor(2, thread_name_prefix="verify") as ex:  # each digest is parallel inside
                 ok = dict(zip(recs, ex.map(lambda n: bool(recs[n]) and dg.matches(self.partial_dir / n, recs[n]),
-                                           recs)))
+                                           recs), strict=True))
             for plan in self.shards:
                 rec = recs[plan.name]
                 path = self.partial_dir / plan.name

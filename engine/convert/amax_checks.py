@@ -26,4 +26,4 @@ def spread_notes(item: Item, amaxes: list[float]) -> list[str]:
         return []
     return [f"{m.name}: max {a:.3g} is {a / top:.1e} of its fused group's ({top:.3g}); with the shared "
             "weight_scale_2 most of its values round to 0 (check the group's weights)"
-            for m, a in zip(item.members, amaxes) if a / top < SPREAD_WARN]
+            for m, a in zip(item.members, amaxes, strict=True) if a / top < SPREAD_WARN]

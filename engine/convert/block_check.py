@@ -1,5 +1,6 @@
-"""validate's decoder-block check (DeepSeek V3 and V4 families): layer 0 of the output and of the source, each dequantized to fp32 and loaded
-into transformers' own decoder-layer class, run on the same random hidden states; the outputs must agree.
+"""validate's decoder-block check (DeepSeek V3 and V4 families): layer 0 of the output and of the source, each
+dequantized to fp32 and loaded into transformers' own decoder-layer class, run on the same random hidden states;
+the outputs must agree.
 
 We compare the layer's contribution Δ = layer(x) − x (the residual would hide errors):
 rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ BLOCK_TOL[target] (validate_ref.py states the numbers).
@@ -18,11 +19,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.checkpoint.reader import CheckpointReader
 from engine.convert.validate_ref import BLOCK_TOL, decode_module
 from engine.models import detect_layout
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENS = 16
 
@@ -184,7 +188,8 @@ def check_first_block(r: CheckpointReader, src: CheckpointReader, rep, target: s
     family = str(detect_layout(src.config, src.names()).family)
     spec = _layer_class(family, src.config)
     if spec is None:
-        rep.skip("block", f"decoder-block run implemented for the deepseek-v3 and deepseek-v4 families; this is {family}")
+        rep.skip("block", "decoder-block run implemented for the deepseek-v3 and deepseek-v4 families; "
+                 f"this is {family}")
         return
     cfg, layer_cls, rope_cls, prefix = spec
     cfg._attn_implementation = "eager"
@@ -224,7 +229,7 @@ def check_first_block(r: CheckpointReader, src: CheckpointReader, rep, target: s
             if rel <= tol else f"layer 0 rel. diff {rel:.4f} > {tol}")
 
 
-# -- beside the rest of validate ----------------------------------------------------------------------------------------
+# -- beside the rest of validate -------------------------------------------------------------------------------------
 class _Recorder:
     """The report calls of check_first_block, kept to be replayed into the parent's report."""
 

@@ -96,7 +96,7 @@ def _nvfp4_mxfp4_group(item: Item, src: dict[str, torch.Tensor], device: torch.d
         return None
     s2 = max(float(p[2]) for p in parts)
     out: dict[str, torch.Tensor] = {}
-    for m, (packed, bs, own, _) in zip(item.members, parts):
+    for m, (packed, bs, own, _) in zip(item.members, parts, strict=True):
         ratio = float(own) / s2  # a power of two <= 1
         if ratio != 1.0:
             b = bs.to(torch.float32) * ratio

@@ -1,12 +1,12 @@
 """The math of one work item on host arrays (engine.checkpoint.host), without torch: the CPU converter's.
 
 NVFP4 from FP8-block and float sources — what a DeepSeek conversion is made of — runs here on the CPU
-kernels (engine.formats.nvfp4.host: C, else numba), with the same rules and the same bytes as engine.convert.compute (the
-torch path, which CUDA uses): the group's amax from dequantized values, one shared `weight_scale_2`, every
-member quantized with it. FP8-block weights kept in BF16 (attention, MTP) are dequantized by
-engine.formats.fp8_block.host; preserved tensors pass through untouched. The rest (MXFP4 sources, float
-weights cast to BF16, the FP8-block target) goes through engine.convert.compute on torch views of the same
-memory; torch is imported then, on the first such item.
+kernels (engine.formats.nvfp4.host: C, else numba), with the same rules and the same bytes as
+engine.convert.compute (the torch path, which CUDA uses): the group's amax from dequantized values, one shared
+`weight_scale_2`, every member quantized with it. FP8-block weights kept in BF16 (attention, MTP) are
+dequantized by engine.formats.fp8_block.host; preserved tensors pass through untouched. The rest (MXFP4
+sources, float weights cast to BF16, the FP8-block target) goes through engine.convert.compute on torch views
+of the same memory; torch is imported then, on the first such item.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def compute_item(item: Item, src: dict[str, HostArray], v4_fp8: bool = False,
     """The canonical outputs of `item` (modelopt names for NVFP4): HostArrays, or torch tensors for an item
     that needs torch (see `native`). `item_parallel`: other threads compute other items meanwhile, so this
     one's kernels run on this thread (engine.formats.kernel_mode.serial_kernels) unless it is big."""
-    if item_parallel and item.action != COPY and native(item) and sum(a.nbytes for a in src.values()) <= SERIAL_MAX_BYTES:
+    if (item_parallel and item.action != COPY and native(item)
+            and sum(a.nbytes for a in src.values()) <= SERIAL_MAX_BYTES):
         with serial_kernels():
             return _compute(item, src, v4_fp8)
     return _compute(item, src, v4_fp8)
@@ -119,7 +120,7 @@ def _compute(item: Item, src: dict[str, HostArray], v4_fp8: bool) -> ItemResult:
         check_finite(m.name, amaxes[-1])
     s2 = nv.global_scale(max(amaxes))
     out: dict[str, HostArray] = {}
-    for m, sc in zip(item.members, scales):
+    for m, sc in zip(item.members, scales, strict=True):
         with about(m.name):
             packed, bs = _quantize(m, src, sc, s2)
         out[m.out_base + ".weight"] = HostArray("U8", packed)

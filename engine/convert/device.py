@@ -70,8 +70,8 @@ def needs_gpu_after_all(choice: DeviceChoice, torch_bytes: int, total_bytes: int
 
 def start_early(src, device: str | None, target: str, entry: str | None = None) -> DeviceChoice | None:
     """What the entry points do before their heavy imports: choose the device, then start reading the source
-    ahead (engine.startup.readahead) and, for CUDA, the driver's context (engine.startup.cuda_preinit). None (and nothing
-    started) for a device that cannot be used: the conversion reports that error itself."""
+    ahead (engine.startup.readahead) and, for CUDA, the driver's context (engine.startup.cuda_preinit). None (and
+    nothing started) for a device that cannot be used: the conversion reports that error itself."""
     try:
         choice = choose_device(device, target)
     except UsageError:

@@ -64,10 +64,10 @@ def warm_up(target: str, device) -> None:
     """Get the slow one-time set-ups going on a background thread, so that they overlap planning and the
     first reads instead of stalling the first tensor: on CPU, load the C kernels (built once per machine,
     engine.formats.native.build), or where they cannot be built import numba and load its cached kernels
-    (~0.8 s on 2 cores, 2.5 s on a cold 16-core box); on CUDA, create the device context (and the pinned-memory allocator), import
-    Triton and load its fused kernel (up to ~1-2 s, which the first FP8 item otherwise waits for). Where the
-    process froze its objects out of the garbage collector's full passes (the converter's entry points do,
-    after their imports), numba's are frozen too (a full pass over them costs ~0.25 s on 2 cores). A
+    (~0.8 s on 2 cores, 2.5 s on a cold 16-core box); on CUDA, create the device context (and the pinned-memory
+    allocator), import Triton and load its fused kernel (up to ~1-2 s, which the first FP8 item otherwise waits
+    for). Where the process froze its objects out of the garbage collector's full passes (the converter's entry
+    points do, after their imports), numba's are frozen too (a full pass over them costs ~0.25 s on 2 cores). A
     failure here is ignored: the real call raises it with its context."""
     import gc
     import threading

@@ -154,8 +154,9 @@ def _exclude_mtp(out: Path, config: dict[str, Any], prefixes: list[str]) -> None
     if isinstance(qc, dict):
         for key in ("ignore", "exclude_modules"):
             if isinstance(qc.get(key), list):
-                qc[key] = sorted(set(qc[key]) | set(pats if key == "exclude_modules" or qc.get("quant_method") ==
-                                                     "modelopt" else ["re:^" + p.replace(".", r"\.") for p in prefixes]))
+                plain = key == "exclude_modules" or qc.get("quant_method") == "modelopt"
+                new = pats if plain else ["re:^" + p.replace(".", r"\.") for p in prefixes]
+                qc[key] = sorted(set(qc[key]) | set(new))
         atomic_write_json(out / "config.json", cfg)
     hq = out / "hf_quant_config.json"
     if hq.exists():

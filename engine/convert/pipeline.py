@@ -226,7 +226,7 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
                 return
             t0 = time.monotonic()
             nvfp4 = item.action == TO_NVFP4
-            for (lay, _, _), sf in zip(task.targets, open_files[task.index]):
+            for (lay, _, _), sf in zip(task.targets, open_files[task.index], strict=True):
                 for name, t in result.tensors.items():
                     sf.write(*lay.out_tensor(name, t, nvfp4))
             add_busy("write_s", t0)

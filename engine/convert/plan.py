@@ -176,10 +176,11 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
                      nv.input_scale if nv else None)
         if (info.gemm or n in stored) and len(shape) == 2 and enc not in (FLOAT, FP8, MXFP4, NVFP4):
             m = reader.meta(n)
-            raise FormatError(f"dtype {m.dtype_name} of this weight{f' (scale {scale})' if scale else ''} is not an encoding "
-                              "quantdeck converts: BF16/F16/F32, F8_E4M3 with a block scale, V4's MXFP4 (packed "
-                              "I8/U8 with E8M0 scales) or NVFP4 (packed U8 with an E4M3 scale per 16 inputs and a "
-                              "global scale, modelopt or compressed-tensors names)", at=f"{m.shard}:{n}",
+            raise FormatError(f"dtype {m.dtype_name} of this weight{f' (scale {scale})' if scale else ''} "
+                              "is not an encoding quantdeck converts: BF16/F16/F32, F8_E4M3 with a block scale, "
+                              "V4's MXFP4 (packed I8/U8 with E8M0 scales) or NVFP4 (packed U8 with an E4M3 scale per "
+                              "16 inputs and a global scale, modelopt or compressed-tensors names)",
+                              at=f"{m.shard}:{n}",
                               hint="the shard is damaged, or the checkpoint is not a DeepSeek FP8/BF16/NVFP4 "
                                    "checkpoint; `quantdeck inspect SRC` shows its tensors")
         gemm = info.gemm and len(shape) == 2
@@ -230,8 +231,8 @@ def build_plan(reader: CheckpointReader, layout, target: str, *, quantize_attent
     notes = []
     if unaligned:
         notes.append(f"{len(unaligned)} weight(s) whose in_features is not a multiple of {NVFP4_GROUP} stay in BF16 "
-                     f"(first: {unaligned[0]}): NVFP4 packs whole {NVFP4_GROUP}-value groups, and vLLM and transformers "
-                     "load only those")
+                     f"(first: {unaligned[0]}): NVFP4 packs whole {NVFP4_GROUP}-value groups, "
+                     "and vLLM and transformers load only those")
     if target == TO_NVFP4 and not quantized:
         notes.append("no tensor qualifies for NVFP4 quantization; the output only re-encodes")
     relaid = [m for it in items if it.action == TO_NVFP4 for m in it.members if m.encoding == NVFP4]
@@ -257,7 +258,8 @@ def check_layouts(layouts, target: str) -> list[str]:
             out.append(str(OutputLayout(str(lay))))
         except ValueError:
             known = ", ".join(x.value for x in OutputLayout)
-            raise UsageError(f"unknown output layout {lay!r}", at="--format", hint=f"use one of: {known}, both") from None
+            raise UsageError(f"unknown output layout {lay!r}", at="--format",
+                             hint=f"use one of: {known}, both") from None
     if target != TO_NVFP4:
         return [str(OutputLayout.MODELOPT)]  # FP8-block / BF16 have one layout (DeepSeek's / plain)
     return sorted(set(out), key=out.index) or [str(OutputLayout.MODELOPT)]

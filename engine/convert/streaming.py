@@ -134,7 +134,8 @@ def _cpu_kernels(sink: EventSink) -> str | None:
     `--workers` children did the math); where the C ones could not be built, says why. Builds nothing."""
     tech = build.used()
     if tech == "numba" and build.unavailable():
-        sink.emit("log", level="info", msg=f"CPU kernels: numba (the C kernels could not be built: {build.unavailable()})")
+        sink.emit("log", level="info",
+                  msg=f"CPU kernels: numba (the C kernels could not be built: {build.unavailable()})")
     return tech
 
 
@@ -158,7 +159,7 @@ def _worker_main(src: str, tasks: list[ShardTask], device: str, v4_fp8: bool, q,
         run_tasks(reader, tasks, device=device, v4_fp8=v4_fp8, on_item=on_item)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         q.put(("error", e if _picklable(e) else RuntimeError(repr(e)), 0, []))
-        raise SystemExit(1)
+        raise SystemExit(1) from e
     q.put(("done", "", 0, []))
 
 

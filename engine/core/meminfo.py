@@ -1,4 +1,5 @@
-"""/proc/meminfo, parsed: this machine's (engine.startup.readahead's budget) or a node's read over SSH (remote.telemetry)."""
+"""/proc/meminfo, parsed: this machine's (engine.startup.readahead's budget) or a node's read over SSH
+(remote.telemetry)."""
 
 from __future__ import annotations
 

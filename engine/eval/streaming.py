@@ -120,7 +120,7 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
                 del built
                 t_build = time.monotonic() - t
                 rel, own = HiddenError(), HiddenError()
-                for j, (b, kw) in enumerate(zip(batches, kwargs)):
+                for j, (b, kw) in enumerate(zip(batches, kwargs, strict=True)):
                     hs_in = h_src[j].to(dev, non_blocking=True)
                     hs = _call(src_layer, hs_in, kw, family, hf_config)
                     ho = _call(out_layer, h_out[j].to(dev, non_blocking=True), kw, family, hf_config)

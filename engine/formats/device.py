@@ -16,6 +16,7 @@ def resolve_device(device: str = "auto") -> str:
         return d
     if d.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise FormatError(f"device {device!r} asked for but CUDA is not available", at="device", hint="use cpu or auto")
+            raise FormatError(f"device {device!r} asked for but CUDA is not available", at="device",
+                              hint="use cpu or auto")
         return d
     raise FormatError(f"unknown device {device!r}", at="device", hint="use auto, cpu or cuda[:N]")

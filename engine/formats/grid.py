@@ -61,4 +61,5 @@ def check_scale_values(scale) -> None:
     import numpy as np
 
     if not np.isfinite(scale).all() or (scale < 0).any():
-        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale", hint="the source is corrupt")
+        raise FormatError("FP8 block scale holds inf, NaN or a negative value", at="scale",
+                          hint="the source is corrupt")

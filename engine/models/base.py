@@ -109,7 +109,8 @@ class ModelLayout(Registry):
         return int(self.config.get("num_nextn_predict_layers") or 0)
 
     # -- per name -----------------------------------------------------------------------------------
-    def classify(self, name: str, shape: Sequence[int] | None = None, *, quantize_attention: bool = False) -> TensorInfo:
+    def classify(self, name: str, shape: Sequence[int] | None = None, *,
+                 quantize_attention: bool = False) -> TensorInfo:
         """What `name` is. Scale companions (source `weight_scale_inv` / `.scale`, and the NVFP4 outputs'
         `weight_scale`, `weight_scale_2`, `input_scale`, global scales) answer with role SCALE and the
         weight they belong to; `X.weight_packed` answers like `X.weight`."""
@@ -126,7 +127,8 @@ class ModelLayout(Registry):
         raise NotImplementedError
 
     def should_quantize(
-        self, name: str, shape: Sequence[int] | None = None, *, quantize_attention: bool = False, include_mtp: bool = False
+        self, name: str, shape: Sequence[int] | None = None, *, quantize_attention: bool = False,
+        include_mtp: bool = False,
     ) -> bool:
         """True when a converter with these options turns this tensor into the target format."""
         info = self.classify(name, shape, quantize_attention=quantize_attention)

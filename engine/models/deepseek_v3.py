@@ -1,8 +1,8 @@
 """DeepSeek V3 / R1 in the Hugging Face layout (`model.layers.N.self_attn.q_a_proj.weight`, ...).
 
 FP8 sources carry a float32 `X.weight_scale_inv` (128×128 blocks) next to every FP8 GEMM weight.
-V3.2's `self_attn.indexer.*` is preserved. MTP layer k lives at `model.layers.{num_hidden_layers + k}`: a full decoder block plus `embed_tokens`,
-`enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and `shared_head.head`.
+V3.2's `self_attn.indexer.*` is preserved. MTP layer k lives at `model.layers.{num_hidden_layers + k}`: a full
+decoder block plus `embed_tokens`, `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and `shared_head.head`.
 """
 
 from __future__ import annotations

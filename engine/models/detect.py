@@ -66,7 +66,8 @@ def detect_layout(config: dict | None, names: Iterable[str]) -> ModelLayout:
         if mtp and None not in mtp:
             config["num_hidden_layers"] = min(mtp)  # type: ignore[type-var]
     if family is Family.GENERIC:
-        suffix = ".scale" if any(n.endswith(".scale") and n[:-6] + ".weight" in set(names) for n in names) else ".weight_scale_inv"
+        has_scale = any(n.endswith(".scale") and n[:-6] + ".weight" in set(names) for n in names)
+        suffix = ".scale" if has_scale else ".weight_scale_inv"
         return GenericLayout(config, scale_suffix=suffix)
     return ModelLayout.get(family)(config)
 

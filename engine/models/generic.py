@@ -30,7 +30,8 @@ class GenericLayout(ModelLayout):
         super().__init__(config)
         self.scale_suffix = scale_suffix  # type: ignore[misc]  # per instance: detected from the names
 
-    def classify(self, name: str, shape: Sequence[int] | None = None, *, quantize_attention: bool = False) -> TensorInfo:
+    def classify(self, name: str, shape: Sequence[int] | None = None, *,
+                 quantize_attention: bool = False) -> TensorInfo:
         if name.endswith(".scale") and self.scale_suffix != ".scale":
             return self._classify(name, shape, quantize_attention)  # a parameter that happens to be called scale
         return super().classify(name, shape, quantize_attention=quantize_attention)
@@ -42,7 +43,8 @@ class GenericLayout(ModelLayout):
     def _classify(self, name: str, shape: Sequence[int] | None, quantize_attention: bool) -> TensorInfo:
         layer, expert = layer_index(name), expert_index(name)
         n_layers = self.num_hidden_layers
-        mtp = layer is not None and n_layers is not None and layer >= n_layers or name.startswith(("mtp.", "model.mtp."))
+        mtp = (layer is not None and n_layers is not None and layer >= n_layers
+               or name.startswith(("mtp.", "model.mtp.")))
         attention = bool(_ATTN.search(name))
         kind, gemm = Kind.OTHER, False
         if _NORM.search(name) or name.endswith("norm.weight"):

@@ -92,7 +92,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, sink: EventSink = NullSink())
     cfg_path = Path(path) / "config.json"
     if not cfg_path.exists():
         anomalies.append(Anomaly("warning", "no-config", "config.json is missing: family detected from tensor names "
-                                 "only, layers and experts unchecked", str(cfg_path), "copy config.json from the source"))
+                                 "only, layers and experts unchecked", str(cfg_path),
+                                 "copy config.json from the source"))
     config = r.config
     layout = detect_layout(config, names)
     sink.emit("log", level="info", msg=f"inspecting {len(names)} tensors of {path} as {layout.family}")
@@ -127,7 +128,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, sink: EventSink = NullSink())
         tensors=len(names), shards=len(r.shards()), total_bytes=r.total_bytes,
         patterns=_patterns(layout, names, metas, infos), block_formats=dict(sorted(blocks.items())),
         fp8_block=fp8_block, counts=_counts(layout, names, infos),
-        kinds=dict(Counter(i.kind.value for i in infos.values()).most_common()), bytes_by_dtype=dict(sorted(by_dtype.items())),
+        kinds=dict(Counter(i.kind.value for i in infos.values()).most_common()),
+        bytes_by_dtype=dict(sorted(by_dtype.items())),
         estimates=_estimates(layout, names, metas, infos), anomalies=anomalies,
     )
 
@@ -195,7 +197,8 @@ def _estimates(layout: ModelLayout, names, metas, infos) -> dict[str, int]:
                         PACKED_FP4 else 2)
         if info.converted() and len(shape) == 2:
             o, i = shape
-            nv += o * math.ceil(i / 16) * 8 + o * math.ceil(i / 16) + 4  # codes (16-blocks padded), e4m3 scales, scale_2
+            # codes (16-blocks padded), e4m3 scales, scale_2
+            nv += o * math.ceil(i / 16) * 8 + o * math.ceil(i / 16) + 4
         else:
             nv += kept
         if info.gemm and len(shape) == 2:
@@ -222,7 +225,8 @@ def render_text(rep: InspectReport) -> str:
              f"{rep.config_mtp_layers} MTP layer(s)"
              + (f"; quantization {rep.quantization_config.get('quant_method')}" if rep.quantization_config else ""),
              f"tensors      {rep.tensors} in {rep.shards} shard(s), {_human(rep.total_bytes)}",
-             "blocks       " + (", ".join(f"{k}: {v}" for k, v in rep.block_formats.items()) or "none (not block-quantized)"),
+             "blocks       "
+             + (", ".join(f"{k}: {v}" for k, v in rep.block_formats.items()) or "none (not block-quantized)"),
              ""]
     w = max([len(p.pattern) for p in rep.patterns] + [7])
     lines.append(f"{'pattern':<{w}}  {'count':>5}  {'role':<8}  {'kind':<13}  {'dtype':<9}  shape")

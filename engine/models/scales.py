@@ -55,7 +55,8 @@ def _block_key(shape, dtype: str, sshape, sdtype: str) -> str:
     return f"{'fp8' if dtype in FP8_DTYPES else dtype.lower()} {bo}x{bi} (scale {sdtype})"
 
 
-def check_scales(layout: ModelLayout, names: Iterable[str], metas: Mapping[str, Any]) -> tuple[Counter, list[ScaleProblem]]:
+def check_scales(layout: ModelLayout, names: Iterable[str],
+                 metas: Mapping[str, Any]) -> tuple[Counter, list[ScaleProblem]]:
     """(count of weights per block format, problems) over a checkpoint's tensors. `metas[n]` has `dtype_name`,
     `shape` and `shard` (engine.checkpoint.reader.TensorMeta)."""
     names = list(names)

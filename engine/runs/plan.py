@@ -269,8 +269,8 @@ def stages_to_run(plan: Plan, states: dict[str, StageState | str], mode: str = "
     """The stages a call of the runner executes, in order.
 
     run/resume: from the first stage not done onwards (stages already done are kept).
-    export-only: export, inject-mtp, copy-extras, validate, eval where planned (all of them again); raises RunError when the
-    plan has no export stage or its calibration is not done.
+    export-only: export, inject-mtp, copy-extras, validate, eval where planned (all of them again); raises RunError
+    when the plan has no export stage or its calibration is not done.
     """
     if mode not in MODES:
         raise RunError(f"unknown mode {mode!r}", at=mode, hint="one of: " + ", ".join(MODES))

@@ -290,8 +290,8 @@ def _read_meminfo(parse) -> tuple[int, int] | None:
         return None
 
 
-CHECKS: tuple[Check, ...] = (check_source, check_layout, check_output, check_disk, check_samples, check_gpus, check_versions,
-                             check_push)
+CHECKS: tuple[Check, ...] = (check_source, check_layout, check_output, check_disk, check_samples, check_gpus,
+                             check_versions, check_push)
 LATE_CHECKS: tuple[Check, ...] = (check_memory,)  # after the caller's extra checks, which may learn the nodes' memory
 
 

@@ -60,7 +60,7 @@ def merge_progress(latest: Mapping[int, Event], world: int | None = None) -> dic
     ds = [e.data for e in evs]
     newest = max(evs, key=lambda e: e.ts)
     per_rank = [{"rank": e.rank, "host": e.host, "done": d.get("done"), "total": d.get("total"),
-                 "rate": d.get("rate"), "eta_s": d.get("eta_s")} for e, d in zip(evs, ds)]
+                 "rate": d.get("rate"), "eta_s": d.get("eta_s")} for e, d in zip(evs, ds, strict=True)]
     out: dict[str, Any] = {"unit": ds[0].get("unit"), "label": newest.data.get("label"), "world": world,
                            "ranks": per_rank}
     if any(d.get("scope") == SCOPE_ALL for d in ds):

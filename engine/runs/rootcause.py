@@ -3,8 +3,8 @@
 Classes (their names go verbatim into status.json `error_class` and the store's root cause):
     cuda-oom, host-oom, killed, illegal-memory-access, nccl-timeout (a collective of NCCL or gloo timed out),
     stalled (the stage went silent, then its worker ended), disk-full, file-missing, bad-samples, ssh-lost,
-    interrupted, quality-gate (eval's gate failed), validation-failed, bad-checkpoint, error (any other QuantdeckError, with its own hint),
-    worker-lost, unknown
+    interrupted, quality-gate (eval's gate failed), validation-failed, bad-checkpoint, error (any other
+    QuantdeckError, with its own hint), worker-lost, unknown
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ class RootCause:
 
 # (class, pattern over the text, summary, hint) — first match wins, so the specific come first.
 RULES: list[tuple[str, re.Pattern[str], str, str]] = [
-    ("cuda-oom", re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation", re.I),
+    ("cuda-oom", re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|"
+                            r"cudaErrorMemoryAllocation", re.I),
      "CUDA out of memory",
      "lower calibration.batch_size or seq_len, or use more GPUs/nodes; stages stream one layer at a time"),
     ("illegal-memory-access", re.compile(r"illegal memory access|cudaErrorIllegalAddress|CUDA error: an illegal", re.I),
      "CUDA illegal memory access",
      "resume: finished layers/shards are kept; if it repeats, check the driver and GPU health (nvidia-smi -q)"),
-    ("nccl-timeout", re.compile(r"NCCL.*(timeout|timed out)|Watchdog caught collective operation timeout|ProcessGroupNCCL.*Timeout", re.I),
+    ("nccl-timeout", re.compile(r"NCCL.*(timeout|timed out)|Watchdog caught collective operation timeout|"
+                                r"ProcessGroupNCCL.*Timeout", re.I),
      "NCCL collective timed out",
      "a rank died or stalled: check every node's log (`quantdeck logs RUN calibrate`), then resume"),
     ("nccl-timeout", re.compile(r"Timed out waiting \d+ ?ms for (recv|send)|gloo.*(timeout|timed out)|"
@@ -54,10 +56,12 @@ RULES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("bad-samples", re.compile(r"SamplesError|bad samples file|samples file", re.I),
      "bad samples file",
      "fix calibration.samples (JSON list of strings, or JSONL with text/messages); preflight checks it"),
-    ("ssh-lost", re.compile(r"SSHException|Socket is closed|Connection reset by peer|connection lost|No existing session|EOF during negotiation", re.I),
+    ("ssh-lost", re.compile(r"SSHException|Socket is closed|Connection reset by peer|connection lost|"
+                            r"No existing session|EOF during negotiation", re.I),
      "SSH connection lost",
      "the worker keeps running on its node; `quantdeck status RUN` re-attaches, `quantdeck resume RUN` if it died"),
-    ("host-oom", re.compile(r"MemoryError|Cannot allocate memory|oom-kill|Out of memory: Killed process|std::bad_alloc", re.I),
+    ("host-oom", re.compile(r"MemoryError|Cannot allocate memory|oom-kill|Out of memory: Killed process|"
+                            r"std::bad_alloc", re.I),
      "host out of memory",
      "lower workers/batch size, or use a node with more RAM; finished units are kept on resume"),
     ("file-missing", re.compile(r"FileNotFoundError|No such file or directory", re.I),
@@ -75,7 +79,8 @@ HINTS.update({
     "killed": "killed by a signal (SIGKILL: often the host OOM killer — see `dmesg`); `quantdeck resume RUN`",
     "worker-lost": "the worker vanished without a final status; check its log, then `quantdeck resume RUN`",
     "bad-checkpoint": "fix the checkpoint or path named above, then `quantdeck resume RUN`",
-    "validation-failed": "the output failed validation: read stages/validate/report.json (`quantdeck logs RUN validate`)",
+    "validation-failed": "the output failed validation: read stages/validate/report.json "
+                         "(`quantdeck logs RUN validate`)",
     "unknown": "read the log (`quantdeck logs RUN STAGE`); `quantdeck resume RUN` once fixed",
 })
 

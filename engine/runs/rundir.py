@@ -278,7 +278,8 @@ def begin_attempt(run: RunDir, stage: str, *, host: str | None = None, pid: int 
         cur = StageState(st["state"])
         if not force and cur in (StageState.STARTING, StageState.RUNNING):
             raise StageLockedError(
-                f"stage {stage} of run {run.id} is {cur.value} (attempt {st['attempt']}, pid {st['pid']} on {st['host']})",
+                f"stage {stage} of run {run.id} is {cur.value} "
+                f"(attempt {st['attempt']}, pid {st['pid']} on {st['host']})",
                 at=f"{run.id}/{stage}", hint="wait for it, or `quantdeck cancel " + run.id + "`")
         attempts = list(st.get("attempts", []))
         new = _blank_status(stage)

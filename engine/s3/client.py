@@ -173,8 +173,8 @@ def translate(exc: BaseException, sess: S3Session | None, *, at: str, op: str) -
     if code in FATAL_CODES_ACCESS:
         return TransferError(f"access denied to {op} {at}", at=at,
                              hint="the credentials lack permission (pull needs s3:ListBucket and s3:GetObject; "
-                                  "push needs s3:ListBucket, s3:PutObject and s3:GetObject to verify) — check the IAM or bucket "
-                                  "policy, or the profile in use",
+                                  "push needs s3:ListBucket, s3:PutObject and s3:GetObject to verify) — check the IAM "
+                                  "or bucket policy, or the profile in use",
                              title="access denied")
     if code in FATAL_CODES_CREDS:
         return TransferError(f"the S3 endpoint rejected the credentials ({code}) for {op}", at=at,

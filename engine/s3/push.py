@@ -162,7 +162,7 @@ def _unverified(sess: S3Session, u: S3Url, man: TransferManifest, jobs: list[Job
 
     with ThreadPoolExecutor(max_workers=opts.concurrency) as pool:
         done = list(pool.map(vouched, jobs))
-    return [j for j, ok in zip(jobs, done) if not ok]
+    return [j for j, ok in zip(jobs, done, strict=True) if not ok]
 
 
 def _digest(entry: dict | None, path: Path, st: tuple[int, int], part_size: int) -> FileDigest:

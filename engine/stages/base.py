@@ -42,7 +42,8 @@ class StageContext:
 class Stage(Registry, abc.ABC):
     registry_kind: ClassVar[str] = "stage"
     registered_name: ClassVar[str]
-    distributed: ClassVar[bool] = False  # True: may run under torchrun on every node (calibrate; convert/export split shards)
+    # True: may run under torchrun on every node (calibrate; convert/export split shards)
+    distributed: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, ctx: StageContext) -> dict[str, Any]:

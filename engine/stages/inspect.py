@@ -33,7 +33,8 @@ class InspectStage(Stage):
         fam = rep.get("family") if isinstance(rep, dict) else None
         want = ctx.params.get("family")
         if want and fam and str(fam) != str(want) and str(fam) != "generic":
-            ctx.sink.emit("log", level="warning", msg=f"recipe says model.family = {want}, the checkpoint looks like {fam}")
+            ctx.sink.emit("log", level="warning",
+                          msg=f"recipe says model.family = {want}, the checkpoint looks like {fam}")
         if fam:
             ctx.update_meta(family=str(want or fam))
         return {"family": fam, "report": ctx.params.get("report"),

@@ -13,8 +13,8 @@ cold one), and one reading thread reaches only 0.8 GB/s where four reach the dis
 
 Not while torch's own libraries are cold (`interpreter_cold`): the import then needs the disk itself. Not on
 CPU with few cores: there the conversion is bound by the cores, and reading early only slows the
-interpreter's own (cold) imports (measured on 2 cores: torch's cold import ~1 s slower beside it). QUANTDECK_NO_READAHEAD=1
-turns it off; QUANTDECK_READAHEAD_THREADS=N sets the readers (default 4).
+interpreter's own (cold) imports (measured on 2 cores: torch's cold import ~1 s slower beside it).
+QUANTDECK_NO_READAHEAD=1 turns it off; QUANTDECK_READAHEAD_THREADS=N sets the readers (default 4).
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def cast_fp8_block_fast(
         q, s = cast_fp8_block(w.to(dev), block, ue8m0)
         return q.cpu(), s.cpu()
     if w.dim() != 2 or w.numel() == 0 or not w.is_floating_point():
-        raise FormatError(f"cast_fp8_block needs a non-empty 2-D float tensor, got {tuple(w.shape)}", at="cast_fp8_block")
+        raise FormatError(f"cast_fp8_block needs a non-empty 2-D float tensor, got {tuple(w.shape)}",
+                          at="cast_fp8_block")
     from engine.formats.fp8_block import kernels_cpu
     from engine.formats.numba_setup import KERNEL_LOCK
 

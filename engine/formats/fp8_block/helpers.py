@@ -62,7 +62,8 @@ def scale_to_fp32(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype in (torch.float8_e8m0fnu, torch.uint8):
         byte = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
         if bool((byte == 255).any()):
-            raise FormatError("E8M0 scale holds the NaN byte 0xFF", at="scale", hint="the source scale tensor is corrupt")
+            raise FormatError("E8M0 scale holds the NaN byte 0xFF", at="scale",
+                              hint="the source scale tensor is corrupt")
         # 2^(b-127) is exact in fp32 for b in [1, 254]; b == 0 is 2^-127, a float32 subnormal, also exact.
         return torch.ldexp(torch.ones_like(byte, dtype=torch.float32), byte.to(torch.int32) - E8M0_BIAS)
     if scale.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

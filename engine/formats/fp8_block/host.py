@@ -35,7 +35,8 @@ def block_scales_fp32(data: np.ndarray, dtype: str) -> np.ndarray:
     as uint16 bits, F16, F32. Rejects the E8M0 NaN byte, and inf, NaN or negative values."""
     if dtype in ("F8_E8M0", "U8"):
         if (data == 255).any():
-            raise FormatError("E8M0 scale holds the NaN byte 0xFF", at="scale", hint="the source scale tensor is corrupt")
+            raise FormatError("E8M0 scale holds the NaN byte 0xFF", at="scale",
+                              hint="the source scale tensor is corrupt")
         # 2^(b-127) is exact in float32 for b in [1, 254]; b == 0 is 2^-127, a float32 subnormal, also exact.
         return np.ldexp(np.ones(data.shape, np.float32), data.astype(np.int32) - E8M0_BIAS)
     if dtype == "BF16":

@@ -52,7 +52,8 @@ def cast_kernel(x, s32, bo, bi, out):
                 if a < np.uint32(0x3C800000):  # |v| < 2^-6
                     code = np.uint32(np.rint(abs(tmp[j]) * np.float32(512.0)))
                 else:
-                    code = ((a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)) - np.uint32(960)
+                    code = (((a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20))
+                            - np.uint32(960))
                 out[r, c0 + j] = np.uint8(code | ((u >> np.uint32(24)) & np.uint32(0x80)))
 
 

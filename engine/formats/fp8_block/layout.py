@@ -1,4 +1,5 @@
-"""DeepSeek's FP8 block-128 layout (V3/R1 Hugging Face naming), as DeepSeek's own cast script writes it from BF16 models.
+"""DeepSeek's FP8 block-128 layout (V3/R1 Hugging Face naming), as DeepSeek's own cast script writes it from BF16
+models.
 
 Per quantized Linear `M`: `M.weight` float8_e4m3fn [o, i] and `M.weight_scale_inv` float32
 [ceil(o/128), ceil(i/128)] (a multiplier: value = fp32(code) × scale). The `fp8-block-ue8m0` layout is

@@ -96,7 +96,6 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Exact float32 values [o, i] of an MXFP4 tensor."""
     p = _as_packed(packed)
     i = _check_pair(p, scale)
-    o = p.shape[0]
     k = mxfp4_exponents(scale)
     vals = decode_e2m1(unpack_nibbles(p))
     kk = k.repeat_interleave(MX_BLOCK, dim=1)[:, :i]

@@ -103,6 +103,7 @@ def fp8_group_to_nvfp4(
     dev = resolve_device(device)
     if dev != "cpu":
         pairs = [(w.to(dev, non_blocking=True), scale_to_fp32(s).to(dev)) for w, s in pairs]
-    amax = torch.stack([fp8_block_amax(w, s, device=dev, block=b) for (w, s), b in zip(pairs, blks)]).amax()
+    amax = torch.stack([fp8_block_amax(w, s, device=dev, block=b)
+                        for (w, s), b in zip(pairs, blks, strict=True)]).amax()
     s2 = global_scale(amax)
-    return s2, [fp8_block_to_nvfp4(w, s, s2, device=dev, block=b) for (w, s), b in zip(pairs, blks)]
+    return s2, [fp8_block_to_nvfp4(w, s, s2, device=dev, block=b) for (w, s), b in zip(pairs, blks, strict=True)]

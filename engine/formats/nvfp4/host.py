@@ -51,7 +51,8 @@ def _check_scale_2(scale_2) -> np.float32:
 
 def _check_fp8(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> None:
     if wb.ndim != 2 or wb.size == 0 or wb.dtype != np.uint8:
-        raise FormatError(f"expected non-empty 2-D FP8 bytes, got {wb.dtype} {tuple(wb.shape)}", at="fp8_block_to_nvfp4")
+        raise FormatError(f"expected non-empty 2-D FP8 bytes, got {wb.dtype} {tuple(wb.shape)}",
+                          at="fp8_block_to_nvfp4")
     check_scale_grid(wb.shape, scale.shape, block)
     check_scale_values(scale)
 
@@ -66,7 +67,8 @@ def fp8_block_amax(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int]) ->
     return np.float32((E4M3_LUT[tile] * scale).max())  # float32 × float32, as the dequant does
 
 
-def fp8_block_to_nvfp4(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int], scale_2) -> tuple[np.ndarray, np.ndarray]:
+def fp8_block_to_nvfp4(wb: np.ndarray, scale: np.ndarray, block: tuple[int, int],
+                       scale_2) -> tuple[np.ndarray, np.ndarray]:
     """(packed, block-scale bytes) of FP8-block bytes quantized with `scale_2`: dequant + NVFP4 in one pass."""
     _check_fp8(wb, scale, block)
     o, i = wb.shape

@@ -3,10 +3,12 @@
 Both layouts hold the same bytes (E2M1 codes two a byte, element 0 in the low nibble; one float8_e4m3fn scale per
 16 inputs) under other names, with the global scales stored the other way round:
 
-| layout             | codes           | block scales   | global scale                      | input scale                    |
-| ------------------ | --------------- | -------------- | --------------------------------- | ------------------------------ |
-| modelopt           | `weight`        | `weight_scale` | `weight_scale_2` (a multiplier)   | `input_scale` (a multiplier)   |
-| compressed-tensors | `weight_packed` | `weight_scale` | `weight_global_scale` = 1/scale_2 | `input_global_scale` = 1/input |
+| tensor       | modelopt                        | compressed-tensors                |
+| ------------ | ------------------------------- | --------------------------------- |
+| codes        | `weight`                        | `weight_packed`                   |
+| block scales | `weight_scale`                  | `weight_scale`                    |
+| global scale | `weight_scale_2` (a multiplier) | `weight_global_scale` = 1/scale_2 |
+| input scale  | `input_scale` (a multiplier)    | `input_global_scale` = 1/input    |
 
 Value = e2m1(code) × fp32(block_scale) × scale_2. The names are the output layouts' own (engine.formats.modelopt
 and engine.formats.compressed_tensors, `tensor_names`). `find_nvfp4(base, present)` says which layout a module is
