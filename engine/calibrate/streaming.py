@@ -41,6 +41,7 @@ from engine.calibrate.samples import Samples, load_samples, read_samples_file, t
 from engine.core.errors import CheckpointError
 from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
+from engine.core.gcpause import imports_without_gc
 from engine.core.settings import settings
 from engine.models import detect_layout
 
@@ -168,10 +169,13 @@ def calibrate(model_dir: str | os.PathLike, samples: str | os.PathLike | Samples
     warm = threading.Thread(target=_warm_device, args=(device,), name="calib-device-init", daemon=True)
     warm.start()
     holder: list[DistContext] = []
+    imports = contextlib.ExitStack()  # no garbage collection until transformers and modelopt are imported
+    imports.enter_context(imports_without_gc())
     try:
         return _run(holder, warm, device, Path(model_dir), samples, Path(out_dir), num_samples, seq_len, batch_size,
-                    quant_cfg, all_experts, sink, layers, ph)
+                    quant_cfg, all_experts, sink, layers, ph, imports)
     finally:
+        imports.close()
         if holder:
             holder[0].close()
 
@@ -185,7 +189,7 @@ def _warm_device(device: str) -> None:
 
 
 def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, batch_size, quant_cfg, all_experts,
-         sink, stop_after, ph: Phases):
+         sink, stop_after, ph: Phases, imports: contextlib.ExitStack):
     with ph("setup_s"):
         src = TensorSource(model_dir, dtype=torch.bfloat16)
         config = src.config
@@ -226,6 +230,7 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
                                     warm)
         with ph("import_s"):
             qcfg = resolve_quant_cfg(quant_cfg)
+        imports.close()
         with ph("dist_init_s"):
             warm.join()
             ctx = init_distributed(device)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.checkpoint.reader import CheckpointReader
 from engine.convert.validate_ref import BLOCK_TOL, decode_module
+from engine.core.gcpause import imports_without_gc
 from engine.models import detect_layout
 
 if TYPE_CHECKING:
@@ -293,7 +294,8 @@ def main(argv: list[str]) -> int:
     """`python -m engine.convert.block_check OUT SRC TARGET DEVICE`: the report calls as one JSON line on stdout."""
     out_dir, src_dir, target, device = argv
     rec = _Recorder()
-    check_first_block(CheckpointReader(out_dir, strict=False), CheckpointReader(src_dir), rec, target, device)
+    with imports_without_gc():  # a short-lived child that mostly imports transformers (engine.core.gcpause)
+        check_first_block(CheckpointReader(out_dir, strict=False), CheckpointReader(src_dir), rec, target, device)
     sys.stdout.write(json.dumps(rec.calls) + "\n")
     return 0
 

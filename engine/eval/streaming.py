@@ -36,6 +36,7 @@ from engine.calibrate.streaming import HEARTBEAT_S, mtp_layers
 from engine.checkpoint.consistency import refuse_other_model
 from engine.core.errors import CheckpointError
 from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
+from engine.core.gcpause import imports_without_gc
 from engine.eval import actquant, resume
 from engine.eval.decode import OutputModel
 from engine.eval.metrics import HiddenError, TokenMetrics
@@ -64,8 +65,9 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
     dtype = compute_dtype(src.config)
     src.dtype = dtype
     family = LayerFamily.for_config(src.config)
-    hf_config = family.hf_config(src.config)
-    hf_config._attn_implementation = family.attn_implementation()
+    with imports_without_gc():  # transformers' modeling import (engine.core.gcpause)
+        hf_config = family.hf_config(src.config)
+        hf_config._attn_implementation = family.attn_implementation()
     hf_config._experts_implementation = "eager"
     dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     out = OutputModel(output, family, hf_config, dtype, dev, keep_fp32(family, dtype))
