@@ -21,6 +21,11 @@ read floor (`cat` of the same shards, page cache dropped where allowed, and warm
 --gpu-mem-fraction caps every tool with torch.cuda.set_per_process_memory_fraction (modelopt then loads with
 device_map="auto" and a max_memory that offloads the rest to CPU).
 
+--eval then converts the calibrated source to weight-only NVFP4 (`quantdeck convert --to nvfp4`) and runs
+`quantdeck eval` of it against the BF16 model on the same samples and batches, in a fresh process: each layer's
+eval seconds beside that layer's calibration seconds (read wait, build, forward and quantizer work; eval runs three
+forwards a layer: the source's, the output's, and the output's on the source's inputs).
+
 Before timing, the built model is synced to disk and one untimed process imports torch, transformers and
 modelopt (--no-warmup skips it): on a fresh machine the first import compiles bytecode and reads cold files,
 which would otherwise land on whichever tool runs first.
@@ -180,7 +185,7 @@ def role_streaming(a) -> None:
         def emit(self, kind, **d):
             if kind == "metric" and d.get("name") == "calibrate.layer":
                 layers.append({k: v for k, v in d["tags"].items() if k.endswith("_s") and k != "tokens_per_s"}
-                              | {"layer": d["tags"].get("layer"), "bytes_read": d["tags"].get("bytes_read")})
+                              | {k: d["tags"].get(k) for k in ("layer", "bytes_read", "seconds")})
 
     t0 = time.monotonic()
     summary = calibrate(a.model, a.samples_file, a.out, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
@@ -189,6 +194,25 @@ def role_streaming(a) -> None:
            "per_layer": layers, "summary": summary, **_peaks(a.device)}
     rank = int(os.environ.get("RANK", "0"))
     Path(a.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(res, default=str))
+
+
+def role_eval(a) -> None:
+    """`quantdeck eval` of --out (an NVFP4 checkpoint) against --model, each layer's seconds recorded."""
+    from engine.eval.streaming import evaluate
+
+    layers: list = []
+
+    class Sink:
+        def emit(self, kind, **d):
+            if kind == "metric" and d.get("name") == "eval.layer":
+                layers.append({k: d["tags"].get(k) for k in ("layer", "seconds", "build_s")})
+
+    t0 = time.monotonic()
+    rep = evaluate(a.out, a.model, a.samples_file, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
+                   sink=Sink())
+    res = {"wall_s": time.monotonic() - t0, "start_s": t0 - T_PROCESS, "per_layer": layers,
+           "kld_mean": rep["kld_mean"], "top1_agree": rep["top1_agree"], **_peaks(a.device)}
+    Path(a.result).write_text(json.dumps(res, default=str))
 
 
 def role_modelopt(a) -> None:
@@ -296,7 +320,31 @@ def _table(report: dict) -> str:
         if key in report:
             ratio = report["streaming"]["wall_s"] / report[key]["wall_with_process_s"]
             lines.append(f"quantdeck / {key}: wall {ratio:.2f}x")
+    for e in (report.get("eval") or {}).get("per_layer_vs_calibration", []):
+        lines.append(f"eval layer {e['layer']}: {e['eval_s']:.2f} s, calibration {e['calibrate_s'] or 0:.2f} s: "
+                     f"{e['ratio']}x")
     return "\n".join(lines)
+
+
+def eval_beside_calibration(a, dirs: dict, samples: Path, work: Path, env: dict, streaming: dict) -> dict:
+    """--eval: the source converted to weight-only NVFP4, then eval against the BF16 model; per layer, eval's
+    seconds and calibration's (read wait, assembly, build, forward, quantizers, write) and their ratio."""
+    out = work / f"{dirs[a.source].name}-nvfp4"
+    if not (out / "config.json").exists():
+        _convert("--src", str(dirs[a.source]), "--dst", str(out), "--to", "nvfp4", "--device", a.device)
+    res = work / "eval.json"
+    t0 = time.monotonic()
+    _run([sys.executable, str(Path(__file__).resolve()), "--role", "eval", "--result", str(res), "--model",
+          str(dirs["bf16"]), "--out", str(out), "--samples-file", str(samples), "--seq-len", str(a.seq_len),
+          "--batch-size", str(a.batch_size), "--device", a.device], env)
+    ev = json.loads(res.read_text())
+    ev["wall_with_process_s"] = time.monotonic() - t0
+    calib = {x["layer"]: x for x in streaming.get("per_layer_rank0") or []}
+    ev["per_layer_vs_calibration"] = [
+        {"layer": e["layer"], "eval_s": e["seconds"], "calibrate_s": calib[e["layer"]].get("seconds"),
+         "ratio": round(e["seconds"] / calib[e["layer"]]["seconds"], 2) if calib.get(e["layer"], {}).get("seconds")
+         else None} for e in ev["per_layer"]]
+    return ev
 
 
 def main() -> None:
@@ -315,8 +363,9 @@ def main() -> None:
     p.add_argument("--skip-layerwise", action="store_true", help="skip modelopt's layerwise flow")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed import warm-up process")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each tool (where allowed)")
+    p.add_argument("--eval", action="store_true", help="also time quantdeck eval against calibration, per layer")
     p.add_argument("--json", help="also write the whole report to this file")
-    p.add_argument("--role", choices=["streaming", "modelopt"], help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["streaming", "modelopt", "eval"], help=argparse.SUPPRESS)
     p.add_argument("--layerwise", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--samples-file", help=argparse.SUPPRESS)
@@ -327,6 +376,8 @@ def main() -> None:
         return role_streaming(a)
     if a.role == "modelopt":
         return role_modelopt(a)
+    if a.role == "eval":
+        return role_eval(a)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
@@ -397,6 +448,8 @@ def main() -> None:
             report["gpu_mem_ratio"] = s["peak_gpu_gb"] / mo["peak_gpu_gb"]
         report["rss_ratio"] = s["peak_rss_gb"] / mo["peak_rss_gb"]
         report["amax"] = mo["amax"]
+    if a.eval:
+        report["eval"] = eval_beside_calibration(a, dirs, samples, work, env, report["streaming"])
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
