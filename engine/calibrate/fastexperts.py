@@ -40,23 +40,28 @@ KNOWN_FORWARD = {
 }
 
 
-def one_sync_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    final = torch.zeros_like(hidden_states)
+def expert_groups(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, token indices, top-k positions) of every expert hit, ascending, each expert's pairs in the order
+    `torch.where(mask[expert])` gives them in the eager loop — found with one host sync."""
     n_tokens = top_k_index.shape[0]
     with torch.no_grad():
         pairs = top_k_index.t().reshape(-1)  # index p * n_tokens + t: torch.where's (position, token) order
         order = torch.argsort(pairs, stable=True)  # grouped by expert, that order kept inside each group
-        counts = torch.bincount(pairs, minlength=self.num_experts + 1).tolist()  # the one host sync
+        counts = torch.bincount(pairs, minlength=num_experts + 1).tolist()  # the one host sync
         top_k_pos_all = order // n_tokens
         token_idx_all = order % n_tokens
     start = 0
-    for expert_idx, n in enumerate(counts[:self.num_experts]):  # the last bin: tokens sent to no expert
+    for expert_idx, n in enumerate(counts[:num_experts]):  # the last bin: tokens sent to no expert
         if n == 0:
             continue
-        top_k_pos = top_k_pos_all[start:start + n]
-        token_idx = token_idx_all[start:start + n]
+        yield expert_idx, token_idx_all[start:start + n], top_k_pos_all[start:start + n]
         start += n
+
+
+def one_sync_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    final = torch.zeros_like(hidden_states)
+    for expert_idx, token_idx, top_k_pos in expert_groups(top_k_index, self.num_experts):
         current = self._apply_gate(F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]))
         current = F.linear(current, self.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, current.to(final.dtype))

@@ -29,6 +29,7 @@ import torch
 from engine.calibrate.batches import plan_batches
 from engine.calibrate.dist import resolve_device
 from engine.calibrate.family import LayerFamily
+from engine.calibrate.fastexperts import one_sync_experts
 from engine.calibrate.layer import TensorSource, compute_dtype, keep_fp32, materialize_layer
 from engine.calibrate.layer_reader import LayerReader
 from engine.calibrate.samples import load_samples, read_samples_file
@@ -122,17 +123,20 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
                 del built
                 t_build = time.monotonic() - t
                 rel, own = HiddenError(), HiddenError()
-                for j, (b, kw) in enumerate(zip(batches, kwargs, strict=True)):
-                    hs_in = h_src[j].to(dev, non_blocking=True)
-                    hs = _call(src_layer, hs_in, kw, family, hf_config)
-                    ho = _call(out_layer, h_out[j].to(dev, non_blocking=True), kw, family, hf_config)
-                    mask = b.attention_mask
-                    rel.add(ho, hs, mask)
-                    own.add(_call(out_layer, hs_in, kw, family, hf_config), hs, mask)
-                    h_src[j], h_out[j] = hs.to("cpu"), ho.to("cpu")
-                    if time.monotonic() - last_beat[0] >= HEARTBEAT_S:  # never silent while working (stall watch)
-                        last_beat[0] = time.monotonic()
-                        prog.advance(0, label=f"layer {i + 1}/{n_layers}: batch {j + 1}/{len(batches)}", force=True)
+                # the routed experts find their tokens with one host sync a call (same ops, same bits as eager)
+                with one_sync_experts(src_layer), one_sync_experts(out_layer):
+                    for j, (b, kw) in enumerate(zip(batches, kwargs, strict=True)):
+                        hs_in = h_src[j].to(dev, non_blocking=True)
+                        hs = _call(src_layer, hs_in, kw, family, hf_config)
+                        ho = _call(out_layer, h_out[j].to(dev, non_blocking=True), kw, family, hf_config)
+                        mask = b.attention_mask
+                        rel.add(ho, hs, mask)
+                        own.add(_call(out_layer, hs_in, kw, family, hf_config), hs, mask)
+                        h_src[j], h_out[j] = hs.to("cpu"), ho.to("cpu")
+                        if time.monotonic() - last_beat[0] >= HEARTBEAT_S:  # never silent (stall watch)
+                            last_beat[0] = time.monotonic()
+                            prog.advance(0, label=f"layer {i + 1}/{n_layers}: batch {j + 1}/{len(batches)}",
+                                         force=True)
                 for m in (src_layer, out_layer):
                     m.to_empty(device="meta")
                 del src_layer, out_layer
