@@ -7,6 +7,11 @@ Builds (once, cached in --workdir) a DeepSeek-V3 checkpoint, then runs, each in 
   validate  `quantdeck validate OUT --against SRC`
   run       `quantdeck run recipe.toml` on the same source: the whole weight-only pipeline (inspect, convert,
             inject-mtp, copy-extras, validate) with preflight off, into its own work dir
+  run-calibrated  (--calibrate) the same with `calibrate = true`: inspect, calibrate, export (W4A4), inject-mtp,
+            copy-extras, validate, eval, on a samples file of random text (--samples N x --seq-len L, batch 8)
+
+Each run's stages are listed with their own walls (from the run directory's status files), so a stage's share of
+the run and the time between stages show.
 
 and prints each one's wall, bytes read and written (/proc/<pid>/io of the process tree, polled), peak RSS of the
 tree (and peak GPU memory where CUDA exists), and the floor: `cat` of the inputs it reads and `dd` of the outputs
@@ -25,7 +30,7 @@ after a sync), leaving python's and torch's files warm as on an operator's machi
 warm; --cold all drops the whole page cache (root only).
 
 Usage:  python benchmarks/pipeline.py [--size mid-cpu|real] [--source fp8|bf16] [--workdir DIR] [--cold data]
-                                      [--skip run] [--json]
+                                      [--skip run] [--calibrate [--samples N --seq-len L]] [--json]
 Target: validate <= 1.0x convert; the weight-only run <= 2x convert (mid-cpu), <= 1.3x at real width.
 """
 
@@ -290,6 +295,9 @@ def main() -> int:
     ap.add_argument("--cold", default="data", choices=["data", "none", "all"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--skip", action="append", default=[], choices=["convert", "validate", "run"])
+    ap.add_argument("--calibrate", action="store_true", help="also run the calibrated pipeline (W4A4 + eval)")
+    ap.add_argument("--samples", type=int, default=32, help="--calibrate: calibration samples (eval takes 8 more)")
+    ap.add_argument("--seq-len", type=int, default=256, help="--calibrate: tokens per sample")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qd-pipeline-")).absolute()
@@ -306,6 +314,12 @@ def main() -> int:
         "run": (lambda: [*qd, "run", str(_recipe(work, src, runwork, args.device)), "--no-preflight"], [src],
                 lambda: _size(runwork / "outputs")),
     }
+    calwork = work / "run-calibrated"
+    if args.calibrate:
+        samples = _samples(work, args.samples + 8, args.seq_len)
+        stages["run-calibrated"] = (lambda: [*qd, "run", str(_recipe(work, src, calwork, args.device, samples=samples,
+                                                                     n=args.samples, seq_len=args.seq_len)),
+                                             "--no-preflight"], [src], lambda: _size(calwork / "outputs"))
     results: dict[str, dict] = {}
     for name, (make, inputs, written) in stages.items():
         if name in args.skip or (name == "validate" and not out.exists()):
@@ -314,6 +328,8 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
         if name == "run":
             shutil.rmtree(runwork, ignore_errors=True)
+        if name == "run-calibrated":
+            shutil.rmtree(calwork, ignore_errors=True)
         if args.cold == "data":
             evict(src, out)
         elif args.cold == "all":
@@ -324,9 +340,11 @@ def main() -> int:
         res["gpu_peak_mib"] = gpu() if gpu else None
         res |= floor(inputs, written(), work, args.cold)
         res.pop("out", None)
+        if name.startswith("run"):
+            res["stages"] = _stage_walls(runwork if name == "run" else calwork)
         results[name] = res
     conv = results.get("convert", {}).get("wall_s")
-    for name in ("validate", "run"):
+    for name in ("validate", "run", "run-calibrated"):
         if conv and name in results:
             results[name]["x_convert"] = round(results[name]["wall_s"] / conv, 2)
     report = {"size": args.size, "source": args.source, "source_gb": round(_size(src) / 1e9, 3),
@@ -335,21 +353,59 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{args.size} V3 {args.source} source {report['source_gb']} GB, {os.cpu_count()} cores, cold {args.cold}")
-    print(f"{'stage':<9} {'wall s':>7} {'x conv':>7} {'read GB':>8} {'written GB':>10} {'peak RSS GB':>11} "
+    print(f"{'stage':<14} {'wall s':>7} {'x conv':>7} {'read GB':>8} {'written GB':>10} {'peak RSS GB':>11} "
           f"{'GPU MiB':>8} {'cat s':>6} {'dd s':>6} {'rc':>3}")
     for name, r in results.items():
-        print(f"{name:<9} {r['wall_s']:>7.2f} {r.get('x_convert', 1.0):>7.2f} {r['read_gb']:>8.3f} "
+        print(f"{name:<14} {r['wall_s']:>7.2f} {r.get('x_convert', 1.0):>7.2f} {r['read_gb']:>8.3f} "
               f"{r['written_gb']:>10.3f} {r['peak_rss_gb']:>11.3f} {str(r['gpu_peak_mib'] or '-'):>8} "
               f"{r['cat_s']:>6.2f} {r['dd_s']:>6.2f} {r['rc']:>3}" + (f"  {r['err_tail'][:80]}" if r["rc"] else ""))
+    for name, r in results.items():
+        if r.get("stages"):
+            print(f"{name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items()))
     return 0
 
 
-def _recipe(work: Path, src: Path, runwork: Path, device: str) -> Path:
-    path = work / "recipe.toml"
-    path.write_text(f'[run]\nworkdir = "{runwork}"\ndevice = "{device}"\npreflight = false\n\n'
-                    f'[source]\npath = "{src}"\n\n[target]\nformat = "nvfp4"\ncalibrate = false\n'
-                    'layouts = ["modelopt"]\n')
+def _recipe(work: Path, src: Path, runwork: Path, device: str, samples: Path | None = None, n: int = 0,
+            seq_len: int = 0) -> Path:
+    path = work / ("recipe-calibrated.toml" if samples else "recipe.toml")
+    text = (f'[run]\nworkdir = "{runwork}"\ndevice = "{device}"\npreflight = false\n\n'
+            f'[source]\npath = "{src}"\n\n[target]\nformat = "nvfp4"\ncalibrate = {"true" if samples else "false"}\n'
+            'layouts = ["modelopt"]\n')
+    if samples:
+        text += (f'\n[calibration]\nsamples = "{samples}"\nnum_samples = {n}\nseq_len = {seq_len}\nbatch_size = 8\n'
+                 f'\n[eval]\nnum_samples = 8\nseq_len = {seq_len}\nbatch_size = 8\nmax_kld_mean = 100\nmin_top1 = 0\n')
+    path.write_text(text)
     return path
+
+
+def _samples(work: Path, n: int, seq_len: int) -> Path:
+    """n samples of random text, one byte a token for the fixtures' byte-level tokenizer (random weights: the
+    eval gate is set wide open, the figures mean nothing)."""
+    import random
+
+    path = work / f"samples-{n}x{seq_len}.json"
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-"
+    path.write_text(json.dumps(["".join(rng.choice(alphabet) for _ in range(seq_len)) for _ in range(n)]))
+    return path
+
+
+def _stage_walls(runwork: Path) -> dict[str, float]:
+    """Each stage's wall in the run under `runwork` (started_at → ended_at of its status.json), in run order, and
+    `between`: the run's stage-free time from the first start to the last end."""
+    runs = sorted((runwork / "runs").glob("*/stages"))
+    if not runs:
+        return {}
+    spans = []
+    for st in runs[-1].glob("*/status.json"):
+        d = json.loads(st.read_text())
+        if d.get("started_at") and d.get("ended_at"):
+            spans.append((d["started_at"], d["ended_at"], st.parent.name))
+    spans.sort()
+    out = {name: round(b - a, 3) for a, b, name in spans}
+    if spans:
+        out["between"] = round(spans[-1][1] - spans[0][0] - sum(b - a for a, b, _ in spans), 3)
+    return out
 
 
 if __name__ == "__main__":
