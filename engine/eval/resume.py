@@ -5,8 +5,9 @@ A run killed at layer i starts again at layer i: the state directory holds `acts
 `progress.json` (the next layer i, the per-layer errors and what the decoded layers reported). The activations are
 written first, each atomically, then `progress.json`, then the previous layer's files go: `progress.json` always
 names activations that are on disk. A state written for other inputs (another output, source, samples
-file, sample count, sequence length, batch size, dtype) is not resumed from: it is set aside and the run starts at
-layer 0.
+file, sample count, sequence length, batch size, dtype, or either checkpoint's files rewritten since: names, sizes,
+modification times) is not resumed from: it is set aside and the run starts at layer 0. So is a state that cannot
+be read whole.
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ class EvalState:
 
 
 def state_key(**inputs: Any) -> str:
-    """A digest of everything that decides the hidden states (paths, samples digest, shapes, dtype)."""
+    """A digest of everything that decides the hidden states (paths, files, samples digest, shapes, dtype)."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def files_stamp(directory: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of every file at the top of a checkpoint directory: changes when it is rewritten."""
+    return [(f.name, st.st_size, st.st_mtime_ns) for f in sorted(Path(directory).iterdir())
+            if f.is_file() and (st := f.stat())]
 
 
 def load(state_dir: str | os.PathLike | None, key: str) -> EvalState | None:
@@ -57,13 +64,16 @@ def load(state_dir: str | os.PathLike | None, key: str) -> EvalState | None:
     if prog.get("format") != STATE_FORMAT or prog.get("key") != key:
         (d / PROGRESS).replace(d / f"{PROGRESS}.stale")
         return None
-    n = int(prog["batches"])
-    nxt = int(prog["next_layer"])
-    acts = [load_file(str(d / f"acts-{which}-{nxt}.safetensors")) for which in ("src", "out")]
-    return EvalState(next_layer=nxt,
-                     h_src=[acts[0][f"b{j}"] for j in range(n)], h_out=[acts[1][f"b{j}"] for j in range(n)],
-                     per_layer=list(prog["per_layer"]), notes=list(prog["notes"]),
-                     encodings=dict(prog["encodings"]), act=set(prog["activations"]))
+    try:
+        n, nxt = int(prog["batches"]), int(prog["next_layer"])
+        acts = [load_file(str(d / f"acts-{which}-{nxt}.safetensors")) for which in ("src", "out")]
+        return EvalState(next_layer=nxt,
+                         h_src=[acts[0][f"b{j}"] for j in range(n)], h_out=[acts[1][f"b{j}"] for j in range(n)],
+                         per_layer=list(prog["per_layer"]), notes=list(prog["notes"]),
+                         encodings=dict(prog["encodings"]), act=set(prog["activations"]))
+    except Exception:  # noqa: BLE001  (a missing or torn file: start again rather than fail on every retry)
+        (d / PROGRESS).replace(d / f"{PROGRESS}.stale")
+        return None
 
 
 def save(state_dir: str | os.PathLike | None, key: str, st: EvalState) -> None:
@@ -75,6 +85,11 @@ def save(state_dir: str | os.PathLike | None, key: str, st: EvalState) -> None:
     for which, hs in (("src", st.h_src), ("out", st.h_out)):
         with atomic_replace(d / f"acts-{which}-{st.next_layer}.safetensors") as tmp:
             save_file({f"b{j}": h.contiguous() for j, h in enumerate(hs)}, str(tmp))
+            fd = os.open(tmp, os.O_RDONLY)  # on disk before progress.json names it
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     atomic_write_json(d / PROGRESS, {"format": STATE_FORMAT, "key": key, "next_layer": st.next_layer,
                                      "batches": len(st.h_src), "per_layer": st.per_layer, "notes": st.notes,
                                      "encodings": st.encodings, "activations": sorted(st.act)})

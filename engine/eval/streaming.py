@@ -84,7 +84,8 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
     sink.emit("log", level="info", msg=f"eval: {len(loaded.input_ids)} samples, {loaded.tokens} tokens, "
               f"{n_layers} layers on {dev}" + (f"; MTP layer(s) {', '.join(mtp)} skipped" if mtp else ""))
     key = resume.state_key(output=str(output), against=str(against), samples=loaded.sha256, n=len(loaded.input_ids),
-                           seq_len=seq_len, batch_size=batch_size, dtype=str(dtype), layers=n_layers)
+                           seq_len=seq_len, batch_size=batch_size, dtype=str(dtype), layers=n_layers,
+                           files=[resume.files_stamp(output), resume.files_stamp(against)]) if state_dir else ""
     st = resume.load(state_dir, key)
     start = st.next_layer if st is not None else 0
     if start:
@@ -143,11 +144,11 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
                 gc.collect(0)
                 entry = {"layer": i, "rel_err": rel.rel, "own_err": own.rel}
                 per_layer.append(entry)
-                sink.emit("metric", name="eval.layer", value=i, tags={
-                    **entry, "layers": n_layers, "seconds": round(time.monotonic() - t, 3),
-                    "build_s": round(t_build, 3)})
+                seconds = round(time.monotonic() - t, 3)
                 st.next_layer, st.h_src, st.h_out = i + 1, h_src, h_out
-                resume.save(state_dir, key, st)
+                resume.save(state_dir, key, st)  # before the event: a resumed run does not report a layer twice
+                sink.emit("metric", name="eval.layer", value=i, tags={
+                    **entry, "layers": n_layers, "seconds": seconds, "build_s": round(t_build, 3)})
                 prog.advance(1, label=f"layer {i + 1}/{n_layers}: rel. error {rel.rel:.3g}", force=True)
             metrics = _head(family, hf_config, src, out, heads, batches, h_src, h_out, dtype, dev)
             prog.advance(1, label="head", force=True)

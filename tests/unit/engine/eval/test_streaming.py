@@ -219,3 +219,42 @@ def test_a_run_killed_after_a_layer_resumes_there_with_identical_figures(w4a4_ou
     # a state written for other inputs is set aside, not resumed from
     other = _eval(w4a4_out / "modelopt", eval_src, eval_samples, state_dir=state, seq_len=16)
     assert (state / "progress.json.stale").exists() and [e["layer"] for e in other["layers"]] == [0, 1]
+
+
+def test_a_state_is_not_resumed_once_the_output_is_rewritten_or_torn(w4a4_out, eval_src, eval_samples, tmp_path,
+                                                                     monkeypatch):
+    import os
+
+    import engine.eval.streaming as es
+
+    out = tmp_path / "out"
+    shutil.copytree(w4a4_out / "modelopt", out)
+    real = es.materialize_layer
+
+    def dies_at_layer_1(family, hf_config, i, params, dev):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(family, hf_config, i, params, dev)
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(es, "materialize_layer", dies_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(out, eval_src, eval_samples, state_dir=state)
+    monkeypatch.setattr(es, "materialize_layer", real)
+    shard = next(out.glob("*.safetensors"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # rewritten (export-only)
+    built: list[int] = []
+    monkeypatch.setattr(es, "materialize_layer", lambda *a: built.append(a[2]) or real(*a))
+    _eval(out, eval_src, eval_samples, state_dir=state)
+    assert built[:2] == [0, 0] and (state / "progress.json.stale").exists()  # started over at layer 0
+
+    # a torn state (its activations gone) is set aside too, not an error on every retry
+    shutil.rmtree(state)
+    monkeypatch.setattr(es, "materialize_layer", dies_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(out, eval_src, eval_samples, state_dir=state)
+    for f in state.glob("acts-*"):
+        f.unlink()
+    monkeypatch.setattr(es, "materialize_layer", real)
+    r = _eval(out, eval_src, eval_samples, state_dir=state)
+    assert [e["layer"] for e in r["layers"]] == [0, 1]
