@@ -1,4 +1,5 @@
-"""Backend over engine.api (the console's only engine import): run views, logs, history, actions.
+"""Backend over engine.api (the console's way into the engine, beside its errors and names): run views, logs,
+history, actions.
 
 Called from worker threads only. The run view is engine.api's, with its calibration and quality figures; the engine
 instance keeps the read offsets across follow ticks, so a tick reads only what is new.
@@ -53,11 +54,6 @@ class ApiBackend(Backend):
             return None
         live = [r for r in runs if r.driver_alive or r.result == StageState.RUNNING]
         return (live or runs)[-1].id
-
-    def _dir(self, run_id: str):
-        if run_id not in self._dirs:
-            self._dirs[run_id] = self.eng.find(run_id)
-        return self._dirs[run_id]
 
     def _ref(self, run_id: str) -> str:
         """How to name a run to engine.api cheaply: its run dir path once known (no store lookup)."""

@@ -1,10 +1,10 @@
-"""The engine's facade: the only engine module the console and CLI import (besides engine.core.errors and
-engine.core.names; an import-linter contract in pyproject.toml holds them to it).
+"""The engine's facade: the only engine module the console and CLI import (besides engine.core.errors,
+engine.core.names and engine.core.settings; an import-linter contract in pyproject.toml holds them to it).
 
 `open_engine()` gives the local implementation of `Engine`. Runs are named by id, unique id prefix or run
 dir path. Every method raises only QuantdeckError subclasses (listed per method) for what an operator
 can fix; anything else is a bug. The functions after it are the CLI's single-purpose tools (convert, calibrate,
-export, eval, inspect, s3, fixtures): the functions the stages call.
+export, eval, inspect, s3, fixtures), over the same engine functions the stages run.
 
 Importing this module is light (the CLI imports it at start): every other engine module, and torch, is imported
 where it is used; the view and record types are imported on first access (`_LAZY`).
@@ -473,7 +473,7 @@ def write_recipe(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     return write(path, data)
 
 
-# --- the CLI's tools: the functions the stages call, each importing its module (and torch) when called ------
+# --- the CLI's tools: the engine functions the stages run too, each importing its module (and torch) when called
 # Their keyword arguments are those of the engine function named; `sink` takes an EventSink (`emit(kind, **data)`),
 # such as event_sink() gives.
 

@@ -18,6 +18,7 @@ calibration) are one variable, QUANTDECK_FAULTS: comma-separated `key=value` pai
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -53,7 +54,7 @@ def _number(kind: type, minimum: float = 0) -> Callable[[str, str], Any]:
             v = kind(raw.strip())
         except ValueError:
             v = None
-        if v is None or not v >= minimum:  # NaN too
+        if v is None or not v >= minimum or not math.isfinite(v):  # NaN and inf too
             raise SettingsError(f"{var}={raw!r} is not a{'n integer' if kind is int else ' number'} >= {minimum:g}",
                                 at=var, hint=f"unset {var} for its default")
         return v
@@ -106,6 +107,8 @@ def _faults(var: str, raw: str) -> Faults:
         if key not in _FAULT_TYPES or not eq or not value:
             raise SettingsError(f"{var}: {part!r} is not a known key=value", at=var,
                                 hint=f"keys: {', '.join(_FAULT_TYPES)}")
+        if key in kw:
+            raise SettingsError(f"{var}: {key} given twice", at=var, hint="give each key once")
         kw[key] = _FAULT_TYPES[key].parse(f"{var} {key}", value)
     if "pause_after_units" in kw and "pause_stage" not in kw:
         raise SettingsError(f"{var}: pause_after_units without pause_stage", at=var, hint="name the stage to pause")

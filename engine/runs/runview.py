@@ -434,6 +434,7 @@ class FigureReader:
                     if ev.kind == "metric" and ev.data.get("name") == "calibrate.layer":
                         per_rank.setdefault(rank, {}).update(ev.data.get("tags") or {})
             experts, low = self._coverage_counts(rd.path, _outputs(plan, StageName.CALIBRATE).get("amax"))
+            per_rank = {r: dict(t) for r, t in per_rank.items()}  # a copy: other threads add ranks under the lock
         last = per_rank.get(0) or next(iter(per_rank.values()), {})
         layers = int(last.get("layers") or p.get("total") or 0)
         layer = int(p.get("done") or (last.get("layer", -1) + 1) or 0)

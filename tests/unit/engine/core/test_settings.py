@@ -198,3 +198,16 @@ def test_only_settings_reads_quantdeck_variables():
         shared.update(_constants(ast.parse(text)))
     bad = [f"{p.relative_to(REPO)}:{line}" for p, text in trees.items() for line in _reads(text, shared)]
     assert not bad, f"read these through engine.core.settings: {bad}"
+
+
+def test_infinite_seconds_and_a_fault_key_given_twice_are_refused(monkeypatch):
+    from engine.core.errors import SettingsError
+    from engine.core.settings import settings
+
+    monkeypatch.setenv("QUANTDECK_RANK_TIMEOUT_S", "inf")
+    with pytest.raises(SettingsError, match="QUANTDECK_RANK_TIMEOUT_S"):
+        settings()
+    monkeypatch.delenv("QUANTDECK_RANK_TIMEOUT_S")
+    monkeypatch.setenv("QUANTDECK_FAULTS", "fail_rank=1,fail_rank=2")
+    with pytest.raises(SettingsError, match="fail_rank given twice"):
+        settings()
