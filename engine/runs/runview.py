@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 import threading
 import time
@@ -326,7 +327,7 @@ def run_view(rd: RunDir, cache: ProgressCache | None = None, figures: FigureRead
 def _number(d: dict, *keys: str) -> float | None:
     for k in keys:
         v = d.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             return float(v)
     return None
 
@@ -360,26 +361,37 @@ def worst_in_report(path: str | None) -> tuple[str, float | None]:
 
 
 class QualityReader:
-    """Quality figures from a run's stages: validate's worst tensor (its result, else its report file, read once
-    per change of the file) and eval's summary (kld_mean, kld_p99, top1_agree, flat or under "summary")."""
+    """Quality figures from a run's stages: validate's worst tensor (its result, else its report file) and eval's
+    summary (its result, else, after a failed gate, its report file); each file read once per change."""
 
     def __init__(self) -> None:
-        self._reports: dict[str, tuple[tuple[float, int], tuple[str, float | None]]] = {}
+        self._reports: dict[str, tuple[tuple[float, int], Any]] = {}
 
-    def _worst(self, path: str | None) -> tuple[str, float | None]:
+    def _once(self, path: str | None, read: Any, empty: Any) -> Any:
         try:
             st = Path(path).stat() if path else None
         except OSError:
             st = None
         if st is None:
-            return "", None
+            return empty
         key = (st.st_mtime, st.st_size)
         hit = self._reports.get(str(path))
         if hit is None or hit[0] != key:
-            hit = self._reports[str(path)] = (key, worst_in_report(path))
+            hit = self._reports[str(path)] = (key, read(path))
         return hit[1]
 
-    def view(self, stages: Any, report_path: str | None) -> QualityView | None:
+    def _worst(self, path: str | None) -> tuple[str, float | None]:
+        return self._once(path, worst_in_report, ("", None))
+
+    @staticmethod
+    def _eval_report(path: str) -> dict:
+        try:
+            rep = json.loads(Path(path).read_text())
+        except (OSError, ValueError):  # being replaced, or unreadable: no figures yet
+            return {}
+        return rep if isinstance(rep, dict) else {}
+
+    def view(self, stages: Any, report_path: str | None, eval_report: str | None = None) -> QualityView | None:
         val = next((s for s in stages if s.name == StageName.VALIDATE), None)
         ev = next((s for s in stages if s.name == StageName.EVAL), None)
         if val is None and ev is None:
@@ -392,11 +404,12 @@ class QualityReader:
                 tensor, worst = self._worst(report_path)
         summary: dict = {}
         if ev is not None:
-            res = ev.result or {}
-            summary = {**res, **(res.get("summary") if isinstance(res.get("summary"), dict) else {})}
+            summary = ev.result or {}
+            if "kld_mean" not in summary and ev.state == StageState.FAILED:  # a failed gate: figures in its report
+                summary = self._once(eval_report, self._eval_report, {})
         return QualityView(worst_tensor=tensor, worst_rel_err=worst,
                            kld_mean=_number(summary, "kld_mean"), kld_p99=_number(summary, "kld_p99"),
-                           top1_agree=_number(summary, "top1_agree", "top1_agreement"),
+                           top1_agree=_number(summary, "top1_agree"),
                            validate_state=val.state if val is not None else "",
                            eval_state=ev.state if ev is not None else "")
 
@@ -415,7 +428,8 @@ class FigureReader:
 
     def quality(self, stages: Any, plan: dict[str, Any]) -> QualityView | None:
         with self._lock:
-            return self._quality.view(stages, _outputs(plan, StageName.VALIDATE).get("report"))
+            return self._quality.view(stages, _outputs(plan, StageName.VALIDATE).get("report"),
+                                      _outputs(plan, StageName.EVAL).get("report"))
 
     def calib(self, rd: RunDir, view: RunView, plan: dict[str, Any]) -> CalibView | None:
         """Layer and ETA from the stage's progress (the slowest rank's, engine.runs.progress_merge); samples and

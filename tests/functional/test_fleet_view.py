@@ -108,7 +108,7 @@ def test_quality_lines_show_eval_figures():
                                                           "eval KLD —  top-1 —"]
 
 
-def test_quality_reader_takes_the_worst_tensor_from_the_report_and_eval_from_its_summary(tmp_path):
+def test_quality_reader_takes_the_worst_tensor_from_the_report_and_eval_from_its_result(tmp_path):
     report = tmp_path / "report.json"
     report.write_text(json.dumps({
         "/out/modelopt": {"ok": True, "tensors": [{"tensor": "a.q_proj", "rel_err": 0.08},
@@ -121,7 +121,7 @@ def test_quality_reader_takes_the_worst_tensor_from_the_report_and_eval_from_its
 
     reader = QualityReader()
     q = reader.view([S("validate", "SUCCEEDED", {"outputs": []}),
-                     S("eval", "SUCCEEDED", {"summary": {"kld_mean": 0.012, "kld_p99": 0.2, "top1_agree": 0.97}})],
+                     S("eval", "SUCCEEDED", {"kld_mean": 0.012, "kld_p99": 0.2, "top1_agree": 0.97})],  # summary_of's
                     str(report))
     assert (q.worst_tensor, q.worst_rel_err) == ("b.down_proj", 0.11)
     assert (q.kld_mean, q.kld_p99, q.top1_agree) == (0.012, 0.2, 0.97)
