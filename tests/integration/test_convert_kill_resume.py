@@ -89,6 +89,14 @@ def _live(pids) -> list[int]:
     return out
 
 
+def _cmdline(p: psutil.Process) -> str:
+    """A child's command line, or "" for one that ended meanwhile (gone, or a zombie not yet reaped)."""
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_parent_takes_its_workers_along_and_a_rerun_is_byte_identical(tiny_ckpt, tmp_path):
     """`--workers 2`, parent killed with SIGKILL: its worker processes die with it instead of writing on into
@@ -104,7 +112,7 @@ def test_kill_9_of_the_parent_takes_its_workers_along_and_a_rerun_is_byte_identi
     workers: list[int] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        workers = [c.pid for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+        workers = [c.pid for c in parent.children() if "spawn_main" in _cmdline(c)]
         if len(workers) == 2 and _recorded_shards(partial) >= 1:
             break
         time.sleep(0.05)
