@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -47,6 +46,8 @@ T_PROCESS = time.monotonic()  # (this module's import: after the interpreter sta
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "unit" / "engine" / "calibrate"))
+from _samples import write_random_text  # noqa: E402  (benchmarks/: the script's folder, first on sys.path)
+
 import engine  # noqa: E402,F401  (offline: no hub downloads or hub kernels, before transformers is imported)
 
 SIZES = {
@@ -94,9 +95,7 @@ def build(work: Path, size: str, layers: int | None, n: int, seq_len: int, devic
         shutil.rmtree(raw, ignore_errors=True)  # the disk holds the FP8 and the decoded BF16, not a third model
         _convert("--src", str(dirs["fp8"]), "--dst", str(dirs["bf16"]), "--to", "bf16", "--device", device)
     if not samples.exists():
-        rng = random.Random(0)
-        alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-"
-        samples.write_text(json.dumps(["".join(rng.choice(alphabet) for _ in range(seq_len)) for _ in range(n)]))
+        write_random_text(samples, n, seq_len)
     return dirs, samples
 
 

@@ -381,13 +381,9 @@ def _recipe(work: Path, src: Path, runwork: Path, device: str, samples: Path | N
 def _samples(work: Path, n: int, seq_len: int) -> Path:
     """n samples of random text, one byte a token for the fixtures' byte-level tokenizer (random weights: the
     eval gate is set wide open, the figures mean nothing)."""
-    import random
+    from _samples import write_random_text  # benchmarks/ is the script's folder, first on sys.path
 
-    path = work / f"samples-{n}x{seq_len}.json"
-    rng = random.Random(0)
-    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-"
-    path.write_text(json.dumps(["".join(rng.choice(alphabet) for _ in range(seq_len)) for _ in range(n)]))
-    return path
+    return write_random_text(work / f"samples-{n}x{seq_len}.json", n, seq_len)
 
 
 def _stage_walls(runwork: Path) -> dict[str, float]:
