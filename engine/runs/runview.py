@@ -25,6 +25,7 @@ from engine.core.locks import driver_alive, this_host
 from engine.core.names import StageName, StageState
 from engine.runs.progress_merge import RankActivity, StageProgress
 from engine.runs.rundir import RunDir, read_status, reconcile_stage
+from engine.runs.store import eval_report as read_eval_report
 from engine.runs.store import run_result
 
 LOW_TOKENS = 8  # an expert that saw fewer tokens than this in a layer counts as under-covered
@@ -383,14 +384,6 @@ class QualityReader:
     def _worst(self, path: str | None) -> tuple[str, float | None]:
         return self._once(path, worst_in_report, ("", None))
 
-    @staticmethod
-    def _eval_report(path: str) -> dict:
-        try:
-            rep = json.loads(Path(path).read_text())
-        except (OSError, ValueError):  # being replaced, or unreadable: no figures yet
-            return {}
-        return rep if isinstance(rep, dict) else {}
-
     def view(self, stages: Any, report_path: str | None, eval_report: str | None = None) -> QualityView | None:
         val = next((s for s in stages if s.name == StageName.VALIDATE), None)
         ev = next((s for s in stages if s.name == StageName.EVAL), None)
@@ -406,7 +399,7 @@ class QualityReader:
         if ev is not None:
             summary = ev.result or {}
             if "kld_mean" not in summary and ev.state == StageState.FAILED:  # a failed gate: figures in its report
-                summary = self._once(eval_report, self._eval_report, {})
+                summary = self._once(eval_report, read_eval_report, {})
         return QualityView(worst_tensor=tensor, worst_rel_err=worst,
                            kld_mean=_number(summary, "kld_mean"), kld_p99=_number(summary, "kld_p99"),
                            top1_agree=_number(summary, "top1_agree"),

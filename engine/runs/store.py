@@ -276,6 +276,16 @@ def records_from_run_dir(run_dir: str | os.PathLike) -> tuple[RunRecord, list[At
     return rec, attempts
 
 
+def eval_report(path: str | None) -> dict[str, Any]:
+    """The eval stage's report file (where a failed gate leaves its figures); {} while it is absent, being replaced
+    or unreadable."""
+    try:
+        rep = read_json(path) if path else None
+    except (OSError, ValueError):
+        return {}
+    return rep if isinstance(rep, dict) else {}
+
+
 def eval_figures(run: Any, plan: dict[str, Any]) -> tuple[float | None, float | None]:
     """(KLD mean, top-1 agreement) of a run's eval stage: its result, else (a failed gate) its report file."""
     import math
@@ -285,11 +295,7 @@ def eval_figures(run: Any, plan: dict[str, Any]) -> tuple[float | None, float | 
         return None, None
     res = read_status(run, "eval").get("result") or {}
     if "kld_mean" not in res:
-        path = (stage.get("outputs") or {}).get("report")
-        try:
-            res = (read_json(path) if path else None) or {}
-        except (OSError, ValueError):  # a report being replaced, or unreadable: no figures yet
-            res = {}
+        res = eval_report((stage.get("outputs") or {}).get("report"))
 
     def num(v: Any) -> float | None:
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
