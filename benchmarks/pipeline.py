@@ -125,7 +125,8 @@ def build_real(path: Path, dtype: str) -> Path:
     w = CheckpointWriter(path, plan_shards(units, shard_size=int(5e9)), source_fingerprint="bench",
                          args={"size": "real", "dtype": dtype})
     kinds = {n: k for n, _, k in tensors}
-    gen = torch.Generator().manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # random values and the FP8 cast: minutes on a CPU
+    gen = torch.Generator(device=dev).manual_seed(0)
     print(f"building the real-width V3 {dtype} source at {path} ...", file=sys.stderr)
     for plan in w.prepare():
         sf = w.open_shard(plan)
@@ -138,13 +139,13 @@ def build_real(path: Path, dtype: str) -> Path:
             elif kind == "f32":
                 sf.write(spec.name, torch.zeros(spec.shape, dtype=torch.float32))
             else:
-                t = torch.randn(spec.shape, generator=gen) * 0.02
+                t = torch.randn(spec.shape, generator=gen, device=dev) * 0.02
                 if kind == "gemm" and dtype == "fp8":
                     q, sc = cast_fp8_block(t)
-                    sf.write(spec.name, q)
-                    sf.write(spec.name[: -len("weight")] + "weight_scale_inv", sc)
+                    sf.write(spec.name, q.cpu())
+                    sf.write(spec.name[: -len("weight")] + "weight_scale_inv", sc.cpu())
                 else:
-                    sf.write(spec.name, t.to(torch.bfloat16))
+                    sf.write(spec.name, t.to(torch.bfloat16).cpu())
         sf.close()
     w.finalize()
     (path / "manifest.json").unlink()
@@ -343,12 +344,14 @@ def main() -> int:
         if name.startswith("run"):
             res["stages"] = _stage_walls(runwork if name == "run" else calwork)
         results[name] = res
+        print(f"{name}: {json.dumps(res)}", file=sys.stderr)  # each stage as it ends, should a later one not
     conv = results.get("convert", {}).get("wall_s")
     for name in ("validate", "run", "run-calibrated"):
         if conv and name in results:
             results[name]["x_convert"] = round(results[name]["wall_s"] / conv, 2)
     report = {"size": args.size, "source": args.source, "source_gb": round(_size(src) / 1e9, 3),
               "cores": os.cpu_count(), "cold": args.cold, "stages": results}
+    report["projection"] = project(results, report["source_gb"], args.source)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -362,7 +365,30 @@ def main() -> int:
     for name, r in results.items():
         if r.get("stages"):
             print(f"{name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items()))
+    pr = report["projection"]
+    print(f"projection, linear in source bytes ({pr['assumes']}):")
+    for model, rows in pr["models"].items():
+        print(f"  {model} ({rows['source_gb']:.0f} GB): " + ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in rows["stages_s"].items()))
     return 0
+
+
+# A full model's stored bytes in the benchmark's source format: DeepSeek-V3 (61 layers) as released (FP8 block-128)
+# or in BF16; DeepSeek V4-Pro (~1.6 T parameters, 61 layers, ~14 GB stored a layer) in FP8, or ~50 GB a layer in BF16.
+FULL_GB = {"DeepSeek-V3": {"fp8": 671, "bf16": 1342}, "DeepSeek-V4-Pro": {"fp8": 61 * 14, "bf16": 61 * 50}}
+
+
+def project(results: dict, source_gb: float, source: str) -> dict:
+    """Each stage's (and run's) wall scaled by the full model's bytes over the benchmark source's: an upper bound
+    for a stage's fixed start-up, exact for a stage that streams at a steady rate."""
+    models = {}
+    for model, sizes in FULL_GB.items():
+        scale = sizes[source] / source_gb
+        models[model] = {"source_gb": sizes[source],
+                         "stages_s": {k: round(r["wall_s"] * scale, 1) for k, r in results.items() if not r["rc"]},
+                         "floor_s": {k: round(r["floor_s"] * scale, 1) for k, r in results.items() if not r["rc"]}}
+    return {"assumes": "one machine like this one, each stage's wall proportional to the bytes it streams",
+            "models": models}
 
 
 def _recipe(work: Path, src: Path, runwork: Path, device: str, samples: Path | None = None, n: int = 0,
