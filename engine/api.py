@@ -586,17 +586,18 @@ def refuse_other_model(checkpoint: str | os.PathLike, against: str | os.PathLike
 
 
 def is_amax_snapshot(directory: str | os.PathLike) -> bool:
-    """Whether `directory` is a calibration's amax snapshot (its manifest), not a checkpoint. A directory without
-    manifest.json is answered without importing torch (engine.calibrate.snapshot imports it)."""
+    """Whether `directory` is a calibration's amax snapshot (its manifest), not a checkpoint. Answered from the
+    manifest's `format` alone, without importing the calibration (and torch)."""
     if not (Path(directory) / "manifest.json").is_file():
         return False
-    from engine.calibrate import snapshot as snap
+    from engine.core.fsutil import read_json
+    from engine.core.names import SNAPSHOT_FORMAT
 
     try:
-        fmt = (snap.read_manifest(Path(directory)) or {}).get("format")
+        fmt = (read_json(Path(directory) / "manifest.json") or {}).get("format")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(fmt, str) and fmt.split("/")[0] == snap.SNAPSHOT_FORMAT.split("/")[0]
+    return isinstance(fmt, str) and fmt.split("/")[0] == SNAPSHOT_FORMAT.split("/")[0]
 
 
 def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> dict[str, Any]:

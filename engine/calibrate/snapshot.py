@@ -24,11 +24,11 @@ import torch
 from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map
 from engine.core.errors import CheckpointError
 from engine.core.fsutil import atomic_replace, read_json
+from engine.core.names import SNAPSHOT_FORMAT
 
 LAYER_RE = re.compile(r"^layer_(\d{3,})\.safetensors$")
 MANIFEST = "manifest.json"
 COVERAGE = "coverage.json"
-SNAPSHOT_FORMAT = "quantdeck-amax/1"
 
 
 def layer_path(out: Path, i: int) -> Path:

@@ -65,3 +65,8 @@ class StageState(StrEnum):
 
     def is_done(self) -> bool:
         return self in (StageState.SUCCEEDED, StageState.SKIPPED)
+
+
+# The `format` of a calibration's amax snapshot manifest (engine.calibrate.snapshot), told apart from a checkpoint's
+# manifest without importing the calibration (and torch).
+SNAPSHOT_FORMAT = "quantdeck-amax/1"
