@@ -5,16 +5,17 @@ releases store copies of them inside the layer (`embed_tokens` / `shared_head.he
 and exporters that only see the main model drop them. `inject_mtp(src, dst)` writes `dst` = `src` plus the
 missing copies (and, with `mtp_from`, the MTP layer's other tensors from the original checkpoint,
 dequantized to BF16 where they were FP8), streaming tensor by tensor through the resumable writer.
+Every other tensor is a byte copy (HostArray, no torch): torch is imported only to dequantize, so the
+inject-mtp stage's worker starts fast when there is nothing to dequantize.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from engine.checkpoint.host import HostArray
 from engine.checkpoint.paths import refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
@@ -24,8 +25,9 @@ from engine.convert.extras import copy_extras
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
-from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
-from engine.formats.mxfp4.helpers import dequant_mxfp4
+
+if TYPE_CHECKING:
+    import torch
 
 _V3_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 
@@ -68,12 +70,17 @@ def _bf16_shape(reader: CheckpointReader, name: str) -> tuple[int, ...]:
     return (m.shape[0], m.shape[1] * 2) if m.dtype_name in ("U8", "I8") else m.shape
 
 
-def _to_bf16(reader: CheckpointReader, name: str) -> torch.Tensor:
-    t = reader.get(name)
+def _to_bf16(reader: CheckpointReader, name: str) -> HostArray | torch.Tensor:
+    """The tensor as stored (a byte copy) or, with a block scale, dequantized to BF16 (imports torch)."""
     sc = _scale_of(reader, name)
     if sc is None:
-        return t
-    s = reader.get(sc)
+        return reader.get_host(name)
+    import torch
+
+    from engine.formats.fp8_block.helpers import dequant_fp8_block, infer_block
+    from engine.formats.mxfp4.helpers import dequant_mxfp4
+
+    t, s = reader.get(name), reader.get(sc)
     if t.dtype == torch.float8_e4m3fn:
         return dequant_fp8_block(t, s, infer_block(tuple(t.shape), tuple(s.shape))).to(torch.bfloat16)
     return dequant_mxfp4(t, s).to(torch.bfloat16)
@@ -128,7 +135,7 @@ def inject_mtp(src: str | os.PathLike, dst: str | os.PathLike, *, mtp_from: str 
         sf = writer.open_shard(plan)
         for t in plan.tensors:
             where, s = extra.get(t.name, ("self", t.name))
-            sf.write(t.name, _to_bf16(origin, s) if where == "origin" else reader.get(s))
+            sf.write(t.name, _to_bf16(origin, s) if where == "origin" else reader.get_host(s))
             progress.advance(1, label=t.name)
         sf.close()
     if not writer.already_complete:

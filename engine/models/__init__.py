@@ -6,7 +6,7 @@
     layout.should_quantize(name, quantize_attention=False, include_mtp=False)
     layout.scale_name("model.layers.3.mlp.experts.7.up_proj.weight")  # '...up_proj.weight_scale_inv'
 
-engine.models.inspect (not imported here: torch) reports what a whole checkpoint holds, by its layout.
+engine.models.inspect (not imported here) reports what a whole checkpoint holds, by its layout.
 """
 
 from engine.models import deepseek_v3, deepseek_v4, generic  # noqa: F401  (register the layouts)

@@ -8,7 +8,7 @@ collapsed) with count, dtype(s), shape(s) and role; detects the source's block f
 shapes (FP8 128×128, MXFP4 1×32, ...); counts GEMM weights to quantize, tensors to preserve, fused groups and
 MTP tensors; sums bytes by dtype and estimates the size of NVFP4 and FP8-block outputs; and names every
 anomaly (a scale companion missing, index and shards disagreeing, config and tensors disagreeing) with the
-file or tensor at fault.
+file or tensor at fault. No torch: dtypes are safetensors names, so the inspect stage's worker starts fast.
 """
 
 from __future__ import annotations
@@ -19,17 +19,22 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from engine.checkpoint import CheckpointReader
 from engine.checkpoint.consistency import hidden_size_disagreements
+from engine.checkpoint.safetensors_format import ITEMSIZE
 from engine.core.events import EventSink, NullSink
 from engine.models import Kind, ModelLayout, Role, collapse_indices, config_mismatches, detect_layout
 from engine.models.base import config_experts, config_layers
-from engine.models.scales import check_scales, companion, logical_shape
+from engine.models.scales import PACKED_FP4_DTYPES, check_scales, companion, logical_shape
 
-PACKED_FP4 = (torch.int8, torch.uint8)
-WIDE = (torch.float32, torch.float64)
+WIDE = ("F32", "F64")
+INTEGER = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
+
+
+def kept_itemsize(dtype: str) -> int:
+    """Bytes per element of a tensor the outputs keep unquantized: wide floats and integers as stored, every
+    other float (FP8 dequantized) and int8/uint8 (packed FP4, counted unpacked) as BF16."""
+    return ITEMSIZE[dtype] if dtype in WIDE or dtype in INTEGER and dtype not in PACKED_FP4_DTYPES else 2
 
 
 @dataclass
@@ -193,8 +198,7 @@ def _estimates(layout: ModelLayout, names, metas, infos) -> dict[str, int]:
             continue
         shape = logical_shape(m.shape, m.dtype_name) if companion(layout, n, present) else tuple(m.shape)
         numel = math.prod(shape)
-        kept = numel * (m.dtype.itemsize if m.dtype in WIDE or not m.dtype.is_floating_point and m.dtype not in
-                        PACKED_FP4 else 2)
+        kept = numel * kept_itemsize(m.dtype_name)
         if info.converted() and len(shape) == 2:
             o, i = shape
             # codes (16-blocks padded), e4m3 scales, scale_2

@@ -23,7 +23,7 @@ SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
 
 def missing_mtp(dst: Path, src: Path) -> list[str]:
     """MTP tensors the output lacks: shared embedding/head copies, and MTP-layer tensors of the source."""
-    from engine.convert.mtp import mtp_prefixes, shared_sources  # torch
+    from engine.convert.mtp import mtp_prefixes, shared_sources
 
     out = CheckpointReader(dst)
     names = set(out.names())

@@ -15,7 +15,7 @@ from engine.stages.base import Stage, StageContext
 
 
 def _inspect(src: str, sink: Any) -> dict[str, Any]:
-    from engine.models.inspect import inspect_checkpoint  # torch
+    from engine.models.inspect import inspect_checkpoint
 
     rep = jsonable(call_with_sink(inspect_checkpoint, src, sink=sink))
     return rep if isinstance(rep, dict) else {"report": rep}

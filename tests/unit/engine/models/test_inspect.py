@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from console.cli import main as cli_main
 from engine.checkpoint import CheckpointReader
 from engine.models import detect_layout
-from engine.models.inspect import inspect_checkpoint, render_text
+from engine.models.inspect import inspect_checkpoint, kept_itemsize, render_text
 from tests.fixtures_ckpt import copy_ckpt
 
 
@@ -84,6 +84,16 @@ def test_size_estimates_follow_the_formats(tiny_ckpt):
             fp8 += m.nbytes
     assert rep.estimates == {"nvfp4": nv, "fp8-block": fp8}
     assert rep.estimates["nvfp4"] < rep.estimates["fp8-block"] < rep.total_bytes
+
+
+def test_kept_itemsize_follows_torch_dtypes():
+    """The estimate's per-dtype table (no torch in the inspect stage) gives what torch's dtypes say."""
+    from engine.checkpoint.safetensors_format import DTYPES, ITEMSIZE
+
+    assert set(DTYPES) == set(ITEMSIZE)
+    for name, dt in DTYPES.items():
+        plain = dt in (torch.float32, torch.float64) or not dt.is_floating_point and dt not in (torch.int8, torch.uint8)
+        assert kept_itemsize(name) == (dt.itemsize if plain else 2), name
 
 
 def test_anomalies_name_the_file_and_tensor(tiny_ckpt, tmp_path):
