@@ -12,6 +12,7 @@ inject-mtp stage's worker starts fast when there is nothing to dequantize.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from engine.core.fsutil import atomic_write_json
 if TYPE_CHECKING:
     import torch
 
+_V4_MTP = re.compile(r"^(?:model\.)?mtp\.\d+\.")
 _V3_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 
 
@@ -38,10 +40,9 @@ def mtp_prefixes(config: dict[str, Any], names: list[str]) -> list[str]:
     n_mtp = int(config.get("num_nextn_predict_layers") or 0)
     v4 = any(".ffn." in n or n.startswith(("mtp.", "model.mtp.")) for n in names) or \
         str(config.get("model_type", "")) == "deepseek_v4"
-    if v4:
+    if v4:  # the MTP layers where they are (transformers' names keep them at the top, beside model.layers)
+        found = sorted({m.group(0) for n in names if (m := _V4_MTP.match(n))})
         pre = "model." if any(n.startswith("model.layers.") for n in names) else ""
-        found = sorted({".".join(n.split(".")[: 2 + bool(pre)]) + "." for n in names
-                        if n.startswith(pre + "mtp.")})
         return found or [f"{pre}mtp.{k}." for k in range(n_mtp)]
     return [f"model.layers.{n_layers + k}." for k in range(n_mtp)]
 
@@ -50,10 +51,10 @@ def shared_sources(prefix: str, names: set[str]) -> dict[str, str]:
     """MTP tensor name → the main-model tensor it copies, for this layer prefix."""
     if prefix.startswith(("mtp.", "model.mtp.")):
         top = "model." if prefix.startswith("model.") else ""
-        return {prefix + "embed.weight": next((c for c in (top + "embed.weight", top + "embed_tokens.weight")
-                                               if c in names), top + "embed.weight"),
-                prefix + "head.weight": next((c for c in (top + "head.weight", "lm_head.weight") if c in names),
-                                             top + "head.weight")}
+        embeds = (top + "embed.weight", top + "embed_tokens.weight", "model.embed_tokens.weight", "embed.weight")
+        heads = (top + "head.weight", "lm_head.weight", "head.weight", "model.head.weight")
+        return {prefix + "embed.weight": next((c for c in embeds if c in names), top + "embed.weight"),
+                prefix + "head.weight": next((c for c in heads if c in names), top + "head.weight")}
     return {prefix + k: v for k, v in _V3_SHARED.items()}
 
 

@@ -150,6 +150,19 @@ def test_inject_mtp_v4_from_original(tiny_ckpt, tmp_path):
     assert all(out.meta(n).dtype_name not in ("F8_E4M3", "U8", "I8") for n in mtp)  # kept BF16
 
 
+def test_inject_mtp_v4_in_transformers_names_copies_into_the_top_level_mtp_layer(tiny_ckpt, tmp_path):
+    """transformers' V4 names keep the MTP layer at the top (`mtp.0.`) beside `model.layers.`, the embedding
+    as `model.embed_tokens.weight` and the head as `head.weight`: the copies go into `mtp.0.`."""
+    src = tiny_ckpt("deepseek-v4", "fp8", mtp=True, v4_names="transformers")
+    r = CheckpointReader(src)
+    assert any(n.startswith("mtp.0.") for n in r.names()) and "mtp.0.head.weight" not in r
+    res = inject_mtp(src, tmp_path / "final")
+    assert sorted(res["injected"]) == ["mtp.0.embed.weight", "mtp.0.head.weight"]
+    out = CheckpointReader(tmp_path / "final")
+    assert torch.equal(out.get("mtp.0.embed.weight"), r.get("model.embed_tokens.weight"))
+    assert torch.equal(out.get("mtp.0.head.weight"), r.get("head.weight"))
+
+
 def test_labels_that_disagree_with_the_tensors_fail_the_config_check(tiny_ckpt, tmp_path):
     """A loader trusts the label: an edited quant_algo, a missing hf_quant_config.json, a compressed-tensors
     format or a quantization_config on an unquantized output each fail, naming the file."""
