@@ -18,7 +18,8 @@ How: the output is read once, every tensor whole, on a pool of threads that hash
 digest as it arrives and check and decode it with numpy (engine.convert.validate_read); of the source only the
 sampled rows and the kept tensors are read. The decoder-block check imports torch and transformers, seconds of a
 short run: where this process has not imported transformers yet, it runs in a child process started first, beside
-the rest. A module the host path does not decode goes through the torch reference (engine.convert.validate_ref).
+the rest (in a local run, one the driver started before validate: engine.convert.block_check.start_warm). A module
+the host path does not decode goes through the torch reference (engine.convert.validate_ref).
 """
 
 from __future__ import annotations
@@ -445,15 +446,17 @@ class _Pass:
 
 def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike | None = None, *,
                         amax: str | os.PathLike | None = None, device: str = "cpu",
-                        sink: EventSink = NullSink(), amax_model: str | os.PathLike | None = None) -> dict[str, Any]:
+                        sink: EventSink = NullSink(), amax_model: str | os.PathLike | None = None,
+                        block_socket: str | os.PathLike | None = None) -> dict[str, Any]:
     """Validate `directory`; returns the report dict (`ok`, `checks`, `failures`, `tensors`). With `amax`, the
-    snapshot is checked against `amax_model` (default: `against`, else `directory`)."""
+    snapshot is checked against `amax_model` (default: `against`, else `directory`). `block_socket`: where a run's
+    warm decoder-block child may listen (engine.convert.block_check.start_warm); the report is the same without."""
     directory = Path(directory)
     rep = _Report(directory)
     r = _open_output(directory, rep)
     target = "none"
     if r is not None:
-        _validate_open(r, rep, against, device, sink)
+        _validate_open(r, rep, against, device, sink, block_socket)
         target = rep.target
     if amax is not None:
         _check_amax(directory, amax, rep,
@@ -467,7 +470,8 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
             "checks": rep.checks, "failures": rep.failures, "warnings": rep.warnings, "tensors": rep.tensors}
 
 
-def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink: EventSink) -> None:
+def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink: EventSink,
+                   block_socket: str | os.PathLike | None = None) -> None:
     try:
         layout = detect_layout(r.config, r.names())
     except Exception:  # noqa: BLE001
@@ -487,7 +491,8 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
     if src is not None:
         shape_fails, misshapen = shape_mismatches(r, src, quantized)
         if not misshapen:  # started first: it runs beside the pass
-            block = start_first_block(r.dir, src.dir, rep.target, device)
+            block = start_first_block(r.dir, src.dir, rep.target, device, block_socket=block_socket,
+                                      log=lambda msg: sink.emit("log", level="info", msg=msg))
     compare = {b for b in nv + fp8 if src is not None and b + ".weight" in src and b not in misshapen}
     kept = {n: base for n, base in kept_floats(r, src, quantized) if n not in misshapen} if src is not None else {}
     man = load_manifest(r.dir)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from engine.core.errors import QuantdeckError, RunError, StageLockedError
 from engine.core.fsutil import atomic_write_json, read_json
 from engine.core.locks import driver_alive, pid_alive, this_host  # noqa: F401 (driver_alive re-exported)
-from engine.core.names import StageState
+from engine.core.names import StageName, StageState
 from engine.runs.launcher import Launcher, WorkerSpec
 from engine.runs.local_launcher import REPO_ROOT, child_env
 from engine.runs.plan import Plan, build_plan, resolve_paths, stages_to_run
@@ -246,45 +246,92 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, p
         states = {n: read_status(run, n)["state"] for n in plan.names()}
         todo = stages_to_run(plan, states, mode)
         result = StageState.SUCCEEDED
-        for name in todo:
-            if cancel_requested(run):
-                result = StageState.CANCELLED
-                break
-            sp = plan.stage(name)
-            cur = read_status(run, name)
-            if cur["state"] in (StageState.STARTING.value, StageState.RUNNING.value) and cur.get("pid"):
-                # a live worker left by an earlier driver (killed, or its machine rebooted): re-attach to it
-                st = wait_stage(run, name, int(cur["attempt"]), launcher, cur.get("host") or "local",
-                                int(cur["pid"]), poll_s)
-                sync_store(run)
-                if not StageState(st["state"]).is_done():
-                    result = StageState.CANCELLED if st["state"] == StageState.CANCELLED else StageState.FAILED
+        warm, warm_at = None, _warm_block_stage(plan, todo, launcher)
+        try:
+            for name in todo:
+                if cancel_requested(run):
+                    result = StageState.CANCELLED
                     break
-                continue
-            attempt = begin_attempt(run, name, launcher=launcher.name)
-            spec = WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)),
-                              args=("--mode", mode) if mode != "run" else (),
-                              nnodes=max(1, len(sp.nodes)) if sp.distributed else 1,
-                              nproc_per_node=_local_ranks(recipe) if sp.distributed else 1)
-            try:
-                handle = launcher.start(spec)
-            except QuantdeckError as e:
-                set_status(run, name, StageState.FAILED, attempt=attempt, error_class="launch",
-                           error=e.one_line(), hint=e.hint)
+                sp = plan.stage(name)
+                cur = read_status(run, name)
+                if cur["state"] in (StageState.STARTING.value, StageState.RUNNING.value) and cur.get("pid"):
+                    # a live worker left by an earlier driver (killed, or its machine rebooted): re-attach to it
+                    st = wait_stage(run, name, int(cur["attempt"]), launcher, cur.get("host") or "local",
+                                    int(cur["pid"]), poll_s)
+                    sync_store(run)
+                    if not StageState(st["state"]).is_done():
+                        result = StageState.CANCELLED if st["state"] == StageState.CANCELLED else StageState.FAILED
+                        break
+                    continue
+                attempt = begin_attempt(run, name, launcher=launcher.name)
+                spec = WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)),
+                                  args=("--mode", mode) if mode != "run" else (),
+                                  nnodes=max(1, len(sp.nodes)) if sp.distributed else 1,
+                                  nproc_per_node=_local_ranks(recipe) if sp.distributed else 1)
+                try:
+                    handle = launcher.start(spec)
+                except QuantdeckError as e:
+                    set_status(run, name, StageState.FAILED, attempt=attempt, error_class="launch",
+                               error=e.one_line(), hint=e.hint)
+                    sync_store(run)
+                    result = StageState.FAILED
+                    break
+                set_status(run, name, StageState.STARTING, attempt=attempt, host=handle.host, pid=handle.pid)
                 sync_store(run)
-                result = StageState.FAILED
-                break
-            set_status(run, name, StageState.STARTING, attempt=attempt, host=handle.host, pid=handle.pid)
-            sync_store(run)
-            st = wait_stage(run, name, attempt, launcher, handle.host, handle.pid, poll_s)
-            sync_store(run)
-            state = StageState(st["state"])
-            if not state.is_done():
-                result = StageState.CANCELLED if state == StageState.CANCELLED else StageState.FAILED
-                break
+                if name == warm_at:  # beside this stage's worker, which has just started
+                    warm = _start_warm_block(run, plan)
+                st = wait_stage(run, name, attempt, launcher, handle.host, handle.pid, poll_s)
+                sync_store(run)
+                if name == StageName.VALIDATE.value and warm is not None:
+                    warm.stop()  # answered (or never asked): not kept through eval
+                    warm = None
+                state = StageState(st["state"])
+                if not state.is_done():
+                    result = StageState.CANCELLED if state == StageState.CANCELLED else StageState.FAILED
+                    break
+        finally:
+            if warm is not None:
+                warm.stop()
         sync_store(run)
         launcher.close()
         return result
+
+
+# the stages that write the output (or what it is made from): the warm child starts after the last of them
+_HEAVY = frozenset(x.value for x in (StageName.PULL, StageName.CONVERT, StageName.DEQUANT, StageName.CAST_FP8,
+                                     StageName.CALIBRATE, StageName.EXPORT))
+
+
+def _warm_block_stage(plan: Plan, todo: list[str], launcher: Launcher) -> str | None:
+    """The stage beside whose worker validate's decoder-block child starts warming up
+    (engine.convert.block_check.start_warm): the first of `todo` after its last heavy stage and before validate;
+    None when validate is not to run here (another launcher, not in `todo`, nothing before it, no source)."""
+    v = StageName.VALIDATE.value
+    if launcher.name != "local" or v not in todo or not plan.stage(v).params.get("src"):
+        return None
+    last = max((i for i, n in enumerate(todo) if n in _HEAVY), default=-1)
+    return todo[last + 1] if last + 1 < todo.index(v) else None
+
+
+def _start_warm_block(run: RunDir, plan: Plan) -> Any:
+    """validate's decoder-block child, warming up; None where it cannot start (validate then starts its own)."""
+    from engine.convert.block_check import WARM_SOCKET, start_warm
+    from engine.stages.validate import block_check_args
+
+    v = StageName.VALIDATE.value
+    args = block_check_args(plan.stage(v).params)
+    if args is None:
+        return None
+    try:
+        run.stage_dir(v).mkdir(parents=True, exist_ok=True)
+        warm = start_warm(run.stage_dir(v) / WARM_SOCKET, *args)
+    except Exception as e:  # noqa: BLE001 - only a head start: validate starts its own child without it
+        print(f"quantdeck runner: validate's decoder-block check not warmed up: {e}", file=sys.stderr, flush=True)
+        return None
+    if warm is not None:
+        print(f"quantdeck runner: validate's decoder-block check warming up (pid {warm.proc.pid}, run {run.id})",
+              file=sys.stderr, flush=True)
+    return warm
 
 
 def _local_ranks(recipe: Recipe) -> int:

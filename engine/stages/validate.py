@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.convert import validate_checkpoint
+from engine.convert.block_check import WARM_SOCKET
 from engine.core.errors import ValidationFailedError
 from engine.core.fsutil import atomic_write_json
 from engine.core.names import StageName
@@ -24,6 +25,14 @@ def _failed(report: Any) -> list[str]:
     return []
 
 
+def block_check_args(params: dict[str, Any]) -> tuple[str, str] | None:
+    """(source, device) of the decoder-block check the stage runs with `params` (ctx.params), None without a
+    source: what the driver warms a child up for (engine.convert.block_check.start_warm)."""
+    if not params.get("src"):
+        return None
+    return str(params["src"]), params["device"] if params.get("device") in ("cpu", "cuda") else "cpu"
+
+
 @Stage.register(StageName.VALIDATE)
 class ValidateStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -36,6 +45,8 @@ class ValidateStage(Stage):
                 kw["amax"] = p["amax"]  # the snapshot is checked against the model's layers too
             if p.get("device") in ("cpu", "cuda"):
                 kw["device"] = p["device"]
+            if p.get("src"):  # the driver's warm child, where it started one (engine.runs.runner)
+                kw["block_socket"] = str(ctx.stage_dir / WARM_SOCKET)
             rep = call_with_sink(validate_checkpoint, str(d), sink=ctx.sink, **kw)
             reports[str(d)] = jsonable(rep)
             problems += [f"{d}: {x}" for x in _failed(rep)]

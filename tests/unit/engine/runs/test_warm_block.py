@@ -1,0 +1,61 @@
+"""Where the driver starts validate's warm decoder-block child (engine.runs.runner._warm_block_stage): beside the
+first stage after the last one that writes the output, before validate, for the local launcher only, and only
+when validate has a source to check against."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engine.runs.plan import Plan, build_plan, stages_to_run
+from engine.runs.recipe import loads_recipe
+from engine.runs.runner import _warm_block_stage
+from engine.stages.validate import block_check_args
+
+
+class _Launcher:
+    def __init__(self, name: str = "local"):
+        self.name = name
+
+
+def _plan(extra: str = "") -> Plan:
+    r = loads_recipe(f'[run]\nworkdir = "work"\n[source]\npath = "/ckpt/V3"\n{extra}')
+    return build_plan(r, run_id="r1", run_dir="/w/runs/r1", base="/home/op")
+
+
+CALIBRATED = '[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"\nnum_samples = 4\n'
+
+
+@pytest.mark.parametrize("extra, todo, at", [
+    ("", None, "inject-mtp"),  # weight-only: inspect, convert, inject-mtp, copy-extras, validate
+    ('[target]\nformat = "bf16"', None, "inject-mtp"),
+    (CALIBRATED, None, "inject-mtp"),
+    (CALIBRATED, "export-only", "inject-mtp"),
+    ("", ["copy-extras", "validate"], "copy-extras"),  # a resume past inject-mtp
+    ("", ["validate"], None),  # nothing runs before validate: it starts its own child
+    ("", ["inspect", "convert"], None),  # no validate to run
+])
+def test_the_warm_child_starts_after_the_last_stage_writing_the_output(extra, todo, at):
+    p = _plan(extra)
+    if todo is None or isinstance(todo, str):
+        todo = stages_to_run(p, {"calibrate": "SUCCEEDED"} if todo else {}, todo or "run")
+    assert _warm_block_stage(p, todo, _Launcher()) == at
+
+
+def test_not_for_another_launcher_nor_without_a_source():
+    p = _plan()
+    todo = stages_to_run(p, {}, "run")
+    assert _warm_block_stage(p, todo, _Launcher("ssh")) is None
+    v = p.stage("validate")
+    bare = dataclasses.replace(v, inputs={k: x for k, x in v.inputs.items() if k != "src"})
+    p2 = dataclasses.replace(p, stages=tuple(bare if s.name == "validate" else s for s in p.stages))
+    assert _warm_block_stage(p2, todo, _Launcher()) is None
+    assert block_check_args(bare.params) is None
+
+
+@pytest.mark.parametrize("device, want", [("auto", "cpu"), ("cpu", "cpu"), ("cuda", "cuda")])
+def test_the_child_is_warmed_for_the_source_and_device_validate_uses(device, want):
+    p = _plan()
+    params = dict(p.stage("validate").params, device=device)
+    assert block_check_args(params) == ("/ckpt/V3", want)
