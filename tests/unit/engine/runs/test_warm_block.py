@@ -1,6 +1,6 @@
 """Where the driver starts validate's warm decoder-block child (engine.runs.runner._warm_block_stage): beside the
-first stage after the last one that writes the output, before validate, for the local launcher only, and only
-when validate has a source to check against."""
+last stage that writes the output on a machine of 8 cores or more, else beside the first stage after it; before
+validate, for the local launcher only, and only when validate has a source to check against."""
 
 from __future__ import annotations
 
@@ -36,7 +36,23 @@ CALIBRATED = '[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"\nnum
     ("", ["validate"], None),  # nothing runs before validate: it starts its own child
     ("", ["inspect", "convert"], None),  # no validate to run
 ])
-def test_the_warm_child_starts_after_the_last_stage_writing_the_output(extra, todo, at):
+def test_the_warm_child_starts_after_the_last_stage_writing_the_output(extra, todo, at, monkeypatch):
+    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: 2)
+    p = _plan(extra)
+    if todo is None or isinstance(todo, str):
+        todo = stages_to_run(p, {"calibrate": "SUCCEEDED"} if todo else {}, todo or "run")
+    assert _warm_block_stage(p, todo, _Launcher()) == at
+
+
+@pytest.mark.parametrize("extra, todo, at", [
+    ("", None, "convert"),
+    (CALIBRATED, None, "export"),
+    (CALIBRATED, "export-only", "export"),
+    ("", ["copy-extras", "validate"], "copy-extras"),
+    ("", ["validate"], None),
+])
+def test_with_cores_to_spare_it_starts_beside_the_stage_writing_the_output(extra, todo, at, monkeypatch):
+    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: 16)
     p = _plan(extra)
     if todo is None or isinstance(todo, str):
         todo = stages_to_run(p, {"calibrate": "SUCCEEDED"} if todo else {}, todo or "run")
