@@ -220,13 +220,18 @@ def cancel_requested(run: RunDir) -> bool:
     return (run.path / CANCEL_MARKER).exists()
 
 
-def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *, poll_s: float = 0.2) -> StageState:
+def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
+          poll_s: float | None = None) -> StageState:
     """Run the plan's stages for `mode` in order; returns the run's result (SUCCEEDED, FAILED, CANCELLED).
+    `poll_s`: how often a stage's status is read (default 0.05 s for local workers, whose status is a local
+    file and whose liveness a local check; 0.2 s where asking costs a round trip, as over SSH).
 
     Raises StageLockedError when another driver owns the run or another live run owns its output."""
     plan = Plan.from_json(run.read_plan())
     recipe = load_frozen_recipe(run)
     launcher = launcher or load_factory(None)(recipe, run.path)
+    if poll_s is None:
+        poll_s = 0.05 if launcher.name == "local" else 0.2
     with driver_lock(run), output_lock(plan.workdir, plan.output):
         prev = read_json(run.driver_path) or {}
         atomic_write_json(run.driver_path, {"pid": os.getpid(), "pgid": os.getpgid(0), "host": this_host(),
