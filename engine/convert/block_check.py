@@ -3,7 +3,7 @@ dequantized to fp32 and loaded into transformers' own decoder-layer class, run o
 the outputs must agree.
 
 We compare the layer's contribution Δ = layer(x) − x (the residual would hide errors):
-rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ BLOCK_TOL[target] (validate_ref.py states the numbers).
+rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ block_tol(target, layer 0's names) (validate_ref.py states the numbers).
 
 Only layer 0's tensors are read, and the layer is built on the meta device and given them (as the calibration's
 layer reader builds its layers): nothing is randomly initialized first. Importing torch and transformers takes
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from engine.checkpoint.reader import CheckpointReader
-from engine.convert.validate_ref import BLOCK_TOL, decode_module
+from engine.convert.validate_ref import block_tol, decode_module
 from engine.core.gcpause import imports_without_gc
 from engine.core.parent_watch import die_with_parent
 from engine.models import detect_layout
@@ -253,7 +253,7 @@ def _output_side(r: CheckpointReader, side: _SourceSide, rep, target: str) -> No
         rep.row("block", "layer 0 not runnable")
         return
     rel = float((d_out - d_src).norm() / d_src.norm().clamp_min(1e-30))
-    tol = BLOCK_TOL.get(target, 0.02)
+    tol = block_tol(target, [n for n in r.names() if n.startswith((where + ".", "model." + where + "."))])
     if not bool(torch.isfinite(d_out).all()):
         rep.fail("block", "layer 0 output holds NaN/Inf", where)
     elif rel > tol:

@@ -9,7 +9,7 @@ Checks (each a row of the report; any failure names the tensor and makes `ok` fa
   source      (--against) per quantized tensor rel. error and SNR vs the dequantized source (sampled rows);
               preserved tensors equal (or BF16-close when the source was FP8)
   block       (--against, V3 and V4 families) decoder layer 0, dequantized to fp32 and run with transformers' own
-              decoder-layer class, matches the source layer within BLOCK_TOL (engine.convert.validate_ref)
+              decoder-layer class, matches the source layer within block_tol (engine.convert.validate_ref)
 Warnings (`warnings`, never a failure) name what a loader gets wrong with a valid checkpoint
 (engine.convert.validate_loaders): routed experts of a compressed-tensors NVFP4 MoE that transformers loads as
 their packed bytes.

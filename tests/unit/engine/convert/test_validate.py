@@ -213,3 +213,20 @@ def test_a_config_the_reference_layer_cannot_run_skips_the_block_check_instead_o
     rep = validate_checkpoint(tmp_path / "o", against=src)
     block = next(c for c in rep["checks"] if c["check"] == "block")
     assert rep["ok"] and block["status"] == "skipped" and "cannot run layer 0 of the source" in block["detail"], rep
+
+
+def test_the_nvfp4_block_ceiling_grows_with_the_matrices_quantized_in_series():
+    from engine.convert.validate_ref import BLOCK_TOL, block_tol
+
+    def names(*mods):
+        return [f"model.layers.0.{m}.{t}" for m in mods for t in ("weight", "weight_scale", "weight_scale_2")]
+
+    mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    attn = ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
+            "self_attn.o_proj")
+    assert block_tol("nvfp4", names(*mlp)) == BLOCK_TOL["nvfp4"]  # weight-only's three
+    w4a4 = block_tol("nvfp4", names(*mlp, *attn))
+    assert w4a4 == round(BLOCK_TOL["nvfp4"] * (8 / 3) ** 0.5, 3) and 0.215 < w4a4 < 0.4
+    experts = [f"mlp.experts.{e}.{p}" for e in range(64) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert block_tol("nvfp4", names(*experts)) == BLOCK_TOL["nvfp4"]  # side by side: one expert's three
+    assert block_tol("fp8-block", names(*mlp, *attn)) == BLOCK_TOL["fp8-block"]
