@@ -36,13 +36,25 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
     hf = family.hf_config(config)
     hf._experts_implementation, hf._attn_implementation = "eager", family.attn_implementation()
     out: set[str] = set()
+    # a named config's patterns match module names within a layer, never a layer's index: layers of one structure
+    # (modules, classes, parameter shapes) get the same quantizers, so modelopt inserts them once per structure
+    # (a dense and a MoE layer for DeepSeek-V3: 61 layers of 256 experts would take minutes one by one)
+    by_structure: dict[tuple, set[str]] = {}
     for i in layers if layers is not None else range(family.num_layers(hf)):
         with torch.device("meta"):
             layer = family.layer_class()(hf, i)
+        pre = f"model.layers.{i}."
+        key = (tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+               tuple((n, tuple(p.shape), str(p.dtype)) for n, p in layer.named_parameters()))
+        if isinstance(quant_cfg, str) and key in by_structure:
+            out |= {pre + n for n in by_structure[key]}
+            continue
         root = _Skeleton(hf, i, layer)
         with contextlib.redirect_stdout(sys.stderr):
             mtq.quantize(root, resolve_quant_cfg(quant_cfg), None)
-        out |= {f"{n}.amax" for n, m in root.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
+        names = {f"{n}.amax" for n, m in root.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
+        by_structure[key] = {n[len(pre):] for n in names if n.startswith(pre)}
+        out |= names
     return out
 
 

@@ -453,14 +453,19 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
     warm decoder-block child may listen (engine.convert.block_check.start_warm); the report is the same without."""
     directory = Path(directory)
     rep = _Report(directory)
+    amax_job = None
+    if amax is not None:  # its imports (torch, transformers, modelopt: seconds) overlap the tensors' pass
+        pool = ThreadPoolExecutor(1, thread_name_prefix="validate-amax")
+        amax_job = pool.submit(_amax_check, amax, amax_model if amax_model is not None else
+                               against if against is not None else directory)
+        pool.shutdown(wait=False)
     r = _open_output(directory, rep)
     target = "none"
     if r is not None:
         _validate_open(r, rep, against, device, sink, block_socket)
         target = rep.target
-    if amax is not None:
-        _check_amax(directory, amax, rep,
-                    model_dir=amax_model if amax_model is not None else against if against is not None else directory)
+    if amax_job is not None:
+        _record_amax(amax_job.result(), amax, rep)
     ok = not rep.failures
     sink.emit("log", level="info" if ok else "error",
               msg=f"validate {directory}: {'ok' if ok else f'{len(rep.failures)} failure(s)'}")
@@ -527,11 +532,14 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
             block.cancel()
 
 
-def _check_amax(directory: Path, amax: str | os.PathLike, rep: _Report, model_dir: str | os.PathLike) -> None:
+def _amax_check(amax: str | os.PathLike, model_dir: str | os.PathLike) -> dict[str, Any]:
     """`--amax`: the calibration's own check (engine.calibrate.validate.validate_amax) against the model's layers."""
     from engine.calibrate.validate import validate_amax
 
-    res = validate_amax(amax, model_dir=model_dir)
+    return validate_amax(amax, model_dir=model_dir)
+
+
+def _record_amax(res: dict[str, Any], amax: str | os.PathLike, rep: _Report) -> None:
     for p in res.get("problems", []):
         rep.fail("amax", str(p), str(amax))
     rep.row("amax", f"snapshot {amax}: {res.get('quantizers', 0)} quantizers")

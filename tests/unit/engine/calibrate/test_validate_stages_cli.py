@@ -148,3 +148,16 @@ def test_cli_validate_a_snapshot_alone(staged, v3_dir, tmp_path, capsys):
     assert "layer files are not contiguous" in out.out and str(bad) in out.err
     assert main(["validate"]) == 2
     assert "give a checkpoint DIRECTORY to validate, or --amax AMAX_DIR [--model CKPT]" in capsys.readouterr().err
+
+
+def test_expected_quantizers_inserts_once_per_layer_structure_with_the_same_names(tiny_ckpt):
+    """A named config is inserted once per layer structure (dense, MoE) and its names moved to each layer; a
+    config given as a dict is inserted layer by layer: both give the same names."""
+    from engine.calibrate.qconfig import resolve_quant_cfg
+    from engine.calibrate.validate import expected_quantizers
+
+    src = tiny_ckpt("deepseek-v3", "bf16", layers=4)
+    named = expected_quantizers(src, "NVFP4_DEFAULT_CFG")
+    assert named == expected_quantizers(src, resolve_quant_cfg("NVFP4_DEFAULT_CFG"))
+    assert {n.split(".")[2] for n in named} == {"0", "1", "2", "3"}
+    assert any(".mlp.experts." in n for n in named if n.startswith("model.layers.3."))
