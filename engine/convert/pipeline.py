@@ -29,7 +29,7 @@ from engine.checkpoint.shard_plan import ShardPlan
 from engine.checkpoint.writer import ShardFile
 from engine.convert import compute_host
 from engine.convert.device import usable_cores
-from engine.convert.plan import TO_NVFP4, Item
+from engine.convert.plan import TO_NVFP4, Item, ItemResult
 from engine.core import timeline
 from engine.core.settings import settings
 
@@ -140,9 +140,11 @@ def _item_bytes(item: Item, on_gpu: bool) -> int:
 
 def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
               v4_fp8: bool = False, metadata: dict[str, str] | None = None,
-              on_item: Callable[[Item, list[str]], None] | None = None) -> dict[str, float]:
-    """Convert and write every task's shards; returns busy seconds per phase (summed over the threads of each
-    pool), plus where the compute threads waited (`wait_read_s`: for reads, `wait_write_s`: for the writers),
+              on_item: Callable[[Item, list[str]], None] | None = None,
+              finish: Callable[[Item, ItemResult], ItemResult] | None = None) -> dict[str, float]:
+    """Convert and write every task's shards; `finish` (on a compute thread) may add or recast an item's outputs
+    before they are written (export's activation scales). Returns busy seconds per phase (summed over the threads
+    of each pool), plus where the compute threads waited (`wait_read_s`: for reads, `wait_write_s`: for the writers),
     how long the readers waited for room in the in-flight budget (`wait_budget_s`), the time to the first
     item's math (`first_s`) and the pipeline's wall time (`wall_s`). Raises the first error of any thread;
     shards not finished are removed, finished ones stay for a resume."""
@@ -278,10 +280,11 @@ def run_tasks(reader: CheckpointReader, tasks: list[ShardTask], *, device="cpu",
 
     def compute(item: Item, src: dict):
         if not on_gpu:
-            return compute_host.compute_item(item, src, v4_fp8=v4_fp8, item_parallel=n_compute > 1)
-        result = compute_item(item, src, device, v4_fp8=v4_fp8)
-        result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
-        return result
+            result = compute_host.compute_item(item, src, v4_fp8=v4_fp8, item_parallel=n_compute > 1)
+        else:
+            result = compute_item(item, src, device, v4_fp8=v4_fp8)
+            result.tensors = {k: v.to("cpu", non_blocking=False) for k, v in result.tensors.items()}
+        return finish(item, result) if finish is not None else result
 
     def compute_loop() -> None:
         stream = torch.cuda.Stream(device=device) if on_gpu and n_compute > 1 else None

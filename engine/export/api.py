@@ -1,6 +1,7 @@
 """`export_checkpoint`: a calibrated W4A4 NVFP4 checkpoint from a source checkpoint and an amax snapshot.
 
-It is the streaming convert (engine.convert: plan, NVFP4 compute, sharded resumable writer)
+It is the streaming convert (engine.convert: plan, sharded resumable writer, and the same reader/compute/writer
+pipeline, so on CPU the host arrays and C kernels of engine.convert.compute_host, no per-tensor torch math)
 with activation scales added to every quantized module: a canonical `input_scale`, which each output layout
 writes as it stores it (modelopt `input_scale`, compressed-tensors `input_global_scale = 1 / input_scale`) and
 labels W4A4 in its config (engine.formats).
@@ -16,17 +17,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.calibrate.family import LayerFamily
+from engine.checkpoint.host import HostArray
 from engine.checkpoint.paths import layout_dirs, refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.safetensors_format import TensorSpec
-from engine.checkpoint.shard_plan import ShardPlan, shard_name
 from engine.checkpoint.write_errors import make_output_dir
-from engine.checkpoint.writer import CheckpointWriter, ShardFile
-from engine.convert.compute import compute_item
+from engine.checkpoint.writer import CheckpointWriter
 from engine.convert.extras import copy_extras
-from engine.convert.plan import COPY, TO_NVFP4, build_plan, check_layouts
+from engine.convert.kernels import warm_up
+from engine.convert.pipeline import ShardTask, run_tasks
+from engine.convert.plan import COPY, TO_NVFP4, Item, ItemResult, build_plan, check_layouts
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
-from engine.convert.streaming import parse_size, partition, resolve_device
+from engine.convert.streaming import layout_shards, parse_size, partition, resolve_device, reuse_heap
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
@@ -64,6 +66,13 @@ def _with_input_scales(plan, fp32: list[str]):
     return replace(plan, items=items)
 
 
+def _as_fp32(t):
+    """A floating tensor (torch, or a host array seen as torch) as float32, as transformers keeps it."""
+    if isinstance(t, HostArray):
+        t = t.torch()
+    return t.float() if t.is_floating_point() else t
+
+
 def _quantize_attention(ma: ModuleAmax) -> bool:
     return any(".self_attn." in k or ".attn." in k for k in ma.weight)
 
@@ -93,10 +102,14 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     """Write `dst` (or `dst/<layout>` for several layouts); resumable; returns a report. Under torchrun the
     shards are split over the ranks (engine.convert.ranks)."""
     t0 = time.monotonic()
+    reuse_heap()  # as convert: the pipeline's threads share two malloc arenas
     src, dst = Path(src), Path(dst)
     layouts = check_layouts(list(layouts), "nvfp4")
     dsts = layout_dirs(dst, layouts)
     refuse_overlap(src, dst, dsts.values())
+    dev = ranks.device(resolve_device(device))
+    dev = "cpu" if dev.type == "cpu" else dev  # the CPU pipeline's host arrays and C kernels (engine.convert)
+    warm_up("nvfp4", dev)  # CUDA context and Triton, or the C kernels: beside the snapshot and transformers' imports
     amax, origin = load_any_amax(amax_dir, src)
     reader = CheckpointReader(src)
     ma = to_checkpoint_names(module_amax(amax), reader.config, set(reader.names()))
@@ -119,52 +132,39 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
             groups[it.key] = [m.out_base for m in it.members]
     sp = plan_input_scales(quantized, groups, ma)  # MTP is never calibrated, so never quantized here
     check_scales(sp)
-    dev = ranks.device(resolve_device(device))
     groups_items = partition(plan.items, parse_size(shard_size))
     if len(layouts) > 1:
         make_output_dir(dst)
     writers, shard_plans = {}, {}
     outs = {lay: layout_for("nvfp4", lay) for lay in layouts}  # the output layouts, by name
     for lay in layouts:
-        shard_plans[lay] = [ShardPlan(shard_name(i + 1, len(groups_items)),
-                                      tuple(outs[lay].out_spec(s, it.action == TO_NVFP4) for it in g
-                                            for s in it.outputs))
-                            for i, g in enumerate(groups_items)]
+        shard_plans[lay] = layout_shards(groups_items, outs[lay])
         args = {"export": "w4a4", "layout": lay, "amax": origin["sha256"], "shard_size": parse_size(shard_size)}
         writers[lay] = CheckpointWriter(dsts[lay], shard_plans[lay], source_fingerprint=reader.fingerprint(),
                                         args=args, sink=sink)
     todo = prepare_writers(writers, ranks)
-    mine = set(ranks.share([i for i in range(len(groups_items))
-                            if any(shard_plans[lay][i].name in todo[lay] for lay in layouts)]))
-    prog = Progress(sink, "tensors", total=sum(len(groups_items[i]) for i in mine))
+    tasks = []
     for i, g in enumerate(groups_items):
-        if i not in mine:
-            continue
-        files = [(lay, ShardFile(writers[lay].partial_dir, shard_plans[lay][i]))
-                 for lay in layouts if shard_plans[lay][i].name in todo[lay]]
-        try:
-            for it in g:
-                srcs = {}
-                for m in it.members:
-                    srcs[m.name] = reader.get(m.name)
-                    if m.scale:
-                        srcs[m.scale] = reader.get(m.scale)
-                res = compute_item(it, srcs, dev, v4_fp8=plan.family == "deepseek-v4")
-                tensors = {k: (v.float() if v.is_floating_point() and any(p in k for p in fp32) else v).cpu()
-                           for k, v in res.tensors.items()}
-                if it.action == TO_NVFP4:
-                    for m in it.members:
-                        tensors[m.out_base + INPUT_SCALE] = sp.scale(m.out_base)
-                for lay, sf in files:
-                    for name, t in tensors.items():
-                        sf.write(*outs[lay].out_tensor(name, t, it.action == TO_NVFP4))
-                prog.advance(1, label=it.key)
-            for _, sf in files:
-                sf.close()
-        except BaseException:
-            for _, sf in files:
-                sf.abort()
-            raise
+        targets = tuple((outs[lay], str(writers[lay].partial_dir), shard_plans[lay][i]) for lay in layouts
+                        if shard_plans[lay][i].name in todo[lay])
+        if targets:
+            tasks.append(ShardTask(i, tuple(g), targets))
+    mine = ranks.share(tasks)
+    prog = Progress(sink, "tensors", total=sum(len(t.items) for t in mine),
+                    bytes_total=sum(it.src_bytes for t in mine for it in t.items))
+
+    def finish(it: Item, res: ItemResult) -> ItemResult:
+        """The convert pipeline's outputs as export writes them: fp32-kept tensors as F32, input scales added."""
+        res.tensors = {k: _as_fp32(v) if any(p in k for p in fp32) else v for k, v in res.tensors.items()}
+        if it.action == TO_NVFP4:
+            for m in it.members:
+                res.tensors[m.out_base + INPUT_SCALE] = sp.scale(m.out_base)
+        return res
+
+    if mine:  # the convert pipeline: reads, math and writes overlapped (engine.convert.pipeline)
+        run_tasks(reader, mine, device=dev, v4_fp8=plan.family == "deepseek-v4",
+                  on_item=lambda it, _notes: prog.advance(1, it.src_bytes, label=it.key), finish=finish)
+    prog.advance(0, force=True)
 
     def write_extras(lay: str, partial: Path) -> None:
         copy_extras(src, partial, sink=sink)
