@@ -22,6 +22,7 @@ keep one per expert (the max over its w1/w3), which gives the same figures whene
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,11 @@ FP8_STORED = ("F8_E4M3",)
 MERGED = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
           ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"))
 _FUSED = re.compile(r"^(.*experts)\.(gate_up_proj|down_proj)$")
+READ_THREADS = 6
+READ_CHUNK = 32 << 20  # one positioned read at most; a run of adjacent tensors is split over the threads
+RUN_ALIGN = 64  # each run of adjacent tensors starts this aligned in the layer buffer
+DECODE_CHUNK = 1 << 22  # decoded float32 elements per batched expert decode: small ones stay in cache on a host
+# and bound the transient memory on a GPU (larger batches measured slower on the host)
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,10 @@ class Stored:
 @dataclass
 class RawOutputLayer:
     index: int
-    tensors: dict[str, torch.Tensor]  # stored name -> host tensor, as stored
+    tensors: dict[str, torch.Tensor]  # stored name -> host tensor, as stored (most are views of `buf`)
     bytes_read: int = 0
+    buf: torch.Tensor | None = None  # the layer's stored bytes, runs of adjacent tensors read as one
+    views: dict[str, tuple[int, int]] = field(default_factory=dict)  # stored name -> (offset, bytes) in `buf`
 
 
 @dataclass
@@ -80,6 +88,7 @@ class OutputModel:
         self.stored = index_stored(self.reader)
         self.names = set(self.stored)  # decoded names: what source_map sees
         self.bytes_read = 0
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="eval-out-read")
 
     @property
     def config(self) -> dict:
@@ -90,12 +99,42 @@ class OutputModel:
 
     # -- reading (prefetch thread) --------------------------------------------------------------------
     def read(self, i: int) -> RawOutputLayer:
+        """Layer i's stored tensors in one fresh host buffer: runs of tensors adjacent in their shard read in file
+        order with large positioned reads over a few threads (thousands of expert tensors cost a few reads, not one
+        each), so `build` uploads the layer in one copy."""
         plain, experts = self.layer_stored(i)
         wanted = [t for n in list(plain.values()) + list(experts.values()) for t in self.stored[n].tensors]
-        raw = RawOutputLayer(i, {})
-        for t in sorted(set(wanted), key=lambda n: (self.reader.meta(n).shard, self.reader.meta(n).start)):
-            raw.tensors[t] = self.reader.get(t)
-            raw.bytes_read += self.reader.meta(t).nbytes
+        metas = sorted((self.reader.meta(t) for t in set(wanted)), key=lambda m: (m.shard, m.start))
+        runs: list[list] = []  # [shard, file start, file end, buffer offset, names]
+        size = 0
+        where: dict[str, int] = {}
+        for m in metas:
+            if not (runs and runs[-1][0] == m.shard and runs[-1][2] == m.start):
+                size = -(-size // RUN_ALIGN) * RUN_ALIGN
+                runs.append([m.shard, m.start, m.start, size, []])
+            r = runs[-1]
+            where[m.name] = r[3] + m.start - r[1]
+            r[2] = m.end
+            r[4].append(m.name)
+            size = r[3] + m.end - r[1]
+        buf = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buf.numpy()).cast("B")
+        jobs = []
+        for shard, a, b, off, names in runs:
+            what = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+            for s in range(a, b, READ_CHUNK):
+                e = min(s + READ_CHUNK, b)
+                jobs.append(self._pool.submit(self.reader.read_range, shard, s, view[off + s - a:off + e - a], what))
+        got = sum(f.result() for f in jobs)
+        raw = RawOutputLayer(i, {}, bytes_read=got, buf=buf)
+        for m in metas:
+            o = where[m.name]
+            t = buf[o:o + m.nbytes]
+            if o % m.dtype.itemsize:  # not aligned for its dtype: a copy of its own
+                t = t.clone()
+            else:
+                raw.views[m.name] = (o, m.nbytes)
+            raw.tensors[m.name] = t.view(m.dtype).reshape(m.shape) if m.nbytes else torch.empty(m.shape, dtype=m.dtype)
         self.bytes_read += raw.bytes_read
         return raw
 
@@ -112,7 +151,7 @@ class OutputModel:
         with torch.device("meta"):
             shapes = {k: (tuple(v.shape), v.dtype) for k, v in
                       self.family.layer_class()(self.hf_config, i).state_dict().items()}
-        dev = {k: v.to(self.device, non_blocking=True) for k, v in raw.tensors.items()}
+        dev = self._upload(raw)
         out = BuiltLayer({})
         merged = self._merged_scales(i, plain, dev, out)
         prefix = self.family.layer_prefix(i)
@@ -138,14 +177,31 @@ class OutputModel:
             out.params[pname] = self._experts(i, pname, m.group(2), shape, want, experts, dev, out)
         return out
 
+    def _upload(self, raw: RawOutputLayer) -> dict[str, torch.Tensor]:
+        """The layer's stored tensors on the device: the buffer in one copy, each tensor a view of it."""
+        whole = raw.buf.to(self.device, non_blocking=True) if raw.buf is not None and raw.views else None
+        dev = {}
+        for k, v in raw.tensors.items():
+            if k in raw.views and whole is not None:
+                o, n = raw.views[k]
+                dev[k] = whole[o:o + n].view(v.dtype).reshape(v.shape)
+            else:
+                dev[k] = v.to(self.device, non_blocking=True)
+        return dev
+
     def _fit(self, t: torch.Tensor, shape: tuple, want: torch.dtype, full: str, s: Stored) -> torch.Tensor:
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{full}: the output's {s.name} decodes to shape {tuple(t.shape)}, the model "
                                   f"wants {tuple(shape)}", at=f"{self.reader.dir}:{s.tensors[0]}",
                                   hint="is this a checkpoint of the model --against names?")
-        return t.to(want)
+        r = t.to(want)
+        # a plain tensor as stored is a view of the uploaded layer buffer: a copy of its own frees the buffer
+        return r.clone() if r is t and s.kind == "plain" else r
 
     def _experts(self, i, pname, which, shape, want, experts, dev, out: BuiltLayer) -> torch.Tensor:
+        fast = self._experts_nvfp4(i, pname, which, shape, want, experts, dev, out)
+        if fast is not None:
+            return fast
         n = shape[0]
         prefix = self.family.layer_prefix(i)
         param = torch.empty(shape, dtype=want, device=self.device)
@@ -187,6 +243,79 @@ class OutputModel:
             cur = out.experts.get(mod, ExpertsActQuant())
             out.experts[mod] = (ExpertsActQuant(q, cur.w2) if which == "gate_up_proj" else ExpertsActQuant(cur.w13, q))
         return param
+
+    def _experts_nvfp4(self, i, pname, which, shape, want, experts, dev, out: BuiltLayer) -> torch.Tensor | None:
+        """The routed experts' fused parameter where every expert's weights are NVFP4 of one layout and one shape:
+        every scale checked and reduced at once (one host sync per call, not several per expert) and the weights
+        decoded a few experts at a time, with the same float32 ops as `_decode` (so the same bits). None where
+        the experts are not all alike (the expert-by-expert path then decodes them and says what is wrong)."""
+        n = shape[0]
+        roles = ("down",) if which == "down_proj" else ("gate", "up")
+        names = [experts.get((e, role)) for role in roles for e in range(n)]
+        if None in names:
+            return None
+        stored = [[self.stored[experts[(e, role)]] for e in range(n)] for role in roles]
+        first = stored[0][0]
+        if first.kind != "nvfp4":
+            return None
+        rec = first.nvfp4.names.reciprocal
+        geo = []
+        for col in stored:
+            p0, b0 = dev[col[0].nvfp4.packed], dev[col[0].nvfp4.block_scale]
+            geo.append((tuple(p0.shape), tuple(b0.shape)))
+            for s in col:
+                nv = s.nvfp4
+                if (s.kind != "nvfp4" or nv.names.reciprocal != rec or dev[nv.packed].shape != p0.shape
+                        or dev[nv.packed].dtype != p0.dtype or dev[nv.block_scale].shape != b0.shape
+                        or dev[nv.block_scale].dtype != torch.float8_e4m3fn or dev[nv.global_scale].numel() != 1
+                        or (nv.input_scale and dev[nv.input_scale].numel() != 1)):
+                    return None
+        if any(len(p0) != 2 or b0 != (p0[0], p0[1] * 2 // NVFP4_BLOCK) or p0[1] * 2 != shape[2] for p0, b0 in geo):
+            return None
+        rows = [p0[0] for p0, _ in geo]
+        if sum(rows) != shape[1]:
+            return None
+        # every scale as a multiplier (as_multiplier's rule, applied to all at once; a bad one raises its error)
+        s2 = [self._multipliers([s.nvfp4.global_scale for s in col], dev, rec) for col in stored]
+        ins = [s for col in stored for s in col if s.nvfp4.input_scale]
+        inputs = self._multipliers([s.nvfp4.input_scale for s in ins], dev, False) if ins else None
+        if roles == ("gate", "up"):
+            g, u = s2
+            s2 = [g, g]  # vLLM: w13_weight_scale_2[:, 0], w1's global scale for both
+            gl, ul = torch.stack((g, u)).tolist()  # the one host sync
+            for e in range(n):
+                if gl[e] != ul[e]:
+                    out.warnings.append(f"{stored[1][e].nvfp4.base}: its global scale differs from w1's "
+                                        f"({ul[e]:.6g} vs {gl[e]:.6g}); read with w1's, as vLLM does")
+        param = torch.empty(shape, dtype=want, device=self.device)
+        per = max(1, DECODE_CHUNK // (shape[1] * shape[2]))
+        top = 0
+        for col, sc, r in zip(stored, s2, rows, strict=True):
+            for a in range(0, n, per):
+                b = min(n, a + per)
+                packed = torch.stack([dev[s.nvfp4.packed].view(torch.uint8) for s in col[a:b]]) if b - a > 1 \
+                    else dev[col[a].nvfp4.packed].view(torch.uint8).unsqueeze(0)
+                bs = torch.stack([dev[s.nvfp4.block_scale] for s in col[a:b]]) if b - a > 1 \
+                    else dev[col[a].nvfp4.block_scale].unsqueeze(0)
+                param[a:b, top:top + r].copy_(_decode_nvfp4(packed, bs, sc[a:b].to(packed.device)))
+            top += r
+        out.encodings["nvfp4"] = out.encodings.get("nvfp4", 0) + n * len(roles)
+        mod = pname.rsplit(".", 1)[0]
+        q = _experts_quant({"nvfp4"}, [InputScale(v, rec) for v in inputs.unbind()] if inputs is not None else [])
+        if q is not None:
+            cur = out.experts.get(mod, ExpertsActQuant())
+            out.experts[mod] = (ExpertsActQuant(q, cur.w2) if which == "gate_up_proj" else ExpertsActQuant(cur.w13, q))
+        return param
+
+    def _multipliers(self, names: list[str], dev, reciprocal: bool) -> torch.Tensor:
+        """as_multiplier of each stored one-value scale in `names`, as one float32 vector on the device (one
+        host sync for the check; the first bad scale raises as_multiplier's own error)."""
+        v = torch.stack([dev[t].detach().to(torch.float32).reshape(()) for t in names]).to(self.device)
+        ok = torch.isfinite(v) & (v > 0)
+        if not bool(ok.all()):
+            bad = int((~ok).nonzero()[0, 0])
+            as_multiplier(names[bad], dev[names[bad]], reciprocal)
+        return (1.0 / v) if reciprocal else v
 
     def _merged_scales(self, i, plain: dict[str, str], dev, out: BuiltLayer) -> dict[str, tuple]:
         """module -> (weight scale_2, input scale) for the Linears vLLM merges, reduced as it reduces them."""
@@ -246,14 +375,10 @@ class OutputModel:
                                   hint="the output is damaged; re-export it")
         s2 = scale_2 if scale_2 is not None else as_multiplier(n.global_scale, tensors[n.global_scale],
                                                                n.names.reciprocal)
-        s2 = s2.to(packed.device)
-        codes = unpack_nibbles(packed)
-        nb = codes.shape[-1] // NVFP4_BLOCK
-        per_block = bs.to(torch.float32) * s2
-        return (decode_e2m1(codes).view(codes.shape[0], nb, NVFP4_BLOCK) * per_block.unsqueeze(-1)).view(
-            codes.shape)
+        return _decode_nvfp4(packed, bs, s2.to(packed.device))
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         close = getattr(self.reader, "close", None)
         if close:
             close()
@@ -295,6 +420,17 @@ def _experts_quant(kinds: set[str], inputs: list[InputScale]) -> ActQuant | None
         return None
     one = reduce_inputs(inputs, "max")
     return ActQuant("nvfp4", one.global_scale, one.multiplier)
+
+
+def _decode_nvfp4(packed: torch.Tensor, bs: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """float32 values of NVFP4 codes `packed` [..., r, c/2] with block scales `bs` [..., r, c/16] and global scale
+    `s2` (0-d, or one per leading index: several experts decoded at once, each with its own)."""
+    codes = unpack_nibbles(packed)
+    nb = codes.shape[-1] // NVFP4_BLOCK
+    s2 = s2.reshape(s2.shape + (1,) * (bs.dim() - s2.dim()))
+    per_block = bs.to(torch.float32) * s2
+    return (decode_e2m1(codes).view(*codes.shape[:-1], nb, NVFP4_BLOCK) * per_block.unsqueeze(-1)).view(
+        codes.shape)
 
 
 def index_stored(reader: CheckpointReader) -> dict[str, Stored]:
