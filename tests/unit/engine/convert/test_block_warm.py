@@ -36,6 +36,19 @@ def _validate(out, src, sock):
     sink = CallbackSink(lambda e: logs.append(e.data["msg"]) if e.kind == "log" else None)
     return validate_checkpoint(out, against=src, sink=sink, block_socket=sock), logs
 
+def _warm_fails_the_block_as_cold(tmp_path, out, against, warmed_for) -> None:
+    """validate of `out` against `against` fails its block check, and a child warmed up for `warmed_for` answers
+    with the very same report."""
+    cold = validate_checkpoint(out, against=against)
+    assert any(f["check"] == "block" for f in cold["failures"]), cold["failures"]
+    warm = start_warm(_sock(tmp_path), warmed_for, "cpu")
+    try:
+        rep, logs = _validate(out, against, _sock(tmp_path))
+        assert rep == cold and any("answered by the warm child" in m for m in logs), logs
+    finally:
+        warm.stop()
+
+
 
 def _sock(tmp_path) -> Path:
     return tmp_path / "block.sock"
@@ -79,14 +92,7 @@ def test_a_failing_layer_fails_the_same_through_the_warm_child(pair, tmp_path):
     (bad / "manifest.json").unlink()
     for f in ("config.json", "hf_quant_config.json"):
         (bad / f).write_text((out / f).read_text())
-    cold = validate_checkpoint(bad, against=src)
-    assert any(f["check"] == "block" for f in cold["failures"]), cold["failures"]
-    warm = start_warm(_sock(tmp_path), src, "cpu")
-    try:
-        rep, logs = _validate(bad, src, _sock(tmp_path))
-        assert rep == cold and any("answered by the warm child" in m for m in logs), logs
-    finally:
-        warm.stop()
+    _warm_fails_the_block_as_cold(tmp_path, bad, src, warmed_for=src)
 
 
 def test_no_socket_runs_the_check_as_without_and_says_nothing(pair, tmp_path):
@@ -138,14 +144,7 @@ def test_the_warm_child_serves_another_source_too(pair, tiny_ckpt, tmp_path):
     """Warmed up for one source, asked about another: it runs the whole check (no source half reused)."""
     src, out, _ = pair
     other = tiny_ckpt("deepseek-v3", "bf16", seed=1)  # same shapes, other weights: layer 0 differs
-    cold = validate_checkpoint(out, against=other)
-    assert any(f["check"] == "block" for f in cold["failures"]), cold["failures"]
-    warm = start_warm(_sock(tmp_path), src, "cpu")
-    try:
-        rep, logs = _validate(out, other, _sock(tmp_path))
-        assert rep == cold and any("answered by the warm child" in m for m in logs), logs
-    finally:
-        warm.stop()
+    _warm_fails_the_block_as_cold(tmp_path, out, other, warmed_for=src)
 
 
 def test_an_idle_warm_child_exits_and_removes_its_socket(tiny_ckpt, tmp_path):

@@ -27,32 +27,22 @@ def _plan(extra: str = "") -> Plan:
 CALIBRATED = '[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"\nnum_samples = 4\n'
 
 
-@pytest.mark.parametrize("extra, todo, at", [
-    ("", None, "inject-mtp"),  # weight-only: inspect, convert, inject-mtp, copy-extras, validate
-    ('[target]\nformat = "bf16"', None, "inject-mtp"),
-    (CALIBRATED, None, "inject-mtp"),
-    (CALIBRATED, "export-only", "inject-mtp"),
-    ("", ["copy-extras", "validate"], "copy-extras"),  # a resume past inject-mtp
-    ("", ["validate"], None),  # nothing runs before validate: it starts its own child
-    ("", ["inspect", "convert"], None),  # no validate to run
+@pytest.mark.parametrize("cores, extra, todo, at", [
+    (2, "", None, "inject-mtp"),  # weight-only: inspect, convert, inject-mtp, copy-extras, validate
+    (2, '[target]\nformat = "bf16"', None, "inject-mtp"),
+    (2, CALIBRATED, None, "inject-mtp"),
+    (2, CALIBRATED, "export-only", "inject-mtp"),
+    (2, "", ["copy-extras", "validate"], "copy-extras"),  # a resume past inject-mtp
+    (2, "", ["validate"], None),  # nothing runs before validate: it starts its own child
+    (2, "", ["inspect", "convert"], None),  # no validate to run
+    (16, "", None, "convert"),  # cores to spare: beside the stage writing the output
+    (16, CALIBRATED, None, "export"),
+    (16, CALIBRATED, "export-only", "export"),
+    (16, "", ["copy-extras", "validate"], "copy-extras"),
+    (16, "", ["validate"], None),
 ])
-def test_the_warm_child_starts_after_the_last_stage_writing_the_output(extra, todo, at, monkeypatch):
-    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: 2)
-    p = _plan(extra)
-    if todo is None or isinstance(todo, str):
-        todo = stages_to_run(p, {"calibrate": "SUCCEEDED"} if todo else {}, todo or "run")
-    assert _warm_block_stage(p, todo, _Launcher()) == at
-
-
-@pytest.mark.parametrize("extra, todo, at", [
-    ("", None, "convert"),
-    (CALIBRATED, None, "export"),
-    (CALIBRATED, "export-only", "export"),
-    ("", ["copy-extras", "validate"], "copy-extras"),
-    ("", ["validate"], None),
-])
-def test_with_cores_to_spare_it_starts_beside_the_stage_writing_the_output(extra, todo, at, monkeypatch):
-    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: 16)
+def test_where_the_warm_child_starts(cores, extra, todo, at, monkeypatch):
+    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: cores)
     p = _plan(extra)
     if todo is None or isinstance(todo, str):
         todo = stages_to_run(p, {"calibrate": "SUCCEEDED"} if todo else {}, todo or "run")
