@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.calibrate.layer_plan import final_dtype
+from engine.calibrate.layer_plan import coalesce, final_dtype
+from engine.calibrate.layer_reader import READ_CHUNK
 from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import CheckpointError, about
 from engine.eval.actquant import ActQuant, ExpertsActQuant
@@ -43,8 +44,6 @@ MERGED = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.shared_experts.gate_proj", "ml
           ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"))
 _FUSED = re.compile(r"^(.*experts)\.(gate_up_proj|down_proj)$")
 READ_THREADS = 6
-READ_CHUNK = 32 << 20  # one positioned read at most; a run of adjacent tensors is split over the threads
-RUN_ALIGN = 64  # each run of adjacent tensors starts this aligned in the layer buffer
 DECODE_CHUNK = 1 << 22  # decoded float32 elements per batched expert decode: small ones stay in cache on a host
 # and bound the transient memory on a GPU (larger batches measured slower on the host)
 
@@ -99,32 +98,22 @@ class OutputModel:
 
     # -- reading (prefetch thread) --------------------------------------------------------------------
     def read(self, i: int) -> RawOutputLayer:
-        """Layer i's stored tensors in one fresh host buffer: runs of tensors adjacent in their shard read in file
-        order with large positioned reads over a few threads (thousands of expert tensors cost a few reads, not one
-        each), so `build` uploads the layer in one copy."""
+        """Layer i's stored tensors in one fresh host buffer, laid out and read as the calibration's layer reader
+        does (engine.calibrate.layer_plan.coalesce: file order, large positioned reads over a few threads;
+        thousands of expert tensors cost a few reads, not one each), so `build` uploads the layer in one copy."""
         plain, experts = self.layer_stored(i)
         wanted = [t for n in list(plain.values()) + list(experts.values()) for t in self.stored[n].tensors]
-        metas = sorted((self.reader.meta(t) for t in set(wanted)), key=lambda m: (m.shard, m.start))
-        runs: list[list] = []  # [shard, file start, file end, buffer offset, names]
-        size = 0
-        where: dict[str, int] = {}
-        for m in metas:
-            if not (runs and runs[-1][0] == m.shard and runs[-1][2] == m.start):
-                size = -(-size // RUN_ALIGN) * RUN_ALIGN
-                runs.append([m.shard, m.start, m.start, size, []])
-            r = runs[-1]
-            where[m.name] = r[3] + m.start - r[1]
-            r[2] = m.end
-            r[4].append(m.name)
-            size = r[3] + m.end - r[1]
+        metas = [self.reader.meta(t) for t in set(wanted)]
+        ranges, where, size = coalesce(metas)
         buf = torch.empty(size, dtype=torch.uint8)
         view = memoryview(buf.numpy()).cast("B")
         jobs = []
-        for shard, a, b, off, names in runs:
-            what = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
-            for s in range(a, b, READ_CHUNK):
-                e = min(s + READ_CHUNK, b)
-                jobs.append(self._pool.submit(self.reader.read_range, shard, s, view[off + s - a:off + e - a], what))
+        for r in ranges:
+            what = ", ".join(r.names[:3]) + (", …" if len(r.names) > 3 else "")
+            for s in range(r.start, r.end, READ_CHUNK):
+                e = min(s + READ_CHUNK, r.end)
+                jobs.append(self._pool.submit(self.reader.read_range, r.shard, s,
+                                              view[r.offset + s - r.start:r.offset + e - r.start], what))
         got = sum(f.result() for f in jobs)
         raw = RawOutputLayer(i, {}, bytes_read=got, buf=buf)
         for m in metas:
