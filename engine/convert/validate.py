@@ -18,7 +18,7 @@ How: the output is read once, every tensor whole, on a pool of threads that hash
 digest as it arrives and check and decode it with numpy (engine.convert.validate_read); of the source only the
 sampled rows and the kept tensors are read. The decoder-block check imports torch and transformers, seconds of a
 short run: where this process has not imported transformers yet, it runs in a child process started first, beside
-the rest (in a local run, one the driver started before validate: engine.convert.block_check.start_warm). A module
+the rest (in a local run, one the driver started before validate: engine.convert.block_child.start_warm). A module
 the host path does not decode goes through the torch reference (engine.convert.validate_ref).
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 from engine.checkpoint.manifest import load_manifest
 from engine.checkpoint.reader import CheckpointReader
 from engine.convert import validate_read as host
-from engine.convert.block_check import start_first_block
+from engine.convert.block_child import start_first_block
 from engine.convert.validate_config import label_problems
 from engine.convert.validate_loaders import loader_warnings
 from engine.convert.validate_ref import decode_module
@@ -450,7 +450,7 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
                         block_socket: str | os.PathLike | None = None) -> dict[str, Any]:
     """Validate `directory`; returns the report dict (`ok`, `checks`, `failures`, `tensors`). With `amax`, the
     snapshot is checked against `amax_model` (default: `against`, else `directory`). `block_socket`: where a run's
-    warm decoder-block child may listen (engine.convert.block_check.start_warm); the report is the same without."""
+    warm decoder-block child may listen (engine.convert.block_child.start_warm); the report is the same without."""
     directory = Path(directory)
     rep = _Report(directory)
     amax_job = None

@@ -312,7 +312,7 @@ WARM_BESIDE_HEAVY_CORES = 8
 
 def _warm_block_stage(plan: Plan, todo: list[str], launcher: Launcher) -> str | None:
     """The stage beside whose worker validate's decoder-block child starts warming up
-    (engine.convert.block_check.start_warm): the last heavy stage of `todo` on a machine of 8 cores or more, else
+    (engine.convert.block_child.start_warm): the last heavy stage of `todo` on a machine of 8 cores or more, else
     the first stage after it, if before validate;
     None when validate is not to run here (another launcher, not in `todo`, nothing before it, no source)."""
     v = StageName.VALIDATE.value
@@ -327,7 +327,7 @@ def _warm_block_stage(plan: Plan, todo: list[str], launcher: Launcher) -> str | 
 
 def _start_warm_block(run: RunDir, plan: Plan) -> Any:
     """validate's decoder-block child, warming up; None where it cannot start (validate then starts its own)."""
-    from engine.convert.block_check import WARM_SOCKET, start_warm
+    from engine.convert.block_child import WARM_SOCKET, start_warm
     from engine.stages.validate import block_check_args
 
     v = StageName.VALIDATE.value

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.convert import validate_checkpoint
-from engine.convert.block_check import WARM_SOCKET
+from engine.convert.block_child import WARM_SOCKET
 from engine.core.errors import ValidationFailedError
 from engine.core.fsutil import atomic_write_json
 from engine.core.names import StageName
@@ -27,7 +27,7 @@ def _failed(report: Any) -> list[str]:
 
 def block_check_args(params: dict[str, Any]) -> tuple[str, str] | None:
     """(source, device) of the decoder-block check the stage runs with `params` (ctx.params), None without a
-    source: what the driver warms a child up for (engine.convert.block_check.start_warm)."""
+    source: what the driver warms a child up for (engine.convert.block_child.start_warm)."""
     if not params.get("src"):
         return None
     return str(params["src"]), params["device"] if params.get("device") in ("cpu", "cuda") else "cpu"

@@ -1,4 +1,4 @@
-"""validate's decoder-block check answered by a warm child (engine.convert.block_check.start_warm), in real
+"""validate's decoder-block check answered by a warm child (engine.convert.block_child.start_warm), in real
 processes on a tiny checkpoint: the report is the one validate makes on its own, whether the warm child answers,
 is missing, dead, or answers nonsense; the child serves one request, removes its socket, and never lingers."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine.convert import convert_checkpoint
-from engine.convert.block_check import SOCKET_PATH_MAX, start_warm
+from engine.convert.block_child import SOCKET_PATH_MAX, start_warm
 from engine.convert.validate import validate_checkpoint
 from engine.core.events import CallbackSink
 
@@ -155,7 +155,7 @@ def test_an_idle_warm_child_exits_and_removes_its_socket(tiny_ckpt, tmp_path):
 
 def test_the_warm_child_dies_with_its_parent(tiny_ckpt, tmp_path):
     """The driver killed with -9: its warm child goes at once, not after its idle time."""
-    code = ("import sys, time; from engine.convert.block_check import start_warm; "
+    code = ("import sys, time; from engine.convert.block_child import start_warm; "
             "w = start_warm(sys.argv[1], sys.argv[2], 'cpu'); print(w.proc.pid, flush=True); time.sleep(120)")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     mid = subprocess.Popen([sys.executable, "-c", code, str(_sock(tmp_path)), str(tiny_ckpt("deepseek-v3", "bf16"))],
