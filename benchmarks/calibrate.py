@@ -22,9 +22,10 @@ read floor (`cat` of the same shards, page cache dropped where allowed, and warm
 device_map="auto" and a max_memory that offloads the rest to CPU).
 
 --eval then converts the calibrated source to weight-only NVFP4 (`quantdeck convert --to nvfp4`) and runs
-`quantdeck eval` of it against the BF16 model on the same samples and batches, in a fresh process: each layer's
-eval seconds beside that layer's calibration seconds (read wait, build, forward and quantizer work; eval runs three
-forwards a layer: the source's, the output's, and the output's on the source's inputs).
+`quantdeck eval` of it against the source it was converted from (the one calibrated) on the same samples and
+batches, in a fresh process: each layer's eval seconds beside that layer's calibration seconds (read wait, build,
+forward and quantizer work; eval runs three forwards a layer: the source's, the output's, and the output's on the
+source's inputs).
 
 Before timing, the built model is synced to disk and one untimed process imports torch, transformers and
 modelopt (--no-warmup skips it): on a fresh machine the first import compiles bytecode and reads cold files,
@@ -204,7 +205,8 @@ def role_eval(a) -> None:
     class Sink:
         def emit(self, kind, **d):
             if kind == "metric" and d.get("name") == "eval.layer":
-                layers.append({k: d["tags"].get(k) for k in ("layer", "seconds", "build_s")})
+                layers.append({k: d["tags"].get(k) for k in ("layer", "seconds", "build_s", "wait_s",
+                                                             "source_build_s")})
 
     t0 = time.monotonic()
     rep = evaluate(a.out, a.model, a.samples_file, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
@@ -320,13 +322,14 @@ def _table(report: dict) -> str:
             ratio = report["streaming"]["wall_s"] / report[key]["wall_with_process_s"]
             lines.append(f"quantdeck / {key}: wall {ratio:.2f}x")
     for e in (report.get("eval") or {}).get("per_layer_vs_calibration", []):
-        lines.append(f"eval layer {e['layer']}: {e['eval_s']:.2f} s, calibration {e['calibrate_s'] or 0:.2f} s: "
-                     f"{e['ratio']}x")
+        lines.append(f"eval layer {e['layer']}: {e['eval_s']:.2f} s (waiting for reads {e.get('wait_s') or 0:.2f}, "
+                     f"source layer built {e.get('source_build_s') or 0:.2f}, both built {e.get('build_s') or 0:.2f}), "
+                     f"calibration {e['calibrate_s'] or 0:.2f} s: {e['ratio']}x")
     return "\n".join(lines)
 
 
 def eval_beside_calibration(a, dirs: dict, samples: Path, work: Path, env: dict, streaming: dict) -> dict:
-    """--eval: the source converted to weight-only NVFP4, then eval against the BF16 model; per layer, eval's
+    """--eval: the source converted to weight-only NVFP4, then eval against that source; per layer, eval's
     seconds and calibration's (read wait, assembly, build, forward, quantizers, write) and their ratio."""
     out = work / f"{dirs[a.source].name}-nvfp4"
     if not (out / "config.json").exists():
@@ -334,13 +337,15 @@ def eval_beside_calibration(a, dirs: dict, samples: Path, work: Path, env: dict,
     res = work / "eval.json"
     t0 = time.monotonic()
     _run([sys.executable, str(Path(__file__).resolve()), "--role", "eval", "--result", str(res), "--model",
-          str(dirs["bf16"]), "--out", str(out), "--samples-file", str(samples), "--seq-len", str(a.seq_len),
+          str(dirs[a.source]), "--out", str(out), "--samples-file", str(samples), "--seq-len", str(a.seq_len),
           "--batch-size", str(a.batch_size), "--device", a.device], env)
     ev = json.loads(res.read_text())
     ev["wall_with_process_s"] = time.monotonic() - t0
     calib = {x["layer"]: x for x in streaming.get("per_layer_rank0") or []}
     ev["per_layer_vs_calibration"] = [
-        {"layer": e["layer"], "eval_s": e["seconds"], "calibrate_s": calib[e["layer"]].get("seconds"),
+        {"layer": e["layer"], "eval_s": e["seconds"], "wait_s": e.get("wait_s"),
+         "source_build_s": e.get("source_build_s"), "build_s": e.get("build_s"),
+         "calibrate_s": calib[e["layer"]].get("seconds"),
          "ratio": round(e["seconds"] / calib[e["layer"]]["seconds"], 2) if calib.get(e["layer"], {}).get("seconds")
          else None} for e in ev["per_layer"]]
     return ev

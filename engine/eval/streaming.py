@@ -110,7 +110,9 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
             for i in range(start, n_layers):
                 t = time.monotonic()
                 raw_src, raw_out = nxt[0].result(), nxt[1].result()
+                t_wait = time.monotonic() - t
                 src_layer = materialize_layer(family, hf_config, i, layers.assemble(raw_src), dev)
+                t_src = time.monotonic() - t - t_wait
                 built = out.build(raw_out)
                 del raw_src, raw_out
                 nxt = (pool.submit(layers.read, i + 1), pool.submit(out.read, i + 1)) if i + 1 < n_layers else None
@@ -148,7 +150,8 @@ def evaluate(output: str | os.PathLike, against: str | os.PathLike, samples: str
                 st.next_layer, st.h_src, st.h_out = i + 1, h_src, h_out
                 resume.save(state_dir, key, st)  # before the event: a resumed run does not report a layer twice
                 sink.emit("metric", name="eval.layer", value=i, tags={
-                    **entry, "layers": n_layers, "seconds": seconds, "build_s": round(t_build, 3)})
+                    **entry, "layers": n_layers, "seconds": seconds, "build_s": round(t_build, 3),
+                    "wait_s": round(t_wait, 3), "source_build_s": round(t_src, 3)})
                 prog.advance(1, label=f"layer {i + 1}/{n_layers}: rel. error {rel.rel:.3g}", force=True)
             metrics = _head(family, hf_config, src, out, heads, batches, h_src, h_out, dtype, dev)
             prog.advance(1, label="head", force=True)
