@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.calibrate.layer_plan import coalesce, final_dtype
-from engine.calibrate.layer_reader import READ_CHUNK
+from engine.calibrate.layer_reader import READ_CHUNK, DeviceRing
 from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import CheckpointError, about
 from engine.eval.actquant import ActQuant, ExpertsActQuant
@@ -62,10 +62,11 @@ class Stored:
 @dataclass
 class RawOutputLayer:
     index: int
-    tensors: dict[str, torch.Tensor]  # stored name -> host tensor, as stored (most are views of `buf`)
+    buf: torch.Tensor  # the layer's stored bytes (host or device), runs of adjacent tensors read as one
     bytes_read: int = 0
-    buf: torch.Tensor | None = None  # the layer's stored bytes, runs of adjacent tensors read as one
+    ready: "torch.cuda.Event | None" = None  # a device buffer's uploads done (DeviceRing)
     views: dict[str, tuple[int, int]] = field(default_factory=dict)  # stored name -> (offset, bytes) in `buf`
+    metas: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # stored dtype, shape
 
 
 @dataclass
@@ -88,6 +89,7 @@ class OutputModel:
         self.names = set(self.stored)  # decoded names: what source_map sees
         self.bytes_read = 0
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="eval-out-read")
+        self._ring: DeviceRing | None = None
 
     @property
     def config(self) -> dict:
@@ -98,32 +100,35 @@ class OutputModel:
 
     # -- reading (prefetch thread) --------------------------------------------------------------------
     def read(self, i: int) -> RawOutputLayer:
-        """Layer i's stored tensors in one fresh host buffer, laid out and read as the calibration's layer reader
-        does (engine.calibrate.layer_plan.coalesce: file order, large positioned reads over a few threads;
-        thousands of expert tensors cost a few reads, not one each), so `build` uploads the layer in one copy."""
+        """Layer i's stored tensors in one fresh buffer, laid out and read as the calibration's layer reader does
+        (engine.calibrate.layer_plan.coalesce: file order, large positioned reads over a few threads; thousands of
+        expert tensors cost a few reads, not one each). On a GPU the buffer is on the device, filled through the
+        reader's page-locked ring (engine.calibrate.layer_reader.DeviceRing) as the reads land; on the host `build`
+        uploads it in one copy."""
         plain, experts = self.layer_stored(i)
         wanted = [t for n in list(plain.values()) + list(experts.values()) for t in self.stored[n].tensors]
         metas = [self.reader.meta(t) for t in set(wanted)]
         ranges, where, size = coalesce(metas)
-        buf = torch.empty(size, dtype=torch.uint8)
-        view = memoryview(buf.numpy()).cast("B")
-        jobs = []
-        for r in ranges:
-            what = ", ".join(r.names[:3]) + (", …" if len(r.names) > 3 else "")
-            for s in range(r.start, r.end, READ_CHUNK):
-                e = min(s + READ_CHUNK, r.end)
-                jobs.append(self._pool.submit(self.reader.read_range, r.shard, s,
-                                              view[r.offset + s - r.start:r.offset + e - r.start], what))
-        got = sum(f.result() for f in jobs)
-        raw = RawOutputLayer(i, {}, bytes_read=got, buf=buf)
+        ready = None
+        if self.device.type == "cuda":
+            if self._ring is None:
+                self._ring = DeviceRing(self.device, self._pool)
+            buf, got, ready = self._ring.read(self.reader, ranges, size)
+        else:
+            buf = torch.empty(size, dtype=torch.uint8)
+            view = memoryview(buf.numpy()).cast("B")
+            jobs = []
+            for r in ranges:
+                what = ", ".join(r.names[:3]) + (", …" if len(r.names) > 3 else "")
+                for s in range(r.start, r.end, READ_CHUNK):
+                    e = min(s + READ_CHUNK, r.end)
+                    jobs.append(self._pool.submit(self.reader.read_range, r.shard, s,
+                                                  view[r.offset + s - r.start:r.offset + e - r.start], what))
+            got = sum(f.result() for f in jobs)
+        raw = RawOutputLayer(i, buf, bytes_read=got, ready=ready)
         for m in metas:
-            o = where[m.name]
-            t = buf[o:o + m.nbytes]
-            if o % m.dtype.itemsize:  # not aligned for its dtype: a copy of its own
-                t = t.clone()
-            else:
-                raw.views[m.name] = (o, m.nbytes)
-            raw.tensors[m.name] = t.view(m.dtype).reshape(m.shape) if m.nbytes else torch.empty(m.shape, dtype=m.dtype)
+            raw.views[m.name] = (where[m.name], m.nbytes)
+            raw.metas[m.name] = (m.dtype, tuple(m.shape))
         self.bytes_read += raw.bytes_read
         return raw
 
@@ -167,15 +172,20 @@ class OutputModel:
         return out
 
     def _upload(self, raw: RawOutputLayer) -> dict[str, torch.Tensor]:
-        """The layer's stored tensors on the device: the buffer in one copy, each tensor a view of it."""
-        whole = raw.buf.to(self.device, non_blocking=True) if raw.buf is not None and raw.views else None
+        """The layer's stored tensors on the device, each a view of the layer's buffer (uploaded in one copy when it
+        was read on the host); one not aligned for its dtype is a copy of its own."""
+        if raw.ready is not None:  # read through the ring: its uploads (copy stream) come before any use here
+            torch.cuda.current_stream(self.device).wait_event(raw.ready)
+            raw.buf.record_stream(torch.cuda.current_stream(self.device))
+        whole = raw.buf.to(self.device, non_blocking=True)
         dev = {}
-        for k, v in raw.tensors.items():
-            if k in raw.views and whole is not None:
-                o, n = raw.views[k]
-                dev[k] = whole[o:o + n].view(v.dtype).reshape(v.shape)
-            else:
-                dev[k] = v.to(self.device, non_blocking=True)
+        for k, (o, n) in raw.views.items():
+            dtype, shape = raw.metas[k]
+            if not n:
+                dev[k] = torch.empty(shape, dtype=dtype, device=self.device)
+                continue
+            t = whole[o:o + n]
+            dev[k] = (t.clone() if o % dtype.itemsize else t).view(dtype).reshape(shape)
         return dev
 
     def _fit(self, t: torch.Tensor, shape: tuple, want: torch.dtype, full: str, s: Stored) -> torch.Tensor:
@@ -368,6 +378,9 @@ class OutputModel:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         close = getattr(self.reader, "close", None)
         if close:
             close()
