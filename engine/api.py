@@ -417,27 +417,31 @@ class LocalEngine(Engine):
         """Hand every new event of every stage (all ranks) to `on_event` until the run's driver is gone
         and nothing runs; returns the final view. Stopping the follower never stops the run."""
         from engine.core.events import read_events
+        from engine.core.fsutil import read_json
+        from engine.core.locks import exit_waker, this_host
         from engine.runs.runview import run_view
 
         rd = self.find(run)
         offsets: dict[Path, int] = {}
-        while True:
-            for name in rd.stage_names():
-                for path in rd.events_paths(name):
-                    evs, offsets[path] = read_events(path, offsets.get(path, 0))
-                    for ev in evs:
-                        on_event(ev)
-            view = run_view(rd, self._progress)
-            if stop is not None and stop():
-                return view
-            if not view.driver_alive and view.result != StageState.RUNNING:
-                for name in rd.stage_names():  # the last lines
+        drv = read_json(rd.driver_path) or {}
+        with exit_waker(drv.get("pid") if drv.get("host") in (None, this_host()) else None) as sleep:
+            while True:
+                for name in rd.stage_names():
                     for path in rd.events_paths(name):
                         evs, offsets[path] = read_events(path, offsets.get(path, 0))
                         for ev in evs:
                             on_event(ev)
-                return view
-            time.sleep(poll_s)
+                view = run_view(rd, self._progress)
+                if stop is not None and stop():
+                    return view
+                if not view.driver_alive and view.result != StageState.RUNNING:
+                    for name in rd.stage_names():  # the last lines
+                        for path in rd.events_paths(name):
+                            evs, offsets[path] = read_events(path, offsets.get(path, 0))
+                            for ev in evs:
+                                on_event(ev)
+                    return view
+                sleep(poll_s)  # ends when the driver does
 
 
 def open_engine(workdir: str | None = None) -> LocalEngine:

@@ -3,12 +3,15 @@ driver per run and one run per output (their factories are in engine.runs.rundir
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from engine.core.errors import StageLockedError
 from engine.core.fsutil import read_json
@@ -58,6 +61,29 @@ def driver_alive(run: Any) -> bool:
     """Whether the run's driver (its driver.json pid, on this host) lives. `run` is an engine.runs.rundir.RunDir."""
     d = read_json(run.driver_path) or {}
     return d.get("host") in (None, this_host()) and pid_alive(d.get("pid"))
+
+
+@contextlib.contextmanager
+def exit_waker(pid: int | None) -> Iterator[Callable[[float], None]]:
+    """A `sleep(s)` that ends early when process `pid` (of this host) exits, through a pidfd (Linux), so a poller
+    notices the exit at once instead of up to a poll later; a plain sleep without one, and after that exit."""
+    fd = None
+    with contextlib.suppress(AttributeError, OSError):
+        fd = os.pidfd_open(pid) if pid and pid > 0 else None
+
+    def sleep(s: float) -> None:
+        nonlocal fd
+        if fd is None:
+            time.sleep(s)
+        elif select.select([fd], [], [], s)[0]:
+            os.close(fd)
+            fd = None
+
+    try:
+        yield sleep
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class FileLock:

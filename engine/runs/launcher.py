@@ -43,6 +43,13 @@ class Launcher(abc.ABC):
     def start(self, spec: WorkerSpec) -> WorkerHandle:
         """Start the worker detached (its own session, stdin closed, output to spec.log_path); return at once."""
 
+    def prepare(self, spec: WorkerSpec) -> WorkerHandle | None:
+        """Start the worker of `spec` ahead, idle until `start(spec)` hands it the go (and returns this same handle),
+        so its start-up overlaps the stage running now. It touches nothing of the run before its go; one never
+        started ends with `close`, or with the driver. None where none is started (the default: start launches
+        afresh)."""
+        return None
+
     @abc.abstractmethod
     def is_alive(self, host: str, pid: int) -> bool:
         """Whether process `pid` still runs on `host`."""

@@ -6,6 +6,8 @@ events.jsonl / events.rank<N>.jsonl, and log.txt (its stdout/stderr, redirected 
 A failure is classified (engine.runs.rootcause) into status.json. Under torchrun it reads RANK, WORLD_SIZE
 and LOCAL_RANK; only rank 0 writes status. The stage's collectives time out after the run's
 `[run] stall_after_s` (handed on in QUANTDECK_COLLECTIVE_TIMEOUT_S unless that is set already).
+Started ahead with `--standby LOG` (engine.runs.local_launcher `prepare`), it imports its stage and then waits for
+the driver's go before any of that (`standby`).
 
 Test hook (documented, honest): QUANTDECK_FAULTS=pause_stage=STAGE,pause_after_units=N (engine.core.settings)
 makes that stage's worker stop (sleep until killed) at its first progress event with done ≥ N (N=0, the default:
@@ -203,12 +205,46 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     return 0
 
 
+def standby(stage: str, log: str) -> bool:
+    """A worker started ahead (engine.runs.local_launcher `prepare`): import the stage, then wait for the driver's
+    `go` line on stdin; True on it, with stdout/stderr moved to `log` (what the spool caught first) and stdin to
+    /dev/null, as a worker started then would have them. False on end of file (the driver dropped it, or died):
+    nothing of the run is touched. An import error is left for run_worker to meet and record after the go."""
+    try:
+        load_stage_class(stage)
+    except Exception:  # noqa: BLE001 - met again, and recorded, inside run_worker
+        pass
+    if sys.stdin.buffer.readline().strip() != b"go":
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.lseek(1, 0, os.SEEK_SET)
+        while chunk := os.read(1, 1 << 16):
+            os.write(fd, chunk)
+    except OSError:  # not a spool: nothing to carry over
+        pass
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.runs.worker", description="Run one stage of a quantdeck run.")
     ap.add_argument("stage")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--mode", default="run")
+    ap.add_argument("--standby", metavar="LOG", default=None,
+                    help="start ahead: wait for a `go` line on stdin before touching the run dir; output to LOG then")
     args = ap.parse_args(argv)
+    if args.standby is not None and not standby(args.stage, args.standby):
+        return 0
     try:
         return run_worker(args.stage, args.run_dir, args.mode)
     except QuantdeckError as e:  # before the stage started: bad run dir, unknown stage

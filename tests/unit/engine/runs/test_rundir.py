@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from engine.core.errors import RunError, StageLockedError
-from engine.core.locks import pid_alive
+from engine.core.locks import exit_waker, pid_alive
 from engine.core.names import StageState as S
 from engine.runs.rundir import (
     RunDir,
@@ -80,6 +80,22 @@ def test_pid_alive_checks_reuse_and_zombies():
     time.sleep(0.5)
     assert not pid_alive(z.pid)  # exited, not reaped: a zombie is dead
     z.wait()
+
+
+def test_exit_waker_ends_a_sleep_when_the_process_exits():
+    import threading
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    with exit_waker(child.pid) as sleep:
+        t = threading.Thread(target=sleep, args=(3600,))
+        t.start()
+        child.stdin.close()  # it exits
+        t.join(60)
+        assert not t.is_alive()  # the hour-long sleep ended with it
+        sleep(0.01)  # a plain sleep from then on: no busy loop on the exited process
+    child.wait()
+    with exit_waker(None) as sleep:  # no pid (another host's driver): a plain sleep
+        sleep(0.01)
 
 
 def test_stage_lock_refuses_second_live_worker_and_clears_stale(run, tmp_path):
