@@ -146,17 +146,50 @@ def test_a_missing_shard(eval_src, eval_samples, tmp_path):
     assert "shard missing" in e.value.msg and e.value.at == str(shard) and e.value.hint
 
 
-def test_the_decoded_whole_model_gives_the_same_kld(nvfp4_out, eval_src, eval_samples, tmp_path):
-    """Independent check: the output decoded to BF16 by `quantdeck convert --to bf16`, the source and the decoded
-    model each run whole by transformers (from_pretrained, the eager experts loop that the streamed layers run
-    too), float32 log-probabilities of their logits: the same KLD as the streamed eval."""
+def _decompressed_by_compressed_tensors(ct_dir: Path, src: Path, dst: Path) -> Path:
+    """The compressed-tensors output decoded by compressed-tensors' own NVFP4 decompressor, module by module, into a
+    plain BF16 checkpoint with the source's config (nothing of quantdeck's decoders involved)."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import save_file
+
+    from engine.checkpoint.reader import CheckpointReader
+
+    r = CheckpointReader(ct_dir)
+    cfg = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(cfg).config_groups["group_0"]
+    sd, parts = {}, ("weight_packed", "weight_scale", "weight_global_scale")
+    for n in r.names():
+        if n.endswith(".weight_packed"):
+            b = n[: -len(".weight_packed")]
+            w = NVFP4PackedCompressor.decompress({k: r.get(f"{b}.{k}") for k in parts}, scheme)["weight"]
+            sd[b + ".weight"] = w.to(torch.bfloat16)
+        elif n.rsplit(".", 1)[-1] not in parts + ("input_global_scale",):
+            sd[n] = r.get(n)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
+                                                            "manifest.json"))
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("decoder", ["quantdeck --to bf16", "compressed-tensors"])
+def test_the_decoded_whole_model_gives_the_same_kld(nvfp4_out, eval_src, eval_samples, tmp_path, decoder):
+    """Independent check: the output decoded to BF16 (by `quantdeck convert --to bf16`, or by compressed-tensors'
+    own decompressor), the source and the decoded model each run whole by transformers (from_pretrained, the eager
+    experts loop that the streamed layers run too), float32 log-probabilities of their logits: the same KLD as the
+    streamed eval."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from console.cli import main
 
     dec = tmp_path / "dec"
-    assert main(["convert", "--src", str(nvfp4_out / "modelopt"), "--dst", str(dec), "--to", "bf16"]) == 0
-    streamed = _eval(nvfp4_out / "modelopt", eval_src, eval_samples)
+    if decoder == "compressed-tensors":
+        out = nvfp4_out / "compressed-tensors"
+        _decompressed_by_compressed_tensors(out, eval_src, dec)
+    else:
+        out = nvfp4_out / "modelopt"
+        assert main(["convert", "--src", str(out), "--dst", str(dec), "--to", "bf16"]) == 0
+    streamed = _eval(out, eval_src, eval_samples)
     tok = AutoTokenizer.from_pretrained(str(eval_src))
     models = [AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16, experts_implementation="eager")
               .eval() for d in (eval_src, dec)]
