@@ -28,7 +28,7 @@ from engine.formats.nvfp4.host import E4M3_LUT
 
 SAMPLE_ROWS = 256
 READ_CHUNK = 64 << 20  # one pread at most this long (the kernel splits larger ones anyway)
-SPARSE_STRIDE = 256 << 10  # sampled rows further apart than this are read one by one, nearer ones in one read
+PAGE = 4096  # the page cache's unit: a row read alone costs its pages
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 _E2M1 = np.array((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0), np.float32)
 _BYTES = np.arange(256)
@@ -76,6 +76,7 @@ class Files:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._random: set[int] = set()
         self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
@@ -85,11 +86,25 @@ class Files:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             return fd
 
+    def random(self, fd: int) -> None:
+        """Turn the kernel's readahead off for `fd` (once): sampled rows read one by one would otherwise pull in the
+        pages between them, and validate would read every byte of a tensor it samples. Large reads are unaffected
+        (a read brings in the pages it asks for)."""
+        with self._lock:
+            if fd in self._random:
+                return
+            self._random.add(fd)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except (OSError, AttributeError):  # a filesystem or platform without it: readahead stays
+            pass
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._random.clear()
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
@@ -171,11 +186,12 @@ class HostReader:
             if m.nbytes:
                 _pread_into(fd, out, m.start, name)
             return out
-        if m.nbytes < len(rows) * SPARSE_STRIDE:  # rows close together: one large read beats many small ones
+        if 2 * len(rows) * (per // PAGE + 2) * PAGE > m.nbytes:  # the rows' pages are much of it: one large read
             whole = Scratch.get(f"{slot}-whole", (n, per)) if slot else np.empty((n, per), np.uint8)
             _pread_into(fd, whole, m.start, name)
             np.take(whole, rows, axis=0, out=out)
             return out
+        self.files.random(fd)  # no readahead: only the sampled rows' pages come from the disk
         for j, r in enumerate(rows.tolist()):
             _pread_into(fd, out[j], m.start + r * per, name)
         return out

@@ -230,3 +230,23 @@ def test_the_nvfp4_block_ceiling_grows_with_the_matrices_quantized_in_series():
     experts = [f"mlp.experts.{e}.{p}" for e in range(64) for p in ("gate_proj", "up_proj", "down_proj")]
     assert block_tol("nvfp4", names(*experts)) == BLOCK_TOL["nvfp4"]  # side by side: one expert's three
     assert block_tol("fp8-block", names(*mlp, *attn)) == BLOCK_TOL["fp8-block"]
+
+
+@pytest.mark.parametrize("rows_total, width", [(2048, 8192), (96, 8192), (4096, 300)])
+def test_sampled_rows_read_alone_or_in_one_read_are_the_same_bytes(tmp_path, rows_total, width):
+    """HostReader.rows: a large tensor's sampled rows read one by one (readahead off), a small or narrow one's read
+    whole and picked: either way exactly the rows' bytes."""
+    from engine.convert import validate_read as host
+
+    data = torch.randint(0, 256, (rows_total, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    write_checkpoint(tmp_path / "c", {"pad": torch.zeros(5, dtype=torch.uint8), "w": data})
+    files = host.Files()
+    try:
+        reader = host.HostReader(CheckpointReader(tmp_path / "c"), files)
+        rows = host.sample_rows(rows_total)
+        got = reader.rows("w", rows, slot="t")
+        assert got.tobytes() == data.numpy()[rows].tobytes()
+        alone = 2 * len(rows) * (width // host.PAGE + 2) * host.PAGE <= rows_total * width
+        assert bool(files._random) == alone  # the large one took the row-by-row path
+    finally:
+        files.close()
