@@ -176,6 +176,7 @@ def start_first_block(out_dir: Path, src_dir: Path, target: str, device: str = "
     transformers is not imported here yet (its import then overlaps the rest of validate), else later, in this
     process. `log` hears which, where a warm child was there to ask."""
     log = log or (lambda msg: None)
+    out_dir, src_dir = Path(out_dir).absolute(), Path(src_dir).absolute()  # the children run from the repository
     if block_socket is not None and hasattr(socket, "AF_UNIX") and _is_socket(Path(block_socket)):
         conn = _ask_warm(Path(block_socket), out_dir, src_dir, target, device, log)
         if conn is not None:

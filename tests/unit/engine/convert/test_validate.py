@@ -250,3 +250,22 @@ def test_sampled_rows_read_alone_or_in_one_read_are_the_same_bytes(tmp_path, row
         assert bool(files._random) == alone  # the large one took the row-by-row path
     finally:
         files.close()
+
+
+def test_relative_paths_reach_the_block_check(converted):
+    """`quantdeck validate out --against model` run where both are: the layer-0 check's child process (which runs
+    from the repository) gets the paths as the user meant them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src, out = converted
+    root = Path(__file__).resolve().parents[4]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "console", "validate", out.name, "--against",
+                          os.path.relpath(src, out.parent), "--json"], cwd=out.parent, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rep = json.loads(res.stdout)
+    assert rep["ok"] and any(c["check"] == "block" for c in rep["checks"])
