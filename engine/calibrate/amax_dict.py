@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.core.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 FILE_RE = re.compile(r"^amax_dict_rank(\d+)-mp(\d+)\.pt$")
 _RENAMES = [(r"^layers\.", "model.layers."), (r"\.ffn\.", ".mlp."), (r"\.attn\.", ".self_attn."),
@@ -47,6 +49,8 @@ def native_to_hf(name: str) -> str:
 
 def load_amax_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     """Merge ranks by max; keep only amax entries, under transformers names."""
+    import torch
+
     merged: dict[str, torch.Tensor] = {}
     for f in files:
         sd = torch.load(f, map_location="cpu", weights_only=True)

@@ -6,6 +6,9 @@
       layer_001.safetensors      ...   (written atomically by rank 0 once every rank has saved its activations)
       acts/rank000/layer_001.safetensors   activations leaving layer 1 (= entering layer 2) for rank 0's batches
       coverage.json              tokens routed per expert per layer (summed over ranks), when finished
+      expected_quantizers.json   the quantizer names modelopt inserts for the config, with what they depend on
+                                 (engine.calibrate.validate: `validate --amax` then needs neither modelopt nor
+                                 transformers), when finished
 
 A layer file is the commit mark of its layer: a rerun starts after the last contiguous one. Activation files
 of older layers are deleted once the next layer commits, so disk holds one layer's activations per rank.
@@ -17,18 +20,21 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map
 from engine.core.errors import CheckpointError
 from engine.core.fsutil import atomic_replace, read_json
 from engine.core.names import SNAPSHOT_FORMAT
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
 LAYER_RE = re.compile(r"^layer_(\d{3,})\.safetensors$")
 MANIFEST = "manifest.json"
 COVERAGE = "coverage.json"
+EXPECTED = "expected_quantizers.json"
 
 
 def layer_path(out: Path, i: int) -> Path:
@@ -55,6 +61,8 @@ def save_safetensors_streamed(path: Path, tensors: dict[str, torch.Tensor], meta
     """Like save_safetensors_atomic (same bytes), for large CPU tensors: the header is built here and each
     tensor's memory goes to the file as it is, with no serialized copy; the GIL is released during each write,
     so a writer thread does not stall the calibrating thread."""
+    import torch
+
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     lay = build_shard_map([TensorSpec.of(k, v.dtype, v.shape) for k, v in flat.items()], metadata)
     with atomic_replace(path) as tmp, open(tmp, "wb", buffering=0) as fh:
@@ -98,6 +106,16 @@ def write_layer(out: Path, i: int, amax: dict[str, torch.Tensor], coverage: dict
 def read_layer(out: Path, i: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, meta = load_safetensors(layer_path(out, i))
     return tensors, json.loads(meta.get("coverage") or "{}")
+
+
+def read_layer_arrays(out: Path, i: int) -> dict[str, np.ndarray]:
+    """A layer file's amax as numpy arrays: no torch import (a second or more), for checks that only read them."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(layer_path(out, i)))
+    except TypeError:  # a dtype numpy lacks (bfloat16): read with torch, as float32
+        return {k: v.float().numpy() for k, v in read_layer(out, i)[0].items()}
 
 
 def write_acts(out: Path, rank: int, i: int, batches: list[torch.Tensor]) -> None:

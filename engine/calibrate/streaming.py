@@ -362,6 +362,9 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
                         "mtp_layers_not_calibrated": mtp, "bytes_read": layers.bytes_read,
                         "bytes_read_per_rank": bytes_per_rank, "layer_source_bytes": layers.source_bytes})
         src.close()
+    if finished and ctx.rank == 0 and isinstance(quant_cfg, str):
+        with ph("expected_memo_s"):
+            _write_expected_memo(out, model_dir, quant_cfg, n_layers, sink)
     phases = ph.report()
     summary.update({"seconds": phases["total_s"], "phases": phases})
     return summary
@@ -391,6 +394,19 @@ def _after_layer(out: Path, rank: int, i: int) -> None:
 def _write_layer_job(out: Path, i: int, amax: dict, cov: dict) -> None:
     snap.write_layer(out, i, amax, cov)
     _after_layer(out, 0, i)
+
+
+def _write_expected_memo(out: Path, model_dir: Path, quant_cfg: str, n_layers: int, sink: EventSink) -> None:
+    """The names `validate --amax` expects, into the snapshot while modelopt and transformers are imported (the
+    check would import them again, seconds, to insert the same quantizers); a failure costs the check that time,
+    never the calibration."""
+    try:
+        from engine.calibrate.validate import write_expected_memo
+
+        write_expected_memo(out, model_dir, quant_cfg, list(range(n_layers)))
+    except Exception as e:  # noqa: BLE001 - the memo is an optimization of a later check
+        sink.emit("log", level="warning", msg=f"expected quantizer names not saved with the snapshot ({e}): "
+                  "`validate --amax` inserts them itself")
 
 
 def _finish(ctx, out: Path, manifest: dict, n_layers: int, finished: bool) -> dict[str, Any]:

@@ -4,24 +4,34 @@ Checks: layer files contiguous and as many as the model's decoder layers; every 
 with the model directory, every quantizer that the snapshot's config enables is present (the expected
 names come from modelopt's own insertion into each layer built on the meta device: no weights read)
 and nothing unexpected; a coverage summary (experts that saw no token).
+
+The expected names take importing modelopt and transformers' modeling, seconds that the calibration has already
+spent: it writes them into the snapshot (`expected_quantizers.json`, `write_expected_memo`) with the key of what
+they depend on (config.json's bytes, the config's name, the layers, the versions of modelopt, transformers and
+torch), and a check whose own key equals it reads them from there. A snapshot's layer files are read with numpy,
+so such a check imports none of torch, modelopt or transformers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.calibrate import snapshot as snap
 from engine.calibrate.amax_dict import amax_dict_files, load_amax_dict
-from engine.calibrate.family import LayerFamily
-from engine.calibrate.qconfig import resolve_quant_cfg
-from engine.calibrate.streaming import _Skeleton
 from engine.core.errors import ValidationFailedError
-from engine.core.fsutil import read_json
+from engine.core.fsutil import atomic_write_json, read_json
+
+EXPECTED_MEMO_FORMAT = 1
+# what inserts the quantizers: modelopt's rules, transformers' layer classes, torch's modules
+EXPECTED_MEMO_PACKAGES = ("nvidia-modelopt", "transformers", "torch")
 
 
 def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
@@ -30,6 +40,10 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from engine.calibrate.family import LayerFamily
+    from engine.calibrate.qconfig import resolve_quant_cfg
+    from engine.calibrate.streaming import _Skeleton
 
     config = read_json(Path(model_dir) / "config.json") or {}
     family = LayerFamily.for_config(config)
@@ -58,6 +72,65 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
     return out
 
 
+def expected_key(model_dir: str | os.PathLike, quant_cfg: str, layers: list[int]) -> dict[str, Any]:
+    """What `expected_quantizers(model_dir, quant_cfg, layers)` depends on, found without importing any of it:
+    the model's config.json bytes (layers are built from it alone), the config's name and the source of
+    quantdeck's presets (engine.calibrate.qconfig), the layers and the installed versions of the packages that
+    build and quantize them."""
+    import importlib.metadata as md
+
+    versions: dict[str, str | None] = {}
+    for pkg in EXPECTED_MEMO_PACKAGES:
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    from engine.calibrate import qconfig  # light: the presets' definitions, which resolve the config's name
+
+    return {"config_sha256": hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest(),
+            "quant_cfg": quant_cfg, "presets_sha256": hashlib.sha256(Path(qconfig.__file__).read_bytes()).hexdigest(),
+            "layers": [int(i) for i in layers], "versions": versions}
+
+
+def write_expected_memo(amax_dir: str | os.PathLike, model_dir: str | os.PathLike, quant_cfg: str,
+                        layers: list[int]) -> int:
+    """Write `expected_quantizers(model_dir, quant_cfg, layers)` into the snapshot with its key; the number of
+    names. The calibration calls it once it has finished, with modelopt and transformers imported already."""
+    key = expected_key(model_dir, quant_cfg, layers)
+    names = sorted(expected_quantizers(model_dir, quant_cfg, layers))
+    atomic_write_json(Path(amax_dir) / snap.EXPECTED, {"format": EXPECTED_MEMO_FORMAT, "key": key,
+                                                       "quantizers": names})
+    return len(names)
+
+
+def read_expected_memo(amax_dir: str | os.PathLike, key: dict[str, Any]) -> set[str] | None:
+    """The snapshot's memo of expected names when it was written for `key`; None when it is missing, unreadable,
+    of another format or written for other inputs (then the names are computed again, never an error)."""
+    try:
+        memo = read_json(Path(amax_dir) / snap.EXPECTED)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(memo, dict) or memo.get("format") != EXPECTED_MEMO_FORMAT or memo.get("key") != key:
+        return None
+    names = memo.get("quantizers")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return set(names)
+
+
+def expected_names(amax_dir: str | os.PathLike, model_dir: str | os.PathLike, quant_cfg: str,
+                   layers: list[int]) -> tuple[set[str], str]:
+    """The names a snapshot of `layers` must hold, and where they came from: "memo" (the snapshot's own, for
+    these inputs) or "modelopt" (inserted here)."""
+    try:
+        memo = read_expected_memo(amax_dir, expected_key(model_dir, quant_cfg, layers))
+    except OSError:  # no config.json: expected_quantizers says what is wrong
+        memo = None
+    if memo is not None:
+        return memo, "memo"
+    return expected_quantizers(model_dir, quant_cfg, layers), "modelopt"
+
+
 def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                   strict: bool = False) -> dict[str, Any]:
     """A report dict; `report["ok"]` is False when any problem was found (listed in `report["problems"]`).
@@ -70,7 +143,7 @@ def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | No
     dict_files = amax_dict_files(p) if p.exists() else []
     man = snap.read_manifest(p) or {}
     if dict_files:
-        amax = load_amax_dict(dict_files)
+        amax = {k: v.numpy() for k, v in load_amax_dict(dict_files).items()}
         report.update(kind="modelopt-amax-dict", files=len(dict_files))
     else:
         done = snap.done_layers(p)
@@ -92,11 +165,11 @@ def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | No
         amax = {}
         for i in done:
             try:
-                amax.update(snap.read_layer(p, i)[0])
+                amax.update(snap.read_layer_arrays(p, i))
             except Exception as e:  # a torn or foreign file
                 problems.append(f"{snap.layer_path(p, i)}: unreadable ({e})")
         if model_dir is not None and done and man.get("quant_cfg") not in (None, "custom"):
-            want = expected_quantizers(model_dir, man["quant_cfg"], layers=done)
+            want, report["expected_from"] = expected_names(p, model_dir, man["quant_cfg"], done)
             missing, extra = sorted(want - set(amax)), sorted(set(amax) - want)
             report.update(missing=missing[:50], unexpected=extra[:50])
             if missing:
@@ -110,8 +183,8 @@ def validate_amax(amax_dir: str | os.PathLike, model_dir: str | os.PathLike | No
             c = json.loads(cov.read_text())
             report["experts_without_tokens"] = len(c.get("experts_without_tokens", []))
             report["coverage_layers"] = len(c.get("layers", {}))
-    bad = [(k, float(v.float().max())) for k, v in amax.items()
-           if v.numel() == 0 or not bool(v.float().isfinite().all()) or float(v.float().min()) <= 0]
+    bad = [(k, float(v.max()) if v.size else math.nan) for k, v in amax.items()
+           if v.size == 0 or not bool(np.isfinite(v).all()) or float(v.min()) <= 0]
     input_bad = [k for k, _ in bad if "input_quantizer" in k]
     weight_bad = [k for k, _ in bad if k not in input_bad]
     if weight_bad:

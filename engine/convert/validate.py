@@ -454,7 +454,7 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
     directory = Path(directory)
     rep = _Report(directory)
     amax_job = None
-    if amax is not None:  # its imports (torch, transformers, modelopt: seconds) overlap the tensors' pass
+    if amax is not None:  # without a memo in the snapshot, its imports (modelopt: seconds) overlap the tensors' pass
         pool = ThreadPoolExecutor(1, thread_name_prefix="validate-amax")
         amax_job = pool.submit(_amax_check, amax, amax_model if amax_model is not None else
                                against if against is not None else directory)
@@ -542,7 +542,8 @@ def _amax_check(amax: str | os.PathLike, model_dir: str | os.PathLike) -> dict[s
 def _record_amax(res: dict[str, Any], amax: str | os.PathLike, rep: _Report) -> None:
     for p in res.get("problems", []):
         rep.fail("amax", str(p), str(amax))
-    rep.row("amax", f"snapshot {amax}: {res.get('quantizers', 0)} quantizers")
+    how = {"memo": " (expected names: the calibration's memo)", "modelopt": " (expected names: modelopt)"}
+    rep.row("amax", f"snapshot {amax}: {res.get('quantizers', 0)} quantizers{how.get(res.get('expected_from'), '')}")
 
 
 def format_report(report: dict[str, Any]) -> str:
