@@ -141,7 +141,8 @@ def convert_cmd(src, dst, to, fmt, device, workers, kernel_threads, shard_size, 
 @click.option("--model", type=click.Path(file_okay=False), default=None,
               help="with --amax: the checkpoint it was calibrated from (layer count, expected quantizers)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@click.option("--device", default="cpu", show_default=True, help="where the decoder-block check runs")
+@click.option("--device", default="auto", show_default=True,
+              help="where the decoder-block check runs: auto (a GPU where there is one), cpu, cuda[:N]")
 def validate_cmd(directory, against, amax, model, as_json, device):
     """Check a produced checkpoint (DIRECTORY), or an amax snapshot (--amax); exits non-zero naming the tensor or
     quantizer on any failure. Warnings (what a loader gets wrong with a valid checkpoint) do not fail it."""

@@ -193,6 +193,8 @@ class SourceSide:
 def source_side(src: CheckpointReader, device: str) -> SourceSide:
     import torch
 
+    from engine.formats.device import resolve_device
+
     family = str(detect_layout(src.config, src.names()).family)
     spec = _layer_class(family, src.config)
     if spec is None:
@@ -200,7 +202,7 @@ def source_side(src: CheckpointReader, device: str) -> SourceSide:
                            f"this is {family}")
     cfg, layer_cls, rope_cls, prefix = spec
     cfg._attn_implementation = "eager"
-    dev = torch.device(device)
+    dev = torch.device(resolve_device(device))
     x = torch.randn(1, TOKENS, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(dev)
 
     def run_block(reader: CheckpointReader) -> torch.Tensor:
