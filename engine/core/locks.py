@@ -67,15 +67,18 @@ def driver_alive(run: Any) -> bool:
 def exit_waker(pid: int | None) -> Iterator[Callable[[float], None]]:
     """A `sleep(s)` that ends early when process `pid` (of this host) exits, through a pidfd (Linux), so a poller
     notices the exit at once instead of up to a poll later; a plain sleep without one, and after that exit."""
-    fd = None
+    fd, poller = None, None
     with contextlib.suppress(AttributeError, OSError):
         fd = os.pidfd_open(pid) if pid and pid > 0 else None
+        if fd is not None:
+            poller = select.poll()  # poll, not select: a busy process's descriptors may be numbered past 1024
+            poller.register(fd, select.POLLIN)
 
     def sleep(s: float) -> None:
         nonlocal fd
         if fd is None:
             time.sleep(s)
-        elif select.select([fd], [], [], s)[0]:
+        elif poller.poll(max(0, int(s * 1000))):
             os.close(fd)
             fd = None
 

@@ -98,6 +98,39 @@ def test_exit_waker_ends_a_sleep_when_the_process_exits():
         sleep(0.01)
 
 
+def test_exit_waker_in_a_process_with_many_descriptors_open():
+    """The pidfd numbered past 1024 (a console or test run with many files open): select() cannot take it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    import threading
+
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        with exit_waker(child.pid) as sleep:
+            failed: list[BaseException] = []
+
+            def wait() -> None:
+                try:
+                    sleep(3600)
+                except BaseException as e:  # noqa: BLE001 - what the assertion reports
+                    failed.append(e)
+
+            t = threading.Thread(target=wait)
+            t.start()
+            child.stdin.close()  # it exits
+            t.join(60)
+            assert not t.is_alive() and not failed, failed  # woken by the exit, with no error
+        child.wait()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_stage_lock_refuses_second_live_worker_and_clears_stale(run, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r)\n"
