@@ -55,6 +55,20 @@ class TensorMeta:
         return iter((self.dtype, self.shape, self.shard))
 
 
+
+class _ThreadFiles(dict):
+    """One thread's open shard files (shard -> descriptor). `close()` closes the calling thread's; a reading thread
+    that ends first (a pool's worker) takes its own along when its threading.local entry goes, instead of leaving
+    them open for the life of the process."""
+
+    def __del__(self) -> None:
+        for fd in self.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class CheckpointReader:
     """A checkpoint directory: `.names()`, `.meta(name)`, `.get(name)`, `.config`, `.fingerprint()`.
 
@@ -262,7 +276,7 @@ class CheckpointReader:
     def _fd(self, shard: str) -> int:
         fds = getattr(self._local, "fds", None)
         if fds is None:
-            fds = self._local.fds = {}
+            fds = self._local.fds = _ThreadFiles()
         fd = fds.get(shard)
         if fd is None:
             if len(fds) >= 16:

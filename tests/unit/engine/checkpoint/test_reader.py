@@ -119,3 +119,31 @@ def test_truncated_shard_and_unknown_tensor(tmp_path):
 def test_empty_directory(tmp_path):
     e = _err(tmp_path)
     assert "no safetensors checkpoint" in e.msg
+
+
+def test_reading_threads_that_end_take_their_open_shards_along(tiny_ckpt):
+    """Each thread reads through descriptors of its own; a pool's threads that end close theirs (a long-lived
+    process that converts or validates again and again does not pile them up), and close() the caller's."""
+    import gc
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = tiny_ckpt("deepseek-v3", "fp8")
+
+    def open_here() -> int:
+        n = 0
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{f}").startswith(str(src))
+            except OSError:
+                pass
+        return n
+
+    r = CheckpointReader(src)
+    with ThreadPoolExecutor(4) as ex:
+        assert all(t is not None for t in ex.map(r.get, r.names()))
+    r.get(next(iter(r.names())))
+    gc.collect()
+    assert open_here() == 1  # this thread's, until close()
+    r.close()
+    assert open_here() == 0
