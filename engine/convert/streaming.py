@@ -129,6 +129,18 @@ def layout_shards(groups: list[list[Item]], layout: type[Layout]) -> list[ShardP
             for i, g in enumerate(groups)]
 
 
+def shard_tasks(groups: list[list[Item]], outs: dict[str, type[Layout]], writers: dict, plans: dict,
+                todo: dict[str, set[str]]) -> list[ShardTask]:
+    """The shards still to write (`todo`, per layout), each with the layouts that need it: what run_tasks takes."""
+    tasks = []
+    for i, g in enumerate(groups):
+        targets = tuple((outs[lay], str(writers[lay].partial_dir), plans[lay][i]) for lay in outs
+                        if plans[lay][i].name in todo[lay])
+        if targets:
+            tasks.append(ShardTask(i, tuple(g), targets))
+    return tasks
+
+
 def _cpu_kernels(sink: EventSink) -> str | None:
     """Which CPU kernels this process has run ("c", "numba"; None: none, e.g. every shard was kept, or
     `--workers` children did the math); where the C ones could not be built, says why. Builds nothing."""
@@ -291,12 +303,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         plans[lay] = layout_shards(groups, outs[lay])
         writers[lay] = CheckpointWriter(dsts[lay], plans[lay], source_fingerprint=fingerprint, args=args, sink=sink)
     todo = prepare_writers(writers, ranks)
-    tasks = []
-    for i, g in enumerate(groups):
-        targets = tuple((outs[lay], str(writers[lay].partial_dir), plans[lay][i]) for lay in layouts
-                        if plans[lay][i].name in todo[lay])
-        if targets:
-            tasks.append(ShardTask(i, tuple(g), targets))
+    tasks = shard_tasks(groups, outs, writers, plans, todo)
     mine = ranks.share(tasks)
     n_items = sum(len(t.items) for t in mine)
     bytes_total = sum(it.src_bytes for t in mine for it in t.items)

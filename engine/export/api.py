@@ -25,10 +25,17 @@ from engine.checkpoint.write_errors import make_output_dir
 from engine.checkpoint.writer import CheckpointWriter
 from engine.convert.extras import copy_extras
 from engine.convert.kernels import warm_up
-from engine.convert.pipeline import ShardTask, run_tasks
+from engine.convert.pipeline import run_tasks
 from engine.convert.plan import COPY, TO_NVFP4, Item, ItemResult, build_plan, check_layouts
 from engine.convert.ranks import Ranks, finish_writers, over_ranks, prepare_writers
-from engine.convert.streaming import layout_shards, parse_size, partition, resolve_device, reuse_heap
+from engine.convert.streaming import (
+    layout_shards,
+    parse_size,
+    partition,
+    resolve_device,
+    reuse_heap,
+    shard_tasks,
+)
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
@@ -143,13 +150,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
         writers[lay] = CheckpointWriter(dsts[lay], shard_plans[lay], source_fingerprint=reader.fingerprint(),
                                         args=args, sink=sink)
     todo = prepare_writers(writers, ranks)
-    tasks = []
-    for i, g in enumerate(groups_items):
-        targets = tuple((outs[lay], str(writers[lay].partial_dir), shard_plans[lay][i]) for lay in layouts
-                        if shard_plans[lay][i].name in todo[lay])
-        if targets:
-            tasks.append(ShardTask(i, tuple(g), targets))
-    mine = ranks.share(tasks)
+    mine = ranks.share(shard_tasks(groups_items, outs, writers, shard_plans, todo))
     prog = Progress(sink, "tensors", total=sum(len(t.items) for t in mine),
                     bytes_total=sum(it.src_bytes for t in mine for it in t.items))
 
