@@ -94,6 +94,11 @@ class ReadRange:
     def nbytes(self) -> int:
         return self.end - self.start
 
+    @property
+    def label(self) -> str:
+        """The tensors it holds, as a short read error names them."""
+        return ", ".join(self.names[:3]) + (", …" if len(self.names) > 3 else "")
+
 
 @dataclass
 class LayerPlan:

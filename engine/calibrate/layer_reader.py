@@ -150,15 +150,10 @@ class LayerReader:
 
     def _read_ranges(self, plan: LayerPlan, buf: torch.Tensor, lo: int, hi: int) -> int:
         """Read the plan's ranges, clipped to buffer bytes [lo, hi), into `buf`; the bytes read."""
-        view = memoryview(buf.numpy()).cast("B")
-        jobs = []
-        for r in plan.ranges:
-            a, b = max(r.offset, lo), min(r.offset + r.nbytes, hi)
-            for s in range(a, b, READ_CHUNK):
-                e = min(s + READ_CHUNK, b)
-                what = ", ".join(r.names[:3]) + (", …" if len(r.names) > 3 else "")
-                jobs.append((r.shard, r.start + s - r.offset, view[s:e], what))
-        return self._run_reads(jobs)
+        got = read_ranges(self.reader, self._pool, plan.ranges, buf, lo, hi)
+        with self._lock:
+            self.bytes_read += got
+        return got
 
     def _run_reads(self, jobs: list) -> int:
         futures = [self._pool.submit(self.reader.read_range, *job) for job in jobs]
@@ -248,7 +243,6 @@ class DeviceRing:
 
         for r in ranges:
             a, b = max(r.offset, lo), min(r.offset + r.nbytes, hi)
-            what = ", ".join(r.names[:3]) + (", …" if len(r.names) > 3 else "")
             for s in range(a, b, READ_CHUNK):
                 n = min(READ_CHUNK, b - s)
                 if not free:
@@ -256,7 +250,7 @@ class DeviceRing:
                 slot = free.pop(0)
                 self._done[slot].synchronize()  # its last upload has left the chunk
                 view = memoryview(self._chunks[slot].numpy()).cast("B")[:n]
-                fut = self.pool.submit(reader.read_range, r.shard, r.start + s - r.offset, view, what)
+                fut = self.pool.submit(reader.read_range, r.shard, r.start + s - r.offset, view, r.label)
                 pending.append((fut, slot, s, n))
         while pending:
             got += upload_oldest()
@@ -268,6 +262,21 @@ class DeviceRing:
         for ev in self._done:
             ev.synchronize()
         self._chunks, self._done = [], []
+
+
+def read_ranges(reader: CheckpointReader, pool: ThreadPoolExecutor, ranges: list[ReadRange], buf: torch.Tensor,
+                lo: int = 0, hi: int | None = None) -> int:
+    """Buffer bytes [lo, hi) of `ranges` read into the host buffer `buf` (uint8), at most READ_CHUNK per positioned
+    read, on `pool`'s threads; the bytes read."""
+    view = memoryview(buf.numpy()).cast("B")
+    hi = buf.numel() if hi is None else hi
+    jobs = []
+    for r in ranges:
+        a, b = max(r.offset, lo), min(r.offset + r.nbytes, hi)
+        for s in range(a, b, READ_CHUNK):
+            jobs.append(pool.submit(reader.read_range, r.shard, r.start + s - r.offset,
+                                    view[s:min(s + READ_CHUNK, b)], r.label))
+    return sum(f.result() for f in jobs)
 
 
 def _gather(share: ReadShare, buf: torch.Tensor, nbytes: int) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.calibrate.layer_plan import coalesce, final_dtype
-from engine.calibrate.layer_reader import READ_CHUNK, DeviceRing
+from engine.calibrate.layer_reader import DeviceRing, read_ranges
 from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import CheckpointError, about
 from engine.eval.actquant import ActQuant, ExpertsActQuant
@@ -116,15 +116,7 @@ class OutputModel:
             buf, got, ready = self._ring.read(self.reader, ranges, size)
         else:
             buf = torch.empty(size, dtype=torch.uint8)
-            view = memoryview(buf.numpy()).cast("B")
-            jobs = []
-            for r in ranges:
-                what = ", ".join(r.names[:3]) + (", …" if len(r.names) > 3 else "")
-                for s in range(r.start, r.end, READ_CHUNK):
-                    e = min(s + READ_CHUNK, r.end)
-                    jobs.append(self._pool.submit(self.reader.read_range, r.shard, s,
-                                                  view[r.offset + s - r.start:r.offset + e - r.start], what))
-            got = sum(f.result() for f in jobs)
+            got = read_ranges(self.reader, self._pool, ranges, buf)
         raw = RawOutputLayer(i, buf, bytes_read=got, ready=ready)
         for m in metas:
             raw.views[m.name] = (where[m.name], m.nbytes)
