@@ -423,23 +423,23 @@ class LocalEngine(Engine):
 
         rd = self.find(run)
         offsets: dict[Path, int] = {}
+
+        def drain() -> None:
+            for name in rd.stage_names():
+                for path in rd.events_paths(name):
+                    evs, offsets[path] = read_events(path, offsets.get(path, 0))
+                    for ev in evs:
+                        on_event(ev)
+
         drv = read_json(rd.driver_path) or {}
         with exit_waker(drv.get("pid") if drv.get("host") in (None, this_host()) else None) as sleep:
             while True:
-                for name in rd.stage_names():
-                    for path in rd.events_paths(name):
-                        evs, offsets[path] = read_events(path, offsets.get(path, 0))
-                        for ev in evs:
-                            on_event(ev)
+                drain()
                 view = run_view(rd, self._progress)
                 if stop is not None and stop():
                     return view
                 if not view.driver_alive and view.result != StageState.RUNNING:
-                    for name in rd.stage_names():  # the last lines
-                        for path in rd.events_paths(name):
-                            evs, offsets[path] = read_events(path, offsets.get(path, 0))
-                            for ev in evs:
-                                on_event(ev)
+                    drain()  # the last lines
                     return view
                 sleep(poll_s)  # ends when the driver does
 
