@@ -7,9 +7,9 @@ and nothing unexpected; a coverage summary (experts that saw no token).
 
 The expected names take importing modelopt and transformers' modeling, seconds that the calibration has already
 spent: it writes them into the snapshot (`expected_quantizers.json`, `write_expected_memo`) with the key of what
-they depend on (config.json's bytes, the config's name, the layers, the versions of modelopt, transformers and
-torch), and a check whose own key equals it reads them from there. A snapshot's layer files are read with numpy,
-so such a check imports none of torch, modelopt or transformers.
+they depend on (config.json's bytes, the config's name and quantdeck's presets, the layers, the versions of
+modelopt, transformers and torch), and a check whose own key equals it reads them from there. A snapshot's layer
+files are read with numpy, so such a check imports none of torch, modelopt or transformers.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.calibrate import qconfig  # light: the presets' definitions (modelopt is imported when one is resolved)
 from engine.calibrate import snapshot as snap
 from engine.calibrate.amax_dict import amax_dict_files, load_amax_dict
 from engine.core.errors import ValidationFailedError
@@ -42,7 +43,6 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     from engine.calibrate.family import LayerFamily
-    from engine.calibrate.qconfig import resolve_quant_cfg
     from engine.calibrate.streaming import _Skeleton
 
     config = read_json(Path(model_dir) / "config.json") or {}
@@ -65,7 +65,7 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
             continue
         root = _Skeleton(hf, i, layer)
         with contextlib.redirect_stdout(sys.stderr):
-            mtq.quantize(root, resolve_quant_cfg(quant_cfg), None)
+            mtq.quantize(root, qconfig.resolve_quant_cfg(quant_cfg), None)
         names = {f"{n}.amax" for n, m in root.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
         by_structure[key] = {n[len(pre):] for n in names if n.startswith(pre)}
         out |= names
@@ -85,8 +85,6 @@ def expected_key(model_dir: str | os.PathLike, quant_cfg: str, layers: list[int]
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    from engine.calibrate import qconfig  # light: the presets' definitions, which resolve the config's name
-
     return {"config_sha256": hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest(),
             "quant_cfg": quant_cfg, "presets_sha256": hashlib.sha256(Path(qconfig.__file__).read_bytes()).hexdigest(),
             "layers": [int(i) for i in layers], "versions": versions}

@@ -55,7 +55,6 @@ class TensorMeta:
         return iter((self.dtype, self.shape, self.shard))
 
 
-
 class _ThreadFiles(dict):
     """One thread's open shard files (shard -> descriptor). `close()` closes the calling thread's; a reading thread
     that ends first (a pool's worker) takes its own along when its threading.local entry goes, instead of leaving
