@@ -7,12 +7,15 @@ writes the shards still to do at positions rank, rank + world, … of that list 
 entries, and a run killed anywhere keeps every recorded shard); once every rank has written its share,
 rank 0 writes config and index and renames `.partial` to the destination (`finish_writers`).
 
-Every step ends in `Ranks.sync`: an all_gather_object of each rank's outcome (rank, host, error), so a
-failure anywhere is known everywhere. The failing rank raises its own error; every other rank raises a
-RankFailedError naming the failing rank, its host and its error (rank 0 records it as the stage's error),
-and nothing is finalized. The coordination goes over a gloo group even on GPU nodes: it carries a few
-small objects, never tensors. Without torchrun (WORLD_SIZE unset or 1) nothing changes: one rank, no group,
-no collective.
+Every step ends in `Ranks.sync`: each rank posts its outcome (rank, host, error, payload) under the step's
+key in torchrun's own store (the TCP key-value store its agent keeps, reached through the env:// rendezvous)
+and waits for every rank's, so a failure anywhere is known everywhere. The failing rank raises its own
+error; every other rank raises a RankFailedError naming the failing rank, its host and its error (rank 0
+records it as the stage's error), and nothing is finalized. No process group is made: the steps carry a few
+small objects, never tensors, and a group's worker threads, still releasing the last collective's tensors
+while the interpreter exits, abort the process after its work is done ("terminate called without an
+active exception"). Steps are numbered per process; every rank makes the same steps in the same order.
+Without torchrun (WORLD_SIZE unset or 1) nothing changes: one rank, no store, no step.
 
 Test hook (documented, honest): QUANTDECK_FAULTS=fail_rank=N (engine.core.settings) makes rank N (of several) raise
 before it writes any of its shards.
@@ -20,9 +23,10 @@ before it writes any of its shards.
 
 from __future__ import annotations
 
-import atexit
 import functools
+import itertools
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,15 +38,8 @@ from engine.core.settings import settings
 
 T = TypeVar("T")
 
-
-def _destroy_default_group() -> None:
-    import torch.distributed as dist
-
-    try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - at exit, a group that cannot be torn down is the OS's to clean up
-        pass
+_STEPS = itertools.count()  # this process's steps, numbered alike on every rank
+_STORE: list[Any] = []  # torchrun's store, reached once per process
 
 
 def _describe(exc: BaseException) -> tuple[str, str, str | None]:
@@ -72,7 +69,7 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     host: str = ""
-    group: Any = None  # a gloo group made next to a default group of another backend (None: the default group)
+    store: Any = None  # torchrun's store under this module's prefix (None: one rank)
     finished: bool = False  # a step failed somewhere: this rank takes part in no further collective
 
     @classmethod
@@ -90,19 +87,14 @@ class Ranks:
         return self.rank == 0
 
     def open(self) -> "Ranks":
-        if self.active:
+        if self.active and self.store is None:
             import torch.distributed as dist
 
-            timeout = timedelta(seconds=settings().rank_timeout_s)  # QUANTDECK_RANK_TIMEOUT_S
-            if not dist.is_initialized():
-                # kept for the life of the process: a default group made again over torchrun's store (a second
-                # convert/export in one process) can read the old group's addresses and hang. Destroyed at exit,
-                # before the interpreter tears down: gloo's threads left joinable then abort the process (SIGABRT,
-                # "terminate called without an active exception") after its work is done.
-                dist.init_process_group("gloo", timeout=timeout)
-                atexit.register(_destroy_default_group)
-            if dist.get_backend() != "gloo":
-                self.group = dist.new_group(backend="gloo", timeout=timeout)
+            if not _STORE:
+                timeout = timedelta(seconds=settings().rank_timeout_s)  # QUANTDECK_RANK_TIMEOUT_S
+                store, _, _ = next(dist.rendezvous("env://", self.rank, self.world, timeout=timeout))
+                _STORE.append(dist.PrefixStore("quantdeck/ranks", store))
+            self.store = _STORE[0]
         return self
 
     def device(self, dev):
@@ -131,18 +123,21 @@ class Ranks:
         if self.active and not self.finished and isinstance(exc, Exception):
             try:
                 self._gather(exc, None)
-            except Exception:  # noqa: BLE001 - the group itself broke: this rank's own error is what counts
+            except Exception:  # noqa: BLE001 - the store itself broke: this rank's own error is what counts
                 return
             _mark_told(exc)
 
     def _gather(self, exc: BaseException | None, payload: Any) -> list[Any]:
         if not self.active:
             return [payload]
-        import torch.distributed as dist
 
-        out: list[Any] = [None] * self.world
         try:
-            dist.all_gather_object(out, (self.rank, self.host, exc and _describe(exc), payload), group=self.group)
+            step = f"{next(_STEPS)}/"
+            self.store.set(step + str(self.rank), pickle.dumps((self.rank, self.host, exc and _describe(exc),
+                                                                payload)))
+            keys = [step + str(r) for r in range(self.world)]
+            self.store.wait(keys)  # the store's timeout: QUANTDECK_RANK_TIMEOUT_S
+            out = [pickle.loads(self.store.get(k)) for k in keys]
         except BaseException:
             self.finished = True
             raise
@@ -163,7 +158,7 @@ class Ranks:
 
 def over_ranks(fn: Callable[..., T]) -> Callable[..., T]:
     """Decorator: call `fn(..., ranks=Ranks)` as this process's rank (see the module doc). Under torchrun it
-    joins the group, waits at the end until rank 0 finalized, and reports a failure to the other ranks."""
+    reaches the store, waits at the end until rank 0 finalized, and reports a failure to the other ranks."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, ranks: Ranks | None = None, **kw: Any) -> T:

@@ -21,7 +21,7 @@ def test_one_rank_is_a_no_op(monkeypatch):
 
     assert job(1) == 2
     r = seen[0]
-    assert (r.rank, r.world, r.active, r.head, r.group) == (0, 1, False, True, None)
+    assert (r.rank, r.world, r.active, r.head, r.store) == (0, 1, False, True, None)
     assert r.share([1, 2, 3]) == [1, 2, 3] and r.sync("x") == ["x"]
 
 
