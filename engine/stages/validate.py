@@ -27,10 +27,11 @@ def _failed(report: Any) -> list[str]:
 
 def block_check_args(params: dict[str, Any]) -> tuple[str, str] | None:
     """(source, device) of the decoder-block check the stage runs with `params` (ctx.params), None without a
-    source: what the driver warms a child up for (engine.convert.block_child.start_warm)."""
+    source: what the driver warms a child up for (engine.convert.block_child.start_warm). The device is the
+    recipe's, "auto" (a GPU where torch sees one) when it names none, as `quantdeck validate --device`."""
     if not params.get("src"):
         return None
-    return str(params["src"]), params["device"] if params.get("device") in ("cpu", "cuda") else "cpu"
+    return str(params["src"]), str(params.get("device") or "auto")
 
 
 @Stage.register(StageName.VALIDATE)
@@ -43,9 +44,8 @@ class ValidateStage(Stage):
             kw: dict[str, Any] = {"against": p.get("src")}
             if p.get("amax"):
                 kw["amax"] = p["amax"]  # the snapshot is checked against the model's layers too
-            if p.get("device") in ("cpu", "cuda"):
-                kw["device"] = p["device"]
             if p.get("src"):  # the driver's warm child, where it started one (engine.runs.runner)
+                kw["device"] = block_check_args(p)[1]
                 kw["block_socket"] = str(ctx.stage_dir / WARM_SOCKET)
             rep = call_with_sink(validate_checkpoint, str(d), sink=ctx.sink, **kw)
             reports[str(d)] = jsonable(rep)

@@ -60,7 +60,7 @@ def test_not_for_another_launcher_nor_without_a_source():
     assert block_check_args(bare.params) is None
 
 
-@pytest.mark.parametrize("device, want", [("auto", "cpu"), ("cpu", "cpu"), ("cuda", "cuda")])
+@pytest.mark.parametrize("device, want", [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1")])
 def test_the_child_is_warmed_for_the_source_and_device_validate_uses(device, want):
     p = _plan()
     params = dict(p.stage("validate").params, device=device)
