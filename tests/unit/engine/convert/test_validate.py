@@ -72,6 +72,22 @@ def test_nan_in_kept_tensor_and_source_mismatch(converted, tmp_path):
     _fails(rep, "source", "model.layers.0.self_attn.o_proj.weight")
 
 
+def test_large_kept_tensors_are_compared_on_the_sampled_rows(converted, tmp_path, monkeypatch):
+    from engine.convert import validate_source
+
+    src, out = converted
+    monkeypatch.setattr(validate_source, "KEPT_WHOLE_BYTES", 0)  # every 2-D kept tensor counts as large
+    rep = validate_checkpoint(out, against=src)
+    row = next(c for c in rep["checks"] if c["check"] == "source")
+    assert rep["ok"] and "large ones on sampled rows" in row["detail"], row
+
+    def edit(t):
+        t["model.embed_tokens.weight"][0, 5] += 1  # row 0: always sampled
+
+    rep = validate_checkpoint(_rewrite(out, tmp_path / "bad", edit), against=src)
+    assert "differs from the source" in _fails(rep, "source", "model.embed_tokens.weight")["msg"]
+
+
 def test_wrong_ignore_list_and_broken_index(converted, tmp_path):
     src, out = converted
     bad = _rewrite(out, tmp_path / "bad", lambda t: None)
