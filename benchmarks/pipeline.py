@@ -209,13 +209,51 @@ def _tree(pid: int):
         return []
 
 
+_IO_FIELDS = ("rchar", "wchar", "read_bytes", "write_bytes")
+
+
+def _io(path: str = "/proc/self/io") -> list[int]:
+    """rchar, wchar, read_bytes, write_bytes of /proc/self/io (the whole process: its threads, and every child it
+    has reaped, with theirs) or of one thread's /proc/thread-self/io (that thread alone)."""
+    vals = dict(line.split(": ") for line in Path(path).read_text().splitlines())
+    return [int(vals[k]) for k in _IO_FIELDS]
+
+
+def _become_subreaper() -> bool:
+    """Orphaned descendants (a detached run driver, its workers) are re-parented to this process instead of init,
+    so their I/O reaches this process's counters when they are reaped (Linux: PR_SET_CHILD_SUBREAPER)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_all(timeout_s: float = 120.0) -> None:
+    """Wait for every child left (orphans re-parented here included), at most `timeout_s`."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
 def run_stage(cmd: list[str], env: dict) -> dict:
-    """Run `cmd`: wall, peak RSS of its process tree, bytes read / written (each process's last /proc io seen)."""
+    """Run `cmd`: wall, peak RSS of its process tree, and the bytes the whole tree read and wrote. The bytes are
+    this process's own counters before and after, once every descendant is reaped (the kernel adds a reaped
+    child's counters to its parent's, so summing each process's counters would count a worker once for itself
+    and again in the driver that reaped it), less what the RSS sampler itself read from /proc."""
     import psutil
 
+    _become_subreaper()
+    before = _io()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, io, stop = 0, {}, threading.Event()
+    peak, stop, sampler = 0, threading.Event(), [0, 0, 0, 0]
 
     def poll():
         nonlocal peak
@@ -224,12 +262,11 @@ def run_stage(cmd: list[str], env: dict) -> dict:
             for q in _tree(proc.pid):
                 try:
                     rss += q.memory_info().rss
-                    c = q.io_counters()
-                    io[q.pid] = (c.read_chars, c.write_chars, c.read_bytes, c.write_bytes)
                 except psutil.Error:
                     pass
             peak = max(peak, rss)
             time.sleep(0.05)
+        sampler[:] = _io("/proc/thread-self/io")
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
@@ -237,7 +274,8 @@ def run_stage(cmd: list[str], env: dict) -> dict:
     wall = time.monotonic() - t0
     stop.set()
     th.join()
-    tot = [sum(v[i] for v in io.values()) for i in range(4)]
+    _reap_all()
+    tot = [a - b - c for a, b, c in zip(_io(), before, sampler, strict=True)]
     return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3), "read_gb": round(tot[0] / 1e9, 3),
             "written_gb": round(tot[1] / 1e9, 3), "disk_read_gb": round(tot[2] / 1e9, 3), "rc": proc.returncode,
             "err_tail": err.strip().splitlines()[-1] if err.strip() else "", "out": out}
