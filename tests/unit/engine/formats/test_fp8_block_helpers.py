@@ -110,6 +110,18 @@ def test_dequant_accepts_uint8_e8m0_and_rejects_nan_byte():
         dequant_fp8_block(q, bad)
 
 
+@pytest.mark.parametrize("shape, block", [((256, 384), (128, 128)), ((130, 140), (128, 128)), ((256, 96), (128, 32))])
+def test_dequant_is_code_times_its_tile_scale_for_whole_and_cut_tiles_and_any_strides(shape, block):
+    """Whole tiles go through the in-place tile view, cut edge tiles through the expanded scales: both give
+    fp32(code) x fp32(scale) exactly, also for a weight that is a transposed view."""
+    q, s = cast_fp8_block(torch.randn(shape), block=block)
+    grid = np.repeat(np.repeat(s.numpy(), block[0], 0), block[1], 1)[: shape[0], : shape[1]]
+    want = q.float().numpy() * grid
+    assert np.array_equal(dequant_fp8_block(q, s, block).numpy(), want)
+    qt = q.t().contiguous().t()  # the same values, column-major
+    assert not qt.is_contiguous() and torch.equal(dequant_fp8_block(qt, s, block), dequant_fp8_block(q, s, block))
+
+
 def test_rejects_bad_input():
     with pytest.raises(FormatError):
         cast_fp8_block(torch.randn(10))
