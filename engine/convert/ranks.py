@@ -39,7 +39,17 @@ from engine.core.settings import settings
 T = TypeVar("T")
 
 _STEPS = itertools.count()  # this process's steps, numbered alike on every rank
-_STORE: list[Any] = []  # torchrun's store, reached once per process
+
+
+@functools.cache
+def _torchrun_store(rank: int, world: int) -> Any:
+    """torchrun's store (its agent's, through the env:// rendezvous) under this module's prefix; reached once per
+    process, its timeout QUANTDECK_RANK_TIMEOUT_S."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=settings().rank_timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore("quantdeck/ranks", store)
 
 
 def _describe(exc: BaseException) -> tuple[str, str, str | None]:
@@ -88,13 +98,7 @@ class Ranks:
 
     def open(self) -> "Ranks":
         if self.active and self.store is None:
-            import torch.distributed as dist
-
-            if not _STORE:
-                timeout = timedelta(seconds=settings().rank_timeout_s)  # QUANTDECK_RANK_TIMEOUT_S
-                store, _, _ = next(dist.rendezvous("env://", self.rank, self.world, timeout=timeout))
-                _STORE.append(dist.PrefixStore("quantdeck/ranks", store))
-            self.store = _STORE[0]
+            self.store = _torchrun_store(self.rank, self.world)
         return self
 
     def device(self, dev):
