@@ -144,20 +144,18 @@ class LayerReader:
         if self._ring is None:
             self._ring = DeviceRing(self.device, self._pool)
         dev, got, ready = self._ring.read(self.reader, plan.ranges, size, lo, hi)
-        with self._lock:
-            self.bytes_read += got
-        return dev, got, ready
+        return dev, self._counted(got), ready
 
     def _read_ranges(self, plan: LayerPlan, buf: torch.Tensor, lo: int, hi: int) -> int:
         """Read the plan's ranges, clipped to buffer bytes [lo, hi), into `buf`; the bytes read."""
-        got = read_ranges(self.reader, self._pool, plan.ranges, buf, lo, hi)
-        with self._lock:
-            self.bytes_read += got
-        return got
+        return self._counted(read_ranges(self.reader, self._pool, plan.ranges, buf, lo, hi))
 
     def _run_reads(self, jobs: list) -> int:
         futures = [self._pool.submit(self.reader.read_range, *job) for job in jobs]
-        got = sum(f.result() for f in futures)
+        return self._counted(sum(f.result() for f in futures))
+
+    def _counted(self, got: int) -> int:
+        """`got` bytes read, added to `bytes_read` (reads run on the prefetch thread and the main one)."""
         with self._lock:
             self.bytes_read += got
         return got
