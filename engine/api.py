@@ -228,15 +228,14 @@ class LocalEngine(Engine):
 
     def _restart(self, run: str, mode: str, launcher_factory: str | None,
                  on_wait: Callable[[str], None] | None = None) -> str:
+        from engine.runs.durability import stage_states
         from engine.runs.plan import Plan, stages_to_run
-        from engine.runs.rundir import read_status
         from engine.runs.runner import spawn_driver, wait_driver_released
 
         rd = self.find(run)
         wait_driver_released(rd, on_wait=on_wait)  # StageLockedError if a driver is live
         plan = Plan.from_json(rd.read_plan())
-        states = {n: read_status(rd, n)["state"] for n in plan.names()}
-        if not stages_to_run(plan, states, mode):
+        if not stages_to_run(plan, stage_states(rd, plan)[0], mode):
             raise RunError(f"run {rd.id} has nothing left to do (every stage is done)", at=rd.id,
                            hint=f"`quantdeck validate-only {rd.id}` checks what it saved")
         spawn_driver(rd, mode, launcher_factory)

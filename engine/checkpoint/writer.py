@@ -65,7 +65,6 @@ WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk rig
 # durable shards, written with O_DIRECT (QUANTDECK_DIRECT_IO=0: through the page cache) and fsynced before the
 # manifest records them; the stages of a run use it (engine.runs.worker), since a run skips a stage it has
 # recorded as done.
-FSYNC_ENV = "QUANTDECK_FSYNC"  # written by engine.runs.worker; read in engine.core.settings
 
 
 def durable() -> bool:

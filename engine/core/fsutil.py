@@ -94,3 +94,51 @@ def user_cache_dir(*parts: str) -> Path:
     except ImportError:
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "quantdeck", *parts)
     return Path(platformdirs.user_cache_dir("quantdeck"), *parts)
+
+
+def boot_id() -> str:
+    """This machine's boot: another value after a reboot (QUANTDECK_BOOT_ID wins; "" where the kernel has none)."""
+    from engine.core.settings import settings
+
+    own = settings().boot_id
+    if own:
+        return own
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def sync_filesystems(paths: list[str | os.PathLike]) -> int:
+    """Write to the disk whatever the page cache holds for the filesystems of `paths` (those that exist):
+    syncfs(2) once per filesystem where libc has it, else sync(2). Returns the filesystems synced."""
+    seen: dict[int, Path] = {}
+    for p in paths:
+        p = Path(p)
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            seen.setdefault(p.stat().st_dev, p)
+        except OSError:
+            continue
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        os.sync()
+        return len(seen)
+    for p in seen.values():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            if syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+    return len(seen)
+
+
+def _libc_syncfs():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs  # the process's own symbols: libc's (the GIL is let go)
+    except (OSError, AttributeError):
+        return None

@@ -28,6 +28,7 @@ from engine.core.errors import SettingsError
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
+FSYNC_ENV = "QUANTDECK_FSYNC"  # written by a run's driver and worker for the stages (engine.runs.durability)
 
 
 class _Type:
@@ -154,8 +155,12 @@ class Settings:
     writers: int = _var("QUANTDECK_WRITERS", 0, COUNT, "converter writer threads (0: chosen from the cores)")
     convert_workers: int = _var("QD_CONVERT_WORKERS", 1, POSITIVE,
                                 "processes of a `--workers` conversion (set by the parent for its children)")
-    fsync: bool = _var("QUANTDECK_FSYNC", False, FLAG,
-                       "durable shards: fsynced before the manifest records them", "`false` (a run's stages: `true`)")
+    fsync: bool = _var(FSYNC_ENV, False, FLAG,
+                       "durable shards: fsynced before the manifest records them",
+                       "`false` (a run's stages on other hosts: `true`)")
+    boot_id: str | None = _var("QUANTDECK_BOOT_ID", None, TEXT,
+                               "this machine's boot: a run re-runs a stage done before a reboot whose writes were "
+                               "not yet synced", "`/proc/sys/kernel/random/boot_id`")
     direct_io: bool = _var("QUANTDECK_DIRECT_IO", True, FLAG,
                            "durable shards are written with O_DIRECT (false: through the page cache)")
     no_readahead: bool = _var("QUANTDECK_NO_READAHEAD", False, FLAG,

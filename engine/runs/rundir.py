@@ -185,7 +185,7 @@ def _blank_status(stage: str) -> dict[str, Any]:
     return {"stage": str(stage), "state": StageState.PENDING.value, "attempt": 0, "host": None, "pid": None,
             "pgid": None, "pid_start": None, "launcher": None, "world_size": None, "started_at": None,
             "ended_at": None, "updated_at": None, "exit_code": None, "signal": None, "error_class": None, "error": None,
-            "hint": None, "result": None, "attempts": []}
+            "hint": None, "result": None, "synced": None, "boot": None, "attempts": []}
 
 
 def read_status(run: RunDir, stage: str) -> dict[str, Any]:
@@ -287,6 +287,17 @@ def begin_attempt(run: RunDir, stage: str, *, host: str | None = None, pid: int 
                     "pid": pid, "launcher": launcher, "updated_at": time.time(), "attempts": attempts})
         atomic_write_json(run.status_path(stage), new)
         return new["attempt"]
+
+
+def mark_synced(run: RunDir, stage: str, attempt: int) -> dict[str, Any]:
+    """Record that what `attempt` of `stage` wrote is on the disk (engine.runs.durability); nothing for another
+    attempt or a stage not done."""
+    with run_lock(run):
+        st = read_status(run, stage)
+        if int(st["attempt"]) == attempt and StageState(st["state"]).is_done() and st.get("synced") is False:
+            st["synced"] = True
+            atomic_write_json(run.status_path(stage), st)
+        return st
 
 
 def mark_skipped(run: RunDir, stage: str, reason: str) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from engine.core.errors import QuantdeckError, RunError, StageLockedError
 from engine.core.fsutil import atomic_write_json, read_json
 from engine.core.locks import driver_alive, pid_alive, this_host  # noqa: F401 (driver_alive re-exported)
 from engine.core.names import StageName, StageState
+from engine.core.settings import FSYNC_ENV
+from engine.runs.durability import Syncer, stage_states, written_paths
 from engine.runs.launcher import Launcher, WorkerSpec
 from engine.runs.local_launcher import REPO_ROOT, child_env
 from engine.runs.plan import Plan, build_plan, resolve_paths, stages_to_run
@@ -253,8 +255,12 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
 
         for name in plan.names():  # leftovers of a dead driver: never a stage "running" with nobody behind it
             reconcile_stage(run, name, alive)
-        states = {n: read_status(run, n)["state"] for n in plan.names()}
+        states, again = stage_states(run, plan)
+        if again:
+            print(f"quantdeck runner: this machine rebooted before what {again[0]} wrote was synced to the disk: "
+                  f"{', '.join(again)} run again (their shards are checked by digest)", file=sys.stderr, flush=True)
         todo = stages_to_run(plan, states, mode)
+        syncer = Syncer(run, written_paths(run, plan)) if launcher.name == "local" else None
         result = StageState.SUCCEEDED
         warm, warm_at = None, _warm_block_stage(plan, todo, launcher)
         try:
@@ -271,10 +277,11 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                     if not StageState(st["state"]).is_done():
                         result = StageState.CANCELLED if st["state"] == StageState.CANCELLED else StageState.FAILED
                         break
+                    _synced_behind(syncer, name, st)
                     continue
                 attempt = begin_attempt(run, name, launcher=launcher.name)
                 try:
-                    handle = launcher.start(_worker_spec(run, plan, recipe, name, mode))
+                    handle = launcher.start(_worker_spec(run, plan, recipe, name, mode, launcher))
                 except QuantdeckError as e:
                     set_status(run, name, StageState.FAILED, attempt=attempt, error_class="launch",
                                error=e.one_line(), hint=e.hint)
@@ -284,7 +291,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 set_status(run, name, StageState.STARTING, attempt=attempt, host=handle.host, pid=handle.pid)
                 sync_store(run)
                 if i + 1 < len(todo):  # before the warm child, whose start takes the driver ~0.1 s
-                    launcher.prepare(_worker_spec(run, plan, recipe, todo[i + 1], mode))
+                    launcher.prepare(_worker_spec(run, plan, recipe, todo[i + 1], mode, launcher))
                 if name == warm_at:  # beside this stage's worker, which has just started
                     warm = _start_warm_block(run, plan)
                 st = wait_stage(run, name, attempt, launcher, handle.host, handle.pid, poll_s)
@@ -296,17 +303,27 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 if not state.is_done():
                     result = StageState.CANCELLED if state == StageState.CANCELLED else StageState.FAILED
                     break
+                _synced_behind(syncer, name, st)
         finally:
             if warm is not None:
                 warm.stop()
+            if syncer is not None:
+                syncer.close()  # the run ends with its stages' writes on the disk
         sync_store(run)
         launcher.close()
         return result
 
 
-def _worker_spec(run: RunDir, plan: Plan, recipe: Recipe, name: str, mode: str) -> WorkerSpec:
+def _synced_behind(syncer: Syncer | None, name: str, st: dict[str, Any]) -> None:
+    if syncer is not None and st.get("synced") is False:
+        syncer.after(name, int(st["attempt"]))
+
+
+def _worker_spec(run: RunDir, plan: Plan, recipe: Recipe, name: str, mode: str, launcher: Launcher) -> WorkerSpec:
     sp = plan.stage(name)
-    return WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)),
+    # on this machine the driver syncs behind the next stage (engine.runs.durability), unless the operator set it
+    env = {FSYNC_ENV: "0"} if launcher.name == "local" and FSYNC_ENV not in os.environ else {}
+    return WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)), env=env,
                       args=("--mode", mode) if mode != "run" else (),
                       nnodes=max(1, len(sp.nodes)) if sp.distributed else 1,
                       nproc_per_node=_local_ranks(recipe) if sp.distributed else 1)

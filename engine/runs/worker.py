@@ -29,12 +29,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint.writer import FSYNC_ENV
+from engine.checkpoint.writer import durable
 from engine.core.errors import ExitCode, QuantdeckError, StageLockedError
 from engine.core.events import EventSink, JsonlSink, Progress, TeeSink
+from engine.core.fsutil import boot_id
 from engine.core.locks import this_host
 from engine.core.names import StageState
-from engine.core.settings import settings
+from engine.core.settings import FSYNC_ENV, settings
 from engine.runs.plan import Plan
 from engine.runs.rootcause import classify
 from engine.runs.rundir import (
@@ -124,7 +125,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     """Run one stage in this process; returns the exit code (0 = SUCCEEDED)."""
     # A run skips a stage it has recorded as done, so the checkpoints a stage writes are on the disk before that
-    # (engine.checkpoint.writer: durable shards), unless the operator says otherwise.
+    # (engine.checkpoint.writer: durable shards), unless the operator says otherwise; or, where the driver says 0
+    # (its own machine), the driver syncs them behind the next stage (engine.runs.durability).
     os.environ.setdefault(FSYNC_ENV, "1")
     run = RunDir(Path(run_dir).resolve())
     os.environ.setdefault(COLLECTIVE_TIMEOUT_ENV, f"{run.stall_after_s():g}")
@@ -197,7 +199,8 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
         return int(getattr(e, "exit_code", ExitCode.ERROR)) if isinstance(e, QuantdeckError) else int(ExitCode.ERROR)
     sink.emit("state", state=StageState.SUCCEEDED.value, result=result)
     if rank == 0:
-        set_status(run, stage, StageState.SUCCEEDED, attempt=attempt, result=result, exit_code=0)
+        set_status(run, stage, StageState.SUCCEEDED, attempt=attempt, result=result, exit_code=0,
+                   synced=durable(), boot=boot_id())
     print(f"quantdeck worker: stage {stage} succeeded" + (f" (rank {rank})" if world > 1 else ""),
           file=sys.stderr, flush=True)
     if lock is not None:

@@ -166,7 +166,7 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_a_rerun_completes(tin
     row = ApiBackend(open_engine()).read_run(str(run.path)).stage("convert")
     assert (row.done, row.total, row.ranks) == (prog["total"], prog["total"], 2)
     assert rank_line(row.rank_parts, row.ranks).startswith(f"ranks 2: r0 {shares[0]['done']}/{shares[0]['total']} ")
-    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.runs.worker)
+    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a worker started by hand writes them
     ref = convert_checkpoint(src, tmp_path / "one", layouts=LAYOUTS, device="cpu", shard_size=SHARD)
     assert ref["shards"] == st["result"]["shards"]
     want, got = tree(tmp_path / "one"), tree(out)

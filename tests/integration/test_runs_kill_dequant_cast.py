@@ -43,7 +43,7 @@ def test_kill_conversion_stage_then_resume(tmp_path, tiny_ckpt, stage, fmt, src_
     from engine.convert import convert_checkpoint
 
     ref = tmp_path / "ref"
-    monkeypatch.setenv("QUANTDECK_FSYNC", "1")  # durable shards, as a run's stages write them (engine.runs.worker)
+    monkeypatch.delenv("QUANTDECK_FSYNC", raising=False)  # as a run writes on its own machine (engine.runs.durability)
     convert_checkpoint(src, ref, to=fmt, device="cpu", shard_size=int(0.05 * 10**6))
     assert tree_digest(out) == tree_digest(ref)
     atts = [(a["attempt"], a["state"], a["error_class"], a["pid"])

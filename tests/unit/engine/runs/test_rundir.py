@@ -16,6 +16,7 @@ from engine.runs.rundir import (
     begin_attempt,
     create_run_dir,
     find_run,
+    mark_synced,
     read_status,
     reconcile_stage,
     set_running,
@@ -154,3 +155,14 @@ def test_find_run_by_prefix(run, tmp_path):
     assert find_run(tmp_path / "work", str(run.path)).id == run.id
     with pytest.raises(RunError, match="no run"):
         find_run(tmp_path / "work", "19990101")
+
+
+def test_mark_synced_records_the_sync_of_a_done_attempt_only(run):
+    a = begin_attempt(run, "convert")
+    set_running(run, "convert", attempt=a, host="h", pid=os.getpid())
+    assert mark_synced(run, "convert", a)["synced"] is None  # not done yet: nothing to record
+    set_status(run, "convert", S.SUCCEEDED, attempt=a, synced=False, boot="b1")
+    assert mark_synced(run, "convert", a + 1)["synced"] is False  # another attempt's sync
+    st = mark_synced(run, "convert", a)
+    assert (st["state"], st["synced"], st["boot"]) == ("SUCCEEDED", True, "b1")
+    assert read_status(run, "convert")["synced"] is True
