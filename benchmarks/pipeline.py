@@ -451,8 +451,9 @@ def _samples(work: Path, n: int, seq_len: int) -> Path:
 
 
 def _stage_walls(runwork: Path) -> dict[str, float]:
-    """Each stage's wall in the run under `runwork` (started_at → ended_at of its status.json), in run order, and
-    `between`: the run's stage-free time from the first start to the last end."""
+    """Each stage's wall in the run under `runwork` (started_at → ended_at of its status.json), in run order,
+    `between`: the run's stage-free time from the first start to the last end, and `sync-wait`: how long the run
+    waited after its last stage for the stages' writes to reach the disk (engine.runs.durability)."""
     runs = sorted((runwork / "runs").glob("*/stages"))
     if not runs:
         return {}
@@ -465,6 +466,10 @@ def _stage_walls(runwork: Path) -> dict[str, float]:
     out = {name: round(b - a, 3) for a, b, name in spans}
     if spans:
         out["between"] = round(spans[-1][1] - spans[0][0] - sum(b - a for a, b, _ in spans), 3)
+    meta = runs[-1].parent / "run.json"  # engine.runs.rundir.RunDir.meta_path
+    waited = (json.loads(meta.read_text()) if meta.exists() else {}).get("sync_wait_s")
+    if waited is not None:
+        out["sync-wait"] = waited
     return out
 
 

@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 from engine.core.fsutil import boot_id, sync_filesystems
@@ -88,8 +89,11 @@ class Syncer:
             if len(done) < len(batch):
                 return
 
-    def close(self) -> None:
+    def close(self) -> float:
+        """Wait for the last sync; returns the seconds waited."""
+        t0 = time.monotonic()
         if self._thread is not None:
             self._todo.put(None)
             self._thread.join()
             self._thread = None
+        return time.monotonic() - t0

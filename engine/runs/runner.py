@@ -307,8 +307,8 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
         finally:
             if warm is not None:
                 warm.stop()
-            if syncer is not None:
-                syncer.close()  # the run ends with its stages' writes on the disk
+            if syncer is not None:  # the run ends with its stages' writes on the disk
+                update_meta(run, sync_wait_s=round(syncer.close(), 3))
         sync_store(run)
         launcher.close()
         return result

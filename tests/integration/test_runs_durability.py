@@ -36,6 +36,7 @@ def test_stages_sync_behind_the_run_and_a_reboot_before_a_sync_redoes_them(tmp_p
     for stage in STAGES:
         st = status(work, rid, stage)
         assert (st["state"], st["synced"], st["boot"], st["attempt"]) == ("SUCCEEDED", True, boot_id(), 1), stage
+    assert json.loads((run_dir(work, rid) / "run.json").read_text())["sync_wait_s"] >= 0  # the run's end waited
     man = json.loads((out / "manifest.json").read_text())
     assert {rec["synced"] for rec in man["shards"].values()} == {False}  # through the page cache, no fsync
     before = tree_digest(out)
