@@ -94,6 +94,8 @@ class Syncer:
         """Wait for the last sync; returns the seconds waited."""
         t0 = time.monotonic()
         if self._thread is not None:
+            print(f"quantdeck runner: run {self.run.id}: waiting for the stages' writes to reach the disk",
+                  file=sys.stderr, flush=True)
             self._todo.put(None)
             self._thread.join()
             self._thread = None
