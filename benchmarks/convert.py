@@ -13,7 +13,7 @@ sync), so python's and torch's own files stay warm as on an operator's machine a
   quantdeck `python -m console convert --src SRC --dst DST --to nvfp4 --device D [--workers N]`, writing as cp
             and the public script do (page cache, no fsync: the default)
   qd-durable the same with QUANTDECK_FSYNC=1: every shard fsynced before it is recorded (as a run's stages
-            write), to compare with cp+sync
+            on other hosts write), to compare with cp+sync
   fp8_to_nvfp4_streaming.py
             `python fp8_to_nvfp4_streaming.py --src --dst --gpu G`, the public script, run only when `--peer PATH`
             names a copy of it (JSON key "peer"). On CPU, --gpu -1, it crashes: its writer buffers the same
@@ -345,7 +345,7 @@ def main() -> int:
                         + (["--json"] if args.entry == "console" else []))
 
     # the default writes as cp and the public script do (page cache, no fsync); qd-durable fsyncs every shard, as a
-    # run's stages do (QUANTDECK_FSYNC=1, engine.checkpoint.writer), to compare with cp+sync
+    # run's stages on other hosts do (QUANTDECK_FSYNC=1, engine.checkpoint.writer), to compare with cp+sync
     runs.append(("quantdeck", quantdeck("out_qd")))
     runs.append(("qd-durable", quantdeck("out_qd_durable")))
     run_env = {"quantdeck": {"QUANTDECK_FSYNC": "0"}, "qd-durable": {"QUANTDECK_FSYNC": "1"}}

@@ -63,8 +63,8 @@ WRITEBACK_BYTES = 4 << 20  # writes at least this big are handed to the disk rig
 # (`"synced": false` per shard in its manifest) has its shards' digests checked when the same command runs
 # again, which moves it back to `.partial` and rewrites any shard that does not match. QUANTDECK_FSYNC=1:
 # durable shards, written with O_DIRECT (QUANTDECK_DIRECT_IO=0: through the page cache) and fsynced before the
-# manifest records them; the stages of a run use it (engine.runs.worker), since a run skips a stage it has
-# recorded as done.
+# manifest records them; a run's stages on other hosts than its driver's use it (engine.runs.worker), since a run
+# skips a stage it has recorded as done (on the driver's machine the driver syncs behind them: engine.runs.durability).
 
 
 def durable() -> bool:
