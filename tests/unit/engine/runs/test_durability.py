@@ -1,0 +1,84 @@
+"""engine.runs.durability: which stages a resume does again after a reboot, and the driver's syncs behind the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.names import StageState as S
+from engine.runs import durability
+from engine.runs.durability import Syncer, stage_states, written_paths
+from engine.runs.plan import Plan
+from engine.runs.rundir import RunDir, begin_attempt, create_run_dir, read_status, set_status
+
+NAMES = ["inspect", "convert", "inject-mtp", "validate"]
+
+
+@pytest.fixture
+def run(tmp_path) -> tuple[RunDir, Plan]:
+    r = create_run_dir(tmp_path / "work")
+    plan = Plan.from_json({"run_id": r.id, "stages": [
+        {"name": "inspect", "inputs": {"src": str(tmp_path / "src")}},
+        {"name": "convert", "inputs": {"src": str(tmp_path / "src")}, "outputs": {"dst": str(tmp_path / "out")},
+         "options": {"to": "nvfp4"}},
+        {"name": "inject-mtp", "outputs": {"dst": str(tmp_path / "out")}},
+        {"name": "validate", "outputs": {"report": "relative/report.json"}}]})
+    return r, plan
+
+
+def _done(run: RunDir, stage: str, synced: bool | None, boot: str) -> int:
+    a = begin_attempt(run, stage)
+    set_status(run, stage, S.SUCCEEDED, attempt=a, synced=synced, boot=boot)
+    return a
+
+
+def test_a_reboot_before_a_sync_redoes_that_stage_and_every_later_one(run, monkeypatch):
+    r, plan = run
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b1")
+    _done(r, "inspect", True, "b1")
+    _done(r, "convert", False, "b1")
+    _done(r, "inject-mtp", True, "b1")  # synced, but after a stage that may have lost its writes
+    assert stage_states(r, plan) == ({n: ("SUCCEEDED" if n != "validate" else "PENDING") for n in NAMES}, [])
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b2")
+    states, again = stage_states(r, plan)
+    assert again == ["convert", "inject-mtp", "validate"]
+    assert states == {"inspect": "SUCCEEDED", "convert": "PENDING", "inject-mtp": "PENDING", "validate": "PENDING"}
+    assert read_status(r, "convert")["state"] == "SUCCEEDED"  # only the resume's view: nothing is written
+
+
+def test_stages_recorded_by_a_worker_that_fsynced_are_kept_after_a_reboot(run, monkeypatch):
+    r, plan = run
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b2")
+    for n in NAMES:
+        _done(r, n, True, "b1")
+    _done(r, "validate", None, "b1")  # a status written before the field existed: trusted, as then
+    assert stage_states(r, plan)[1] == []
+
+
+def test_written_paths_are_the_run_dir_and_the_stages_absolute_paths(run, tmp_path):
+    r, plan = run
+    assert set(written_paths(r, plan)) == {r.path, tmp_path / "src", tmp_path / "out"}
+
+
+def test_the_syncer_records_each_stage_synced_after_one_sync_and_a_failed_sync_records_nothing(run, monkeypatch,
+                                                                                                 capsys):
+    r, plan = run
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b1")
+    calls = []
+    monkeypatch.setattr(durability, "sync_filesystems", lambda paths: calls.append(list(paths)))
+    s = Syncer(r, written_paths(r, plan))
+    s.after("inspect", _done(r, "inspect", False, "b1"))
+    s.after("convert", _done(r, "convert", False, "b1"))
+    assert s.close() >= 0
+    assert 1 <= len(calls) <= 2 and calls[0] == written_paths(r, plan)
+    assert [read_status(r, n)["synced"] for n in ("inspect", "convert")] == [True, True]
+
+    def fail(paths):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durability, "sync_filesystems", fail)
+    s = Syncer(r, written_paths(r, plan))
+    s.after("inject-mtp", _done(r, "inject-mtp", False, "b1"))
+    s.close()
+    assert read_status(r, "inject-mtp")["synced"] is False  # a resume after a reboot does it again
+    assert "sync after inject-mtp failed" in capsys.readouterr().err
+    assert Syncer(r, []).close() >= 0  # nothing handed to it: no thread, no wait
