@@ -111,7 +111,8 @@ def boot_id() -> str:
 
 def sync_filesystems(paths: list[str | os.PathLike]) -> int:
     """Write to the disk whatever the page cache holds for the filesystems of `paths` (those that exist):
-    syncfs(2) once per filesystem where libc has it, else sync(2). Returns the filesystems synced."""
+    syncfs(2) once per filesystem where libc has it, else sync(2). Returns the filesystems synced. Raises OSError
+    when syncfs fails (a write-back error included): what it was to sync may not be on the disk."""
     seen: dict[int, Path] = {}
     for p in paths:
         p = Path(p)
@@ -121,6 +122,8 @@ def sync_filesystems(paths: list[str | os.PathLike]) -> int:
             seen.setdefault(p.stat().st_dev, p)
         except OSError:
             continue
+    import ctypes
+
     syncfs = _libc_syncfs()
     if syncfs is None:
         os.sync()
@@ -129,7 +132,8 @@ def sync_filesystems(paths: list[str | os.PathLike]) -> int:
         fd = os.open(p, os.O_RDONLY)
         try:
             if syncfs(fd) != 0:
-                os.sync()
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}", str(p))
         finally:
             os.close(fd)
     return len(seen)
