@@ -466,8 +466,9 @@ def _stage_walls(runwork: Path) -> dict[str, float]:
     out = {name: round(b - a, 3) for a, b, name in spans}
     if spans:
         out["between"] = round(spans[-1][1] - spans[0][0] - sum(b - a for a, b, _ in spans), 3)
-    meta = runs[-1].parent / "run.json"  # engine.runs.rundir.RunDir.meta_path
-    waited = (json.loads(meta.read_text()) if meta.exists() else {}).get("sync_wait_s")
+    from engine.runs.rundir import RunDir
+
+    waited = RunDir(runs[-1].parent).read_meta().get("sync_wait_s")
     if waited is not None:
         out["sync-wait"] = waited
     return out
