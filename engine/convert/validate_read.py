@@ -99,6 +99,20 @@ class Files:
         except (OSError, AttributeError):  # a filesystem or platform without it: readahead stays
             pass
 
+    @staticmethod
+    def will_need(fd: int, offsets: list[int], length: int) -> None:
+        """Ask the kernel for the ranges [offset, offset + length) now (POSIX_FADV_WILLNEED queues their reads
+        without waiting): the disk then works on all of a tensor's sampled rows at once, where reading them one by
+        one waits for each in turn (on a cold disk, sampled rows read row by row cost twice as long)."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        try:
+            for off in offsets:
+                advise(fd, off, length, os.POSIX_FADV_WILLNEED)
+        except OSError:  # a filesystem without it: the reads still come, one by one
+            pass
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -192,8 +206,10 @@ class HostReader:
             np.take(whole, rows, axis=0, out=out)
             return out
         self.files.random(fd)  # no readahead: only the sampled rows' pages come from the disk
-        for j, r in enumerate(rows.tolist()):
-            _pread_into(fd, out[j], m.start + r * per, name)
+        offsets = [m.start + r * per for r in rows.tolist()]
+        self.files.will_need(fd, offsets, per)
+        for j, off in enumerate(offsets):
+            _pread_into(fd, out[j], off, name)
         return out
 
 
