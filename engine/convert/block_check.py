@@ -5,8 +5,9 @@ the outputs must agree.
 We compare the layer's contribution Δ = layer(x) − x (the residual would hide errors):
 rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ block_tol(target, layer 0's names) (validate_ref.py states the numbers).
 
-Only layer 0's tensors are read, and the layer is built on the meta device and given them (as the calibration's
-layer reader builds its layers): nothing is randomly initialized first. The check has two halves, the source's
+Only layer 0's tensors are read, decoded where the layer runs (a GPU where validate has one: its float32 products
+are the host's), and the layer is built on the meta device and given them (as the calibration's layer reader
+builds its layers): nothing is randomly initialized first. The check has two halves, the source's
 (`source_side`, which a warm child does ahead of validate) and the output's (`output_side`); where it runs (a child
 process, a warm child, or validate's own process) is engine.convert.block_child's business.
 """
@@ -43,7 +44,7 @@ def _layer_class(family: str, config: dict[str, Any]):
     return None
 
 
-def _state_dict(layer, reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
+def _state_dict(layer, reader: CheckpointReader, prefix: str, dev) -> dict[str, torch.Tensor]:
     import torch
 
     sd: dict[str, torch.Tensor] = {}
@@ -53,16 +54,16 @@ def _state_dict(layer, reader: CheckpointReader, prefix: str) -> dict[str, torch
             parts = []
             for e in range(ref.shape[0]):
                 if key.endswith("gate_up_proj"):
-                    g = decode_module(reader, f"{parent}.{e}.gate_proj", cols=ref.shape[2])
-                    u = decode_module(reader, f"{parent}.{e}.up_proj", cols=ref.shape[2])
+                    g = decode_module(reader, f"{parent}.{e}.gate_proj", cols=ref.shape[2], device=dev)
+                    u = decode_module(reader, f"{parent}.{e}.up_proj", cols=ref.shape[2], device=dev)
                     parts.append(torch.cat([g, u], dim=0))
                 else:
-                    parts.append(decode_module(reader, f"{parent}.{e}.down_proj", cols=ref.shape[2]))
+                    parts.append(decode_module(reader, f"{parent}.{e}.down_proj", cols=ref.shape[2], device=dev))
             sd[key] = torch.stack(parts)
         elif key.endswith(".weight") and ref.dim() == 2:
-            sd[key] = decode_module(reader, prefix + key[: -len(".weight")], cols=ref.shape[1])
+            sd[key] = decode_module(reader, prefix + key[: -len(".weight")], cols=ref.shape[1], device=dev)
         else:
-            sd[key] = reader.get(prefix + key).float()
+            sd[key] = reader.get(prefix + key).to(dev).float()
         if sd[key] is None or tuple(sd[key].shape) != tuple(ref.shape):
             raise KeyError(f"{prefix + key}: expected {list(ref.shape)}, found "
                            f"{None if sd[key] is None else list(sd[key].shape)}")
@@ -88,7 +89,7 @@ def _v4_renames():
     return out
 
 
-def _v4_state_dict(layer, reader: CheckpointReader) -> dict[str, torch.Tensor]:
+def _v4_state_dict(layer, reader: CheckpointReader, dev) -> dict[str, torch.Tensor]:
     import torch
 
     pre = "model.layers.0." if any(n.startswith("model.layers.0.") for n in reader.names()) else "layers.0."
@@ -109,19 +110,19 @@ def _v4_state_dict(layer, reader: CheckpointReader) -> dict[str, torch.Tensor]:
             for e in range(ref.shape[0]):
                 b = f"{pre}ffn.experts.{e}."
                 if key.endswith("gate_up_proj"):
-                    parts.append(torch.cat([decode_module(reader, b + "w1", cols=ref.shape[2]),
-                                            decode_module(reader, b + "w3", cols=ref.shape[2])]))
+                    parts.append(torch.cat([decode_module(reader, b + "w1", cols=ref.shape[2], device=dev),
+                                            decode_module(reader, b + "w3", cols=ref.shape[2], device=dev)]))
                 else:
-                    parts.append(decode_module(reader, b + "w2", cols=ref.shape[2]))
+                    parts.append(decode_module(reader, b + "w2", cols=ref.shape[2], device=dev))
             sd[key] = torch.stack(parts)
         else:
             n = by_key.get(key)
             if n is None:
                 raise KeyError(f"{pre}…: no tensor for transformers' {key}")
             if n.endswith(".weight") and ref.dim() == 2:
-                sd[key] = decode_module(reader, n[: -len(".weight")], cols=ref.shape[1])
+                sd[key] = decode_module(reader, n[: -len(".weight")], cols=ref.shape[1], device=dev)
             else:
-                t = reader.get(n)
+                t = reader.get(n).to(dev)
                 sd[key] = t.float() if ref.is_floating_point() else t.to(ref.dtype)
         if sd[key] is None or tuple(sd[key].shape) != tuple(ref.shape):
             raise KeyError(f"{key}: expected {list(ref.shape)}, found "
@@ -210,9 +211,9 @@ def source_side(src: CheckpointReader, device: str) -> SourceSide:
         with torch.device("meta"):
             shape_of = layer_cls(cfg, 0)
         if prefix is None:  # V4: native names, hyper-connection streams, hash routing by token id
-            layer = _materialize(layer_cls, cfg, _v4_state_dict(shape_of, reader), dev)
+            layer = _materialize(layer_cls, cfg, _v4_state_dict(shape_of, reader, dev), dev)
             return _run_v4(layer, rope_cls(cfg).to(dev), x, cfg)
-        layer = _materialize(layer_cls, cfg, _state_dict(shape_of, reader, prefix), dev)
+        layer = _materialize(layer_cls, cfg, _state_dict(shape_of, reader, prefix, dev), dev)
         return _run(layer, rope_cls(cfg).to(dev), x) - x
 
     try:  # the source first: a config the reference layer cannot run is no fault of the output

@@ -37,15 +37,18 @@ def sampled_rows(n: int):
     return torch.from_numpy(host.sample_rows(n))
 
 
-def decode_module(r: CheckpointReader, base: str, rows=None, cols: int | None = None):
+def decode_module(r: CheckpointReader, base: str, rows=None, cols: int | None = None, device=None):
     """fp32 values of module `base` in any encoding quantdeck reads or writes (None: no such module); the torch
-    reference of validate's host decoders."""
+    reference of validate's host decoders. `device`: where the stored tensors go before they are decoded (the
+    same float32 products there: one rounding each)."""
     import torch
 
     from engine.formats.fp8_block.helpers import dequant_fp8_block
     from engine.formats.mxfp4.helpers import dequant_mxfp4
     from engine.formats.nvfp4.helpers import dequant_nvfp4
 
+    if device is not None:
+        r = _OnDevice(r, device)
     w = base + ".weight"
     if base + ".weight_scale_2" in r or base + ".weight_global_scale" in r:
         packed = r.get(w if w in r else base + ".weight_packed")
@@ -73,3 +76,16 @@ def decode_module(r: CheckpointReader, base: str, rows=None, cols: int | None = 
         return out[rows] if rows is not None else out
     t = t.float()
     return t[rows] if rows is not None and t.dim() >= 1 else t
+
+
+class _OnDevice:
+    """A reader whose tensors come on `device` (decode_module's `device`)."""
+
+    def __init__(self, r: CheckpointReader, device):
+        self.r, self.device = r, device
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.r
+
+    def get(self, name: str):
+        return self.r.get(name).to(self.device)

@@ -285,3 +285,38 @@ def test_relative_paths_reach_the_block_check(converted):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rep = json.loads(res.stdout)
     assert rep["ok"] and any(c["check"] == "block" for c in rep["checks"])
+
+
+def test_sampled_rows_asked_for_ahead_tolerate_a_file_that_cannot_be_advised():
+    """Files.will_need queues the rows' reads ahead (POSIX_FADV_WILLNEED); where the kernel refuses the advice (a
+    pipe here: ESPIPE) the rows are read one by one all the same, so nothing is raised."""
+    import os
+
+    from engine.convert import validate_read as host
+
+    r, w = os.pipe()
+    try:
+        host.Files.will_need(r, [0, 4096], 4096)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.requires_gpu)])
+def test_decode_module_on_a_device_gives_the_host_values(converted, device):
+    """The decoder-block check decodes layer 0 where it runs: the same float32 values as on the host, bit for bit,
+    for the NVFP4 modules and the BF16 ones."""
+    from engine.convert.validate_ref import decode_module
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, out = converted
+    r = CheckpointReader(out)
+    bases = sorted({n.rsplit(".", 1)[0] for n in r.names() if n.startswith("model.layers.0.")
+                    and n.endswith((".weight", ".weight_packed"))})
+    assert any(b + ".weight_scale_2" in r or b + ".weight_global_scale" in r for b in bases)
+    for base in bases:
+        host = decode_module(r, base)
+        there = decode_module(r, base, device=device)
+        assert there.device.type == device and there.dtype == torch.float32, base
+        assert torch.equal(there.cpu(), host), base
