@@ -290,6 +290,8 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                     break
                 set_status(run, name, StageState.STARTING, attempt=attempt, host=handle.host, pid=handle.pid)
                 sync_store(run)
+                if syncer is not None:
+                    syncer.beside(name)
                 if i + 1 < len(todo):  # before the warm child, whose start takes the driver ~0.1 s
                     launcher.prepare(_worker_spec(run, plan, recipe, todo[i + 1], mode, launcher))
                 if name == warm_at:  # beside this stage's worker, which has just started
@@ -321,7 +323,7 @@ def _synced_behind(syncer: Syncer | None, name: str, st: dict[str, Any]) -> None
 
 def _worker_spec(run: RunDir, plan: Plan, recipe: Recipe, name: str, mode: str, launcher: Launcher) -> WorkerSpec:
     sp = plan.stage(name)
-    # on this machine the driver syncs behind the next stage (engine.runs.durability), unless the operator set it
+    # on this machine the driver syncs behind a later stage (engine.runs.durability), unless the operator set it
     env = {FSYNC_ENV: "0"} if launcher.name == "local" and FSYNC_ENV not in os.environ else {}
     return WorkerSpec(run_dir=str(run.path), stage=name, log_path=str(run.log_path(name)), env=env,
                       args=("--mode", mode) if mode != "run" else (),

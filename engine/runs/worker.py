@@ -126,7 +126,7 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     """Run one stage in this process; returns the exit code (0 = SUCCEEDED)."""
     # A run skips a stage it has recorded as done, so the checkpoints a stage writes are on the disk before that
     # (engine.checkpoint.writer: durable shards), unless the operator says otherwise; or, where the driver says 0
-    # (its own machine), the driver syncs them behind the next stage (engine.runs.durability).
+    # (its own machine), the driver syncs them behind a later stage (engine.runs.durability).
     os.environ.setdefault(FSYNC_ENV, "1")
     run = RunDir(Path(run_dir).resolve())
     os.environ.setdefault(COLLECTIVE_TIMEOUT_ENV, f"{run.stall_after_s():g}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from engine.core.names import StageState as S
@@ -82,3 +85,43 @@ def test_the_syncer_records_each_stage_synced_after_one_sync_and_a_failed_sync_r
     assert read_status(r, "inject-mtp")["synced"] is False  # a resume after a reboot does it again
     assert "sync after inject-mtp failed" in capsys.readouterr().err
     assert Syncer(r, []).close() >= 0  # nothing handed to it: no thread, no wait
+
+
+def test_the_syncer_waits_for_a_quiet_stage_to_run_before_it_syncs(run, monkeypatch):
+    """Stages that write (inject-mtp here) get no sync beside them: their small fsyncs would wait for the whole
+    flush. A sync starts once validate's worker has recorded itself running, and covers every stage before it."""
+    r, plan = run
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b1")
+    calls = []
+    monkeypatch.setattr(durability, "sync_filesystems", lambda paths: calls.append(read_status(r, "validate")))
+    s = Syncer(r, written_paths(r, plan), poll_s=0.01)
+    s.after("convert", _done(r, "convert", False, "b1"))
+    s.beside("inject-mtp")
+    s.after("inject-mtp", _done(r, "inject-mtp", False, "b1"))
+    v = begin_attempt(r, "validate")
+    set_status(r, "validate", S.STARTING, attempt=v)
+    s.beside("validate")
+    runs = threading.Timer(0.2, lambda: set_status(r, "validate", S.RUNNING, attempt=v))
+    runs.start()
+    runs.join()
+    for _ in range(500):
+        if calls:
+            break
+        time.sleep(0.01)
+    assert [c["state"] for c in calls] == ["RUNNING"]  # one sync, begun once validate ran
+    assert [read_status(r, n)["synced"] for n in ("convert", "inject-mtp")] == [True, True]
+    assert s.close() >= 0 and len(calls) == 1  # nothing left for the end
+
+
+def test_without_a_quiet_stage_the_run_end_syncs(run, monkeypatch):
+    r, plan = run
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b1")
+    calls = []
+    monkeypatch.setattr(durability, "sync_filesystems", lambda paths: calls.append(1))
+    s = Syncer(r, written_paths(r, plan))
+    s.after("convert", _done(r, "convert", False, "b1"))
+    s.beside("inject-mtp")
+    time.sleep(0.1)
+    assert calls == [] and read_status(r, "convert")["synced"] is False
+    s.close()
+    assert calls == [1] and read_status(r, "convert")["synced"] is True
