@@ -44,9 +44,12 @@ def test_kill_every_stage_then_resume(tmp_path, tiny_ckpt, monkeypatch):
 
     # 1st stage, started in the foreground: Ctrl-C (SIGINT to the follower's process group) stops
     # following, never the run — the worker stays parked until we kill it.
+    # Ctrl-C as at a terminal: a shell that starts its commands in the background (a CI runner's may) leaves SIGINT
+    # ignored in them, and python keeps an ignored SIGINT ignored, so the follower gets the default back first
     fg = subprocess.Popen([sys.executable, "-m", "console.cli", "run", str(recipe)], cwd=REPO,
                           env=env(**pause("inspect", 0)), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = fg.stdout.readline()
     assert first.startswith("run "), first
     rid = first.split()[1]
