@@ -17,7 +17,7 @@ import torch
 
 from engine.calibrate.layer_plan import Encoding, LayerPlan, Piece
 from engine.core.errors import CheckpointError, about
-from engine.formats.e2m1 import decode_e2m1, unpack_nibbles
+from engine.formats.e2m1 import decode_packed
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
 from engine.formats.mxfp4.helpers import MX_BLOCK, mxfp4_exponents
 
@@ -157,5 +157,5 @@ def mxfp4_values(packed: torch.Tensor, scale: torch.Tensor, at: str) -> torch.Te
         raise CheckpointError(f"MXFP4 scale {tuple(scale.shape[1:])} does not fit packed weight {(o, c)} at {at}",
                               at=at, hint="expected packed [o, i/2] and scale [o, ceil(i/32)]")
     k = mxfp4_exponents(scale)
-    vals = decode_e2m1(unpack_nibbles(packed))
+    vals = decode_packed(packed)
     return torch.ldexp(vals, k.repeat_interleave(MX_BLOCK, dim=-1)[..., :i])

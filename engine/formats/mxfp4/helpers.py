@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from engine.core.errors import FormatError
-from engine.formats.e2m1 import E2M1_MAX, decode_e2m1, e2m1_codes, pack_nibbles, unpack_nibbles
+from engine.formats.e2m1 import E2M1_MAX, decode_packed, e2m1_codes, pack_nibbles, unpack_nibbles
 from engine.formats.fp8_block.helpers import E8M0_BIAS, e8m0_from_exponent, scale_to_fp32
 from engine.formats.nvfp4.helpers import as_scale_2, global_scale, quantize_nvfp4
 
@@ -97,7 +97,7 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     p = _as_packed(packed)
     i = _check_pair(p, scale)
     k = mxfp4_exponents(scale)
-    vals = decode_e2m1(unpack_nibbles(p))
+    vals = decode_packed(p)
     kk = k.repeat_interleave(MX_BLOCK, dim=1)[:, :i]
     return torch.ldexp(vals, kk)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from engine.core.errors import FormatError
-from engine.formats.e2m1 import E2M1_MAX, decode_e2m1, e2m1_codes, pack_nibbles, unpack_nibbles
+from engine.formats.e2m1 import E2M1_MAX, decode_packed, e2m1_codes, pack_nibbles
 from engine.formats.grid import E4M3_MAX, packed_cols
 from engine.formats.grid import NVFP4_BLOCK as BLOCK
 
@@ -100,9 +100,9 @@ def dequant_nvfp4(
     shape: tuple[int, ...] | torch.Size | None = None,
 ) -> torch.Tensor:
     """float32 values of an NVFP4 tensor; `shape` (the original, unpadded shape) cuts the block padding."""
-    codes = unpack_nibbles(packed)
-    nb = codes.shape[-1] // BLOCK
-    if codes.shape[-1] % BLOCK or tuple(block_scale.shape) != (*codes.shape[:-1], nb):
+    cols = 2 * packed.shape[-1]
+    nb = cols // BLOCK
+    if cols % BLOCK or tuple(block_scale.shape) != (*packed.shape[:-1], nb):
         raise FormatError(
             f"block scale {tuple(block_scale.shape)} does not fit packed weight {tuple(packed.shape)}",
             at="dequant_nvfp4",
@@ -110,11 +110,11 @@ def dequant_nvfp4(
         )
     s2 = as_scale_2(scale_2).to(packed.device)
     per_block = block_scale.to(torch.float32) * s2
-    vals = decode_e2m1(codes).view(*codes.shape[:-1], nb, BLOCK) * per_block.unsqueeze(-1)
-    vals = vals.view(codes.shape)
+    vals = decode_packed(packed).view(*packed.shape[:-1], nb, BLOCK) * per_block.unsqueeze(-1)
+    vals = vals.view(*packed.shape[:-1], cols)
     if shape is not None:
         shape = tuple(shape)
-        if shape[:-1] != tuple(codes.shape[:-1]) or not 0 < shape[-1] <= codes.shape[-1]:
+        if shape[:-1] != tuple(packed.shape[:-1]) or not 0 < shape[-1] <= cols:
             raise FormatError(f"shape {shape} does not fit packed weight {tuple(packed.shape)}", at="dequant_nvfp4")
         vals = vals[..., : shape[-1]]
     return vals

@@ -115,3 +115,22 @@ def test_rejects_bad_scale_and_shapes():
         dequant_nvfp4(p, b[:, :1], 1.0)
     with pytest.raises(FormatError):
         dequant_nvfp4(p, b, 1.0, shape=(2, 33))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.requires_gpu)])
+def test_packed_bytes_decode_as_their_unpacked_codes(device):
+    """decode_packed (one lookup per byte) gives decode_e2m1(unpack_nibbles(...)) bit for bit: every byte value,
+    odd shapes, a strided view, int8 storage and an empty tensor."""
+    from engine.formats.e2m1 import decode_e2m1, decode_packed, unpack_nibbles
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    every = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    rand = torch.randint(0, 256, (3, 7, 33), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    cases = [every, rand, rand[:, ::2, 1:], rand.view(torch.int8), torch.zeros(0, 4, dtype=torch.uint8)]
+    for p in cases:
+        p = p.to(device)
+        want = decode_e2m1(unpack_nibbles(p))
+        got = decode_packed(p)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # -0.0 and 0.0 told apart
