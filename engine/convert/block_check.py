@@ -45,21 +45,12 @@ def _layer_class(family: str, config: dict[str, Any]):
 
 
 def _state_dict(layer, reader: CheckpointReader, prefix: str, dev) -> dict[str, torch.Tensor]:
-    import torch
-
     sd: dict[str, torch.Tensor] = {}
     for key, ref in layer.state_dict().items():
         if key.endswith("experts.gate_up_proj") or key.endswith("experts.down_proj"):
             parent = prefix + key.rsplit(".", 1)[0]
-            parts = []
-            for e in range(ref.shape[0]):
-                if key.endswith("gate_up_proj"):
-                    g = decode_module(reader, f"{parent}.{e}.gate_proj", cols=ref.shape[2], device=dev)
-                    u = decode_module(reader, f"{parent}.{e}.up_proj", cols=ref.shape[2], device=dev)
-                    parts.append(torch.cat([g, u], dim=0))
-                else:
-                    parts.append(decode_module(reader, f"{parent}.{e}.down_proj", cols=ref.shape[2], device=dev))
-            sd[key] = torch.stack(parts)
+            mats = ("gate_proj", "up_proj") if key.endswith("gate_up_proj") else ("down_proj",)
+            sd[key] = _stack_experts(reader, ref, dev, [f"{parent}.{{e}}.{m}" for m in mats])
         elif key.endswith(".weight") and ref.dim() == 2:
             sd[key] = decode_module(reader, prefix + key[: -len(".weight")], cols=ref.shape[1], device=dev)
         else:
@@ -71,6 +62,29 @@ def _state_dict(layer, reader: CheckpointReader, prefix: str, dev) -> dict[str, 
 
 
 _V4_EXPERT = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def _stack_experts(reader: CheckpointReader, ref, dev, bases: list[str]) -> torch.Tensor:
+    """transformers' fused experts parameter (`ref`'s shape [experts, rows, cols]) in float32 on `dev`: expert e's
+    matrices (`bases`, "{e}" standing for its index) decoded one at a time and stacked along their rows into it
+    (one copy of the stack on the device, not its parts beside it)."""
+    import torch
+
+    out = torch.empty(tuple(ref.shape), dtype=torch.float32, device=dev)
+    for e in range(ref.shape[0]):
+        row = 0
+        for base in (b.format(e=e) for b in bases):
+            part = decode_module(reader, base, cols=ref.shape[2], device=dev)
+            if part is None:
+                raise KeyError(f"{base}: no such module in the checkpoint")
+            if part.dim() != 2 or part.shape[1] != ref.shape[2] or row + part.shape[0] > ref.shape[1]:
+                raise KeyError(f"{base}: expected rows of {ref.shape[2]} filling {list(ref.shape[1:])} with the "
+                               f"expert's other matrices, found {list(part.shape)}")
+            out[e, row: row + part.shape[0]] = part
+            row += part.shape[0]
+        if row != ref.shape[1]:
+            raise KeyError(f"{bases[0].format(e=e)}: expected {ref.shape[1]} rows for expert {e}, found {row}")
+    return out
 
 
 def _v4_renames():
@@ -90,8 +104,6 @@ def _v4_renames():
 
 
 def _v4_state_dict(layer, reader: CheckpointReader, dev) -> dict[str, torch.Tensor]:
-    import torch
-
     pre = "model.layers.0." if any(n.startswith("model.layers.0.") for n in reader.names()) else "layers.0."
     renames = _v4_renames()
     by_key: dict[str, str] = {}
@@ -106,15 +118,8 @@ def _v4_state_dict(layer, reader: CheckpointReader, dev) -> dict[str, torch.Tens
     sd: dict[str, torch.Tensor] = {}
     for key, ref in layer.state_dict().items():
         if key.endswith(_V4_EXPERT):
-            parts = []
-            for e in range(ref.shape[0]):
-                b = f"{pre}ffn.experts.{e}."
-                if key.endswith("gate_up_proj"):
-                    parts.append(torch.cat([decode_module(reader, b + "w1", cols=ref.shape[2], device=dev),
-                                            decode_module(reader, b + "w3", cols=ref.shape[2], device=dev)]))
-                else:
-                    parts.append(decode_module(reader, b + "w2", cols=ref.shape[2], device=dev))
-            sd[key] = torch.stack(parts)
+            mats = ("w1", "w3") if key.endswith("gate_up_proj") else ("w2",)
+            sd[key] = _stack_experts(reader, ref, dev, [f"{pre}ffn.experts.{{e}}.{m}" for m in mats])
         else:
             n = by_key.get(key)
             if n is None:

@@ -55,8 +55,8 @@ def _pairs(device: torch.device) -> torch.Tensor:
     """[256] int64: byte b's two float32 values (low nibble's first) as one 8-byte item, on `device`."""
     t = _PAIRS.get(device)
     if t is None:
-        vals = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-        b = torch.arange(256)
+        vals = torch.tensor(E2M1_VALUES, dtype=torch.float32, device="cpu")  # not a `with torch.device` default
+        b = torch.arange(256, device="cpu")
         pairs = torch.stack((vals[b & 0x0F], vals[b >> 4]), dim=1).contiguous()
         t = _PAIRS[device] = pairs.view(torch.int64).reshape(256).to(device)
     return t

@@ -45,6 +45,18 @@ def written_paths(run: RunDir, plan: Plan) -> list[Path]:
     return out
 
 
+def unsynced_here(run: RunDir, plan: Plan) -> list[tuple[str, int]]:
+    """(stage, attempt) of each done stage recorded `synced: false` under this boot: a driver that died (or was
+    killed) before its sync left them so; the next driver syncs them."""
+    now = boot_id()
+    out = []
+    for name in plan.names():
+        st = read_status(run, name)
+        if StageState(st["state"]).is_done() and st.get("synced") is False and st.get("boot") == now:
+            out.append((name, int(st["attempt"])))
+    return out
+
+
 def stage_states(run: RunDir, plan: Plan) -> tuple[dict[str, str], list[str]]:
     """Each stage's state as a resume sees it, and the stages it does again because this machine rebooted before
     their writes were synced: from the first done stage recorded `synced: false` under another boot, every stage
@@ -77,6 +89,7 @@ class Syncer:
         self.poll_s, self.start_wait_s = poll_s, start_wait_s
         self._todo: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def after(self, stage: str, attempt: int) -> None:
         """`stage` (this attempt) ended with writes not yet synced."""
@@ -98,7 +111,11 @@ class Syncer:
                 pending.append(item[1:])
                 continue
             if item is not None and pending:
-                self._until_running(item[1])
+                try:
+                    self._until_running(item[1])
+                except Exception as e:  # noqa: BLE001 - waiting only spares the stage's start: sync now instead
+                    print(f"quantdeck runner: cannot read {item[1]}'s status ({e}); syncing now", file=sys.stderr,
+                          flush=True)
             if pending:
                 self._sync(pending)
                 pending = []
@@ -106,10 +123,11 @@ class Syncer:
                 return
 
     def _until_running(self, stage: str) -> None:
-        """Until `stage`'s worker has recorded its start (or ended, or start_wait_s went by)."""
+        """Until `stage`'s worker has recorded its start (or ended, or start_wait_s went by, or `close` came)."""
         end = time.monotonic() + self.start_wait_s
         while read_status(self.run, stage)["state"] in _STARTING and time.monotonic() < end:
-            time.sleep(self.poll_s)
+            if self._closing.wait(self.poll_s):
+                return
 
     def _sync(self, stages: list[tuple[str, int]]) -> None:
         try:
@@ -119,7 +137,10 @@ class Syncer:
                   file=sys.stderr, flush=True)
             return
         for stage, attempt in stages:
-            mark_synced(self.run, stage, attempt)
+            try:
+                mark_synced(self.run, stage, attempt)
+            except Exception as e:  # noqa: BLE001 - left `synced: false`: a resume after a reboot does it again
+                print(f"quantdeck runner: cannot record {stage} synced: {e}", file=sys.stderr, flush=True)
 
     def close(self) -> float:
         """Wait for the last sync; returns the seconds waited."""
@@ -127,6 +148,7 @@ class Syncer:
         if self._thread is not None:
             print(f"quantdeck runner: run {self.run.id}: waiting for the stages' writes to reach the disk",
                   file=sys.stderr, flush=True)
+            self._closing.set()
             self._todo.put(None)
             self._thread.join()
             self._thread = None

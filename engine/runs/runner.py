@@ -35,7 +35,7 @@ from engine.core.fsutil import atomic_write_json, read_json
 from engine.core.locks import driver_alive, pid_alive, this_host  # noqa: F401 (driver_alive re-exported)
 from engine.core.names import StageName, StageState
 from engine.core.settings import FSYNC_ENV
-from engine.runs.durability import Syncer, stage_states, written_paths
+from engine.runs.durability import Syncer, stage_states, unsynced_here, written_paths
 from engine.runs.launcher import Launcher, WorkerSpec
 from engine.runs.local_launcher import REPO_ROOT, child_env
 from engine.runs.plan import Plan, build_plan, resolve_paths, stages_to_run
@@ -261,6 +261,8 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                   f"{', '.join(again)} run again (their shards are checked by digest)", file=sys.stderr, flush=True)
         todo = stages_to_run(plan, states, mode)
         syncer = Syncer(run, written_paths(run, plan)) if launcher.name == "local" else None
+        for name, attempt in unsynced_here(run, plan) if syncer is not None else ():
+            syncer.after(name, attempt)
         result = StageState.SUCCEEDED
         warm, warm_at = None, _warm_block_stage(plan, todo, launcher)
         try:

@@ -100,6 +100,7 @@ def dequant_nvfp4(
     shape: tuple[int, ...] | torch.Size | None = None,
 ) -> torch.Tensor:
     """float32 values of an NVFP4 tensor; `shape` (the original, unpadded shape) cuts the block padding."""
+    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed  # bytes, as stored
     cols = 2 * packed.shape[-1]
     nb = cols // BLOCK
     if cols % BLOCK or tuple(block_scale.shape) != (*packed.shape[:-1], nb):

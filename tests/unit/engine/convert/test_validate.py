@@ -320,3 +320,35 @@ def test_decode_module_on_a_device_gives_the_host_values(converted, device):
         there = decode_module(r, base, device=device)
         assert there.device.type == device and there.dtype == torch.float32, base
         assert torch.equal(there.cpu(), host), base
+
+
+def test_fused_experts_are_stacked_on_the_device_expert_by_expert(tmp_path):
+    """block_check._stack_experts: transformers' [experts, gate ‖ up rows, cols] parameter, filled in place from each
+    expert's decoded matrices, the same values as concatenating and stacking them; a missing or misshapen expert
+    matrix is named."""
+    from engine.convert.block_check import _stack_experts
+
+    g = torch.Generator().manual_seed(2)
+    mats = {f"m.{e}.{p}.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16)
+            for e in range(2) for p in ("gate_proj", "up_proj")}
+    write_checkpoint(tmp_path / "c", mats)
+    r = CheckpointReader(tmp_path / "c")
+    ref = torch.empty(2, 6, 5, device="meta")
+    got = _stack_experts(r, ref, torch.device("cpu"), ["m.{e}.gate_proj", "m.{e}.up_proj"])
+    want = torch.stack([torch.cat([mats[f"m.{e}.gate_proj.weight"], mats[f"m.{e}.up_proj.weight"]]).float()
+                        for e in range(2)])
+    assert torch.equal(got, want)
+    with pytest.raises(KeyError, match=r"m\.0\.down_proj: no such module"):
+        _stack_experts(r, ref, torch.device("cpu"), ["m.{e}.gate_proj", "m.{e}.down_proj"])
+    with pytest.raises(KeyError, match="expected 8 rows for expert 0, found 6"):
+        _stack_experts(r, torch.empty(2, 8, 5, device="meta"), torch.device("cpu"),
+                       ["m.{e}.gate_proj", "m.{e}.up_proj"])
+
+
+def test_the_block_check_runs_a_v4_layer_0_with_its_routed_experts(tiny_ckpt, tmp_path):
+    """V4's layer 0 is a MoE layer: its fused experts are decoded expert by expert into transformers' parameters."""
+    src = tiny_ckpt("deepseek-v4", "fp8")
+    convert_checkpoint(src, tmp_path / "out", to="nvfp4")
+    rep = validate_checkpoint(tmp_path / "out", src)
+    block = next(c for c in rep["checks"] if c["check"] == "block")
+    assert rep["ok"] and block["status"] == "ok" and "DeepseekV4DecoderLayer" in block["detail"], block

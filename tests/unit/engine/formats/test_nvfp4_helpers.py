@@ -134,3 +134,11 @@ def test_packed_bytes_decode_as_their_unpacked_codes(device):
         got = decode_packed(p)
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # -0.0 and 0.0 told apart
+
+
+def test_packed_bytes_stored_in_a_wider_dtype_are_read_as_bytes():
+    """A packed weight handed over as int16 is its bytes (as stored): a block scale that does not fit them is named."""
+    packed = torch.zeros(4, 8, dtype=torch.int16)  # 16 bytes a row: 32 values, 2 blocks
+    with pytest.raises(FormatError, match="does not fit packed weight"):
+        dequant_nvfp4(packed, torch.ones(4, 1, dtype=torch.float8_e4m3fn), 1.0)
+    assert dequant_nvfp4(packed, torch.ones(4, 2, dtype=torch.float8_e4m3fn), 1.0).shape == (4, 32)

@@ -125,3 +125,43 @@ def test_without_a_quiet_stage_the_run_end_syncs(run, monkeypatch):
     assert calls == [] and read_status(r, "convert")["synced"] is False
     s.close()
     assert calls == [1] and read_status(r, "convert")["synced"] is True
+
+
+def test_an_unreadable_status_or_a_close_ends_the_wait_and_the_sync_still_runs(run, monkeypatch, capsys):
+    r, plan = run
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b1")
+    calls = []
+    monkeypatch.setattr(durability, "sync_filesystems", lambda paths: calls.append(1))
+    s = Syncer(r, written_paths(r, plan), start_wait_s=60)
+    s.after("convert", _done(r, "convert", False, "b1"))
+    set_status(r, "validate", S.STARTING, attempt=begin_attempt(r, "validate"))
+    s.beside("validate")  # never runs: close() ends the wait at once
+    t0 = time.monotonic()
+    s.close()
+    assert time.monotonic() - t0 < 10 and calls == [1] and read_status(r, "convert")["synced"] is True
+
+    real = durability.read_status
+
+    def broken(run_dir, stage):
+        if stage == "validate":
+            raise OSError(24, "Too many open files")
+        return real(run_dir, stage)
+
+    monkeypatch.setattr(durability, "read_status", broken)
+    s = Syncer(r, written_paths(r, plan))
+    s.after("inject-mtp", _done(r, "inject-mtp", False, "b1"))
+    s.beside("validate")
+    s.close()
+    assert calls == [1, 1] and real(r, "inject-mtp")["synced"] is True
+    assert "cannot read validate's status" in capsys.readouterr().err
+
+
+def test_stages_a_dead_driver_left_unsynced_on_this_boot_are_found(run, monkeypatch):
+    from engine.runs.durability import unsynced_here
+
+    r, plan = run
+    monkeypatch.setenv("QUANTDECK_BOOT_ID", "b1")
+    _done(r, "inspect", True, "b1")
+    a = _done(r, "convert", False, "b1")
+    _done(r, "inject-mtp", False, "b0")  # another boot: stage_states has the resume do it again
+    assert unsynced_here(r, plan) == [("convert", a)]
