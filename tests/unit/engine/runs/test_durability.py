@@ -109,8 +109,8 @@ def test_the_syncer_waits_for_a_quiet_stage_to_run_before_it_syncs(run, monkeypa
             break
         time.sleep(0.01)
     assert [c["state"] for c in calls] == ["RUNNING"]  # one sync, begun once validate ran
-    assert [read_status(r, n)["synced"] for n in ("convert", "inject-mtp")] == [True, True]
     assert s.close() >= 0 and len(calls) == 1  # nothing left for the end
+    assert [read_status(r, n)["synced"] for n in ("convert", "inject-mtp")] == [True, True]
 
 
 def test_without_a_quiet_stage_the_run_end_syncs(run, monkeypatch):
