@@ -32,9 +32,9 @@ from engine.calibrate.layer_reader import DeviceRing, read_ranges
 from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import CheckpointError, about
 from engine.eval.actquant import ActQuant, ExpertsActQuant
-from engine.formats.e2m1 import decode_packed
 from engine.formats.fp8_block.helpers import dequant_fp8_block
 from engine.formats.grid import NVFP4_BLOCK, infer_block
+from engine.formats.nvfp4.helpers import blocks_times
 from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
 from engine.formats.nvfp4.stored import as_multiplier
 
@@ -419,12 +419,8 @@ def _experts_quant(kinds: set[str], inputs: list[InputScale]) -> ActQuant | None
 def _decode_nvfp4(packed: torch.Tensor, bs: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """float32 values of NVFP4 codes `packed` [..., r, c/2] with block scales `bs` [..., r, c/16] and global scale
     `s2` (0-d, or one per leading index: several experts decoded at once, each with its own)."""
-    cols = 2 * packed.shape[-1]
-    nb = cols // NVFP4_BLOCK
     s2 = s2.reshape(s2.shape + (1,) * (bs.dim() - s2.dim()))
-    per_block = bs.to(torch.float32) * s2
-    return (decode_packed(packed).view(*packed.shape[:-1], nb, NVFP4_BLOCK) * per_block.unsqueeze(-1)).view(
-        *packed.shape[:-1], cols)
+    return blocks_times(packed, bs.to(torch.float32) * s2)
 
 
 def index_stored(reader: CheckpointReader) -> dict[str, Stored]:

@@ -93,6 +93,14 @@ def quantize_nvfp4(w: torch.Tensor, scale_2: float | torch.Tensor) -> tuple[torc
     return pack_nibbles(codes), s8
 
 
+def blocks_times(packed: torch.Tensor, per_block: torch.Tensor) -> torch.Tensor:
+    """float32 values [..., 2n] of E2M1 bytes `packed` (uint8 [..., n]), each 16-value block times its float32
+    factor in `per_block` [..., 2n/16] (block scale × scale_2): one product, one rounding."""
+    cols = 2 * packed.shape[-1]
+    vals = decode_packed(packed).view(*packed.shape[:-1], cols // BLOCK, BLOCK) * per_block.unsqueeze(-1)
+    return vals.view(*packed.shape[:-1], cols)
+
+
 def dequant_nvfp4(
     packed: torch.Tensor,
     block_scale: torch.Tensor,
@@ -110,9 +118,7 @@ def dequant_nvfp4(
             hint="expected block_scale [..., packed_cols*2/16]",
         )
     s2 = as_scale_2(scale_2).to(packed.device)
-    per_block = block_scale.to(torch.float32) * s2
-    vals = decode_packed(packed).view(*packed.shape[:-1], nb, BLOCK) * per_block.unsqueeze(-1)
-    vals = vals.view(*packed.shape[:-1], cols)
+    vals = blocks_times(packed, block_scale.to(torch.float32) * s2)
     if shape is not None:
         shape = tuple(shape)
         if shape[:-1] != tuple(packed.shape[:-1]) or not 0 < shape[-1] <= cols:
