@@ -104,13 +104,10 @@ class Files:
         """Ask the kernel for the ranges [offset, offset + length) now (POSIX_FADV_WILLNEED queues their reads
         without waiting): the disk then works on all of a tensor's sampled rows at once, where reading them one by
         one waits for each in turn (on a cold disk, sampled rows read row by row cost twice as long)."""
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None:
-            return
         try:
             for off in offsets:
-                advise(fd, off, length, os.POSIX_FADV_WILLNEED)
-        except OSError:  # a filesystem without it: the reads still come, one by one
+                os.posix_fadvise(fd, off, length, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):  # a filesystem or platform without it: the reads still come, one by one
             pass
 
     def close(self) -> None:

@@ -45,16 +45,17 @@ def written_paths(run: RunDir, plan: Plan) -> list[Path]:
     return out
 
 
+def _unsynced(st: dict) -> bool:
+    """A done stage whose writes its driver has not recorded on the disk yet."""
+    return StageState(st["state"]).is_done() and st.get("synced") is False
+
+
 def unsynced_here(run: RunDir, plan: Plan) -> list[tuple[str, int]]:
     """(stage, attempt) of each done stage recorded `synced: false` under this boot: a driver that died (or was
     killed) before its sync left them so; the next driver syncs them."""
     now = boot_id()
-    out = []
-    for name in plan.names():
-        st = read_status(run, name)
-        if StageState(st["state"]).is_done() and st.get("synced") is False and st.get("boot") == now:
-            out.append((name, int(st["attempt"])))
-    return out
+    status = {n: read_status(run, n) for n in plan.names()}
+    return [(n, int(st["attempt"])) for n, st in status.items() if _unsynced(st) and st.get("boot") == now]
 
 
 def stage_states(run: RunDir, plan: Plan) -> tuple[dict[str, str], list[str]]:
@@ -67,7 +68,7 @@ def stage_states(run: RunDir, plan: Plan) -> tuple[dict[str, str], list[str]]:
     states = {n: st["state"] for n, st in status.items()}
     for i, name in enumerate(names):
         st = status[name]
-        if StageState(st["state"]).is_done() and st.get("synced") is False and st.get("boot") != now:
+        if _unsynced(st) and st.get("boot") != now:
             states.update({n: StageState.PENDING.value for n in names[i:]})
             return states, names[i:]
     return states, []
