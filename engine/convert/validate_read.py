@@ -24,6 +24,7 @@ import numpy as np
 
 from engine.checkpoint.digest import KIND, combine, hash_fd_range, matches, pieces_of
 from engine.checkpoint.reader import CheckpointReader
+from engine.formats.native import calls as native_calls
 from engine.formats.nvfp4.host import E4M3_LUT
 
 SAMPLE_ROWS = 256
@@ -203,11 +204,33 @@ class HostReader:
             np.take(whole, rows, axis=0, out=out)
             return out
         self.files.random(fd)  # no readahead: only the sampled rows' pages come from the disk
-        offsets = [m.start + r * per for r in rows.tolist()]
-        self.files.will_need(fd, offsets, per)
-        for j, off in enumerate(offsets):
+        offsets = m.start + rows.astype(np.int64) * per
+        lib = _native()
+        if lib is not None:  # one call, the GIL released once (see `_native`)
+            rc = native_calls.pread_rows(lib, fd, offsets, out, advise=True)
+            if rc < 0:
+                raise OSError(-rc, f"reading {name}: {os.strerror(-rc)}", str(self.r.dir / m.shard))
+            if rc > 0:
+                raise Unsupported(f"{name}: the file ended early")
+            return out
+        offs = offsets.tolist()
+        self.files.will_need(fd, offs, per)
+        for j, off in enumerate(offs):
             _pread_into(fd, out[j], off, name)
         return out
+
+
+def _native():
+    """The C kernels' library where it builds (engine.formats.native), else None. Its `qd_pread_rows` reads a
+    tensor's sampled rows in one call: in Python each row's advice and read is a system call that gives up the GIL
+    and waits to take it back, and with 32 threads that wait, not the read, was most of validate's time when the
+    rows were already in the page cache (the run's validate, right after the convert that read them)."""
+    from engine.formats.native import build
+
+    try:
+        return build.library()
+    except build.BuildError:  # QUANTDECK_KERNELS=c where none builds: the conversion refuses; the rows read in Python
+        return None
 
 
 # -- decoders (bit-exact with the torch references) ------------------------------------------------------------------

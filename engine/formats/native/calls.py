@@ -15,13 +15,15 @@ import numpy as np
 
 from engine.formats.kernel_mode import kernel_threads, serial
 
-P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "qd_fp8_block_to_nvfp4": (P, P, I64, I64, I64, I64, F32, P, P, P, P, I64, I64),
     "qd_fp32_to_nvfp4": (P, I64, I64, F32, P, P, P, I64, I64),
     "qd_fp8_tile_max": (P, I64, I64, I64, I64, P, I64, I64),
     "qd_fp8_dequant_bf16": (P, P, I64, I64, I64, I64, P, P, I64, I64),
+    "qd_pread_rows": (INT, P, I64, I64, P, INT),
 }
+RESTYPES = {"qd_pread_rows": I64}  # every other function returns an int
 CHUNKS_PER_THREAD = 4  # a weight split over the pool: chunks handed out as threads finish
 
 _pool: list[ThreadPoolExecutor] = []
@@ -32,7 +34,7 @@ def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Give `lib`'s kernels their C signatures (engine.formats.native.build calls this as it loads it)."""
     for n, args in SIGNATURES.items():
         f = getattr(lib, n)
-        f.argtypes, f.restype = args, ctypes.c_int
+        f.argtypes, f.restype = args, RESTYPES.get(n, ctypes.c_int)
     return lib
 
 
@@ -86,3 +88,9 @@ def fp8_tile_max(lib, wb, bo: int, bi: int, out) -> None:
 def fp8_dequant_bf16(lib, wb, sc, bo: int, bi: int, lut, out) -> None:
     o, i = wb.shape
     _run(lib.qd_fp8_dequant_bf16, (_p(wb), _p(sc), o, i, bo, bi, _p(lut), _p(out)), o)
+
+
+def pread_rows(lib, fd: int, offsets: np.ndarray, out: np.ndarray, advise: bool) -> int:
+    """Rows of out.shape[1] bytes at `offsets` (int64) of `fd` into `out` (uint8 [len(offsets), row bytes]) on the
+    calling thread, in one call: 0, -errno of a failed read, or k > 0 where the file ended inside row k - 1."""
+    return int(lib.qd_pread_rows(fd, _p(offsets), len(offsets), out.shape[1], _p(out), int(advise)))

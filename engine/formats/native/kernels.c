@@ -9,12 +9,19 @@
  *
  * Arrays are C-contiguous. wb: FP8 E4M3 bytes [o, i]; sc: float32 tile scales [ceil(o/bo), ceil(i/bi)];
  * lut: the float32 value of each E4M3 byte (NaN at 0x7F / 0xFF).
+ *
+ * One I/O helper sits beside them, qd_pread_rows: a tensor's sampled rows read in one call, so that Python makes one
+ * call (the GIL released once) where it would make a system call per row.
  */
+#define _POSIX_C_SOURCE 200809L /* pread, posix_fadvise */
+#include <errno.h>
+#include <fcntl.h>
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
 #error "float math must be done in float (x87 excess precision would change the bytes): build with SSE"
@@ -23,7 +30,7 @@
 #define F_SMIN 0.001953125f /* 2^-9: the smallest block scale (e4m3's smallest subnormal) */
 #define F_SMAX 448.0f       /* e4m3's largest value */
 
-int qd_abi_version(void) { return 1; }
+int qd_abi_version(void) { return 2; }
 
 static inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 static inline float fminf_(float a, float b) { return a < b ? a : b; }
@@ -201,6 +208,31 @@ int qd_fp8_dequant_bf16(const uint8_t *wb, const float *sc, int64_t o, int64_t i
                 memcpy(&u, &v, 4);
                 orow[c] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
             }
+        }
+    }
+    return 0;
+}
+
+/* Rows of `len` bytes at offsets[0..n) of file `fd` into out[n, len]. With `advise`, every row's range is first
+ * advised POSIX_FADV_WILLNEED (its read queued without waiting: the disk works on all of them at once; refused
+ * advice is ignored). Returns 0; -errno of a failed read; k > 0 when the file ended inside row k - 1. */
+int64_t qd_pread_rows(int fd, const int64_t *offsets, int64_t n, int64_t len, uint8_t *out, int advise) {
+#ifdef POSIX_FADV_WILLNEED
+    if (advise)
+        for (int64_t r = 0; r < n; r++) (void)posix_fadvise(fd, (off_t)offsets[r], (off_t)len, POSIX_FADV_WILLNEED);
+#else
+    (void)advise;
+#endif
+    for (int64_t r = 0; r < n; r++) {
+        int64_t got = 0;
+        while (got < len) {
+            ssize_t k = pread(fd, out + r * len + got, (size_t)(len - got), (off_t)(offsets[r] + got));
+            if (k < 0) {
+                if (errno == EINTR) continue;
+                return -(int64_t)errno;
+            }
+            if (k == 0) return r + 1;
+            got += k;
         }
     }
     return 0;

@@ -248,12 +248,15 @@ def test_the_nvfp4_block_ceiling_grows_with_the_matrices_quantized_in_series():
     assert block_tol("fp8-block", names(*mlp, *attn)) == BLOCK_TOL["fp8-block"]
 
 
+@pytest.mark.parametrize("kernels", ["c", "numba"])
 @pytest.mark.parametrize("rows_total, width", [(2048, 8192), (96, 8192), (4096, 300)])
-def test_sampled_rows_read_alone_or_in_one_read_are_the_same_bytes(tmp_path, rows_total, width):
-    """HostReader.rows: a large tensor's sampled rows read one by one (readahead off), a small or narrow one's read
-    whole and picked: either way exactly the rows' bytes."""
+def test_sampled_rows_read_alone_or_in_one_read_are_the_same_bytes(tmp_path, monkeypatch, rows_total, width, kernels):
+    """HostReader.rows: a large tensor's sampled rows read one by one (readahead off; in one C call where the C
+    kernels build, QUANTDECK_KERNELS=numba reads them in Python), a small or narrow one's read whole and picked:
+    every way exactly the rows' bytes."""
     from engine.convert import validate_read as host
 
+    monkeypatch.setenv("QUANTDECK_KERNELS", kernels)
     data = torch.randint(0, 256, (rows_total, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     write_checkpoint(tmp_path / "c", {"pad": torch.zeros(5, dtype=torch.uint8), "w": data})
     files = host.Files()
@@ -285,6 +288,28 @@ def test_relative_paths_reach_the_block_check(converted):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rep = json.loads(res.stdout)
     assert rep["ok"] and any(c["check"] == "block" for c in rep["checks"])
+
+
+@pytest.mark.parametrize("kernels", ["c", "numba"])
+def test_sampled_rows_of_a_truncated_shard_are_refused_by_name(tmp_path, monkeypatch, kernels):
+    """A shard cut short inside a sampled row: the host path gives the tensor up by name (Unsupported: the torch
+    reference then reports the damage), in C and in Python alike."""
+    import os
+
+    from engine.convert import validate_read as host
+
+    monkeypatch.setenv("QUANTDECK_KERNELS", kernels)
+    write_checkpoint(tmp_path / "c", {"w": torch.ones(2048, 8192, dtype=torch.uint8)})
+    reader = CheckpointReader(tmp_path / "c")
+    m = reader.meta("w")
+    shard = tmp_path / "c" / m.shard
+    os.truncate(shard, m.start + 2000 * 8192 + 100)  # rows 2000 and after are gone, or cut
+    files = host.Files()
+    try:
+        with pytest.raises(host.Unsupported, match="w: the file ended early"):
+            host.HostReader(reader, files).rows("w", host.sample_rows(2048), slot="t")
+    finally:
+        files.close()
 
 
 def test_sampled_rows_asked_for_ahead_tolerate_a_file_that_cannot_be_advised():

@@ -165,3 +165,31 @@ def test_without_a_compiler_or_numba_the_error_says_how_to_get_either(fresh, tmp
     line = r.stdout.strip()
     assert "the C kernels cannot be used (no C compiler" in line and "numba, the fallback, is not installed" in line
     assert "pip install 'quantdeck[numba]'" in line and "apt-get install gcc" in line
+
+
+def test_pread_rows_reads_the_rows_and_says_where_the_file_ends(fresh, tmp_path):
+    """qd_pread_rows: the rows at the offsets, in order; k > 0 when the file ends inside row k - 1; -errno when a
+    read fails (a pipe: ESPIPE), with the advice refused there ignored."""
+    import errno
+
+    from engine.formats.native import calls
+
+    lib = build.library()
+    data = np.random.default_rng(5).integers(0, 256, 10_000, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data.tobytes())
+    offsets = np.array([9_000, 0, 4_093, 300], np.int64)
+    out = np.zeros((4, 700), np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert calls.pread_rows(lib, fd, offsets, out, advise=True) == 0
+        assert all(out[j].tobytes() == data[o:o + 700].tobytes() for j, o in enumerate(offsets.tolist()))
+        assert calls.pread_rows(lib, fd, np.array([0, 9_500], np.int64), out[:2], advise=False) == 2
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    try:
+        assert calls.pread_rows(lib, r, np.array([0], np.int64), out[:1], advise=True) == -errno.ESPIPE
+    finally:
+        os.close(r)
+        os.close(w)
