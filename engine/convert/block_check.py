@@ -8,13 +8,13 @@ rel = ||Δ_out − Δ_src|| / ||Δ_src|| ≤ block_tol(target, layer 0's names) 
 Only layer 0's tensors are read, decoded where the layer runs (a GPU where validate has one: its float32 products
 are the host's), and the layer is built on the meta device and given them (as the calibration's layer reader
 builds its layers): nothing is randomly initialized first. The check has two halves, the source's
-(`source_side`, which a warm child does ahead of validate) and the output's (`output_side`); where it runs (a child
+(`source_side`, which a warm child prepares ahead of validate) and the output's (`output_side`); where it runs (a child
 process, a warm child, or validate's own process) is engine.convert.block_child's business.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine.checkpoint.reader import CheckpointReader
@@ -196,7 +196,10 @@ class SourceSide:
     d_src: Any = None
 
 
-def source_side(src: CheckpointReader, device: str) -> SourceSide:
+def source_side(src: CheckpointReader, device: str, *, run: bool = True) -> SourceSide:
+    """The source's half: the reference layer's class imported, the device's context opened, and with `run`
+    layer 0 of `src` run (`run_source`); a warm child started beside a conversion leaves the run for when validate
+    asks, so that it reads the source then instead of competing with the conversion for the disk."""
     import torch
 
     from engine.formats.device import resolve_device
@@ -221,13 +224,21 @@ def source_side(src: CheckpointReader, device: str) -> SourceSide:
         layer = _materialize(layer_cls, cfg, _state_dict(shape_of, reader, prefix, dev), dev)
         return _run(layer, rope_cls(cfg).to(dev), x) - x
 
+    side = SourceSide(None, layer_cls=layer_cls, where=(prefix or "layers.0.").rstrip("."), run_block=run_block)
+    return run_source(side, src) if run else side
+
+
+def run_source(side: SourceSide, src: CheckpointReader) -> SourceSide:
+    """`side` with layer 0 of `src` run (`d_src`), once; a skip where the reference layer cannot run it."""
+    if side.skip is not None or side.d_src is not None:
+        return side
+    assert side.run_block is not None
     try:  # the source first: a config the reference layer cannot run is no fault of the output
-        d_src = run_block(src)
+        d_src = side.run_block(src)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        return SourceSide(f"transformers' {layer_cls.__name__} cannot run layer 0 of the source either ({e}); "
+        return SourceSide(f"transformers' {side.layer_cls.__name__} cannot run layer 0 of the source either ({e}); "
                            "not checked")
-    return SourceSide(None, layer_cls=layer_cls, where=(prefix or "layers.0.").rstrip("."), run_block=run_block,
-                       d_src=d_src)
+    return replace(side, d_src=d_src)
 
 
 def output_side(r: CheckpointReader, side: SourceSide, rep, target: str) -> None:

@@ -3,10 +3,10 @@
 Importing torch and transformers takes seconds, longer than the rest of a validate on a small checkpoint, so
 `start_first_block` runs the check in a child process (`python -m engine.convert.block_child`) beside the rest where
 this process has not imported transformers yet, and `BlockRun.finish` writes its findings into the report. In a
-local run the driver starts that child before validate (`start_warm`, `--warm`): it imports and runs the source's
-layer 0 while the stages before validate run, then answers validate's request on a Unix socket in the validate
-stage's directory. Whatever goes wrong on that path, validate runs the check in a child of its own instead: the
-verdict is the same either way.
+local run the driver starts that child before validate (`start_warm`, `--warm`): it imports torch and the
+reference layer while the stages before validate run, then reads and runs the source's and the output's layer 0 when
+validate asks, on a Unix socket in the validate stage's directory. Whatever goes wrong on that path, validate runs
+the check in a child of its own instead: the verdict is the same either way.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine.checkpoint.reader import CheckpointReader
-from engine.convert.block_check import SourceSide, check_first_block, output_side, source_side
+from engine.convert.block_check import SourceSide, check_first_block, output_side, run_source, source_side
 from engine.core.gcpause import imports_without_gc
 from engine.core.parent_watch import die_with_parent
 
@@ -235,7 +235,7 @@ class WarmBlock:
 def start_warm(sock_path: str | os.PathLike, src_dir: str | os.PathLike, device: str = "cpu", *,
                idle_s: float = WARM_IDLE_S) -> WarmBlock | None:
     """Start the decoder-block check's child ahead of validate: it imports torch and the source family's
-    transformers layer and runs the source's layer 0, then answers one validate at `sock_path`
+    transformers layer, then runs the source's and the output's layer 0 for one validate at `sock_path`
     (start_first_block's `block_socket`) and exits, or after `idle_s` without one. This process binds the socket
     before starting it, so a validate started at once finds it. None where it cannot be (no Unix sockets, a bind
     or start error): validate then starts its own child, as without."""
@@ -263,10 +263,13 @@ def start_warm(sock_path: str | os.PathLike, src_dir: str | os.PathLike, device:
 
 
 def _warm_up(src_dir: str, device: str) -> SourceSide | None:
-    """The source's half of the check, done before anyone asks (its imports are most of it); None on any error:
+    """The source's half of the check prepared before anyone asks: its imports and the device's context, most of
+    its time. Layer 0 of the source is read and run when validate asks (`_serve`): started beside a conversion,
+    this child would otherwise read the source while the conversion streams it, and contend for the disk and the
+    GPU; asked, it reads it from the page cache the conversion left, beside validate's pass. None on any error:
     the request's own check then meets it again and reports it as a child of validate's own would."""
     try:
-        return source_side(CheckpointReader(src_dir), device)
+        return source_side(CheckpointReader(src_dir), device, run=False)
     except Exception:  # noqa: BLE001
         return None
 
@@ -283,7 +286,7 @@ def _serve(conn: socket.socket, side: SourceSide | None, src_dir: str, device: s
     try:
         r = CheckpointReader(out, strict=False)
         if side is not None and dev == device and Path(src).resolve() == Path(src_dir).resolve():
-            output_side(r, side, rec, target)
+            output_side(r, run_source(side, CheckpointReader(src_dir)), rec, target)
         else:  # asked about another source or device than warmed up for: the whole check, still warm
             check_first_block(r, CheckpointReader(src), rec, target, dev)
         answer: dict[str, Any] = {"calls": rec.calls, "pid": os.getpid()}

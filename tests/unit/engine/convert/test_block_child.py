@@ -191,3 +191,27 @@ def test_a_socket_path_longer_than_a_socket_address_still_works(pair, tmp_path):
         assert rep == cold and any("answered by the warm child" in m for m in logs), logs
     finally:
         warm.stop()
+
+
+def test_a_warm_source_side_reads_the_source_only_when_asked(pair, monkeypatch):
+    """What a warm child does before validate asks (`source_side(..., run=False)`) reads none of the source's
+    tensors, so that beside a conversion it leaves the disk to it; run when asked (`run_source`, once), it gives the
+    very layer-0 output the check computes in one go."""
+    import torch
+
+    from engine.checkpoint.reader import CheckpointReader
+    from engine.convert.block_check import run_source, source_side
+
+    src, _, _ = pair
+    whole = source_side(CheckpointReader(src), "cpu")
+    read: list[str] = []
+    orig = CheckpointReader._read_into
+    monkeypatch.setattr(CheckpointReader, "_read_into", lambda self, m, view: (read.append(m.shard),
+                                                                                orig(self, m, view))[1])
+    r = CheckpointReader(src)
+    side = source_side(r, "cpu", run=False)
+    assert side.skip is None and side.d_src is None and not read
+    ran = run_source(side, r)
+    assert read and torch.equal(ran.d_src, whole.d_src)
+    read.clear()
+    assert run_source(ran, r) is ran and not read
