@@ -81,3 +81,27 @@ def test_both_layouts_go_to_subdirs(tmp_path, tiny_ckpt):
         assert (Path(plan.output) / lay / "model.safetensors.index.json").exists()
     ctx, _ = _ctx(tmp_path, src, "copy-extras", layouts='["modelopt", "compressed-tensors"]')
     assert load_stage_class("copy-extras")().check_saved(ctx) == []
+
+
+def test_the_convert_stage_starts_as_the_command_does(tmp_path, tiny_ckpt, monkeypatch):
+    """The convert stage's worker starts the way `quantdeck convert` does: the source's read-ahead and the device
+    begin before the conversion (and its imports), and idle OpenMP threads are asked to sleep unless the operator
+    said otherwise."""
+    from engine.stages import convert as stage_mod
+
+    src = tiny_ckpt("deepseek-v3", "fp8")
+    order: list[tuple] = []
+    start, conv = stage_mod.start_early, stage_mod.convert_checkpoint
+    monkeypatch.setattr(stage_mod, "start_early",
+                        lambda *a, **k: (order.append(("start_early", *a)), start(*a, **k))[1])
+    monkeypatch.setattr(stage_mod, "convert_checkpoint",
+                        lambda *a, **k: (order.append(("convert",)), conv(*a, **k))[1])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")  # unset (and restored after the test)
+    ctx, _ = _ctx(tmp_path, src, "convert")
+    load_stage_class("convert")().run(ctx)
+    assert order == [("start_early", str(src), "cpu", "nvfp4"), ("convert",)]
+    import os
+
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
