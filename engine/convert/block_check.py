@@ -185,9 +185,9 @@ def _materialize(layer_cls, cfg, sd: dict, dev):
 
 @dataclass
 class SourceSide:
-    """The source's half of the check, done once (a warm child does it before validate asks): `run_block(reader)`,
-    layer 0 of a checkpoint run on the input, and the source layer's contribution `d_src`; or `skip`, why the
-    check is not run at all."""
+    """The source's half of the check, done once (a warm child prepares it before validate asks, and runs it when
+    asked): `run_block(reader)`, layer 0 of a checkpoint run on the input, and the source layer's contribution
+    `d_src` (None until `run_source`); or `skip`, why the check is not run at all."""
 
     skip: str | None = None
     layer_cls: Any = None

@@ -266,8 +266,9 @@ def _warm_up(src_dir: str, device: str) -> SourceSide | None:
     """The source's half of the check prepared before anyone asks: its imports and the device's context, most of
     its time. Layer 0 of the source is read and run when validate asks (`_serve`): started beside a conversion,
     this child would otherwise read the source while the conversion streams it, and contend for the disk and the
-    GPU; asked, it reads it from the page cache the conversion left, beside validate's pass. None on any error:
-    the request's own check then meets it again and reports it as a child of validate's own would."""
+    GPU; asked, it reads it beside validate's pass (from the page cache the conversion left, where the source fits
+    in memory). None on any error: the request's own check then meets it again and reports it as a child of
+    validate's own would."""
     try:
         return source_side(CheckpointReader(src_dir), device, run=False)
     except Exception:  # noqa: BLE001

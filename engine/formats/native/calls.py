@@ -93,4 +93,7 @@ def fp8_dequant_bf16(lib, wb, sc, bo: int, bi: int, lut, out) -> None:
 def pread_rows(lib, fd: int, offsets: np.ndarray, out: np.ndarray, advise: bool) -> int:
     """Rows of out.shape[1] bytes at `offsets` (int64) of `fd` into `out` (uint8 [len(offsets), row bytes]) on the
     calling thread, in one call: 0, -errno of a failed read, or k > 0 where the file ended inside row k - 1."""
+    if not (offsets.dtype == np.int64 and offsets.ndim == 1 and offsets.flags.c_contiguous and out.dtype == np.uint8
+            and out.ndim == 2 and out.flags.c_contiguous and out.flags.writeable and len(offsets) <= out.shape[0]):
+        raise ValueError("pread_rows: offsets must be contiguous int64 [n], out writable contiguous uint8 [>= n, row]")
     return int(lib.qd_pread_rows(fd, _p(offsets), len(offsets), out.shape[1], _p(out), int(advise)))

@@ -14,6 +14,7 @@
  * call (the GIL released once) where it would make a system call per row.
  */
 #define _POSIX_C_SOURCE 200809L /* pread, posix_fadvise */
+#define _FILE_OFFSET_BITS 64    /* 64-bit off_t on 32-bit platforms too */
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>

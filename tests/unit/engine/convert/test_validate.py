@@ -257,6 +257,7 @@ def test_sampled_rows_read_alone_or_in_one_read_are_the_same_bytes(tmp_path, mon
     from engine.convert import validate_read as host
 
     monkeypatch.setenv("QUANTDECK_KERNELS", kernels)
+    assert (host._native() is not None) == (kernels == "c")  # the C path is the one taken, where asked for
     data = torch.randint(0, 256, (rows_total, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     write_checkpoint(tmp_path / "c", {"pad": torch.zeros(5, dtype=torch.uint8), "w": data})
     files = host.Files()
@@ -299,15 +300,18 @@ def test_sampled_rows_of_a_truncated_shard_are_refused_by_name(tmp_path, monkeyp
     from engine.convert import validate_read as host
 
     monkeypatch.setenv("QUANTDECK_KERNELS", kernels)
+    assert (host._native() is not None) == (kernels == "c")
     write_checkpoint(tmp_path / "c", {"w": torch.ones(2048, 8192, dtype=torch.uint8)})
     reader = CheckpointReader(tmp_path / "c")
     m = reader.meta("w")
     shard = tmp_path / "c" / m.shard
-    os.truncate(shard, m.start + 2000 * 8192 + 100)  # rows 2000 and after are gone, or cut
+    rows = host.sample_rows(2048)
+    assert 1999 in rows.tolist() and 1998 not in rows.tolist()
+    os.truncate(shard, m.start + 1999 * 8192 + 100)  # sampled row 1999 is cut, the rows after it gone
     files = host.Files()
     try:
         with pytest.raises(host.Unsupported, match="w: the file ended early"):
-            host.HostReader(reader, files).rows("w", host.sample_rows(2048), slot="t")
+            host.HostReader(reader, files).rows("w", rows, slot="t")
     finally:
         files.close()
 

@@ -185,6 +185,10 @@ def test_pread_rows_reads_the_rows_and_says_where_the_file_ends(fresh, tmp_path)
         assert calls.pread_rows(lib, fd, offsets, out, advise=True) == 0
         assert all(out[j].tobytes() == data[o:o + 700].tobytes() for j, o in enumerate(offsets.tolist()))
         assert calls.pread_rows(lib, fd, np.array([0, 9_500], np.int64), out[:2], advise=False) == 2
+        for bad_offsets, bad_out in ((offsets.astype(np.int32), out), (offsets, out[:, ::2]), (offsets, out[:3]),
+                                     (offsets, out.view(np.int8))):
+            with pytest.raises(ValueError, match="pread_rows"):  # never handed to C: it would write out of bounds
+                calls.pread_rows(lib, fd, bad_offsets, bad_out, advise=False)
     finally:
         os.close(fd)
     r, w = os.pipe()

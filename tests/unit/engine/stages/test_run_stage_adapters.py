@@ -4,6 +4,7 @@ params, reruns are idempotent, and check_saved (validate-only) spots what is bro
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -85,8 +86,11 @@ def test_both_layouts_go_to_subdirs(tmp_path, tiny_ckpt):
 
 def test_the_convert_stage_starts_as_the_command_does(tmp_path, tiny_ckpt, monkeypatch):
     """The convert stage's worker starts the way `quantdeck convert` does: the source's read-ahead and the device
-    begin before the conversion (and its imports), and idle OpenMP threads are asked to sleep unless the operator
-    said otherwise."""
+    begin before the conversion (and its imports of torch), and idle OpenMP threads are asked to sleep unless the
+    operator said otherwise; a stage split over several ranks leaves that out (each rank would open its context on
+    the first GPU and read the same bytes)."""
+    import os
+
     from engine.stages import convert as stage_mod
 
     src = tiny_ckpt("deepseek-v3", "fp8")
@@ -96,12 +100,16 @@ def test_the_convert_stage_starts_as_the_command_does(tmp_path, tiny_ckpt, monke
                         lambda *a, **k: (order.append(("start_early", *a)), start(*a, **k))[1])
     monkeypatch.setattr(stage_mod, "convert_checkpoint",
                         lambda *a, **k: (order.append(("convert",)), conv(*a, **k))[1])
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "")
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS")  # unset (and restored after the test)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # unset (and restored after the test)
     ctx, _ = _ctx(tmp_path, src, "convert")
     load_stage_class("convert")().run(ctx)
     assert order == [("start_early", str(src), "cpu", "nvfp4"), ("convert",)]
-    import os
-
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's
+    order.clear()
+    load_stage_class("convert")().run(ctx)
+    assert order[0][0] == "start_early" and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    order.clear()
+    load_stage_class("convert")().run(replace(ctx, world_size=2))
+    assert order == [("convert",)]
