@@ -58,15 +58,6 @@ class _StderrProgress:
             self.stream.write("\r\x1b[K")
 
 
-def _quiet_openmp() -> None:
-    """Idle OpenMP threads sleep instead of spinning: the converter's reader and writer threads need those
-    cycles (must be set before torch / numba load libgomp; an explicit setting wins)."""
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
-
-
 def _kernel_threads(n: int | None) -> None:
     """--kernel-threads: handed on as QUANTDECK_KERNEL_THREADS, which the kernels (and `--workers` children) read."""
     if n is not None:
@@ -102,7 +93,6 @@ START_FILES = "quantdeck-convert"  # this entry's list of the files its start re
 def convert_cmd(src, dst, to, fmt, device, workers, kernel_threads, shard_size, quantize_attention, as_json):
     """Convert a checkpoint to NVFP4 (weight-only), FP8-block or BF16, streaming and resumable. An NVFP4 source
     (either layout) is decoded for --to bf16 and re-laid as it is (same codes and scales) for --to nvfp4."""
-    _quiet_openmp()
     _kernel_threads(kernel_threads)
     import gc
 

@@ -10,15 +10,11 @@ import json
 import os
 import sys
 
-# Idle OpenMP threads sleep instead of spinning, leaving cycles to the reader and writer threads (before torch loads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
-
-from engine.convert.device import start_early  # noqa: E402
-from engine.core import timeline  # noqa: E402  (no torch)
-from engine.core.errors import QuantdeckError, exit_code_for  # noqa: E402
-from engine.core.events import CallbackSink  # noqa: E402
-from engine.startup import startfiles  # noqa: E402
+from engine.convert.device import start_early  # (no numpy, no torch: start_early's thread settings still count)
+from engine.core import timeline
+from engine.core.errors import QuantdeckError, exit_code_for
+from engine.core.events import CallbackSink
+from engine.startup import startfiles
 
 START_FILES = "engine.convert"  # this entry's list of the files its start reads (engine.startup.startfiles)
 

@@ -69,9 +69,13 @@ def needs_gpu_after_all(choice: DeviceChoice, torch_bytes: int, total_bytes: int
 
 
 def start_early(src, device: str | None, target: str, entry: str | None = None) -> DeviceChoice | None:
-    """What the entry points do before their heavy imports: choose the device, then start reading the source
-    ahead (engine.startup.readahead) and, for CUDA, the driver's context (engine.startup.cuda_preinit). None (and
-    nothing started) for a device that cannot be used: the conversion reports that error itself."""
+    """What the entry points do before their heavy imports: idle OpenMP and OpenBLAS threads told to sleep or not
+    to start (an explicit setting wins; read when torch, numba or numpy load their libraries, so only where none is
+    loaded yet), the device chosen, then the source read ahead (engine.startup.readahead) and, for CUDA, the driver's
+    context started (engine.startup.cuda_preinit). None (and nothing started) for a device that cannot be used: the
+    conversion reports that error itself."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the converter's reader and writer threads need the cycles
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS here: no pool of spinning OpenBLAS threads
     try:
         choice = choose_device(device, target)
     except UsageError:

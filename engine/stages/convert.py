@@ -8,7 +8,6 @@ matching sha256), so a killed worker's rerun redoes only the shards that were no
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,11 @@ class _ConvertBase(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         p = ctx.params
         to, device = p.get("to") or self.to, p.get("device") or "auto"
-        if ctx.world_size == 1:  # several ranks: each would open its context on the first GPU and read the same bytes
-            start_as_the_command(p["src"], device, to)
+        # as `quantdeck convert` starts: the source read ahead and CUDA started while torch is imported (on an H100
+        # a run's convert stage took 1.1-1.5 s longer than the command without); not with several ranks, each of
+        # which would open its context on the first GPU and read the same bytes
+        if ctx.world_size == 1:
+            start_early(p["src"], device, to)
         res = convert_checkpoint(p["src"], p["dst"], to=to, layouts=tuple(p.get("layouts") or ("modelopt",)),
                                  device=device, shard_size=int(float(p.get("shard_mb") or 5000) * 10**6),
                                  sink=ctx.sink)
@@ -38,15 +40,6 @@ class _ConvertBase(Stage):
         for d in output_dirs(ctx.params["dst"], ctx.params.get("layouts")):
             out.extend(check_checkpoint_dir(Path(d)))
         return out
-
-
-def start_as_the_command(src: str, device: str, to: str) -> None:
-    """What `quantdeck convert` does before torch is imported, done by a single-process stage's worker too: idle
-    OpenMP threads sleep instead of spinning (an explicit setting wins), and the disk reads the source, and CUDA
-    starts, while torch is imported (engine.convert.device.start_early). Without it, a run's convert stage on an H100
-    took 1.1-1.5 s longer than the command on the same 13 GB source."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp, after this
-    start_early(src, device, to)
 
 
 @Stage.register(StageName.CONVERT)

@@ -100,12 +100,13 @@ def test_the_convert_stage_starts_as_the_command_does(tmp_path, tiny_ckpt, monke
                         lambda *a, **k: (order.append(("start_early", *a)), start(*a, **k))[1])
     monkeypatch.setattr(stage_mod, "convert_checkpoint",
                         lambda *a, **k: (order.append(("convert",)), conv(*a, **k))[1])
-    monkeypatch.setenv("OMP_WAIT_POLICY", "")
-    monkeypatch.delenv("OMP_WAIT_POLICY")  # unset (and restored after the test)
+    for var in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)  # unset (and restored after the test)
     ctx, _ = _ctx(tmp_path, src, "convert")
     load_stage_class("convert")().run(ctx)
     assert order == [("start_early", str(src), "cpu", "nvfp4"), ("convert",)]
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's
     order.clear()
     load_stage_class("convert")().run(ctx)
