@@ -316,6 +316,29 @@ def test_sampled_rows_of_a_truncated_shard_are_refused_by_name(tmp_path, monkeyp
         files.close()
 
 
+def test_a_failed_read_of_sampled_rows_names_the_tensor_and_the_shard(tmp_path, monkeypatch):
+    """Where the C call's read fails (a descriptor pread refuses: ESPIPE), the OSError names the tensor and its
+    shard file, and carries the errno."""
+    import errno
+    import os
+
+    from engine.convert import validate_read as host
+
+    monkeypatch.setenv("QUANTDECK_KERNELS", "c")
+    write_checkpoint(tmp_path / "c", {"w": torch.ones(2048, 8192, dtype=torch.uint8)})
+    reader = CheckpointReader(tmp_path / "c")
+    r, w = os.pipe()
+    files = host.Files()
+    monkeypatch.setattr(files, "fd", lambda path: r)
+    try:
+        with pytest.raises(OSError, match="reading w: ") as e:
+            host.HostReader(reader, files).rows("w", host.sample_rows(2048), slot="t")
+        assert e.value.errno == errno.ESPIPE and e.value.filename == str(tmp_path / "c" / reader.meta("w").shard)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_sampled_rows_asked_for_ahead_tolerate_a_file_that_cannot_be_advised():
     """Files.will_need queues the rows' reads ahead (POSIX_FADV_WILLNEED); where the kernel refuses the advice (a
     pipe here: ESPIPE) the rows are read one by one all the same, so nothing is raised."""
