@@ -90,8 +90,9 @@ def test_console_in_tmux_shows_the_run_opens_history_and_quits(real_env, tmux):
         assert stage in screen
     assert "fleet" in screen and "calibration" in screen and "quality" in screen
     tmux.keys("h")
-    screen = tmux.wait_for("1 run ·")
-    assert real.run_id in screen and "model" in screen
+    # the count is drawn before the table's rows: wait for the run's row too
+    screen = tmux.wait_for_all("1 run ·", real.run_id)
+    assert "model" in screen
     tmux.keys("Enter")
     # the attempts table with the SIGKILLed export attempt (the header may name the kill, and the table's own
     # header show, before its rows are drawn)
