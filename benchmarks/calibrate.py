@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -79,20 +80,22 @@ def _convert(*args: str) -> None:
         raise SystemExit(f"quantdeck convert {' '.join(args)} failed ({r.returncode})")
 
 
-def build(work: Path, size: str, layers: int | None, n: int, seq_len: int, device: str) -> tuple[dict, Path]:
-    """{"bf16": dir, "fp8": dir} of one model (the BF16 one decoded from the FP8 one), and the samples file."""
+def build(work: Path, size: str, layers: int | None, n: int, seq_len: int, device: str,
+          bf16_work: Path | None = None) -> tuple[dict, Path]:
+    """{"bf16": dir, "fp8": dir} of one model (the BF16 one decoded from the FP8 one), and the samples file. The
+    random model and the decoded BF16 copy go to `bf16_work` (default: `work`)."""
     spec = dict(SIZES[size], **({"num_hidden_layers": layers} if layers else {}))
     tag = f"v3-{size}-L{spec['num_hidden_layers']}"
-    dirs = {"fp8": work / f"{tag}-fp8", "bf16": work / f"{tag}-bf16"}
+    bwork = bf16_work or work
+    dirs = {"fp8": work / f"{tag}-fp8", "bf16": bwork / f"{tag}-bf16"}
     samples = work / f"samples-{n}x{seq_len}.json"
     if not (dirs["bf16"] / "config.json").exists():
-        raw = work / f"{tag}-random"
+        raw = bwork / f"{tag}-random"
+        _check_room(work, bwork, spec, dirs, raw)
         if not (dirs["fp8"] / "config.json").exists():
             if not (raw / "config.json").exists():
                 _build_random(raw, spec, device)
             _convert("--src", str(raw), "--dst", str(dirs["fp8"]), "--to", "fp8-block", "--device", device)
-        import shutil
-
         shutil.rmtree(raw, ignore_errors=True)  # the disk holds the FP8 and the decoded BF16, not a third model
         _convert("--src", str(dirs["fp8"]), "--dst", str(dirs["bf16"]), "--to", "bf16", "--device", device)
     if not samples.exists():
@@ -100,14 +103,49 @@ def build(work: Path, size: str, layers: int | None, n: int, seq_len: int, devic
     return dirs, samples
 
 
+def _bf16_bytes(spec: dict) -> int:
+    """The BF16 checkpoint's size: the model's parameters counted on the meta device (nothing allocated)."""
+    import torch
+    from calib_tiny_models import v3_config
+    from transformers import DeepseekV3ForCausalLM
+
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(_v3_config(v3_config, spec))
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def _check_room(work: Path, bwork: Path, spec: dict, dirs: dict, raw: Path) -> None:
+    """Refuse before writing anything when the disks cannot hold the build. The random BF16 model and the decoded
+    BF16 copy are never there together (the first is removed before the second is written), the FP8 cast sits beside
+    each; --bf16-work puts the BF16 ones on another disk or a tmpfs."""
+    bf16 = _bf16_bytes(spec)
+    fp8 = bf16 // 2 + bf16 // 64  # one byte per weight, and its block scales (an upper bound)
+    need: dict[int, tuple[Path, int]] = {}
+    for root, nbytes in ((bwork, 0 if (raw / "config.json").exists() else bf16),
+                         (work, 0 if (dirs["fp8"] / "config.json").exists() else fp8)):
+        root.mkdir(parents=True, exist_ok=True)
+        dev = os.stat(root).st_dev
+        need[dev] = (root, need.get(dev, (root, 0))[1] + nbytes)
+    for root, nbytes in need.values():
+        free = shutil.disk_usage(root).free
+        if nbytes > free:
+            raise SystemExit(f"[bench] {root} has {free / 1e9:.1f} GB free and this build needs {nbytes / 1e9:.1f} GB "
+                             f"there (BF16 {bf16 / 1e9:.1f} GB, FP8 {fp8 / 1e9:.1f} GB): pass --bf16-work on another "
+                             f"disk or a tmpfs, or fewer --layers")
+
+
+def _v3_config(v3_config, spec: dict):
+    return v3_config(**spec, num_key_value_heads=spec["num_attention_heads"], n_group=8, topk_group=4,
+                     num_experts_per_tok=8, first_k_dense_replace=1, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                     v_head_dim=128, max_position_embeddings=4096)
+
+
 def _build_random(out: Path, spec: dict, device: str) -> None:
     import torch
     from calib_tiny_models import save_tokenizer, v3_config
     from transformers import DeepseekV3ForCausalLM
 
-    cfg = v3_config(**spec, num_key_value_heads=spec["num_attention_heads"], n_group=8, topk_group=4,
-                    num_experts_per_tok=8, first_k_dense_replace=1, qk_rope_head_dim=64, qk_nope_head_dim=128,
-                    v_head_dim=128, max_position_embeddings=4096)
+    cfg = _v3_config(v3_config, spec)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in BF16: half the memory of fp32-then-cast
@@ -307,7 +345,9 @@ def _table(report: dict) -> str:
                  f"{s['peak_rss_gb']:.1f}", f"{s['bytes_read_per_rank_gb']:.1f}", "-"))
     for key, name in (("modelopt", "modelopt whole-model"), ("modelopt_layerwise", "modelopt layerwise")):
         m = report.get(key)
-        if m:
+        if m and "failed" in m:
+            rows.append((name, "failed", "-", "-", "-", "-", m["failed"]))
+        elif m:
             rows.append((name, f"{m['wall_with_process_s']:.1f}", "-", f"{m.get('peak_gpu_gb', 0):.1f}",
                          f"{m['peak_rss_gb']:.1f}", "-", "equal" if m["amax"]["equal"] else
                          f"max rel diff {m['amax']['max_rel_diff']:.2e}"))
@@ -318,7 +358,7 @@ def _table(report: dict) -> str:
     lines.append(f"read floor (cat of the {report['source']} shards, {f['bytes'] / 1e9:.1f} GB): cold {cold}, "
                  f"warm {f['warm_gbps']:.2f} GB/s")
     for key in ("modelopt", "modelopt_layerwise"):
-        if key in report:
+        if "wall_with_process_s" in report.get(key, {}):
             ratio = report["streaming"]["wall_s"] / report[key]["wall_with_process_s"]
             lines.append(f"quantdeck / {key}: wall {ratio:.2f}x")
     for e in (report.get("eval") or {}).get("per_layer_vs_calibration", []):
@@ -363,6 +403,9 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--gpu-mem-fraction", type=float, default=None)
     p.add_argument("--work", default=os.environ.get("QD_BENCH_WORK", "/tmp/qd-bench-calibrate"))
+    p.add_argument("--bf16-work", default=None,
+                   help="where the random BF16 model and the decoded BF16 copy go (default: --work); a disk that "
+                        "cannot hold a model in BF16 and FP8 together can put them on another disk or a tmpfs")
     p.add_argument("--skip-modelopt", action="store_true", help="run neither modelopt flow")
     p.add_argument("--skip-layerwise", action="store_true", help="skip modelopt's layerwise flow")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed import warm-up process")
@@ -385,7 +428,8 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
-    dirs, samples = build(work, a.size, a.layers, a.samples, a.seq_len, a.device)
+    dirs, samples = build(work, a.size, a.layers, a.samples, a.seq_len, a.device,
+                          Path(a.bf16_work) if a.bf16_work else None)
     os.sync()  # the fresh model's dirty pages reach the disk now, not during whichever tool runs first
     print(f"[bench] models {dirs['fp8'].name}, {dirs['bf16'].name} ready ({time.monotonic() - t:.1f}s)",
           file=sys.stderr)
@@ -398,8 +442,6 @@ def main() -> None:
     floor = read_floor(dirs[a.source])  # ends warm: every tool below reads from the page cache
     tag = f"{dirs[a.source].name}-r{a.ranks}-f{a.gpu_mem_fraction or 1}"
     out = work / f"amax-{tag}"
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -438,14 +480,18 @@ def main() -> None:
         if a.cold:
             drop_caches()
         t0 = time.monotonic()
-        _run([sys.executable, me, "--role", "modelopt", "--result", str(res_m), "--model", str(dirs["bf16"]),
-              *flags, *common], env)
+        res_m.unlink(missing_ok=True)
+        r = subprocess.run([sys.executable, me, "--role", "modelopt", "--result", str(res_m), "--model",
+                            str(dirs["bf16"]), *flags, *common], env=env)
+        if r.returncode != 0:  # e.g. a model larger than the GPU: a row that says so, and the other peers still run
+            report[key] = {"failed": f"exit {r.returncode} after {time.monotonic() - t0:.1f} s (its stderr above)"}
+            continue
         mo = json.loads(res_m.read_text())
         mo["wall_with_process_s"] = time.monotonic() - t0
         ref = out / f"{key.replace('_', '-')}_amax.safetensors"
         mo["amax"] = compare(out, ref)
         report[key] = mo
-    if "modelopt" in report:
+    if "wall_s" in report.get("modelopt", {}):
         mo, s = report["modelopt"], report["streaming"]
         report["wall_ratio"] = s["wall_s"] / mo["wall_with_process_s"]
         if mo.get("peak_gpu_gb"):
