@@ -34,7 +34,8 @@ minute to minute (a cold convert took 9.0-13.7 s on machines of one kind), so ea
 its round and the medians are printed.
 
 Usage:  python benchmarks/pipeline.py [--size mid-cpu|real] [--source fp8|bf16] [--workdir DIR] [--cold data]
-                                      [--skip run] [--calibrate [--samples N --seq-len L]] [--repeat N] [--json]
+                                      [--skip run] [--calibrate [--samples N --seq-len L]] [--repeat N]
+                                      [--profile DIR] [--json]
 Target: validate <= 1.0x convert; the weight-only run <= 2x convert (mid-cpu), <= 1.3x at real width.
 """
 
@@ -345,8 +346,15 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of the stages, in turn (convert, validate, run, ... then again): walls as medians, "
                          "each ratio taken within its round; floors measured in the first round")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="run every stage under `py-spy record --subprocesses --threads` (100 Hz, raw stacks into "
+                         "DIR/<stage>-<round>.txt): where the time goes, process by process; the walls then include "
+                         "the sampler's cost")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    spy = shutil.which("py-spy") if args.profile else None
+    if args.profile and spy is None:
+        ap.error("--profile needs py-spy on PATH (pip install py-spy)")
     if args.repeat < 1:
         ap.error("--repeat must be 1 or more")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qd-pipeline-")).absolute()
@@ -387,7 +395,12 @@ def main() -> int:
                 drop_all()
             gpu = _gpu_poller()
             print(f"running {name} (round {rnd + 1} of {args.repeat}) ...", file=sys.stderr)
-            res = run_stage(make(), env)
+            cmd = make()
+            if spy:  # the stage and every process it starts, sampled
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                cmd = [spy, "record", "--subprocesses", "--threads", "--nonblocking", "-r", "100", "--format", "raw",
+                       "-o", str(Path(args.profile) / f"{name}-{rnd + 1}.txt"), "--", *cmd]
+            res = run_stage(cmd, env)
             res["gpu_peak_mib"] = gpu() if gpu else None
             if rnd == 0:
                 res |= floor(inputs, written(), work, args.cold)
