@@ -10,7 +10,8 @@ import torch
 
 from engine.checkpoint import CheckpointReader
 from engine.convert import convert_checkpoint
-from engine.convert.validate import decode_module, validate_checkpoint
+from engine.convert.validate import validate_checkpoint
+from engine.convert.validate_ref import decode_module
 from engine.formats.fp8_block.helpers import cast_fp8_block, dequant_fp8_block
 from engine.formats.mxfp4.helpers import dequant_mxfp4
 from engine.formats.nvfp4.helpers import global_scale, quantize_nvfp4
