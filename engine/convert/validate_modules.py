@@ -135,11 +135,7 @@ def nvfp4_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, 
     if not (np.isfinite(s2_dec) and s2_dec > 0):
         raise host.Unsupported(base)  # the reference raises from as_scale_2: its message, not ours
     ev: list[tuple] = []
-    mag = host.Scratch.get("magnitude", bs.shape)
-    np.bitwise_and(bs, 0x7F, out=mag)  # E4M3 magnitude bits: 0x7F is NaN, 0 is zero
-    nan = int(np.count_nonzero(mag == 0x7F))
-    bad = int(np.count_nonzero(mag == 0)) + int(np.count_nonzero(bs >= 0x80)) + nan \
-        - int(np.count_nonzero(bs == 0xFF)) - int(np.count_nonzero(bs == 0x80))  # NaN, zero, negative
+    nan, bad, top_mag = host.scan_e4m3(bs)
     if bad:
         ev.append(("scales", f"{base}.weight_scale has {bad} block scale(s) that are not finite and > 0", bsn))
     ev.append(("group", float(s2) if s2n.endswith("_scale_2") else 1.0 / float(s2), s2n))
@@ -149,7 +145,7 @@ def nvfp4_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, 
         finite = True
     else:  # |value| <= 6 · fl(max|scale| · scale_2): finite when that is (rounding is monotone); else decode it all
         with np.errstate(all="ignore"):
-            top = np.float32(6) * (host.E4M3_LUT[int(mag.max())] * s2_dec)
+            top = np.float32(6) * (host.E4M3_LUT[top_mag] * s2_dec)
         finite = bool(np.isfinite(top)) or bool(np.isfinite(host.nvfp4_values(packed, bs, s2_dec, None)).all())
     if not finite:
         ev.append(("decode", f"{base} decodes to non-finite values", base))

@@ -33,7 +33,7 @@ PAGE = 4096  # the page cache's unit: a row read alone costs its pages
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 _E2M1 = np.array((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0), np.float32)
 _BYTES = np.arange(256)
-PAIR_LUT = np.stack([_E2M1[_BYTES & 0xF], _E2M1[_BYTES >> 4]], axis=1)  # a packed byte -> its two values, low first
+PAIR_LUT = np.ascontiguousarray(np.stack([_E2M1[_BYTES & 0xF], _E2M1[_BYTES >> 4]], axis=1))  # byte -> 2 values
 ABS_E4M3 = np.abs(E4M3_LUT)
 
 
@@ -276,6 +276,12 @@ def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, 
                cols: int, slot: str | None = None) -> np.ndarray:
     """float32 values of FP8 E4M3 rows `rows` of a weight ([k, cols] bytes), each multiplied by its tile's scale."""
     vals = Scratch.get(slot, codes.shape, np.float32) if slot else np.empty(codes.shape, np.float32)
+    if scale32 is not None and scale32.dtype == np.float32 and scale32.ndim == 2 and codes.flags.c_contiguous \
+            and scale32.shape[1] == -(-cols // block[1]) and codes.shape[1] == cols:
+        lib = _native()
+        if lib is not None:  # one pass in C, the same float32 product per value
+            return native_calls.fp8_rows_f32(lib, codes, np.ascontiguousarray(rows, np.int64),
+                                             np.ascontiguousarray(scale32), block[0], block[1], E4M3_LUT, vals)
     np.take(E4M3_LUT, codes, out=vals, mode="clip")  # byte indices: never out of range; "clip" skips the check
     if scale32 is None:
         return vals
@@ -293,6 +299,20 @@ def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, 
     return vals
 
 
+def scan_e4m3(bs: np.ndarray) -> tuple[int, int, int]:
+    """E4M3 block scales: (NaN bytes, bytes that are not a finite scale > 0: NaN, zero or negative, the largest
+    magnitude byte b & 0x7F; 0 when there are none)."""
+    lib = _native() if bs.flags.c_contiguous else None
+    if lib is not None:  # one pass in C, where numpy makes five over the array
+        return native_calls.e4m3_scan(lib, bs)
+    mag = Scratch.get("magnitude", bs.shape)
+    np.bitwise_and(bs, 0x7F, out=mag)  # E4M3 magnitude bits: 0x7F is NaN, 0 is zero
+    nan = int(np.count_nonzero(mag == 0x7F))
+    bad = int(np.count_nonzero(mag == 0)) + int(np.count_nonzero(bs >= 0x80)) + nan \
+        - int(np.count_nonzero(bs == 0xFF)) - int(np.count_nonzero(bs == 0x80))  # NaN, zero, negative
+    return nan, bad, int(mag.max()) if mag.size else 0
+
+
 _PAIR64 = PAIR_LUT.copy().view(np.uint64).reshape(-1)  # the two float32 values of a byte as one 8-byte item
 
 
@@ -300,6 +320,13 @@ def nvfp4_values(packed: np.ndarray, bs: np.ndarray, s2: np.float32, cols: int |
                  slot: str | None = None) -> np.ndarray:
     """float32 values of NVFP4 rows (`rows` of, or all): packed [o, p] bytes, E4M3 block-scale bytes [o, 2p/16],
     float32 scale_2; `cols` cuts the padding of the last 16-value block."""
+    lib = _native() if packed.flags.c_contiguous and bs.flags.c_contiguous else None
+    if lib is not None:  # one pass in C over the rows where they lie, the same two float32 products per value
+        k, p = (packed.shape[0] if rows is None else len(rows)), packed.shape[1]
+        out = Scratch.get(slot, (k, 2 * p), np.float32) if slot else np.empty((k, 2 * p), np.float32)
+        native_calls.nvfp4_rows_f32(lib, packed, bs, s2, None if rows is None else np.ascontiguousarray(rows, np.int64),
+                                    E4M3_LUT, PAIR_LUT, out)
+        return out if cols is None or cols == 2 * p else out[:, :cols]
     if rows is not None:
         packed, bs = packed[rows], bs[rows]
     k, p = packed.shape

@@ -33,7 +33,7 @@ from engine.formats.native import calls
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
-ABI = 2  # qd_abi_version() of kernels.c
+ABI = 3  # qd_abi_version() of kernels.c
 ENV = "QUANTDECK_KERNELS"  # "c", "numba" or unset (c where it builds); read in engine.core.settings
 
 _lock = threading.Lock()

@@ -1,8 +1,10 @@
 """Calls into the C kernels (engine.formats.native.build) on numpy arrays: one weight on the calling thread
 (`serial_kernels()`), or its rows split over a pool of threads (ctypes releases the GIL for each call).
 
-Arguments are checked by the callers (engine.formats.nvfp4.host, engine.formats.fp8_block.host): C-contiguous
-arrays of the right dtypes and shapes. A kernel that could not get scratch memory raises MemoryError.
+Arguments of the conversion kernels are checked by their callers (engine.formats.nvfp4.host,
+engine.formats.fp8_block.host): C-contiguous arrays of the right dtypes and shapes. A kernel that could not get
+scratch memory raises MemoryError. The helpers validate calls on its own threads (pread_rows, fp8_rows_f32,
+nvfp4_rows_f32, e4m3_scan) check their arguments here and raise ValueError for arrays C cannot take.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ SIGNATURES = {
     "qd_fp8_tile_max": (P, I64, I64, I64, I64, P, I64, I64),
     "qd_fp8_dequant_bf16": (P, P, I64, I64, I64, I64, P, P, I64, I64),
     "qd_pread_rows": (INT, P, I64, I64, P, INT),
+    "qd_fp8_rows_f32": (P, I64, I64, P, P, I64, I64, I64, P, P),
+    "qd_nvfp4_rows_f32": (P, P, I64, P, I64, F32, P, P, P),
+    "qd_e4m3_scan": (P, I64, P),
 }
 RESTYPES = {"qd_pread_rows": I64}  # every other function returns an int
 CHUNKS_PER_THREAD = 4  # a weight split over the pool: chunks handed out as threads finish
@@ -97,3 +102,49 @@ def pread_rows(lib, fd: int, offsets: np.ndarray, out: np.ndarray, advise: bool)
             and out.ndim == 2 and out.flags.c_contiguous and out.flags.writeable and len(offsets) <= out.shape[0]):
         raise ValueError("pread_rows: offsets must be contiguous int64 [n], out writable contiguous uint8 [>= n, row]")
     return int(lib.qd_pread_rows(fd, _p(offsets), len(offsets), out.shape[1], _p(out), int(advise)))
+
+
+def _c(a: np.ndarray, dtype, ndim: int) -> bool:
+    return a.dtype == dtype and a.ndim == ndim and a.flags.c_contiguous
+
+
+def fp8_rows_f32(lib, codes: np.ndarray, rows: np.ndarray, sc: np.ndarray, bo: int, bi: int, lut: np.ndarray,
+                 out: np.ndarray) -> np.ndarray:
+    """float32 values of FP8 rows on the calling thread: codes uint8 [k, cols] (the weight's rows `rows`, int64
+    [k]), sc float32 tile scales [., ceil(cols / bi)] covering every rows[j] // bo, lut float32 [256]; into `out`
+    [k, cols]."""
+    k, cols = codes.shape if codes.ndim == 2 else (-1, -1)
+    if not (_c(codes, np.uint8, 2) and _c(rows, np.int64, 1) and len(rows) == k and _c(sc, np.float32, 2)
+            and bo > 0 and bi > 0 and sc.shape[1] == -(-cols // bi) and _c(lut, np.float32, 1) and lut.size == 256
+            and _c(out, np.float32, 2) and out.shape == (k, cols) and out.flags.writeable
+            and (k == 0 or (0 <= int(rows.min()) and int(rows.max()) // bo < sc.shape[0]))):
+        raise ValueError("fp8_rows_f32: contiguous uint8 codes [k, cols], int64 rows [k] within the scales' tiles, "
+                         "float32 scales [tiles, ceil(cols / bi)], float32 lut [256] and out [k, cols]")
+    lib.qd_fp8_rows_f32(_p(codes), k, cols, _p(rows), _p(sc), sc.shape[1], bo, bi, _p(lut), _p(out))
+    return out
+
+
+def nvfp4_rows_f32(lib, packed: np.ndarray, bs: np.ndarray, s2: float, rows: np.ndarray | None, lut: np.ndarray,
+                   pair: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 values of NVFP4 rows on the calling thread: packed uint8 [o, p] (p a multiple of 8), bs uint8
+    [o, p / 8], rows int64 [k] (None: all o), lut float32 [256], pair float32 [256, 2]; into `out` [k, 2p]."""
+    o, p = packed.shape if packed.ndim == 2 else (-1, -1)
+    k = o if rows is None else len(rows)
+    if not (_c(packed, np.uint8, 2) and p % 8 == 0 and _c(bs, np.uint8, 2) and bs.shape == (o, p // 8)
+            and (rows is None or (_c(rows, np.int64, 1) and (k == 0 or (0 <= int(rows.min()) and int(rows.max()) < o))))
+            and _c(lut, np.float32, 1) and lut.size == 256 and _c(pair, np.float32, 2) and pair.shape == (256, 2)
+            and _c(out, np.float32, 2) and out.shape == (k, 2 * p) and out.flags.writeable):
+        raise ValueError("nvfp4_rows_f32: contiguous uint8 packed [o, 8m] and scales [o, m], int64 rows within o, "
+                         "float32 lut [256], pair [256, 2] and out [k, 16m]")
+    lib.qd_nvfp4_rows_f32(_p(packed), _p(bs), p, None if rows is None else _p(rows), k, float(s2), _p(lut), _p(pair),
+                          _p(out))
+    return out
+
+
+def e4m3_scan(lib, bs: np.ndarray) -> tuple[int, int, int]:
+    """(NaN bytes, bytes that are not a finite scale > 0, largest magnitude byte) of E4M3 block scales `bs`."""
+    if not (bs.dtype == np.uint8 and bs.flags.c_contiguous):
+        raise ValueError("e4m3_scan: contiguous uint8 scales")
+    out = np.zeros(3, np.int64)
+    lib.qd_e4m3_scan(_p(bs), bs.size, _p(out))
+    return int(out[0]), int(out[1]), int(out[2])

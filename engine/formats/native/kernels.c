@@ -12,6 +12,10 @@
  *
  * One I/O helper sits beside them, qd_pread_rows: a tensor's sampled rows read in one call, so that Python makes one
  * call (the GIL released once) where it would make a system call per row.
+ *
+ * And validate's decoders (engine/convert/validate_read.py, whose numpy versions they replace where the library
+ * builds): qd_fp8_rows_f32 and qd_nvfp4_rows_f32 give the float32 values of sampled rows with the numpy path's
+ * products in its order (one float32 multiply per value), and qd_e4m3_scan counts a block-scale array's bad bytes.
  */
 #define _POSIX_C_SOURCE 200809L /* pread, posix_fadvise */
 #define _FILE_OFFSET_BITS 64    /* 64-bit off_t on 32-bit platforms too */
@@ -31,7 +35,7 @@
 #define F_SMIN 0.001953125f /* 2^-9: the smallest block scale (e4m3's smallest subnormal) */
 #define F_SMAX 448.0f       /* e4m3's largest value */
 
-int qd_abi_version(void) { return 2; }
+int qd_abi_version(void) { return 3; }
 
 static inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 static inline float fminf_(float a, float b) { return a < b ? a : b; }
@@ -236,5 +240,62 @@ int64_t qd_pread_rows(int fd, const int64_t *offsets, int64_t n, int64_t len, ui
             got += k;
         }
     }
+    return 0;
+}
+
+/* out[j, c] = lut[codes[j, c]] × sc[rows[j] / bo, min(c / bi, gi - 1)] for the k sampled rows `codes` [k, cols] of an
+ * FP8 weight whose row j is the weight's row rows[j]; sc: float32 tile scales [., gi] (gi = ceil(cols / bi)). */
+int qd_fp8_rows_f32(const uint8_t *codes, int64_t k, int64_t cols, const int64_t *rows, const float *sc, int64_t gi,
+                    int64_t bo, int64_t bi, const float *lut, float *out) {
+    for (int64_t j = 0; j < k; j++) {
+        const uint8_t *row = codes + j * cols;
+        const float *srow = sc + (rows[j] / bo) * gi;
+        float *orow = out + j * cols;
+        for (int64_t t = 0; t < gi; t++) {
+            float sv = srow[t];
+            int64_t end = (t + 1) * bi < cols ? (t + 1) * bi : cols;
+            for (int64_t c = t * bi; c < end; c++) orow[c] = lut[row[c]] * sv;
+        }
+    }
+    return 0;
+}
+
+/* out[j, 2q + h] = pair[packed[r, q]][h] × (lut[bs[r, q / 8]] × s2), r = rows[j] (or j without rows), for the k rows
+ * of an NVFP4 weight: packed [., p] bytes (two E2M1 values each, the low nibble first), bs [., p / 8] E4M3 block
+ * scales (one per 16 values); pair: the two float32 values of each byte; out [k, 2p]. */
+int qd_nvfp4_rows_f32(const uint8_t *packed, const uint8_t *bs, int64_t p, const int64_t *rows, int64_t k, float s2,
+                      const float *lut, const float *pair, float *out) {
+    int64_t nb = p / 8;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t r = rows ? rows[j] : j;
+        const uint8_t *prow = packed + r * p;
+        const uint8_t *brow = bs + r * nb;
+        float *orow = out + j * 2 * p;
+        for (int64_t b = 0; b < nb; b++) {
+            float pb = lut[brow[b]] * s2;
+            for (int64_t q = b * 8; q < b * 8 + 8; q++) {
+                const float *v = pair + 2 * prow[q];
+                orow[2 * q] = v[0] * pb;
+                orow[2 * q + 1] = v[1] * pb;
+            }
+        }
+    }
+    return 0;
+}
+
+/* E4M3 block-scale bytes bs[0..n): out[0] = NaN bytes (magnitude 0x7F), out[1] = bytes that are not a finite
+ * scale > 0 (NaN, zero magnitude, or the sign bit set), out[2] = the largest magnitude byte (b & 0x7F). */
+int qd_e4m3_scan(const uint8_t *bs, int64_t n, int64_t *out) {
+    int64_t nan = 0, bad = 0;
+    uint8_t top = 0;
+    for (int64_t x = 0; x < n; x++) {
+        uint8_t b = bs[x], m = b & 0x7F;
+        nan += m == 0x7F;
+        bad += (m == 0x7F) | (m == 0) | (b >> 7);
+        top = m > top ? m : top;
+    }
+    out[0] = nan;
+    out[1] = bad;
+    out[2] = top;
     return 0;
 }

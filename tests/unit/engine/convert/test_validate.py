@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -404,3 +405,89 @@ def test_the_block_check_runs_a_v4_layer_0_with_its_routed_experts(tiny_ckpt, tm
     rep = validate_checkpoint(tmp_path / "out", src)
     block = next(c for c in rep["checks"] if c["check"] == "block")
     assert rep["ok"] and block["status"] == "ok" and "DeepseekV4DecoderLayer" in block["detail"], block
+
+
+def _both_paths(monkeypatch, fn):
+    """fn() with validate's C decoders, then with its numpy ones: (C result, numpy result)."""
+    from engine.convert import validate_read as host
+
+    monkeypatch.delenv("QUANTDECK_KERNELS", raising=False)
+    assert host._native() is not None  # the C path is the one taken first
+    c = fn()
+    with monkeypatch.context() as m:
+        m.setattr(host, "_native", lambda: None)
+        return c, fn()
+
+
+@pytest.mark.parametrize("o, cols, block, rows", [(300, 300, (128, 128), "sampled"), (300, 256, (128, 128), "all"),
+                                                   (7, 100, (128, 128), "all"), (64, 96, (1, 32), "sampled")])
+def test_fp8_rows_decode_in_c_to_the_numpy_bytes(monkeypatch, o, cols, block, rows):
+    """fp8_values in C: bit for bit numpy's float32 products, NaN codes, zero and infinite tile scales, a partial
+    last tile and rows spread over tiles included."""
+    from engine.convert import validate_read as host
+
+    g = np.random.default_rng(o + cols)
+    idx = np.array([0, 1, 129, 130, o - 1], np.int64) if rows == "sampled" and o > 130 else \
+        np.arange(0, o, 3, dtype=np.int64) if rows == "sampled" else np.arange(o, dtype=np.int64)
+    codes = g.integers(0, 256, (len(idx), cols), dtype=np.uint8)
+    codes[0, :4] = (0x7F, 0xFF, 0x00, 0x80)
+    grid = (-(-o // block[0]), -(-cols // block[1]))
+    sc = g.uniform(1e-4, 3.0, grid).astype(np.float32)
+    sc[0, 0], sc[-1, -1] = 0.0, np.inf
+    c, ref = _both_paths(monkeypatch, lambda: host.fp8_values(codes, idx, sc, block, cols).copy())
+    assert c.shape == ref.shape == (len(idx), cols) and c.view(np.uint32).tobytes() == ref.view(np.uint32).tobytes()
+
+
+@pytest.mark.parametrize("rows", [None, [0, 2, 5, 6]])
+@pytest.mark.parametrize("cols", [48, 40])
+def test_nvfp4_rows_decode_in_c_to_the_numpy_bytes(monkeypatch, rows, cols):
+    """nvfp4_values in C: bit for bit numpy's values (the block scale times scale_2, then times each E2M1 value),
+    with NaN, zero and negative block-scale bytes, sampled rows read where they lie, and the padding cut off."""
+    from engine.convert import validate_read as host
+
+    g = np.random.default_rng(11)
+    packed = g.integers(0, 256, (7, 24), dtype=np.uint8)
+    bs = g.integers(0, 256, (7, 3), dtype=np.uint8)
+    bs[0] = (0x7F, 0x80, 0x00)
+    idx = None if rows is None else np.array(rows, np.int64)
+    for s2 in (np.float32(0.37), np.float32(1e-30), np.float32(3e38)):
+        c, ref = _both_paths(monkeypatch, lambda s2=s2: np.ascontiguousarray(
+            host.nvfp4_values(packed, bs, s2, cols, rows=idx)))
+        assert c.shape == ref.shape == (7 if rows is None else len(rows), cols)
+        assert c.view(np.uint32).tobytes() == ref.view(np.uint32).tobytes()
+
+
+def test_block_scale_scan_in_c_counts_as_numpy_does(monkeypatch):
+    """scan_e4m3 in C: the NaN bytes, the bytes that are no finite scale > 0 (NaN, zero, negative; 0x80 and 0xFF
+    counted once) and the largest magnitude, as numpy's five passes give them; an empty array has none."""
+    from engine.convert import validate_read as host
+
+    every = np.arange(256, dtype=np.uint8)
+    some = np.random.default_rng(2).integers(1, 0x7F, (33, 17), dtype=np.uint8)
+    for bs in (every, some, np.zeros(0, np.uint8), np.array([0x80, 0xFF, 0x7F, 0x00, 0x01], np.uint8)):
+        c, ref = _both_paths(monkeypatch, lambda bs=bs: host.scan_e4m3(bs))
+        assert c == ref
+    assert host.scan_e4m3(every) == (2, 1 + 1 + 128, 0x7F)  # NaN: 0x7F, 0xFF; bad: 0x7F, 0x00, 0x80..0xFF
+
+
+def test_validate_decoders_in_c_refuse_arrays_they_cannot_take():
+    """The C decoders' calls check what they are given (ValueError), so no kernel reads or writes out of bounds."""
+    from engine.convert import validate_read as host
+    from engine.formats.native import calls
+
+    lib = host._native()
+    codes, idx = np.zeros((4, 300), np.uint8), np.arange(4, dtype=np.int64)
+    sc, out = np.ones((1, 3), np.float32), np.zeros((4, 300), np.float32)
+    for bad in (dict(codes=codes[:, ::2]), dict(rows=idx.astype(np.int32)), dict(rows=idx + 200),
+                dict(sc=np.ones((1, 2), np.float32)), dict(out=out[:3]), dict(sc=sc.astype(np.float64))):
+        kw = dict(codes=codes, rows=idx, sc=sc, out=out) | bad
+        with pytest.raises(ValueError, match="fp8_rows_f32"):
+            calls.fp8_rows_f32(lib, kw["codes"], kw["rows"], kw["sc"], 128, 128, host.E4M3_LUT, kw["out"])
+    packed, bs, out4 = np.zeros((4, 24), np.uint8), np.zeros((4, 3), np.uint8), np.zeros((4, 48), np.float32)
+    for bad in (dict(packed=np.zeros((4, 20), np.uint8)), dict(bs=bs[:, :2]), dict(rows=np.array([4], np.int64)),
+                dict(out=out4[:, :40])):
+        kw = dict(packed=packed, bs=bs, rows=None, out=out4) | bad
+        with pytest.raises(ValueError, match="nvfp4_rows_f32"):
+            calls.nvfp4_rows_f32(lib, kw["packed"], kw["bs"], 1.0, kw["rows"], host.E4M3_LUT, host.PAIR_LUT, kw["out"])
+    with pytest.raises(ValueError, match="e4m3_scan"):
+        calls.e4m3_scan(lib, np.zeros((4, 4), np.uint8)[:, ::2])
