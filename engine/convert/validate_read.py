@@ -276,8 +276,9 @@ def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, 
                cols: int, slot: str | None = None) -> np.ndarray:
     """float32 values of FP8 E4M3 rows `rows` of a weight ([k, cols] bytes), each multiplied by its tile's scale."""
     vals = Scratch.get(slot, codes.shape, np.float32) if slot else np.empty(codes.shape, np.float32)
-    if scale32 is not None and scale32.dtype == np.float32 and scale32.ndim == 2 and codes.flags.c_contiguous \
-            and scale32.shape[1] == -(-cols // block[1]) and codes.shape[1] == cols:
+    if scale32 is not None and scale32.dtype == np.float32 and scale32.ndim == 2 and codes.dtype == np.uint8 \
+            and codes.flags.c_contiguous and codes.shape[1] == cols and scale32.shape[1] == -(-cols // block[1]) \
+            and _within(rows, scale32.shape[0] * block[0]):
         lib = _native()
         if lib is not None:  # one pass in C, the same float32 product per value
             return native_calls.fp8_rows_f32(lib, codes, np.ascontiguousarray(rows, np.int64),
@@ -299,10 +300,15 @@ def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, 
     return vals
 
 
+def _within(rows: np.ndarray, n: int) -> bool:
+    """Row indices all in [0, n): what the C decoders index with; numpy's indexing judges any others."""
+    return len(rows) == 0 or (int(rows.min()) >= 0 and int(rows.max()) < n)
+
+
 def scan_e4m3(bs: np.ndarray) -> tuple[int, int, int]:
     """E4M3 block scales: (NaN bytes, bytes that are not a finite scale > 0: NaN, zero or negative, the largest
     magnitude byte b & 0x7F; 0 when there are none)."""
-    lib = _native() if bs.flags.c_contiguous else None
+    lib = _native() if bs.dtype == np.uint8 and bs.flags.c_contiguous else None
     if lib is not None:  # one pass in C, where numpy makes five over the array
         return native_calls.e4m3_scan(lib, bs)
     mag = Scratch.get("magnitude", bs.shape)
@@ -320,7 +326,8 @@ def nvfp4_values(packed: np.ndarray, bs: np.ndarray, s2: np.float32, cols: int |
                  slot: str | None = None) -> np.ndarray:
     """float32 values of NVFP4 rows (`rows` of, or all): packed [o, p] bytes, E4M3 block-scale bytes [o, 2p/16],
     float32 scale_2; `cols` cuts the padding of the last 16-value block."""
-    lib = _native() if packed.flags.c_contiguous and bs.flags.c_contiguous else None
+    lib = _native() if packed.dtype == bs.dtype == np.uint8 and packed.flags.c_contiguous and bs.flags.c_contiguous \
+        and (rows is None or _within(rows, packed.shape[0])) else None
     if lib is not None:  # one pass in C over the rows where they lie, the same two float32 products per value
         k, p = (packed.shape[0] if rows is None else len(rows)), packed.shape[1]
         out = Scratch.get(slot, (k, 2 * p), np.float32) if slot else np.empty((k, 2 * p), np.float32)

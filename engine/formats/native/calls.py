@@ -10,6 +10,7 @@ nvfp4_rows_f32, e4m3_scan) check their arguments here and raise ValueError for a
 from __future__ import annotations
 
 import ctypes
+import operator
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -105,7 +106,16 @@ def pread_rows(lib, fd: int, offsets: np.ndarray, out: np.ndarray, advise: bool)
 
 
 def _c(a: np.ndarray, dtype, ndim: int) -> bool:
-    return a.dtype == dtype and a.ndim == ndim and a.flags.c_contiguous
+    return a.dtype == dtype and a.ndim == ndim and a.flags.c_contiguous and a.flags.aligned
+
+
+def _size(n) -> int:
+    """A block size C can take as int64 (ctypes would wrap a larger one silently); 0 for anything else."""
+    try:
+        n = operator.index(n)
+    except TypeError:
+        return 0
+    return n if 0 < n < 2**62 else 0
 
 
 def fp8_rows_f32(lib, codes: np.ndarray, rows: np.ndarray, sc: np.ndarray, bo: int, bi: int, lut: np.ndarray,
@@ -114,8 +124,9 @@ def fp8_rows_f32(lib, codes: np.ndarray, rows: np.ndarray, sc: np.ndarray, bo: i
     [k]), sc float32 tile scales [., ceil(cols / bi)] covering every rows[j] // bo, lut float32 [256]; into `out`
     [k, cols]."""
     k, cols = codes.shape if codes.ndim == 2 else (-1, -1)
+    bo, bi = _size(bo), _size(bi)
     if not (_c(codes, np.uint8, 2) and _c(rows, np.int64, 1) and len(rows) == k and _c(sc, np.float32, 2)
-            and bo > 0 and bi > 0 and sc.shape[1] == -(-cols // bi) and _c(lut, np.float32, 1) and lut.size == 256
+            and bo and bi and sc.shape[1] == -(-cols // bi) and _c(lut, np.float32, 1) and lut.size == 256
             and _c(out, np.float32, 2) and out.shape == (k, cols) and out.flags.writeable
             and (k == 0 or (0 <= int(rows.min()) and int(rows.max()) // bo < sc.shape[0]))):
         raise ValueError("fp8_rows_f32: contiguous uint8 codes [k, cols], int64 rows [k] within the scales' tiles, "

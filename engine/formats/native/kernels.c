@@ -15,7 +15,9 @@
  *
  * And validate's decoders (engine/convert/validate_read.py, whose numpy versions they replace where the library
  * builds): qd_fp8_rows_f32 and qd_nvfp4_rows_f32 give the float32 values of sampled rows with the numpy path's
- * products in its order (one float32 multiply per value), and qd_e4m3_scan counts a block-scale array's bad bytes.
+ * products in its order (one float32 multiply per value: the same values; where both factors are NaN, which NaN
+ * comes out may differ, as it does between numpy's own loops), and qd_e4m3_scan counts a block-scale array's bad
+ * bytes.
  */
 #define _POSIX_C_SOURCE 200809L /* pread, posix_fadvise */
 #define _FILE_OFFSET_BITS 64    /* 64-bit off_t on 32-bit platforms too */

@@ -407,23 +407,36 @@ def test_the_block_check_runs_a_v4_layer_0_with_its_routed_experts(tiny_ckpt, tm
     assert rep["ok"] and block["status"] == "ok" and "DeepseekV4DecoderLayer" in block["detail"], block
 
 
-def _both_paths(monkeypatch, fn):
-    """fn() with validate's C decoders, then with its numpy ones: (C result, numpy result)."""
+def _both_paths(monkeypatch, fn, kernel: str):
+    """fn() with validate's C decoders, then with its numpy ones: (C result, numpy result); the C kernel `kernel`
+    (a function of engine.formats.native.calls) must have been called by the first, and not by the second."""
     from engine.convert import validate_read as host
+    from engine.formats.native import calls
 
     monkeypatch.delenv("QUANTDECK_KERNELS", raising=False)
-    assert host._native() is not None  # the C path is the one taken first
-    c = fn()
+    assert host._native() is not None
+    real, n = getattr(calls, kernel), [0]
+
+    def counted(*a, **kw):
+        n[0] += 1
+        return real(*a, **kw)
+
     with monkeypatch.context() as m:
+        m.setattr(calls, kernel, counted)
+        c = fn()
+        assert n[0] >= 1  # the C path was the one taken
         m.setattr(host, "_native", lambda: None)
-        return c, fn()
+        ref = fn()
+        assert n[0] == 1
+    return c, ref
 
 
 @pytest.mark.parametrize("o, cols, block, rows", [(300, 300, (128, 128), "sampled"), (300, 256, (128, 128), "all"),
                                                    (7, 100, (128, 128), "all"), (64, 96, (1, 32), "sampled")])
 def test_fp8_rows_decode_in_c_to_the_numpy_bytes(monkeypatch, o, cols, block, rows):
     """fp8_values in C: bit for bit numpy's float32 products, NaN codes, zero and infinite tile scales, a partial
-    last tile and rows spread over tiles included."""
+    last tile and rows spread over tiles included (NaN scales aside: which NaN a NaN code times a NaN scale gives
+    is not fixed, in numpy either)."""
     from engine.convert import validate_read as host
 
     g = np.random.default_rng(o + cols)
@@ -434,7 +447,7 @@ def test_fp8_rows_decode_in_c_to_the_numpy_bytes(monkeypatch, o, cols, block, ro
     grid = (-(-o // block[0]), -(-cols // block[1]))
     sc = g.uniform(1e-4, 3.0, grid).astype(np.float32)
     sc[0, 0], sc[-1, -1] = 0.0, np.inf
-    c, ref = _both_paths(monkeypatch, lambda: host.fp8_values(codes, idx, sc, block, cols).copy())
+    c, ref = _both_paths(monkeypatch, lambda: host.fp8_values(codes, idx, sc, block, cols).copy(), "fp8_rows_f32")
     assert c.shape == ref.shape == (len(idx), cols) and c.view(np.uint32).tobytes() == ref.view(np.uint32).tobytes()
 
 
@@ -452,7 +465,7 @@ def test_nvfp4_rows_decode_in_c_to_the_numpy_bytes(monkeypatch, rows, cols):
     idx = None if rows is None else np.array(rows, np.int64)
     for s2 in (np.float32(0.37), np.float32(1e-30), np.float32(3e38)):
         c, ref = _both_paths(monkeypatch, lambda s2=s2: np.ascontiguousarray(
-            host.nvfp4_values(packed, bs, s2, cols, rows=idx)))
+            host.nvfp4_values(packed, bs, s2, cols, rows=idx)), "nvfp4_rows_f32")
         assert c.shape == ref.shape == (7 if rows is None else len(rows), cols)
         assert c.view(np.uint32).tobytes() == ref.view(np.uint32).tobytes()
 
@@ -465,29 +478,42 @@ def test_block_scale_scan_in_c_counts_as_numpy_does(monkeypatch):
     every = np.arange(256, dtype=np.uint8)
     some = np.random.default_rng(2).integers(1, 0x7F, (33, 17), dtype=np.uint8)
     for bs in (every, some, np.zeros(0, np.uint8), np.array([0x80, 0xFF, 0x7F, 0x00, 0x01], np.uint8)):
-        c, ref = _both_paths(monkeypatch, lambda bs=bs: host.scan_e4m3(bs))
+        c, ref = _both_paths(monkeypatch, lambda bs=bs: host.scan_e4m3(bs), "e4m3_scan")
         assert c == ref
     assert host.scan_e4m3(every) == (2, 1 + 1 + 128, 0x7F)  # NaN: 0x7F, 0xFF; bad: 0x7F, 0x00, 0x80..0xFF
 
 
 def test_validate_decoders_in_c_refuse_arrays_they_cannot_take():
-    """The C decoders' calls check what they are given (ValueError), so no kernel reads or writes out of bounds."""
+    """The C decoders' calls check what they are given, one defect at a time (ValueError), so no kernel reads or
+    writes out of bounds: not even a block size that ctypes would wrap into a small or negative int64."""
     from engine.convert import validate_read as host
     from engine.formats.native import calls
 
     lib = host._native()
     codes, idx = np.zeros((4, 300), np.uint8), np.arange(4, dtype=np.int64)
     sc, out = np.ones((1, 3), np.float32), np.zeros((4, 300), np.float32)
-    for bad in (dict(codes=codes[:, ::2]), dict(rows=idx.astype(np.int32)), dict(rows=idx + 200),
-                dict(sc=np.ones((1, 2), np.float32)), dict(out=out[:3]), dict(sc=sc.astype(np.float64))):
-        kw = dict(codes=codes, rows=idx, sc=sc, out=out) | bad
+    read_only = out.copy()
+    read_only.flags.writeable = False
+    fp8 = dict(codes=codes, rows=idx, sc=sc, bo=128, bi=128, lut=host.E4M3_LUT, out=out)
+    calls.fp8_rows_f32(lib, *fp8.values())  # as given: taken
+    for bad in (dict(codes=codes[:, ::2]), dict(codes=codes.view(np.int8)), dict(rows=idx.astype(np.int32)),
+                dict(rows=idx + 200), dict(rows=idx - 1), dict(rows=idx[:3]), dict(sc=np.ones((1, 2), np.float32)),
+                dict(sc=sc.astype(np.float64)), dict(bo=0), dict(bi=0), dict(bo=2**64 + 1), dict(bi=2**63),
+                dict(bo=1.5), dict(lut=host.E4M3_LUT[:255].copy()), dict(out=out[:3]), dict(out=read_only),
+                dict(out=np.zeros((4, 301), np.float32)[:, :300])):
         with pytest.raises(ValueError, match="fp8_rows_f32"):
-            calls.fp8_rows_f32(lib, kw["codes"], kw["rows"], kw["sc"], 128, 128, host.E4M3_LUT, kw["out"])
+            calls.fp8_rows_f32(lib, *(fp8 | bad).values())
     packed, bs, out4 = np.zeros((4, 24), np.uint8), np.zeros((4, 3), np.uint8), np.zeros((4, 48), np.float32)
-    for bad in (dict(packed=np.zeros((4, 20), np.uint8)), dict(bs=bs[:, :2]), dict(rows=np.array([4], np.int64)),
-                dict(out=out4[:, :40])):
-        kw = dict(packed=packed, bs=bs, rows=None, out=out4) | bad
+    nv = dict(packed=packed, bs=bs, s2=1.0, rows=None, lut=host.E4M3_LUT, pair=host.PAIR_LUT, out=out4)
+    calls.nvfp4_rows_f32(lib, *nv.values())
+    u8, f32 = np.uint8, np.float32
+    for bad in (dict(packed=np.zeros((4, 20), u8), bs=np.zeros((4, 2), u8), out=np.zeros((4, 40), f32)),  # p % 8
+                dict(bs=np.zeros((4, 2), u8)), dict(bs=np.zeros((3, 3), u8)), dict(rows=np.array([4], np.int64)),
+                dict(rows=np.array([-1], np.int64), out=out4[:1]), dict(out=np.zeros((4, 40), np.float32)),
+                dict(out=np.zeros((3, 48), np.float32)), dict(pair=host.PAIR_LUT.T.copy()),
+                dict(lut=host.E4M3_LUT.astype(np.float64))):
         with pytest.raises(ValueError, match="nvfp4_rows_f32"):
-            calls.nvfp4_rows_f32(lib, kw["packed"], kw["bs"], 1.0, kw["rows"], host.E4M3_LUT, host.PAIR_LUT, kw["out"])
-    with pytest.raises(ValueError, match="e4m3_scan"):
-        calls.e4m3_scan(lib, np.zeros((4, 4), np.uint8)[:, ::2])
+            calls.nvfp4_rows_f32(lib, *(nv | bad).values())
+    for bad_bs in (np.zeros((4, 4), np.uint8)[:, ::2], np.zeros(4, np.int8)):
+        with pytest.raises(ValueError, match="e4m3_scan"):
+            calls.e4m3_scan(lib, bad_bs)
