@@ -14,6 +14,9 @@ As a stage starts, the launcher is asked to start the next stage's worker ahead 
 launcher's standby), so its interpreter start-up and imports (~0.3 s) overlap this stage instead of following it.
 One stage ahead, beside heavy stages too: on 2 cores one standby beside convert did not slow it measurably, while
 standbys for every stage up to validate started there (to cover the short stages after it) slowed it by ~0.3 s.
+So the short stages' standbys (inject-mtp, copy-extras, and the stage after them) start together beside a heavy
+stage only on 8 cores or more, and beside the first short stage otherwise (`_ahead`): one by one, each short stage
+waited for the next one's imports (0.43 s between inject-mtp and copy-extras on 2 cores).
 
 A launcher factory is `factory(recipe: engine.runs.recipe.Recipe, run_dir: pathlib.Path) -> Launcher`.
 """
@@ -294,8 +297,8 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 sync_store(run)
                 if syncer is not None:
                     syncer.beside(name)
-                if i + 1 < len(todo):  # before the warm child, whose start takes the driver ~0.1 s
-                    launcher.prepare(_worker_spec(run, plan, recipe, todo[i + 1], mode, launcher))
+                for ahead in _ahead(todo, i):  # before the warm child, whose start takes the driver ~0.1 s
+                    launcher.prepare(_worker_spec(run, plan, recipe, ahead, mode, launcher))
                 if name == warm_at:  # beside this stage's worker, which has just started
                     warm = _start_warm_block(run, plan)
                 st = wait_stage(run, name, attempt, launcher, handle.host, handle.pid, poll_s)
@@ -331,6 +334,24 @@ def _worker_spec(run: RunDir, plan: Plan, recipe: Recipe, name: str, mode: str, 
                       args=("--mode", mode) if mode != "run" else (),
                       nnodes=max(1, len(sp.nodes)) if sp.distributed else 1,
                       nproc_per_node=_local_ranks(recipe) if sp.distributed else 1)
+
+
+# stages of a fraction of a second (a few small files): a standby started as one of them begins has no time to import
+_LIGHT = frozenset(x.value for x in (StageName.INSPECT, StageName.INJECT_MTP, StageName.COPY_EXTRAS))
+
+
+def _ahead(todo: list[str], i: int) -> list[str]:
+    """The stages whose workers are started ahead as stage `todo[i]` begins: the next one and, where that is light,
+    the light ones after it and the first stage after those (their standbys then import beside this stage, not one
+    by one in the gaps between light stages). A heavy stage on fewer than 8 cores gets only the next one: more
+    imports beside it would slow it (see the module doc)."""
+    out = todo[i + 1:i + 2]
+    if todo[i] in _LIGHT or (os.cpu_count() or 1) >= WARM_BESIDE_HEAVY_CORES:
+        for name in todo[i + 2:]:
+            if out[-1] not in _LIGHT:
+                break
+            out.append(name)
+    return out
 
 
 # the stages that write the output (or what it is made from): the warm child starts after the last of them

@@ -1,0 +1,43 @@
+"""Which stages' workers the driver starts ahead as a stage begins (engine.runs.runner._ahead): the next one, and
+after a light stage (inspect, inject-mtp, copy-extras) the light ones that follow it and the first stage after them;
+beside a heavy stage that chain only on 8 cores or more, where the imports do not slow it."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.runs.plan import build_plan, stages_to_run
+from engine.runs.recipe import loads_recipe
+from engine.runs.runner import _ahead
+
+CALIBRATED = '[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"\nnum_samples = 4\n'
+
+
+def _todo(extra: str = "") -> list[str]:
+    r = loads_recipe(f'[run]\nworkdir = "work"\n[source]\npath = "/ckpt/V3"\n{extra}')
+    return stages_to_run(build_plan(r, run_id="r1", run_dir="/w/runs/r1", base="/home/op"), {}, "run")
+
+
+@pytest.mark.parametrize("cores, extra, stage, ahead", [
+    (2, "", "inspect", ["convert"]),
+    (2, "", "convert", ["inject-mtp"]),  # a heavy stage on 2 cores: one ahead
+    (2, "", "inject-mtp", ["copy-extras", "validate"]),  # a light one: through the light ones to the next heavy one
+    (2, "", "copy-extras", ["validate"]),
+    (2, "", "validate", []),  # the last stage
+    (16, "", "convert", ["inject-mtp", "copy-extras", "validate"]),  # cores to spare: the whole chain beside it
+    (16, "", "inspect", ["convert"]),
+    (2, CALIBRATED, "export", ["inject-mtp"]),
+    (16, CALIBRATED, "export", ["inject-mtp", "copy-extras", "validate"]),
+    (16, CALIBRATED, "validate", ["eval"]),
+])
+def test_the_stages_started_ahead(cores, extra, stage, ahead, monkeypatch):
+    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: cores)
+    todo = _todo(extra)
+    assert todo[0] == "inspect" and todo[-1] in ("validate", "eval")
+    assert _ahead(todo, todo.index(stage)) == ahead
+
+
+def test_a_resume_starts_ahead_from_where_it_begins(monkeypatch):
+    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: 16)
+    assert _ahead(["copy-extras", "validate"], 0) == ["validate"]
+    assert _ahead(["inject-mtp", "copy-extras"], 0) == ["copy-extras"]  # a chain that ends with a light stage
