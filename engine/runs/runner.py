@@ -10,13 +10,8 @@ while its stage was stalled is recorded with the root cause `stalled`. Launchers
 from a factory named on the command line (`--launcher-factory remote.launchers:launcher_for`), chosen by the
 CLI/console: the engine never imports remote/.
 
-As a stage starts, the launcher is asked to start the next stage's worker ahead (`Launcher.prepare`; the local
-launcher's standby), so its interpreter start-up and imports (~0.3 s) overlap this stage instead of following it.
-One stage ahead, beside heavy stages too: on 2 cores one standby beside convert did not slow it measurably, while
-standbys for every stage up to validate started there (to cover the short stages after it) slowed it by ~0.3 s.
-So the short stages' standbys (inject-mtp, copy-extras, and the stage after them) start together beside a heavy
-stage only on 8 cores or more, and beside the first short stage otherwise (`_ahead`): one by one, each short stage
-waited for the next one's imports (0.43 s between inject-mtp and copy-extras on 2 cores).
+As a stage starts, later stages' workers are started ahead (`Launcher.prepare`; the local launcher's standby), and
+validate's decoder-block child warms up beside the stage that suits it: which ones, and why, in engine.runs.ahead.
 
 A launcher factory is `factory(recipe: engine.runs.recipe.Recipe, run_dir: pathlib.Path) -> Launcher`.
 """
@@ -38,6 +33,7 @@ from engine.core.fsutil import atomic_write_json, read_json
 from engine.core.locks import driver_alive, pid_alive, this_host  # noqa: F401 (driver_alive re-exported)
 from engine.core.names import StageName, StageState
 from engine.core.settings import FSYNC_ENV
+from engine.runs.ahead import stages_ahead, start_warm_block, warm_block_stage
 from engine.runs.durability import Syncer, stage_states, unsynced_here, written_paths
 from engine.runs.launcher import Launcher, WorkerSpec
 from engine.runs.local_launcher import REPO_ROOT, child_env
@@ -267,7 +263,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
         for name, attempt in unsynced_here(run, plan) if syncer is not None else ():
             syncer.after(name, attempt)
         result = StageState.SUCCEEDED
-        warm, warm_at = None, _warm_block_stage(plan, todo, launcher)
+        warm, warm_at = None, warm_block_stage(plan, todo, launcher)
         try:
             for i, name in enumerate(todo):
                 if cancel_requested(run):
@@ -297,10 +293,10 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 sync_store(run)
                 if syncer is not None:
                     syncer.beside(name)
-                for ahead in _ahead(todo, i):  # before the warm child, whose start takes the driver ~0.1 s
+                for ahead in stages_ahead(todo, i):  # before the warm child, whose start takes the driver ~0.1 s
                     launcher.prepare(_worker_spec(run, plan, recipe, ahead, mode, launcher))
                 if name == warm_at:  # beside this stage's worker, which has just started
-                    warm = _start_warm_block(run, plan)
+                    warm = start_warm_block(run, plan)
                 st = wait_stage(run, name, attempt, launcher, handle.host, handle.pid, poll_s)
                 sync_store(run)
                 if name == StageName.VALIDATE.value and warm is not None:
@@ -334,68 +330,6 @@ def _worker_spec(run: RunDir, plan: Plan, recipe: Recipe, name: str, mode: str, 
                       args=("--mode", mode) if mode != "run" else (),
                       nnodes=max(1, len(sp.nodes)) if sp.distributed else 1,
                       nproc_per_node=_local_ranks(recipe) if sp.distributed else 1)
-
-
-# stages of a fraction of a second (a few small files): a standby started as one of them begins has no time to import
-_LIGHT = frozenset(x.value for x in (StageName.INSPECT, StageName.INJECT_MTP, StageName.COPY_EXTRAS))
-
-
-def _ahead(todo: list[str], i: int) -> list[str]:
-    """The stages whose workers are started ahead as stage `todo[i]` begins: the next one and, where that is light,
-    the light ones after it and the first stage after those (their standbys then import beside this stage, not one
-    by one in the gaps between light stages). A heavy stage on fewer than 8 cores gets only the next one: more
-    imports beside it would slow it (see the module doc)."""
-    out = todo[i + 1:i + 2]
-    if todo[i] in _LIGHT or (os.cpu_count() or 1) >= WARM_BESIDE_HEAVY_CORES:
-        for name in todo[i + 2:]:
-            if out[-1] not in _LIGHT:
-                break
-            out.append(name)
-    return out
-
-
-# the stages that write the output (or what it is made from): the warm child starts after the last of them
-_HEAVY = frozenset(x.value for x in (StageName.PULL, StageName.CONVERT, StageName.DEQUANT, StageName.CAST_FP8,
-                                     StageName.CALIBRATE, StageName.EXPORT))
-
-
-WARM_BESIDE_HEAVY_CORES = 8
-
-
-def _warm_block_stage(plan: Plan, todo: list[str], launcher: Launcher) -> str | None:
-    """The stage beside whose worker validate's decoder-block child starts warming up
-    (engine.convert.block_child.start_warm): the last heavy stage of `todo` on a machine of 8 cores or more, else
-    the first stage after it, if before validate;
-    None when validate is not to run here (another launcher, not in `todo`, nothing before it, no source)."""
-    v = StageName.VALIDATE.value
-    if launcher.name != "local" or v not in todo or not plan.stage(v).params.get("src"):
-        return None
-    last = max((i for i, n in enumerate(todo) if n in _HEAVY), default=-1)
-    # with cores to spare its imports overlap the heavy stage itself; on a few cores they would slow it (2 cores:
-    # convert 2.2 -> 3.4 s for validate's 0 s gain), so it starts with the next stage
-    at = last if last >= 0 and (os.cpu_count() or 1) >= WARM_BESIDE_HEAVY_CORES else last + 1
-    return todo[at] if at < todo.index(v) else None
-
-
-def _start_warm_block(run: RunDir, plan: Plan) -> Any:
-    """validate's decoder-block child, warming up; None where it cannot start (validate then starts its own)."""
-    from engine.convert.block_child import WARM_SOCKET, start_warm
-    from engine.stages.validate import block_check_args
-
-    v = StageName.VALIDATE.value
-    args = block_check_args(plan.stage(v).params)
-    if args is None:
-        return None
-    try:
-        run.stage_dir(v).mkdir(parents=True, exist_ok=True)
-        warm = start_warm(run.stage_dir(v) / WARM_SOCKET, *args)
-    except Exception as e:  # noqa: BLE001 - only a head start: validate starts its own child without it
-        print(f"quantdeck runner: validate's decoder-block check not warmed up: {e}", file=sys.stderr, flush=True)
-        return None
-    if warm is not None:
-        print(f"quantdeck runner: validate's decoder-block check warming up (pid {warm.proc.pid}, run {run.id})",
-              file=sys.stderr, flush=True)
-    return warm
 
 
 def _local_ranks(recipe: Recipe) -> int:

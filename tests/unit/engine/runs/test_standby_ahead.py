@@ -1,4 +1,4 @@
-"""Which stages' workers the driver starts ahead as a stage begins (engine.runs.runner._ahead): the next one, and
+"""Which stages' workers the driver starts ahead as a stage begins (engine.runs.ahead.stages_ahead): the next one, and
 after a light stage (inspect, inject-mtp, copy-extras) the light ones that follow it and the first stage after them;
 beside a heavy stage that chain only on 8 cores or more, where the imports do not slow it."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from engine.runs.ahead import stages_ahead
 from engine.runs.plan import build_plan, stages_to_run
 from engine.runs.recipe import loads_recipe
-from engine.runs.runner import _ahead
 
 CALIBRATED = '[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"\nnum_samples = 4\n'
 
@@ -31,13 +31,13 @@ def _todo(extra: str = "") -> list[str]:
     (16, CALIBRATED, "validate", ["eval"]),
 ])
 def test_the_stages_started_ahead(cores, extra, stage, ahead, monkeypatch):
-    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: cores)
+    monkeypatch.setattr("engine.runs.ahead.os.cpu_count", lambda: cores)
     todo = _todo(extra)
     assert todo[0] == "inspect" and todo[-1] in ("validate", "eval")
-    assert _ahead(todo, todo.index(stage)) == ahead
+    assert stages_ahead(todo, todo.index(stage)) == ahead
 
 
 def test_a_resume_starts_ahead_from_where_it_begins(monkeypatch):
-    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: 16)
-    assert _ahead(["copy-extras", "validate"], 0) == ["validate"]
-    assert _ahead(["inject-mtp", "copy-extras"], 0) == ["copy-extras"]  # a chain that ends with a light stage
+    monkeypatch.setattr("engine.runs.ahead.os.cpu_count", lambda: 16)
+    assert stages_ahead(["copy-extras", "validate"], 0) == ["validate"]
+    assert stages_ahead(["inject-mtp", "copy-extras"], 0) == ["copy-extras"]  # a chain that ends with a light stage

@@ -1,4 +1,4 @@
-"""Where the driver starts validate's warm decoder-block child (engine.runs.runner._warm_block_stage): beside the
+"""Where the driver starts validate's warm decoder-block child (engine.runs.runner.warm_block_stage): beside the
 last stage that writes the output on a machine of 8 cores or more, else beside the first stage after it; before
 validate, for the local launcher only, and only when validate has a source to check against."""
 
@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
+from engine.runs.ahead import warm_block_stage
 from engine.runs.plan import Plan, build_plan, stages_to_run
 from engine.runs.recipe import loads_recipe
-from engine.runs.runner import _warm_block_stage
 from engine.stages.validate import block_check_args
 
 
@@ -42,21 +42,21 @@ CALIBRATED = '[target]\ncalibrate = true\n[calibration]\nsamples = "s.json"\nnum
     (16, "", ["validate"], None),
 ])
 def test_where_the_warm_child_starts(cores, extra, todo, at, monkeypatch):
-    monkeypatch.setattr("engine.runs.runner.os.cpu_count", lambda: cores)
+    monkeypatch.setattr("engine.runs.ahead.os.cpu_count", lambda: cores)
     p = _plan(extra)
     if todo is None or isinstance(todo, str):
         todo = stages_to_run(p, {"calibrate": "SUCCEEDED"} if todo else {}, todo or "run")
-    assert _warm_block_stage(p, todo, _Launcher()) == at
+    assert warm_block_stage(p, todo, _Launcher()) == at
 
 
 def test_not_for_another_launcher_nor_without_a_source():
     p = _plan()
     todo = stages_to_run(p, {}, "run")
-    assert _warm_block_stage(p, todo, _Launcher("ssh")) is None
+    assert warm_block_stage(p, todo, _Launcher("ssh")) is None
     v = p.stage("validate")
     bare = dataclasses.replace(v, inputs={k: x for k, x in v.inputs.items() if k != "src"})
     p2 = dataclasses.replace(p, stages=tuple(bare if s.name == "validate" else s for s in p.stages))
-    assert _warm_block_stage(p2, todo, _Launcher()) is None
+    assert warm_block_stage(p2, todo, _Launcher()) is None
     assert block_check_args(bare.params) is None
 
 
