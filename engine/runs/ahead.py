@@ -36,7 +36,7 @@ def stages_ahead(todo: list[str], i: int) -> list[str]:
     """The stages whose workers are started ahead as stage `todo[i]` begins: the next one and, where that is light,
     the light ones after it and the first stage after those (their standbys then import beside this stage, not one
     by one in the gaps between light stages). A heavy stage on fewer than 8 cores gets only the next one: more
-    imports beside it would slow it (see above)."""
+    imports beside it would slow it (see the module doc)."""
     out = todo[i + 1:i + 2]
     if todo[i] in LIGHT or (os.cpu_count() or 1) >= WARM_BESIDE_HEAVY_CORES:
         for name in todo[i + 2:]:

@@ -1,4 +1,4 @@
-"""Where the driver starts validate's warm decoder-block child (engine.runs.runner.warm_block_stage): beside the
+"""Where the driver starts validate's warm decoder-block child (engine.runs.ahead.warm_block_stage): beside the
 last stage that writes the output on a machine of 8 cores or more, else beside the first stage after it; before
 validate, for the local launcher only, and only when validate has a source to check against."""
 
