@@ -4,7 +4,7 @@
 Arguments of the conversion kernels are checked by their callers (engine.formats.nvfp4.host,
 engine.formats.fp8_block.host): C-contiguous arrays of the right dtypes and shapes. A kernel that could not get
 scratch memory raises MemoryError. The helpers validate calls on its own threads (pread_rows, fp8_rows_f32,
-nvfp4_rows_f32, e4m3_scan) check their arguments here and raise ValueError for arrays C cannot take.
+nvfp4_rows_f32, e4m3_scan, bf16_finite) check their arguments here and raise ValueError for arrays C cannot take.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ SIGNATURES = {
     "qd_fp8_rows_f32": (P, I64, I64, P, P, I64, I64, I64, P, P),
     "qd_nvfp4_rows_f32": (P, P, I64, P, I64, F32, P, P, P),
     "qd_e4m3_scan": (P, I64, P),
+    "qd_bf16_nonfinite": (P, I64),
 }
-RESTYPES = {"qd_pread_rows": I64}  # every other function returns an int
+RESTYPES = {"qd_pread_rows": I64, "qd_bf16_nonfinite": I64}  # every other function returns an int
 CHUNKS_PER_THREAD = 4  # a weight split over the pool: chunks handed out as threads finish
 
 _pool: list[ThreadPoolExecutor] = []
@@ -159,3 +160,10 @@ def e4m3_scan(lib, bs: np.ndarray) -> tuple[int, int, int]:
     out = np.zeros(3, np.int64)
     lib.qd_e4m3_scan(_p(bs), bs.size, _p(out))
     return int(out[0]), int(out[1]), int(out[2])
+
+
+def bf16_finite(lib, x: np.ndarray) -> bool:
+    """No NaN or Inf among BF16 values given as their uint16 bits `x` (one pass, stopping at the first)."""
+    if not (x.dtype == np.uint16 and x.flags.c_contiguous and x.flags.aligned):
+        raise ValueError("bf16_finite: contiguous, aligned uint16 values")
+    return int(lib.qd_bf16_nonfinite(_p(x), x.size)) == x.size

@@ -16,8 +16,8 @@
  * And validate's decoders (engine/convert/validate_read.py, whose numpy versions they replace where the library
  * builds): qd_fp8_rows_f32 and qd_nvfp4_rows_f32 give the float32 values of sampled rows with the numpy path's
  * products in its order (one float32 multiply per value: the same values; where both factors are NaN, which NaN
- * comes out may differ, as it does between numpy's own loops), and qd_e4m3_scan counts a block-scale array's bad
- * bytes.
+ * comes out may differ, as it does between numpy's own loops), qd_e4m3_scan counts a block-scale array's bad
+ * bytes, and qd_bf16_nonfinite finds a BF16 tensor's first NaN or Inf.
  */
 #define _POSIX_C_SOURCE 200809L /* pread, posix_fadvise */
 #define _FILE_OFFSET_BITS 64    /* 64-bit off_t on 32-bit platforms too */
@@ -300,4 +300,18 @@ int qd_e4m3_scan(const uint8_t *bs, int64_t n, int64_t *out) {
     out[1] = bad;
     out[2] = top;
     return 0;
+}
+
+/* The index of the first BF16 value of x[0..n) that is NaN or Inf (exponent bits all ones), n when there is none. */
+int64_t qd_bf16_nonfinite(const uint16_t *x, int64_t n) {
+    const int64_t step = 4096;
+    for (int64_t a = 0; a < n; a += step) {
+        int64_t end = a + step < n ? a + step : n;
+        int bad = 0;
+        for (int64_t k = a; k < end; k++) bad |= (x[k] & 0x7F80) == 0x7F80;
+        if (bad)
+            for (int64_t k = a; k < end; k++)
+                if ((x[k] & 0x7F80) == 0x7F80) return k;
+    }
+    return n;
 }

@@ -517,3 +517,33 @@ def test_validate_decoders_in_c_refuse_arrays_they_cannot_take():
     for bad_bs in (np.zeros((4, 4), np.uint8)[:, ::2], np.zeros(4, np.int8)):
         with pytest.raises(ValueError, match="e4m3_scan"):
             calls.e4m3_scan(lib, bad_bs)
+    for bad_bits in (np.zeros(8, np.uint16)[::2], np.zeros(8, np.int16), np.zeros(9, np.uint8)[1:].view(np.uint16)):
+        with pytest.raises(ValueError, match="bf16_finite"):
+            calls.bf16_finite(lib, bad_bits)
+
+
+def test_bf16_finiteness_in_c_as_numpy_judges_it(monkeypatch):
+    """all_finite on BF16 in C: false exactly where numpy finds a NaN or Inf (either sign, any payload), wherever
+    it lies in the tensor (first value, inside a later 4096-value block, last value); an empty tensor is finite."""
+    from engine.convert import validate_read as host
+
+    base = np.random.default_rng(4).integers(0, 2**16, 10_001, dtype=np.uint16)
+    base[(base & 0x7F80) == 0x7F80] = 0x3F80  # every value finite to begin with
+    cases = [base, base[:0]]
+    for at, bits in ((0, 0x7F80), (5_000, 0xFF80), (10_000, 0x7FC1), (4_096, 0xFFFF)):
+        bad = base.copy()
+        bad[at] = bits
+        cases.append(bad)
+    for x in cases:
+        c, ref = _both_paths(monkeypatch, lambda x=x: host.all_finite(x.view(np.uint8), "BF16"), "bf16_finite")
+        assert c == ref == (x is base or x.size == 0)
+
+
+def test_bf16_values_are_the_high_half_of_float32():
+    """float32_values of BF16 bytes: each value's bits moved to the high half of a float32, as torch's .float()."""
+    from engine.convert import validate_read as host
+
+    bits = np.arange(2**16, dtype=np.uint16)
+    got = host.float32_values(bits.view(np.uint8), "BF16", (2**16,))
+    want = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+    assert got.dtype == np.float32 and got.view(np.uint32).tobytes() == want.view(np.uint32).tobytes()
