@@ -280,13 +280,12 @@ def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, 
                cols: int, slot: str | None = None) -> np.ndarray:
     """float32 values of FP8 E4M3 rows `rows` of a weight ([k, cols] bytes), each multiplied by its tile's scale."""
     vals = Scratch.get(slot, codes.shape, np.float32) if slot else np.empty(codes.shape, np.float32)
-    if scale32 is not None and scale32.dtype == np.float32 and scale32.ndim == 2 and codes.dtype == np.uint8 \
-            and codes.flags.c_contiguous and codes.shape[1] == cols and scale32.shape[1] == -(-cols // block[1]) \
-            and _within(rows, scale32.shape[0] * block[0]):
+    if scale32 is not None and codes.ndim == 2 and codes.shape[1] == cols:
         lib = _native()
-        if lib is not None:  # one pass in C, the same float32 product per value
-            return native_calls.fp8_rows_f32(lib, codes, np.ascontiguousarray(rows, np.int64),
-                                             np.ascontiguousarray(scale32), block[0], block[1], E4M3_LUT, vals)
+        rows64 = np.ascontiguousarray(rows, np.int64)
+        if lib is not None and native_calls.fp8_rows_takes(codes, rows64, scale32, block[0], block[1], E4M3_LUT, vals):
+            # one pass in C, the same float32 product per value
+            return native_calls.fp8_rows_f32(lib, codes, rows64, scale32, block[0], block[1], E4M3_LUT, vals)
     np.take(E4M3_LUT, codes, out=vals, mode="clip")  # byte indices: never out of range; "clip" skips the check
     if scale32 is None:
         return vals
@@ -302,11 +301,6 @@ def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, 
         np.multiply(v, s[:, : cols // bi, None], out=v)
     vals[:, full:] *= s[:, -1:]
     return vals
-
-
-def _within(rows: np.ndarray, n: int) -> bool:
-    """Row indices all in [0, n): what the C decoders index with; numpy's indexing judges any others."""
-    return len(rows) == 0 or (int(rows.min()) >= 0 and int(rows.max()) < n)
 
 
 def scan_e4m3(bs: np.ndarray) -> tuple[int, int, int]:
@@ -330,14 +324,14 @@ def nvfp4_values(packed: np.ndarray, bs: np.ndarray, s2: np.float32, cols: int |
                  slot: str | None = None) -> np.ndarray:
     """float32 values of NVFP4 rows (`rows` of, or all): packed [o, p] bytes, E4M3 block-scale bytes [o, 2p/16],
     float32 scale_2; `cols` cuts the padding of the last 16-value block."""
-    lib = _native() if packed.dtype == bs.dtype == np.uint8 and packed.flags.c_contiguous and bs.flags.c_contiguous \
-        and (rows is None or _within(rows, packed.shape[0])) else None
+    lib = _native() if packed.ndim == 2 else None
     if lib is not None:  # one pass in C over the rows where they lie, the same two float32 products per value
         k, p = (packed.shape[0] if rows is None else len(rows)), packed.shape[1]
         out = Scratch.get(slot, (k, 2 * p), np.float32) if slot else np.empty((k, 2 * p), np.float32)
-        native_calls.nvfp4_rows_f32(lib, packed, bs, s2, None if rows is None else np.ascontiguousarray(rows, np.int64),
-                                    E4M3_LUT, PAIR_LUT, out)
-        return out if cols is None or cols == 2 * p else out[:, :cols]
+        rows64 = None if rows is None else np.ascontiguousarray(rows, np.int64)
+        if native_calls.nvfp4_rows_takes(packed, bs, rows64, E4M3_LUT, PAIR_LUT, out):
+            native_calls.nvfp4_rows_f32(lib, packed, bs, s2, rows64, E4M3_LUT, PAIR_LUT, out)
+            return out if cols is None or cols == 2 * p else out[:, :cols]
     if rows is not None:
         packed, bs = packed[rows], bs[rows]
     k, p = packed.shape

@@ -119,37 +119,52 @@ def _size(n) -> int:
     return n if 0 < n < 2**62 else 0
 
 
+def fp8_rows_takes(codes: np.ndarray, rows: np.ndarray, sc: np.ndarray, bo, bi, lut: np.ndarray,
+                   out: np.ndarray) -> bool:
+    """Whether `fp8_rows_f32` takes these arrays (what C indexes, in bounds); validate's numpy path takes any others."""
+    k, cols = codes.shape if codes.ndim == 2 else (-1, -1)
+    bo, bi = _size(bo), _size(bi)
+    return bool(_c(codes, np.uint8, 2) and _c(rows, np.int64, 1) and len(rows) == k and _c(sc, np.float32, 2)
+                and bo and bi and sc.shape[1] == -(-cols // bi) and _c(lut, np.float32, 1) and lut.size == 256
+                and _c(out, np.float32, 2) and out.shape == (k, cols) and out.flags.writeable
+                and (k == 0 or (0 <= int(rows.min()) and int(rows.max()) // bo < sc.shape[0])))
+
+
 def fp8_rows_f32(lib, codes: np.ndarray, rows: np.ndarray, sc: np.ndarray, bo: int, bi: int, lut: np.ndarray,
                  out: np.ndarray) -> np.ndarray:
     """float32 values of FP8 rows on the calling thread: codes uint8 [k, cols] (the weight's rows `rows`, int64
     [k]), sc float32 tile scales [., ceil(cols / bi)] covering every rows[j] // bo, lut float32 [256]; into `out`
     [k, cols]."""
-    k, cols = codes.shape if codes.ndim == 2 else (-1, -1)
-    bo, bi = _size(bo), _size(bi)
-    if not (_c(codes, np.uint8, 2) and _c(rows, np.int64, 1) and len(rows) == k and _c(sc, np.float32, 2)
-            and bo and bi and sc.shape[1] == -(-cols // bi) and _c(lut, np.float32, 1) and lut.size == 256
-            and _c(out, np.float32, 2) and out.shape == (k, cols) and out.flags.writeable
-            and (k == 0 or (0 <= int(rows.min()) and int(rows.max()) // bo < sc.shape[0]))):
+    if not fp8_rows_takes(codes, rows, sc, bo, bi, lut, out):
         raise ValueError("fp8_rows_f32: contiguous uint8 codes [k, cols], int64 rows [k] within the scales' tiles, "
                          "float32 scales [tiles, ceil(cols / bi)], float32 lut [256] and out [k, cols]")
+    k, cols = codes.shape
     lib.qd_fp8_rows_f32(_p(codes), k, cols, _p(rows), _p(sc), sc.shape[1], bo, bi, _p(lut), _p(out))
     return out
+
+
+def nvfp4_rows_takes(packed: np.ndarray, bs: np.ndarray, rows: np.ndarray | None, lut: np.ndarray,
+                     pair: np.ndarray, out: np.ndarray) -> bool:
+    """Whether `nvfp4_rows_f32` takes these arrays (what C indexes, in bounds); validate's numpy path takes any
+    others."""
+    o, p = packed.shape if packed.ndim == 2 else (-1, -1)
+    k = o if rows is None else len(rows)
+    return bool(_c(packed, np.uint8, 2) and p % 8 == 0 and _c(bs, np.uint8, 2) and bs.shape == (o, p // 8)
+                and (rows is None or (_c(rows, np.int64, 1) and (k == 0 or (0 <= int(rows.min())
+                                                                           and int(rows.max()) < o))))
+                and _c(lut, np.float32, 1) and lut.size == 256 and _c(pair, np.float32, 2) and pair.shape == (256, 2)
+                and _c(out, np.float32, 2) and out.shape == (k, 2 * p) and out.flags.writeable)
 
 
 def nvfp4_rows_f32(lib, packed: np.ndarray, bs: np.ndarray, s2: float, rows: np.ndarray | None, lut: np.ndarray,
                    pair: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float32 values of NVFP4 rows on the calling thread: packed uint8 [o, p] (p a multiple of 8), bs uint8
     [o, p / 8], rows int64 [k] (None: all o), lut float32 [256], pair float32 [256, 2]; into `out` [k, 2p]."""
-    o, p = packed.shape if packed.ndim == 2 else (-1, -1)
-    k = o if rows is None else len(rows)
-    if not (_c(packed, np.uint8, 2) and p % 8 == 0 and _c(bs, np.uint8, 2) and bs.shape == (o, p // 8)
-            and (rows is None or (_c(rows, np.int64, 1) and (k == 0 or (0 <= int(rows.min()) and int(rows.max()) < o))))
-            and _c(lut, np.float32, 1) and lut.size == 256 and _c(pair, np.float32, 2) and pair.shape == (256, 2)
-            and _c(out, np.float32, 2) and out.shape == (k, 2 * p) and out.flags.writeable):
+    if not nvfp4_rows_takes(packed, bs, rows, lut, pair, out):
         raise ValueError("nvfp4_rows_f32: contiguous uint8 packed [o, 8m] and scales [o, m], int64 rows within o, "
                          "float32 lut [256], pair [256, 2] and out [k, 16m]")
-    lib.qd_nvfp4_rows_f32(_p(packed), _p(bs), p, None if rows is None else _p(rows), k, float(s2), _p(lut), _p(pair),
-                          _p(out))
+    lib.qd_nvfp4_rows_f32(_p(packed), _p(bs), packed.shape[1], None if rows is None else _p(rows), out.shape[0],
+                          float(s2), _p(lut), _p(pair), _p(out))
     return out
 
 
