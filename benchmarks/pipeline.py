@@ -332,6 +332,17 @@ def _gpu_poller():
     return lambda: (stop.set(), th.join(), peak[0])[2]
 
 
+def _merge_round(first: dict, res: dict) -> None:
+    """A later round's record `res` into the first round's: the peaks the largest seen, any failure kept, the run's
+    stage walls listed round by round (the wall itself becomes the median once every round is in)."""
+    first["peak_rss_gb"] = max(first["peak_rss_gb"], res["peak_rss_gb"])
+    if res["gpu_peak_mib"]:
+        first["gpu_peak_mib"] = max(first["gpu_peak_mib"] or 0, res["gpu_peak_mib"])
+    first["rc"] = first["rc"] or res["rc"]
+    if res.get("stages"):
+        first.setdefault("stages_by_round", [first.get("stages", {})]).append(res["stages"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="mid-cpu", choices=sorted(SIZES))
@@ -379,16 +390,13 @@ def main() -> int:
                                              "--no-preflight"], [src], lambda: _size(calwork / "outputs"))
     results: dict[str, dict] = {}
     rounds: dict[str, list[float]] = {}  # each stage's wall, round by round
+    writes = {"convert": out, "run": runwork, "run-calibrated": calwork}  # where each command writes
     for rnd in range(args.repeat):
         for name, (make, inputs, written) in stages.items():
             if name in args.skip or (name == "validate" and not out.exists()):
                 continue
-            if name == "convert":
-                shutil.rmtree(out, ignore_errors=True)
-            if name == "run":
-                shutil.rmtree(runwork, ignore_errors=True)
-            if name == "run-calibrated":
-                shutil.rmtree(calwork, ignore_errors=True)
+            if name in writes:  # each round writes afresh
+                shutil.rmtree(writes[name], ignore_errors=True)
             if args.cold == "data":
                 evict(src, out)
             elif args.cold == "all":
@@ -406,18 +414,12 @@ def main() -> int:
                 res |= floor(inputs, written(), work, args.cold)
             res.pop("out", None)
             if name.startswith("run"):
-                res["stages"] = _stage_walls(runwork if name == "run" else calwork)
+                res["stages"] = _stage_walls(writes[name])
             rounds.setdefault(name, []).append(res["wall_s"])
             if rnd == 0:
                 results[name] = res
-            else:  # the first round's record, its wall the median; the peaks the largest seen
-                first = results[name]
-                first["peak_rss_gb"] = max(first["peak_rss_gb"], res["peak_rss_gb"])
-                if res["gpu_peak_mib"]:
-                    first["gpu_peak_mib"] = max(first["gpu_peak_mib"] or 0, res["gpu_peak_mib"])
-                first["rc"] = first["rc"] or res["rc"]
-                if res.get("stages"):
-                    first.setdefault("stages_by_round", [first.get("stages", {})]).append(res["stages"])
+            else:
+                _merge_round(results[name], res)
             print(f"{name}: {json.dumps(res)}", file=sys.stderr)  # each stage as it ends, should a later one not
     for name, walls in rounds.items():
         results[name]["walls_s"] = walls
