@@ -30,9 +30,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from engine.calibrate.expert_store import store_of
+from engine.core.errors import CheckpointError
 from engine.core.settings import settings
 
 KEY = "quantdeck_one_sync"
+STREAMED_KEY = "quantdeck_streamed"
 # sha256[:16] of inspect.getsource(<class>.forward.__wrapped__) in the transformers releases this mirrors (5.23)
 KNOWN_FORWARD = {
     "DeepseekV3Experts": {"1c60625a2da2dfba"},
@@ -68,10 +71,25 @@ def one_sync_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     return final
 
 
+def streamed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """`one_sync_forward` on an experts module whose weights are kept as stored (engine.calibrate.expert_store):
+    each expert's `gate_up_proj` and `down_proj` are the decoded window's views, of the same values."""
+    store = store_of(self)
+    final = torch.zeros_like(hidden_states)
+    for expert_idx, token_idx, top_k_pos in expert_groups(top_k_index, self.num_experts):
+        gate_up, down = store.expert(expert_idx, ("gate_up_proj", "down_proj"))
+        current = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
+        current = F.linear(current, down) * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, current.to(final.dtype))
+    return final
+
+
 def _register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(KEY, one_sync_forward)
+    ExpertsInterface.register(STREAMED_KEY, streamed_forward)
 
 
 def _digest(fn) -> str | None:
@@ -99,19 +117,29 @@ def supported(cls: type) -> bool:
 
 @contextlib.contextmanager
 def one_sync_experts(layer: torch.nn.Module) -> Iterator[int]:
-    """Within: the supported experts modules of `layer` run `one_sync_forward` (yields how many)."""
-    mods = [] if settings().eager_experts else \
-        [m for m in layer.modules() if hasattr(m, "gate_up_proj") and supported(type(m))]
-    configs = {id(m.config): m.config for m in mods if hasattr(m, "config")}
+    """Within: the supported experts modules of `layer` run `one_sync_forward`, and those with streamed weights
+    `streamed_forward` whatever QUANTDECK_EAGER_EXPERTS says (yields how many)."""
+    streamed = [m for m in layer.modules() if store_of(m) is not None]
+    for m in streamed:
+        if not supported(type(m)):
+            raise CheckpointError(f"{type(m).__name__}'s forward is not one quantdeck mirrors, so its streamed "
+                                  "experts cannot run", at=type(m).__name__,
+                                  hint="raise QUANTDECK_LAYER_BUDGET_GB on a device that holds the layer, or use "
+                                       "the transformers release quantdeck pins")
+    mods = streamed + ([] if settings().eager_experts else
+                       [m for m in layer.modules() if hasattr(m, "gate_up_proj") and store_of(m) is None
+                        and supported(type(m))])
+    configs = {id(m.config): (m.config, STREAMED_KEY if store_of(m) is not None else KEY)
+               for m in mods if hasattr(m, "config")}
     if not configs:
         yield 0
         return
     _register()
-    old = {k: c._experts_implementation for k, c in configs.items()}
-    for c in configs.values():
-        c._experts_implementation = KEY
+    old = {k: c._experts_implementation for k, (c, _) in configs.items()}
+    for c, key in configs.values():
+        c._experts_implementation = key
     try:
         yield len(mods)
     finally:
-        for k, c in configs.items():
+        for k, (c, _) in configs.items():
             c._experts_implementation = old[k]

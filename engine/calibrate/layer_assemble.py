@@ -29,22 +29,36 @@ ReadDirect = Callable[[list[Piece], dict[str, torch.Tensor]], None]
 
 
 def assemble_layer(plan: LayerPlan, raw: torch.Tensor, device: torch.device, where: Callable[[Piece], str],
-                   read_direct: ReadDirect | None = None) -> dict[str, torch.Tensor]:
+                   read_direct: ReadDirect | None = None, stores: dict | None = None) -> dict[str, torch.Tensor]:
     """Layer `plan.index`'s state dict on `device`, built from `raw` (the filled layer buffer, host or device).
 
     `where(piece)` names a piece's file and tensor in errors; `read_direct` reads the plan's direct pieces
-    straight into their parameter slices."""
-    params = {name: torch.empty(shape, dtype=dt, device=device) for name, (shape, dt) in plan.params.items()}
+    straight into their parameter slices. The plan's streamed parameters are staged as stored into `stores`
+    (experts module -> engine.calibrate.expert_store.ExpertStore) and stand in the state dict as placeholders."""
+    streamed = _streamed(plan, stores)
+    params = {name: torch.empty(shape, dtype=dt, device=device) for name, (shape, dt) in plan.params.items()
+              if name not in streamed}
+    for module, store in (stores or {}).items():
+        params.update({f"{module}.{k}": v for k, v in store.placeholders().items()})
     direct = [p for p in plan.pieces if p.direct]
     if direct:
         if read_direct is None:
             raise ValueError("the plan has direct pieces but no reader for them")
         read_direct(direct, params)
     runs: list[list[Piece]] = []
+    kept: list[list[Piece]] = []  # streamed pieces: runs of consecutive experts of one role
+    open_runs: dict[tuple, list[Piece]] = {}
     for p in plan.pieces:
         if p.direct:
             continue
-        if p.source.encoding is Encoding.PLAIN:
+        if p.param in streamed:
+            run = open_runs.get(p.batch_key())
+            if run is not None and p.expert is not None and p.expert == run[-1].expert + 1:
+                run.append(p)
+            else:
+                open_runs[p.batch_key()] = run = [p]
+                kept.append(run)
+        elif p.source.encoding is Encoding.PLAIN:
             with about(where(p)):
                 _copy_plain(p, raw, plan.offsets, params, device)
         elif runs and _extends(runs[-1], p, device):
@@ -54,7 +68,23 @@ def assemble_layer(plan: LayerPlan, raw: torch.Tensor, device: torch.device, whe
     for run in runs:
         with about(where(run[0])):
             _decode_run(run, raw, plan.offsets, params, device, where)
+    for run in kept:
+        with about(where(run[0])):
+            streamed[run[0].param].add(run[0].param.rpartition(".")[2], run, raw, plan.offsets, where(run[0]))
+    for store in (stores or {}).values():
+        store.check()
     return params
+
+
+def _streamed(plan: LayerPlan, stores: dict | None) -> dict:
+    """The plan's streamed parameters -> the store that keeps them."""
+    out = {}
+    for name in plan.streams:
+        module, _, _ = name.rpartition(".")
+        if stores is None or module not in stores:
+            raise ValueError(f"the plan streams {name} but no store was given for {module}")
+        out[name] = stores[module]
+    return out
 
 
 def dest_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +126,7 @@ def _extends(run: list[Piece], p: Piece, device: torch.device) -> bool:
     return (len(run) + 1) * elems * _COST[p.source.encoding] <= budget
 
 
-def _stage(metas, raw: torch.Tensor, offsets: dict[str, int], device: torch.device) -> torch.Tensor:
+def stage(metas, raw: torch.Tensor, offsets: dict[str, int], device: torch.device) -> torch.Tensor:
     """The stored bytes of `metas` (equal sizes) stacked into one new [n, nbytes] uint8 tensor on `device`."""
     nbytes = metas[0].nbytes
     out = torch.empty((len(metas), nbytes), dtype=torch.uint8, device=device)
@@ -118,8 +148,8 @@ def _decode_run(run: list[Piece], raw: torch.Tensor, offsets: dict[str, int], pa
                 device: torch.device, where: Callable[[Piece], str]) -> None:
     src = run[0].source
     n = len(run)
-    codes = _stage([p.source.meta for p in run], raw, offsets, device).view(n, *src.meta.shape)
-    scale = _stage([p.source.scale for p in run], raw, offsets, device).view(src.scale.dtype)
+    codes = stage([p.source.meta for p in run], raw, offsets, device).view(n, *src.meta.shape)
+    scale = stage([p.source.scale for p in run], raw, offsets, device).view(src.scale.dtype)
     scale = scale.view(n, *src.scale.shape)
     if src.encoding is Encoding.FP8_BLOCK:
         vals = fp8_block_values(codes, scale, src.meta.dtype_name, where(run[0]))

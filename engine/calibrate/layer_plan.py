@@ -9,7 +9,8 @@ The stored bytes that go through the layer buffer are sorted by (shard, offset),
 into large ranges, and laid out in file order in one flat buffer: each range starts at a buffer offset
 congruent to its file offset modulo ALIGN, so a tensor aligned in its file is aligned in the buffer too.
 Pieces marked `direct` (plain, stored in the parameter's own dtype, on a host build) skip the buffer: they
-are read straight into the parameter when the layer is assembled.
+are read straight into the parameter when the layer is assembled. A plan that `streams` the fused expert
+parameters keeps their pieces in the buffer: they stay as stored (engine.calibrate.expert_store).
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ class LayerPlan:
     ranges: list[ReadRange] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)  # buffered tensor -> its offset in the buffer
     nbytes: int = 0  # bytes of the layer buffer this plan fills
+    streams: tuple[str, ...] = ()  # fused expert parameters kept as stored, decoded as they run
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of the layer's parameters built whole in their final dtypes."""
+        total = 0
+        for shape, dt in self.params.values():
+            n = dt.itemsize
+            for d in shape:
+                n *= d
+            total += n
+        return total
 
     @property
     def source_bytes(self) -> int:
@@ -141,18 +154,21 @@ def final_dtype(pname: str, model_dtype: torch.dtype, dtype: torch.dtype, keep_f
 
 
 def plan_layer(family, hf_config, i: int, reader: CheckpointReader, names: set[str], dtype: torch.dtype,
-               keep_fp32: list[str], direct_ok: bool) -> LayerPlan:
-    """Layer i's plan (see the module docstring); `direct_ok` lets plain same-dtype pieces skip the buffer."""
+               keep_fp32: list[str], direct_ok: bool, stream: bool = False) -> LayerPlan:
+    """Layer i's plan (see the module docstring); `direct_ok` lets plain same-dtype pieces skip the buffer;
+    `stream` keeps the fused expert parameters as stored."""
     with torch.device("meta"):
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in family.layer_class()(hf_config, i).state_dict().items()}
     params = {k: (shape, final_dtype(k, dt, dtype, keep_fp32)) for k, (shape, dt) in shapes.items()}
     plain, experts = family.source_map(i, names)
+    streams = tuple(p for p in params if stream and _FUSED.match(p) and p not in plain)
     pieces: list[Piece] = []
     for pname, (shape, want) in params.items():
         for piece in _param_pieces(family, i, pname, shape, plain, experts, reader, names):
-            direct = direct_ok and piece.source.encoding is Encoding.PLAIN and piece.source.meta.dtype == want
+            direct = direct_ok and piece.source.encoding is Encoding.PLAIN and piece.source.meta.dtype == want \
+                and pname not in streams
             pieces.append(Piece(piece.param, piece.source, piece.expert, piece.rows, direct))
-    plan = LayerPlan(i, params, pieces)
+    plan = LayerPlan(i, params, pieces, streams=streams)
     buffered = {p.source.meta.name: p.source.meta for p in pieces if not p.direct}
     buffered.update({p.source.scale.name: p.source.scale for p in pieces if p.source.scale})
     plan.ranges, plan.offsets, plan.nbytes = coalesce(list(buffered.values()))

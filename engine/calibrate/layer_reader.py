@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.calibrate.expert_store import stores_for
 from engine.calibrate.layer import keep_fp32
 from engine.calibrate.layer_assemble import assemble_layer, dest_bytes
 from engine.calibrate.layer_plan import LayerPlan, Piece, ReadRange, buffer_bound, plan_layer
@@ -76,21 +77,25 @@ class RawLayer:
     times: dict[str, float] = field(default_factory=dict)
     bytes_read: int = 0
     ready: "torch.cuda.Event | None" = None  # a device buffer's uploads are done once this has passed
+    stores: dict = field(default_factory=dict)  # streamed experts (engine.calibrate.expert_store), once assembled
 
 
 class LayerReader:
     """Reads and assembles the decoder layers of `family` from `reader` (see the module docstring)."""
 
     def __init__(self, reader: CheckpointReader, family, hf_config, dtype: torch.dtype, device: torch.device,
-                 layers: range, threads: int = READ_THREADS, direct: bool | None = None):
+                 layers: range, threads: int = READ_THREADS, direct: bool | None = None, budget: int | None = None):
         """`layers`: the layers to be read (the buffer is sized for the largest); `direct`: read plain pieces
-        straight into host parameters (None: on a host build without shared reads)."""
+        straight into host parameters (None: on a host build without shared reads); `budget`: device bytes a
+        layer's build may hold beside the next layer's stored bytes; a layer that needs more streams its experts
+        (engine.calibrate.expert_store; None: no limit)."""
         self.reader, self.family, self.hf_config = reader, family, hf_config
         self.dtype, self.device = dtype, device
         self.names = set(reader.names())
         self.keep_fp32 = keep_fp32(family, dtype)
         self.share: ReadShare | None = None
         self.direct = direct
+        self.budget = budget
         self.bytes_read = 0
         self.source_bytes = 0  # stored bytes of the layers built
         self._lock = threading.Lock()
@@ -107,8 +112,12 @@ class LayerReader:
     def plan(self, i: int) -> LayerPlan:
         host = self.device.type != "cuda"
         direct_ok = (host and self.share is None) if self.direct is None else (host and self.direct)
-        return plan_layer(self.family, self.hf_config, i, self.reader, self.names, self.dtype, self.keep_fp32,
+        plan = plan_layer(self.family, self.hf_config, i, self.reader, self.names, self.dtype, self.keep_fp32,
                           direct_ok)
+        if self.budget is not None and plan.param_bytes + plan.nbytes > self.budget:
+            plan = plan_layer(self.family, self.hf_config, i, self.reader, self.names, self.dtype, self.keep_fp32,
+                              direct_ok, stream=True)
+        return plan
 
     def read(self, i: int) -> RawLayer:
         """Layer i planned and its buffered bytes read (this rank's share of them under shared reads)."""
@@ -172,7 +181,8 @@ class LayerReader:
         def read_direct(pieces: list[Piece], params: dict[str, torch.Tensor]) -> None:
             raw.bytes_read += self._read_direct(pieces, params)
 
-        params = assemble_layer(raw.plan, src, self.device, self._where, read_direct)
+        raw.stores = stores_for(raw.plan.params, raw.plan.streams, self.device)
+        params = assemble_layer(raw.plan, src, self.device, self._where, read_direct, raw.stores)
         self.source_bytes += raw.plan.source_bytes
         return params
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from engine.calibrate import expert_store
 from engine.calibrate import snapshot as snap
 from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
@@ -130,7 +131,9 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         fwd[0] += time.monotonic() - t
 
     t0 = time.monotonic()
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), deferred_checks():
+    streamed = expert_store.streamed_quantizers() if any(map(expert_store.store_of, layer.modules())) \
+        else contextlib.nullcontext()
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), deferred_checks(), streamed:
         mtq.quantize(root, qcfg, loop)
         if not outs:  # a config that needs no forward pass (weight-only): still compute the outputs
             mtq.disable_quantizer(root, "*")
@@ -211,7 +214,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
     init = (dict(initializer=torch.cuda.set_device, initargs=(dev,)) if dev.type == "cuda" else {})
     reader_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-prefetch", **init)
     writer_pool = ThreadPoolExecutor(1, thread_name_prefix="calib-acts", **init)
-    layers = LayerReader(src.reader, family, hf_config, dtype, dev, range(start, end))
+    layers = LayerReader(src.reader, family, hf_config, dtype, dev, range(start, end),
+                         budget=expert_store.layer_budget(dev, settings().layer_budget_gb))
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     stack = contextlib.ExitStack()
     try:
@@ -318,12 +322,18 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             nxt = reader_pool.submit(layers.read, i + 1) if i + 1 < end else None  # into the buffer just freed
             t1b = time.monotonic()
             layer = materialize_layer(family, hf_config, i, tensors, dev)
-            raw_bytes = raw.bytes_read
+            raw_bytes, stores = raw.bytes_read, raw.stores
+            if stores:
+                _say_streamed(sink, raw.plan, layers.budget, stores)
+                expert_store.attach(layer, stores)
             del tensors, raw
             t2 = time.monotonic()
             amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev,
                                                bufs, times, beat=lambda j, nb, i=i: beat(i, j, nb))
             t3 = time.monotonic()
+            if stores:
+                times["experts_decoded"] = expert_store.detach(layer, stores)
+                del stores
             layer.to_empty(device="meta")  # free its device memory now, whatever modelopt's hooks still reference
             del layer
             gc.collect(0)
@@ -368,6 +378,13 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
     phases = ph.report()
     summary.update({"seconds": phases["total_s"], "phases": phases})
     return summary
+
+
+def _say_streamed(sink: EventSink, plan, budget: int, stores: dict) -> None:
+    kept = sum(s.nbytes for s in stores.values())
+    sink.emit("log", level="info", msg=f"layer {plan.index}: {(plan.param_bytes + plan.nbytes) / 1e9:.1f} GB with "
+              f"the next layer's bytes exceeds the device budget of {budget / 1e9:.1f} GB; its routed experts stay "
+              f"as stored ({kept / 1e9:.1f} GB) and are decoded as they run")
 
 
 def mtp_layers(config: dict, names: set[str]) -> list[str]:

@@ -76,6 +76,7 @@ FLAG = _Type("bool", _flag)
 COUNT = _Type("int >= 0", _number(int))
 POSITIVE = _Type("int >= 1", _number(int, 1))
 SECONDS = _Type("seconds", _number(float))
+GIGABYTES = _Type("GB", _number(float))
 TEXT = _Type("text", lambda var, raw: raw)
 PATH = _Type("path", lambda var, raw: raw)
 
@@ -150,6 +151,11 @@ class Settings:
     no_triton: bool = _var("QUANTDECK_NO_TRITON", False, FLAG, "CUDA conversion without the fused Triton kernel")
     eager_experts: bool = _var("QUANTDECK_EAGER_EXPERTS", False, FLAG,
                                "calibration runs the experts' own forward, not the one-sync one")
+    layer_budget_gb: float | None = _var("QUANTDECK_LAYER_BUDGET_GB", None, GIGABYTES,
+                                         "device memory (10^9 bytes) a calibrated layer's build may hold beside the "
+                                         "next layer's stored bytes; a layer that needs more keeps its routed "
+                                         "experts as stored and decodes them as they run",
+                                         "90 % of a GPU's free memory; no limit on a CPU")
     readers: int = _var("QUANTDECK_READERS", 0, COUNT, "converter reader threads (0: chosen from the cores)")
     computers: int = _var("QUANTDECK_COMPUTERS", 0, COUNT, "converter compute threads (0: chosen from the cores)")
     writers: int = _var("QUANTDECK_WRITERS", 0, COUNT, "converter writer threads (0: chosen from the cores)")
