@@ -30,8 +30,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from engine.calibrate.layer_assemble import STAGING_BYTES, fp8_block_values, mxfp4_values, stage
-from engine.calibrate.layer_plan import Encoding, Piece
+from engine.calibrate.layer_assemble import DECODE_COST, fp8_block_values, mxfp4_values, stage
+from engine.calibrate.layer_plan import Encoding, LayerPlan, Piece
 from engine.core.errors import CheckpointError, about
 
 ATTR = "_quantdeck_store"  # the experts module's attribute holding its store while it calibrates
@@ -42,6 +42,31 @@ KNOWN_MODELOPT = {
     "iter_weights_for_calibration": {"19aac755ebcacc85"},
     "functionals_to_replace": {"855add1286972110"},
 }
+
+
+WINDOW_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}  # a window's decoded experts and decode temporaries
+MAX_STORED_FRACTION = 0.75  # stream only experts whose stored bytes are at most this part of their built bytes
+
+
+def expert_bytes(plan: LayerPlan) -> tuple[int, int]:
+    """(bytes of the plan's streamable expert parameters built in their dtypes, their stored bytes)."""
+    built = 0
+    for name in plan.streamable:
+        shape, dt = plan.params[name]
+        built += _elems(shape) * dt.itemsize
+    stored = {}
+    for p in plan.pieces:
+        if p.param in plan.streamable:
+            for m in (p.source.meta, p.source.scale):
+                if m is not None:
+                    stored[m.name] = m.nbytes
+    return built, sum(stored.values())
+
+
+def worth_streaming(plan: LayerPlan) -> bool:
+    """Do the plan's experts shrink when kept as stored (FP8, MXFP4; not BF16 experts of a BF16 model)?"""
+    built, stored = expert_bytes(plan)
+    return built > 0 and stored <= MAX_STORED_FRACTION * built
 
 
 def layer_budget(device: torch.device, budget_gb: float | None) -> int | None:
@@ -81,11 +106,27 @@ class ExpertStore:
         self.params, self.device = params, device
         self.num_experts = next(iter(params.values()))[0][0]
         self.runs: dict[str, list[_Run]] = {name: [] for name in params}
-        self.window = min(window or _window(params, device), self.num_experts)
+        self._window = window
         self.current = 0  # the expert whose weights the forward uses now
         self._bufs: dict[str, torch.Tensor] = {}
         self._first: dict[str, int] = {}  # parameter -> the first expert in its buffer
         self.decodes = 0  # experts decoded (for the summary and the tests)
+
+    @property
+    def window(self) -> int:
+        """Experts decoded at once: their decoded values and decode temporaries within WINDOW_BYTES (at least
+        one; sized once the runs are staged, from their encodings)."""
+        if self._window is None:
+            per = sum(_elems(shape[1:]) * dt.itemsize for shape, dt in self.params.values())
+            per += max(_elems(self.params[name][0][1:]) * DECODE_COST.get(r.encoding, 0)
+                       for name, runs in self.runs.items() for r in runs) if any(self.runs.values()) else 0
+            budget = WINDOW_BYTES["cuda" if self.device.type == "cuda" else "cpu"]
+            self._window = max(1, min(self.num_experts, budget // max(per, 1)))
+        return self._window
+
+    @window.setter
+    def window(self, n: int) -> None:
+        self._window = n
 
     @property
     def nbytes(self) -> int:
@@ -128,6 +169,7 @@ class ExpertStore:
     def decode(self, param: str, first: int, out: torch.Tensor) -> None:
         """Experts [first, first + len(out)) of `param` decoded into `out`."""
         last = first + out.shape[0]
+        rows = 0
         for r in self.runs[param]:
             a, b = max(first, r.first), min(last, r.first + r.n)
             if a >= b:
@@ -135,6 +177,7 @@ class ExpertStore:
             dest = out[a - first:b - first]
             if r.rows is not None:
                 dest = dest[:, r.rows[0]:r.rows[1]]
+            rows += (b - a) * dest.shape[1]
             codes = r.codes[a - r.first:b - r.first]
             with about(r.at):
                 if r.encoding is Encoding.PLAIN:
@@ -143,6 +186,8 @@ class ExpertStore:
                     dest.copy_(fp8_block_values(codes, r.scale[a - r.first:b - r.first], r.dtype_name, r.at))
                 else:
                     dest.copy_(mxfp4_values(codes, r.scale[a - r.first:b - r.first], r.at))
+        if rows != out.shape[0] * out.shape[1]:  # e.g. a store already released
+            raise ValueError(f"the stored experts of {param} do not cover experts {first}..{last - 1}")
         self.decodes += last - first
 
     def view(self, param: str, e: int) -> torch.Tensor:
@@ -171,13 +216,6 @@ class ExpertStore:
         self.runs = {name: [] for name in self.params}
         self._bufs.clear()
         self._first.clear()
-
-
-def _window(params: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> int:
-    """Experts decoded at once: their float32 values within the device's staging budget (at least one)."""
-    per = max(4 * _elems(shape[1:]) for shape, _ in params.values())
-    budget = STAGING_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, budget // max(per, 1))
 
 
 def _elems(shape: tuple[int, ...]) -> int:

@@ -22,7 +22,7 @@ from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
 from engine.formats.mxfp4.helpers import MX_BLOCK, mxfp4_exponents
 
 # staging bytes per decoded element (codes, float32 values, index / exponent temporaries)
-_COST = {Encoding.FP8_BLOCK: 9, Encoding.MXFP4: 29}
+DECODE_COST = {Encoding.FP8_BLOCK: 9, Encoding.MXFP4: 29}
 STAGING_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # per run of experts decoded at once
 
 ReadDirect = Callable[[list[Piece], dict[str, torch.Tensor]], None]
@@ -123,7 +123,7 @@ def _extends(run: list[Piece], p: Piece, device: torch.device) -> bool:
     for d in p.source.value_shape:
         elems *= d
     budget = STAGING_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return (len(run) + 1) * elems * _COST[p.source.encoding] <= budget
+    return (len(run) + 1) * elems * DECODE_COST[p.source.encoding] <= budget
 
 
 def stage(metas, raw: torch.Tensor, offsets: dict[str, int], device: torch.device) -> torch.Tensor:

@@ -110,6 +110,7 @@ class LayerPlan:
     offsets: dict[str, int] = field(default_factory=dict)  # buffered tensor -> its offset in the buffer
     nbytes: int = 0  # bytes of the layer buffer this plan fills
     streams: tuple[str, ...] = ()  # fused expert parameters kept as stored, decoded as they run
+    streamable: tuple[str, ...] = ()  # those that could be (an experts module's fused parameters, stored per expert)
 
     @property
     def param_bytes(self) -> int:
@@ -161,14 +162,17 @@ def plan_layer(family, hf_config, i: int, reader: CheckpointReader, names: set[s
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in family.layer_class()(hf_config, i).state_dict().items()}
     params = {k: (shape, final_dtype(k, dt, dtype, keep_fp32)) for k, (shape, dt) in shapes.items()}
     plain, experts = family.source_map(i, names)
-    streams = tuple(p for p in params if stream and _FUSED.match(p) and p not in plain)
+    fused = [p for p in params if _FUSED.match(p)]
+    held = {p.rpartition(".")[0] for p in fused if p in plain}  # experts modules stored fused: none of theirs
+    streamable = tuple(p for p in fused if p.rpartition(".")[0] not in held)
+    streams = streamable if stream else ()
     pieces: list[Piece] = []
     for pname, (shape, want) in params.items():
         for piece in _param_pieces(family, i, pname, shape, plain, experts, reader, names):
             direct = direct_ok and piece.source.encoding is Encoding.PLAIN and piece.source.meta.dtype == want \
                 and pname not in streams
             pieces.append(Piece(piece.param, piece.source, piece.expert, piece.rows, direct))
-    plan = LayerPlan(i, params, pieces, streams=streams)
+    plan = LayerPlan(i, params, pieces, streams=streams, streamable=streamable)
     buffered = {p.source.meta.name: p.source.meta for p in pieces if not p.direct}
     buffered.update({p.source.scale.name: p.source.scale for p in pieces if p.source.scale})
     plan.ranges, plan.offsets, plan.nbytes = coalesce(list(buffered.values()))

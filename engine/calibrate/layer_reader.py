@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.calibrate.expert_store import stores_for
+from engine.calibrate.expert_store import stores_for, worth_streaming
 from engine.calibrate.layer import keep_fp32
 from engine.calibrate.layer_assemble import assemble_layer, dest_bytes
 from engine.calibrate.layer_plan import LayerPlan, Piece, ReadRange, buffer_bound, plan_layer
@@ -114,7 +114,7 @@ class LayerReader:
         direct_ok = (host and self.share is None) if self.direct is None else (host and self.direct)
         plan = plan_layer(self.family, self.hf_config, i, self.reader, self.names, self.dtype, self.keep_fp32,
                           direct_ok)
-        if self.budget is not None and plan.param_bytes + plan.nbytes > self.budget:
+        if self.budget is not None and plan.param_bytes + plan.nbytes > self.budget and worth_streaming(plan):
             plan = plan_layer(self.family, self.hf_config, i, self.reader, self.names, self.dtype, self.keep_fp32,
                               direct_ok, stream=True)
         return plan

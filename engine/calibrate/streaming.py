@@ -310,6 +310,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
 
         pending = None
         layer_jobs: list = []
+        streamed: list[int] = []  # layers whose experts were kept as stored
+        decoded: list[int] = []  # expert weights each decoded
         stack.enter_context(ph.gc_watch())
         for i in range(start, end):
             times: dict[str, float] = {}
@@ -328,12 +330,15 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
                 expert_store.attach(layer, stores)
             del tensors, raw
             t2 = time.monotonic()
-            amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts, dev,
-                                               bufs, times, beat=lambda j, nb, i=i: beat(i, j, nb))
+            try:
+                amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts,
+                                                   dev, bufs, times, beat=lambda j, nb, i=i: beat(i, j, nb))
+            finally:
+                if stores:
+                    decoded.append(expert_store.detach(layer, stores))
+                    streamed.append(i)
+            del stores
             t3 = time.monotonic()
-            if stores:
-                times["experts_decoded"] = expert_store.detach(layer, stores)
-                del stores
             layer.to_empty(device="meta")  # free its device memory now, whatever modelopt's hooks still reference
             del layer
             gc.collect(0)
@@ -370,7 +375,8 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
         summary = _finish(ctx, out, manifest, n_layers, finished)
         summary.update({"layers_done": snap.resume_point(out), "started_at_layer": start, "rank": ctx.rank,
                         "mtp_layers_not_calibrated": mtp, "bytes_read": layers.bytes_read,
-                        "bytes_read_per_rank": bytes_per_rank, "layer_source_bytes": layers.source_bytes})
+                        "bytes_read_per_rank": bytes_per_rank, "layer_source_bytes": layers.source_bytes,
+                        "streamed_layers": streamed, "expert_weights_decoded": sum(decoded)})
         src.close()
     if finished and ctx.rank == 0 and isinstance(quant_cfg, str):
         with ph("expected_memo_s"):

@@ -18,6 +18,9 @@ calibrate (and eval, which streams two models the same way), one rank, layer-str
   tokens × (4 hidden-width copies + the larger of the MLP's intermediates and attention's q/k/v/out), plus
   attention scores batch × heads × seq_len² × 8 bytes where they are materialized (eager attention: V4) or
   the mask (batch × seq_len² bytes) where SDPA's fused kernels run (V3).
+  A calibrated layer that does not fit its GPU so keeps its routed experts as stored (engine.calibrate.
+  expert_store): gpu = CUDA_CONTEXT + params(largest layer) − its experts built + its experts as stored + the
+  expert window + stored(largest layer) + batch workspace; a note says so where only that fits.
 export, convert, dequant, cast-fp8, one rank, tensor-streamed:
   host = IMPORT_BASE + max(in-flight budget, largest item)   gpu = CUDA_CONTEXT + compute threads × largest item
 """
@@ -110,6 +113,8 @@ class LayerBytes:
     stored_layer: int
     embed: int = 0  # the embedding's stored bytes (read on the host once, at the start)
     largest_tensor: int = 0  # the largest stored tensor outside the decoder layers (embedding, head)
+    expert_built: int = 0  # the params layer's routed experts, built (0: they would not stream)
+    expert_stored: int = 0  # and as stored (engine.calibrate.expert_store)
 
 
 def layer_bytes(reader, config: dict) -> LayerBytes:
@@ -118,6 +123,7 @@ def layer_bytes(reader, config: dict) -> LayerBytes:
     the bytes it is read from (buffer_bound). Raises CheckpointError where a layer cannot be planned."""
     import torch
 
+    from engine.calibrate.expert_store import expert_bytes, worth_streaming
     from engine.calibrate.family import LayerFamily
     from engine.calibrate.layer import compute_dtype, keep_fp32
     from engine.calibrate.layer_plan import buffer_bound, plan_layer
@@ -132,6 +138,7 @@ def layer_bytes(reader, config: dict) -> LayerBytes:
         if i < family.num_layers(hf_config):
             kinds.setdefault(sig, []).append(i)
     best = LayerBytes(0, 0, 0, 0)
+    experts = (0, 0)
     for layers in kinds.values():
         i = layers[0]
         plan = plan_layer(family, hf_config, i, reader, names, dtype, fp32, direct_ok=False)
@@ -139,6 +146,7 @@ def layer_bytes(reader, config: dict) -> LayerBytes:
         stored = buffer_bound(family, i, reader, names)
         if params > best.params:
             best = LayerBytes(params, best.stored, i, best.stored_layer)
+            experts = expert_bytes(plan) if worth_streaming(plan) else (0, 0)
         if stored > best.stored:
             best = LayerBytes(best.params, stored, best.params_layer, i)
     outside = [reader.meta(n).nbytes for n in names if not _LAYER.match(n)]
@@ -146,7 +154,8 @@ def layer_bytes(reader, config: dict) -> LayerBytes:
         embed = reader.meta(family.embed_source(names)).nbytes
     except Exception:  # noqa: BLE001 - no embedding: nothing read at the start
         embed = 0
-    return LayerBytes(best.params, best.stored, best.params_layer, best.stored_layer, embed, max(outside, default=0))
+    return LayerBytes(best.params, best.stored, best.params_layer, best.stored_layer, embed, max(outside, default=0),
+                      *experts)
 
 
 def _layer_signatures(reader) -> dict[int, tuple]:
@@ -172,7 +181,8 @@ PART_LABELS = {  # the terms of a need, as messages name them
     "imports": "imports", "read_ring": "read ring", "embedding": "embedding", "activations": "activations",
     "layer_params": "layer parameters", "next_layer_stored": "next layer stored", "batch_hidden": "batch hidden",
     "batch_workspace": "batch workspace", "cuda_context": "CUDA context", "in_flight": "tensors in flight",
-    "items_on_device": "items on the device",
+    "items_on_device": "items on the device", "experts_as_stored": "experts as stored",
+    "expert_window": "expert window",
 }
 
 
@@ -190,6 +200,11 @@ class RankNeed:
     host_parts: dict[str, int] = field(default_factory=dict)
     gpu_parts: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    streamed_parts: dict[str, int] = field(default_factory=dict)  # calibrate's GPU need with its experts as stored
+
+    @property
+    def gpu_streamed(self) -> int | None:
+        return sum(self.streamed_parts.values()) if self.streamed_parts else None
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "node": self.node, "ranks": self.ranks, "device": "cuda" if self.on_gpu else "cpu",
@@ -197,7 +212,10 @@ class RankNeed:
                 "gpu_gb": None if self.gpu is None else _gb(self.gpu),
                 "host_bytes": self.host, "gpu_bytes": self.gpu,
                 "host_parts_gb": {k: _gb(v) for k, v in self.host_parts.items()},
-                "gpu_parts_gb": {k: _gb(v) for k, v in self.gpu_parts.items()}, **self.sizes}
+                "gpu_parts_gb": {k: _gb(v) for k, v in self.gpu_parts.items()},
+                **({"gpu_streamed_gb": _gb(self.gpu_streamed or 0),
+                    "streamed_parts_gb": {k: _gb(v) for k, v in self.streamed_parts.items()}}
+                   if self.streamed_parts else {}), **self.sizes}
 
 
 @dataclass(frozen=True)
@@ -241,7 +259,15 @@ def streamed_need(stage: str, slot: NodeSlot, shape: ModelShape, lb: LayerBytes,
         host = {"imports": IMPORT_BASE, **({"read_ring": ring} if ring >= lb.embed else {"embedding": lb.embed}),
                 "activations": acts}
         gpu = {"cuda_context": CUDA_CONTEXT, **layer, **ws}
-        return RankNeed(stage, slot.node, slot.ranks, True, sum(host.values()), sum(gpu.values()), host, gpu, sizes)
+        streamed = {}
+        if stage == "calibrate" and lb.expert_built:  # a layer over the budget keeps its experts as stored
+            from engine.calibrate.expert_store import WINDOW_BYTES
+
+            streamed = {"cuda_context": CUDA_CONTEXT, "layer_params": lb.params - lb.expert_built,
+                        "experts_as_stored": lb.expert_stored, "expert_window": WINDOW_BYTES["cuda"],
+                        "next_layer_stored": lb.stored, **ws}
+        return RankNeed(stage, slot.node, slot.ranks, True, sum(host.values()), sum(gpu.values()), host, gpu, sizes,
+                        streamed)
     host = {"imports": IMPORT_BASE, **layer, "activations": acts, **ws}
     return RankNeed(stage, slot.node, slot.ranks, False, sum(host.values()), None, host, {}, sizes)
 
@@ -356,6 +382,14 @@ def check_memory(plan: MemoryPlan, nodes: dict[str, NodeMemory], knobs: Knobs = 
                          "[cluster] gpu_memory_gb states it where it cannot be probed)")
             continue
         short = [(i, f) for i, f in enumerate(have.gpu_free[:need.ranks]) if need.gpu > f]
+        streamed = need.gpu_streamed
+        if short and streamed is not None and all(streamed <= f for f in have.gpu_free[:need.ranks]):
+            i, free = min(short, key=lambda x: x[1])
+            notes.append(f"memory: {where}: layer {need.sizes.get('params_layer')} built whole needs {_gb(need.gpu)} "
+                         f"GB per rank and GPU {i} has {_gb(free)} GB: its routed experts stay as stored and are "
+                         f"decoded as they run ({_gb(streamed)} GB: {_terms(need.streamed_parts)}), at the cost of "
+                         "decoding them again for every batch")
+            continue
         if short:
             i, free = min(short, key=lambda x: x[1])
             what = "free" if have.gpu_from == "probed" else "([cluster] gpu_memory_gb)"
@@ -393,10 +427,13 @@ def _gpu_fix(need: RankNeed, free: int, knobs: Knobs) -> str:
     if need.stage not in STREAMED:
         return "free the GPU, or run.device = \"cpu\" for this stage"
     if base + layer > free:
+        streamed = need.gpu_streamed
+        kept = "" if streamed is None else \
+            f", nor with its routed experts kept as stored ({_gb(streamed)} GB per rank in all)"
         return (f"layer {need.sizes.get('params_layer')} alone ({_gb(layer)} GB: its parameters and the next "
-                "layer's stored bytes) does not fit "
-                "one GPU; its routed experts would have to be split over the node's GPUs (expert split), which "
-                "this version does not do: use GPUs with more memory, or run.device = \"cpu\"")
+                f"layer's stored bytes) does not fit one GPU{kept}; its routed experts would have to be split over "
+                "the node's GPUs (expert split), which this version does not do: use GPUs with more memory, or "
+                "run.device = \"cpu\"")
     ws = need.gpu - base - layer
     per = ws / max(knobs.batch_size, 1)
     fits = int((free - base - layer) // per) if per else 0

@@ -177,6 +177,28 @@ def test_v3_gpu_too_small_for_the_layer_names_the_expert_split(tmp_path, v3_real
     assert "layer 3 alone" in mem[0] and "expert split" in mem[0] and 'run.device = "cpu"' in mem[0]
 
 
+def test_v3_layer_over_the_gpu_streams_its_experts_where_they_fit_as_stored(tmp_path, v3_real):
+    """36 GB built whole beside the next layer's bytes, 26 GB with the routed experts kept as FP8: a 32 GB GPU
+    calibrates (a note says how), a 24 GB one does not (the failure says both figures)."""
+    report: dict = {}
+    notes: list[str] = []
+    node = NodeMemory("n0", ram_total=1024 * GB, gpu_free=(32 * GB,))
+    fails = run_preflight(_recipe(tmp_path, v3_real, _node(1), num_samples=64, seq_len=512),
+                          extra_checks=(_with_nodes({"n0": node}),), report=report, notes=notes)
+    assert [f for f in _memory_lines(fails) if f.startswith("memory: calibrate ")] == [], fails
+    cal = next(m for m in report["memory"] if m["stage"] == "calibrate")
+    assert cal["gpu_gb"] > 32 >= cal["gpu_streamed_gb"]
+    parts = cal["streamed_parts_gb"]
+    assert 11.2 <= parts["experts_as_stored"] <= 11.4 and parts["layer_params"] < 1  # FP8 + scales; attention
+    note = next(n for n in notes if n.startswith("memory: calibrate on n0: layer 3 built whole needs "))
+    assert "its routed experts stay as stored and are decoded as they run" in note
+    small = NodeMemory("n0", ram_total=1024 * GB, gpu_free=(24 * GB,))
+    fails = run_preflight(_recipe(tmp_path, v3_real, _node(1), num_samples=64, seq_len=512),
+                          extra_checks=(_with_nodes({"n0": small}),))
+    mem = [f for f in _memory_lines(fails) if f.startswith("memory: calibrate ")]
+    assert len(mem) == 1 and f"nor with its routed experts kept as stored ({cal['gpu_streamed_gb']} GB" in mem[0]
+
+
 def test_v3_batch_too_large_for_the_gpu_says_which_batch_fits(tmp_path, v3_real):
     node = NodeMemory("n0", ram_total=1024 * GB, gpu_free=(80 * GB,))
     fails = run_preflight(_recipe(tmp_path, v3_real, _node(1), num_samples=64, seq_len=4096, batch_size=64),
