@@ -341,7 +341,8 @@ def _table(report: dict) -> str:
     moe = [x for x in s["per_layer_rank0"] or [] if x.get("layer", 0) >= 1] or s["per_layer_rank0"] or [{}]
     rd = sum(x.get("read_bg_s", x.get("read_wait_s", 0)) for x in moe) / max(len(moe), 1)
     fw = sum(x.get("forward_s", 0) for x in moe) / max(len(moe), 1)
-    rows.append(("quantdeck", f"{s['wall_s']:.1f}", f"{rd:.2f} / {fw:.2f}", f"{s['peak_gpu_gb']:.1f}",
+    name = "quantdeck" + (f" (experts streamed: layers {s['streamed_layers']})" if s.get("streamed_layers") else "")
+    rows.append((name, f"{s['wall_s']:.1f}", f"{rd:.2f} / {fw:.2f}", f"{s['peak_gpu_gb']:.1f}",
                  f"{s['peak_rss_gb']:.1f}", f"{s['bytes_read_per_rank_gb']:.1f}", "-"))
     for key, name in (("modelopt", "modelopt whole-model"), ("modelopt_layerwise", "modelopt layerwise")):
         m = report.get(key)
@@ -472,7 +473,9 @@ def main() -> None:
                                   "bytes_read_per_rank_gb": max(float(r["summary"].get("bytes_read", 0))
                                                                 for r in ranks) / 1e9,
                                   "peak_gpu_gb": max(r.get("peak_gpu_gb", 0) for r in ranks),
-                                  "peak_rss_gb": max(r["peak_rss_gb"] for r in ranks)}}
+                                  "peak_rss_gb": max(r["peak_rss_gb"] for r in ranks),
+                                  "streamed_layers": ranks[0]["summary"].get("streamed_layers", []),
+                                  "expert_weights_decoded": ranks[0]["summary"].get("expert_weights_decoded", 0)}}
     peers = [] if a.skip_modelopt else [("modelopt", [])] + ([] if a.skip_layerwise else
                                                            [("modelopt_layerwise", ["--layerwise"])])
     for key, flags in peers:
