@@ -15,8 +15,10 @@ same calls on the window's views. modelopt's fused-experts wrapper finds a weigh
 offset in the fused parameter; `streamed_quantizers` tells it the expert instead, and gives its weight pass
 the decoded windows. Both apply only to the modelopt release whose source they were written against.
 
-Cost: a batch decodes again every expert it reaches (about one layer's decode per batch), for a device
-footprint of the stored experts plus a window, instead of the experts in the compute dtype.
+Cost: the experts are decoded three times per layer (modelopt's weight pass, the pass that promotes its static
+block quantizers, and the forward, where engine.calibrate.expert_major runs every batch's experts together), for
+a device footprint of the stored experts plus a window, instead of the experts in the compute dtype. Experts
+stored in the compute dtype would not shrink, so they are not streamed (`worth_streaming`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class ExpertStore:
         self._bufs: dict[str, torch.Tensor] = {}
         self._first: dict[str, int] = {}  # parameter -> the first expert in its buffer
         self.decodes = 0  # experts decoded (for the summary and the tests)
+        self.requests: list[tuple] | None = None  # several batches' experts calls computed at once (expert_major)
+        self.results: list[torch.Tensor] | None = None
 
     @property
     def window(self) -> int:
@@ -190,16 +194,22 @@ class ExpertStore:
             raise ValueError(f"the stored experts of {param} do not cover experts {first}..{last - 1}")
         self.decodes += last - first
 
+    def load(self, param: str, first: int) -> int:
+        """Decode the window of `param` from expert `first`; the end of the window."""
+        buf = self._bufs.get(param)
+        if buf is None:
+            shape, dt = self.params[param]
+            buf = self._bufs[param] = torch.empty((self.window, *shape[1:]), dtype=dt, device=self.device)
+        self.decode(param, first, buf[:min(self.window, self.num_experts - first)])
+        self._first[param] = first
+        return min(first + self.window, self.num_experts)
+
     def view(self, param: str, e: int) -> torch.Tensor:
         """Expert e's decoded `param` weight (valid until its window moves)."""
         first = self._first.get(param)
         if first is None or not first <= e < first + self.window:
-            buf = self._bufs.get(param)
-            if buf is None:
-                shape, dt = self.params[param]
-                buf = self._bufs[param] = torch.empty((self.window, *shape[1:]), dtype=dt, device=self.device)
-            self.decode(param, e, buf[:min(self.window, self.num_experts - e)])
-            self._first[param] = first = e
+            self.load(param, e)
+            first = e
         return self._bufs[param][e - first]
 
     def expert(self, e: int, params: tuple[str, ...]) -> list[torch.Tensor]:

@@ -36,6 +36,7 @@ from engine.core.settings import settings
 
 KEY = "quantdeck_one_sync"
 STREAMED_KEY = "quantdeck_streamed"
+_FUSED = ("gate_up_proj", "down_proj")
 # sha256[:16] of inspect.getsource(<class>.forward.__wrapped__) in the transformers releases this mirrors (5.23)
 KNOWN_FORWARD = {
     "DeepseekV3Experts": {"1c60625a2da2dfba"},
@@ -76,13 +77,40 @@ def streamed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     """`one_sync_forward` on an experts module whose weights are kept as stored (engine.calibrate.expert_store):
     each expert's `gate_up_proj` and `down_proj` are the decoded window's views, of the same values."""
     store = store_of(self)
+    if store.requests is not None:  # several batches' calls at once (engine.calibrate.expert_major)
+        store.results = _expert_major(self, store)
+        return store.results[0]
     final = torch.zeros_like(hidden_states)
     for expert_idx, token_idx, top_k_pos in expert_groups(top_k_index, self.num_experts):
-        gate_up, down = store.expert(expert_idx, ("gate_up_proj", "down_proj"))
+        gate_up, down = store.expert(expert_idx, _FUSED)
         current = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
         current = F.linear(current, down) * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, current.to(final.dtype))
     return final
+
+
+def _expert_major(self, store) -> list[torch.Tensor]:
+    """`streamed_forward` of every call in `store.requests`, a window of decoded experts at a time: each call's
+    experts in ascending order, as one by one, each expert decoded once for all."""
+    reqs = store.requests
+    groups = [list(expert_groups(idx, self.num_experts)) for _, idx, _ in reqs]
+    finals = [torch.zeros_like(h) for h, _, _ in reqs]
+    at = [0] * len(reqs)
+    while True:
+        pending = [g[k][0] for g, k in zip(groups, at, strict=True) if k < len(g)]
+        if not pending:
+            return finals
+        first = min(pending)
+        end = min(store.load(p, first) for p in _FUSED)
+        for j, (hidden_states, _, top_k_weights) in enumerate(reqs):
+            g = groups[j]
+            while at[j] < len(g) and g[at[j]][0] < end:
+                expert_idx, token_idx, top_k_pos = g[at[j]]
+                gate_up, down = store.expert(expert_idx, _FUSED)
+                current = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
+                current = F.linear(current, down) * top_k_weights[token_idx, top_k_pos, None]
+                finals[j].index_add_(0, token_idx, current.to(finals[j].dtype))
+                at[j] += 1
 
 
 def _register() -> None:

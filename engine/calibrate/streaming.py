@@ -29,6 +29,7 @@ from engine.calibrate import snapshot as snap
 from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
+from engine.calibrate.expert_major import expert_major
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.fastcollect import WeightsOnce, check_amax, deferred_checks
 from engine.calibrate.fastexperts import one_sync_experts
@@ -106,19 +107,34 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         layer_i = model.model.layers[i]
         hooks = CoverageHooks(layer_i, all_experts=all_experts)
         weights = WeightsOnce(layer_i)  # each weight's amax collected once, not once per batch
+        def forward(j: int) -> torch.Tensor:
+            kw = kwargs[j]
+            cache = family.fresh_cache(hf_config)
+            if cache is not None:
+                kw = dict(kw, past_key_values=cache)
+            o = layer_i(hidden[j].to(dev, non_blocking=True), **kw)
+            return o[0] if isinstance(o, tuple) else o
+
+        def keep(j: int, o: torch.Tensor) -> None:
+            if bufs is not None:  # pinned buffers: the copy back does not stall the device
+                outs.append(bufs[j].copy_(o, non_blocking=True))
+            else:
+                outs.append(o.to("cpu"))
+
+        streamed = [m for m in layer_i.modules() if expert_store.store_of(m) is not None]
         try:
             with one_sync_experts(layer_i):  # same ops, same bits as eager; one host sync per batch
+                if len(streamed) == 1 and not all_experts and len(hidden) > 1:
+                    # experts kept as stored: every batch's experts together, each expert decoded once
+                    weights.after_batch()  # the weight pass before the loop gave every weight amax
+                    runs = [lambda j=j: forward(j) for j in range(len(hidden))]
+                    for j, o in enumerate(expert_major(streamed[0], expert_store.store_of(streamed[0]), runs, dev)):
+                        keep(j, o)
+                    if beat is not None:
+                        beat(len(hidden), len(hidden))
                 # activations live on the CPU, a batch at a time
-                for j, (h, kw) in enumerate(zip(hidden, kwargs, strict=False)):
-                    cache = family.fresh_cache(hf_config)
-                    if cache is not None:
-                        kw = dict(kw, past_key_values=cache)
-                    o = layer_i(h.to(dev, non_blocking=True), **kw)
-                    o = o[0] if isinstance(o, tuple) else o
-                    if bufs is not None:  # pinned buffers: the copy back does not stall the device
-                        outs.append(bufs[j].copy_(o, non_blocking=True))
-                    else:
-                        outs.append(o.to("cpu"))
+                for j in range(len(outs), len(hidden)):
+                    keep(j, forward(j))
                     weights.after_batch()
                     if beat is not None:
                         beat(j + 1, len(hidden))

@@ -20,7 +20,9 @@ calibrate (and eval, which streams two models the same way), one rank, layer-str
   the mask (batch × seq_len² bytes) where SDPA's fused kernels run (V3).
   A calibrated layer that does not fit its GPU so keeps its routed experts as stored (engine.calibrate.
   expert_store): gpu = CUDA_CONTEXT + params(largest layer) − its experts built + its experts as stored + the
-  expert window + stored(largest layer) + batch workspace; a note says so where only that fits.
+  expert window + stored(largest layer) + 5 × this rank's samples × seq_len × hidden × 2 bytes (every batch
+  parked at the experts call, engine.calibrate.expert_major) + batch workspace; a note says so where only that
+  fits.
 export, convert, dequant, cast-fp8, one rank, tensor-streamed:
   host = IMPORT_BASE + max(in-flight budget, largest item)   gpu = CUDA_CONTEXT + compute threads × largest item
 """
@@ -182,7 +184,7 @@ PART_LABELS = {  # the terms of a need, as messages name them
     "layer_params": "layer parameters", "next_layer_stored": "next layer stored", "batch_hidden": "batch hidden",
     "batch_workspace": "batch workspace", "cuda_context": "CUDA context", "in_flight": "tensors in flight",
     "items_on_device": "items on the device", "experts_as_stored": "experts as stored",
-    "expert_window": "expert window",
+    "expert_window": "expert window", "batches_parked": "batches parked at the experts",
 }
 
 
@@ -263,9 +265,12 @@ def streamed_need(stage: str, slot: NodeSlot, shape: ModelShape, lb: LayerBytes,
         if stage == "calibrate" and lb.expert_built:  # a layer over the budget keeps its experts as stored
             from engine.calibrate.expert_store import WINDOW_BYTES
 
+            # every batch parks at the experts call with its layer input, residual, normed and MoE input, and
+            # its experts' output accumulates (engine.calibrate.expert_major)
+            parked = 5 * work.samples_per_rank * work.seq_len * shape.width * ACT_BYTES
             streamed = {"cuda_context": CUDA_CONTEXT, "layer_params": lb.params - lb.expert_built,
                         "experts_as_stored": lb.expert_stored, "expert_window": WINDOW_BYTES["cuda"],
-                        "next_layer_stored": lb.stored, **ws}
+                        "next_layer_stored": lb.stored, "batches_parked": parked, **ws}
         return RankNeed(stage, slot.node, slot.ranks, True, sum(host.values()), sum(gpu.values()), host, gpu, sizes,
                         streamed)
     host = {"imports": IMPORT_BASE, **layer, "activations": acts, **ws}

@@ -67,6 +67,23 @@ def test_all_experts_pass_streams_too(tiny_ckpt, tmp_path, monkeypatch):
     assert_amax_equal(snap.load_amax(tmp_path / "a"), snap.load_amax(tmp_path / "b"), rel=0)
 
 
+def test_each_expert_is_decoded_once_per_layer_whatever_the_batches(tiny_ckpt, tmp_path, monkeypatch):
+    """Every batch's experts run together (engine.calibrate.expert_major): the decodes do not grow with the batches,
+    and the amax equal the resident build's."""
+    src = tiny_ckpt(family="deepseek-v3", dtype="fp8", layers=3)
+    samples = write_samples(tmp_path / "s.json", 6)
+    resident = calibrate(src, samples, tmp_path / "r", seq_len=24, batch_size=1, device="cpu")
+    monkeypatch.setenv("QUANTDECK_LAYER_BUDGET_GB", "0")
+    _small_window(monkeypatch)
+    decoded = {}
+    for bs in (1, 3):
+        s = calibrate(src, samples, tmp_path / f"b{bs}", seq_len=24, batch_size=bs, device="cpu")
+        assert s["streamed_layers"] == [1, 2] and resident["streamed_layers"] == []
+        decoded[bs] = s["expert_weights_decoded"]
+    assert decoded[1] == decoded[3] > 0  # 6 batches or 2: the same decodes
+    assert_amax_equal(snap.load_amax(tmp_path / "r"), snap.load_amax(tmp_path / "b1"), rel=0)
+
+
 def _weight_amax(path, budget, i: int) -> dict:
     """Layer i's weight-quantizer amax from modelopt's weight pass alone (no forward: no expert sees a token)."""
     import modelopt.torch.quantization as mtq

@@ -1,0 +1,113 @@
+"""A streamed layer's batches with each expert decoded once per layer, not once per batch.
+
+A layer whose routed experts are kept as stored (engine.calibrate.expert_store) decodes an expert when a batch
+reaches it. Batch by batch, that is one decode of the whole layer per batch. `expert_major` runs the batches
+so that every expert is decoded once:
+
+1. Each batch's forward runs on a thread of its own, one thread at a time, up to its experts call, where it
+   parks: the experts module's `forward` is, for the duration, a stand-in that records the call's arguments
+   and waits.
+2. Once every batch is parked, one call of the module's own forward (modelopt's quantized wrapper, so the
+   quantizers see every GEMM) computes all the recorded calls together: window by window of decoded experts,
+   every batch's tokens of those experts (engine.calibrate.fastexperts.streamed_forward).
+3. The batches resume one at a time, in order, each with its own result, and run to the end of the layer.
+
+Every batch makes the same calls on the same tensors as batch by batch, and adds its experts' outputs in the
+same (ascending) order, so its output is bit-for-bit the same; the quantizers see the same tensors in another
+order, and a max does not depend on the order. Only one thread runs at a time: modelopt's calibrators are not
+shared between running threads. Grad mode and the CUDA device are per thread, so each thread sets them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+
+class _Parked(Exception):
+    """Raised in a parked batch when the gang stops (another batch or the experts call failed)."""
+
+
+class _Batch:
+    def __init__(self, j: int, run: Callable[[], Any], device: torch.device):
+        self.j, self.run, self.device = j, run, device
+        self.go = threading.Semaphore(0)  # the coordinator lets the batch go on
+        self.back = threading.Semaphore(0)  # the batch parked or finished
+        self.args: tuple | None = None  # its experts call, once parked
+        self.result: Any = None  # the experts call's result, then the batch's
+        self.error: BaseException | None = None
+        self.done = False
+        self.stop = False
+        self.thread = threading.Thread(target=self._main, name=f"calib-batch-{j}", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            with torch.no_grad():
+                self.result = self.run()
+        except _Parked:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the coordinator, which raises it
+            self.error = e
+        self.done = True
+        self.back.release()
+
+    def park(self, args: tuple) -> Any:
+        """On the batch's thread: record the experts call, wait for its result."""
+        self.args = args
+        self.back.release()
+        self.go.acquire()
+        if self.stop:
+            raise _Parked
+        return self.result
+
+
+def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], device: torch.device) -> list[Any]:
+    """The results of `runs` (each a batch's layer forward) with `module` (the streamed experts module whose
+    `store` decodes its experts) called once for all of them (see the module docstring)."""
+    batches = [_Batch(j, run, device) for j, run in enumerate(runs)]
+    current: list[_Batch | None] = [None]
+
+    def parked_forward(*args, **kwargs):
+        if kwargs:
+            args = args + tuple(kwargs.values())
+        return current[0].park(args)
+
+    module.forward = parked_forward  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        for b in batches:  # 1. every batch up to its experts call, one at a time
+            current[0] = b
+            b.thread.start()
+            b.back.acquire()
+            if b.error is not None:
+                raise b.error
+        parked = [b for b in batches if not b.done]
+        if parked:  # 2. one experts call for all
+            del module.forward
+            store.requests = [b.args for b in parked]
+            try:
+                type(module).__call__(module, *parked[0].args)
+                results = store.results
+            finally:
+                store.requests = store.results = None
+            for b, r in zip(parked, results, strict=True):
+                b.result = r
+        for b in parked:  # 3. each batch to its end, in order
+            current[0] = b
+            b.go.release()
+            b.back.acquire()
+            if b.error is not None:
+                raise b.error
+        return [b.result for b in batches]
+    finally:
+        module.__dict__.pop("forward", None)
+        for b in batches:
+            if b.thread.is_alive() and not b.done:
+                b.stop = True
+                b.go.release()
+        for b in batches:
+            if b.thread.ident is not None:
+                b.thread.join()
