@@ -65,9 +65,11 @@ class _Batch:
         return self.result
 
 
-def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], device: torch.device) -> list[Any]:
+def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], device: torch.device,
+                 beat: Callable[[int], None] | None = None) -> list[Any]:
     """The results of `runs` (each a batch's layer forward) with `module` (the streamed experts module whose
-    `store` decodes its experts) called once for all of them (see the module docstring)."""
+    `store` decodes its experts) called once for all of them (see the module docstring). `beat(batches done)`
+    after each batch parks (0 done) and after each one ends: the stage's heartbeat."""
     batches = [_Batch(j, run, device) for j, run in enumerate(runs)]
     current: list[_Batch | None] = [None]
 
@@ -84,6 +86,8 @@ def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], 
             b.back.acquire()
             if b.error is not None:
                 raise b.error
+            if beat is not None:
+                beat(0)
         parked = [b for b in batches if not b.done]
         if parked:  # 2. one experts call for all
             del module.forward
@@ -95,12 +99,14 @@ def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], 
                 store.requests = store.results = None
             for b, r in zip(parked, results, strict=True):
                 b.result = r
-        for b in parked:  # 3. each batch to its end, in order
+        for k, b in enumerate(parked):  # 3. each batch to its end, in order
             current[0] = b
             b.go.release()
             b.back.acquire()
             if b.error is not None:
                 raise b.error
+            if beat is not None:
+                beat(len(batches) - len(parked) + k + 1)
         return [b.result for b in batches]
     finally:
         module.__dict__.pop("forward", None)

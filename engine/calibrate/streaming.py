@@ -128,10 +128,10 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
                     # experts kept as stored: every batch's experts together, each expert decoded once
                     weights.after_batch()  # the weight pass before the loop gave every weight amax
                     runs = [lambda j=j: forward(j) for j in range(len(hidden))]
-                    for j, o in enumerate(expert_major(streamed[0], expert_store.store_of(streamed[0]), runs, dev)):
+                    tick = None if beat is None else (lambda done: beat(done, len(hidden)))
+                    for j, o in enumerate(expert_major(streamed[0], expert_store.store_of(streamed[0]), runs, dev,
+                                                       tick)):
                         keep(j, o)
-                    if beat is not None:
-                        beat(len(hidden), len(hidden))
                 # activations live on the CPU, a batch at a time
                 for j in range(len(outs), len(hidden)):
                     keep(j, forward(j))
