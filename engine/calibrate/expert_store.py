@@ -15,8 +15,8 @@ same calls on the window's views. modelopt's fused-experts wrapper finds a weigh
 offset in the fused parameter; `streamed_quantizers` tells it the expert instead, and gives its weight pass
 the decoded windows. Both apply only to the modelopt release whose source they were written against.
 
-Cost: the experts are decoded three times per layer (modelopt's weight pass, the pass that promotes its static
-block quantizers, and the forward, where engine.calibrate.expert_major runs every batch's experts together), for
+Cost: the experts are decoded twice per layer (modelopt's weight pass, and the pass that promotes its static
+block quantizers) and once per gang of batches in the forward (engine.calibrate.expert_major), for
 a device footprint of the stored experts plus a window, instead of the experts in the compute dtype. Experts
 stored in the compute dtype would not shrink, so they are not streamed (`worth_streaming`).
 """
@@ -115,6 +115,7 @@ class ExpertStore:
         self.decodes = 0  # experts decoded (for the summary and the tests)
         self.requests: list[tuple] | None = None  # several batches' experts calls computed at once (expert_major)
         self.results: list[torch.Tensor] | None = None
+        self.on_window: Callable[[], None] | None = None  # called as each window is decoded (a heartbeat)
 
     @property
     def window(self) -> int:
@@ -202,6 +203,8 @@ class ExpertStore:
             buf = self._bufs[param] = torch.empty((self.window, *shape[1:]), dtype=dt, device=self.device)
         self.decode(param, first, buf[:min(self.window, self.num_experts - first)])
         self._first[param] = first
+        if self.on_window is not None:
+            self.on_window()
         return min(first + self.window, self.num_experts)
 
     def view(self, param: str, e: int) -> torch.Tensor:

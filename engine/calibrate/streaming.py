@@ -29,7 +29,7 @@ from engine.calibrate import snapshot as snap
 from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
-from engine.calibrate.expert_major import expert_major
+from engine.calibrate.expert_major import expert_major, gang_size, parked_bytes
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.fastcollect import WeightsOnce, check_amax, deferred_checks
 from engine.calibrate.fastexperts import one_sync_experts
@@ -124,14 +124,19 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         streamed = [m for m in layer_i.modules() if expert_store.store_of(m) is not None]
         try:
             with one_sync_experts(layer_i):  # same ops, same bits as eager; one host sync per batch
-                if len(streamed) == 1 and not all_experts and len(hidden) > 1:
-                    # experts kept as stored: every batch's experts together, each expert decoded once
+                if len(streamed) == 1 and not all_experts and len(hidden) > 1 and _max_calibration(qcfg):
+                    # experts kept as stored: a gang of batches' experts together, each expert decoded once a gang
                     weights.after_batch()  # the weight pass before the loop gave every weight amax
-                    runs = [lambda j=j: forward(j) for j in range(len(hidden))]
-                    tick = None if beat is None else (lambda done: beat(done, len(hidden)))
-                    for j, o in enumerate(expert_major(streamed[0], expert_store.store_of(streamed[0]), runs, dev,
-                                                       tick)):
-                        keep(j, o)
+                    per = parked_bytes(hidden[0].numel(), hidden[0].element_size(), dev.type == "cuda")
+                    size = gang_size(len(hidden), per, dev)
+                    store = expert_store.store_of(streamed[0])
+                    for g in range(0, len(hidden), size):
+                        runs = [lambda j=j: forward(j) for j in range(g, min(g + size, len(hidden)))]
+                        tick = None if beat is None else (lambda done, g=g: beat(g + done, len(hidden)))
+                        store.on_window = None if beat is None else (lambda g=g: beat(g, len(hidden)))
+                        for k, o in enumerate(expert_major(streamed[0], store, runs, dev, tick)):
+                            keep(g + k, o)
+                    store.on_window = None
                 # activations live on the CPU, a batch at a time
                 for j in range(len(outs), len(hidden)):
                     keep(j, forward(j))
@@ -160,6 +165,12 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
         times["forward_s"] = fwd[0]
         times["quantize_s"] = time.monotonic() - t0 - fwd[0]  # quantizer insertion, weight amax, finishing
     return amax, outs, cov
+
+
+def _max_calibration(qcfg: dict) -> bool:
+    """Is `qcfg`'s algorithm modelopt's max calibration (whose statistics do not depend on the calls' order)?"""
+    algo = qcfg.get("algorithm", "max")
+    return (algo.get("method") if isinstance(algo, dict) else algo) == "max"
 
 
 def _check_resume(out: Path, manifest: dict[str, Any]) -> None:

@@ -20,9 +20,9 @@ calibrate (and eval, which streams two models the same way), one rank, layer-str
   the mask (batch × seq_len² bytes) where SDPA's fused kernels run (V3).
   A calibrated layer that does not fit its GPU so keeps its routed experts as stored (engine.calibrate.
   expert_store): gpu = CUDA_CONTEXT + params(largest layer) − its experts built + its experts as stored + the
-  expert window + stored(largest layer) + 5 × this rank's samples × seq_len × hidden × 2 bytes (every batch
-  parked at the experts call, engine.calibrate.expert_major) + batch workspace; a note says so where only that
-  fits.
+  expert window + stored(largest layer) + a gang of batches parked at the experts call (engine.calibrate.
+  expert_major: up to GANG_MAX batches × 5 × batch_size × seq_len × hidden × 2 bytes + a cuBLAS workspace each)
+  + batch workspace; a note says so where only that fits.
 export, convert, dequant, cast-fp8, one rank, tensor-streamed:
   host = IMPORT_BASE + max(in-flight budget, largest item)   gpu = CUDA_CONTEXT + compute threads × largest item
 """
@@ -263,11 +263,13 @@ def streamed_need(stage: str, slot: NodeSlot, shape: ModelShape, lb: LayerBytes,
         gpu = {"cuda_context": CUDA_CONTEXT, **layer, **ws}
         streamed = {}
         if stage == "calibrate" and lb.expert_built:  # a layer over the budget keeps its experts as stored
+            # a gang of batches parks at the experts call (engine.calibrate.expert_major)
+            from engine.calibrate.expert_major import GANG_MAX, parked_bytes
             from engine.calibrate.expert_store import WINDOW_BYTES
 
-            # every batch parks at the experts call with its layer input, residual, normed and MoE input, and
-            # its experts' output accumulates (engine.calibrate.expert_major)
-            parked = 5 * work.samples_per_rank * work.seq_len * shape.width * ACT_BYTES
+            batches = -(-work.samples_per_rank // max(work.batch_size, 1))
+            parked = min(batches, GANG_MAX) * parked_bytes(work.batch_size * work.seq_len * shape.width, ACT_BYTES,
+                                                           True) if batches > 1 else 0
             streamed = {"cuda_context": CUDA_CONTEXT, "layer_params": lb.params - lb.expert_built,
                         "experts_as_stored": lb.expert_stored, "expert_window": WINDOW_BYTES["cuda"],
                         "next_layer_stored": lb.stored, "batches_parked": parked, **ws}
@@ -393,7 +395,7 @@ def check_memory(plan: MemoryPlan, nodes: dict[str, NodeMemory], knobs: Knobs = 
             notes.append(f"memory: {where}: layer {need.sizes.get('params_layer')} built whole needs {_gb(need.gpu)} "
                          f"GB per rank and GPU {i} has {_gb(free)} GB: its routed experts stay as stored and are "
                          f"decoded as they run ({_gb(streamed)} GB: {_terms(need.streamed_parts)}), at the cost of "
-                         "decoding them again for every batch")
+                         "decoding them twice per layer and once more per gang of batches")
             continue
         if short:
             i, free = min(short, key=lambda x: x[1])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from calib_tiny_models import assert_amax_equal, write_samples
 
-from engine.calibrate import expert_store
+from engine.calibrate import expert_major, expert_store
 from engine.calibrate import snapshot as snap
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.layer import compute_dtype, materialize_layer
@@ -82,6 +82,10 @@ def test_each_expert_is_decoded_once_per_layer_whatever_the_batches(tiny_ckpt, t
         decoded[bs] = s["expert_weights_decoded"]
     assert decoded[1] == decoded[3] > 0  # 6 batches or 2: the same decodes
     assert_amax_equal(snap.load_amax(tmp_path / "r"), snap.load_amax(tmp_path / "b1"), rel=0)
+    monkeypatch.setattr(expert_major, "GANG_MAX", 4)  # 6 batches: gangs of 4 and 2
+    s = calibrate(src, samples, tmp_path / "g", seq_len=24, batch_size=1, device="cpu")
+    assert s["expert_weights_decoded"] > decoded[1]
+    assert_amax_equal(snap.load_amax(tmp_path / "r"), snap.load_amax(tmp_path / "g"), rel=0)
 
 
 def _weight_amax(path, budget, i: int) -> dict:
@@ -147,3 +151,16 @@ def test_bf16_experts_do_not_stream(tiny_ckpt, tmp_path, monkeypatch):
 def test_the_budget_defaults_and_override():
     assert expert_store.layer_budget(torch.device("cpu"), None) is None
     assert expert_store.layer_budget(torch.device("cpu"), 2.5) == 2_500_000_000
+
+
+@pytest.mark.requires_gpu
+def test_streamed_experts_on_the_gpu_give_the_resident_amax(tiny_ckpt, tmp_path, monkeypatch):
+    """The same on a GPU: the parked batches' threads, their cuBLAS handles, the device decode."""
+    src = tiny_ckpt(family="deepseek-v3", dtype="fp8", layers=3)
+    samples = write_samples(tmp_path / "s.json", 6)
+    calibrate(src, samples, tmp_path / "a", seq_len=24, batch_size=2, device="cuda")
+    monkeypatch.setenv("QUANTDECK_LAYER_BUDGET_GB", "0")
+    _small_window(monkeypatch)
+    b = calibrate(src, samples, tmp_path / "b", seq_len=24, batch_size=2, device="cuda")
+    assert b["streamed_layers"] == [1, 2]
+    assert_amax_equal(snap.load_amax(tmp_path / "a"), snap.load_amax(tmp_path / "b"), rel=0)
