@@ -107,16 +107,20 @@ def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], 
             args = args + tuple(kwargs[k] for k in _EXPERTS_ARGS[len(args):])
         return state["batch"].park(args)
 
+    def turn(b: _Batch, let_go: Callable[[], None], done: int) -> None:
+        """Let batch `b` run (alone) until it parks or ends; raise what it raised."""
+        state["batch"] = b
+        let_go()
+        b.back.acquire()
+        if b.error is not None:
+            raise b.error
+        if beat is not None:
+            beat(done)
+
     module.forward = parked_forward  # an instance attribute: nn.Module.__call__ finds it first
     try:
         for b in batches:  # 1. every batch up to its experts call, one at a time
-            state["batch"] = b
-            b.thread.start()
-            b.back.acquire()
-            if b.error is not None:
-                raise b.error
-            if beat is not None:
-                beat(0)
+            turn(b, b.thread.start, 0)
         state["parking"] = False
         parked = [b for b in batches if not b.done]
         if parked:  # 2. one experts call for all (the module's own forward: its hooks ran in each batch's call)
@@ -130,13 +134,7 @@ def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], 
                 b.result, b.args = r, None
             del results
         for k, b in enumerate(parked):  # 3. each batch to its end, in order
-            state["batch"] = b
-            b.go.release()
-            b.back.acquire()
-            if b.error is not None:
-                raise b.error
-            if beat is not None:
-                beat(len(batches) - len(parked) + k + 1)
+            turn(b, b.go.release, len(batches) - len(parked) + k + 1)
         return [b.result for b in batches]
     finally:
         state["stopping"] = True
