@@ -151,3 +151,19 @@ def expert_major(module: torch.nn.Module, store, runs: list[Callable[[], Any]], 
             clear()  # the gang's threads are gone; their workspaces would stay cached
         for b in batches:  # an exception's traceback keeps this frame: let go of the batches' tensors
             b.args = b.error = b.run = b.result = None
+
+
+def in_gangs(module: torch.nn.Module, store, n: int, forward: Callable[[int], Any], keep: Callable[[int, Any], None],
+             device: torch.device, per_batch: int, beat: Callable[[int, int], None] | None = None) -> None:
+    """Batches 0..n-1 (`forward(j)`, each result given to `keep(j, result)` in order) in gangs of `gang_size`
+    through `expert_major`; `beat(batches done, n)` now and then (also as each window of experts is decoded)."""
+    size = gang_size(n, per_batch, device)
+    try:
+        for g in range(0, n, size):
+            runs = [lambda j=j: forward(j) for j in range(g, min(g + size, n))]
+            tick = None if beat is None else (lambda done, g=g: beat(g + done, n))
+            store.on_window = None if beat is None else (lambda g=g: beat(g, n))
+            for k, out in enumerate(expert_major(module, store, runs, device, tick)):
+                keep(g + k, out)
+    finally:
+        store.on_window = None

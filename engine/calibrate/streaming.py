@@ -29,7 +29,7 @@ from engine.calibrate import snapshot as snap
 from engine.calibrate.batches import plan_batches
 from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
-from engine.calibrate.expert_major import expert_major, gang_size, parked_bytes
+from engine.calibrate.expert_major import in_gangs, parked_bytes
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.fastcollect import WeightsOnce, check_amax, deferred_checks
 from engine.calibrate.fastexperts import one_sync_experts
@@ -127,16 +127,8 @@ def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tenso
                 if len(streamed) == 1 and not all_experts and len(hidden) > 1 and _max_calibration(qcfg):
                     # experts kept as stored: a gang of batches' experts together, each expert decoded once a gang
                     weights.after_batch()  # the weight pass before the loop gave every weight amax
-                    per = parked_bytes(hidden[0].numel(), hidden[0].element_size(), dev.type == "cuda")
-                    size = gang_size(len(hidden), per, dev)
-                    store = expert_store.store_of(streamed[0])
-                    for g in range(0, len(hidden), size):
-                        runs = [lambda j=j: forward(j) for j in range(g, min(g + size, len(hidden)))]
-                        tick = None if beat is None else (lambda done, g=g: beat(g + done, len(hidden)))
-                        store.on_window = None if beat is None else (lambda g=g: beat(g, len(hidden)))
-                        for k, o in enumerate(expert_major(streamed[0], store, runs, dev, tick)):
-                            keep(g + k, o)
-                    store.on_window = None
+                    in_gangs(streamed[0], expert_store.store_of(streamed[0]), len(hidden), forward, keep, dev,
+                             parked_bytes(hidden[0].numel(), hidden[0].element_size(), dev.type == "cuda"), beat)
                 # activations live on the CPU, a batch at a time
                 for j in range(len(outs), len(hidden)):
                     keep(j, forward(j))
