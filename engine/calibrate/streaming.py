@@ -406,10 +406,18 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
 
 
 def _say_streamed(sink: EventSink, plan, budget: int, stores: dict) -> None:
+    """The log line of a layer whose experts stream; a warning where even that exceeds the budget."""
     kept = sum(s.nbytes for s in stores.values())
-    sink.emit("log", level="info", msg=f"layer {plan.index}: {(plan.param_bytes + plan.nbytes) / 1e9:.1f} GB with "
-              f"the next layer's bytes exceeds the device budget of {budget / 1e9:.1f} GB; its routed experts stay "
-              f"as stored ({kept / 1e9:.1f} GB) and are decoded as they run")
+    built, _ = expert_store.expert_bytes(plan)
+    need = plan.param_bytes - built + kept + expert_store.WINDOW_BYTES["cuda"] + plan.nbytes
+    msg = (f"layer {plan.index}: {(plan.param_bytes + plan.nbytes) / 1e9:.1f} GB with the next layer's bytes exceeds "
+           f"the device budget of {budget / 1e9:.1f} GB; its routed experts stay as stored ({kept / 1e9:.1f} GB) and "
+           "are decoded as they run")
+    if need > budget:
+        sink.emit("log", level="warning", msg=f"{msg}, and even so it needs about {need / 1e9:.1f} GB: it may run "
+                  "out of device memory (a GPU with more memory, or more nodes' GPUs for the experts, is the fix)")
+    else:
+        sink.emit("log", level="info", msg=msg)
 
 
 def mtp_layers(config: dict, names: set[str]) -> list[str]:

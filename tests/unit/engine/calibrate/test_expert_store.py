@@ -27,6 +27,7 @@ class Sink:
     def emit(self, kind, **d):
         if kind == "log":
             self.logs.append(d["msg"])
+            assert d["level"] == ("warning" if "even so" in d["msg"] else "info")
 
 
 def _small_window(monkeypatch) -> None:
@@ -53,6 +54,7 @@ def test_streamed_experts_give_the_resident_amax_and_outputs(tiny_ckpt, tmp_path
     a, b, logs = _pair(src, samples, tmp_path, monkeypatch, layers=2)  # stopped: layer 1's outputs are kept
     streamed = [m for m in logs if "are decoded as they run" in m]
     assert len(streamed) == len(b["streamed_layers"]) and "exceeds the device budget of 0.0 GB" in streamed[0]
+    assert "and even so it needs about" in streamed[0]  # a budget of 0 holds nothing
     assert_amax_equal(snap.load_amax(tmp_path / "a"), snap.load_amax(tmp_path / "b"), rel=0)
     assert any(".experts.down_proj_weight_quantizers.3.amax" in k for k in snap.load_amax(tmp_path / "b"))
     for x, y in zip(snap.read_acts(tmp_path / "a", 0, 1, 2), snap.read_acts(tmp_path / "b", 0, 1, 2), strict=True):
@@ -164,3 +166,32 @@ def test_streamed_experts_on_the_gpu_give_the_resident_amax(tiny_ckpt, tmp_path,
     b = calibrate(src, samples, tmp_path / "b", seq_len=24, batch_size=2, device="cuda")
     assert b["streamed_layers"] == [1, 2]
     assert_amax_equal(snap.load_amax(tmp_path / "a"), snap.load_amax(tmp_path / "b"), rel=0)
+
+
+def test_the_log_warns_only_where_even_the_streamed_layer_exceeds_the_budget(tiny_ckpt):
+    from engine.calibrate.streaming import _say_streamed
+
+    reader = CheckpointReader(tiny_ckpt(family="deepseek-v3", dtype="fp8", layers=2))
+    family = LayerFamily.for_config(reader.config)
+    lr = LayerReader(reader, family, family.hf_config(reader.config), compute_dtype(reader.config),
+                     torch.device("cpu"), range(1, 2), budget=0)
+    try:
+        raw = lr.read(1)
+        lr.assemble(raw)
+    finally:
+        lr.close()
+    built, _ = expert_store.expert_bytes(raw.plan)
+    need = raw.plan.param_bytes - built + sum(s.nbytes for s in raw.stores.values()) \
+        + expert_store.WINDOW_BYTES["cuda"] + raw.plan.nbytes
+    for budget, level in ((need, "info"), (need - 1, "warning")):
+        events = []
+        _say_streamed(SimpleSink(events), raw.plan, budget, raw.stores)
+        assert [e["level"] for e in events] == [level] and "layer 1: " in events[0]["msg"]
+
+
+class SimpleSink:
+    def __init__(self, events):
+        self.events = events
+
+    def emit(self, kind, **d):
+        self.events.append(d)
