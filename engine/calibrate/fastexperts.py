@@ -66,33 +66,35 @@ def one_sync_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
                      top_k_weights: torch.Tensor) -> torch.Tensor:
     final = torch.zeros_like(hidden_states)
     for expert_idx, token_idx, top_k_pos in expert_groups(top_k_index, self.num_experts):
-        current = self._apply_gate(F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]))
-        current = F.linear(current, self.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
-        final.index_add_(0, token_idx, current.to(final.dtype))
+        _add_expert(self, final, hidden_states, top_k_weights, token_idx, top_k_pos,
+                    self.gate_up_proj[expert_idx], self.down_proj[expert_idx])
     return final
+
+
+def _add_expert(self, final: torch.Tensor, hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
+                token_idx: torch.Tensor, top_k_pos: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """One expert's part of the eager forward: its tokens through gate‖up, the gate, down, weighted, added."""
+    current = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
+    current = F.linear(current, down) * top_k_weights[token_idx, top_k_pos, None]
+    final.index_add_(0, token_idx, current.to(final.dtype))
 
 
 def streamed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                      top_k_weights: torch.Tensor) -> torch.Tensor:
     """`one_sync_forward` on an experts module whose weights are kept as stored (engine.calibrate.expert_store):
-    each expert's `gate_up_proj` and `down_proj` are the decoded window's views, of the same values."""
+    each expert's `gate_up_proj` and `down_proj` are the decoded window's views, of the same values. Several
+    batches' calls at once where `store.requests` holds them (engine.calibrate.expert_major)."""
     store = store_of(self)
-    if store.requests is not None:  # several batches' calls at once (engine.calibrate.expert_major)
-        store.results = _expert_major(self, store)
-        return store.results[0]
-    final = torch.zeros_like(hidden_states)
-    for expert_idx, token_idx, top_k_pos in expert_groups(top_k_index, self.num_experts):
-        gate_up, down = store.expert(expert_idx, _FUSED)
-        current = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
-        current = F.linear(current, down) * top_k_weights[token_idx, top_k_pos, None]
-        final.index_add_(0, token_idx, current.to(final.dtype))
-    return final
+    reqs = store.requests or [(hidden_states, top_k_index, top_k_weights)]
+    finals = _streamed_calls(self, store, reqs)
+    if store.requests is not None:
+        store.results = finals
+    return finals[0]
 
 
-def _expert_major(self, store) -> list[torch.Tensor]:
-    """`streamed_forward` of every call in `store.requests`, a window of decoded experts at a time: each call's
-    experts in ascending order, as one by one, each expert decoded once for all."""
-    reqs = store.requests
+def _streamed_calls(self, store, reqs: list[tuple]) -> list[torch.Tensor]:
+    """The experts' outputs of every call in `reqs`, a window of decoded experts at a time: each call's experts in
+    ascending order, as one by one, each expert decoded once for all the calls."""
     groups = [list(expert_groups(idx, self.num_experts)) for _, idx, _ in reqs]
     finals = [torch.zeros_like(h) for h, _, _ in reqs]
     at = [0] * len(reqs)
@@ -106,10 +108,8 @@ def _expert_major(self, store) -> list[torch.Tensor]:
             g = groups[j]
             while at[j] < len(g) and g[at[j]][0] < end:
                 expert_idx, token_idx, top_k_pos = g[at[j]]
-                gate_up, down = store.expert(expert_idx, _FUSED)
-                current = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
-                current = F.linear(current, down) * top_k_weights[token_idx, top_k_pos, None]
-                finals[j].index_add_(0, token_idx, current.to(finals[j].dtype))
+                _add_expert(self, finals[j], hidden_states, top_k_weights, token_idx, top_k_pos,
+                            *store.expert(expert_idx, _FUSED))
                 at[j] += 1
 
 
