@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -55,7 +56,7 @@ def expert_bytes(plan: LayerPlan) -> tuple[int, int]:
     built = 0
     for name in plan.streamable:
         shape, dt = plan.params[name]
-        built += _elems(shape) * dt.itemsize
+        built += math.prod(shape) * dt.itemsize
     stored = {}
     for p in plan.pieces:
         if p.param in plan.streamable:
@@ -103,12 +104,11 @@ class ExpertStore:
     """One experts module's fused parameters (`params`: name -> (shape, dtype), e.g. `gate_up_proj`) as stored,
     decoded `window` experts at a time."""
 
-    def __init__(self, params: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device,
-                 window: int | None = None):
+    def __init__(self, params: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device):
         self.params, self.device = params, device
         self.num_experts = next(iter(params.values()))[0][0]
         self.runs: dict[str, list[_Run]] = {name: [] for name in params}
-        self._window = window
+        self._window: int | None = None  # sized at first use (`window`)
         self.current = 0  # the expert whose weights the forward uses now
         self._bufs: dict[str, torch.Tensor] = {}
         self._first: dict[str, int] = {}  # parameter -> the first expert in its buffer
@@ -122,8 +122,8 @@ class ExpertStore:
         """Experts decoded at once: their decoded values and decode temporaries within WINDOW_BYTES (at least
         one; sized once the runs are staged, from their encodings)."""
         if self._window is None:
-            per = sum(_elems(shape[1:]) * dt.itemsize for shape, dt in self.params.values())
-            per += max(_elems(self.params[name][0][1:]) * DECODE_COST.get(r.encoding, 0)
+            per = sum(math.prod(shape[1:]) * dt.itemsize for shape, dt in self.params.values())
+            per += max(math.prod(self.params[name][0][1:]) * DECODE_COST.get(r.encoding, 0)
                        for name, runs in self.runs.items() for r in runs) if any(self.runs.values()) else 0
             budget = WINDOW_BYTES["cuda" if self.device.type == "cuda" else "cpu"]
             self._window = max(1, min(self.num_experts, budget // max(per, 1)))
@@ -229,13 +229,6 @@ class ExpertStore:
         self.runs = {name: [] for name in self.params}
         self._bufs.clear()
         self._first.clear()
-
-
-def _elems(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def stores_for(plan_params: dict[str, tuple[tuple[int, ...], torch.dtype]], streams: tuple[str, ...],

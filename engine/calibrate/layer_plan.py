@@ -16,6 +16,7 @@ parameters keeps their pieces in the buffer: they stay as stored (engine.calibra
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -115,13 +116,7 @@ class LayerPlan:
     @property
     def param_bytes(self) -> int:
         """Bytes of the layer's parameters built whole in their final dtypes."""
-        total = 0
-        for shape, dt in self.params.values():
-            n = dt.itemsize
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(shape) * dt.itemsize for shape, dt in self.params.values())
 
     @property
     def source_bytes(self) -> int:

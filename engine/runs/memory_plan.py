@@ -29,7 +29,6 @@ export, convert, dequant, cast-fp8, one rank, tensor-streamed:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -123,8 +122,6 @@ def layer_bytes(reader, config: dict) -> LayerBytes:
     """Per distinct decoder layer (layers whose stored tensors have the same names, shapes and dtypes are
     planned once): its parameter bytes as calibration builds it (engine.calibrate.layer_plan.plan_layer) and
     the bytes it is read from (buffer_bound). Raises CheckpointError where a layer cannot be planned."""
-    import torch
-
     from engine.calibrate.expert_store import expert_bytes, worth_streaming
     from engine.calibrate.family import LayerFamily
     from engine.calibrate.layer import compute_dtype, keep_fp32
@@ -144,7 +141,7 @@ def layer_bytes(reader, config: dict) -> LayerBytes:
     for layers in kinds.values():
         i = layers[0]
         plan = plan_layer(family, hf_config, i, reader, names, dtype, fp32, direct_ok=False)
-        params = sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in plan.params.values())
+        params = plan.param_bytes
         stored = buffer_bound(family, i, reader, names)
         if params > best.params:
             best = LayerBytes(params, best.stored, i, best.stored_layer)
