@@ -267,8 +267,8 @@ def role_modelopt(a) -> None:
     from transformers import AutoModelForCausalLM
 
     from engine.calibrate.batches import plan_batches
+    from engine.calibrate.layer_pass import layer_amax
     from engine.calibrate.samples import load_samples
-    from engine.calibrate.streaming import layer_amax
     t_import = time.monotonic() - t0
 
     kw: dict = {"dtype": torch.bfloat16, "use_kernels": False, "local_files_only": True}  # no hub, ever

@@ -1,10 +1,10 @@
 """Layer-streaming, data-parallel calibration: `calibrate()`.
 
-Per decoder layer: build transformers' own layer from the checkpoint on the device, wrap it in a
-skeleton whose module names are the whole model's (`model.layers.<i>....`), let modelopt's
-`mtq.quantize` insert and calibrate its quantizers with a forward loop over this rank's cached layer
-inputs, all-reduce the amax (MAX) over ranks, save the layer's outputs (the next layer's inputs) and
-then the amax file (the commit mark), free the layer. Memory: one layer plus this rank's activations.
+Per decoder layer: build transformers' own layer from the checkpoint on the device, calibrate it
+(engine.calibrate.layer_pass: modelopt's `mtq.quantize` under the whole model's module names, with a forward
+loop over this rank's cached layer inputs), all-reduce the amax (MAX) over ranks, save the layer's outputs (the
+next layer's inputs) and then the amax file (the commit mark), free the layer. Memory: one layer plus this
+rank's activations.
 """
 
 from __future__ import annotations
@@ -15,26 +15,22 @@ import importlib
 import json
 import os
 import platform
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from engine.calibrate import expert_store
 from engine.calibrate import snapshot as snap
 from engine.calibrate.batches import plan_batches
-from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.dist import DistContext, init_distributed, reduce_amax, reduce_coverage, resolve_device
-from engine.calibrate.expert_major import in_gangs, parked_bytes
 from engine.calibrate.family import LayerFamily
-from engine.calibrate.fastcollect import WeightsOnce, check_amax, deferred_checks
-from engine.calibrate.fastexperts import one_sync_experts
 from engine.calibrate.inputs import prepare_inputs
 from engine.calibrate.layer import TensorSource, compute_dtype, materialize_layer
+from engine.calibrate.layer_pass import calibrate_layer, say_streamed
 from engine.calibrate.layer_reader import LayerReader, ReadShare
 from engine.calibrate.phases import Phases
 from engine.calibrate.qconfig import resolve_quant_cfg
@@ -52,16 +48,6 @@ RESUME_KEYS = ("samples_sha256", "num_samples", "seq_len", "batch_size", "world_
                "all_experts", "model_fingerprint")
 
 
-class _Skeleton(torch.nn.Module):
-    """Just enough of the whole model that named_modules() gives `model.layers.<i>.<...>`."""
-
-    def __init__(self, config, i: int, layer: torch.nn.Module):
-        super().__init__()
-        self.config = config
-        self.model = torch.nn.Module()
-        self.model.layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(i)] + [layer])
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -72,97 +58,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "?"
     return out
-
-
-def layer_amax(root: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`<quantizer module name>.amax` for every enabled TensorQuantizer that has an amax."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    out = {}
-    for name, mod in root.named_modules():
-        if isinstance(mod, TensorQuantizer) and mod.is_enabled:
-            a = getattr(mod, "amax", None)
-            if a is not None:
-                out[f"{name}.amax"] = a.detach().float()
-    return out
-
-
-def _calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tensor], kwargs: list[dict],
-                     all_experts: bool, dev: torch.device, bufs: list[torch.Tensor] | None = None,
-                     times: dict[str, float] | None = None, beat: Callable[[int, int], None] | None = None,
-                     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, list[int]]]:
-    """One pass: modelopt's quantizers in calibration mode pass their inputs through unchanged, so the
-    forward that collects the amax also gives the next layer's inputs. `beat(batches done, batches)` after
-    each batch: the stage's heartbeat."""
-    import modelopt.torch.quantization as mtq
-
-    root = _Skeleton(hf_config, i, layer)
-    outs: list[torch.Tensor] = []
-    cov: dict[str, list[int]] = {}
-    fwd = [0.0]
-
-    def loop(model):
-        t = time.monotonic()
-        outs.clear()
-        layer_i = model.model.layers[i]
-        hooks = CoverageHooks(layer_i, all_experts=all_experts)
-        weights = WeightsOnce(layer_i)  # each weight's amax collected once, not once per batch
-        def forward(j: int) -> torch.Tensor:
-            kw = kwargs[j]
-            cache = family.fresh_cache(hf_config)
-            if cache is not None:
-                kw = dict(kw, past_key_values=cache)
-            o = layer_i(hidden[j].to(dev, non_blocking=True), **kw)
-            return o[0] if isinstance(o, tuple) else o
-
-        def keep(j: int, o: torch.Tensor) -> None:
-            if bufs is not None:  # pinned buffers: the copy back does not stall the device
-                outs.append(bufs[j].copy_(o, non_blocking=True))
-            else:
-                outs.append(o.to("cpu"))
-
-        streamed = [m for m in layer_i.modules() if expert_store.store_of(m) is not None]
-        try:
-            with one_sync_experts(layer_i):  # same ops, same bits as eager; one host sync per batch
-                if len(streamed) == 1 and not all_experts and len(hidden) > 1 and _max_calibration(qcfg):
-                    # experts kept as stored: a gang of batches' experts together, each expert decoded once a gang
-                    weights.after_batch()  # the weight pass before the loop gave every weight amax
-                    in_gangs(streamed[0], expert_store.store_of(streamed[0]), len(hidden), forward, keep, dev,
-                             parked_bytes(hidden[0].numel(), hidden[0].element_size(), dev.type == "cuda"), beat)
-                # activations live on the CPU, a batch at a time
-                for j in range(len(outs), len(hidden)):
-                    keep(j, forward(j))
-                    weights.after_batch()
-                    if beat is not None:
-                        beat(j + 1, len(hidden))
-                if dev.type == "cuda":
-                    torch.cuda.current_stream(dev).synchronize()
-        finally:
-            weights.restore()
-            hooks.remove()
-        cov.update({f"{family.layer_prefix(i)}{k}": v.tolist() for k, v in hooks.counts.items()})
-        fwd[0] += time.monotonic() - t
-
-    t0 = time.monotonic()
-    streamed = expert_store.streamed_quantizers() if any(map(expert_store.store_of, layer.modules())) \
-        else contextlib.nullcontext()
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), deferred_checks(), streamed:
-        mtq.quantize(root, qcfg, loop)
-        if not outs:  # a config that needs no forward pass (weight-only): still compute the outputs
-            mtq.disable_quantizer(root, "*")
-            loop(root)
-    amax = layer_amax(root)
-    check_amax(amax)  # modelopt's per-batch NaN / inf / sign checks, once per layer
-    if times is not None:
-        times["forward_s"] = fwd[0]
-        times["quantize_s"] = time.monotonic() - t0 - fwd[0]  # quantizer insertion, weight amax, finishing
-    return amax, outs, cov
-
-
-def _max_calibration(qcfg: dict) -> bool:
-    """Is `qcfg`'s algorithm modelopt's max calibration (whose statistics do not depend on the calls' order)?"""
-    algo = qcfg.get("algorithm", "max")
-    return (algo.get("method") if isinstance(algo, dict) else algo) == "max"
 
 
 def _check_resume(out: Path, manifest: dict[str, Any]) -> None:
@@ -345,12 +240,12 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
             layer = materialize_layer(family, hf_config, i, tensors, dev)
             raw_bytes, stores = raw.bytes_read, raw.stores
             if stores:
-                _say_streamed(sink, raw.plan, layers.budget, stores)
+                say_streamed(sink, raw.plan, layers.budget, stores)
                 expert_store.attach(layer, stores)
             del tensors, raw
             t2 = time.monotonic()
             try:
-                amax, outs, cov = _calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts,
+                amax, outs, cov = calibrate_layer(family, hf_config, layer, i, qcfg, hidden, kwargs, all_experts,
                                                    dev, bufs, times, beat=lambda j, nb, i=i: beat(i, j, nb))
             finally:
                 if stores:
@@ -403,21 +298,6 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
     phases = ph.report()
     summary.update({"seconds": phases["total_s"], "phases": phases})
     return summary
-
-
-def _say_streamed(sink: EventSink, plan, budget: int, stores: dict) -> None:
-    """The log line of a layer whose experts stream; a warning where even that exceeds the budget."""
-    kept = sum(s.nbytes for s in stores.values())
-    built, _ = expert_store.expert_bytes(plan)
-    need = plan.param_bytes - built + kept + expert_store.WINDOW_BYTES["cuda"] + plan.nbytes
-    msg = (f"layer {plan.index}: {(plan.param_bytes + plan.nbytes) / 1e9:.1f} GB with the next layer's bytes exceeds "
-           f"the device budget of {budget / 1e9:.1f} GB; its routed experts stay as stored ({kept / 1e9:.1f} GB) and "
-           "are decoded as they run")
-    if need > budget:
-        sink.emit("log", level="warning", msg=f"{msg}, and even so it needs about {need / 1e9:.1f} GB: it may run "
-                  "out of device memory (a GPU with more memory, or more nodes' GPUs for the experts, is the fix)")
-    else:
-        sink.emit("log", level="info", msg=msg)
 
 
 def mtp_layers(config: dict, names: set[str]) -> list[str]:

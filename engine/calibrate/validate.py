@@ -43,7 +43,7 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     from engine.calibrate.family import LayerFamily
-    from engine.calibrate.streaming import _Skeleton
+    from engine.calibrate.layer_pass import Skeleton
 
     config = read_json(Path(model_dir) / "config.json") or {}
     family = LayerFamily.for_config(config)
@@ -63,7 +63,7 @@ def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
         if isinstance(quant_cfg, str) and key in by_structure:
             out |= {pre + n for n in by_structure[key]}
             continue
-        root = _Skeleton(hf, i, layer)
+        root = Skeleton(hf, i, layer)
         with contextlib.redirect_stdout(sys.stderr):
             mtq.quantize(root, qconfig.resolve_quant_cfg(quant_cfg), None)
         names = {f"{n}.amax" for n, m in root.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}

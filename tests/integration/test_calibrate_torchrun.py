@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "engine" /
 from calib_tiny_models import assert_amax_equal, build_v3, reference_quantized_model, write_samples  # noqa: E402
 
 from engine.calibrate import snapshot as snap  # noqa: E402
+from engine.calibrate.layer_pass import layer_amax  # noqa: E402
 from engine.calibrate.samples import load_samples  # noqa: E402
-from engine.calibrate.streaming import layer_amax  # noqa: E402
 from engine.core.settings import fault_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

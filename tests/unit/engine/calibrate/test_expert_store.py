@@ -13,9 +13,10 @@ from engine.calibrate import expert_major, expert_store
 from engine.calibrate import snapshot as snap
 from engine.calibrate.family import LayerFamily
 from engine.calibrate.layer import compute_dtype, materialize_layer
+from engine.calibrate.layer_pass import Skeleton, layer_amax
 from engine.calibrate.layer_reader import LayerReader
 from engine.calibrate.qconfig import resolve_quant_cfg
-from engine.calibrate.streaming import _Skeleton, calibrate, layer_amax
+from engine.calibrate.streaming import calibrate
 from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import CheckpointError
 
@@ -107,7 +108,7 @@ def _weight_amax(path, budget, i: int) -> dict:
         lr.close()
     assert bool(raw.stores) == (budget == 0)
     expert_store.attach(layer, raw.stores)
-    root = _Skeleton(hf_config, i, layer)
+    root = Skeleton(hf_config, i, layer)
     with contextlib.redirect_stdout(sys.stderr), \
             expert_store.streamed_quantizers() if raw.stores else contextlib.nullcontext():
         mtq.quantize(root, resolve_quant_cfg("NVFP4_DEFAULT_CFG"))
@@ -169,7 +170,7 @@ def test_streamed_experts_on_the_gpu_give_the_resident_amax(tiny_ckpt, tmp_path,
 
 
 def test_the_log_warns_only_where_even_the_streamed_layer_exceeds_the_budget(tiny_ckpt):
-    from engine.calibrate.streaming import _say_streamed
+    from engine.calibrate.layer_pass import say_streamed
 
     reader = CheckpointReader(tiny_ckpt(family="deepseek-v3", dtype="fp8", layers=2))
     family = LayerFamily.for_config(reader.config)
@@ -185,7 +186,7 @@ def test_the_log_warns_only_where_even_the_streamed_layer_exceeds_the_budget(tin
         + expert_store.WINDOW_BYTES["cuda"] + raw.plan.nbytes
     for budget, level in ((need, "info"), (need - 1, "warning")):
         events = []
-        _say_streamed(SimpleSink(events), raw.plan, budget, raw.stores)
+        say_streamed(SimpleSink(events), raw.plan, budget, raw.stores)
         assert [e["level"] for e in events] == [level] and "layer 1: " in events[0]["msg"]
 
 

@@ -82,7 +82,7 @@ def test_modelopt_quantizers_see_the_same_inputs(family):
     weight quantizers and the shared input quantizers get the same amax under both forwards."""
     import modelopt.torch.quantization as mtq
 
-    from engine.calibrate.streaming import layer_amax
+    from engine.calibrate.layer_pass import layer_amax
 
     base = _experts(family)
     x, idx, w = _routing(150, 8, 4, 7)

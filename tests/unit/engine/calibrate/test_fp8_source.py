@@ -5,8 +5,9 @@ import pytest
 from calib_tiny_models import assert_amax_equal, reference_quantized_model, write_samples
 
 from engine.calibrate import snapshot as snap
+from engine.calibrate.layer_pass import layer_amax
 from engine.calibrate.samples import load_samples
-from engine.calibrate.streaming import calibrate, layer_amax
+from engine.calibrate.streaming import calibrate
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ import torch
 from calib_tiny_models import assert_amax_equal, reference_quantized_model
 
 from engine.calibrate import snapshot as snap
+from engine.calibrate.layer_pass import layer_amax
 from engine.calibrate.samples import load_samples
-from engine.calibrate.streaming import calibrate, layer_amax
+from engine.calibrate.streaming import calibrate
 from engine.core.errors import CheckpointError, SamplesError
 
 

@@ -42,8 +42,8 @@ def test_deepseek_experts_preset_calibrates_mlps_and_wo(staged, v3_dir):
     assert Stage.get("calibrate")().check_saved(ctx) == []
     from calib_tiny_models import assert_amax_equal, reference_quantized_model
 
+    from engine.calibrate.layer_pass import layer_amax
     from engine.calibrate.samples import load_samples
-    from engine.calibrate.streaming import layer_amax
 
     ids = load_samples(ctx.params["samples"], tokenizer=v3_dir, seq_len=24).input_ids
     ref = layer_amax(reference_quantized_model(v3_dir, ids, batch_size=2, quant_cfg="deepseek-experts"))
