@@ -251,7 +251,7 @@ def all_finite(data: np.ndarray, dtype: str) -> bool:
     """No NaN or Inf among a float tensor's values (`torch.isfinite(t.float()).all()`)."""
     if dtype == "BF16":
         bits = data.view(np.uint16)
-        lib = _native() if bits.flags.c_contiguous and bits.flags.aligned else None
+        lib = _native() if native_calls.bf16_finite_takes(bits) else None
         if lib is not None:  # one pass in C, where numpy makes three and two arrays of the tensor's size
             return native_calls.bf16_finite(lib, bits)
         return not bool(((bits & 0x7F80) == 0x7F80).any())
@@ -306,7 +306,7 @@ def fp8_values(codes: np.ndarray, rows: np.ndarray, scale32: np.ndarray | None, 
 def scan_e4m3(bs: np.ndarray) -> tuple[int, int, int]:
     """E4M3 block scales: (NaN bytes, bytes that are not a finite scale > 0: NaN, zero or negative, the largest
     magnitude byte b & 0x7F; 0 when there are none)."""
-    lib = _native() if bs.dtype == np.uint8 and bs.flags.c_contiguous else None
+    lib = _native() if native_calls.e4m3_scan_takes(bs) else None
     if lib is not None:  # one pass in C, where numpy makes five over the array
         return native_calls.e4m3_scan(lib, bs)
     mag = Scratch.get("magnitude", bs.shape)

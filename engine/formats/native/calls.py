@@ -168,17 +168,27 @@ def nvfp4_rows_f32(lib, packed: np.ndarray, bs: np.ndarray, s2: float, rows: np.
     return out
 
 
+def e4m3_scan_takes(bs: np.ndarray) -> bool:
+    """Whether `e4m3_scan` takes `bs`; validate's numpy path takes any other."""
+    return bool(bs.dtype == np.uint8 and bs.flags.c_contiguous)
+
+
 def e4m3_scan(lib, bs: np.ndarray) -> tuple[int, int, int]:
     """(NaN bytes, bytes that are not a finite scale > 0, largest magnitude byte) of E4M3 block scales `bs`."""
-    if not (bs.dtype == np.uint8 and bs.flags.c_contiguous):
+    if not e4m3_scan_takes(bs):
         raise ValueError("e4m3_scan: contiguous uint8 scales")
     out = np.zeros(3, np.int64)
     lib.qd_e4m3_scan(_p(bs), bs.size, _p(out))
     return int(out[0]), int(out[1]), int(out[2])
 
 
+def bf16_finite_takes(x: np.ndarray) -> bool:
+    """Whether `bf16_finite` takes `x`; validate's numpy path takes any other."""
+    return bool(x.dtype == np.uint16 and x.flags.c_contiguous and x.flags.aligned)
+
+
 def bf16_finite(lib, x: np.ndarray) -> bool:
     """No NaN or Inf among BF16 values given as their uint16 bits `x` (one pass, stopping at the first)."""
-    if not (x.dtype == np.uint16 and x.flags.c_contiguous and x.flags.aligned):
+    if not bf16_finite_takes(x):
         raise ValueError("bf16_finite: contiguous, aligned uint16 values")
     return int(lib.qd_bf16_nonfinite(_p(x), x.size)) == x.size
