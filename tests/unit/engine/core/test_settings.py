@@ -34,13 +34,16 @@ def test_values_are_typed():
     s = Settings.from_env({"QUANTDECK_READERS": "3", "QUANTDECK_RANK_TIMEOUT_S": "2.5", "QUANTDECK_KERNELS": " C ",
                            "QUANTDECK_HOME": "/h", "QD_CONVERT_WORKERS": "4"})
     assert (s.readers, s.rank_timeout_s, s.kernels, s.home, s.convert_workers) == (3, 2.5, "c", "/h", 4)
+    assert Settings.from_env({"QUANTDECK_LAYER_BUDGET_GB": "15.5"}).layer_budget_gb == 15.5
+    assert Settings().layer_budget_gb is None
 
 
 @pytest.mark.parametrize("var,raw", [("QUANTDECK_FSYNC", "maybe"), ("QUANTDECK_NO_READAHEAD", "2"),
                                      ("QUANTDECK_READERS", "many"), ("QUANTDECK_KERNEL_THREADS", "-1"),
                                      ("QUANTDECK_READERS", "1.5"), ("QD_CONVERT_WORKERS", "0"),
                                      ("QUANTDECK_RANK_TIMEOUT_S", "nan"), ("QUANTDECK_KERNELS", "cuda"),
-                                     ("QUANTDECK_FLEET", "live")])
+                                     ("QUANTDECK_FLEET", "live"), ("QUANTDECK_LAYER_BUDGET_GB", "-1"),
+                                     ("QUANTDECK_LAYER_BUDGET_GB", "20GB")])
 def test_garbage_is_refused_naming_the_variable(var, raw):
     with pytest.raises(SettingsError) as e:
         Settings.from_env({var: raw})
