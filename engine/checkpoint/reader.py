@@ -73,10 +73,11 @@ class CheckpointReader:
 
     strict=True (the default) raises on the first inconsistency between index and shards, or between config.json
     and the tensors; strict=False records the former in `.problems` (what `inspect` reports as anomalies) and
-    reads what it can.
+    reads what it can. `weight_map` (tensor -> shard) stands in for the index: the finished shards of a checkpoint
+    still being written, as its manifest lists them.
     """
 
-    def __init__(self, path: str | os.PathLike, strict: bool = True):
+    def __init__(self, path: str | os.PathLike, strict: bool = True, weight_map: dict[str, str] | None = None):
         self.dir = Path(path)
         self.strict = strict
         self.problems: list[CheckpointError] = []
@@ -88,7 +89,8 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint directory {self.dir} does not exist", at=str(self.dir),
                                   hint="check the --src path")
         self.index_path: Path | None = None
-        weight_map = self._load_weight_map()
+        if weight_map is None:
+            weight_map = self._load_weight_map()
         self._scan(weight_map)
         if strict and (config_problems := self.config_problems()):
             raise config_problems[0]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +37,12 @@ from engine.convert import validate_read as host
 from engine.convert.block_child import start_first_block
 from engine.convert.validate_config import label_problems
 from engine.convert.validate_loaders import loader_warnings
-from engine.convert.validate_modules import (
-    emit_scales_and_decode,
-    fp8_bases,
-    fp8_host,
-    nvfp4_bases,
-    nvfp4_host,
-    nvfp4_parts,
-    stored_name,
-)
-from engine.convert.validate_source import compare_host, emit_source, kept_floats, kept_host, shape_mismatches
+from engine.convert.validate_modules import emit_scales_and_decode, fp8_bases, nvfp4_bases, stored_name
+from engine.convert.validate_pass import Earlier, Pass, compared, has_digests
+from engine.convert.validate_source import emit_source, shape_mismatches
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.formats.grid import infer_block, scale_grid
-from engine.formats.nvfp4.names import NVFP4_NAMES
 from engine.models import detect_layout
 
 SAMPLE_ROWS = host.SAMPLE_ROWS
@@ -170,98 +162,16 @@ def _check_layout(r: CheckpointReader, rep: _Report, nv: list[str], fp8: list[st
             + ("" if ignore is None else f", ignore list of {len(ignore)}"))
 
 
-# -- the pass ---------------------------------------------------------------------------------------------------------
-class _Pass:
-    """Everything validate reads, on a pool of threads: each module and tensor of the output once (hashed when a
-    manifest has digests), and of the source what the comparison needs. Results are kept per name; the report is
-    written afterwards, in the order of the checks."""
-
-    def __init__(self, r: CheckpointReader, src: CheckpointReader | None, nv: list[str], fp8: list[str],
-                 compare: set[str], kept: dict[str, str | None], hashing: bool, progress: Progress):
-        self.files = host.Files()
-        self.digests = host.Digests()
-        self.out = host.HostReader(r, self.files, self.digests if hashing else None)
-        self.src = host.HostReader(src, self.files) if src is not None else None
-        self.r, self.nv, self.fp8, self.compare, self.kept = r, nv, fp8, compare, kept
-        self.progress = progress
-        self.events: dict[str, list[tuple] | None] = {}
-        self.floats: dict[str, bool] = {}
-        self.source: dict[str, dict | None] = {}  # module -> its comparison (None: the reference decodes it)
-        self.kept_res: dict[str, dict | None] = {}
-        self.hashing = hashing
-
-    def _module(self, base: str, enc: str) -> tuple[int, str]:
-        try:
-            ev, floats, decoded = (nvfp4_host if enc == "nvfp4" else fp8_host)(self.out, base)
-            self.events[base] = ev
-            self.floats.update(floats)
-        except (host.Unsupported, OSError):
-            self.events[base], decoded = None, None
-        if base in self.compare:
-            try:
-                if decoded is None:
-                    raise host.Unsupported(base)
-                self.source[base] = compare_host(self.src, base, enc, decoded)
-            except (host.Unsupported, OSError, CheckpointError):
-                self.source[base] = None
-        return 2 if base in self.compare else 1, base
-
-    def _tensor(self, name: str) -> tuple[int, str]:
-        m = self.r.meta(name)
-        try:
-            data = self.out.full(name, slot="tensor")
-        except (host.Unsupported, OSError):
-            return 0, name
-        if m.dtype_name in FLOATS:
-            self.floats[name] = host.all_finite(data, m.dtype_name)
-        if name in self.kept:
-            try:
-                self.kept_res[name] = kept_host(self.src, self.r, name, self.kept[name], data)
-            except (host.Unsupported, OSError, CheckpointError):
-                self.kept_res[name] = None
-        return 0, name
-
-    def run(self) -> "_Pass":
-        owned: set[str] = set()
-        jobs = []
-        for enc, bases in (("nvfp4", self.nv), ("fp8-block", self.fp8)):
-            for base in bases:
-                try:
-                    if enc == "nvfp4":
-                        owned.update(nvfp4_parts(self.r, base))
-                    else:
-                        owned.update({base + ".weight", base + ".weight_scale_inv", base + ".scale"})
-                except host.Unsupported:
-                    pass
-                jobs.append((self._module, base, enc))
-        for n in self.r.names():
-            if n not in owned and (self.hashing or self.r.meta(n).dtype_name in FLOATS):
-                jobs.append((self._tensor, n))
-        jobs.sort(key=lambda j: -self._size(j))  # the largest first: the pool ends together
-        with ThreadPoolExecutor(host.worker_count(), thread_name_prefix="validate") as ex:
-            for f in as_completed([ex.submit(*j) for j in jobs]):
-                units, label = f.result()
-                if units:  # events leave from this thread only
-                    self.progress.advance(units, label=label)
-        return self
-
-    def _size(self, job) -> int:
-        name = job[1]
-        if job[0] != self._tensor:
-            name = next((n for n in (f"{name}.{lay.packed}" for lay in NVFP4_NAMES) if n in self.r), None)
-        return self.r.meta(name).nbytes if name else 0
-
-    def close(self) -> None:
-        self.files.close()
-
-
 def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike | None = None, *,
                         amax: str | os.PathLike | None = None, device: str = "cpu",
                         sink: EventSink = NullSink(), amax_model: str | os.PathLike | None = None,
-                        block_socket: str | os.PathLike | None = None) -> dict[str, Any]:
+                        block_socket: str | os.PathLike | None = None,
+                        earlier: Earlier | None = None) -> dict[str, Any]:
     """Validate `directory`; returns the report dict (`ok`, `checks`, `failures`, `tensors`). With `amax`, the
     snapshot is checked against `amax_model` (default: `against`, else `directory`). `block_socket`: where a run's
-    warm decoder-block child may listen (engine.convert.block_child.start_warm); the report is the same without."""
+    warm decoder-block child may listen (engine.convert.block_child.start_warm); `earlier`: the findings of a pass
+    over shards as they were written (engine.convert.validate_follow), taken where the shards are unchanged. The
+    report is the same without either."""
     directory = Path(directory)
     rep = _Report(directory)
     amax_job = None
@@ -273,7 +183,7 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
     r = _open_output(directory, rep)
     target = "none"
     if r is not None:
-        _validate_open(r, rep, against, device, sink, block_socket)
+        _validate_open(r, rep, against, device, sink, block_socket, earlier)
         target = rep.target
     if amax_job is not None:
         _record_amax(amax_job.result(), amax, rep)
@@ -287,7 +197,7 @@ def validate_checkpoint(directory: str | os.PathLike, against: str | os.PathLike
 
 
 def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink: EventSink,
-                   block_socket: str | os.PathLike | None = None) -> None:
+                   block_socket: str | os.PathLike | None = None, earlier: Earlier | None = None) -> None:
     try:
         layout = detect_layout(r.config, r.names())
     except Exception:  # noqa: BLE001
@@ -309,12 +219,10 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
         if not misshapen:  # started first: it runs beside the pass
             block = start_first_block(r.dir, src.dir, rep.target, device, block_socket=block_socket,
                                       log=lambda msg: sink.emit("log", level="info", msg=msg))
-    compare = {b for b in nv + fp8 if src is not None and b + ".weight" in src and b not in misshapen}
-    kept = {n: base for n, base in kept_floats(r, src, quantized) if n not in misshapen} if src is not None else {}
+    compare, kept = compared(r, src, nv, fp8, misshapen)
     man = load_manifest(r.dir)
-    hashing = bool(man) and any(isinstance(rec, dict) and rec.get("digest")
-                                for rec in (man.get("shards") or {}).values())
-    run = _Pass(r, src, nv, fp8, compare, kept, hashing, progress)
+    hashing = has_digests(man)
+    run = Pass(r, src, nv, fp8, compare, kept, hashing, progress, earlier)
     try:
         run.run()
         _check_index(r, rep, man, run.digests, run.files)

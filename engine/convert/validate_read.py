@@ -141,6 +141,16 @@ class Digests:
         with self._lock:
             self._d[(shard, start, end)] = d
 
+    def pieces(self, keys) -> dict[tuple[str, int, int], bytes]:
+        """The digests recorded of the pieces `keys` ((shard, start, end)), those there are."""
+        with self._lock:
+            return {k: self._d[k] for k in keys if k in self._d}
+
+    def update(self, pieces: dict[tuple[str, int, int], bytes]) -> None:
+        """Pieces' digests recorded elsewhere (an earlier pass over the same bytes)."""
+        with self._lock:
+            self._d.update(pieces)
+
     def shard_digest(self, path: Path, files: Files) -> str:
         """The pieces digest of shard `path` ("" if it is not safetensors), hashing from disk only the pieces that
         no check read (the header, and bytes no tensor of the index owns)."""

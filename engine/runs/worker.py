@@ -122,8 +122,9 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"worker received {signal.Signals(signum).name}")
 
 
-def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
-    """Run one stage in this process; returns the exit code (0 = SUCCEEDED)."""
+def run_worker(stage: str, run_dir: str | Path, mode: str = "run", ahead: Any = None) -> int:
+    """Run one stage in this process; returns the exit code (0 = SUCCEEDED). `ahead`: what the stage began as a
+    standby (`standby`), for its run."""
     # A run skips a stage it has recorded as done, so the checkpoints a stage writes are on the disk before that
     # (engine.checkpoint.writer: durable shards), unless the operator says otherwise; or, where the driver says 0
     # (its own machine), the driver syncs them behind a later stage (engine.runs.durability).
@@ -171,7 +172,7 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
 
     ctx = StageContext(run_dir=run.path, stage_dir=run.stage_dir(stage), params=sp.params, sink=sink,
                        rank=rank, world_size=world, local_rank=local_rank, host=host, mode=mode,
-                       update_meta=partial(update_meta, run))
+                       update_meta=partial(update_meta, run), ahead=ahead)
     try:
         cls = load_stage_class(stage)
         result = cls().run(ctx) or {}
@@ -208,17 +209,24 @@ def run_worker(stage: str, run_dir: str | Path, mode: str = "run") -> int:
     return 0
 
 
-def standby(stage: str, log: str) -> bool:
-    """A worker started ahead (engine.runs.local_launcher `prepare`): import the stage, then wait for the driver's
-    `go` line on stdin; True on it, with stdout/stderr moved to `log` (what the spool caught first) and stdin to
-    /dev/null, as a worker started then would have them. False on end of file (the driver dropped it, or died):
-    nothing of the run is touched. An import error is left for run_worker to meet and record after the go."""
+def standby(stage: str, log: str, run_dir: str | Path | None = None, mode: str = "run") -> tuple[bool, Any]:
+    """A worker started ahead (engine.runs.local_launcher `prepare`): import the stage, begin what it may begin
+    ahead (`Stage.ahead`, with its parameters from the run's plan in `run_dir`), then wait for the driver's `go`
+    line on stdin. (True, what was begun) on it, with stdout/stderr moved to `log` (what the spool caught first)
+    and stdin to /dev/null, as a worker started then would have them. (False, None) on end of file (the driver
+    dropped it, or died): nothing of the run is touched. An import error is left for run_worker to meet and
+    record after the go; an error of the work ahead leaves the stage to do all its work after it."""
+    ahead = None
     try:
-        load_stage_class(stage)
+        cls = load_stage_class(stage)
+        if run_dir is not None and mode == "run":
+            ahead = cls().ahead(Plan.from_json(RunDir(Path(run_dir).resolve()).read_plan()).stage(stage).params)
     except Exception:  # noqa: BLE001 - met again, and recorded, inside run_worker
         pass
     if sys.stdin.buffer.readline().strip() != b"go":
-        return False
+        if ahead is not None:
+            ahead.stop()
+        return False, None
     sys.stdout.flush()
     sys.stderr.flush()
     Path(log).parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +243,7 @@ def standby(stage: str, log: str) -> bool:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    return True
+    return True, ahead
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,10 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--standby", metavar="LOG", default=None,
                     help="start ahead: wait for a `go` line on stdin before touching the run dir; output to LOG then")
     args = ap.parse_args(argv)
-    if args.standby is not None and not standby(args.stage, args.standby):
-        return 0
+    ahead = None
+    if args.standby is not None:
+        go, ahead = standby(args.stage, args.standby, args.run_dir, args.mode)
+        if not go:
+            return 0
     try:
-        return run_worker(args.stage, args.run_dir, args.mode)
+        return run_worker(args.stage, args.run_dir, args.mode, ahead=ahead)
     except QuantdeckError as e:  # before the stage started: bad run dir, unknown stage
         print(f"quantdeck worker: error: {e.one_line()}", file=sys.stderr, flush=True)
         return int(e.exit_code)

@@ -37,6 +37,7 @@ class StageContext:
     mode: str = "run"  # run | validate-only
     # records fields in the run's run.json; the worker passes engine.runs.runner.update_meta for its run
     update_meta: Callable[..., None] = _no_run_meta
+    ahead: Any = None  # what the stage began while its worker waited as a standby (Stage.ahead)
 
 
 class Stage(Registry, abc.ABC):
@@ -48,6 +49,13 @@ class Stage(Registry, abc.ABC):
     @abc.abstractmethod
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Do (or finish) the stage's work; return a small JSON-able summary for status.json."""
+
+    def ahead(self, params: dict[str, Any]) -> Any:
+        """Work this stage may begin while its worker waits, started ahead, for the driver's go
+        (engine.runs.worker `standby`: beside the stages before it); what it returns reaches `run` as ctx.ahead,
+        and its `stop()` ends that work where the go never comes. None: nothing to begin. Never writes to the run
+        directory."""
+        return None
 
     def check_saved(self, ctx: StageContext) -> list[str]:
         """validate-only: problems found in what this stage saved, running nothing heavy ([] = fine)."""

@@ -4,11 +4,13 @@ Unit: the stage. validate-only checks manifests and shard checksums, without loa
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from engine.convert import validate_checkpoint
 from engine.convert.block_child import WARM_SOCKET
+from engine.convert.validate_follow import Follower
 from engine.core.errors import ValidationFailedError
 from engine.core.fsutil import atomic_write_json
 from engine.core.names import StageName
@@ -34,22 +36,45 @@ def block_check_args(params: dict[str, Any]) -> tuple[str, str] | None:
     return str(params["src"]), str(params.get("device") or "auto")
 
 
+class _Following(dict):
+    """Output directory -> its Follower (ValidateStage.ahead)."""
+
+    def stop(self) -> None:
+        for f in self.values():
+            f.stop()
+
+
 @Stage.register(StageName.VALIDATE)
 class ValidateStage(Stage):
+    def ahead(self, params: dict[str, Any]) -> "_Following | None":
+        """Started ahead beside the stage that writes the output: each output's shards checked as they are
+        finished (engine.convert.validate_follow), so that little is left to read when the stage begins."""
+        if not params.get("dst"):
+            return None
+        dirs = output_dirs(params["dst"], params.get("layouts"))
+        return _Following({str(d): Follower(d, params.get("src")).start() for d in dirs})
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         p = ctx.params
         reports: dict[str, Any] = {}
         problems: list[str] = []
+        followers = _Following(ctx.ahead or {})
         for d in output_dirs(p["dst"], p.get("layouts")):
             kw: dict[str, Any] = {"against": p.get("src")}
+            if str(d) in followers:  # what was checked while the output was written
+                kw["earlier"] = followers.pop(str(d)).stop()
             if p.get("amax"):
                 kw["amax"] = p["amax"]  # the snapshot is checked against the model's layers too
             if p.get("src"):  # the driver's warm child, where it started one (engine.runs.runner)
                 kw["device"] = block_check_args(p)[1]
                 kw["block_socket"] = str(ctx.stage_dir / WARM_SOCKET)
             rep = call_with_sink(validate_checkpoint, str(d), sink=ctx.sink, **kw)
+            if "earlier" in kw:  # the log only: the events and the report are those of a validate without
+                print(f"quantdeck validate: {d}: {kw['earlier'].taken} module(s) and tensor(s) checked as the output "
+                      f"was written, of {len(kw['earlier'].found)} found then", file=sys.stderr, flush=True)
             reports[str(d)] = jsonable(rep)
             problems += [f"{d}: {x}" for x in _failed(rep)]
+        followers.stop()
         if p.get("report"):
             atomic_write_json(p["report"], reports)
         if problems:

@@ -233,3 +233,37 @@ def test_a_cancelled_or_failed_run_leaves_no_standby_behind(tmp_path, tiny_ckpt)
     assert not _standbys(rd)
     log = (rd / "stages" / "inject-mtp" / "log.txt").read_text()
     assert len(re.findall(r"^quantdeck worker: stage inject-mtp of run", log, re.M)) == 1, log
+
+
+def test_a_validate_standby_checks_the_shards_convert_writes_and_validate_takes_them(tmp_path, tiny_ckpt):
+    """validate's worker started ahead beside convert (as on 8 cores or more) checks the output's shards as they
+    are finished; the validate stage takes those findings (its log says how many) and records what a validate
+    started afresh records."""
+    from engine.runs.rundir import begin_attempt, set_status
+    from engine.runs.runner import wait_stage
+
+    def run_stage(rd: RunDir, launcher: LocalLauncher, stage: str) -> None:
+        attempt = begin_attempt(rd, stage, launcher=launcher.name)
+        h = launcher.start(_spec(rd, stage))
+        set_status(rd, stage, "STARTING", attempt=attempt, host=h.host, pid=h.pid)
+        assert wait_stage(rd, stage, attempt, launcher, h.host, h.pid, 0.05)["state"] == "SUCCEEDED"
+
+    src = tiny_ckpt("deepseek-v3", "fp8")
+    runs = {name: _run(tmp_path, src, name) for name in ("a", "b")}
+    for name, rd in runs.items():
+        launcher = LocalLauncher()
+        run_stage(rd, launcher, "inspect")
+        ahead = launcher.prepare(_spec(rd, "validate")) if name == "a" else None
+        for stage in STAGES[1:]:
+            run_stage(rd, launcher, stage)
+        launcher.close()
+        log = rd.log_path("validate").read_text()
+        if ahead is not None:
+            assert f"pid {ahead.pid} " in log
+            taken = re.search(r"quantdeck validate: .*: (\d+) module\(s\) and tensor\(s\) checked as the output was "
+                              r"written, of (\d+)", log)
+            assert taken and 0 < int(taken.group(1)) == int(taken.group(2)), log
+        else:
+            assert "checked as the output was written" not in log
+    a, b = (_recorded(runs[n], tmp_path / f"{n}-out") for n in ("a", "b"))
+    assert a["validate"] == b["validate"]

@@ -1,0 +1,120 @@
+"""validate's pass beside the conversion: the shards of an output checked as the writer finishes them.
+
+A run's validate stage is started ahead while convert still writes (on a machine of 8 cores or more, beside the
+conversion: engine.runs.ahead). There it follows the output (`Follower`): each shard the writer has finished
+(renamed into place in `<dst>.partial/` and recorded in its manifest, engine.checkpoint.writer) is read by the
+pass's jobs at once, from the page cache the writer just filled, and their findings are kept. When the stage
+begins, validate takes those findings (engine.convert.validate_pass.Earlier) where every tensor a job read still
+lies where it lay, in the same unchanged file, and reads the rest itself: the shards finished last, any rewritten
+since (a resumed conversion, inject-mtp), the checks over the whole checkpoint. So the report is the one validate
+gives alone, and what is left after the conversion is about one shard's pass.
+
+The follower uses half of validate's threads, beside the conversion's own, and never raises: on any error it
+stops following, and validate reads what it did not check.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from engine.checkpoint.manifest import load_manifest
+from engine.checkpoint.paths import partial_path
+from engine.checkpoint.reader import CheckpointReader
+from engine.convert import validate_read as host
+from engine.convert.validate_modules import fp8_bases, nvfp4_bases
+from engine.convert.validate_pass import (
+    Earlier,
+    Found,
+    Pass,
+    compared,
+    file_identity,
+    has_digests,
+    job_reads,
+    pass_jobs,
+)
+from engine.convert.validate_source import shape_mismatches
+from engine.core.events import NullSink, Progress
+
+POLL_S = 0.25  # between looks at the manifest
+
+
+def _finished(out_dir: Path) -> tuple[Path, dict[str, str], bool] | None:
+    """(the directory the output is in now, tensor -> shard of its finished shards, whether they have digests);
+    None while there is neither `<out>.partial/` nor `<out>` with a manifest."""
+    for d in (partial_path(out_dir), out_dir):
+        man = load_manifest(d)
+        if not man:
+            continue
+        done = {s for s, rec in (man.get("shards") or {}).items() if isinstance(rec, dict)}
+        wm = {str(n): str(s) for n, s in (man.get("weight_map") or {}).items() if s in done}
+        return d, wm, has_digests(man)
+    return None
+
+
+class Follower:
+    """Checks the shards of `out_dir` as they are finished, against `src_dir` (None: no source), on a thread of
+    its own; `stop` ends it and gives what it found."""
+
+    def __init__(self, out_dir: str | Path, src_dir: str | Path | None, *, workers: int | None = None,
+                 poll_s: float = POLL_S):
+        self.out_dir = Path(out_dir).absolute()
+        self.src_dir = Path(src_dir).absolute() if src_dir else None
+        self.workers = workers or max(2, host.worker_count() // 2)
+        self.poll_s = poll_s
+        self.earlier = Earlier()
+        self.error: str | None = None  # why it stopped following early
+        self._seen: set[str] = set()  # shards checked (or found changed while checked)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="validate-follow", daemon=True)
+
+    def start(self) -> "Follower":
+        self._thread.start()
+        return self
+
+    def stop(self) -> Earlier:
+        """Stop following (the jobs under way end first) and return what was found."""
+        self._stop.set()
+        self._thread.join()
+        return self.earlier
+
+    def _loop(self) -> None:
+        src = None
+        try:
+            if self.src_dir is not None:
+                src = CheckpointReader(self.src_dir)
+            while not self._stop.is_set():
+                self.step(src)
+                self._stop.wait(self.poll_s)
+        except Exception as e:  # noqa: BLE001 - validate reads what was not checked here, and meets the error there
+            self.error = f"{type(e).__name__}: {e}"
+
+    def step(self, src: CheckpointReader | None) -> int:
+        """Check the shards finished since the last step; how many there were."""
+        got = _finished(self.out_dir)
+        if got is None:
+            return 0
+        d, wm, hashing = got
+        new = sorted(set(wm.values()) - self._seen)
+        if not new:
+            return 0
+        idents = {s: file_identity(d / s) for s in new}
+        r = CheckpointReader(d, strict=False, weight_map=wm)
+        nv, fp8 = nvfp4_bases(r.names()), fp8_bases(r)
+        misshapen = shape_mismatches(r, src, set(nv) | set(fp8))[1] if src is not None else set()
+        compare, kept = compared(r, src, nv, fp8, misshapen)
+        p = Pass(r, src, nv, fp8, compare, kept, hashing, Progress(NullSink(), "modules", total=0))
+        found: dict[tuple, Found] = {}
+        jobs = [j for j in pass_jobs(r, nv, fp8, hashing) if {m.shard for m in job_reads(r, j)} <= set(new)]
+        try:
+            p.run(jobs, self.workers, on_found=lambda key, f: found.__setitem__(key, f), stop=self._stop)
+        finally:
+            p.close()
+        self._seen.update(new)  # stopped part-way, the jobs not begun are validate's
+        unchanged = {s for s in new if idents[s] is not None and file_identity(d / s) == idents[s]}
+        for s in unchanged:
+            self.earlier.shards[s] = idents[s]
+        for key, f in found.items():
+            if not f.io_error and f.reads and {m.shard for m in f.reads} <= unchanged:
+                self.earlier.found[key] = f
+        return len(new)
