@@ -257,7 +257,7 @@ def run_stage(cmd: list[str], env: dict) -> dict:
 
     _become_subreaper()
     before = _io()
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, stop, sampler = 0, threading.Event(), [0, 0, 0, 0]
 
@@ -277,14 +277,14 @@ def run_stage(cmd: list[str], env: dict) -> dict:
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     out, err = proc.communicate()
-    wall = time.monotonic() - t0
+    wall, ended = time.monotonic() - t0, time.time()
     stop.set()
     th.join()
     _reap_all()
     tot = [a - b - c for a, b, c in zip(_io(), before, sampler, strict=True)]
     return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3), "read_gb": round(tot[0] / 1e9, 3),
             "written_gb": round(tot[1] / 1e9, 3), "disk_read_gb": round(tot[2] / 1e9, 3), "rc": proc.returncode,
-            "err_tail": err.strip().splitlines()[-1] if err.strip() else "", "out": out}
+            "err_tail": err.strip().splitlines()[-1] if err.strip() else "", "out": out, "span": (started, ended)}
 
 
 def floor(inputs: list[Path], out_bytes: int, tmp: Path, cold: str) -> dict:
@@ -413,8 +413,9 @@ def main() -> int:
             if rnd == 0:
                 res |= floor(inputs, written(), work, args.cold)
             res.pop("out", None)
+            span = res.pop("span")
             if name.startswith("run"):
-                res["stages"] = _stage_walls(writes[name])
+                res["stages"] = _stage_walls(writes[name], span)
             rounds.setdefault(name, []).append(res["wall_s"])
             if rnd == 0:
                 results[name] = res
@@ -500,10 +501,12 @@ def _samples(work: Path, n: int, seq_len: int) -> Path:
     return write_random_text(work / f"samples-{n}x{seq_len}.json", n, seq_len)
 
 
-def _stage_walls(runwork: Path) -> dict[str, float]:
+def _stage_walls(runwork: Path, span: tuple[float, float]) -> dict[str, float]:
     """Each stage's wall in the run under `runwork` (started_at → ended_at of its status.json), in run order,
-    `between`: the run's stage-free time from the first start to the last end, and `sync-wait`: how long the run
-    waited after its last stage for the stages' writes to reach the disk (engine.runs.durability)."""
+    `between`: the run's stage-free time from the first start to the last end, `before`: from the command's start
+    (`span`: its start and end, epoch seconds) to the first stage's, `after`: from the last stage's end to the
+    command's, and `sync-wait`: how long the run waited after its last stage for the stages' writes to reach the
+    disk (engine.runs.durability), part of `after`."""
     runs = sorted((runwork / "runs").glob("*/stages"))
     if not runs:
         return {}
@@ -516,6 +519,8 @@ def _stage_walls(runwork: Path) -> dict[str, float]:
     out = {name: round(b - a, 3) for a, b, name in spans}
     if spans:
         out["between"] = round(spans[-1][1] - spans[0][0] - sum(b - a for a, b, _ in spans), 3)
+        out["before"] = round(spans[0][0] - span[0], 3)
+        out["after"] = round(span[1] - spans[-1][1], 3)
     from engine.runs.rundir import RunDir
 
     waited = RunDir(runs[-1].parent).read_meta().get("sync_wait_s")
