@@ -392,6 +392,15 @@ def eval_beside_calibration(a, dirs: dict, samples: Path, work: Path, env: dict,
     return ev
 
 
+def _bytecode_note() -> None:
+    """Every tool below imports torch, transformers and modelopt: where Python compiles them at each start, their
+    imports take several times longer and the walls say more about that than about calibration."""
+    from engine.runs.preflight import bytecode_note
+
+    if (note := bytecode_note()) is not None:
+        print(f"[bench] note: {note}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -426,6 +435,7 @@ def main() -> None:
         return role_modelopt(a)
     if a.role == "eval":
         return role_eval(a)
+    _bytecode_note()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()

@@ -363,6 +363,10 @@ def main() -> int:
                          "the sampler's cost")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    from engine.runs.preflight import bytecode_note
+
+    if (note := bytecode_note()) is not None:  # every stage imports torch: its walls would say more about that
+        print(f"note: {note}", file=sys.stderr, flush=True)
     spy = shutil.which("py-spy") if args.profile else None
     if args.profile and spy is None:
         ap.error("--profile needs py-spy on PATH (pip install py-spy)")

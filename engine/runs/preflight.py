@@ -216,7 +216,30 @@ def check_versions(f: Facts) -> list[str]:
         except Exception as e:  # noqa: BLE001 - any import failure is a preflight failure
             out.append(_fail(f"{mod} is not importable ({type(e).__name__}: {e})",
                              f"install it in this environment (pip install -c constraints.txt {mod})"))
+    if (note := bytecode_note()) is not None:
+        f.notes.append(note)
     return out
+
+
+def bytecode_note(module: str = "torch") -> str | None:
+    """A note where `module`'s compiled bytecode is not cached where this Python looks for it (None: it is, or
+    the module is not installed). Python then compiles every imported file of it again in each process: with
+    PYTHONDONTWRITEBYTECODE set on a read-only or uncompiled environment, torch, transformers and modelopt take
+    4-9x longer to import, seconds in each stage's worker and in validate's decoder-block check."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    if os.path.exists(importlib.util.cache_from_source(spec.origin)):
+        return None
+    return (f"{module}'s bytecode is not cached ({importlib.util.cache_from_source(spec.origin)} is missing): "
+            "every stage compiles its imports again, seconds each; set PYTHONPYCACHEPREFIX to a writable "
+            "directory and run `python -m compileall -q <site-packages>` once with it set, or compile the "
+            "environment in place")
 
 
 def check_push(f: Facts) -> list[str]:

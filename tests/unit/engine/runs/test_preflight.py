@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -95,3 +96,19 @@ def test_existing_output_is_refused(tmp_path, tiny_ckpt):
     (tmp_path / "out" / "config.json").write_text("{}")
     fails = run_preflight(_recipe(tmp_path, tiny_ckpt("deepseek-v3", "bf16")))
     assert len(fails) == 1 and fails[0].startswith(f"output {tmp_path / 'out'} already exists"), fails
+
+
+def test_a_python_that_compiles_torch_at_every_start_gets_a_note(tmp_path):
+    """Where torch's bytecode is not where this Python looks for it (here: an empty PYTHONPYCACHEPREFIX), preflight
+    says so and how to fix it; where it is (the installed environment), nothing."""
+    import subprocess
+    import sys
+
+    code = "from engine.runs.preflight import bytecode_note; print(bytecode_note())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    cached = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert cached.stdout.strip() == "None"
+    bare = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPYCACHEPREFIX=str(tmp_path / "pyc")),
+                          capture_output=True, text=True, check=True)
+    note = bare.stdout.strip()
+    assert str(tmp_path / "pyc") in note and "PYTHONPYCACHEPREFIX" in note and "compileall" in note
