@@ -44,15 +44,43 @@ def _layer_class(family: str, config: dict[str, Any]):
     return None
 
 
+def _host_decoded(reader: CheckpointReader, wanted: dict[str, int], dev) -> dict[str, torch.Tensor]:
+    """On a CPU, the NVFP4 and FP8-block modules of `wanted` (base -> columns) decoded by validate's host decoders
+    (engine.convert.validate_modules.module_values: decode_module's values bit for bit, in C), a module to a
+    thread; the torch reference takes what they leave, and every module on a GPU."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from engine.convert import validate_read as host
+    from engine.convert.validate_modules import module_values
+
+    if torch.device(dev).type != "cpu" or not wanted:
+        return {}
+    files = host.Files()
+    hr = host.HostReader(reader, files)
+    try:
+        with ThreadPoolExecutor(max(1, min(len(wanted), os.cpu_count() or 1)), thread_name_prefix="block") as ex:
+            got = dict(zip(wanted, ex.map(lambda b: module_values(hr, b, wanted[b]), wanted), strict=True))
+    finally:
+        files.close()
+    return {b: torch.from_numpy(v) for b, v in got.items() if v is not None}
+
+
 def _state_dict(layer, reader: CheckpointReader, prefix: str, dev) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
-    for key, ref in layer.state_dict().items():
+    refs = layer.state_dict()
+    done = _host_decoded(reader, {prefix + k[: -len(".weight")]: r.shape[1] for k, r in refs.items()
+                                  if k.endswith(".weight") and r.dim() == 2}, dev)
+    for key, ref in refs.items():
         if key.endswith("experts.gate_up_proj") or key.endswith("experts.down_proj"):
             parent = prefix + key.rsplit(".", 1)[0]
             mats = ("gate_proj", "up_proj") if key.endswith("gate_up_proj") else ("down_proj",)
             sd[key] = _stack_experts(reader, ref, dev, [f"{parent}.{{e}}.{m}" for m in mats])
         elif key.endswith(".weight") and ref.dim() == 2:
-            sd[key] = decode_module(reader, prefix + key[: -len(".weight")], cols=ref.shape[1], device=dev)
+            base = prefix + key[: -len(".weight")]
+            sd[key] = done.pop(base) if base in done else decode_module(reader, base, cols=ref.shape[1], device=dev)
         else:
             sd[key] = reader.get(prefix + key).to(dev).float()
         if sd[key] is None or tuple(sd[key].shape) != tuple(ref.shape):

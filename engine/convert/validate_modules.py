@@ -185,6 +185,26 @@ def fp8_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, bo
     return ev, floats, (codes, s32, block)
 
 
+def module_values(out: host.HostReader, base: str, cols: int) -> np.ndarray | None:
+    """float32 values [rows, cols] of a whole NVFP4 or FP8-block module on the host, decode_module's bit for bit
+    (the C kernels where they build, else numpy); None where only the reference decodes it (other encodings,
+    unusual scales): the caller takes decode_module then."""
+    r = out.r
+    try:
+        if base + ".weight_scale_2" in r or base + ".weight_global_scale" in r:
+            _, _, decoded = nvfp4_host(out, base)
+            if decoded is None or not 0 < cols <= 2 * decoded[0].shape[1]:
+                return None
+            return np.ascontiguousarray(host.nvfp4_values(*decoded, cols))
+        w = base + ".weight"
+        if w in r and r.meta(w).dtype_name == "F8_E4M3" and len(r.meta(w).shape) == 2:
+            _, _, (codes, s32, block) = fp8_host(out, base)
+            return host.fp8_values(codes, np.arange(codes.shape[0]), s32, block, codes.shape[1])
+    except host.Unsupported:
+        return None
+    return None
+
+
 def emit_scales_and_decode(r: CheckpointReader, rep: Report, nv: list[str], fp8: list[str], layout,
                             events: dict[str, list[tuple] | None], floats: dict[str, bool]) -> None:
     group_s2: dict[str, tuple[float, str]] = {}

@@ -1,0 +1,49 @@
+"""The decoder-block check on a CPU decodes layer 0 with validate's host decoders: the torch reference's values,
+bit for bit, for the FP8-block source and the NVFP4 output, with the C kernels and without."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.checkpoint import CheckpointReader
+from engine.convert import convert_checkpoint
+from engine.convert.block_check import _host_decoded
+from engine.convert.validate_ref import decode_module
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ckpt, tmp_path_factory):
+    src = tiny_ckpt("deepseek-v3", "fp8")
+    out = tmp_path_factory.mktemp("block") / "out"
+    convert_checkpoint(src, out, to="nvfp4")
+    return src, out
+
+
+def _layer0_modules(r: CheckpointReader) -> dict[str, int]:
+    """Layer 0's 2-D weights (base -> columns), and one routed expert of layer 1 (an odd one out: not layer 0)."""
+    bases = {}
+    for n in r.names():
+        for suf in (".weight", ".weight_packed"):
+            if n.startswith(("model.layers.0.", "model.layers.1.mlp.experts.3.")) and n.endswith(suf):
+                base = n[: -len(suf)]
+                m = decode_module(r, base)
+                if m is not None and m.dim() == 2:
+                    bases[base] = m.shape[1]
+    return bases
+
+
+@pytest.mark.parametrize("kernels", ["c", "numba"])
+@pytest.mark.parametrize("side", ["src", "out"])
+def test_layer_0_decoded_on_the_host_is_the_torch_references_bit_for_bit(pair, monkeypatch, kernels, side):
+    monkeypatch.setenv("QUANTDECK_KERNELS", kernels)
+    r = CheckpointReader(pair[0] if side == "src" else pair[1])
+    wanted = _layer0_modules(r)
+    got = _host_decoded(r, wanted, "cpu")
+    quantized = [b for b in wanted if b + ".weight_scale_inv" in r or b + ".weight_scale" in r]
+    assert quantized and set(quantized) <= set(got)  # every FP8-block / NVFP4 module decoded on the host
+    for base, t in got.items():
+        ref = decode_module(r, base, cols=wanted[base])
+        assert t.dtype == ref.dtype and t.shape == ref.shape, base
+        assert np.array_equal(t.numpy().view(np.uint32), ref.numpy().view(np.uint32)), base
+    assert _host_decoded(r, wanted, "meta") == {}  # elsewhere than a CPU: the reference, on that device
