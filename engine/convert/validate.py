@@ -222,6 +222,8 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
     compare, kept = compared(r, src, nv, fp8, misshapen)
     man = load_manifest(r.dir)
     hashing = has_digests(man)
+    if earlier is not None and earlier.source != (str(Path(against).resolve()) if against is not None else None):
+        earlier = None  # findings made against another source (or none) than this validate's
     run = Pass(r, src, nv, fp8, compare, kept, hashing, progress, earlier)
     try:
         run.run()

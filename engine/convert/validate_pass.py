@@ -2,10 +2,11 @@
 
 Each job returns what it found (`Found`) instead of writing into the pass's tables, so the findings of a job run
 earlier, on a shard the conversion had just finished (engine.convert.validate_follow), can be taken as they are:
-a job's findings depend only on the output tensors it reads (`Found.reads`, where they lie in their shard), on the
-source (which a run does not write) and on how the job is asked (`job_key`). `_Pass.run` takes such an earlier
-finding only where those tensors lie where they lay, in a shard file that is the same file (device, inode, size,
-modification time) as when it was read; everything else is read again here.
+a job's findings depend on which output tensors it reads and their bytes (`Found.reads`: the names it finds for the
+module, where they lie), on the source (which a run does not write) and on how the job is asked (`Pass.job_key`).
+`Earlier.take` gives such an earlier finding only where the job reads the same tensors now, lying where they lay,
+in shard files that are the same files (device, inode, size, modification and change times) as when they were read,
+against the same source; everything else is read again.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from engine.formats.nvfp4.names import NVFP4_NAMES
 FLOATS = host.FLOAT_DTYPES
 
 
-def file_identity(path: Path) -> tuple[int, int, int, int] | None:
-    """(device, inode, size, modification time in ns) of `path`: a shard rewritten or replaced gets another."""
+def file_identity(path: Path) -> tuple[int, ...] | None:
+    """(device, inode, size, modification and change times in ns) of `path`: a shard rewritten or replaced gets
+    another (the change time cannot be set back, and a rename of its directory keeps it)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Found:
     source: dict[str, dict | None] = field(default_factory=dict)
     kept: dict[str, dict | None] = field(default_factory=dict)
     digests: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
-    io_error: bool = False  # a read failed: true of this pass only (a file moved or cut while read), never kept
+    io_error: bool = False  # a read failed: true of this pass only (a file moved while read), never kept
 
 
 @dataclass
@@ -58,18 +60,18 @@ class Earlier:
     """Findings of jobs run before this pass (engine.convert.validate_follow), by job key, with the identity each
     shard they read had then."""
 
+    source: str | None = None  # the source the findings compared with (None: none)
     found: dict[tuple, Found] = field(default_factory=dict)
-    shards: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    shards: dict[str, tuple[int, ...]] = field(default_factory=dict)
     taken: int = 0  # findings a pass took
 
-    def take(self, key: tuple, r: CheckpointReader, idents: dict[str, Any]) -> Found | None:
-        """The earlier finding of job `key`, where every tensor it read lies where it lay, in the same file."""
+    def take(self, key: tuple, job: tuple[str, str, str], r: CheckpointReader, idents: dict[str, Any]) -> Found | None:
+        """The earlier finding of `job` (asked as `key`), where it reads the same tensors of `r` now, each lying
+        where it lay, in the same file."""
         f = self.found.get(key)
-        if f is None:
+        if f is None or job_reads(r, job) != f.reads:
             return None
         for m in f.reads:
-            if m.name not in r or r.meta(m.name) != m:
-                return None
             if m.shard not in idents:
                 idents[m.shard] = file_identity(r.dir / m.shard)
             if idents[m.shard] is None or idents[m.shard] != self.shards.get(m.shard):
@@ -228,7 +230,7 @@ class Pass:
         todo = []
         idents: dict[str, Any] = {}
         for job in jobs:
-            f = self.earlier.take(self.job_key(job), self.r, idents) if self.earlier is not None else None
+            f = self.earlier.take(self.job_key(job), job, self.r, idents) if self.earlier is not None else None
             if f is None:
                 todo.append(job)
                 continue
@@ -237,15 +239,19 @@ class Pass:
                 self.progress.advance(f.units, label=f.label)
         with ThreadPoolExecutor(workers or host.worker_count(), thread_name_prefix="validate") as ex:
             futures = {ex.submit(self.do, job, stop): job for job in todo}
-            for fut in as_completed(futures):
-                f = fut.result()
-                if f is None:
-                    continue
-                self.merge(f)
-                if on_found is not None:
-                    on_found(self.job_key(futures[fut]), f)
-                if f.units:  # events leave from this thread only
-                    self.progress.advance(f.units, label=f.label)
+            try:
+                for fut in as_completed(futures):
+                    f = fut.result()
+                    if f is None:
+                        continue
+                    self.merge(f)
+                    if on_found is not None:
+                        on_found(self.job_key(futures[fut]), f)
+                    if f.units:  # events leave from this thread only
+                        self.progress.advance(f.units, label=f.label)
+            except BaseException:  # the jobs not begun are dropped, not run on the way out
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
         return self
 
     def close(self) -> None:

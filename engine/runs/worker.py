@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except QuantdeckError as e:  # before the stage started: bad run dir, unknown stage
         print(f"quantdeck worker: error: {e.one_line()}", file=sys.stderr, flush=True)
         return int(e.exit_code)
+    finally:
+        if ahead is not None:  # what the stage did not take (it never ran, or failed): ended, not finished
+            ahead.stop()
 
 
 if __name__ == "__main__":

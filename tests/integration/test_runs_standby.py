@@ -267,3 +267,8 @@ def test_a_validate_standby_checks_the_shards_convert_writes_and_validate_takes_
             assert "checked as the output was written" not in log
     a, b = (_recorded(runs[n], tmp_path / f"{n}-out") for n in ("a", "b"))
     assert a["validate"] == b["validate"]
+    reports = []
+    for n in ("a", "b"):  # the reports, check by check, each output's directory named alike
+        text = (runs[n].stage_dir("validate") / "report.json").read_text()
+        reports.append(json.loads(text.replace(str(tmp_path / f"{n}-out"), "OUT")))
+    assert reports[0] == reports[1] and all(r["ok"] for r in reports[0].values())

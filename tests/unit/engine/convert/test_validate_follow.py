@@ -87,5 +87,68 @@ def test_shards_are_followed_as_the_writer_finishes_them(tiny_ckpt, tmp_path, mo
     earlier = f.stop()
     assert f.error is None and any(seen_partial)
     assert len(earlier.shards) >= 2
+    assert any(d == partial_path(out) for _, d in f.checked)  # checked while the conversion still wrote
     assert _report(validate_checkpoint(out, against=src, earlier=earlier)) == \
         _report(validate_checkpoint(out, against=src))
+    assert earlier.taken > 0
+
+
+def test_findings_made_against_another_source_or_none_are_not_taken(sharded):
+    src, out = sharded
+    f = Follower(out, None)  # no source: the modules were not compared
+    f.step(None)
+    assert f.earlier.found
+    rep = validate_checkpoint(out, against=src, earlier=f.earlier)
+    assert f.earlier.taken == 0 and _report(rep) == _report(validate_checkpoint(out, against=src))
+
+
+def test_a_module_whose_tensors_were_not_all_written_is_checked_again_whole(tmp_path):
+    """Shard 1 holds an FP8 weight with a scale of zeros under `.scale`; shard 2, finished later, the
+    `.weight_scale_inv` validate reads first. The finding made from shard 1 alone (bad scales) is not the module's."""
+    import torch
+
+    from engine.checkpoint.safetensors_format import TensorSpec
+    from engine.checkpoint.shard_plan import ShardPlan
+    from engine.checkpoint.writer import CheckpointWriter
+
+    out = tmp_path / "out"
+    w = (torch.randn(256, 256) * 0.1).to(torch.float8_e4m3fn)
+    parts = [{"m.x.weight": w, "m.x.scale": torch.zeros(2, 2)}, {"m.x.weight_scale_inv": torch.ones(2, 2)}]
+    plans = [ShardPlan(f"model-0000{i + 1}-of-00002.safetensors",
+                       tuple(TensorSpec.of(k, v.dtype, v.shape) for k, v in t.items())) for i, t in enumerate(parts)]
+    wr = CheckpointWriter(out, plans, source_fingerprint="x", args={})
+    todo = wr.prepare()
+
+    def write(plan, tensors):
+        sf = wr.open_shard(plan)
+        for k, v in tensors.items():
+            sf.write(k, v)
+        sf.close()
+
+    write(todo[0], parts[0])
+    f = Follower(out, None)
+    assert f.step(None) == 1 and f.earlier.found
+    write(todo[1], parts[1])
+    wr.finalize()
+    alone = validate_checkpoint(out)
+    rep = validate_checkpoint(out, earlier=f.earlier)
+    assert _report(rep) == _report(alone) and not any("m.x.scale" in (x["at"] or "") for x in rep["failures"])
+
+
+def test_findings_compared_with_one_source_are_not_taken_against_another(sharded, tmp_path):
+    import shutil
+
+    src, out = sharded
+    other = tmp_path / "other-src"
+    shutil.copytree(src, other)
+    r = CheckpointReader(other)
+    m = r.meta("model.layers.1.mlp.experts.0.down_proj.weight")
+    with open(other / m.shard, "r+b") as fh:  # the same names and shapes, other values
+        fh.seek(m.start)
+        fh.write(bytes(m.nbytes))
+    f = Follower(out, src)
+    f.step(CheckpointReader(src))
+    rep = validate_checkpoint(out, against=other, earlier=f.earlier)
+    alone = validate_checkpoint(out, against=other)
+    assert f.earlier.taken == 0 and _report(rep) == _report(alone)
+    assert _report(alone)["tensors"] != _report(validate_checkpoint(out, against=src))["tensors"]
