@@ -66,6 +66,15 @@ def expert_bytes(plan: LayerPlan) -> tuple[int, int]:
     return built, sum(stored.values())
 
 
+def streamed_terms(params: int, experts_built: int, experts_stored: int, next_stored: int) -> dict[str, int]:
+    """Device bytes of a layer whose routed experts stay as stored, term by term: its parameters less those
+    experts built, the experts as stored, one decode window, and the next layer's stored bytes read beside it.
+    The runtime's warning sums them; preflight's estimate (engine.runs.memory_plan) adds the batches and the CUDA
+    context."""
+    return {"layer_params": params - experts_built, "experts_as_stored": experts_stored,
+            "expert_window": WINDOW_BYTES["cuda"], "next_layer_stored": next_stored}
+
+
 def worth_streaming(plan: LayerPlan) -> bool:
     """Do the plan's experts shrink when kept as stored (FP8, MXFP4; not BF16 experts of a BF16 model)?"""
     built, stored = expert_bytes(plan)

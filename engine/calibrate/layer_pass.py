@@ -129,7 +129,7 @@ def say_streamed(sink: EventSink, plan, budget: int, stores: dict) -> None:
     """The log line of a layer whose experts stream; a warning where even that exceeds the budget."""
     kept = sum(s.nbytes for s in stores.values())
     built, _ = expert_store.expert_bytes(plan)
-    need = plan.param_bytes - built + kept + expert_store.WINDOW_BYTES["cuda"] + plan.nbytes
+    need = sum(expert_store.streamed_terms(plan.param_bytes, built, kept, plan.nbytes).values())
     msg = (f"layer {plan.index}: {(plan.param_bytes + plan.nbytes) / 1e9:.1f} GB with the next layer's bytes exceeds "
            f"the device budget of {budget / 1e9:.1f} GB; its routed experts stay as stored ({kept / 1e9:.1f} GB) and "
            "are decoded as they run")

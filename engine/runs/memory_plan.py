@@ -262,14 +262,14 @@ def streamed_need(stage: str, slot: NodeSlot, shape: ModelShape, lb: LayerBytes,
         if stage == "calibrate" and lb.expert_built:  # a layer over the budget keeps its experts as stored
             # a gang of batches parks at the experts call (engine.calibrate.expert_major)
             from engine.calibrate.expert_major import GANG_MAX, parked_bytes
-            from engine.calibrate.expert_store import WINDOW_BYTES
+            from engine.calibrate.expert_store import streamed_terms
 
             batches = -(-work.samples_per_rank // max(work.batch_size, 1))
             parked = min(batches, GANG_MAX) * parked_bytes(work.batch_size * work.seq_len * shape.width, ACT_BYTES,
                                                            True) if batches > 1 else 0
-            streamed = {"cuda_context": CUDA_CONTEXT, "layer_params": lb.params - lb.expert_built,
-                        "experts_as_stored": lb.expert_stored, "expert_window": WINDOW_BYTES["cuda"],
-                        "next_layer_stored": lb.stored, "batches_parked": parked, **ws}
+            streamed = {"cuda_context": CUDA_CONTEXT,
+                        **streamed_terms(lb.params, lb.expert_built, lb.expert_stored, lb.stored),
+                        "batches_parked": parked, **ws}
         return RankNeed(stage, slot.node, slot.ranks, True, sum(host.values()), sum(gpu.values()), host, gpu, sizes,
                         streamed)
     host = {"imports": IMPORT_BASE, **layer, "activations": acts, **ws}
