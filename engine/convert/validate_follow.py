@@ -107,6 +107,9 @@ class Follower:
         new = sorted(s for s, ident in idents.items() if (s, ident) not in self._seen)  # a shard rewritten: again
         if not new:
             return 0
+        for s in new:  # a shard checked before and changed since: nothing found in it then stands
+            self.earlier.shards.pop(s, None)
+        self.earlier.found = {k: f for k, f in self.earlier.found.items() if not {m.shard for m in f.reads} & set(new)}
         r = CheckpointReader(d, strict=False, weight_map=wm)
         nv, fp8 = nvfp4_bases(r.names()), fp8_bases(r)
         misshapen = shape_mismatches(r, src, set(nv) | set(fp8))[1] if src is not None else set()

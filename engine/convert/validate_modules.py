@@ -112,7 +112,7 @@ def nvfp4_parts(r: CheckpointReader, base: str) -> tuple[str, str, str]:
         raise host.Unsupported(base)
     pm, sm, s2m = r.meta(w), r.meta(bsn), r.meta(s2n)
     if (pm.dtype_name != "U8" or len(pm.shape) != 2 or pm.shape[1] % 8 or sm.dtype_name != "F8_E4M3"
-            or sm.shape != (pm.shape[0], pm.shape[1] // 8) or s2m.dtype_name != "F32" or math.prod(s2m.shape) < 1):
+            or sm.shape != (pm.shape[0], pm.shape[1] // 8) or s2m.dtype_name != "F32" or math.prod(s2m.shape) != 1):
         raise host.Unsupported(base)
     return w, bsn, s2n
 

@@ -226,14 +226,15 @@ def bytecode_note(module: str = "torch") -> str | None:
     the module is not installed). Python then compiles every imported file of it again in each process: with
     PYTHONDONTWRITEBYTECODE set on a read-only or uncompiled environment, torch, transformers and modelopt take
     4-9x longer to import, seconds in each stage's worker and in validate's decoder-block check."""
+    import importlib.machinery
     import importlib.util
 
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
+    if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader) or not spec.origin:
+        return None  # not installed, or not from source files (a zip, compiled only): nothing compiled at import
     if os.path.exists(importlib.util.cache_from_source(spec.origin)):
         return None
     return (f"{module}'s bytecode is not cached ({importlib.util.cache_from_source(spec.origin)} is missing): "

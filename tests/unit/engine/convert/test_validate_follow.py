@@ -152,3 +152,29 @@ def test_findings_compared_with_one_source_are_not_taken_against_another(sharded
     alone = validate_checkpoint(out, against=other)
     assert f.earlier.taken == 0 and _report(rep) == _report(alone)
     assert _report(alone)["tensors"] != _report(validate_checkpoint(out, against=src))["tensors"]
+
+
+def test_a_shard_changed_and_checked_again_only_in_part_keeps_nothing_of_its_first_check(sharded, tmp_path):
+    """A shard checked, then changed in place and recorded again (a new manifest), then checked again with the
+    follower stopped before any job began (validate starting): nothing found in its first check is taken."""
+    import json
+    import shutil
+
+    src, out0 = sharded
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    f = Follower(out, src)
+    f.step(CheckpointReader(src))
+    r = CheckpointReader(out)
+    name = next(n for n in r.names() if n.endswith("mlp.experts.1.down_proj.weight_scale"))
+    m = r.meta(name)
+    with open(out / m.shard, "r+b") as fh:
+        fh.seek(m.start)
+        fh.write(b"\x00")
+    man = out / "manifest.json"
+    man.write_text(json.dumps(json.loads(man.read_text())))  # recorded again: another manifest file
+    f._stop.set()
+    f.step(CheckpointReader(src))
+    alone = validate_checkpoint(out, against=src)
+    rep = validate_checkpoint(out, against=src, earlier=f.earlier)
+    assert not alone["ok"] and _report(rep) == _report(alone)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -101,13 +102,16 @@ def test_existing_output_is_refused(tmp_path, tiny_ckpt):
 def test_a_python_that_compiles_torch_at_every_start_gets_a_note(tmp_path):
     """Where torch's bytecode is not where this Python looks for it (here: an empty PYTHONPYCACHEPREFIX), preflight
     says so and how to fix it; where it is (the installed environment), nothing."""
+    import importlib.util
     import subprocess
     import sys
 
     code = "from engine.runs.preflight import bytecode_note; print(bytecode_note())"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
     cached = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert cached.stdout.strip() == "None"
+    origin = importlib.util.find_spec("torch").origin
+    beside = Path(origin).parent / "__pycache__" / Path(importlib.util.cache_from_source(origin)).name
+    assert (cached.stdout.strip() == "None") == beside.exists()  # pip compiles it beside the sources
     bare = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPYCACHEPREFIX=str(tmp_path / "pyc")),
                           capture_output=True, text=True, check=True)
     note = bare.stdout.strip()
