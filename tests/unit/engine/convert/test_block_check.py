@@ -47,3 +47,37 @@ def test_layer_0_decoded_on_the_host_is_the_torch_references_bit_for_bit(pair, m
         assert t.dtype == ref.dtype and t.shape == ref.shape, base
         assert np.array_equal(t.numpy().view(np.uint32), ref.numpy().view(np.uint32)), base
     assert _host_decoded(r, wanted, "meta") == {}  # elsewhere than a CPU: the reference, on that device
+
+
+def test_the_check_on_a_cpu_leaves_no_quantized_module_to_the_reference(pair, monkeypatch):
+    """The whole decoder-block check on a CPU: every FP8-block and NVFP4 module of layer 0 decoded on the host (the
+    torch reference sees only what the host decoders do not take), and the check passes."""
+    from engine.convert import block_check
+
+    seen = []
+
+    def spy(reader, base, *a, **kw):
+        seen.append((reader, base))
+        return decode_module(reader, base, *a, **kw)
+
+    monkeypatch.setattr(block_check, "decode_module", spy)
+
+    class Rep:
+        def __init__(self):
+            self.calls = []
+
+        def fail(self, *a):
+            self.calls.append(("fail", *a))
+
+        def row(self, *a):
+            self.calls.append(("row", *a))
+
+        def skip(self, *a):
+            self.calls.append(("skip", *a))
+
+    rep = Rep()
+    src, out = (CheckpointReader(p) for p in pair)
+    block_check.check_first_block(out, src, rep, "nvfp4", "cpu")
+    assert [c[0] for c in rep.calls] == ["row"], rep.calls
+    quantized = [(r, b) for r, b in seen if b + ".weight_scale_inv" in r or b + ".weight_scale" in r]
+    assert quantized == []
