@@ -41,7 +41,9 @@ def test_a_followed_output_gives_the_report_validate_gives_alone(sharded):
     assert f.earlier.taken == len(f.earlier.found) > 0
 
 
-def test_a_shard_changed_after_it_was_checked_is_read_again(sharded, tmp_path):
+def _checked_then_zeroed(sharded, tmp_path):
+    """A copy of the output, followed (every shard checked), then a block scale set to 0 in place (a failure
+    validate names): (source, output, the follower, the scale's name, its meta)."""
     import shutil
 
     src, out0 = sharded
@@ -52,9 +54,14 @@ def test_a_shard_changed_after_it_was_checked_is_read_again(sharded, tmp_path):
     r = CheckpointReader(out)
     name = next(n for n in r.names() if n.endswith("mlp.experts.1.down_proj.weight_scale"))
     m = r.meta(name)
-    with open(out / m.shard, "r+b") as fh:  # a block scale of 0: a failure validate names
+    with open(out / m.shard, "r+b") as fh:
         fh.seek(m.start)
         fh.write(b"\x00")
+    return src, out, f, name, m
+
+
+def test_a_shard_changed_after_it_was_checked_is_read_again(sharded, tmp_path):
+    src, out, f, name, m = _checked_then_zeroed(sharded, tmp_path)
     st = os.stat(out / m.shard)
     os.utime(out / m.shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     alone = validate_checkpoint(out, against=src)
@@ -158,19 +165,8 @@ def test_a_shard_changed_and_checked_again_only_in_part_keeps_nothing_of_its_fir
     """A shard checked, then changed in place and recorded again (a new manifest), then checked again with the
     follower stopped before any job began (validate starting): nothing found in its first check is taken."""
     import json
-    import shutil
 
-    src, out0 = sharded
-    out = tmp_path / "out"
-    shutil.copytree(out0, out)
-    f = Follower(out, src)
-    f.step(CheckpointReader(src))
-    r = CheckpointReader(out)
-    name = next(n for n in r.names() if n.endswith("mlp.experts.1.down_proj.weight_scale"))
-    m = r.meta(name)
-    with open(out / m.shard, "r+b") as fh:
-        fh.seek(m.start)
-        fh.write(b"\x00")
+    src, out, f, _, _ = _checked_then_zeroed(sharded, tmp_path)
     man = out / "manifest.json"
     man.write_text(json.dumps(json.loads(man.read_text())))  # recorded again: another manifest file
     f._stop.set()
