@@ -32,7 +32,6 @@ from engine.convert.validate_pass import (
     compared,
     file_identity,
     has_digests,
-    job_reads,
     pass_jobs,
 )
 from engine.convert.validate_source import shape_mismatches
@@ -110,13 +109,14 @@ class Follower:
         for s in new:  # a shard checked before and changed since: nothing found in it then stands
             self.earlier.shards.pop(s, None)
         self.earlier.found = {k: f for k, f in self.earlier.found.items() if not {m.shard for m in f.reads} & set(new)}
-        r = CheckpointReader(d, strict=False, weight_map=wm)
+        fresh = set(new)  # a reader over the new shards only: each shard's header is parsed once, not at every step
+        r = CheckpointReader(d, strict=False, weight_map={n: s for n, s in wm.items() if s in fresh})
         nv, fp8 = nvfp4_bases(r.names()), fp8_bases(r)
         misshapen = shape_mismatches(r, src, set(nv) | set(fp8))[1] if src is not None else set()
         compare, kept = compared(r, src, nv, fp8, misshapen)
         p = Pass(r, src, nv, fp8, compare, kept, hashing, Progress(NullSink(), "modules", total=0))
         found: dict[tuple, Found] = {}
-        jobs = [j for j in pass_jobs(r, nv, fp8, hashing) if {m.shard for m in job_reads(r, j)} <= set(new)]
+        jobs = pass_jobs(r, nv, fp8, hashing)
         try:
             p.run(jobs, self.workers, on_found=lambda key, f: found.__setitem__(key, f), stop=self._stop)
         finally:
