@@ -152,9 +152,9 @@ def nvfp4_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, 
     return ev, floats, (packed, bs, s2_dec)
 
 
-def fp8_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, bool], tuple | None]:
-    """One FP8-block module read whole and checked on the host (as nvfp4_host; the third item is (codes, float32
-    scales, block))."""
+def _fp8_read(out: host.HostReader, base: str) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """An FP8-block module read whole: (its scale's name, the scale's dtype, codes [rows, cols], the scale's bytes,
+    its float32 values, the block); Unsupported for what only the reference decodes."""
     r = out.r
     sc = next((s for s in (base + ".weight_scale_inv", base + ".scale") if s in r), None)
     if sc is None:
@@ -168,8 +168,15 @@ def fp8_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, bo
         raise host.Unsupported(base) from None
     codes = out.full(base + ".weight", slot="packed").reshape(wm.shape)
     raw = out.full(sc)
-    s32 = host.scale_values(raw, smeta.dtype_name, smeta.shape)
-    floats = {sc: host.all_finite(raw, smeta.dtype_name)} if smeta.dtype_name in FLOATS else {}
+    return sc, smeta.dtype_name, codes, raw, host.scale_values(raw, smeta.dtype_name, smeta.shape), block
+
+
+def fp8_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, bool], tuple | None]:
+    """One FP8-block module read whole and checked on the host (as nvfp4_host; the third item is (codes, float32
+    scales, block))."""
+    sc, sdtype, codes, raw, s32, block = _fp8_read(out, base)
+    rows, cols = codes.shape
+    floats = {sc: host.all_finite(raw, sdtype)} if sdtype in FLOATS else {}
     ev: list[tuple] = []
     with np.errstate(invalid="ignore"):
         if not np.isfinite(s32).all() or bool((s32 <= 0).any()):
@@ -179,7 +186,7 @@ def fp8_host(out: host.HostReader, base: str) -> tuple[list[tuple], dict[str, bo
         else:
             top = np.float32(448) * np.float32(np.abs(s32).max())
             finite = bool(np.isfinite(top)) or bool(np.isfinite(
-                host.fp8_values(codes, np.arange(wm.shape[0]), s32, block, wm.shape[1])).all())
+                host.fp8_values(codes, np.arange(rows), s32, block, cols)).all())
     if not finite:
         ev.append(("decode", f"{base} decodes to non-finite values", base))
     return ev, floats, (codes, s32, block)
@@ -198,7 +205,7 @@ def module_values(out: host.HostReader, base: str, cols: int) -> np.ndarray | No
             return np.ascontiguousarray(host.nvfp4_values(*decoded, cols))
         w = base + ".weight"
         if w in r and r.meta(w).dtype_name == "F8_E4M3" and len(r.meta(w).shape) == 2:
-            _, _, (codes, s32, block) = fp8_host(out, base)
+            _, _, codes, _, s32, block = _fp8_read(out, base)  # read only: validate's pass does the checks
             return host.fp8_values(codes, np.arange(codes.shape[0]), s32, block, codes.shape[1])
     except host.Unsupported:
         return None
