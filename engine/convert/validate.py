@@ -37,9 +37,9 @@ from engine.convert import validate_read as host
 from engine.convert.block_child import start_first_block
 from engine.convert.validate_config import label_problems
 from engine.convert.validate_loaders import loader_warnings
-from engine.convert.validate_modules import emit_scales_and_decode, fp8_bases, nvfp4_bases, stored_name
-from engine.convert.validate_pass import Earlier, Pass, compared, has_digests
-from engine.convert.validate_source import emit_source, shape_mismatches
+from engine.convert.validate_modules import emit_scales_and_decode, stored_name
+from engine.convert.validate_pass import Earlier, Pass, has_digests, plan_pass, source_key
+from engine.convert.validate_source import emit_source
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.formats.grid import infer_block, scale_grid
@@ -202,29 +202,23 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
         layout = detect_layout(r.config, r.names())
     except Exception:  # noqa: BLE001
         layout = None
-    nv, fp8 = nvfp4_bases(r.names()), fp8_bases(r)
-    rep.target = "nvfp4" if nv else "fp8-block" if fp8 else "bf16"
-    progress = Progress(sink, "modules", total=(len(nv) + len(fp8)) * (2 if against else 1))
     src = src_error = block = None
-    shape_fails: list[tuple[str, str]] = []
-    misshapen: set[str] = set()
     if against is not None:
         try:
             src = CheckpointReader(against)
         except CheckpointError as e:
             src_error = e
-    quantized = set(nv) | set(fp8)
-    if src is not None:
-        shape_fails, misshapen = shape_mismatches(r, src, quantized)
-        if not misshapen:  # started first: it runs beside the pass
-            block = start_first_block(r.dir, src.dir, rep.target, device, block_socket=block_socket,
-                                      log=lambda msg: sink.emit("log", level="info", msg=msg))
-    compare, kept = compared(r, src, nv, fp8, misshapen)
+    plan = plan_pass(r, src)
+    nv, fp8, shape_fails, misshapen = plan.nv, plan.fp8, plan.shape_fails, plan.misshapen
+    rep.target = "nvfp4" if nv else "fp8-block" if fp8 else "bf16"
+    progress = Progress(sink, "modules", total=(len(nv) + len(fp8)) * (2 if against else 1))
+    if src is not None and not misshapen:  # started first: it runs beside the pass
+        block = start_first_block(r.dir, src.dir, rep.target, device, block_socket=block_socket,
+                                  log=lambda msg: sink.emit("log", level="info", msg=msg))
     man = load_manifest(r.dir)
-    hashing = has_digests(man)
-    if earlier is not None and earlier.source != (str(Path(against).resolve()) if against is not None else None):
+    if earlier is not None and earlier.source != source_key(against):
         earlier = None  # findings made against another source (or none) than this validate's
-    run = Pass(r, src, nv, fp8, compare, kept, hashing, progress, earlier)
+    run = Pass(r, src, plan, has_digests(man), progress, earlier)
     try:
         run.run()
         _check_index(r, rep, man, run.digests, run.files)

@@ -24,17 +24,7 @@ from engine.checkpoint.manifest import MANIFEST_NAME, load_manifest
 from engine.checkpoint.paths import partial_path
 from engine.checkpoint.reader import CheckpointReader
 from engine.convert import validate_read as host
-from engine.convert.validate_modules import fp8_bases, nvfp4_bases
-from engine.convert.validate_pass import (
-    Earlier,
-    Found,
-    Pass,
-    compared,
-    file_identity,
-    has_digests,
-    pass_jobs,
-)
-from engine.convert.validate_source import shape_mismatches
+from engine.convert.validate_pass import Earlier, Found, Pass, file_identity, has_digests, plan_pass, source_key
 from engine.core.events import NullSink, Progress
 
 POLL_S = 0.25  # between looks at the manifest
@@ -63,7 +53,7 @@ class Follower:
         self.src_dir = Path(src_dir).absolute() if src_dir else None
         self.workers = workers or max(2, host.worker_count() // 2)
         self.poll_s = poll_s
-        self.earlier = Earlier(source=str(self.src_dir.resolve()) if self.src_dir else None)
+        self.earlier = Earlier(source=source_key(self.src_dir))
         self.error: str | None = None  # why it stopped following early
         self.checked: list[tuple[str, Path]] = []  # (shard, the directory it was checked in), in order
         self._seen: set[tuple[str, tuple | None]] = set()  # (shard, its file's identity) checked
@@ -106,19 +96,16 @@ class Follower:
         new = sorted(s for s, ident in idents.items() if (s, ident) not in self._seen)  # a shard rewritten: again
         if not new:
             return 0
+        fresh = set(new)
         for s in new:  # a shard checked before and changed since: nothing found in it then stands
             self.earlier.shards.pop(s, None)
-        self.earlier.found = {k: f for k, f in self.earlier.found.items() if not {m.shard for m in f.reads} & set(new)}
-        fresh = set(new)  # a reader over the new shards only: each shard's header is parsed once, not at every step
+        self.earlier.found = {k: f for k, f in self.earlier.found.items() if not {m.shard for m in f.reads} & fresh}
+        # a reader over the new shards only: each shard's header is parsed once, not at every step
         r = CheckpointReader(d, strict=False, weight_map={n: s for n, s in wm.items() if s in fresh})
-        nv, fp8 = nvfp4_bases(r.names()), fp8_bases(r)
-        misshapen = shape_mismatches(r, src, set(nv) | set(fp8))[1] if src is not None else set()
-        compare, kept = compared(r, src, nv, fp8, misshapen)
-        p = Pass(r, src, nv, fp8, compare, kept, hashing, Progress(NullSink(), "modules", total=0))
+        p = Pass(r, src, plan_pass(r, src), hashing, Progress(NullSink(), "modules", total=0))
         found: dict[tuple, Found] = {}
-        jobs = pass_jobs(r, nv, fp8, hashing)
         try:
-            p.run(jobs, self.workers, on_found=lambda key, f: found.__setitem__(key, f), stop=self._stop)
+            p.run(self.workers, on_found=lambda key, f: found.__setitem__(key, f), stop=self._stop)
         finally:
             p.close()
         self._seen.update((s, idents[s]) for s in new)  # stopped part-way, the jobs not begun are validate's

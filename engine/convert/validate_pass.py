@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from engine.checkpoint.reader import CheckpointReader, TensorMeta
 from engine.convert import validate_read as host
-from engine.convert.validate_modules import fp8_host, nvfp4_host, nvfp4_parts
-from engine.convert.validate_source import compare_host, kept_floats, kept_host
+from engine.convert.validate_modules import fp8_bases, fp8_host, nvfp4_bases, nvfp4_host, nvfp4_parts
+from engine.convert.validate_source import compare_host, kept_floats, kept_host, shape_mismatches
 from engine.core.errors import CheckpointError
 from engine.core.events import Progress
 from engine.formats.nvfp4.names import NVFP4_NAMES
@@ -80,15 +80,35 @@ class Earlier:
         return f
 
 
-def compared(r: CheckpointReader, src: CheckpointReader | None, nv: list[str], fp8: list[str],
-             misshapen: set[str]) -> tuple[set[str], dict[str, str | None]]:
-    """(the quantized modules compared with the source, the kept float tensors and the module each is compared as)
-    of an output `r` against `src` (None: nothing compared); `misshapen`: what shape_mismatches found."""
+def source_key(src: str | os.PathLike | None) -> str | None:
+    """How findings name the source they were compared with (`Earlier.source`): its resolved path, None for none."""
+    return str(Path(src).resolve()) if src is not None else None
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What a pass over an output checks, from the headers alone: its NVFP4 and FP8-block modules, against a source
+    the quantized modules and kept float tensors whose shapes differ from it (`shape_fails`: their messages), the
+    modules compared with it, and the kept float tensors with the module each is compared as."""
+
+    nv: list[str]
+    fp8: list[str]
+    shape_fails: list[tuple[str, str]]
+    misshapen: set[str]
+    compare: set[str]
+    kept: dict[str, str | None]
+
+
+def plan_pass(r: CheckpointReader, src: CheckpointReader | None) -> PassPlan:
+    """The plan of a pass over output `r` against `src` (None: nothing compared)."""
+    nv, fp8 = nvfp4_bases(r.names()), fp8_bases(r)
     if src is None:
-        return set(), {}
+        return PassPlan(nv, fp8, [], set(), set(), {})
+    quantized = set(nv) | set(fp8)
+    shape_fails, misshapen = shape_mismatches(r, src, quantized)
     compare = {b for b in nv + fp8 if b + ".weight" in src and b not in misshapen}
-    kept = {n: base for n, base in kept_floats(r, src, set(nv) | set(fp8)) if n not in misshapen}
-    return compare, kept
+    kept = {n: base for n, base in kept_floats(r, src, quantized) if n not in misshapen}
+    return PassPlan(nv, fp8, shape_fails, misshapen, compare, kept)
 
 
 def has_digests(man: dict | None) -> bool:
@@ -146,14 +166,13 @@ class Pass:
     written afterwards, in the order of the checks. `earlier`: findings of jobs run before (taken where still
     true, see `Earlier.take`)."""
 
-    def __init__(self, r: CheckpointReader, src: CheckpointReader | None, nv: list[str], fp8: list[str],
-                 compare: set[str], kept: dict[str, str | None], hashing: bool, progress: Progress,
-                 earlier: Earlier | None = None):
+    def __init__(self, r: CheckpointReader, src: CheckpointReader | None, plan: PassPlan, hashing: bool,
+                 progress: Progress, earlier: Earlier | None = None):
         self.files = host.Files()
         self.digests = host.Digests()
         self.out = host.HostReader(r, self.files, self.digests if hashing else None)
         self.src = host.HostReader(src, self.files) if src is not None else None
-        self.r, self.nv, self.fp8, self.compare, self.kept = r, nv, fp8, compare, kept
+        self.r, self.nv, self.fp8, self.compare, self.kept = r, plan.nv, plan.fp8, plan.compare, plan.kept
         self.progress = progress
         self.hashing = hashing
         self.earlier = earlier
@@ -220,16 +239,13 @@ class Pass:
         self.kept_res.update(f.kept)
         self.digests.update(f.digests)
 
-    def run(self, jobs: list[tuple[str, str, str]] | None = None, workers: int | None = None,
-            on_found: Callable[[tuple, Found], None] | None = None,
+    def run(self, workers: int | None = None, on_found: Callable[[tuple, Found], None] | None = None,
             stop: threading.Event | None = None) -> "Pass":
-        """Run `jobs` (default: every job of the pass), taking earlier findings where they still hold; `on_found`
-        hears each job's key and findings as it ends. Once `stop` is set, jobs not yet begun are left undone."""
-        if jobs is None:
-            jobs = pass_jobs(self.r, self.nv, self.fp8, self.hashing)
+        """Run every job of the pass, taking earlier findings where they still hold; `on_found` hears each job's
+        key and findings as it ends. Once `stop` is set, jobs not yet begun are left undone."""
         todo = []
         idents: dict[str, Any] = {}
-        for job in jobs:
+        for job in pass_jobs(self.r, self.nv, self.fp8, self.hashing):
             f = self.earlier.take(self.job_key(job), job, self.r, idents) if self.earlier is not None else None
             if f is None:
                 todo.append(job)
