@@ -37,7 +37,8 @@ def block_check_args(params: dict[str, Any]) -> tuple[str, str] | None:
 
 
 class _Following(dict):
-    """Output directory -> its Follower (ValidateStage.ahead)."""
+    """Output directory -> its Follower (ValidateStage.ahead); `stop` ends them all (engine.runs.worker, on every
+    way out of the stage)."""
 
     def stop(self) -> None:
         for f in self.values():
@@ -58,29 +59,26 @@ class ValidateStage(Stage):
         p = ctx.params
         reports: dict[str, Any] = {}
         problems: list[str] = []
-        followers = _Following(ctx.ahead or {})
-        try:
-            for d in output_dirs(p["dst"], p.get("layouts")):
-                kw: dict[str, Any] = {"against": p.get("src")}
-                if str(d) in followers:  # what was checked while the output was written
-                    f = followers.pop(str(d))
-                    kw["earlier"] = f.stop()
-                    if f.error:
-                        print(f"quantdeck validate: {d}: stopped following the output early ({f.error})",
-                              file=sys.stderr, flush=True)
-                if p.get("amax"):
-                    kw["amax"] = p["amax"]  # the snapshot is checked against the model's layers too
-                if p.get("src"):  # the driver's warm child, where it started one (engine.runs.runner)
-                    kw["device"] = block_check_args(p)[1]
-                    kw["block_socket"] = str(ctx.stage_dir / WARM_SOCKET)
-                rep = call_with_sink(validate_checkpoint, str(d), sink=ctx.sink, **kw)
-                if "earlier" in kw:  # the log only: the events and the report are those of a validate without
-                    print(f"quantdeck validate: {d}: {kw['earlier'].taken} module(s) and tensor(s) checked as the "
-                          f"output was written, of {len(kw['earlier'].found)} found then", file=sys.stderr, flush=True)
-                reports[str(d)] = jsonable(rep)
-                problems += [f"{d}: {x}" for x in _failed(rep)]
-        finally:
-            followers.stop()
+        followers = ctx.ahead or {}  # the worker stops them all, whichever way the stage ends
+        for d in output_dirs(p["dst"], p.get("layouts")):
+            kw: dict[str, Any] = {"against": p.get("src")}
+            if str(d) in followers:  # what was checked while the output was written
+                f = followers[str(d)]
+                kw["earlier"] = f.stop()
+                if f.error:
+                    print(f"quantdeck validate: {d}: stopped following the output early ({f.error})",
+                          file=sys.stderr, flush=True)
+            if p.get("amax"):
+                kw["amax"] = p["amax"]  # the snapshot is checked against the model's layers too
+            if p.get("src"):  # the driver's warm child, where it started one (engine.runs.runner)
+                kw["device"] = block_check_args(p)[1]
+                kw["block_socket"] = str(ctx.stage_dir / WARM_SOCKET)
+            rep = call_with_sink(validate_checkpoint, str(d), sink=ctx.sink, **kw)
+            if "earlier" in kw:  # the log only: the events and the report are those of a validate without
+                print(f"quantdeck validate: {d}: {kw['earlier'].taken} module(s) and tensor(s) checked as the output "
+                      f"was written, of {len(kw['earlier'].found)} found then", file=sys.stderr, flush=True)
+            reports[str(d)] = jsonable(rep)
+            problems += [f"{d}: {x}" for x in _failed(rep)]
         if p.get("report"):
             atomic_write_json(p["report"], reports)
         if problems:
