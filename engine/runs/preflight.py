@@ -235,9 +235,10 @@ def bytecode_note(module: str = "torch") -> str | None:
         return None
     if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader) or not spec.origin:
         return None  # not installed, or not from source files (a zip, compiled only): nothing compiled at import
-    if os.path.exists(importlib.util.cache_from_source(spec.origin)):
+    pyc = importlib.util.cache_from_source(spec.origin)
+    if os.path.exists(pyc):
         return None
-    return (f"{module}'s bytecode is not cached ({importlib.util.cache_from_source(spec.origin)} is missing): "
+    return (f"{module}'s bytecode is not cached ({pyc} is missing): "
             "every stage compiles its imports again, seconds each; set PYTHONPYCACHEPREFIX to a writable "
             "directory and run `python -m compileall -q <site-packages>` once with it set, or compile the "
             "environment in place")
