@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 
 from engine.checkpoint import CheckpointReader
-from engine.convert import convert_checkpoint
 from engine.convert.block_check import _host_decoded
 from engine.convert.validate_ref import decode_module
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_ckpt, tmp_path_factory):
-    src = tiny_ckpt("deepseek-v3", "fp8")
-    out = tmp_path_factory.mktemp("block") / "out"
-    convert_checkpoint(src, out, to="nvfp4")
-    return src, out
+def pair(tiny_nvfp4):
+    return tiny_nvfp4("fp8")
 
 
 def _layer0_modules(r: CheckpointReader) -> dict[str, int]:

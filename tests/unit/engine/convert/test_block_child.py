@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from engine.convert import convert_checkpoint
 from engine.convert.block_child import SOCKET_PATH_MAX, start_warm
 from engine.convert.validate import validate_checkpoint
 from engine.core.events import CallbackSink
@@ -24,10 +23,8 @@ REPO = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_ckpt, tmp_path_factory):
-    src = tiny_ckpt("deepseek-v3", "bf16")
-    out = tmp_path_factory.mktemp("warm") / "out"
-    convert_checkpoint(src, out, to="nvfp4")
+def pair(tiny_nvfp4):
+    src, out = tiny_nvfp4("bf16")
     return src, out, validate_checkpoint(out, against=src)
 
 

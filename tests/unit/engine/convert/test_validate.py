@@ -15,11 +15,8 @@ from engine.convert.validate import format_report, validate_checkpoint
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_ckpt, tmp_path_factory):
-    src = tiny_ckpt("deepseek-v3", "bf16")
-    out = tmp_path_factory.mktemp("val") / "out"
-    convert_checkpoint(src, out, to="nvfp4")
-    return src, out
+def converted(tiny_nvfp4):
+    return tiny_nvfp4("bf16")
 
 
 def _rewrite(src_dir, dst, edit):

@@ -22,10 +22,8 @@ def _report(rep):
 
 
 @pytest.fixture(scope="module")
-def sharded(tiny_ckpt, tmp_path_factory):
-    src = tiny_ckpt("deepseek-v3", "fp8")
-    out = tmp_path_factory.mktemp("follow") / "out"
-    convert_checkpoint(src, out, to="nvfp4", shard_size="60KB")
+def sharded(tiny_nvfp4):
+    src, out = tiny_nvfp4("fp8", shard_size="60KB")
     assert len(CheckpointReader(out).shards()) > 3
     return src, out
 
