@@ -197,9 +197,11 @@ def _vm_hwm_gb() -> float:
 
 
 def _peaks(device: str) -> dict:
+    """Peak RSS and GPU memory, and this process's start and the moment it reports (monotonic clock, the same in
+    every process of the machine: the parent works out how long interpreter start-up and exit took)."""
     import torch
 
-    out = {"peak_rss_gb": _vm_hwm_gb()}
+    out = {"peak_rss_gb": _vm_hwm_gb(), "t_process": T_PROCESS, "t_report": time.monotonic()}
     if device == "cuda" and torch.cuda.is_available():
         out["peak_gpu_gb"] = torch.cuda.max_memory_reserved() / 2**30
         out["peak_gpu_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -312,6 +314,15 @@ def role_modelopt(a) -> None:
                                           **_peaks(a.device)}))
 
 
+def _process_edges(spawned: float, reaped: float, res: dict) -> dict:
+    """Seconds from spawning a tool's process to its script starting (interpreter start-up), and from its report
+    to the process being reaped (interpreter exit: freeing GPU and page-locked memory, joining threads)."""
+    if "t_process" not in res:
+        return {}
+    return {"interpreter_start_s": round(res["t_process"] - spawned, 3),
+            "exit_s": round(reaped - res["t_report"], 3)}
+
+
 def _run(cmd: list[str], env: dict) -> None:
     r = subprocess.run(cmd, env=env)
     if r.returncode != 0:
@@ -358,6 +369,10 @@ def _table(report: dict) -> str:
     cold = f"{f['cold_gbps']:.2f} GB/s" if f.get("cold_gbps") else "not measured (page cache not droppable)"
     lines.append(f"read floor (cat of the {report['source']} shards, {f['bytes'] / 1e9:.1f} GB): cold {cold}, "
                  f"warm {f['warm_gbps']:.2f} GB/s")
+    for key, m in (("quantdeck", report["streaming"]), ("modelopt", report.get("modelopt") or {}),
+                   ("modelopt_layerwise", report.get("modelopt_layerwise") or {})):
+        if "exit_s" in m:
+            lines.append(f"{key}: interpreter start-up {m['interpreter_start_s']:.2f} s, exit {m['exit_s']:.2f} s")
     for key in ("modelopt", "modelopt_layerwise"):
         if "wall_with_process_s" in report.get(key, {}):
             ratio = report["streaming"]["wall_s"] / report[key]["wall_with_process_s"]
@@ -473,11 +488,12 @@ def main() -> None:
         _run([sys.executable, me, "--role", "streaming", "--result", str(res_s), *src, *common], env)
     stream_wall = time.monotonic() - t0
     ranks = [json.loads(res_s.with_suffix(f".rank{r}.json").read_text()) for r in range(a.ranks)]
+    edges = _process_edges(t0, t0 + stream_wall, ranks[0])
     report: dict = {"size": a.size, "layers": a.layers, "source": a.source, "cold": a.cold, "samples": a.samples,
                     "seq_len": a.seq_len, "batch_size": a.batch_size, "ranks": a.ranks,
                     "gpu_mem_fraction": a.gpu_mem_fraction, "read_floor": floor,
                     "streaming": {"wall_s": stream_wall, "calib_s": max(r["wall_s"] for r in ranks),
-                                  "imports_before_calibrate_s": round(ranks[0].get("start_s", 0), 3),
+                                  "imports_before_calibrate_s": round(ranks[0].get("start_s", 0), 3), **edges,
                                   "phases_rank0": ranks[0].get("phases"),
                                   "per_layer_rank0": ranks[0].get("per_layer"),
                                   "bytes_read_per_rank_gb": max(float(r["summary"].get("bytes_read", 0))
@@ -501,6 +517,7 @@ def main() -> None:
             continue
         mo = json.loads(res_m.read_text())
         mo["wall_with_process_s"] = time.monotonic() - t0
+        mo.update(_process_edges(t0, t0 + mo["wall_with_process_s"], mo))
         ref = out / f"{key.replace('_', '-')}_amax.safetensors"
         mo["amax"] = compare(out, ref)
         report[key] = mo
