@@ -17,7 +17,9 @@ Then, each in its own fresh process: quantdeck's `calibrate` (one process, or --
 whole-model flow (`from_pretrained` onto the GPU, then `mtq.quantize(model, NVFP4_DEFAULT_CFG, loop)` over the same
 batches) and modelopt's layerwise flow (the same with `"layerwise": {"enable": true}` in the algorithm). Prints one
 table: wall (process start included), per-layer read and forward, peak GPU memory, peak RSS, bytes read per rank, the
-read floor (`cat` of the same shards, page cache dropped where allowed, and warm), and whether every amax agrees.
+read floor (`cat` of the same shards, page cache dropped where allowed, and warm), and whether every amax agrees;
+then each tool's interpreter start-up and exit. quantdeck's processes end as its CLI does (without the interpreter's
+teardown: engine.core.procexit), modelopt's as its example scripts do (with it).
 --gpu-mem-fraction caps every tool with torch.cuda.set_per_process_memory_fraction (modelopt then loads with
 device_map="auto" and a max_memory that offloads the rest to CPU).
 
@@ -444,12 +446,13 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.role == "streaming":
-        return role_streaming(a)
-    if a.role == "modelopt":
+    if a.role in ("streaming", "eval"):  # ended as `quantdeck calibrate` and `quantdeck eval` end (console.cli)
+        from engine.core.procexit import end_process
+
+        (role_streaming if a.role == "streaming" else role_eval)(a)
+        end_process(0)
+    if a.role == "modelopt":  # ended as modelopt's example scripts end: the interpreter's teardown included
         return role_modelopt(a)
-    if a.role == "eval":
-        return role_eval(a)
     _bytecode_note()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

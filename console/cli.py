@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("quantdeck: interrupted", err=True)
         code = 130
     if argv is None:
+        if "torch" in sys.modules:  # a command that worked here (convert, validate, calibrate, eval...): its files
+            from engine.api import end_process  # are closed, so torch's teardown is skipped
+
+            end_process(code)
         sys.exit(code)
     return code
 

@@ -43,6 +43,7 @@ from engine.api.tools import (
 )
 from engine.core.errors import PreflightError
 from engine.core.names import StageState
+from engine.core.procexit import end_process
 
 if TYPE_CHECKING:
     from engine.core.events import Event
@@ -81,6 +82,7 @@ __all__ = [
     "calibration_available",
     "checkpoint_totals",
     "convert_start_early",
+    "end_process",
     "evaluate",
     "event_sink",
     "export_checkpoint",

@@ -14,6 +14,7 @@ from engine.convert.device import start_early  # (no numpy, no torch: start_earl
 from engine.core import timeline
 from engine.core.errors import QuantdeckError, exit_code_for
 from engine.core.events import CallbackSink
+from engine.core.procexit import end_process
 from engine.startup import startfiles
 
 START_FILES = "engine.convert"  # this entry's list of the files its start reads (engine.startup.startfiles)
@@ -62,9 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Every output file is closed and fsynced: skip the interpreter's teardown (torch's, numba's and the CUDA
-    # context's destructors, ~0.1-1 s).
-    os._exit(code)
+    end_process(main())  # every output file is closed and fsynced by then

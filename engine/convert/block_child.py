@@ -27,6 +27,7 @@ from engine.checkpoint.reader import CheckpointReader
 from engine.convert.block_check import SourceSide, check_first_block, output_side, run_source, source_side
 from engine.core.gcpause import imports_without_gc
 from engine.core.parent_watch import die_with_parent
+from engine.core.procexit import end_process
 
 
 class _Recorder:
@@ -339,9 +340,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = warm_main(sys.argv[2:]) if sys.argv[1:2] == ["--warm"] else main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # its answer is written and it holds no open file: skip the interpreter's teardown of torch and transformers
-    # (~1 s on 2 cores), which validate would otherwise wait for (it reads the answer at the child's exit)
-    os._exit(code)
+    # validate reads a child's answer once the child has exited: not after transformers' teardown (~1 s on 2 cores)
+    end_process(warm_main(sys.argv[2:]) if sys.argv[1:2] == ["--warm"] else main(sys.argv[1:]))

@@ -35,6 +35,7 @@ from engine.core.events import EventSink, JsonlSink, Progress, TeeSink
 from engine.core.fsutil import boot_id
 from engine.core.locks import this_host
 from engine.core.names import StageState
+from engine.core.procexit import end_process
 from engine.core.settings import FSYNC_ENV, settings
 from engine.runs.plan import Plan
 from engine.runs.rootcause import classify
@@ -270,4 +271,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())  # its status, events and outputs are written (the driver syncs them where it must)
