@@ -3,11 +3,12 @@ decoder-block child.
 
 As a stage starts, the launcher is asked to start later stages' workers ahead (`Launcher.prepare`; the local
 launcher's standby), so their interpreter start-up and imports (~0.3 s) overlap this stage instead of following it.
-One stage ahead, beside heavy stages too: on 2 cores one standby beside convert did not slow it measurably, while
-standbys for every stage up to validate started there (to cover the short stages after it) slowed it by ~0.3 s.
-So the short stages' standbys (inject-mtp, copy-extras, and the stage after them) start together beside a heavy
-stage only on 8 cores or more, and beside the first short stage otherwise (`stages_ahead`): one by one, each short
-stage waited for the next one's imports (0.43 s between inject-mtp and copy-extras on 2 cores).
+Beside a heavy stage on 2 cores, standbys for every stage up to validate (to cover the short stages after it) slowed
+convert by ~0.3 s: validate's worker imports torch. The short stages' workers import no torch (~0.35 s each), and
+theirs beside convert cost it ~0.07 s. So beside a heavy stage the short stages' standbys (inject-mtp, copy-extras)
+start together, and the stage after them (validate) too on 8 cores or more, else beside the first short stage
+(`stages_ahead`). Started one by one, each short stage waited for the next one's imports: 0.53 s between inject-mtp
+and copy-extras on 2 cores, and the mid-cpu run took 7.6-8.1 s against 7.2-7.8 s now (alternating).
 
 validate's decoder-block child (engine.convert.block_child.start_warm) imports torch and transformers, seconds of
 work: it starts beside the last stage that writes the output where there are cores to spare, else after it
@@ -35,14 +36,14 @@ LIGHT = frozenset(x.value for x in (StageName.INSPECT, StageName.INJECT_MTP, Sta
 def stages_ahead(todo: list[str], i: int) -> list[str]:
     """The stages whose workers are started ahead as stage `todo[i]` begins: the next one and, where that is light,
     the light ones after it and the first stage after those (their standbys then import beside this stage, not one
-    by one in the gaps between light stages). A heavy stage on fewer than 8 cores gets only the next one: more
-    imports beside it would slow it (see the module doc)."""
+    by one in the gaps between light stages). Beside a heavy stage on fewer than 8 cores, not that first stage after
+    the light ones: its imports would slow the heavy one (see the module doc)."""
     out = todo[i + 1:i + 2]
-    if todo[i] in LIGHT or (os.cpu_count() or 1) >= WARM_BESIDE_HEAVY_CORES:
-        for name in todo[i + 2:]:
-            if out[-1] not in LIGHT:
-                break
-            out.append(name)
+    spare = todo[i] in LIGHT or (os.cpu_count() or 1) >= WARM_BESIDE_HEAVY_CORES
+    for name in todo[i + 2:]:
+        if out[-1] not in LIGHT or not (spare or name in LIGHT):
+            break
+        out.append(name)
     return out
 
 

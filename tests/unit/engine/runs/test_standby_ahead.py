@@ -1,6 +1,6 @@
 """Which stages' workers the driver starts ahead as a stage begins (engine.runs.ahead.stages_ahead): the next one, and
-after a light stage (inspect, inject-mtp, copy-extras) the light ones that follow it and the first stage after them;
-beside a heavy stage that chain only on 8 cores or more, where the imports do not slow it."""
+after it the light ones (inspect, inject-mtp, copy-extras) that follow and the first stage after them; beside a heavy
+stage that last one only on 8 cores or more, where its imports do not slow the heavy one."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ def _todo(extra: str = "") -> list[str]:
 
 @pytest.mark.parametrize("cores, extra, stage, ahead", [
     (2, "", "inspect", ["convert"]),
-    (2, "", "convert", ["inject-mtp"]),  # a heavy stage on 2 cores: one ahead
+    (2, "", "convert", ["inject-mtp", "copy-extras"]),  # a heavy stage on 2 cores: the light ones, not validate
     (2, "", "inject-mtp", ["copy-extras", "validate"]),  # a light one: through the light ones to the next heavy one
     (2, "", "copy-extras", ["validate"]),
     (2, "", "validate", []),  # the last stage
     (16, "", "convert", ["inject-mtp", "copy-extras", "validate"]),  # cores to spare: the whole chain beside it
     (16, "", "inspect", ["convert"]),
-    (2, CALIBRATED, "export", ["inject-mtp"]),
+    (2, CALIBRATED, "export", ["inject-mtp", "copy-extras"]),
     (16, CALIBRATED, "export", ["inject-mtp", "copy-extras", "validate"]),
     (16, CALIBRATED, "validate", ["eval"]),
 ])
