@@ -151,8 +151,8 @@ class LocalEngine(Engine):
                                      + "; ".join(fails), at=str(recipe_path), failures=fails,
                                      hint="fix those, or `quantdeck preflight RECIPE` to re-check")
         run = create_run(recipe_path)
-        sync_store(run)
         spawn_driver(run, "run", launcher_factory, env)
+        sync_store(run)  # while the driver starts
         return run.id
 
     def _restart(self, run: str, mode: str, launcher_factory: str | None,

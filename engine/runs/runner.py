@@ -4,11 +4,11 @@ The driver (`python -m engine.runs.runner --run-dir D --mode M`) is itself start
 terminal or pressing Ctrl-C in a follower never stops a run. It holds the run's driver lock (one driver
 per run) and the output lock (two live runs never write one output), starts each stage's worker through
 the launcher, waits on status.json and the worker's liveness, classifies a vanished worker, and keeps the
-store in step after every state change. It notices a dead worker within a poll (0.2 s). While it waits it
-watches the stage's silence (engine.runs.runview): a stall is logged once to driver.log, and a worker that ends
-while its stage was stalled is recorded with the root cause `stalled`. Launchers other than the local one come
-from a factory named on the command line (`--launcher-factory remote.launchers:launcher_for`), chosen by the
-CLI/console: the engine never imports remote/.
+store in step after every state change (on a thread: `StoreSync`). It notices a dead worker within a poll (0.2 s).
+While it waits it watches the stage's silence (engine.runs.runview): a stall is logged once to driver.log, and a
+worker that ends while its stage was stalled is recorded with the root cause `stalled`. Launchers other than the
+local one come from a factory named on the command line (`--launcher-factory remote.launchers:launcher_for`),
+chosen by the CLI/console: the engine never imports remote/.
 
 As a stage starts, later stages' workers are started ahead (`Launcher.prepare`; the local launcher's standby), and
 validate's decoder-block child warms up beside the stage that suits it: which ones, and why, in engine.runs.ahead.
@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -122,6 +123,35 @@ def sync_store(run: RunDir) -> None:
             sync_run(store, run.path)
     except Exception as e:  # noqa: BLE001 - the run dir is the truth; the store can be rescanned
         print(f"quantdeck runner: store not updated: {e}", file=sys.stderr, flush=True)
+
+
+class StoreSync:
+    """The driver's store updates, off its way: `request` asks for one (one asked while another is waiting is the
+    same), made on a thread; `close` waits for that thread and makes the last one. No stage starts later for the
+    history database: on a GPU host its transaction once waited 0.9 s for a disk busy with a stage's sync."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self._wake, self._closing = threading.Event(), False
+        self._thread = threading.Thread(target=self._loop, name="run-store", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            sync_store(self.run)
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+        sync_store(self.run)
 
 
 def load_factory(spec: str | None) -> Callable[[Recipe, Path], Launcher]:
@@ -264,6 +294,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
             syncer.after(name, attempt)
         result = StageState.SUCCEEDED
         warm, warm_at = None, warm_block_stage(plan, todo, launcher)
+        store = StoreSync(run)
         try:
             for i, name in enumerate(todo):
                 if cancel_requested(run):
@@ -274,7 +305,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                     # a live worker left by an earlier driver (killed, or its machine rebooted): re-attach to it
                     st = wait_stage(run, name, int(cur["attempt"]), launcher, cur.get("host") or "local",
                                     int(cur["pid"]), poll_s)
-                    sync_store(run)
+                    store.request()
                     if not StageState(st["state"]).is_done():
                         result = StageState.CANCELLED if st["state"] == StageState.CANCELLED else StageState.FAILED
                         break
@@ -286,11 +317,11 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 except QuantdeckError as e:
                     set_status(run, name, StageState.FAILED, attempt=attempt, error_class="launch",
                                error=e.one_line(), hint=e.hint)
-                    sync_store(run)
+                    store.request()
                     result = StageState.FAILED
                     break
                 set_status(run, name, StageState.STARTING, attempt=attempt, host=handle.host, pid=handle.pid)
-                sync_store(run)
+                store.request()
                 if syncer is not None:
                     syncer.beside(name)
                 for ahead in stages_ahead(todo, i):  # before the warm child, whose start takes the driver ~0.1 s
@@ -298,7 +329,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 if name == warm_at:  # beside this stage's worker, which has just started
                     warm = start_warm_block(run, plan)
                 st = wait_stage(run, name, attempt, launcher, handle.host, handle.pid, poll_s)
-                sync_store(run)
+                store.request()
                 if name == StageName.VALIDATE.value and warm is not None:
                     warm.stop()  # answered (or never asked): not kept through eval
                     warm = None
@@ -312,7 +343,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 warm.stop()
             if syncer is not None:  # the run ends with its stages' writes on the disk
                 update_meta(run, sync_wait_s=round(syncer.close(), 3))
-        sync_store(run)
+        store.close()
         launcher.close()
         return result
 

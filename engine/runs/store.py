@@ -131,6 +131,9 @@ class Store:
         self.conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
+        # no fsync per commit (the WAL stays consistent; a power cut may lose the last commits): the run dirs are
+        # the truth and `rescan` rebuilds the rows, while a commit's fsync waits behind a stage's gigabytes of writes
+        self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=30000")
         self._migrate()
 
