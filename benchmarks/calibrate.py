@@ -491,7 +491,7 @@ def main() -> None:
         _run([sys.executable, me, "--role", "streaming", "--result", str(res_s), *src, *common], env)
     stream_wall = time.monotonic() - t0
     ranks = [json.loads(res_s.with_suffix(f".rank{r}.json").read_text()) for r in range(a.ranks)]
-    edges = _process_edges(t0, t0 + stream_wall, ranks[0])
+    edges = _process_edges(t0, t0 + stream_wall, ranks[0]) if a.ranks == 1 else {}  # (torchrun's own start, exit)
     report: dict = {"size": a.size, "layers": a.layers, "source": a.source, "cold": a.cold, "samples": a.samples,
                     "seq_len": a.seq_len, "batch_size": a.batch_size, "ranks": a.ranks,
                     "gpu_mem_fraction": a.gpu_mem_fraction, "read_floor": floor,

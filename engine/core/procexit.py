@@ -4,7 +4,7 @@ A process that imported torch spends time at exit in module teardown and destruc
 context's, and ~1.2 s on 2 cores more where transformers and modelopt are imported too (measured: the same imports
 ended with and without it). Processes that have nothing left to write once their work returns (every output file
 closed by then, made durable where it must be) end with `end_process`: standard output and error flushed, then
-gone. Others (the driver of a run, the console) keep the normal exit.
+gone. The driver of a run and the CLI's commands that imported no torch keep the normal exit.
 """
 
 from __future__ import annotations

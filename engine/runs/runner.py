@@ -343,7 +343,7 @@ def drive(run: RunDir, mode: str = "run", launcher: Launcher | None = None, *,
                 warm.stop()
             if syncer is not None:  # the run ends with its stages' writes on the disk
                 update_meta(run, sync_wait_s=round(syncer.close(), 3))
-        store.close()
+            store.close()  # the last update, made here: the store ends in step with the run dir
         launcher.close()
         return result
 

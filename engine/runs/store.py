@@ -21,7 +21,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from engine.core.fsutil import read_json
 from engine.core.names import StageState
@@ -211,10 +211,12 @@ class Store:
         return [AttemptRecord(**{k: r[k] for k in ATTEMPT_FIELDS}) for r in rows.fetchall()]
 
 
-def sync_records(store: Store, run: RunRecord, attempts: Iterable[AttemptRecord]) -> None:
-    """Upsert one run and its attempts in one transaction."""
+def sync_records(store: Store, records: Callable[[], tuple[RunRecord, Iterable[AttemptRecord]]]) -> RunRecord:
+    """Upsert one run and its attempts in one transaction; `records()` gives them, called once the transaction
+    holds the write lock (two processes syncing one run: whoever commits last also read the run last)."""
     store.conn.execute("BEGIN IMMEDIATE")
     try:
+        run, attempts = records()
         store.upsert_run(run)
         for a in attempts:
             store.upsert_attempt(a)
@@ -222,6 +224,7 @@ def sync_records(store: Store, run: RunRecord, attempts: Iterable[AttemptRecord]
     except BaseException:
         store.conn.execute("ROLLBACK")
         raise
+    return run
 
 
 # --- from run directories (the source of truth) ----------------------------------------------------------
@@ -308,9 +311,7 @@ def eval_figures(run: Any, plan: dict[str, Any]) -> tuple[float | None, float | 
 
 def sync_run(store: Store, run_dir: str | os.PathLike) -> RunRecord:
     """Upsert one run and its attempts from its run directory; returns the run's record."""
-    rec, attempts = records_from_run_dir(run_dir)
-    sync_records(store, rec, attempts)
-    return rec
+    return sync_records(store, lambda: records_from_run_dir(run_dir))
 
 
 def rescan(store: Store, root: str | os.PathLike) -> list[str]:

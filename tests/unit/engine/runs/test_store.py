@@ -96,3 +96,24 @@ def test_create_run_records_recipe_hash_and_git_commit(tmp_path):
     assert rec.model == "DeepSeek-V3" and rec.target == "nvfp4 W4A4" and rec.calib_size == 64
     assert rec.result == "PENDING" and attempts == []
     assert run.recipe_path.read_text() == recipe.read_text()  # frozen copy
+
+
+def test_a_sync_reads_the_run_dir_holding_the_write_lock(tmp_path, monkeypatch):
+    """Two processes syncing one run (the CLI as its driver starts): the one that commits last read it last, so an
+    older snapshot never overwrites a newer one."""
+    from engine.runs import store as store_mod
+
+    run = create_run_dir(tmp_path / "work")
+    run.plan_path.write_text('{"run_id": "%s", "created": 5.0, "stages": [{"name": "inspect"}]}' % run.id)
+    seen = []
+    real = store_mod.records_from_run_dir
+
+    with Store(tmp_path / "s.db") as st:
+        def records(run_dir):
+            seen.append(st.conn.in_transaction)
+            return real(run_dir)
+
+        monkeypatch.setattr(store_mod, "records_from_run_dir", records)
+        sync_run(st, run.path)
+        assert seen == [True]
+        assert st.run(run.id) is not None
