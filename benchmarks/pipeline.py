@@ -508,12 +508,17 @@ def _samples(work: Path, n: int, seq_len: int) -> Path:
 def _stage_walls(runwork: Path, span: tuple[float, float]) -> dict[str, float]:
     """Each stage's wall in the run under `runwork` (started_at → ended_at of its status.json), in run order,
     `between`: the run's stage-free time from the first start to the last end, `before`: from the command's start
-    (`span`: its start and end, epoch seconds) to the first stage's, `after`: from the last stage's end to the
-    command's, and `sync-wait`: how long the run waited after its last stage for the stages' writes to reach the
-    disk (engine.runs.durability), part of `after`."""
+    (`span`: its start and end, epoch seconds) to the first stage's, `to-driver`: the part of `before` until the
+    driver began driving (the CLI's and the driver's start-up; the rest is the first worker's), `after`: from the
+    last stage's end to the command's, and `sync-wait`: how long the run waited after its last stage for the
+    stages' writes to reach the disk (engine.runs.durability), part of `after`."""
+    from engine.core.fsutil import read_json
+    from engine.runs.rundir import RunDir
+
     runs = sorted((runwork / "runs").glob("*/stages"))
     if not runs:
         return {}
+    run = RunDir(runs[-1].parent)
     spans = []
     for st in runs[-1].glob("*/status.json"):
         d = json.loads(st.read_text())
@@ -524,10 +529,11 @@ def _stage_walls(runwork: Path, span: tuple[float, float]) -> dict[str, float]:
     if spans:
         out["between"] = round(spans[-1][1] - spans[0][0] - sum(b - a for a, b, _ in spans), 3)
         out["before"] = round(spans[0][0] - span[0], 3)
+        driving = (read_json(run.driver_path) or {}).get("started_at")
+        if isinstance(driving, (int, float)) and span[0] <= driving <= spans[0][0]:
+            out["to-driver"] = round(driving - span[0], 3)
         out["after"] = round(span[1] - spans[-1][1], 3)
-    from engine.runs.rundir import RunDir
-
-    waited = RunDir(runs[-1].parent).read_meta().get("sync_wait_s")
+    waited = run.read_meta().get("sync_wait_s")
     if waited is not None:
         out["sync-wait"] = waited
     return out
