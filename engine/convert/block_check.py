@@ -14,6 +14,8 @@ process, a warm child, or validate's own process) is engine.convert.block_child'
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -48,9 +50,6 @@ def _host_decoded(reader: CheckpointReader, wanted: dict[str, int], dev) -> dict
     """On a CPU, the NVFP4 and FP8-block modules of `wanted` (base -> columns) decoded by validate's host decoders
     (engine.convert.validate_modules.module_values: decode_module's values bit for bit, in C), a module to a
     thread; the torch reference takes what they leave, and every module on a GPU."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     import torch
 
     from engine.convert import validate_read as host
