@@ -35,6 +35,7 @@ from engine.checkpoint.write_errors import disk_full, make_output_dir, raise_wri
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink
 from engine.core.fsutil import atomic_write_json, fsync_dir
+from engine.core.libc import libc
 from engine.core.settings import settings
 
 DEFAULT_METADATA = {"format": "pt"}
@@ -44,10 +45,8 @@ def _writeback_starter():
     """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting."""
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+        fn = libc().sync_file_range
         fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
         return lambda fd, off, n: fn(fd, off, n, 2)
     except (OSError, AttributeError):  # pragma: no cover - not Linux

@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 
+from engine.core.libc import libc
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_S = 0.5
 
@@ -16,11 +18,7 @@ POLL_S = 0.5
 def _set_pdeathsig(sig: int) -> bool:
     """Linux: have the kernel send `sig` to this process when the thread that started it exits."""
     try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        return libc().prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return False
 

@@ -24,6 +24,7 @@ import os
 import threading
 
 from engine.core import meminfo
+from engine.core.libc import libc
 from engine.core.settings import settings
 from engine.startup import startfiles
 
@@ -74,11 +75,9 @@ def gpu_likely(device: str | None) -> bool:
 
 def _idle_io() -> None:
     try:  # ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE): the import's own reads first
-        import ctypes
-
         nr = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
         if nr is not None:
-            ctypes.CDLL(None, use_errno=True).syscall(nr, 1, 0, 3 << 13)
+            libc().syscall(nr, 1, 0, 3 << 13)
     except (OSError, AttributeError):
         pass
 
