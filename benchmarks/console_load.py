@@ -85,7 +85,7 @@ def start_run(root: Path, layers: int) -> tuple[str, dict]:
                          moe_inter=64, mtp=True)
     samples = root / "samples.json"
     samples.write_text(json.dumps([f"benchmark sample {i}: tokens for the experts" for i in range(128)]))
-    from engine.runs.recipe import write_recipe
+    from engine.runs.recipe_toml import write_recipe
     from tests.functional.real_run import calibrated_recipe
 
     recipe = write_recipe(root / "recipe.toml", calibrated_recipe(root, ckpt, samples, num_samples=128, seq_len=64))

@@ -42,8 +42,8 @@ def _facts(text: str) -> dict[str, str]:
 
 
 def node_memory(node: str, f: dict[str, str]):
-    """What the node script found of a node's memory: an engine.runs.memory_plan.NodeMemory."""
-    from engine.runs.memory_plan import NodeMemory
+    """What the node script found of a node's memory: an engine.runs.memory_check.NodeMemory."""
+    from engine.runs.memory_check import NodeMemory
 
     kb = [int(x) for x in f.get("mem", "").split() if x.isdigit()]
     free = []
@@ -87,7 +87,7 @@ def check_node(pool: ConnectionPool, cluster: ClusterSpec, node: str, memory: di
 
 def preflight_cluster(cluster: Any, pool: ConnectionPool | None = None, memory: dict | None = None) -> list[str]:
     """Check every node in parallel; returns one line per failure, in cluster order ([] = all ready).
-    `memory` (a dict) gets each node that answered: its engine.runs.memory_plan.NodeMemory."""
+    `memory` (a dict) gets each node that answered: its engine.runs.memory_check.NodeMemory."""
     cluster = cluster_from(cluster)
     own = pool is None
     pool = pool or ConnectionPool.for_cluster(cluster)

@@ -1,10 +1,10 @@
 """The engine's facade: the only engine package the console and CLI import (besides engine.core.errors,
 engine.core.names and engine.core.settings; an import-linter contract in pyproject.toml holds them to it).
 
-`open_engine()` gives the local implementation of `Engine` (engine.api.local). Runs are named by id, unique id
-prefix or run dir path. Every method raises only QuantdeckError subclasses (listed per method) for what an operator
-can fix; anything else is a bug. The CLI's single-purpose tools (convert, calibrate, export, eval, inspect, s3,
-fixtures; engine.api.tools) run the same engine functions the stages run.
+`open_engine()` gives the local implementation (engine.api.local) of `Engine` (engine.api.engine). Runs are named
+by id, unique id prefix or run dir path. Every method raises only QuantdeckError subclasses (listed per method) for
+what an operator can fix; anything else is a bug. The CLI's single-purpose tools (convert, calibrate, export, eval,
+inspect, s3, fixtures; engine.api.tools) run the same engine functions the stages run.
 
 Importing this package is light (the CLI imports it at start): every other engine module, and torch, is imported
 where it is used; the view and record types are imported on first access (`_LAZY`).
@@ -16,7 +16,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
-from engine.api.local import Engine, LocalEngine, init_recipe, load_recipe, open_engine, raise_if_problems, write_recipe
+from engine.api.engine import Engine
+from engine.api.local import LocalEngine, init_recipe, load_recipe, open_engine, raise_if_problems, write_recipe
 from engine.api.tools import (
     build_fixture,
     build_trained_fixture,
@@ -47,15 +48,16 @@ from engine.core.procexit import end_process
 
 if TYPE_CHECKING:
     from engine.core.events import Event
+    from engine.runs.figures import CalibView, QualityView
     from engine.runs.progress_merge import StageRanks
-    from engine.runs.runview import CalibView, QualityView, RunView, StageView
+    from engine.runs.runview import RunView, StageView
     from engine.runs.store import AttemptRecord, RunRecord
 
 _LAZY = {  # public name → the module defining it, imported on first access (PEP 562)
     "RunView": "engine.runs.runview",  # a run: its stages, result, driver; status() gives one
     "StageView": "engine.runs.runview",  # one stage of a RunView
-    "CalibView": "engine.runs.runview",  # RunView.calib: the calibrate stage's figures
-    "QualityView": "engine.runs.runview",  # RunView.quality: validate's worst tensor, eval's KLD and top-1
+    "CalibView": "engine.runs.figures",  # RunView.calib: the calibrate stage's figures
+    "QualityView": "engine.runs.figures",  # RunView.quality: validate's worst tensor, eval's KLD and top-1
     "StageRanks": "engine.runs.progress_merge",  # merges followed events into each stage's progress over its ranks
     "Event": "engine.core.events",  # what events() and follow() give
     "RunRecord": "engine.runs.store",  # a row of history()

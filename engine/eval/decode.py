@@ -6,17 +6,7 @@ tensors as they lie; `OutputModel.build(raw)` uploads them and decodes them on t
 transformers' own decoder layer, in float32 then cast to the parameter's dtype, and says how each GEMM's input is
 quantized (engine.eval.actquant).
 
-How the scales of GEMMs that a serving engine fuses are reduced (vLLM `process_weights_after_loading`):
-
-* routed experts' gate/up (w1/w3, run as one `w13` GEMM): w1's weight global scale for both (a mismatch is a
-  warning); one input scale for every expert, the max over all experts' w1/w3 (FlashInfer's global scale);
-* routed experts' down (w2): its own weight global scale; one input scale, the max over every expert;
-* merged Linears (dense and shared gate+up, q_a+kv_a): one weight global scale and one input scale, the max of
-  the stored values (modelopt: the largest multiplier; compressed-tensors: the largest stored reciprocal, so the
-  smallest multiplier).
-
-FlashInfer's MoE backends share one input global scale over all experts (emulated here); vLLM's other MoE backends
-keep one per expert (the max over its w1/w3), which gives the same figures whenever the experts' input scales agree.
+The scales of GEMMs that a serving engine fuses are reduced as vLLM reduces them: engine.eval.fused_scales.
 """
 
 from __future__ import annotations
@@ -32,6 +22,7 @@ from engine.calibrate.layer_reader import DeviceRing, read_ranges
 from engine.checkpoint.reader import CheckpointReader
 from engine.core.errors import CheckpointError, about
 from engine.eval.actquant import ActQuant, ExpertsActQuant
+from engine.eval.fused_scales import InputScale, experts_quant, input_scale, merged_scales, multipliers, weight_scale_2
 from engine.formats.fp8_block.helpers import dequant_fp8_block
 from engine.formats.grid import NVFP4_BLOCK, infer_block
 from engine.formats.nvfp4.helpers import blocks_times
@@ -39,9 +30,6 @@ from engine.formats.nvfp4.names import StoredNames, find_nvfp4, nvfp4_base
 from engine.formats.nvfp4.stored import as_multiplier
 
 FP8_STORED = ("F8_E4M3",)
-# Linears a serving engine runs as one merged GEMM (vLLM's MergedColumnParallelLinear in DeepSeek V2/V3)
-MERGED = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
-          ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"))
 _FUSED = re.compile(r"^(.*experts)\.(gate_up_proj|down_proj)$")
 READ_THREADS = 6
 DECODE_CHUNK = 1 << 22  # decoded float32 elements per batched expert decode: small ones stay in cache on a host
@@ -139,8 +127,8 @@ class OutputModel:
                       self.family.layer_class()(self.hf_config, i).state_dict().items()}
         dev = self._upload(raw)
         out = BuiltLayer({})
-        merged = self._merged_scales(i, plain, dev, out)
         prefix = self.family.layer_prefix(i)
+        merged = merged_scales(plain, self.stored, dev, self.device, prefix, out.warnings)
         for pname, (shape, dt) in shapes.items():
             want = final_dtype(pname, dt, self.dtype, self.keep_fp32)
             if pname in plain:
@@ -209,7 +197,7 @@ class OutputModel:
                 stored.append(self.stored[name])
             s2 = None
             if roles == ("gate", "up") and stored[0].kind == "nvfp4":
-                g, u = (self._scale_2(s, dev) for s in stored)
+                g, u = (weight_scale_2(s, dev, self.device) for s in stored)
                 s2 = g  # vLLM: w13_weight_scale_2[:, 0], w1's global scale for both
                 if float(g) != float(u):
                     out.warnings.append(f"{stored[1].nvfp4.base}: its global scale differs from w1's "
@@ -227,9 +215,9 @@ class OutputModel:
                 if s.kind != "plain":
                     out.encodings[s.kind] = out.encodings.get(s.kind, 0) + 1
                 if s.kind == "nvfp4" and s.nvfp4.input_scale:
-                    inputs.append(self._input(s, dev))
+                    inputs.append(input_scale(s, dev, self.device))
         mod = pname.rsplit(".", 1)[0]
-        q = _experts_quant(kinds, inputs)
+        q = experts_quant(kinds, inputs)
         if q is not None:
             cur = out.experts.get(mod, ExpertsActQuant())
             out.experts[mod] = (ExpertsActQuant(q, cur.w2) if which == "gate_up_proj" else ExpertsActQuant(cur.w13, q))
@@ -267,9 +255,9 @@ class OutputModel:
         if sum(rows) != shape[1]:
             return None
         # every scale as a multiplier (as_multiplier's rule, applied to all at once; a bad one raises its error)
-        s2 = [self._multipliers([s.nvfp4.global_scale for s in col], dev, rec) for col in stored]
+        s2 = [multipliers([s.nvfp4.global_scale for s in col], dev, rec, self.device) for col in stored]
         ins = [s for col in stored for s in col if s.nvfp4.input_scale]
-        inputs = self._multipliers([s.nvfp4.input_scale for s in ins], dev, False) if ins else None
+        inputs = multipliers([s.nvfp4.input_scale for s in ins], dev, False, self.device) if ins else None
         if roles == ("gate", "up"):
             g, u = s2
             s2 = [g, g]  # vLLM: w13_weight_scale_2[:, 0], w1's global scale for both
@@ -292,61 +280,17 @@ class OutputModel:
             top += r
         out.encodings["nvfp4"] = out.encodings.get("nvfp4", 0) + n * len(roles)
         mod = pname.rsplit(".", 1)[0]
-        q = _experts_quant({"nvfp4"}, [InputScale(v, rec) for v in inputs.unbind()] if inputs is not None else [])
+        q = experts_quant({"nvfp4"}, [InputScale(v, rec) for v in inputs.unbind()] if inputs is not None else [])
         if q is not None:
             cur = out.experts.get(mod, ExpertsActQuant())
             out.experts[mod] = (ExpertsActQuant(q, cur.w2) if which == "gate_up_proj" else ExpertsActQuant(cur.w13, q))
         return param
 
-    def _multipliers(self, names: list[str], dev, reciprocal: bool) -> torch.Tensor:
-        """as_multiplier of each stored one-value scale in `names`, as one float32 vector on the device (one
-        host sync for the check; the first bad scale raises as_multiplier's own error)."""
-        v = torch.stack([dev[t].detach().to(torch.float32).reshape(()) for t in names]).to(self.device)
-        ok = torch.isfinite(v) & (v > 0)
-        if not bool(ok.all()):
-            bad = int((~ok).nonzero()[0, 0])
-            as_multiplier(names[bad], dev[names[bad]], reciprocal)
-        return (1.0 / v) if reciprocal else v
-
-    def _merged_scales(self, i, plain: dict[str, str], dev, out: BuiltLayer) -> dict[str, tuple]:
-        """module -> (weight scale_2, input scale) for the Linears vLLM merges, reduced as it reduces them."""
-        res: dict[str, tuple] = {}
-        for group in MERGED:
-            members = [(m, self.stored.get(plain.get(m + ".weight", ""))) for m in group]
-            if not all(s is not None and s.kind == "nvfp4" for _, s in members):
-                continue
-            names = members[0][1].nvfp4.names
-            layout = names.layout
-            pick = torch.amin if names.reciprocal else torch.amax  # the largest stored value, as vLLM keeps
-            s2s = torch.stack([self._scale_2(s, dev) for _, s in members])
-            s2 = pick(s2s)
-            if bool((s2s != s2s[0]).any()):
-                out.warnings.append(f"{self.family.layer_prefix(i)}{{{','.join(group)}}}: merged GEMMs with "
-                                    f"different global scales ({', '.join(f'{float(x):.6g}' for x in s2s)}); read "
-                                    f"with the {'max' if pick is torch.amax else 'min'}, as vLLM does for {layout}")
-            ins = [self._input(s, dev) for _, s in members if s.nvfp4.input_scale]
-            inp = reduce_inputs(ins, "max-stored") if len(ins) == len(members) else None
-            for m, _ in members:
-                res[m] = (s2, inp)
-        return res
-
-    def _scale_2(self, s: Stored, dev) -> torch.Tensor:
-        n = s.nvfp4
-        return as_multiplier(n.global_scale, dev[n.global_scale], n.names.reciprocal).to(self.device)
-
-    def _input(self, s: Stored, dev) -> InputScale:
-        """A module's input scale as the kernels take it: the global scale that quantizes (modelopt: fp32(1/s) of
-        the stored multiplier s, as vLLM computes it; compressed-tensors: the stored one) and the multiplier that
-        dequantizes (modelopt: s; compressed-tensors: fp32(1/g))."""
-        n = s.nvfp4
-        t = as_multiplier(n.input_scale, dev[n.input_scale], False).to(self.device)
-        return InputScale(t, n.names.reciprocal)
-
     def _act_quant(self, s: Stored, dev, merged_input: "InputScale | None") -> ActQuant | None:
         if s.kind == "fp8":
             return ActQuant("fp8-group")
         if s.kind == "nvfp4" and s.nvfp4.input_scale:
-            inp = merged_input if merged_input is not None else self._input(s, dev)
+            inp = merged_input if merged_input is not None else input_scale(s, dev, self.device)
             return ActQuant("nvfp4", inp.global_scale, inp.multiplier)
         return None
 
@@ -376,44 +320,6 @@ class OutputModel:
         close = getattr(self.reader, "close", None)
         if close:
             close()
-
-
-@dataclass(frozen=True)
-class InputScale:
-    """One stored input scale: `value` as stored, `reciprocal` where it is compressed-tensors' 1/input_scale."""
-
-    value: torch.Tensor
-    reciprocal: bool
-
-    @property
-    def global_scale(self) -> torch.Tensor:
-        return self.value if self.reciprocal else 1.0 / self.value
-
-    @property
-    def multiplier(self) -> torch.Tensor:
-        return 1.0 / self.value if self.reciprocal else self.value
-
-
-def reduce_inputs(ins: list[InputScale], rule: str) -> InputScale:
-    """Several input scales made one, as vLLM does: "max" of the multipliers (modelopt's merged Linears, every
-    MoE) or "max-stored", the max of the stored values (compressed-tensors' merged Linears: the smallest
-    multiplier)."""
-    rec = ins[0].reciprocal
-    vals = torch.stack([i.value for i in ins])
-    if rule == "max-stored" or not rec:
-        return InputScale(vals.amax(), rec)
-    return InputScale(vals.amin(), rec)  # the largest multiplier of stored reciprocals
-
-
-def _experts_quant(kinds: set[str], inputs: list[InputScale]) -> ActQuant | None:
-    """The routed experts' input quantization for one GEMM: FP8 groups, or NVFP4 with one input scale for every
-    expert (the largest multiplier, FlashInfer's global scale), or none (weight-only)."""
-    if kinds == {"fp8"}:
-        return ActQuant("fp8-group")
-    if not inputs:
-        return None
-    one = reduce_inputs(inputs, "max")
-    return ActQuant("nvfp4", one.global_scale, one.multiplier)
 
 
 def _decode_nvfp4(packed: torch.Tensor, bs: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

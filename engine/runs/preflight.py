@@ -7,9 +7,10 @@ targets); GPUs are visible when the device asks for CUDA; versions of quantdeck,
 transformers are importable; the S3 push target is reachable. Remote per-node checks are added by the caller
 (`extra_checks`), so the engine never imports remote/; they may record what each node has
 (`Facts.node_memory`). Last, after them: memory. What one rank of each heavy stage needs in host RAM and GPU
-memory (engine.runs.memory_plan), times the ranks of each node, against what the node has: this machine's
-/proc/meminfo and its probed GPUs, a remote node's as its per-node check found it, or [cluster] gpu_memory_gb
-where a GPU cannot be probed. `report["memory"]` gets the estimates whether or not they fit.
+memory (engine.runs.memory_plan), times the ranks of each node, against what the node has (engine.runs.
+memory_check): this machine's /proc/meminfo and its probed GPUs, a remote node's as its per-node check found
+it, or [cluster] gpu_memory_gb where a GPU cannot be probed. `report["memory"]` gets the estimates whether or
+not they fit.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from engine.core.fsutil import free_bytes
 from engine.core.locks import this_host
 from engine.core.meminfo import parse_meminfo
 from engine.models.detect import config_mismatches, detect_layout
+from engine.runs import memory_check as mc
 from engine.runs import memory_plan as mp
 from engine.runs.plan import build_plan, resolve_paths
 from engine.runs.recipe import Recipe, load_recipe
@@ -48,7 +50,7 @@ class Facts:
     estimate: int = 0
     notes: list[str] = field(default_factory=list)
     gpus_free: list[int] | None = None  # this machine's GPUs, probed by check_gpus (None: not probed)
-    node_memory: dict[str, Any] = field(default_factory=dict)  # node -> engine.runs.memory_plan.NodeMemory (remote)
+    node_memory: dict[str, Any] = field(default_factory=dict)  # node -> engine.runs.memory_check.NodeMemory (remote)
     memory: Any = None  # the engine.runs.memory_plan.MemoryPlan check_memory made
 
 
@@ -269,7 +271,7 @@ def check_memory(f: Facts) -> list[str]:
     plan = build_plan(r, run_id="preflight", run_dir=Path(f.paths.get("workdir") or "."), base=Path("."))
     c = r.cluster
     declared = int(c.gpu_memory_gb * mp.GB) if c.gpu_memory_gb else None
-    memory: dict[str, mp.NodeMemory] = {}
+    memory: dict[str, mc.NodeMemory] = {}
     if c.is_local:
         gpus = len(f.gpus_free or [])
         on_gpu = r.device == "cuda" or (r.device == "auto" and gpus > 0)
@@ -277,7 +279,7 @@ def check_memory(f: Facts) -> list[str]:
         slots = [mp.NodeSlot(head.node, c.gpus_per_node or 1, on_gpu)]
         meminfo = _read_meminfo(parse_meminfo)
         probed = tuple(f.gpus_free or ())
-        memory[head.node] = mp.NodeMemory(head.node, meminfo[1] if meminfo else None,
+        memory[head.node] = mc.NodeMemory(head.node, meminfo[1] if meminfo else None,
                                           meminfo[1] - meminfo[0] if meminfo else None,
                                           probed or _declared(declared, slots[0].ranks, on_gpu),
                                           "probed" if probed else "recipe")
@@ -287,9 +289,9 @@ def check_memory(f: Facts) -> list[str]:
         for n in c.nodes:
             gpus = n.gpus or c.gpus_per_node or 0
             slots.append(mp.NodeSlot(n.name, max(gpus, 1), gpus > 0 and r.device != "cpu"))
-            have = f.node_memory.get(n.name) or mp.NodeMemory(n.name)
+            have = f.node_memory.get(n.name) or mc.NodeMemory(n.name)
             if not have.gpu_free and declared:
-                have = mp.NodeMemory(n.name, have.ram_total, have.ram_available,
+                have = mc.NodeMemory(n.name, have.ram_total, have.ram_available,
                                      _declared(declared, max(gpus, 1), True), "recipe")
             memory[n.name] = have
         head = next(s for s in slots if s.node == c.head_node.name)
@@ -298,7 +300,7 @@ def check_memory(f: Facts) -> list[str]:
     f.memory = mp.plan_memory([(s.name, s.distributed) for s in plan.stages], slots, head, f.reader.config or {},
                               f.reader, f.layout, num_samples=cal.num_samples, seq_len=cal.seq_len,
                               batch_size=cal.batch_size, target=r.target.format.value)
-    fails, notes = mp.check_memory(f.memory, memory, mp.Knobs(knobs_key, cal.batch_size))
+    fails, notes = mc.check_memory(f.memory, memory, mc.Knobs(knobs_key, cal.batch_size))
     f.notes.extend(f.memory.notes + notes)
     return fails
 

@@ -4,11 +4,11 @@ The driver (`python -m engine.runs.runner --run-dir D --mode M`) is itself start
 terminal or pressing Ctrl-C in a follower never stops a run. It holds the run's driver lock (one driver
 per run) and the output lock (two live runs never write one output), starts each stage's worker through
 the launcher, waits on status.json and the worker's liveness, classifies a vanished worker, and keeps the
-store in step after every state change (on a thread: `StoreSync`). It notices a dead worker within a poll (0.2 s).
-While it waits it watches the stage's silence (engine.runs.runview): a stall is logged once to driver.log, and a
-worker that ends while its stage was stalled is recorded with the root cause `stalled`. Launchers other than the
-local one come from a factory named on the command line (`--launcher-factory remote.launchers:launcher_for`),
-chosen by the CLI/console: the engine never imports remote/.
+store in step after every state change (on a thread, coalesced: engine.runs.store_sync). It notices a dead worker
+within a poll (0.2 s). While it waits it watches the stage's silence (engine.runs.runview): a stall is logged once
+to driver.log, and a worker that ends while its stage was stalled is recorded with the root cause `stalled`.
+Launchers other than the local one come from a factory named on the command line
+(`--launcher-factory remote.launchers:launcher_for`), chosen by the CLI/console: the engine never imports remote/.
 
 As a stage starts, later stages' workers are started ahead (`Launcher.prepare`; the local launcher's standby), and
 validate's decoder-block child warms up beside the stage that suits it: which ones, and why, in engine.runs.ahead.
@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -54,7 +53,7 @@ from engine.runs.rundir import (
     set_status,
 )
 from engine.runs.runview import stage_stall
-from engine.runs.store import Store, sync_run
+from engine.runs.store_sync import StoreSync
 
 LOCAL_FACTORY = "engine.runs.local_launcher:local_launcher_for"
 CANCEL_MARKER = "cancel-requested"
@@ -114,44 +113,6 @@ def update_meta(run: RunDir, **fields: Any) -> None:
         meta = run.read_meta()
         meta.update(fields)
         atomic_write_json(run.meta_path, meta)
-
-
-def sync_store(run: RunDir) -> None:
-    """Bring the store in step with the run dir (never fatal to the run)."""
-    try:
-        with Store() as store:
-            sync_run(store, run.path)
-    except Exception as e:  # noqa: BLE001 - the run dir is the truth; the store can be rescanned
-        print(f"quantdeck runner: store not updated: {e}", file=sys.stderr, flush=True)
-
-
-class StoreSync:
-    """The driver's store updates, off its way: `request` asks for one (one asked while another is waiting is the
-    same), made on a thread; `close` waits for that thread and makes the last one. No stage starts later for the
-    history database: on a GPU host one update, after a stage of a real-width run, took 0.86 s."""
-
-    def __init__(self, run: RunDir):
-        self.run = run
-        self._wake, self._closing = threading.Event(), False
-        self._thread = threading.Thread(target=self._loop, name="run-store", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._closing:
-                return
-            sync_store(self.run)
-
-    def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        self._thread.join()
-        sync_store(self.run)
 
 
 def load_factory(spec: str | None) -> Callable[[Recipe, Path], Launcher]:

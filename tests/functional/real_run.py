@@ -51,7 +51,7 @@ def calibrated_recipe(root: Path, ckpt: Path, samples: Path, *, num_samples: int
 def write_recipe(root: Path, ckpt: Path) -> Path:
     samples = root / "samples.json"
     samples.write_text(json.dumps([f"sample {i}: experts route tokens; quantize to nvfp4." for i in range(8)]))
-    from engine.runs.recipe import write_recipe
+    from engine.runs.recipe_toml import write_recipe
 
     recipe = write_recipe(root / "recipe.toml", calibrated_recipe(root, ckpt, samples, num_samples=4, seq_len=16))
     return recipe

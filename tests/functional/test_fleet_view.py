@@ -16,7 +16,7 @@ from console.screens.dashboard import quiet_gpus
 from console.widgets import FleetTable, QualityPanel, StageTable
 from console.widgets.run.quality_panel import quality_lines
 from engine.api import QualityView
-from engine.runs.runview import QualityReader
+from engine.runs.figures import QualityReader
 
 
 def _plain(cell) -> str:

@@ -17,7 +17,7 @@ from console.screens.history import HistoryScreen
 from console.screens.new_run import NewRunModal
 from console.widgets import StageTable
 from engine.api import open_engine
-from engine.runs.recipe import write_recipe
+from engine.runs.recipe_toml import write_recipe
 
 pytestmark = pytest.mark.slow  # a real run: ~10-20 s on two loaded cores
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine.checkpoint.safetensors_format import TensorSpec, build_shard_map
-from engine.runs.memory_plan import GB, NodeMemory
+from engine.runs.memory_check import NodeMemory
+from engine.runs.memory_plan import GB
 from engine.runs.preflight import run_preflight
 
 V3 = {

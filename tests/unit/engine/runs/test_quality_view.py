@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from engine.core.names import StageName, StageState
-from engine.runs.runview import QualityReader, StageView
+from engine.runs.figures import QualityReader
+from engine.runs.runview import StageView
 
 
 def test_a_failed_gate_shows_the_figures_of_its_report(tmp_path):

@@ -7,7 +7,8 @@ from pydantic import ValidationError
 
 from engine.core.errors import RecipeError
 from engine.core.names import OutputLayout, TargetFormat
-from engine.runs.recipe import dump_recipe, init_recipe_text, load_recipe, loads_recipe
+from engine.runs.recipe import load_recipe, loads_recipe
+from engine.runs.recipe_toml import dump_recipe, init_recipe_text
 
 
 def test_minimal_recipe_has_single_machine_defaults():

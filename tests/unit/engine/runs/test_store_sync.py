@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from engine.runs import runner
+from engine.runs import store_sync
 
 
 def test_requests_coalesce_and_close_makes_the_last_one(monkeypatch):
@@ -19,8 +19,8 @@ def test_requests_coalesce_and_close_makes_the_last_one(monkeypatch):
             busy.set()
             release.wait(10)
 
-    monkeypatch.setattr(runner, "sync_store", slow_sync)
-    s = runner.StoreSync(run="r")
+    monkeypatch.setattr(store_sync, "sync_store", slow_sync)
+    s = store_sync.StoreSync(run="r")
     s.request()
     assert busy.wait(10)
     for _ in range(50):  # asked while the first one runs: one more update, not fifty
@@ -38,7 +38,7 @@ def test_requests_coalesce_and_close_makes_the_last_one(monkeypatch):
 
 def test_close_without_requests_still_brings_the_store_in_step(monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(runner, "sync_store", lambda run: calls.append(run))
-    s = runner.StoreSync(run="r")
+    monkeypatch.setattr(store_sync, "sync_store", lambda run: calls.append(run))
+    s = store_sync.StoreSync(run="r")
     s.close()
     assert calls == ["r"]
