@@ -22,6 +22,7 @@ from engine.calibrate.coverage import CoverageHooks
 from engine.calibrate.expert_major import in_gangs, parked_bytes
 from engine.calibrate.fastcollect import WeightsOnce, check_amax, deferred_checks
 from engine.calibrate.fastexperts import one_sync_experts
+from engine.calibrate.modelopt_import import quantization
 from engine.core.events import EventSink
 
 
@@ -55,7 +56,7 @@ def calibrate_layer(family, hf_config, layer, i, qcfg, hidden: list[torch.Tensor
     """One pass: modelopt's quantizers in calibration mode pass their inputs through unchanged, so the
     forward that collects the amax also gives the next layer's inputs. `beat(batches done, batches)` after
     each batch: the stage's heartbeat."""
-    import modelopt.torch.quantization as mtq
+    mtq = quantization()
 
     root = Skeleton(hf_config, i, layer)
     streamed = [m for m in layer.modules() if expert_store.store_of(m) is not None]  # experts kept as stored

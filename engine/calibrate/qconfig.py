@@ -43,8 +43,9 @@ def resolve_quant_cfg(name: str | dict) -> dict[str, Any]:
     """A fresh (deep-copied) modelopt quantize config for `name`."""
     if isinstance(name, dict):
         return copy.deepcopy(name)
-    import modelopt.torch.quantization as mtq
+    from engine.calibrate.modelopt_import import quantization
 
+    mtq = quantization()
     key = str(name)
     if key == "deepseek-experts":
         return _deepseek_experts(mtq)

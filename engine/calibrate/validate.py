@@ -38,12 +38,14 @@ EXPECTED_MEMO_PACKAGES = ("nvidia-modelopt", "transformers", "torch")
 def expected_quantizers(model_dir: str | os.PathLike, quant_cfg: str | dict,
                         layers: list[int] | None = None) -> set[str]:
     """`<quantizer>.amax` names modelopt enables with `quant_cfg` in each decoder layer of the model."""
-    import modelopt.torch.quantization as mtq
     import torch
-    from modelopt.torch.quantization.nn import TensorQuantizer
 
     from engine.calibrate.family import LayerFamily
     from engine.calibrate.layer_pass import Skeleton
+    from engine.calibrate.modelopt_import import quantization
+
+    mtq = quantization()  # first, so that modelopt comes without the plugins it has no use for here
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
     config = read_json(Path(model_dir) / "config.json") or {}
     family = LayerFamily.for_config(config)
