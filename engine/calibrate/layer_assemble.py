@@ -7,19 +7,25 @@ cast on the device. FP8-block and MXFP4 pieces are staged on the device in runs 
 engine.formats.fp8_block.helpers.dequant_fp8_block and engine.formats.mxfp4.helpers.dequant_mxfp4 (the
 same float32 operations, batched over experts) and cast into the parameter slices, gate‖up straight into
 `gate_up_proj[e]`. The result is bit for bit what dequantizing each tensor on the host and stacking gives.
+On a CPU, FP8-block pieces of BF16 parameters skip the staging and the float32 copy: the fused C kernel writes
+each one's BF16 values straight into its slice (mid-cpu, 2 cores: 0.53 s against 1.83 s a 0.62 GB layer).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from engine.calibrate.layer_plan import Encoding, LayerPlan, Piece
 from engine.core.errors import CheckpointError, about
+from engine.formats import cpu_kernels
 from engine.formats.e2m1 import decode_packed
 from engine.formats.fp8_block.helpers import infer_block, scale_to_fp32
+from engine.formats.fp8_block.host import E4M3_LUT
 from engine.formats.mxfp4.helpers import MX_BLOCK, mxfp4_exponents
+from engine.formats.native import build
 
 # staging bytes per decoded element (codes, float32 values, index / exponent temporaries)
 DECODE_COST = {Encoding.FP8_BLOCK: 9, Encoding.MXFP4: 29}
@@ -147,6 +153,8 @@ def _run_dest(run: list[Piece], params: dict[str, torch.Tensor]) -> torch.Tensor
 def _decode_run(run: list[Piece], raw: torch.Tensor, offsets: dict[str, int], params: dict[str, torch.Tensor],
                 device: torch.device, where: Callable[[Piece], str]) -> None:
     src = run[0].source
+    if src.encoding is Encoding.FP8_BLOCK and _fp8_to_bf16_on_host(run, raw, offsets, params, device, where):
+        return
     n = len(run)
     codes = stage([p.source.meta for p in run], raw, offsets, device).view(n, *src.meta.shape)
     scale = stage([p.source.scale for p in run], raw, offsets, device).view(src.scale.dtype)
@@ -158,13 +166,47 @@ def _decode_run(run: list[Piece], raw: torch.Tensor, offsets: dict[str, int], pa
     _run_dest(run, params).copy_(vals)
 
 
+def _fp8_to_bf16_on_host(run: list[Piece], raw: torch.Tensor, offsets: dict[str, int],
+                         params: dict[str, torch.Tensor], device: torch.device, where: Callable[[Piece], str]) -> bool:
+    """On a CPU, into BF16 parameters, with the C kernels built: each piece dequantized by the fused C kernel
+    (engine.formats.cpu_kernels.fp8_dequant_bf16, on the kernel threads) from its bytes in `raw` straight into its
+    parameter slice, with no staging and no float32 copy: the float32 product of fp8_block_values rounded to
+    BF16 to nearest even, as the cast of that product gives. False where this does not apply."""
+    dest = _run_dest(run, params)
+    if device.type != "cpu" or dest.dtype != torch.bfloat16 or host_kernels() is None:
+        return False
+    if not all(d.is_contiguous() for d in dest):
+        return False
+    _check_e4m3(run[0].source.meta.dtype_name, where(run[0]))
+    for p, d in zip(run, dest, strict=True):
+        m, sm = p.source.meta, p.source.scale
+        codes = raw[offsets[m.name]:offsets[m.name] + m.nbytes].numpy().reshape(m.shape)
+        s = scale_to_fp32(_typed(raw[offsets[sm.name]:offsets[sm.name] + sm.nbytes], sm.dtype, sm.shape, device))
+        bo, bi = infer_block(tuple(m.shape), tuple(sm.shape))
+        cpu_kernels.fp8_dequant_bf16(codes, s.contiguous().numpy(), bo, bi, E4M3_LUT,
+                                     d.view(torch.int16).numpy().view(np.uint16))
+    return True
+
+
+def host_kernels():
+    """The C kernels where they build, else None (QUANTDECK_KERNELS=numba, or no compiler): torch decodes."""
+    try:
+        return build.library()
+    except build.BuildError:  # QUANTDECK_KERNELS=c where none builds: the conversion refuses; torch decodes here
+        return None
+
+
+def _check_e4m3(dtype_name: str, at: str) -> None:
+    if dtype_name != "F8_E4M3":
+        raise CheckpointError(f"FP8 block weights must be float8_e4m3fn, {at} is {dtype_name}", at=at,
+                              hint="re-convert the checkpoint to DeepSeek's E4M3 block format")
+
+
 def fp8_block_values(codes: torch.Tensor, scale: torch.Tensor, dtype_name: str, at: str) -> torch.Tensor:
     """float32 values of n stacked FP8-block tensors: codes uint8 [n, o, i], scales [n, go, gi] as stored.
 
     The float32 product fp32(code) × fp32(scale) of dequant_fp8_block, tile by tile."""
-    if dtype_name != "F8_E4M3":
-        raise CheckpointError(f"FP8 block weights must be float8_e4m3fn, {at} is {dtype_name}", at=at,
-                              hint="re-convert the checkpoint to DeepSeek's E4M3 block format")
+    _check_e4m3(dtype_name, at)
     n, o, i = codes.shape
     bo, bi = infer_block((o, i), tuple(scale.shape[1:]))
     s = scale_to_fp32(scale)

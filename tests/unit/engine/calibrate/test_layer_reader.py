@@ -111,6 +111,22 @@ def test_every_layer_is_byte_identical_to_the_reference(tiny_ckpt, source, direc
     assert lr.bytes_read >= lr.source_bytes > 0
 
 
+@pytest.mark.parametrize("kernels", ["c", "numba"])
+def test_fp8_pieces_decode_alike_with_and_without_the_c_kernels(tiny_ckpt, monkeypatch, kernels):
+    """On a CPU, FP8-block pieces of BF16 parameters are decoded by the C kernel where it builds, by torch
+    where not (QUANTDECK_KERNELS=numba): the same bytes either way, partial tiles included."""
+    from engine.calibrate.layer_assemble import host_kernels
+
+    monkeypatch.setenv("QUANTDECK_KERNELS", kernels)
+    assert (host_kernels() is not None) == (kernels == "c")  # the path asked for is the one taken
+    path = tiny_ckpt(**SOURCES["v3-fp8-partial-tiles"])
+    layers, _ = build_all(path)
+    reader, family, hf_config, dtype, n = _setup(path)
+    assert dtype == torch.bfloat16
+    for i in range(n):
+        assert_same_layer(reference_layer(family, hf_config, i, reader, dtype), layers[i])
+
+
 @pytest.mark.requires_gpu
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_layers_assembled_on_the_gpu_are_byte_identical(tiny_ckpt, source):
