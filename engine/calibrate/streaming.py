@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -292,9 +292,18 @@ def _run(holder, warm, device, model_dir, samples, out, num_samples, seq_len, ba
                         "bytes_read_per_rank": bytes_per_rank, "layer_source_bytes": layers.source_bytes,
                         "streamed_layers": streamed, "expert_weights_decoded": sum(decoded)})
         src.close()
-    if finished and ctx.rank == 0 and isinstance(quant_cfg, str):
-        with ph("expected_memo_s"):
-            _write_expected_memo(out, model_dir, quant_cfg, n_layers, sink)
+    if finished and ctx.rank == 0:
+        from engine.calibrate.names_memo import write_names_memo
+        from engine.calibrate.validate import write_expected_memo
+
+        every = list(range(n_layers))
+        if isinstance(quant_cfg, str):
+            with ph("expected_memo_s"):
+                _memo(sink, "expected quantizer names", "`validate --amax` inserts them itself", write_expected_memo,
+                      out, model_dir, quant_cfg, every)
+        with ph("names_memo_s"):
+            _memo(sink, "export's module names", "export asks transformers itself", write_names_memo, out, model_dir,
+                  config, src.names, every)
     phases = ph.report()
     summary.update({"seconds": phases["total_s"], "phases": phases})
     return summary
@@ -326,17 +335,14 @@ def _write_layer_job(out: Path, i: int, amax: dict, cov: dict) -> None:
     _after_layer(out, 0, i)
 
 
-def _write_expected_memo(out: Path, model_dir: Path, quant_cfg: str, n_layers: int, sink: EventSink) -> None:
-    """The names `validate --amax` expects, into the snapshot while modelopt and transformers are imported (the
-    check would import them again, seconds, to insert the same quantizers); a failure costs the check that time,
-    never the calibration."""
+def _memo(sink: EventSink, what: str, otherwise: str, write: Callable[..., Any], *args: Any) -> None:
+    """A later stage's memo into the snapshot, written while modelopt and transformers are imported here (that
+    stage would import them again, seconds: engine.calibrate.validate's expected names, engine.calibrate.names_memo's
+    module names); a failure costs that stage the time, never the calibration."""
     try:
-        from engine.calibrate.validate import write_expected_memo
-
-        write_expected_memo(out, model_dir, quant_cfg, list(range(n_layers)))
-    except Exception as e:  # noqa: BLE001 - the memo is an optimization of a later check
-        sink.emit("log", level="warning", msg=f"expected quantizer names not saved with the snapshot ({e}): "
-                  "`validate --amax` inserts them itself")
+        write(*args)
+    except Exception as e:  # noqa: BLE001 - the memo is an optimization of a later stage
+        sink.emit("log", level="warning", msg=f"{what} not saved with the snapshot ({e}): {otherwise}")
 
 
 def _finish(ctx, out: Path, manifest: dict, n_layers: int, finished: bool) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.calibrate.family import LayerFamily
+from engine.calibrate.names_memo import ModelNames, model_names, names_key, read_names_memo
 from engine.checkpoint.host import HostArray
 from engine.checkpoint.paths import layout_dirs, refuse_overlap
 from engine.checkpoint.reader import CheckpointReader
@@ -39,7 +40,7 @@ from engine.convert.streaming import (
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
-from engine.export.names import to_checkpoint_names
+from engine.export.names import snapshot_layers, to_checkpoint_names
 from engine.export.scales import ModuleAmax, check_scales, module_amax, plan_input_scales
 from engine.export.source import load_any_amax
 from engine.formats.layout import layout_for
@@ -49,13 +50,21 @@ from engine.models import detect_layout
 INPUT_SCALE = "." + CANONICAL.input_scale
 
 
-def _keep_fp32_patterns(config: dict) -> list[str]:
-    """Tensors transformers keeps in fp32 (router bias): modelopt's export writes them as F32, so do we."""
+def _model_names(src: Path, amax_dir, origin: dict[str, Any], config: dict, names: set[str],
+                 layers: list[int]) -> tuple[ModelNames | None, str | None]:
+    """What transformers says of the model (engine.calibrate.names_memo: the snapshot's names under the
+    checkpoint's, the tensors kept in fp32, which modelopt's export writes as F32, as we do), and where it came
+    from: "snapshot" (the calibration's memo, for this checkpoint and transformers) or "transformers"; (None,
+    None) for a family without layer streaming (names and dtypes then stay as they are)."""
     try:
-        mc = LayerFamily.for_config(config).model_class()
+        LayerFamily.for_config(config)
     except CheckpointError:
-        return []
-    return list(getattr(mc, "_keep_in_fp32_modules_strict", None) or [])
+        return None, None
+    if origin.get("kind") == "quantdeck-snapshot":
+        memo = read_names_memo(amax_dir, names_key(src, config, names), layers)
+        if memo is not None:
+            return memo, "snapshot"
+    return model_names(config, names, layers), "transformers"
 
 
 def _with_input_scales(plan, fp32: list[str]):
@@ -119,10 +128,12 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     warm_up("nvfp4", dev)  # CUDA context and Triton, or the C kernels: beside the snapshot and transformers' imports
     amax, origin = load_any_amax(amax_dir, src)
     reader = CheckpointReader(src)
-    ma = to_checkpoint_names(module_amax(amax), reader.config, set(reader.names()))
+    ma = module_amax(amax)
+    known, names_from = _model_names(src, amax_dir, origin, reader.config, set(reader.names()), snapshot_layers(ma))
+    ma = to_checkpoint_names(ma, known)
     layout = _SnapshotLayout(detect_layout(reader.config, reader.names()), set(ma.weight))
     qattn = _quantize_attention(ma)
-    fp32 = _keep_fp32_patterns(reader.config)
+    fp32 = list(known.keep_fp32) if known is not None else []
     plan = _with_input_scales(build_plan(reader, layout, "nvfp4", quantize_attention=qattn), fp32)
     quantized = list(plan.quantized_modules)
     present = {n[: -len(".weight")] for n in reader.names() if n.endswith(".weight")}
@@ -179,7 +190,7 @@ def export_checkpoint(src: str | os.PathLike, amax_dir: str | os.PathLike, dst: 
     report = {"src": str(src), "dst": str(dst), "outputs": outputs, "amax": origin, "family": plan.family,
               "quantized_modules": len(quantized), "quantize_attention": qattn,
               "filled_from_siblings": sp.filled, "mtp_kept": list(plan.mtp_modules),
-              "calibrated_but_kept": extra,
+              "calibrated_but_kept": extra, "names_from": names_from,
               "wall_s": round(time.monotonic() - t0, 3)}
     for mod, why in sp.filled.items():
         sink.emit("log", level="warning", msg=f"{mod}: {why}")

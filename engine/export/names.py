@@ -2,34 +2,37 @@
 
 V3 checkpoints use transformers' names already; V4 checkpoints keep DeepSeek's native names
 (`layers.0.attn.wq_a`, `layers.1.ffn.experts.3.w1`), which transformers renames when it loads. The
-calibration family's `source_map` (transformers' own renamings) gives the mapping per layer; the shared
-fused-experts input amax is spread over every expert of its container.
+calibration family's `source_map` (transformers' own renamings; engine.calibrate.names_memo, from the snapshot
+where the calibration kept it) gives the mapping per layer; the shared fused-experts input amax is spread over
+every expert of its container.
 """
 
 from __future__ import annotations
 
 import re
 
+from engine.calibrate.names_memo import ModelNames
 from engine.export.scales import ModuleAmax
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def to_checkpoint_names(ma: ModuleAmax, config: dict, names: set[str]) -> ModuleAmax:
-    from engine.calibrate.family import LayerFamily
-    from engine.core.errors import CheckpointError
+def snapshot_layers(ma: ModuleAmax) -> list[int]:
+    """The decoder layers the snapshot's modules belong to."""
+    keys = list(ma.weight) + list(ma.input) + [s.split("|")[0] for s in ma.shared_input]
+    return sorted({int(m.group(1)) for k in keys if (m := _LAYER.match(k))})
 
-    try:
-        family = LayerFamily.for_config(config)
-    except CheckpointError:
+
+def to_checkpoint_names(ma: ModuleAmax, known: ModelNames | None) -> ModuleAmax:
+    """`ma` under the checkpoint's module names, from `known` (engine.calibrate.names_memo: the source map of each
+    of the snapshot's layers); unchanged where the family is unknown (None)."""
+    if known is None:
         return ma
-    layers = {int(m.group(1)) for k in list(ma.weight) + list(ma.input) + [s.split("|")[0] for s in ma.shared_input]
-              if (m := _LAYER.match(k))}
     table: dict[str, str] = {}
     experts: dict[str, list[str]] = {}  # "model.layers.i.mlp.experts|gate_proj" -> checkpoint modules
-    for i in sorted(layers):
-        plain, ex = family.source_map(i, names)
+    for i in snapshot_layers(ma):
+        plain, ex = known.source_map(i)
         for rel, src in plain.items():
             if rel.endswith(".weight") and src.endswith(".weight"):
                 table[f"model.layers.{i}.{rel[:-7]}"] = src[:-7]

@@ -11,8 +11,14 @@ import sys
 import pytest
 
 from engine.calibrate import snapshot as snap
-from engine.calibrate.streaming import _write_expected_memo, calibrate
-from engine.calibrate.validate import EXPECTED_MEMO_FORMAT, expected_key, expected_quantizers, validate_amax
+from engine.calibrate.streaming import _memo, calibrate
+from engine.calibrate.validate import (
+    EXPECTED_MEMO_FORMAT,
+    expected_key,
+    expected_quantizers,
+    validate_amax,
+    write_expected_memo,
+)
 
 CFG = "deepseek-experts"
 
@@ -81,7 +87,8 @@ def test_a_failed_memo_is_a_warning(calibrated, tmp_path):
         def emit(self, kind, **d):
             events.append((kind, d))
 
-    _write_expected_memo(amax, tmp_path / "no-such-model", CFG, 3, Sink())
+    _memo(Sink(), "expected quantizer names", "inserted by the check", write_expected_memo, amax,
+          tmp_path / "no-such-model", CFG, [0, 1, 2])
     assert not (amax / snap.EXPECTED).exists()
     assert [d["level"] for k, d in events if k == "log"] == ["warning"]
 

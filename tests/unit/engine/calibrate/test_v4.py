@@ -37,3 +37,13 @@ def test_v4_fp8_mxfp4_source_matches_modelopt(tmp_path):
     assert not [k for k in idx if k.startswith("model.")]
     assert "layers.0.attn.compressor.wkv" in rep["calibrated_but_kept"]
     assert "layers.0.attn.compressor.wkv.input_scale" not in idx
+    # the renamings came from the calibration's memo; asked of transformers again, the output is the same bytes
+    from engine.calibrate.names_memo import NAMES_MEMO
+
+    assert rep["names_from"] == "snapshot"
+    (out / NAMES_MEMO).unlink()
+    again = export_checkpoint(src, out, tmp_path / "again", device="cpu")
+    assert again["names_from"] == "transformers"
+    files = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    assert [f for f in files if (tmp_path / "out" / f).read_bytes() != (tmp_path / "again" / f).read_bytes()] == []
