@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -113,9 +113,10 @@ class LayerFamily(Registry):
     @classmethod
     def source_map(cls, i: int, names: set[str]) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
         """Layer i: model parameter (relative) -> checkpoint name, and (expert, gate|up|down) -> checkpoint name."""
-        key = (cls.__name__, id(names), len(names), i)
-        if key in cls._maps:
-            return cls._maps[key]
+        return cls._cached((cls.__name__, id(names), len(names), i), names, lambda: cls._source_map(i, names))
+
+    @classmethod
+    def _source_map(cls, i: int, names: set[str]) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
         from transformers.core_model_loading import apply_renamings
 
         pat = re.compile(rf"^(?:model\.)?layers\.{i}\.(.+)$")
@@ -131,21 +132,31 @@ class LayerFamily(Registry):
                 experts[(int(e.group(1)), cls._PROJ[e.group(2)])] = n
             else:
                 plain[rel] = n
-        cls._maps[key] = (plain, experts)
         return plain, experts
 
     @classmethod
     def _layer_names(cls, names: set[str]) -> dict[int, list[str]]:
         """The checkpoint's names by decoder layer index (`model.layers.<i>.` or `layers.<i>.`), one pass."""
-        key = ("by-layer", id(names), len(names))
-        if key not in cls._maps:
+        def by_layer() -> dict[int, list[str]]:
             by: dict[int, list[str]] = {}
             pat = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
             for n in names:
                 if m := pat.match(n):
                     by.setdefault(int(m.group(1)), []).append(n)
-            cls._maps[key] = by
-        return cls._maps[key]
+            return by
+
+        return cls._cached(("by-layer", id(names), len(names)), names, by_layer)
+
+    @classmethod
+    def _cached(cls, key: tuple, names: set[str], compute: Callable[[], Any]) -> Any:
+        """compute() kept for the set `names` (its id in `key`): the set is kept with the value, so that while the
+        entry lives no other set can take its id (a key of id alone could hand a collected set's map to a new one)."""
+        hit = cls._maps.get(key)
+        if hit is not None and hit[0] is names:
+            return hit[1]
+        value = compute()
+        cls._maps[key] = (names, value)
+        return value
 
     @classmethod
     def embed_source(cls, names: set[str]) -> str:

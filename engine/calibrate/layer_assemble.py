@@ -8,7 +8,8 @@ engine.formats.fp8_block.helpers.dequant_fp8_block and engine.formats.mxfp4.help
 same float32 operations, batched over experts) and cast into the parameter slices, gate‖up straight into
 `gate_up_proj[e]`. The result is bit for bit what dequantizing each tensor on the host and stacking gives.
 On a CPU, FP8-block pieces of BF16 parameters skip the staging and the float32 copy: the fused C kernel writes
-each one's BF16 values straight into its slice (mid-cpu, 2 cores: 0.53 s against 1.83 s a 0.62 GB layer).
+each one's BF16 values straight into its slice (mid-cpu, 2 cores: 0.53 s against 1.83 s a 0.62 GB layer), the
+same bits (NaN codes aside: a NaN either way).
 """
 
 from __future__ import annotations
@@ -171,12 +172,14 @@ def _fp8_to_bf16_on_host(run: list[Piece], raw: torch.Tensor, offsets: dict[str,
     """On a CPU, into BF16 parameters, with the C kernels built: each piece dequantized by the fused C kernel
     (engine.formats.cpu_kernels.fp8_dequant_bf16, on the kernel threads) from its bytes in `raw` straight into its
     parameter slice, with no staging and no float32 copy: the float32 product of fp8_block_values rounded to
-    BF16 to nearest even, as the cast of that product gives. False where this does not apply."""
+    BF16 to nearest even, as the cast of that product gives (a NaN code gives a NaN either way, with other bits:
+    the amax check then refuses the layer, as on a GPU). False where this does not apply."""
     dest = _run_dest(run, params)
     if device.type != "cpu" or dest.dtype != torch.bfloat16 or host_kernels() is None:
         return False
-    if not all(d.is_contiguous() for d in dest):
-        return False
+    if not all(d.is_contiguous() and d.numel() and tuple(d.shape) == tuple(p.source.meta.shape)
+               for p, d in zip(run, dest, strict=True)):
+        return False  # the kernel writes each piece's o × i values through a pointer: only into a slice just so
     _check_e4m3(run[0].source.meta.dtype_name, where(run[0]))
     for p, d in zip(run, dest, strict=True):
         m, sm = p.source.meta, p.source.scale

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.core.errors import DiskFullError
+from engine.core.libc import libc
 
 HASH_CHUNK = 8 << 20
 
@@ -141,8 +142,6 @@ def sync_filesystems(paths: list[str | os.PathLike]) -> int:
 
 def _libc_syncfs():
     try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).syncfs  # the process's own symbols: libc's (the GIL is let go)
+        return libc().syncfs  # (the GIL is let go)
     except (OSError, AttributeError):
         return None

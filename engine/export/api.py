@@ -61,7 +61,10 @@ def _model_names(src: Path, amax_dir, origin: dict[str, Any], config: dict, name
     except CheckpointError:
         return None, None
     if origin.get("kind") == "quantdeck-snapshot":
-        memo = read_names_memo(amax_dir, names_key(src, config, names), layers)
+        try:
+            memo = read_names_memo(amax_dir, names_key(src, config, names), layers)
+        except OSError:  # no config.json to key it by: transformers is asked (and says what is wrong)
+            memo = None
         if memo is not None:
             return memo, "snapshot"
     return model_names(config, names, layers), "transformers"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 
 from engine.core import meminfo
@@ -75,7 +76,7 @@ def gpu_likely(device: str | None) -> bool:
 
 def _idle_io() -> None:
     try:  # ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE): the import's own reads first
-        nr = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
+        nr = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine) if sys.platform == "linux" else None
         if nr is not None:
             libc().syscall(nr, 1, 0, 3 << 13)
     except (OSError, AttributeError):

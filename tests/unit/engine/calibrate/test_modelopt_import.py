@@ -50,6 +50,15 @@ def test_stand_ins_are_what_modelopt_would_import():
     assert set(STAND_INS) <= set(UNUSED_PLUGIN_LIBRARIES)
 
 
+def test_no_hidden_library_is_one_transformers_keeps_a_record_of():
+    """transformers caches whether some libraries are installed (`is_peft_available`, ...): hidden while it first
+    asked, such a library would stay absent for it after; none of those is hidden."""
+    from transformers.utils import import_utils
+
+    assert [n for n in UNUSED_PLUGIN_LIBRARIES if hasattr(import_utils, f"is_{n}_available")] == []
+    assert all(hasattr(import_utils, f"is_{n}_available") for n in ("peft", "diffusers", "apex"))
+
+
 @pytest.mark.slow
 def test_modelopt_comes_without_unused_plugins_and_they_stay_importable(tmp_path):
     plain = _run("modelopt", tmp_path / "plain")
