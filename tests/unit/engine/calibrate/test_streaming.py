@@ -75,6 +75,20 @@ def test_all_experts_sees_every_expert_without_changing_outputs(v3_dir, samples_
     assert sum(cov["model.layers.1.mlp.experts"]) > 0
 
 
+def test_onednn_cache_is_bounded_unless_the_operator_set_it(v3_dir, samples_file, tmp_path, monkeypatch):
+    import os
+
+    from engine.calibrate.streaming import ONEDNN_CACHE
+
+    name, bound = ONEDNN_CACHE
+    monkeypatch.setenv(name, "7")
+    calibrate(v3_dir, samples_file, tmp_path / "a", seq_len=24, batch_size=2, device="cpu", layers=1)
+    assert os.environ[name] == "7"
+    monkeypatch.delenv(name)
+    calibrate(v3_dir, samples_file, tmp_path / "b", seq_len=24, batch_size=2, device="cpu", layers=1)
+    assert os.environ[name] == bound == "128"
+
+
 def test_bad_samples_fail_before_the_model_is_touched(tmp_path):
     bad = tmp_path / "s.json"
     bad.write_text('["a", 1]')
