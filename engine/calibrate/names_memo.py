@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.fsutil import atomic_write_json, read_json
+from engine.core.packages import installed_version
 
 NAMES_MEMO = "export_names.json"
 NAMES_MEMO_FORMAT = 1
@@ -48,18 +49,13 @@ def model_names(config: dict, names: set[str], layers: list[int]) -> ModelNames:
 
 def names_key(model_dir: str | os.PathLike, config: dict, names: set[str]) -> dict[str, Any]:
     """What `model_names` depends on, found without importing transformers."""
-    import importlib.metadata as md
-
     from engine.calibrate import family
 
-    try:
-        tf = md.version("transformers")
-    except md.PackageNotFoundError:
-        tf = None
     return {"config_sha256": hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest(),
             "names_sha256": hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest(),
             "family": family.LayerFamily.for_config(config).registered_name,
-            "family_sha256": hashlib.sha256(Path(family.__file__).read_bytes()).hexdigest(), "transformers": tf}
+            "family_sha256": hashlib.sha256(Path(family.__file__).read_bytes()).hexdigest(),
+            "transformers": installed_version("transformers")}
 
 
 def write_names_memo(amax_dir: str | os.PathLike, model_dir: str | os.PathLike, config: dict, names: set[str],

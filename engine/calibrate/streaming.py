@@ -40,6 +40,7 @@ from engine.core.errors import CheckpointError
 from engine.core.events import SCOPE_ALL, EventSink, NullSink, Progress
 from engine.core.fsutil import atomic_write_json
 from engine.core.gcpause import imports_without_gc
+from engine.core.packages import installed_version
 from engine.core.settings import settings
 from engine.models import detect_layout
 
@@ -54,14 +55,9 @@ RESUME_KEYS = ("samples_sha256", "num_samples", "seq_len", "batch_size", "world_
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "nvidia-modelopt", "quantdeck"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "?"
+        out[pkg] = installed_version(pkg) or "?"
     return out
 
 

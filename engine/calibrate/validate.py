@@ -29,6 +29,7 @@ from engine.calibrate import snapshot as snap
 from engine.calibrate.amax_dict import amax_dict_files, load_amax_dict
 from engine.core.errors import ValidationFailedError
 from engine.core.fsutil import atomic_write_json, read_json
+from engine.core.packages import installed_version
 
 EXPECTED_MEMO_FORMAT = 1
 # what inserts the quantizers: modelopt's rules, transformers' layer classes, torch's modules
@@ -79,14 +80,7 @@ def expected_key(model_dir: str | os.PathLike, quant_cfg: str, layers: list[int]
     the model's config.json bytes (layers are built from it alone), the config's name and the source of
     quantdeck's presets (engine.calibrate.qconfig), the layers and the installed versions of the packages that
     build and quantize them."""
-    import importlib.metadata as md
-
-    versions: dict[str, str | None] = {}
-    for pkg in EXPECTED_MEMO_PACKAGES:
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = {pkg: installed_version(pkg) for pkg in EXPECTED_MEMO_PACKAGES}
     return {"config_sha256": hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest(),
             "quant_cfg": quant_cfg, "presets_sha256": hashlib.sha256(Path(qconfig.__file__).read_bytes()).hexdigest(),
             "layers": [int(i) for i in layers], "versions": versions}
