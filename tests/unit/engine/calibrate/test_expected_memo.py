@@ -91,6 +91,9 @@ def test_a_failed_memo_is_a_warning(calibrated, tmp_path):
           tmp_path / "no-such-model", CFG, [0, 1, 2])
     assert not (amax / snap.EXPECTED).exists()
     assert [d["level"] for k, d in events if k == "log"] == ["warning"]
+    msg = events[0][1]["msg"]
+    assert msg.startswith("expected quantizer names not saved with the snapshot (") and "no-such-model" in msg
+    assert msg.endswith("): inserted by the check")
 
 
 CHILD = """

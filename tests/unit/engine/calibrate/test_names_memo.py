@@ -53,6 +53,28 @@ def test_the_memo_is_read_only_for_its_inputs(calibrated, v3_dir, tmp_path):
     assert read_names_memo(bad, key, [0]) is None
 
 
+def test_a_memo_that_cannot_be_written_is_a_warning_naming_the_fallback(calibrated, v3_dir, tmp_path):
+    from engine.calibrate.names_memo import write_names_memo
+    from engine.calibrate.streaming import _memo
+
+    config, names = _inputs(v3_dir)
+    amax = shutil.copytree(calibrated, tmp_path / "amax")
+    (amax / NAMES_MEMO).unlink()
+    events = []
+
+    class Sink:
+        def emit(self, kind, **d):
+            events.append((kind, d))
+
+    _memo(Sink(), "export's module names", "export asks transformers itself", write_names_memo, amax,
+          tmp_path / "no-such-model", config, names, [0, 1])
+    assert not (amax / NAMES_MEMO).exists()
+    assert [(k, d["level"]) for k, d in events] == [("log", "warning")]
+    msg = events[0][1]["msg"]
+    assert msg.startswith("export's module names not saved with the snapshot (") and "config.json" in msg
+    assert msg.endswith("): export asks transformers itself")
+
+
 CHILD = """
 import json, sys
 from engine.export.api import export_checkpoint
