@@ -33,8 +33,11 @@ warm; --cold all drops the whole page cache (root only).
 minute to minute (a cold convert took 9.0-13.7 s on machines of one kind), so each ratio to convert is taken within
 its round and the medians are printed.
 
-Usage:  python benchmarks/pipeline.py [--size mid-cpu|real] [--source fp8|bf16] [--workdir DIR] [--cold data]
-                                      [--skip run] [--calibrate [--samples N --seq-len L]] [--repeat N]
+--layers N builds N decoder layers instead (layer 0 dense, the rest MoE): at real width each MoE layer adds ~11.3 GB
+of FP8 source, and the fixed costs of a run (process starts, the last shard's way to the disk) weigh less.
+
+Usage:  python benchmarks/pipeline.py [--size mid-cpu|real] [--source fp8|bf16] [--layers N] [--workdir DIR]
+                                      [--cold data] [--skip run] [--calibrate [--samples N --seq-len L]] [--repeat N]
                                       [--profile DIR] [--json]
 Target: validate <= 1.0x convert; the weight-only run <= 2x convert (mid-cpu), <= 1.3x at real width.
 """
@@ -110,7 +113,7 @@ def _real_tensors(s: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def build_real(path: Path, dtype: str) -> Path:
+def build_real(path: Path, dtype: str, s: dict) -> Path:
     """A real-width V3 checkpoint written tensor by tensor (random N(0, 0.02) values; FP8 cast per 128×128 tile)."""
     import torch
 
@@ -118,7 +121,6 @@ def build_real(path: Path, dtype: str) -> Path:
     from engine.fixtures.tokenizer import build_tokenizer
     from engine.formats.fp8_block.helpers import cast_fp8_block
 
-    s = SIZES["real"]
     tensors = _real_tensors(s)
     units = []
     for name, shape, kind in tensors:
@@ -160,17 +162,17 @@ def build_real(path: Path, dtype: str) -> Path:
     return path
 
 
-def build_source(work: Path, size: str, dtype: str) -> Path:
-    path = work / f"src-{size}-{dtype}"
+def build_source(work: Path, size: str, dtype: str, layers: int | None = None) -> Path:
+    s = dict(SIZES[size], layers=layers or SIZES[size]["layers"])
+    path = work / f"src-{size}-{dtype}" if layers is None else work / f"src-{size}-L{layers}-{dtype}"
     stamp = path / ".bench_source.json"
-    want = {"size": size, "dtype": dtype, "v": 1}
+    want = {"size": size, "dtype": dtype, "v": 1} | ({"layers": layers} if layers else {})
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return path
     shutil.rmtree(path, ignore_errors=True)
     if size == "real":
-        build_real(path, dtype)
+        build_real(path, dtype, s)
     else:
-        s = SIZES[size]
         subprocess.run([sys.executable, "-m", "console", "fixture", "--family", "deepseek-v3", "--dtype", dtype,
                         "--out", str(path), "--layers", str(s["layers"]), "--experts", str(s["experts"]),
                         "--hidden", str(s["hidden"]), "--moe-inter", str(s["moe_inter"])], check=True, cwd=REPO)
@@ -347,6 +349,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="mid-cpu", choices=sorted(SIZES))
     ap.add_argument("--source", default="fp8", choices=["fp8", "bf16"])
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (layer 0 dense, the rest MoE; default: the size's own, 3 mid-cpu, 2 real)")
     ap.add_argument("--workdir", default=None, help="where the source and outputs go (default: a temp dir, removed)")
     ap.add_argument("--cold", default="data", choices=["data", "none", "all"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -372,9 +376,11 @@ def main() -> int:
         ap.error("--profile needs py-spy on PATH (pip install py-spy)")
     if args.repeat < 1:
         ap.error("--repeat must be 1 or more")
+    if args.layers is not None and args.layers < 2:
+        ap.error("--layers must be 2 or more (layer 0 is dense, the MoE layers follow)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qd-pipeline-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    src = build_source(work, args.size, args.source)
+    src = build_source(work, args.size, args.source, args.layers)
     out, runwork = work / "out", work / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", "import torch, transformers, numpy"], check=False, env=env)  # warm imports
@@ -435,13 +441,15 @@ def main() -> int:
             ratios = [w / c for w, c in zip(rounds[name], conv, strict=False)]
             results[name]["x_convert"] = round(statistics.median(ratios), 2)
             results[name]["x_convert_by_round"] = [round(x, 2) for x in ratios]
-    report = {"size": args.size, "source": args.source, "source_gb": round(_size(src) / 1e9, 3),
+    layers = args.layers or SIZES[args.size]["layers"]
+    report = {"size": args.size, "layers": layers, "source": args.source, "source_gb": round(_size(src) / 1e9, 3),
               "cores": os.cpu_count(), "cold": args.cold, "repeat": args.repeat, "stages": results}
     report["projection"] = project(results, report["source_gb"], args.source)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.size} V3 {args.source} source {report['source_gb']} GB, {os.cpu_count()} cores, cold {args.cold}")
+    print(f"{args.size} V3, {layers} layers, {args.source} source {report['source_gb']} GB, {os.cpu_count()} cores, "
+          f"cold {args.cold}")
     print(f"{'stage':<14} {'wall s':>7} {'x conv':>7} {'read GB':>8} {'written GB':>10} {'peak RSS GB':>11} "
           f"{'GPU MiB':>8} {'cat s':>6} {'dd s':>6} {'rc':>3}")
     for name, r in results.items():

@@ -32,6 +32,7 @@ def test_each_benchmark_answers_help_run_as_a_script(script, tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["--repeat", "0"], "--repeat must be 1 or more"),
+    (["--layers", "1"], "--layers must be 2 or more"),
     (["--profile", "prof"], "--profile needs py-spy on PATH (pip install py-spy)"),
 ])
 def test_the_pipeline_benchmark_refuses_bad_options_before_building(args, says, tmp_path):
