@@ -407,6 +407,8 @@ def main() -> int:
                 continue
             if name in writes:  # each round writes afresh
                 shutil.rmtree(writes[name], ignore_errors=True)
+            if name.startswith("run") and "convert" not in args.skip:  # validated, and written again next round:
+                shutil.rmtree(out, ignore_errors=True)  # the disk need not hold two outputs beside the source
             if args.cold == "data":
                 evict(src, out)
             elif args.cold == "all":
