@@ -99,6 +99,11 @@ class BlockRun:
         self.out_dir, self.src_dir, self.target, self.device, self.proc = out_dir, src_dir, target, device, proc
         self.conn, self.log = conn, log or (lambda msg: None)
 
+    @property
+    def beside(self) -> bool:
+        """Whether the check runs in another process, beside validate's pass, rather than later in this one."""
+        return self.proc is not None or self.conn is not None
+
     def finish(self, r: CheckpointReader, src: CheckpointReader, rep) -> None:
         if self.conn is not None:
             calls = self._warm_answer()

@@ -18,8 +18,11 @@ How: the output is read once, every tensor whole, on a pool of threads that hash
 digest as it arrives and check and decode it with numpy (engine.convert.validate_read); of the source only the
 sampled rows and the kept tensors are read. The decoder-block check imports torch and transformers, seconds of a
 short run: where this process has not imported transformers yet, it runs in a child process started first, beside
-the rest (in a local run, one the driver started before validate: engine.convert.block_child.start_warm). A module
-the host path does not decode goes through the torch reference (engine.convert.validate_ref).
+the rest (in a local run, one the driver started before validate: engine.convert.block_child.start_warm), and the
+pass's threads give way to it (QUANTDECK_VALIDATE_NICE): on a small machine that child, not the pass, ends validate.
+Its default, 10, measured on 2 cores (mid-cpu checkpoint, three rounds each, data evicted / in the page cache): nice
+0 3.76-3.96 / 3.70-3.88 s; 5: 3.44-3.82 / 3.37-3.39 s; 10: 3.17-3.60 / 3.20-3.43 s; 19: 3.35-3.91 / 3.24-3.37 s.
+A module the host path does not decode goes through the torch reference (engine.convert.validate_ref).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from engine.convert.validate_pass import Earlier, Pass, has_digests, plan_pass, 
 from engine.convert.validate_source import emit_source
 from engine.core.errors import CheckpointError
 from engine.core.events import EventSink, NullSink, Progress
+from engine.core.settings import settings
 from engine.formats.grid import infer_block, scale_grid
 from engine.models import detect_layout
 
@@ -220,7 +224,7 @@ def _validate_open(r: CheckpointReader, rep: _Report, against, device: str, sink
         earlier = None  # findings made against another source (or none) than this validate's
     run = Pass(r, src, plan, has_digests(man), progress, earlier)
     try:
-        run.run()
+        run.run(nice=settings().validate_nice if block is not None and block.beside else 0)
         _check_index(r, rep, man, run.digests, run.files)
         _check_layout(r, rep, nv, fp8)
         emit_scales_and_decode(r, rep, nv, fp8, layout, run.events, run.floats)

@@ -24,6 +24,7 @@ from engine.convert.validate_modules import fp8_bases, fp8_host, nvfp4_bases, nv
 from engine.convert.validate_source import compare_host, kept_floats, kept_host, shape_mismatches
 from engine.core.errors import CheckpointError
 from engine.core.events import Progress
+from engine.core.threadprio import give_way
 from engine.formats.nvfp4.names import NVFP4_NAMES
 
 FLOATS = host.FLOAT_DTYPES
@@ -240,9 +241,10 @@ class Pass:
         self.digests.update(f.digests)
 
     def run(self, workers: int | None = None, on_found: Callable[[tuple, Found], None] | None = None,
-            stop: threading.Event | None = None) -> "Pass":
+            stop: threading.Event | None = None, nice: int = 0) -> "Pass":
         """Run every job of the pass, taking earlier findings where they still hold; `on_found` hears each job's
-        key and findings as it ends. Once `stop` is set, jobs not yet begun are left undone."""
+        key and findings as it ends. Once `stop` is set, jobs not yet begun are left undone. `nice`: the pass's
+        threads give way by that much to work beside them (engine.core.threadprio)."""
         todo = []
         idents: dict[str, Any] = {}
         for job in pass_jobs(self.r, self.nv, self.fp8, self.hashing):
@@ -253,7 +255,8 @@ class Pass:
             self.merge(f)
             if f.units:
                 self.progress.advance(f.units, label=f.label)
-        with ThreadPoolExecutor(workers or host.worker_count(), thread_name_prefix="validate") as ex:
+        with ThreadPoolExecutor(workers or host.worker_count(), thread_name_prefix="validate",
+                                initializer=give_way if nice else None, initargs=(nice,) if nice else ()) as ex:
             futures = {ex.submit(self.do, job, stop): job for job in todo}
             try:
                 for fut in as_completed(futures):

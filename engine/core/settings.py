@@ -159,6 +159,9 @@ class Settings:
     readers: int = _var("QUANTDECK_READERS", 0, COUNT, "converter reader threads (0: chosen from the cores)")
     computers: int = _var("QUANTDECK_COMPUTERS", 0, COUNT, "converter compute threads (0: chosen from the cores)")
     writers: int = _var("QUANTDECK_WRITERS", 0, COUNT, "converter writer threads (0: chosen from the cores)")
+    validate_nice: int = _var("QUANTDECK_VALIDATE_NICE", 10, COUNT,
+                              "nice added to validate's threads while its decoder-block check runs in another "
+                              "process beside them, which on a few cores ends validate (0: none)")
     convert_workers: int = _var("QD_CONVERT_WORKERS", 1, POSITIVE,
                                 "processes of a `--workers` conversion (set by the parent for its children)")
     fsync: bool = _var(FSYNC_ENV, False, FLAG,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ from engine.checkpoint import CheckpointReader, write_checkpoint
 from engine.convert import convert_checkpoint, copy_extras
 from engine.convert.mtp import inject_mtp
 from engine.convert.validate import format_report, validate_checkpoint
+
+REPO = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture(scope="module")
@@ -544,3 +550,38 @@ def test_bf16_values_are_the_high_half_of_float32():
     got = host.float32_values(bits.view(np.uint8), "BF16", (2**16,))
     want = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
     assert got.dtype == np.float32 and got.view(np.uint32).tobytes() == want.view(np.uint32).tobytes()
+
+
+_NICE_PROBE = """
+import json, os, sys, threading
+from engine.convert import validate_pass
+from engine.convert.validate import validate_checkpoint
+seen = set()
+do = validate_pass.Pass.do
+def spy(self, *a, **k):
+    seen.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    return do(self, *a, **k)
+validate_pass.Pass.do = spy
+if sys.argv[3] == "in-process":  # transformers imported here: the decoder-block check runs in this process, later
+    import transformers.modeling_utils
+rep = validate_checkpoint(sys.argv[1], against=sys.argv[2])
+print(json.dumps({"ok": rep["ok"], "nice": sorted(seen), "base": os.getpriority(os.PRIO_PROCESS, 0)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice is Linux's")
+@pytest.mark.parametrize("where, env, added", [("child", None, 10), ("child", "4", 4), ("child", "0", 0),
+                                               ("in-process", None, 0)])
+def test_the_pass_gives_way_to_a_decoder_block_child_beside_it(converted, where, env, added):
+    """validate's pass threads run at QUANTDECK_VALIDATE_NICE (default 10) above the process's nice while the
+    decoder-block check runs in a child beside them; where the check runs in this process afterwards, at its own."""
+    src, out = converted
+    e = {k: v for k, v in os.environ.items() if k != "QUANTDECK_VALIDATE_NICE"}
+    if env is not None:
+        e["QUANTDECK_VALIDATE_NICE"] = env
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _NICE_PROBE, str(out), str(src), where], capture_output=True,
+                         text=True, env=e, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["ok"] and got["nice"] == [min(19, got["base"] + added)], got
