@@ -10,6 +10,10 @@ same float32 operations, batched over experts) and cast into the parameter slice
 On a CPU, FP8-block pieces of BF16 parameters skip the staging and the float32 copy: the fused C kernel writes
 each one's BF16 values straight into its slice (mid-cpu, 2 cores: 0.53 s against 1.83 s a 0.62 GB layer), the
 same bits (NaN codes aside: a NaN either way).
+
+`assemble_layer` takes the whole layer buffer; `assemble_in_windows` (a host build without shared reads) takes the
+pieces a window of stored bytes at a time, from a reader that fills one small reused buffer: the same code decodes
+each piece from the same bytes either way.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ from engine.formats.native import build
 DECODE_COST = {Encoding.FP8_BLOCK: 9, Encoding.MXFP4: 29}
 STAGING_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # per run of experts decoded at once
 
+WINDOW_BYTES = 64 << 20  # a host build's read window (assemble_in_windows)
+
 ReadDirect = Callable[[list[Piece], dict[str, torch.Tensor]], None]
+ReadWindow = Callable[[list], tuple[torch.Tensor, dict[str, int]]]  # metas -> (buffer, name -> offset in it)
 
 
 def assemble_layer(plan: LayerPlan, raw: torch.Tensor, device: torch.device, where: Callable[[Piece], str],
@@ -43,21 +50,53 @@ def assemble_layer(plan: LayerPlan, raw: torch.Tensor, device: torch.device, whe
     straight into their parameter slices. The plan's streamed parameters are staged as stored into `stores`
     (experts module -> engine.calibrate.expert_store.ExpertStore) and stand in the state dict as placeholders."""
     streamed = _streamed(plan, stores)
-    params = {name: torch.empty(shape, dtype=dt, device=device) for name, (shape, dt) in plan.params.items()
-              if name not in streamed}
+    params = _allocate(plan, device, streamed, read_direct)
     for module, store in (stores or {}).items():
         params.update({f"{module}.{k}": v for k, v in store.placeholders().items()})
+    _fill([p for p in plan.pieces if not p.direct], raw, plan.offsets, params, device, where, streamed)
+    for store in (stores or {}).values():
+        store.check()
+    return params
+
+
+def assemble_in_windows(plan: LayerPlan, read_window: ReadWindow, device: torch.device,
+                        where: Callable[[Piece], str], read_direct: ReadDirect | None = None,
+                        window: int = WINDOW_BYTES) -> dict[str, torch.Tensor]:
+    """As assemble_layer, on a host, without the whole layer buffer: the plan's pieces taken in windows of about
+    `window` stored bytes, each window's tensors read by `read_window(metas)` into one reused buffer (the buffer,
+    and each tensor's offset in it). The same parameters, bit for bit: each piece is decoded from the same bytes
+    by the same code."""
+    if plan.streams:
+        raise ValueError("a plan that streams experts keeps their stored bytes: assemble it from the whole buffer")
+    params = _allocate(plan, device, {}, read_direct)
+    for pieces in _windows(plan, window):
+        metas = list({m.name: m for p in pieces for m in _stored(p)}.values())
+        raw, offsets = read_window(metas)
+        _fill(pieces, raw, offsets, params, device, where, {})
+    return params
+
+
+def _allocate(plan: LayerPlan, device: torch.device, streamed: dict,
+              read_direct: ReadDirect | None) -> dict[str, torch.Tensor]:
+    """The layer's parameters (streamed ones aside), its direct pieces read into them."""
+    params = {name: torch.empty(shape, dtype=dt, device=device) for name, (shape, dt) in plan.params.items()
+              if name not in streamed}
     direct = [p for p in plan.pieces if p.direct]
     if direct:
         if read_direct is None:
             raise ValueError("the plan has direct pieces but no reader for them")
         read_direct(direct, params)
+    return params
+
+
+def _fill(pieces: list[Piece], raw: torch.Tensor, offsets: dict[str, int], params: dict[str, torch.Tensor],
+          device: torch.device, where: Callable[[Piece], str], streamed: dict) -> None:
+    """`pieces` (none direct) decoded or copied from `raw` (their bytes at `offsets`) into `params`, or staged
+    into their streamed parameter's store."""
     runs: list[list[Piece]] = []
     kept: list[list[Piece]] = []  # streamed pieces: runs of consecutive experts of one role
     open_runs: dict[tuple, list[Piece]] = {}
-    for p in plan.pieces:
-        if p.direct:
-            continue
+    for p in pieces:
         if p.param in streamed:
             run = open_runs.get(p.batch_key())
             if run is not None and p.expert is not None and p.expert == run[-1].expert + 1:
@@ -67,20 +106,40 @@ def assemble_layer(plan: LayerPlan, raw: torch.Tensor, device: torch.device, whe
                 kept.append(run)
         elif p.source.encoding is Encoding.PLAIN:
             with about(where(p)):
-                _copy_plain(p, raw, plan.offsets, params, device)
+                _copy_plain(p, raw, offsets, params, device)
         elif runs and _extends(runs[-1], p, device):
             runs[-1].append(p)
         else:
             runs.append([p])
     for run in runs:
         with about(where(run[0])):
-            _decode_run(run, raw, plan.offsets, params, device, where)
+            _decode_run(run, raw, offsets, params, device, where)
     for run in kept:
         with about(where(run[0])):
-            streamed[run[0].param].add(run[0].param.rpartition(".")[2], run, raw, plan.offsets, where(run[0]))
-    for store in (stores or {}).values():
-        store.check()
-    return params
+            streamed[run[0].param].add(run[0].param.rpartition(".")[2], run, raw, offsets, where(run[0]))
+
+
+def _stored(p: Piece) -> list:
+    """The stored tensors a piece is made from: its values, and its scales where it has them."""
+    return [p.source.meta] if p.source.scale is None else [p.source.meta, p.source.scale]
+
+
+def _windows(plan: LayerPlan, window: int) -> list[list[Piece]]:
+    """The plan's buffered pieces, in its order, in groups of about `window` stored bytes (a piece larger than that
+    is a group alone)."""
+    out: list[list[Piece]] = []
+    size = 0
+    for p in plan.pieces:
+        if p.direct:
+            continue
+        n = sum(m.nbytes for m in _stored(p))
+        if out and size + n <= window:
+            out[-1].append(p)
+            size += n
+        else:
+            out.append([p])
+            size = n
+    return out
 
 
 def _streamed(plan: LayerPlan, stores: dict | None) -> dict:

@@ -345,3 +345,39 @@ def test_host_build_peak_rss_is_bounded(tiny_ckpt, tmp_path):
     # one layer's BF16 parameters + the next layer's raw FP8 bytes (half of that), plus the staging of one run
     # of experts (a fixed budget, small beside a real layer) and some slack
     assert m["peak"] - m["base"] <= 1.5 * m["layer_bf16"] + STAGING_BYTES["cpu"] + (32 << 20), m
+
+
+@pytest.mark.parametrize("window", [1, 200_000, None], ids=["piece-by-piece", "small", "default"])
+@pytest.mark.parametrize("source", ["v3-fp8-partial-tiles", "v4-fp8-mxfp4", "v3-bf16"])
+def test_a_host_build_window_by_window_is_byte_identical(tiny_ckpt, monkeypatch, source, window):
+    """On a host without shared reads, a layer is read into the page cache ahead and built window by window
+    (assemble_in_windows): whatever the window, every layer is the reference's."""
+    from engine.calibrate import layer_assemble, layer_reader
+
+    if window is not None:
+        monkeypatch.setattr(layer_reader, "WINDOW_BYTES", window)
+    seen: list[int] = []
+    windows = layer_assemble._windows
+    monkeypatch.setattr(layer_assemble, "_windows", lambda plan, w: seen.append(len(got := windows(plan, w))) or got)
+    path = tiny_ckpt(**SOURCES[source])
+    layers, lr = build_all(path)
+    reader, family, hf_config, dtype, n = _setup(path)
+    for i in range(n):
+        assert_same_layer(reference_layer(family, hf_config, i, reader, dtype), layers[i])
+    assert len(seen) == n
+    if window == 1:  # a window per piece
+        assert seen == [sum(not p.direct for p in lr.plan(i).pieces) for i in range(n)]
+
+
+def test_windows_keep_the_plans_order_and_size(tiny_ckpt):
+    from engine.calibrate.layer_assemble import _stored, _windows
+
+    reader, family, hf_config, dtype, n = _setup(tiny_ckpt(**SOURCES["v3-fp8"]))
+    lr = LayerReader(reader, family, hf_config, dtype, torch.device("cpu"), range(n))
+    plan = lr.plan(n - 1)
+    lr.close()
+    sizes = [sum(m.nbytes for m in _stored(p)) for p in plan.pieces if not p.direct]
+    w = max(sizes) * 3
+    groups = _windows(plan, w)
+    assert [p for g in groups for p in g] == [p for p in plan.pieces if not p.direct]
+    assert all(sum(m.nbytes for p in g for m in _stored(p)) <= w for g in groups) and len(groups) > 1
