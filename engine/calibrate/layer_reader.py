@@ -166,12 +166,8 @@ class LayerReader:
         if self._buf is None or self._buf.numel() < end:
             self._buf = None
             self._buf = torch.empty(max(end, WINDOW_BYTES), dtype=torch.uint8)
-        view = memoryview(self._buf.numpy()).cast("B")
-        jobs = [self._pool.submit(self.reader.read_range, m.shard, m.start + s,
-                                  view[offsets[m.name] + s:offsets[m.name] + min(m.nbytes, s + READ_CHUNK)], m.name)
-                for m in metas for s in range(0, m.nbytes, READ_CHUNK)]
-        for f in jobs:
-            f.result()
+        read_ranges(self.reader, self._pool, [ReadRange(m.shard, m.start, m.start + m.nbytes, offsets[m.name],
+                                                        (m.name,)) for m in metas], self._buf)
         return self._buf, offsets
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
